@@ -1,0 +1,41 @@
+GO ?= go
+GOLANGCI_LINT_VERSION ?= v2.15.0
+GOBIN ?= $(shell $(GO) env GOPATH)/bin
+DURATION ?= 10m
+FUZZTIME ?= 30s
+
+.PHONY: test lint bench cover soak fuzz vuln tools
+
+## test: the full test suite with the race detector (what CI runs).
+test:
+	$(GO) test -race -count=1 ./...
+
+## lint: golangci-lint with the repo's .golangci.yml.
+lint: tools
+	$(GOBIN)/golangci-lint run ./...
+
+tools:
+	@test -x $(GOBIN)/golangci-lint && $(GOBIN)/golangci-lint version 2>/dev/null | grep -q "$(patsubst v%,%,$(GOLANGCI_LINT_VERSION))" || \
+		$(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
+
+## bench: micro-benchmarks and the scenario table against etcd STM and raw Txns.
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem -count=1 -timeout=60m ./...
+
+## cover: coverage of every package.
+cover:
+	$(GO) test -count=1 -coverprofile=coverage.out ./...
+	$(GO) tool cover -func=coverage.out | tail -n 1
+
+## soak: the fault suite with random faults for DURATION (e.g. make soak DURATION=10m).
+soak:
+	ORCHESTRATOR_SOAK=$(DURATION) $(GO) test -race -count=1 -run='^TestSoak$$' -timeout=0 -v .
+
+## fuzz: each fuzz target for FUZZTIME.
+fuzz:
+	$(GO) test -run='^$$' -fuzz='^FuzzKeys$$' -fuzztime=$(FUZZTIME) ./util
+	$(GO) test -run='^$$' -fuzz='^FuzzBatch$$' -fuzztime=$(FUZZTIME) .
+
+## vuln: govulncheck (needs the online vulnerability database; not in CI).
+vuln:
+	$(GO) run golang.org/x/vuln/cmd/govulncheck@latest ./...

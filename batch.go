@@ -1,0 +1,144 @@
+package orchestrator
+
+import (
+	"fmt"
+
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// txnLimits are the limits one commit Txn must respect, and the share of them
+// the worker's own compares and ops take.
+type txnLimits struct {
+	maxOps   int
+	maxBytes int
+
+	// overheadOps is how many ops the worker adds to every Txn on top of one
+	// per written key: max(compares, then, else) = keys + overheadOps.
+	overheadOps int
+	// overheadBytes is the size of the worker's own compares and ops in a
+	// Txn without deletes; deleteBytes is added when the Txn deletes a key.
+	overheadBytes int
+	deleteBytes   int
+}
+
+// txnBatch is a run of consecutive patch groups committed in one Txn:
+// groups[start:end]. writes holds the final value of every key written by the
+// batch, in first-write order (a key written by two groups appears once).
+type txnBatch struct {
+	start, end int
+	writes     []keyWrite
+	hasDelete  bool
+	bytes      int
+}
+
+// writeSize is what one written key costs: a compare on the key plus a put of
+// key and value (or a delete of the key).
+func writeSize(w keyWrite) int { return 2*len(w.key.String()) + len(w.value) }
+
+// checkGroupFits returns ErrEtcdTxnOpsExceed or ErrEtcdTxnSizeExceed when the
+// group could not be committed even in a Txn of its own.
+func checkGroupFits(g groupWrites, l txnLimits) error {
+	ops := len(g) + l.overheadOps
+	if ops > l.maxOps {
+		return fmt.Errorf("%w: group writes %d keys and needs %d ops, limit %d", ErrEtcdTxnOpsExceed, len(g), ops, l.maxOps)
+	}
+	size := l.overheadBytes
+	deletes := false
+	for _, w := range g {
+		size += writeSize(w)
+		deletes = deletes || w.value == nil
+	}
+	if deletes {
+		size += l.deleteBytes
+	}
+	if size > l.maxBytes {
+		return fmt.Errorf("%w: group needs %d bytes, limit %d", ErrEtcdTxnSizeExceed, size, l.maxBytes)
+	}
+	return nil
+}
+
+// packTxns splits groups, in order, into as few Txns as the limits allow. A
+// group is never split; a key written by several groups of one Txn is written
+// once with its last value. Groups with no writes ride along in the Txn that
+// is open when they come. Every group must already pass checkGroupFits.
+func packTxns(groups []groupWrites, l txnLimits) []txnBatch {
+	var out []txnBatch
+	cur := txnBatch{}
+	index := map[util.EtcdKey]int{} // key -> position in cur.writes
+	reset := func(start int) {
+		cur = txnBatch{start: start, end: start}
+		clear(index)
+	}
+	for i, g := range groups {
+		if len(g) > 0 && len(cur.writes) > 0 && !fitsWith(&cur, index, g, l) {
+			out = append(out, cur)
+			reset(i)
+		}
+		for _, w := range g {
+			if pos, ok := index[w.key]; ok {
+				cur.bytes += len(w.value) - len(cur.writes[pos].value)
+				cur.writes[pos] = w
+				continue
+			}
+			index[w.key] = len(cur.writes)
+			cur.writes = append(cur.writes, w)
+			cur.bytes += writeSize(w)
+		}
+		cur.end = i + 1
+	}
+	if cur.end > cur.start {
+		out = append(out, cur)
+	}
+	for i := range out {
+		out[i].hasDelete = false
+		for _, w := range out[i].writes {
+			if w.value == nil {
+				out[i].hasDelete = true
+				break
+			}
+		}
+	}
+	return out
+}
+
+// fitsWith reports whether cur still respects the limits with g added.
+func fitsWith(cur *txnBatch, index map[util.EtcdKey]int, g groupWrites, l txnLimits) bool {
+	keys := len(cur.writes)
+	bytes := cur.bytes
+	// The Txn deletes a key when the final write of some key is a delete.
+	// Track finals of keys g rewrites separately; new keys just add.
+	var rewritten map[util.EtcdKey][]byte
+	for _, w := range g {
+		if pos, ok := index[w.key]; ok {
+			if rewritten == nil {
+				rewritten = make(map[util.EtcdKey][]byte)
+			}
+			prev, seen := rewritten[w.key]
+			if !seen {
+				prev = cur.writes[pos].value
+			}
+			bytes += len(w.value) - len(prev)
+			rewritten[w.key] = w.value
+			continue
+		}
+		keys++
+		bytes += writeSize(w)
+	}
+	if keys+l.overheadOps > l.maxOps {
+		return false
+	}
+	// Count the delete surcharge whenever either side deletes: an upper
+	// bound that keeps the check simple and safe.
+	deletes := false
+	for _, w := range cur.writes {
+		deletes = deletes || w.value == nil
+	}
+	for _, w := range g {
+		deletes = deletes || w.value == nil
+	}
+	total := bytes + l.overheadBytes
+	if deletes {
+		total += l.deleteBytes
+	}
+	return total <= l.maxBytes
+}

@@ -1,0 +1,70 @@
+package orchestrator
+
+import (
+	"context"
+
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// Reactor is the user's controller logic. The EtcdWorker calls Tick from one
+// goroutine only; Tick never runs concurrently with itself or with
+// ReactorState.Update.
+type Reactor interface {
+	// Tick is called with a ReactorState that is a consistent snapshot of
+	// every key under the worker's prefix at one etcd revision: every event of
+	// that revision and of all earlier ones has been applied, none of a later
+	// one. The snapshot includes the worker's own last commit.
+	//
+	// Tick leaves the changes it wants in the state as DataPatch groups (see
+	// ReactorState.GetPatches) and returns the state to use from now on
+	// (usually the same one). The worker commits the patches before it calls
+	// Tick again.
+	//
+	// Returning ErrReactorFinished (possibly wrapped) makes the worker commit
+	// the patches of the returned state and then stop: Run returns nil. Any
+	// other error stops the worker without committing and Run returns it,
+	// wrapped. A panic is recovered and returned as an error wrapping ErrPanic.
+	Tick(ctx context.Context, state ReactorState) (nextState ReactorState, err error)
+}
+
+// ReactorState is the user's in-memory model of the keys under the worker's
+// prefix. The worker feeds it every change it sees and collects the patches
+// the reactor leaves in it.
+type ReactorState interface {
+	// Update applies one key change. value == nil means the key was deleted;
+	// a key put with an empty value arrives as a non-nil, zero-length slice.
+	// isInit is true while the initial snapshot (or a full reload) is loaded.
+	//
+	// The value slice is shared with the worker and must not be modified;
+	// keeping a reference to it is fine. An error stops the worker and Run
+	// returns it, wrapped.
+	Update(key util.EtcdKey, value []byte, isInit bool) error
+
+	// GetPatches returns the pending patches and clears them. Each inner
+	// slice is a group that commits atomically (all or nothing).
+	GetPatches() [][]DataPatch
+}
+
+// DataPatch is one change to the state, as a function of the current values.
+type DataPatch interface {
+	// Patch mutates valueMap (nil value or a deleted entry = key absent) and
+	// records every key it touched in changedSet. It must be pure: it may run
+	// more than once, on different states, and only its effect on valueMap
+	// counts. Returning ErrEtcdIgnore skips this patch; ErrEtcdTryAgain
+	// aborts the commit and retries on a newer state; any other error stops
+	// the worker.
+	//
+	// valueMap holds every key under the worker's prefix; the worker restores
+	// it after the commit, so a patch must not keep a reference to it.
+	Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
+}
+
+// ReactorFunc adapts a function to Reactor.
+type ReactorFunc func(ctx context.Context, state ReactorState) (ReactorState, error)
+
+// Tick calls f(ctx, state).
+func (f ReactorFunc) Tick(ctx context.Context, state ReactorState) (ReactorState, error) {
+	return f(ctx, state)
+}
+
+var _ Reactor = ReactorFunc(nil)

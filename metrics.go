@@ -1,0 +1,166 @@
+package orchestrator
+
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// MetricsNamespace is the namespace of every metric the worker exports.
+const MetricsNamespace = "orchestrator"
+
+// WithMetrics registers the worker's metrics with reg (all labelled by the
+// role given to Run). Several workers may share one registerer: collectors
+// already registered by another worker are reused. Default: no metrics,
+// nothing registered anywhere.
+func WithMetrics(reg prometheus.Registerer) Option {
+	return optionFunc(func(o *options) {
+		if reg != nil {
+			o.metricsRegisterer = reg
+		}
+	})
+}
+
+// metrics are the collectors of one registerer, shared by every worker that
+// registered with it.
+type metrics struct {
+	txnBytes      *prometheus.HistogramVec
+	txnDuration   *prometheus.HistogramVec
+	tickDuration  *prometheus.HistogramVec
+	commits       *prometheus.CounterVec
+	conflicts     *prometheus.CounterVec
+	retries       *prometheus.CounterVec
+	patches       *prometheus.CounterVec
+	stateKeys     *prometheus.GaugeVec
+	revisionLag   *prometheus.GaugeVec
+	outages       *prometheus.CounterVec
+	reloads       *prometheus.CounterVec
+	ticks         *prometheus.CounterVec
+	unknownCommit *prometheus.CounterVec
+}
+
+// newMetrics makes the collectors and registers them with reg; with a nil reg
+// they record into collectors nobody scrapes.
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	labels := []string{"role"}
+	m := &metrics{
+		txnBytes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: MetricsNamespace, Name: "txn_size_bytes",
+			Help:    "Size of the keys and values of each commit Txn.",
+			Buckets: prometheus.ExponentialBuckets(64, 4, 10),
+		}, labels),
+		txnDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: MetricsNamespace, Name: "txn_duration_seconds",
+			Help:    "Duration of each commit Txn round trip.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}, labels),
+		tickDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: MetricsNamespace, Name: "tick_duration_seconds",
+			Help:    "Duration of each Reactor.Tick call.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18),
+		}, labels),
+		commits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "commits_total",
+			Help: "Commit Txns that landed.",
+		}, labels),
+		conflicts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "conflicts_total",
+			Help: "Commit Txns whose compares failed; their patches are re-run.",
+		}, labels),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "retries_total",
+			Help: "Retried etcd requests (load pages, watches, commit resolutions) after an error.",
+		}, labels),
+		patches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "patch_groups_applied_total",
+			Help: "Patch groups whose changes landed in etcd (no-op groups excluded).",
+		}, labels),
+		stateKeys: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: MetricsNamespace, Name: "state_keys",
+			Help: "Keys in the worker's state.",
+		}, labels),
+		revisionLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: MetricsNamespace, Name: "revision_lag",
+			Help: "Revisions between the newest watch revision seen and the state shown to the last Tick.",
+		}, labels),
+		outages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "outages_total",
+			Help: "Times etcd became unreachable (a request or the watch failed and had to be retried).",
+		}, labels),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "reloads_total",
+			Help: "Full reloads of the state after a compacted watch revision.",
+		}, labels),
+		ticks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "ticks_total",
+			Help: "Reactor.Tick calls.",
+		}, labels),
+		unknownCommit: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: MetricsNamespace, Name: "unknown_commit_outcomes_total",
+			Help: "Commit Txns whose outcome was unknown and had to be resolved.",
+		}, labels),
+	}
+	var err error
+	m.txnBytes = register(reg, m.txnBytes, &err)
+	m.txnDuration = register(reg, m.txnDuration, &err)
+	m.tickDuration = register(reg, m.tickDuration, &err)
+	m.commits = register(reg, m.commits, &err)
+	m.conflicts = register(reg, m.conflicts, &err)
+	m.retries = register(reg, m.retries, &err)
+	m.patches = register(reg, m.patches, &err)
+	m.stateKeys = register(reg, m.stateKeys, &err)
+	m.revisionLag = register(reg, m.revisionLag, &err)
+	m.outages = register(reg, m.outages, &err)
+	m.reloads = register(reg, m.reloads, &err)
+	m.ticks = register(reg, m.ticks, &err)
+	m.unknownCommit = register(reg, m.unknownCommit, &err)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// register registers c with reg, or returns the collector of the same
+// description that is already registered.
+func register[C prometheus.Collector](reg prometheus.Registerer, c C, errp *error) C {
+	if *errp != nil || reg == nil {
+		return c
+	}
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(C); ok {
+				return existing
+			}
+		}
+		*errp = err
+	}
+	return c
+}
+
+// roleMetrics are the metrics of one Run, curried with its role.
+type roleMetrics struct {
+	txnBytes, txnDuration, tickDuration                    prometheus.Observer
+	commits, conflicts, retries, patches, outages, reloads prometheus.Counter
+	ticks, unknownCommit                                   prometheus.Counter
+	stateKeys, revisionLag                                 prometheus.Gauge
+}
+
+func (m *metrics) forRole(role string) *roleMetrics {
+	l := prometheus.Labels{"role": role}
+	return &roleMetrics{
+		txnBytes:      m.txnBytes.With(l),
+		txnDuration:   m.txnDuration.With(l),
+		tickDuration:  m.tickDuration.With(l),
+		commits:       m.commits.With(l),
+		conflicts:     m.conflicts.With(l),
+		retries:       m.retries.With(l),
+		patches:       m.patches.With(l),
+		outages:       m.outages.With(l),
+		reloads:       m.reloads.With(l),
+		ticks:         m.ticks.With(l),
+		unknownCommit: m.unknownCommit.With(l),
+		stateKeys:     m.stateKeys.With(l),
+		revisionLag:   m.revisionLag.With(l),
+	}
+}

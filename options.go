@@ -1,0 +1,149 @@
+package orchestrator
+
+import (
+	"time"
+
+	"github.com/jonboulle/clockwork"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+const (
+	// DefaultTxnMaxOps is the default op limit of one commit Txn: etcd's
+	// default --max-txn-ops. The worker's own compares and ops count too.
+	DefaultTxnMaxOps = 128
+	// DefaultTxnMaxBytes is the default byte limit of one commit Txn
+	// (1.25 MiB): etcd's default --max-request-bytes (1.5 MiB) less room for
+	// protobuf framing.
+	DefaultTxnMaxBytes = 1024 * (1024 + 256)
+	// DefaultPageSize is the default number of keys read per page while
+	// loading or reloading the state.
+	DefaultPageSize = 1000
+	// DefaultMaxStaleness is the default bound on how old the newest proof of
+	// freshness of the state may be before the worker stops ticking.
+	DefaultMaxStaleness = 10 * time.Second
+	// DefaultRequestTimeout is the default timeout of one etcd request (a
+	// page of the load, a commit Txn, a commit resolution).
+	DefaultRequestTimeout = 5 * time.Second
+	// DefaultShutdownTimeout is the default time Run keeps trying to resolve
+	// the outcome of an in-flight commit after ctx is done.
+	DefaultShutdownTimeout = 5 * time.Second
+)
+
+// Option configures an EtcdWorker. The zero configuration is usable.
+type Option interface {
+	apply(*options)
+}
+
+type optionFunc func(*options)
+
+func (f optionFunc) apply(o *options) { f(o) }
+
+type options struct {
+	logger            *zap.Logger
+	txnMaxOps         int
+	txnMaxBytes       int
+	fencingKey        string
+	fencingRev        int64
+	hasFencing        bool
+	clock             clockwork.Clock
+	maxOutage         time.Duration
+	maxStaleness      time.Duration
+	requestTimeout    time.Duration
+	shutdownTimeout   time.Duration
+	pageSize          int
+	metricsRegisterer prometheus.Registerer
+}
+
+func defaultOptions() options {
+	return options{
+		logger:          zap.NewNop(),
+		txnMaxOps:       DefaultTxnMaxOps,
+		txnMaxBytes:     DefaultTxnMaxBytes,
+		clock:           clockwork.NewRealClock(),
+		maxStaleness:    DefaultMaxStaleness,
+		requestTimeout:  DefaultRequestTimeout,
+		shutdownTimeout: DefaultShutdownTimeout,
+		pageSize:        DefaultPageSize,
+	}
+}
+
+// WithLogger sets the logger. Default: zap.NewNop(). A nil logger keeps the
+// default.
+func WithLogger(l *zap.Logger) Option {
+	return optionFunc(func(o *options) {
+		if l != nil {
+			o.logger = l
+		}
+	})
+}
+
+// WithTxnLimits sets the limits of one commit Txn: at most maxOps operations,
+// counted as etcd counts them (max of compares, then-ops, else-ops, including
+// the worker's own), and at most maxBytes of keys and values in compares and
+// ops. Default: DefaultTxnMaxOps (128) and DefaultTxnMaxBytes (1.25 MiB),
+// which fit an etcd server with default flags. Set them no higher than the
+// server's --max-txn-ops and --max-request-bytes (less framing). Values that
+// leave no room for one key make NewEtcdWorker fail with ErrInvalidArgument.
+func WithTxnLimits(maxOps, maxBytes int) Option {
+	return optionFunc(func(o *options) {
+		o.txnMaxOps = maxOps
+		o.txnMaxBytes = maxBytes
+	})
+}
+
+// WithFencingKey makes every commit also require that key exists with the
+// given create revision, for example concurrency.Election's Key() and Rev().
+// When it does not, nothing is written and Run returns ErrNotOwner. Default:
+// no fencing.
+func WithFencingKey(key string, createRevision int64) Option {
+	return optionFunc(func(o *options) {
+		o.fencingKey = key
+		o.fencingRev = createRevision
+		o.hasFencing = true
+	})
+}
+
+// WithClock sets the clock used for ticks, back-off and staleness. Default:
+// the real clock. Meant for tests.
+func WithClock(c clockwork.Clock) Option {
+	return optionFunc(func(o *options) {
+		if c != nil {
+			o.clock = c
+		}
+	})
+}
+
+// WithMaxOutage caps how long Run keeps retrying while etcd is unreachable
+// (no successful request and no watch progress). Past it Run returns
+// ErrEtcdUnavailable. Default: 0, wait until ctx is done.
+func WithMaxOutage(d time.Duration) Option {
+	return optionFunc(func(o *options) { o.maxOutage = d })
+}
+
+// WithMaxStaleness bounds how stale the state may be and still be ticked: the
+// worker ticks only while its newest proof that the state is current (a watch
+// event, a progress notification or a successful commit) is younger than d.
+// Default: DefaultMaxStaleness (10s).
+func WithMaxStaleness(d time.Duration) Option {
+	return optionFunc(func(o *options) { o.maxStaleness = d })
+}
+
+// WithRequestTimeout sets the timeout of one etcd request made by the
+// worker. Default: DefaultRequestTimeout (5s).
+func WithRequestTimeout(d time.Duration) Option {
+	return optionFunc(func(o *options) { o.requestTimeout = d })
+}
+
+// WithShutdownTimeout sets how long Run keeps trying, after ctx is done, to
+// find out whether its in-flight commit landed. Default:
+// DefaultShutdownTimeout (5s).
+func WithShutdownTimeout(d time.Duration) Option {
+	return optionFunc(func(o *options) { o.shutdownTimeout = d })
+}
+
+// WithPageSize sets how many keys one page of the initial load (or a reload
+// after compaction) reads. Default: DefaultPageSize (1000).
+func WithPageSize(n int) Option {
+	return optionFunc(func(o *options) { o.pageSize = n })
+}
