@@ -18,9 +18,11 @@ tools:
 	@test -x $(GOBIN)/golangci-lint && $(GOBIN)/golangci-lint version 2>/dev/null | grep -q "$(patsubst v%,%,$(GOLANGCI_LINT_VERSION))" || \
 		$(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
 
-## bench: micro-benchmarks and the scenario table against etcd STM and raw Txns.
+## bench: micro-benchmarks, then the scenario table against etcd STM and raw Txns
+## (one embedded etcd with fsync on; ORCHESTRATOR_BENCH_WINDOW=3s sets each window).
 bench:
-	$(GO) test -run='^$$' -bench=. -benchmem -count=1 -timeout=60m ./...
+	$(GO) test -run='^$$' -bench=. -skip='^BenchmarkScenarios$$' -benchmem -count=1 -timeout=30m ./...
+	$(GO) test -run='^$$' -bench='^BenchmarkScenarios$$' -benchtime=1x -count=1 -timeout=30m .
 
 ## cover: coverage of every package.
 cover:

@@ -125,8 +125,8 @@ func (r *run) commitTxn(b txnBatch, written map[string]int64) (txnOutcome, error
 		els = append(els, clientv3.OpGet(w.opts.fencingKey))
 	}
 
-	if err := r.checkStop(); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
-		return txnOutcome{}, err // session done or outage limit: write nothing
+	if err := r.checkStop(); err != nil {
+		return txnOutcome{}, err // stopping: start no new Txn
 	}
 	start := r.now()
 	// The Txn is not cancelled with ctx: once sent it runs to its outcome.

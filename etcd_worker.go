@@ -478,6 +478,9 @@ func (r *run) wait(wake time.Time) error {
 		return ErrEtcdSessionDone
 	case resp, ok := <-r.watch.ch:
 		return r.watch.handle(resp, ok)
+	case p := <-r.watch.probes:
+		r.handleProbe(p)
+		return nil
 	case <-timer.Chan():
 		return nil
 	}

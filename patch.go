@@ -67,7 +67,19 @@ type patchView struct {
 	accepted map[util.EtcdKey]optValue
 	touched  []util.EtcdKey // keys of accepted, in first-touch order
 	scratch  map[util.EtcdKey]struct{}
+	// groupScratch is reused by applyGroup for the keys one group touched.
+	groupScratch []groupTouch
 }
+
+// groupTouch is a key one group touched, with its value before the group.
+type groupTouch struct {
+	key    util.EtcdKey
+	before optValue
+}
+
+// smallGroupKeys is how many touched keys a group tracks by linear search
+// before it switches to a set.
+const smallGroupKeys = 8
 
 type optValue struct {
 	value   []byte
@@ -115,16 +127,22 @@ func (v *patchView) setLive(key util.EtcdKey, o optValue) {
 // is skipped and what it changed is undone; any other error is returned as is
 // (the caller resets the view).
 func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
-	var before map[util.EtcdKey]optValue // value of each touched key before the group
-	var order []util.EtcdKey
-	remember := func(key util.EtcdKey) {
-		if before == nil {
-			before = make(map[util.EtcdKey]optValue, 1)
+	// The keys the group touched with their value before it, in first-touch
+	// order; a set of them only once there are many (a group usually touches
+	// a key or two, and a map per group costs allocations).
+	touches := v.groupScratch[:0]
+	var touchedSet map[util.EtcdKey]struct{}
+	seen := func(key util.EtcdKey) bool {
+		if touchedSet != nil {
+			_, ok := touchedSet[key]
+			return ok
 		}
-		if _, ok := before[key]; !ok {
-			before[key] = v.current(key)
-			order = append(order, key)
+		for _, t := range touches {
+			if t.key == key {
+				return true
+			}
 		}
+		return false
 	}
 	for i, p := range group {
 		if p == nil {
@@ -144,7 +162,17 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 			return nil, err
 		}
 		for key := range changed {
-			remember(key)
+			if !seen(key) {
+				touches = append(touches, groupTouch{key: key, before: v.current(key)})
+				if touchedSet != nil {
+					touchedSet[key] = struct{}{}
+				} else if len(touches) > smallGroupKeys {
+					touchedSet = make(map[util.EtcdKey]struct{}, 2*len(touches))
+					for _, t := range touches {
+						touchedSet[t.key] = struct{}{}
+					}
+				}
+			}
 			if _, ok := v.accepted[key]; !ok {
 				v.touched = append(v.touched, key)
 			}
@@ -152,12 +180,15 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 		}
 	}
 	var writes groupWrites
-	for _, key := range order {
-		after := v.accepted[key]
-		if after.equal(before[key]) {
+	for _, t := range touches {
+		after := v.accepted[t.key]
+		if after.equal(t.before) {
 			continue
 		}
-		w := keyWrite{key: key}
+		if writes == nil {
+			writes = make(groupWrites, 0, len(touches))
+		}
+		w := keyWrite{key: t.key}
 		if after.present {
 			w.value = after.value
 			if w.value == nil {
@@ -166,6 +197,8 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 		}
 		writes = append(writes, w)
 	}
+	clear(touches) // drop references to keys and values
+	v.groupScratch = touches[:0]
 	return writes, nil
 }
 

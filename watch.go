@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -28,6 +29,18 @@ type watchStream struct {
 
 	kick chan struct{}
 	wg   sync.WaitGroup
+
+	// probes carries the results of head probes (see probeHead) to the run
+	// loop; lastResponse is when the run loop last handled a watch response
+	// (unix nanoseconds of the worker's clock).
+	probes       chan headProbe
+	lastResponse atomic.Int64
+}
+
+// headProbe is the store revision etcd reported to a read sent at sent.
+type headProbe struct {
+	rev  int64
+	sent time.Time
 }
 
 func newWatchStream(r *run) *watchStream {
@@ -39,7 +52,9 @@ func newWatchStream(r *run) *watchStream {
 		stop:    stop,
 		kick:    make(chan struct{}, 1),
 		backoff: newBackoff(),
+		probes:  make(chan headProbe, 1),
 	}
+	s.lastResponse.Store(r.now().UnixNano())
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -49,10 +64,14 @@ func newWatchStream(r *run) *watchStream {
 }
 
 // progressInterval is how often the worker asks etcd to confirm that its
-// watch is current: often enough to prove freshness well within the
-// staleness bound.
+// watch is current: often enough to prove freshness (and that etcd is
+// reachable) well within the staleness and outage bounds.
 func (s *watchStream) progressInterval() time.Duration {
-	return min(max(s.r.w.opts.maxStaleness/4, 50*time.Millisecond), 2*time.Second)
+	d := s.r.w.opts.maxStaleness / 4
+	if o := s.r.w.opts.maxOutage; o > 0 {
+		d = min(d, o/4)
+	}
+	return min(max(d, 50*time.Millisecond), 2*time.Second)
 }
 
 // requestProgressLoop asks for a progress notification every interval, and
@@ -72,6 +91,44 @@ func (s *watchStream) requestProgressLoop() {
 		ctx, cancel := context.WithTimeout(s.base, s.r.w.opts.requestTimeout)
 		_ = s.watcher.RequestProgress(ctx)
 		cancel()
+		s.probeHead()
+	}
+}
+
+// probeHead reads the store revision when the watch has been silent for a
+// progress interval, and hands it to the run loop. etcd sends no progress
+// notification to a watch whose start revision is ahead of the store
+// revision, and that is where a watch that has seen everything waits (the
+// worker starts it at the loaded revision + 1, and clientv3 resumes it at
+// the last revision + 1 after a reconnect). Without the probe an idle worker
+// could never prove its state current, nor etcd reachable.
+func (s *watchStream) probeHead() {
+	clock := s.r.w.opts.clock
+	if clock.Since(time.Unix(0, s.lastResponse.Load())) < s.progressInterval() {
+		return
+	}
+	sent := clock.Now()
+	ctx, cancel := context.WithTimeout(s.base, s.r.w.opts.requestTimeout)
+	resp, err := s.r.w.client.Get(ctx, s.r.w.counterKey, clientv3.WithCountOnly())
+	cancel()
+	if err != nil {
+		return
+	}
+	select { // keep only the newest probe
+	case <-s.probes:
+	default:
+	}
+	s.probes <- headProbe{rev: resp.Header.Revision, sent: sent}
+}
+
+// handleProbe records a head probe: etcd answered, and if the state has
+// every revision up to the probed one, the state was current when the probe
+// was sent.
+func (r *run) handleProbe(p headProbe) {
+	r.contact()
+	r.headRev = max(r.headRev, p.rev)
+	if p.rev <= r.appliedRev && p.sent.After(r.lastFresh) {
+		r.lastFresh = p.sent
 	}
 }
 
@@ -144,6 +201,7 @@ func (s *watchStream) handle(resp clientv3.WatchResponse, ok bool) error {
 	s.backoff.reset()
 	r.contact()
 	r.lastFresh = r.now()
+	s.lastResponse.Store(r.lastFresh.UnixNano())
 	r.headRev = max(r.headRev, resp.Header.Revision)
 	if resp.IsProgressNotify() {
 		// Every event up to the header revision has been delivered. This

@@ -28,9 +28,12 @@ type Member struct {
 	ClientURL string
 	// AdvertiseClientURL is published in the member list (default ClientURL).
 	AdvertiseClientURL string
-	// PeerURL is the URL the member listens on and advertises for peers.
+	// PeerURL is the URL the member listens on for peers.
 	PeerURL string
-	// InitialCluster is the "name=peerURL,..." list (default Name=PeerURL).
+	// AdvertisePeerURL is published to peers (default PeerURL).
+	AdvertisePeerURL string
+	// InitialCluster is the "name=advertisedPeerURL,..." list (default
+	// Name=AdvertisePeerURL).
 	InitialCluster string
 	// ClusterToken is the initial cluster token (default "embedetcd").
 	ClusterToken string
@@ -66,8 +69,11 @@ func Config(m Member, opts Options) (*embed.Config, error) {
 	if m.AdvertiseClientURL == "" {
 		m.AdvertiseClientURL = m.ClientURL
 	}
+	if m.AdvertisePeerURL == "" {
+		m.AdvertisePeerURL = m.PeerURL
+	}
 	if m.InitialCluster == "" {
-		m.InitialCluster = m.Name + "=" + m.PeerURL
+		m.InitialCluster = m.Name + "=" + m.AdvertisePeerURL
 	}
 	if m.ClusterToken == "" {
 		m.ClusterToken = "embedetcd"
@@ -84,6 +90,10 @@ func Config(m Member, opts Options) (*embed.Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	apurl, err := mustURL(m.AdvertisePeerURL)
+	if err != nil {
+		return nil, err
+	}
 
 	cfg := embed.NewConfig()
 	cfg.Name = m.Name
@@ -91,7 +101,7 @@ func Config(m Member, opts Options) (*embed.Config, error) {
 	cfg.ListenClientUrls = []url.URL{curl}
 	cfg.AdvertiseClientUrls = []url.URL{acurl}
 	cfg.ListenPeerUrls = []url.URL{purl}
-	cfg.AdvertisePeerUrls = []url.URL{purl}
+	cfg.AdvertisePeerUrls = []url.URL{apurl}
 	cfg.InitialCluster = m.InitialCluster
 	cfg.InitialClusterToken = m.ClusterToken
 	cfg.ClusterState = embed.ClusterStateFlagNew

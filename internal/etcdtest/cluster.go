@@ -20,12 +20,14 @@ var clusterSeq atomic.Int64
 
 // Cluster is a multi-member etcd cluster embedded in the test process.
 //
-// Clients reach member i through a Proxy (Member(i).Proxy()) whose address
-// stays the same across StopMember/RestartMember and is also what the member
-// advertises as its client URL. Stopping a member first cuts its proxy, so
-// client streams (watches, keep-alives) are dropped at once instead of
-// delaying the shutdown by etcd's ~6s request timeout, and clients see the
-// member as down immediately. Peer traffic does not go through the proxies.
+// Every member sits behind two Proxies whose addresses are what it
+// advertises and never change: one for clients (Member.Proxy, whose URL is
+// Member.Endpoint) and one for peers (Member.PeerProxy). The member itself
+// listens on fresh ports at each (re)start, so a restart never races for a
+// port that was just released. Stopping a member cuts its client proxy first,
+// so client streams (watches, keep-alives) are dropped at once instead of
+// delaying the shutdown by etcd's ~6s request timeout, and cuts its peer
+// proxy afterwards, so no connection to the stopped member lingers.
 //
 // Methods may be called from several goroutines, but operations on the same
 // member must not overlap.
@@ -44,10 +46,10 @@ type Member struct {
 	index   int
 	name    string
 	dir     string
-	peerURL string
 	initial string
 	token   string
-	proxy   *Proxy
+	proxy   *Proxy // client side
+	peer    *Proxy // peer side
 	id      uint64
 	srv     *embedetcd.Server // nil while stopped; guarded by c.mu
 }
@@ -66,11 +68,14 @@ func NewCluster(t testing.TB, size int, opts ...ServerOption) *Cluster {
 			c:     c,
 			index: i,
 			name:  fmt.Sprintf("m%d", i),
-			// The proxy is created before any member: its address is the
-			// member's advertised client URL for the cluster's lifetime.
+			// The proxies are created before any member: their addresses
+			// are the member's advertised URLs for the cluster's lifetime.
 			proxy: NewProxy(t, "127.0.0.1:1"),
+			peer:  NewProxy(t, "127.0.0.1:1"),
 		})
-		c.members[i].proxy.Pause() // until the member is launched
+		// Until the member is launched.
+		c.members[i].proxy.Pause()
+		c.members[i].peer.Pause()
 	}
 	// Registered after the proxies' cleanups, so it runs before them.
 	t.Cleanup(c.Close)
@@ -108,16 +113,11 @@ func (c *Cluster) launchAll() error {
 	base := c.t.TempDir()
 	var initial []string
 	for _, m := range c.members {
-		purl, err := embedetcd.PickURL()
-		if err != nil {
-			return err
-		}
-		m.peerURL = purl
-		m.dir = filepath.Join(base, m.name)
-		m.token = token
-		initial = append(initial, m.name+"="+purl)
+		initial = append(initial, m.name+"="+m.peer.Endpoint())
 	}
 	for _, m := range c.members {
+		m.dir = filepath.Join(base, m.name)
+		m.token = token
 		m.initial = strings.Join(initial, ",")
 	}
 	for _, m := range c.members {
@@ -129,11 +129,21 @@ func (c *Cluster) launchAll() error {
 	return nil
 }
 
-// launch starts m's etcd (not waiting for readiness) on its peer URL and a
-// fresh client port, and points its proxy there.
+// launch starts m's etcd (not waiting for readiness) on fresh client and peer
+// ports and points its proxies there.
 func (c *Cluster) launch(m *Member, existing bool) error {
 	curl, err := embedetcd.PickURL()
 	if err != nil {
+		return err
+	}
+	purl, err := embedetcd.PickURL()
+	if err != nil {
+		return err
+	}
+	if err := m.proxy.SetTarget(curl); err != nil {
+		return err
+	}
+	if err := m.peer.SetTarget(purl); err != nil {
 		return err
 	}
 	srv, err := embedetcd.Launch(embedetcd.Member{
@@ -141,7 +151,8 @@ func (c *Cluster) launch(m *Member, existing bool) error {
 		Dir:                m.dir,
 		ClientURL:          curl,
 		AdvertiseClientURL: m.proxy.Endpoint(),
-		PeerURL:            m.peerURL,
+		PeerURL:            purl,
+		AdvertisePeerURL:   m.peer.Endpoint(),
 		InitialCluster:     m.initial,
 		ClusterToken:       m.token,
 		Existing:           existing,
@@ -149,13 +160,10 @@ func (c *Cluster) launch(m *Member, existing bool) error {
 	if err != nil {
 		return err
 	}
-	if err := m.proxy.SetTarget(curl); err != nil {
-		srv.Close()
-		return err
-	}
 	c.mu.Lock()
 	m.srv = srv
 	c.mu.Unlock()
+	m.peer.Resume()
 	m.proxy.Resume()
 	return nil
 }
@@ -173,8 +181,11 @@ func (c *Cluster) waitReady(ctx context.Context, ms []*Member) error {
 	return nil
 }
 
-// stopAll stops all running members: followers first, then the leader
-// (which then has nobody left to hand leadership to).
+// stopAll stops all running members. Followers go first. The leader is
+// stopped last, once it has stepped down for lack of a quorum (etcd runs raft
+// with CheckQuorum, so this takes about one election timeout): a leader that
+// is stopped while it still believes a just-stopped peer to be alive would
+// try to hand leadership to it and wait etcd's full request timeout (~6s).
 func (c *Cluster) stopAll() {
 	lead := c.leaderIndex()
 	for i, m := range c.members {
@@ -182,9 +193,30 @@ func (c *Cluster) stopAll() {
 			m.stop()
 		}
 	}
-	if lead >= 0 {
-		c.members[lead].stop()
+	if lead < 0 {
+		return
 	}
+	m := c.members[lead]
+	if srv := m.server(); srv != nil && c.runningCount() == 1 && len(c.members) > 1 {
+		es := srv.Etcd().Server
+		deadline := time.Now().Add(4 * time.Duration(c.o.ElectionMs) * time.Millisecond)
+		for es.Lead() == uint64(es.MemberID()) && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	m.stop()
+}
+
+func (c *Cluster) runningCount() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, m := range c.members {
+		if m.srv != nil {
+			n++
+		}
+	}
+	return n
 }
 
 // Close stops all members. It is idempotent and also run by t.Cleanup.
@@ -213,15 +245,16 @@ func (c *Cluster) Client(t testing.TB) *clientv3.Client {
 // Member returns member i (0 <= i < Size()).
 func (c *Cluster) Member(i int) *Member { return c.members[i] }
 
-// StopMember stops member i (cutting its proxy first) and frees its ports.
-// Stopping a leader makes etcd hand leadership to another member first.
+// StopMember stops member i: clients connected to it are cut off at once and
+// new connections to its endpoint are refused until it is restarted. It is a
+// graceful stop: a leader first hands leadership to another member.
 func (c *Cluster) StopMember(t testing.TB, i int) {
 	t.Helper()
 	c.members[i].stop()
 }
 
 // RestartMember restarts stopped member i with its old data directory and
-// peer URL and waits until it is ready (which needs a quorum of running
+// advertised URLs and waits until it is ready (which needs a quorum of running
 // members). The test fails if it cannot.
 func (c *Cluster) RestartMember(t testing.TB, i int) {
 	t.Helper()
@@ -252,8 +285,8 @@ func (c *Cluster) RestartMembers(t testing.TB, indexes ...int) {
 	}
 }
 
-// relaunch starts a stopped member, retrying while its peer port is still
-// (or again) in use.
+// relaunch starts a stopped member, retrying with other ports if it loses a
+// port race.
 func (c *Cluster) relaunch(ctx context.Context, m *Member) error {
 	for {
 		err := c.launch(m, true)
@@ -263,7 +296,7 @@ func (c *Cluster) relaunch(ctx context.Context, m *Member) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }
@@ -328,11 +361,22 @@ func (m *Member) ID() uint64 { return m.id }
 func (m *Member) Endpoint() string { return m.proxy.Endpoint() }
 
 // Proxy returns the proxy in front of the member's client port, to inject
-// faults between clients and this member only.
+// faults between clients and this member only. Stop/RestartMember pause and
+// resume it.
 func (m *Member) Proxy() *Proxy { return m.proxy }
 
-// PeerURL returns the member's peer URL.
-func (m *Member) PeerURL() string { return m.peerURL }
+// PeerProxy returns the proxy in front of the member's peer port, which
+// carries every peer connection opened *to* this member. etcd sends raft
+// messages both over long-lived streams opened by the receiver and over
+// pipeline requests opened by the sender, so faults on one member's peer
+// proxy affect traffic in both directions only partially (pausing a single
+// leader's peer proxy does not depose it). Pausing or delaying the peer
+// proxies of all members does act on all raft traffic (e.g. Pause on all of
+// them loses quorum until Resume). Stop/RestartMember pause and resume it.
+func (m *Member) PeerProxy() *Proxy { return m.peer }
+
+// PeerURL returns the member's advertised peer URL (its peer proxy's URL).
+func (m *Member) PeerURL() string { return m.peer.Endpoint() }
 
 // Dir returns the member's data directory.
 func (m *Member) Dir() string { return m.dir }
@@ -357,14 +401,32 @@ func (m *Member) server() *embedetcd.Server {
 	return m.srv
 }
 
-// stop cuts the member's proxy and closes its etcd; a no-op when stopped.
+// stop cuts the member's client proxy and closes its etcd. A leader still
+// hands over leadership through the peer proxies; as soon as the raft server
+// has stopped, the peer proxy is cut too, so etcd's peer listener shutdown
+// (which otherwise waits up to 1s for active raft streams) ends at once and
+// no connection to the stopped member lingers. A no-op when stopped.
 func (m *Member) stop() {
 	m.c.mu.Lock()
 	srv := m.srv
 	m.srv = nil
 	m.c.mu.Unlock()
 	m.proxy.Pause()
-	if srv != nil {
-		srv.Close()
+	if srv == nil {
+		m.peer.Pause()
+		return
 	}
+	closed := make(chan struct{})
+	cut := make(chan struct{})
+	go func() {
+		defer close(cut)
+		select {
+		case <-srv.Stopped():
+		case <-closed:
+		}
+		m.peer.Pause()
+	}()
+	srv.Close()
+	close(closed)
+	<-cut
 }

@@ -239,3 +239,30 @@ func TestClusterFailover(t *testing.T) {
 	}
 	c.WaitLeader(t)
 }
+
+func TestClusterPeerPartition(t *testing.T) {
+	ctx := ctxT(t, 60*time.Second)
+	c := NewCluster(t, 3)
+	cli := c.Client(t)
+	mustPut(ctx, t, cli, "k", "1")
+
+	// Cutting every peer proxy partitions all members from each other:
+	// writes cannot commit.
+	for i := range c.Size() {
+		c.Member(i).PeerProxy().Pause()
+	}
+	pctx, cancel := context.WithTimeout(ctx, time.Second)
+	_, err := cli.Put(pctx, "k", "2")
+	cancel()
+	if err == nil {
+		t.Fatal("put committed without peer connectivity")
+	}
+	for i := range c.Size() {
+		c.Member(i).PeerProxy().Resume()
+	}
+	c.WaitLeader(t)
+	eventually(ctx, t, "put after partition healed", func(ctx context.Context) error {
+		_, err := cli.Put(ctx, "k", "3")
+		return err
+	})
+}

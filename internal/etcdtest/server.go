@@ -38,7 +38,9 @@ func WithLogger(lg *zap.Logger) ServerOption { return embedetcd.WithLogger(lg) }
 
 // WithTiming sets the raft heartbeat interval and election timeout in
 // milliseconds (defaults 50 and 500).
-func WithTiming(tickMs, electionMs uint) ServerOption { return embedetcd.WithTiming(tickMs, electionMs) }
+func WithTiming(tickMs, electionMs uint) ServerOption {
+	return embedetcd.WithTiming(tickMs, electionMs)
+}
 
 // WithReadyTimeout bounds how long starting a member may take (default 30s).
 func WithReadyTimeout(d time.Duration) ServerOption { return embedetcd.WithReadyTimeout(d) }

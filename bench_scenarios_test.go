@@ -1,0 +1,762 @@
+package orchestrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// The scenario benchmark compares the worker with plain etcd clients on one
+// embedded etcd member with fsync on, side by side in one run, and prints a
+// table. Run it with `make bench` (or
+// go test -run='^$' -bench='^BenchmarkScenarios$' -benchtime=1x .).
+// ORCHESTRATOR_BENCH_WINDOW (a Go duration, default 3s) sets the length of
+// each measured window; ORCHESTRATOR_BENCH_ONLY selects scenario groups.
+
+const (
+	benchTickInterval  = time.Millisecond // timerInterval of the throughput scenarios
+	benchGroupsPerTick = 500
+	benchIndepKeys     = 5000
+	benchTxnPuts       = 100
+	benchContenders    = 4
+	benchLoadKeys      = 100_000
+	benchSmallKeys     = 1_000
+	benchValueSize     = 100
+	benchLoadReps      = 3
+	benchLagSamples    = 200
+)
+
+func benchWindow(tb testing.TB) time.Duration {
+	s := os.Getenv("ORCHESTRATOR_BENCH_WINDOW")
+	if s == "" {
+		return 3 * time.Second
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		tb.Fatalf("bad ORCHESTRATOR_BENCH_WINDOW %q", s)
+	}
+	return d
+}
+
+// benchSelected reports whether the scenario group name should run:
+// ORCHESTRATOR_BENCH_ONLY, when set, is a comma-separated list of indep,
+// contention, load and lag (for profiling one of them).
+func benchSelected(name string) bool {
+	only := os.Getenv("ORCHESTRATOR_BENCH_ONLY")
+	return only == "" || slices.Contains(strings.Split(only, ","), name)
+}
+
+// benchState is a minimal ReactorState that keeps every value it is told
+// (keyed by the key's string, which shares the worker's copy) and a patch
+// queue.
+type benchState struct {
+	values  map[string][]byte
+	patches [][]DataPatch
+}
+
+func newBenchState() *benchState { return &benchState{values: map[string][]byte{}} }
+
+func (s *benchState) Update(key util.EtcdKey, value []byte, _ bool) error {
+	if value == nil {
+		delete(s.values, key.String())
+		return nil
+	}
+	s.values[key.String()] = value
+	return nil
+}
+
+func (s *benchState) GetPatches() [][]DataPatch {
+	p := s.patches
+	s.patches = nil
+	return p
+}
+
+// benchIncr adds one to a decimal value (absent or unparsable = 0).
+func benchIncr(old []byte) ([]byte, bool, error) {
+	n, _ := strconv.ParseInt(string(old), 10, 64)
+	return strconv.AppendInt(nil, n+1, 10), true, nil
+}
+
+func benchKey(prefix string, i int) string { return fmt.Sprintf("%s/k%06d", prefix, i) }
+
+// benchValue is a benchValueSize-byte value that encodes i.
+func benchValue(i int) []byte {
+	v := make([]byte, benchValueSize)
+	for j := range v {
+		v[j] = 'a' + byte(j%26)
+	}
+	copy(v, strconv.Itoa(i)+":")
+	return v
+}
+
+// benchPopulate writes n keys with benchValueSize-byte values under prefix,
+// with parallel Txns of benchTxnPuts puts.
+func benchPopulate(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string, n int) {
+	tb.Helper()
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for start := 0; start < n; start += benchTxnPuts {
+		g.Go(func() error {
+			var ops []clientv3.Op
+			for i := start; i < min(start+benchTxnPuts, n); i++ {
+				ops = append(ops, clientv3.OpPut(benchKey(prefix, i), string(benchValue(i))))
+			}
+			_, err := cli.Txn(gctx).Then(ops...).Commit()
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		tb.Fatalf("populate %s: %v", prefix, err)
+	}
+}
+
+// benchSum returns the sum of the decimal values of the user keys under
+// prefix.
+func benchSum(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) int64 {
+	tb.Helper()
+	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())
+	if err != nil {
+		tb.Fatalf("sum %s: %v", prefix, err)
+	}
+	var sum int64
+	for _, kv := range resp.Kvs {
+		if strings.Contains(string(kv.Key), reservedDir) {
+			continue
+		}
+		n, err := strconv.ParseInt(string(kv.Value), 10, 64)
+		if err != nil {
+			tb.Fatalf("sum %s: key %q: %v", prefix, kv.Key, err)
+		}
+		sum += n
+	}
+	return sum
+}
+
+// benchRate measures how fast the sum under prefix grows over one window,
+// reading it at both ends.
+func benchRate(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string, window time.Duration) float64 {
+	tb.Helper()
+	s0 := benchSum(ctx, tb, cli, prefix)
+	t0 := time.Now()
+	time.Sleep(window)
+	s1 := benchSum(ctx, tb, cli, prefix)
+	return float64(s1-s0) / time.Since(t0).Seconds()
+}
+
+// benchWorkers runs the given workers until stop is called and checks that
+// they ended only because of it.
+type benchWorkers struct {
+	tb     testing.TB
+	cancel context.CancelFunc
+	g      *errgroup.Group
+}
+
+func startBenchWorkers(ctx context.Context, tb testing.TB, interval time.Duration, workers ...*EtcdWorker) *benchWorkers {
+	ctx, cancel := context.WithCancel(ctx)
+	g := &errgroup.Group{}
+	for i, w := range workers {
+		g.Go(func() error { return w.Run(ctx, nil, interval, "bench-"+strconv.Itoa(i)) })
+	}
+	return &benchWorkers{tb: tb, cancel: cancel, g: g}
+}
+
+func (bw *benchWorkers) stop() {
+	bw.tb.Helper()
+	bw.cancel()
+	if err := bw.g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
+		bw.tb.Fatalf("worker: %v", err)
+	}
+}
+
+func newBenchWorker(tb testing.TB, cli *clientv3.Client, prefix string, reactor Reactor, state ReactorState) *EtcdWorker {
+	tb.Helper()
+	w, err := NewEtcdWorker(cli, prefix, reactor, state)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return w
+}
+
+// waitSumAbove waits until the sum under prefix exceeds v (the workers are
+// loaded and committing).
+func waitSumAbove(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string, v int64) {
+	tb.Helper()
+	for benchSum(ctx, tb, cli, prefix) <= v {
+		if ctx.Err() != nil {
+			tb.Fatal(ctx.Err())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// loadAverage is the 1-minute load average of the machine, to tell a quiet
+// run from a noisy one ("?" where unknown).
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	if f := strings.Fields(string(b)); len(f) > 0 {
+		return f[0]
+	}
+	return "?"
+}
+
+// benchRow is one line of the printed table.
+type benchRow struct {
+	scenario string
+	baseline string
+	worker   string
+	ratio    string
+	must     string
+	verdict  string
+}
+
+// verdict reports whether ratio meets must and aim (higher is better when
+// higher is true).
+func verdict(ratio, must, aim float64, higher bool) string {
+	ok := func(limit float64) bool {
+		if higher {
+			return ratio >= limit
+		}
+		return ratio <= limit
+	}
+	switch {
+	case ok(aim):
+		return "ok (aim met)"
+	case ok(must):
+		return "ok"
+	default:
+		return "FAIL"
+	}
+}
+
+func printBenchTable(rows []benchRow) string {
+	head := benchRow{"scenario", "baseline", "worker", "ratio", "must reach", "verdict"}
+	all := append([]benchRow{head}, rows...)
+	width := make([]int, 6)
+	cells := func(r benchRow) []string {
+		return []string{r.scenario, r.baseline, r.worker, r.ratio, r.must, r.verdict}
+	}
+	for _, r := range all {
+		for i, c := range cells(r) {
+			width[i] = max(width[i], len(c))
+		}
+	}
+	var sb strings.Builder
+	line := func(cs []string) {
+		sb.WriteString("|")
+		for i, c := range cs {
+			fmt.Fprintf(&sb, " %-*s |", width[i], c)
+		}
+		sb.WriteString("\n")
+	}
+	line(cells(head))
+	sep := make([]string, 6)
+	for i := range sep {
+		sep[i] = strings.Repeat("-", width[i])
+	}
+	line(sep)
+	for _, r := range rows {
+		line(cells(r))
+	}
+	return sb.String()
+}
+
+// BenchmarkScenarios runs every scenario of the performance table against
+// its baseline on one embedded etcd member with fsync on, and prints the
+// table.
+func BenchmarkScenarios(b *testing.B) {
+	srv := etcdtest.NewServer(b, etcdtest.WithFsync(true))
+	window := benchWindow(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	for range b.N {
+		loadStart := loadAverage()
+		var rows []benchRow
+		if benchSelected("indep") {
+			rows = append(rows, benchIndependent(ctx, b, srv, window)...)
+		}
+		if benchSelected("contention") {
+			rows = append(rows, benchContention(ctx, b, srv, window))
+		}
+		if benchSelected("load") {
+			rows = append(rows, benchLoadScenarios(ctx, b, srv, window)...)
+		}
+		if benchSelected("lag") {
+			// A short timerInterval shows the worker's own delay; a
+			// realistic one adds the tick rate limit (see benchTickLag).
+			rows = append(rows, benchTickLag(ctx, b, srv, time.Millisecond, 15*time.Millisecond))
+			rows = append(rows, benchTickLag(ctx, b, srv, 10*time.Millisecond, 25*time.Millisecond))
+		}
+		table := printBenchTable(rows)
+		fmt.Printf("\nScenarios (embedded etcd, fsync on, %d CPUs, window %v, load average %s at start, %s at end):\n%s\n",
+			runtime.NumCPU(), window, loadStart, loadAverage(), table)
+	}
+}
+
+var benchRunSeq atomic.Int64
+
+// benchPrefix returns a prefix not used before in this process.
+func benchPrefix(name string) string {
+	return fmt.Sprintf("/bench/%s-%d", name, benchRunSeq.Add(1))
+}
+
+// benchIndependent: every group is one SingleDataPatch on its own key; the
+// reactor leaves benchGroupsPerTick groups per Tick. Baselines: one STM Txn
+// per update, and raw Txns of benchTxnPuts blind puts, both serial.
+func benchIndependent(ctx context.Context, b *testing.B, srv *etcdtest.Server, window time.Duration) []benchRow {
+	cli := srv.Client(b)
+
+	// Worker.
+	prefix := benchPrefix("indep-worker")
+	keys := make([]util.EtcdKey, benchIndepKeys)
+	for i := range keys {
+		keys[i] = util.NewEtcdKey(benchKey(prefix, i))
+	}
+	next := 0
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*benchState)
+		groups := make([][]DataPatch, benchGroupsPerTick)
+		for i := range groups {
+			groups[i] = []DataPatch{SingleDataPatch{Key: keys[next%len(keys)], Func: benchIncr}}
+			next++
+		}
+		st.patches = groups
+		return st, nil
+	})
+	bw := startBenchWorkers(ctx, b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+	waitSumAbove(ctx, b, cli, prefix, 0)
+	workerRate := benchRate(ctx, b, cli, prefix, window)
+	bw.stop()
+
+	// STM, one Txn per update.
+	prefix = benchPrefix("indep-stm")
+	stmCli := srv.Client(b)
+	var stmCount int64
+	deadline := time.Now().Add(window)
+	start := time.Now()
+	for i := 0; time.Now().Before(deadline); i++ {
+		key := benchKey(prefix, i%benchIndepKeys)
+		_, err := concurrency.NewSTM(stmCli, func(s concurrency.STM) error {
+			v, _, _ := benchIncr([]byte(s.Get(key)))
+			s.Put(key, string(v))
+			return nil
+		}, concurrency.WithAbortContext(ctx))
+		if err != nil {
+			b.Fatal(err)
+		}
+		stmCount++
+	}
+	stmRate := float64(stmCount) / time.Since(start).Seconds()
+
+	// Raw Txns of benchTxnPuts puts.
+	prefix = benchPrefix("indep-raw")
+	rawCli := srv.Client(b)
+	var rawCount int64
+	value := string(benchValue(0)[:8])
+	deadline = time.Now().Add(window)
+	start = time.Now()
+	for i := 0; time.Now().Before(deadline); {
+		ops := make([]clientv3.Op, benchTxnPuts)
+		for j := range ops {
+			ops[j] = clientv3.OpPut(benchKey(prefix, i%benchIndepKeys), value)
+			i++
+		}
+		if _, err := rawCli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			b.Fatal(err)
+		}
+		rawCount += benchTxnPuts
+	}
+	rawRate := float64(rawCount) / time.Since(start).Seconds()
+
+	b.ReportMetric(workerRate, "patches/s")
+	return []benchRow{
+		{
+			scenario: fmt.Sprintf("independent updates (%d groups/tick): patches/s vs STM, serial", benchGroupsPerTick),
+			baseline: fmt.Sprintf("%.0f/s", stmRate),
+			worker:   fmt.Sprintf("%.0f/s", workerRate),
+			ratio:    fmt.Sprintf("%.1fx", workerRate/stmRate),
+			must:     ">= 20x (aim 50x)",
+			verdict:  verdict(workerRate/stmRate, 20, 50, true),
+		},
+		{
+			scenario: fmt.Sprintf("independent updates: patches/s vs raw Txn of %d puts, serial", benchTxnPuts),
+			baseline: fmt.Sprintf("%.0f/s", rawRate),
+			worker:   fmt.Sprintf("%.0f/s", workerRate),
+			ratio:    fmt.Sprintf("%.2fx", workerRate/rawRate),
+			must:     ">= 0.5x (aim 0.8x)",
+			verdict:  verdict(workerRate/rawRate, 0.5, 0.8, true),
+		},
+	}
+}
+
+// benchContention: benchContenders workers each increment one shared counter
+// once per Tick, against as many goroutines doing STM increments.
+func benchContention(ctx context.Context, b *testing.B, srv *etcdtest.Server, window time.Duration) benchRow {
+	cli := srv.Client(b)
+
+	prefix := benchPrefix("contend-worker")
+	counter := util.NewEtcdKey(prefix + "/counter")
+	workers := make([]*EtcdWorker, benchContenders)
+	for i := range workers {
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*benchState)
+			st.patches = [][]DataPatch{{SingleDataPatch{Key: counter, Func: benchIncr}}}
+			return st, nil
+		})
+		workers[i] = newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState())
+	}
+	bw := startBenchWorkers(ctx, b, benchTickInterval, workers...)
+	waitSumAbove(ctx, b, cli, prefix, int64(benchContenders))
+	workerRate := benchRate(ctx, b, cli, prefix, window)
+	bw.stop()
+
+	prefix = benchPrefix("contend-stm")
+	key := prefix + "/counter"
+	sctx, stop := context.WithCancel(ctx)
+	g, gctx := errgroup.WithContext(sctx)
+	for range benchContenders {
+		c := srv.Client(b)
+		g.Go(func() error {
+			for gctx.Err() == nil {
+				_, err := concurrency.NewSTM(c, func(s concurrency.STM) error {
+					v, _, _ := benchIncr([]byte(s.Get(key)))
+					s.Put(key, string(v))
+					return nil
+				}, concurrency.WithAbortContext(gctx))
+				if err != nil && gctx.Err() == nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	waitSumAbove(ctx, b, cli, prefix, int64(benchContenders))
+	stmRate := benchRate(ctx, b, cli, prefix, window)
+	stop()
+	if err := g.Wait(); err != nil {
+		b.Fatal(err)
+	}
+
+	b.ReportMetric(workerRate, "incr/s")
+	return benchRow{
+		scenario: fmt.Sprintf("contention: %d workers, one counter: increments/s vs %d STM goroutines", benchContenders, benchContenders),
+		baseline: fmt.Sprintf("%.0f/s", stmRate),
+		worker:   fmt.Sprintf("%.0f/s", workerRate),
+		ratio:    fmt.Sprintf("%.2fx", workerRate/stmRate),
+		must:     ">= 1x (aim 2x)",
+		verdict:  verdict(workerRate/stmRate, 1, 2, true),
+	}
+}
+
+// firstTickWorker returns a worker on prefix whose reactor records the time
+// of its first Tick and finishes.
+func firstTickWorker(tb testing.TB, cli *clientv3.Client, prefix string, state ReactorState, at *time.Time) *EtcdWorker {
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		*at = time.Now()
+		return s, ErrReactorFinished
+	})
+	return newBenchWorker(tb, cli, prefix, reactor, state)
+}
+
+// rawPagedGet reads every key under prefix + "/" in pages of DefaultPageSize
+// pinned at the revision of the first page, like the worker's load.
+func rawPagedGet(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) int {
+	tb.Helper()
+	key := prefix + "/"
+	end := clientv3.GetPrefixRangeEnd(key)
+	var rev int64
+	n := 0
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(DefaultPageSize)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := cli.Get(ctx, key, opts...)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		rev = resp.Header.Revision
+		n += len(resp.Kvs)
+		if !resp.More || len(resp.Kvs) == 0 {
+			return n
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// benchLoadScenarios: commit scaling, initial load and memory, on a prefix
+// of benchLoadKeys keys.
+func benchLoadScenarios(ctx context.Context, b *testing.B, srv *etcdtest.Server, window time.Duration) []benchRow {
+	cli := srv.Client(b)
+	big := benchPrefix("load")
+	small := benchPrefix("small")
+	benchPopulate(ctx, b, cli, big, benchLoadKeys)
+	benchPopulate(ctx, b, cli, small, benchSmallKeys)
+
+	// Initial load: Run -> first Tick, against a raw paged Get.
+	var workerLoads, rawLoads []time.Duration
+	for range benchLoadReps {
+		runtime.GC()
+		start := time.Now()
+		if n := rawPagedGet(ctx, b, cli, big); n != benchLoadKeys {
+			b.Fatalf("raw get read %d keys, want %d", n, benchLoadKeys)
+		}
+		rawLoads = append(rawLoads, time.Since(start))
+
+		runtime.GC()
+		var first time.Time
+		w := firstTickWorker(b, cli, big, newBenchState(), &first)
+		start = time.Now()
+		if err := w.Run(ctx, nil, time.Second, "bench-load"); err != nil {
+			b.Fatal(err)
+		}
+		workerLoads = append(workerLoads, first.Sub(start))
+	}
+	rawLoad, workerLoad := median(rawLoads), median(workerLoads)
+
+	// Memory held by a loaded worker and its state.
+	held, rawBytes := benchHeldMemory(ctx, b, cli, big)
+
+	// Commit scaling: one changed key per Tick, with 1k and 100k keys.
+	cycle := map[int]time.Duration{}
+	for _, n := range []int{benchSmallKeys, benchLoadKeys, benchSmallKeys, benchLoadKeys} {
+		prefix := small
+		if n == benchLoadKeys {
+			prefix = big
+		}
+		cycle[n] += benchCommitCycle(ctx, b, srv, prefix, window/2)
+	}
+	cycleSmall, cycleBig := cycle[benchSmallKeys]/2, cycle[benchLoadKeys]/2
+
+	return []benchRow{
+		{
+			scenario: fmt.Sprintf("commit scaling: tick->commit cycle, %dk keys / %dk keys", benchLoadKeys/1000, benchSmallKeys/1000),
+			baseline: cycleSmall.Round(time.Microsecond).String(),
+			worker:   cycleBig.Round(time.Microsecond).String(),
+			ratio:    fmt.Sprintf("%.2f", float64(cycleBig)/float64(cycleSmall)),
+			must:     "<= 1.5 (aim 1.2)",
+			verdict:  verdict(float64(cycleBig)/float64(cycleSmall), 1.5, 1.2, false),
+		},
+		{
+			scenario: fmt.Sprintf("initial load of %dk keys (%d B values): Run->first Tick / raw paged Get (median of %d)", benchLoadKeys/1000, benchValueSize, benchLoadReps),
+			baseline: rawLoad.Round(time.Millisecond).String(),
+			worker:   workerLoad.Round(time.Millisecond).String(),
+			ratio:    fmt.Sprintf("%.2f", float64(workerLoad)/float64(rawLoad)),
+			must:     "<= 2.0 (aim 1.5)",
+			verdict:  verdict(float64(workerLoad)/float64(rawLoad), 2, 1.5, false),
+		},
+		{
+			scenario: "memory: Go heap held per key (worker + state) / raw key+value bytes",
+			baseline: fmt.Sprintf("%.0f B/key", rawBytes),
+			worker:   fmt.Sprintf("%.0f B/key", held),
+			ratio:    fmt.Sprintf("%.2f", held/rawBytes),
+			must:     "<= 3 (aim 2)",
+			verdict:  verdict(held/rawBytes, 3, 2, false),
+		},
+	}
+}
+
+// benchHeldMemory loads prefix into a fresh worker with a benchState and
+// returns the heap it and the state hold per key (heap while held minus heap
+// after both are dropped, each after a full GC) and the raw key+value bytes
+// per key.
+func benchHeldMemory(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) (held, raw float64) {
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	// The worker and the state are reachable only inside this function.
+	loaded := func() (holding uint64, n, rawTotal int) {
+		var first time.Time
+		state := newBenchState()
+		w := firstTickWorker(b, cli, prefix, state, &first)
+		if err := w.Run(ctx, nil, time.Second, "bench-mem"); err != nil {
+			b.Fatal(err)
+		}
+		for k, v := range state.values {
+			rawTotal += len(k) + len(v)
+		}
+		holding = heap()
+		runtime.KeepAlive(w)
+		runtime.KeepAlive(state)
+		return holding, len(state.values), rawTotal
+	}
+	holding, n, rawTotal := loaded()
+	released := heap()
+	if n != benchLoadKeys {
+		b.Fatalf("state held %d keys, want %d", n, benchLoadKeys)
+	}
+	return float64(int64(holding)-int64(released)) / float64(n), float64(rawTotal) / float64(n)
+}
+
+// benchCommitCycle runs a worker on prefix whose every Tick changes one key,
+// and returns the time per Tick -> commit -> Tick cycle over window.
+func benchCommitCycle(ctx context.Context, b *testing.B, srv *etcdtest.Server, prefix string, window time.Duration) time.Duration {
+	var ticks atomic.Int64
+	keys := make([]util.EtcdKey, 100)
+	for i := range keys {
+		keys[i] = util.NewEtcdKey(benchKey(prefix, i))
+	}
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*benchState)
+		n := int(ticks.Add(1))
+		value := benchValue(n)
+		st.patches = [][]DataPatch{{SingleDataPatch{Key: keys[n%len(keys)], Func: func([]byte) ([]byte, bool, error) {
+			return value, true, nil
+		}}}}
+		return st, nil
+	})
+	bw := startBenchWorkers(ctx, b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+	for ticks.Load() < 10 {
+		if ctx.Err() != nil {
+			b.Fatal(ctx.Err())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t0, n0 := time.Now(), ticks.Load()
+	time.Sleep(window)
+	t1, n1 := time.Now(), ticks.Load()
+	bw.stop()
+	return t1.Sub(t0) / time.Duration(n1-n0)
+}
+
+// benchTickLag: an external client puts a probe key benchLagSamples times,
+// spacing apart; the lag from the start of each Put until a Tick sees it is
+// compared with the lag until a raw watch on another client delivers it. The
+// worker runs with the given timerInterval. Ticks are rate limited to one per
+// interval (burst 2) and the timer ticks of an idle worker use up that
+// budget, so a change waits for up to one interval: the lag is about the
+// watch delivery plus half an interval.
+func benchTickLag(ctx context.Context, b *testing.B, srv *etcdtest.Server, interval, spacing time.Duration) benchRow {
+	prefix := benchPrefix("lag")
+	probe := prefix + "/probe"
+	var (
+		mu                 sync.Mutex
+		putAt, tickAt, wAt = map[int64]time.Time{}, map[int64]time.Time{}, map[int64]time.Time{}
+	)
+	var seen int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*benchState)
+		n, _ := strconv.ParseInt(string(st.values[probe]), 10, 64)
+		if n > seen {
+			now := time.Now()
+			mu.Lock()
+			for i := seen + 1; i <= n; i++ {
+				tickAt[i] = now
+			}
+			mu.Unlock()
+			seen = n
+		}
+		return st, nil
+	})
+	bw := startBenchWorkers(ctx, b, interval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+
+	wctx, stopWatch := context.WithCancel(ctx)
+	watchCli := srv.Client(b)
+	wch := watchCli.Watch(wctx, probe)
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		for resp := range wch {
+			now := time.Now()
+			mu.Lock()
+			for _, ev := range resp.Events {
+				n, _ := strconv.ParseInt(string(ev.Kv.Value), 10, 64)
+				wAt[n] = now
+			}
+			mu.Unlock()
+		}
+	}()
+	// Let the worker load and the watch start.
+	putCli := srv.Client(b)
+	if _, err := putCli.Put(ctx, probe, "0"); err != nil {
+		b.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+
+	next := time.Now()
+	for i := int64(1); i <= benchLagSamples; i++ {
+		time.Sleep(time.Until(next))
+		next = next.Add(spacing)
+		mu.Lock()
+		putAt[i] = time.Now()
+		mu.Unlock()
+		if _, err := putCli.Put(ctx, probe, strconv.FormatInt(i, 10)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		missing := 0
+		for i := int64(1); i <= benchLagSamples; i++ {
+			if tickAt[i].IsZero() || wAt[i].IsZero() {
+				missing++
+			}
+		}
+		mu.Unlock()
+		if missing == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("tick lag: %d puts not seen by both the worker and the watch", missing)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	stopWatch()
+	<-watchDone
+	bw.stop()
+
+	mu.Lock()
+	defer mu.Unlock()
+	var tickLag, watchLag []time.Duration
+	for i := int64(1); i <= benchLagSamples; i++ {
+		tickLag = append(tickLag, tickAt[i].Sub(putAt[i]))
+		watchLag = append(watchLag, wAt[i].Sub(putAt[i]))
+	}
+	slices.Sort(tickLag)
+	slices.Sort(watchLag)
+	pct := func(s []time.Duration, p float64) time.Duration { return s[int(p*float64(len(s)-1))] }
+	t50, t99, w50, w99 := pct(tickLag, 0.5), pct(tickLag, 0.99), pct(watchLag, 0.5), pct(watchLag, 0.99)
+	r50, r99 := float64(t50)/float64(w50), float64(t99)/float64(w99)
+	v := "reported"
+	if max(r50, r99) <= 2 {
+		v = "reported (aim met)"
+	}
+	rd := func(d time.Duration) string { return d.Round(10 * time.Microsecond).String() }
+	return benchRow{
+		scenario: fmt.Sprintf("tick lag, timerInterval %v: Put -> Tick sees it / raw watch, p50 / p99", interval),
+		baseline: rd(w50) + " / " + rd(w99),
+		worker:   rd(t50) + " / " + rd(t99),
+		ratio:    fmt.Sprintf("%.2f / %.2f", r50, r99),
+		must:     "report (aim <= 2)",
+		verdict:  v,
+	}
+}

@@ -1,0 +1,253 @@
+// Command bank is a stress demo of the orchestrator: several EtcdWorkers move
+// random amounts between accounts stored as JSON documents in etcd. Every
+// transfer is one atomic patch group (debit and credit), so the balances
+// always sum to zero; every Tick checks that on its snapshot, and at the end
+// the sum is read back from etcd.
+//
+//	go run ./examples/bank --duration 3s
+//	go run ./examples/bank --endpoints http://127.0.0.1:2379 --metrics-addr 127.0.0.1:9090
+//
+// Without --endpoints it runs an embedded etcd in a temporary directory. It
+// exits non-zero if the invariant ever broke. Ctrl-C stops it cleanly.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/signal"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/examples/internal/demo"
+	"github.com/etcdworker/orchestrator/jsonstate"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+type config struct {
+	endpoints   string
+	prefix      string
+	workers     int
+	accounts    int
+	perTick     int
+	duration    time.Duration
+	interval    time.Duration
+	metricsAddr string
+}
+
+func parseFlags() config {
+	var c config
+	flag.StringVar(&c.endpoints, "endpoints", "", "comma-separated etcd endpoints (default: an embedded etcd in a temp dir)")
+	flag.StringVar(&c.prefix, "prefix", "/orchestrator-example/bank", "etcd prefix of the worker")
+	flag.IntVar(&c.workers, "workers", 4, "number of EtcdWorkers")
+	flag.IntVar(&c.accounts, "accounts", 25, "number of accounts")
+	flag.IntVar(&c.perTick, "transfers-per-tick", 4, "transfers each worker queues per Tick (one atomic group each)")
+	flag.DurationVar(&c.duration, "duration", 10*time.Second, "how long to run")
+	flag.DurationVar(&c.interval, "interval", 2*time.Millisecond, "the workers' timer interval (also their Tick rate limit)")
+	flag.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
+	flag.Parse()
+	if c.workers < 1 || c.accounts < 2 || c.perTick < 1 || c.duration <= 0 || c.interval <= 0 {
+		fmt.Fprintln(os.Stderr, "bank: --workers, --transfers-per-tick and durations must be positive, --accounts at least 2")
+		os.Exit(2)
+	}
+	return c
+}
+
+func main() {
+	os.Exit(mainCode(parseFlags()))
+}
+
+// mainCode runs the demo until it ends or SIGINT/SIGTERM and returns the exit
+// code: 0 when the invariants held, 1 otherwise.
+func mainCode(cfg config) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills the process
+	}()
+	ok, err := run(ctx, cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bank:", err)
+		return 1
+	}
+	if !ok {
+		return 1
+	}
+	return 0
+}
+
+// account is the JSON document of one account.
+type account struct {
+	Balance int64 `json:"balance"`
+}
+
+// run runs the demo and reports whether the invariant held throughout.
+func run(ctx context.Context, cfg config) (bool, error) {
+	cluster, err := demo.Connect(ctx, cfg.endpoints)
+	if err != nil {
+		return false, err
+	}
+	defer cluster.Close()
+	reg := prometheus.NewRegistry()
+	metricsURL, stopMetrics, err := demo.ServeMetrics(ctx, cfg.metricsAddr, reg)
+	if err != nil {
+		return false, err
+	}
+	defer stopMetrics()
+
+	fmt.Printf("bank: %d workers, %d accounts under %s, %v, %s\n",
+		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration, cluster.Describe())
+	if metricsURL != "" {
+		fmt.Println("metrics:", metricsURL)
+	}
+
+	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
+	defer cancel()
+	var violations atomic.Int64
+	progressDone := make(chan struct{})
+	go func() {
+		defer close(progressDone)
+		reportProgress(runCtx, reg, &violations)
+	}()
+	workErr := runWorkers(runCtx, cluster.Client, cfg, reg, &violations)
+	<-progressDone
+	if workErr != nil {
+		fmt.Println("worker error:", workErr)
+	}
+
+	// Verify on a fresh context: ctx may be cancelled by Ctrl-C.
+	vctx, vcancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer vcancel()
+	sum, n, err := etcdSum(vctx, cluster.Client, cfg.prefix)
+	if err != nil {
+		return false, fmt.Errorf("read the final balances: %w", err)
+	}
+	fmt.Printf("done: %s; %d accounts in etcd\n", summary(reg, &violations), n)
+	ok := sum == 0 && violations.Load() == 0 && workErr == nil
+	verdict := "OK"
+	if !ok {
+		verdict = "BROKEN"
+	}
+	fmt.Printf("final sum: %d (%s)\n", sum, verdict)
+	return ok, nil
+}
+
+// runWorkers runs cfg.workers EtcdWorkers until ctx is done or one fails.
+func runWorkers(ctx context.Context, cli *clientv3.Client, cfg config, reg prometheus.Registerer, violations *atomic.Int64) error {
+	g, gctx := errgroup.WithContext(ctx)
+	for i := range cfg.workers {
+		state := jsonstate.New[account](cfg.prefix + "/accounts")
+		teller := &teller{
+			accounts:   state,
+			n:          cfg.accounts,
+			perTick:    cfg.perTick,
+			rng:        rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(i))),
+			violations: violations,
+			name:       fmt.Sprintf("teller-%d", i),
+		}
+		w, err := orchestrator.NewEtcdWorker(cli, cfg.prefix, teller, state, orchestrator.WithMetrics(reg))
+		if err != nil {
+			return err
+		}
+		g.Go(func() error {
+			err := w.Run(gctx, nil, cfg.interval, teller.name)
+			if demo.IsStop(gctx, err) {
+				return nil
+			}
+			return fmt.Errorf("%s: %w", teller.name, err)
+		})
+	}
+	return g.Wait()
+}
+
+// teller is the Reactor of one worker.
+type teller struct {
+	name       string
+	accounts   *jsonstate.State[account]
+	n          int
+	perTick    int
+	rng        *rand.Rand
+	violations *atomic.Int64
+}
+
+// Tick checks the invariant on the snapshot, then queues perTick transfers.
+func (t *teller) Tick(_ context.Context, state orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+	var sum int64
+	for _, a := range t.accounts.All() {
+		sum += a.Balance
+	}
+	if sum != 0 {
+		if t.violations.Add(1) <= 5 {
+			fmt.Printf("%s: INVARIANT BROKEN: the snapshot sums to %d\n", t.name, sum)
+		}
+	}
+	for range t.perTick {
+		from := t.rng.IntN(t.n)
+		to := (from + 1 + t.rng.IntN(t.n-1)) % t.n
+		amount := int64(1 + t.rng.IntN(100))
+		t.accounts.Group(func(g *jsonstate.Group[account]) {
+			g.Patch(accountName(from), func(a *account, _ bool) (bool, error) { a.Balance -= amount; return true, nil })
+			g.Patch(accountName(to), func(a *account, _ bool) (bool, error) { a.Balance += amount; return true, nil })
+		})
+	}
+	return state, nil
+}
+
+func accountName(i int) string { return fmt.Sprintf("%04d", i) }
+
+// reportProgress prints one line per second until ctx is done.
+func reportProgress(ctx context.Context, g prometheus.Gatherer, violations *atomic.Int64) {
+	ticker := time.NewTicker(time.Second)
+	defer ticker.Stop()
+	start := time.Now()
+	var lastCommits, lastTransfers float64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		commits := demo.Sum(g, "orchestrator_commits_total")
+		transfers := demo.Sum(g, "orchestrator_patch_groups_applied_total")
+		fmt.Printf("%5.1fs  commits %6.0f/s  transfers %6.0f/s  conflicts %6.0f  ticks %7.0f  torn snapshots %d\n",
+			time.Since(start).Seconds(), commits-lastCommits, transfers-lastTransfers,
+			demo.Sum(g, "orchestrator_conflicts_total"), demo.Sum(g, "orchestrator_ticks_total"), violations.Load())
+		lastCommits, lastTransfers = commits, transfers
+	}
+}
+
+// summary is the totals line.
+func summary(g prometheus.Gatherer, violations *atomic.Int64) string {
+	return fmt.Sprintf("%.0f commits, %.0f transfers, %.0f conflicts, %.0f ticks, %d torn snapshots",
+		demo.Sum(g, "orchestrator_commits_total"), demo.Sum(g, "orchestrator_patch_groups_applied_total"),
+		demo.Sum(g, "orchestrator_conflicts_total"), demo.Sum(g, "orchestrator_ticks_total"), violations.Load())
+}
+
+// etcdSum reads every account from etcd and returns the sum of the balances
+// and the number of accounts.
+func etcdSum(ctx context.Context, cli *clientv3.Client, prefix string) (int64, int, error) {
+	state := jsonstate.New[account](prefix + "/accounts")
+	resp, err := cli.Get(ctx, state.Prefix()+"/", clientv3.WithPrefix())
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, kv := range resp.Kvs {
+		if err := state.Update(util.NewEtcdKeyFromBytes(kv.Key), kv.Value, true); err != nil {
+			return 0, 0, err
+		}
+	}
+	var sum int64
+	for _, a := range state.All() {
+		sum += a.Balance
+	}
+	return sum, state.Len(), nil
+}

@@ -1,0 +1,405 @@
+// Command leader shows leader election with fencing: several controllers
+// campaign with concurrency.Election, and only the leader runs an
+// EtcdWorker, fenced with orchestrator.WithFencingKey(election.Key(),
+// election.Rev()) and bound to its session. Every Tick the leader bumps a
+// counter and appends a log entry in one patch. Every --kill-after the
+// current leader's lease is revoked (as when it crashes or is partitioned
+// away): it stops, another controller takes over, and the deposed leader
+// rejoins the queue.
+//
+// At the end the counter must equal the number of log entries, the entries
+// must hold every value 1..counter exactly once (no lost or doubled write),
+// and their leader terms must only grow (no write by a deposed leader after
+// its successor's).
+//
+//	go run ./examples/leader --duration 6s
+//
+// Without --endpoints it runs an embedded etcd in a temporary directory.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+
+	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/examples/internal/demo"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+type config struct {
+	endpoints   string
+	prefix      string
+	controllers int
+	duration    time.Duration
+	killAfter   time.Duration
+	interval    time.Duration
+	ttl         int
+	metricsAddr string
+}
+
+func parseFlags() config {
+	var c config
+	flag.StringVar(&c.endpoints, "endpoints", "", "comma-separated etcd endpoints (default: an embedded etcd in a temp dir)")
+	flag.StringVar(&c.prefix, "prefix", "/orchestrator-example/leader", "etcd prefix (election and data live under it)")
+	flag.IntVar(&c.controllers, "controllers", 3, "number of controllers campaigning")
+	flag.DurationVar(&c.duration, "duration", 10*time.Second, "how long to run")
+	flag.DurationVar(&c.killAfter, "kill-after", 3*time.Second, "revoke each leader's lease this long after it won (0: never)")
+	flag.DurationVar(&c.interval, "interval", 50*time.Millisecond, "the leader worker's timer interval (one write per Tick)")
+	flag.IntVar(&c.ttl, "ttl", 5, "session lease TTL in seconds")
+	flag.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
+	flag.Parse()
+	if c.controllers < 1 || c.duration <= 0 || c.killAfter < 0 || c.interval <= 0 || c.ttl < 1 {
+		fmt.Fprintln(os.Stderr, "leader: --controllers, --duration, --interval and --ttl must be positive")
+		os.Exit(2)
+	}
+	c.prefix = util.NormalizePrefix(c.prefix).String()
+	return c
+}
+
+func main() {
+	os.Exit(mainCode(parseFlags()))
+}
+
+// mainCode runs the demo until it ends or SIGINT/SIGTERM and returns the exit
+// code: 0 when the invariants held, 1 otherwise.
+func mainCode(cfg config) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills the process
+	}()
+	ok, err := run(ctx, cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "leader:", err)
+		return 1
+	}
+	if !ok {
+		return 1
+	}
+	return 0
+}
+
+// run runs the controllers for cfg.duration, then verifies the log.
+func run(ctx context.Context, cfg config) (bool, error) {
+	cluster, err := demo.Connect(ctx, cfg.endpoints)
+	if err != nil {
+		return false, err
+	}
+	defer cluster.Close()
+	reg := prometheus.NewRegistry()
+	metricsURL, stopMetrics, err := demo.ServeMetrics(ctx, cfg.metricsAddr, reg)
+	if err != nil {
+		return false, err
+	}
+	defer stopMetrics()
+	fmt.Printf("leader: %d controllers under %s, %v, leaders killed after %v, %s\n",
+		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter, cluster.Describe())
+	if metricsURL != "" {
+		fmt.Println("metrics:", metricsURL)
+	}
+
+	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
+	defer cancel()
+	h := &history{start: time.Now()}
+	var wg sync.WaitGroup
+	for i := range cfg.controllers {
+		cli, err := cluster.NewClient() // one client per controller, as in separate processes
+		if err != nil {
+			cancel()
+			wg.Wait()
+			return false, err
+		}
+		c := &controller{name: fmt.Sprintf("c%d", i+1), cli: cli, cfg: cfg, reg: reg, history: h}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.run(runCtx)
+		}()
+	}
+	wg.Wait()
+
+	vctx, vcancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer vcancel()
+	ok, err := verify(vctx, cluster.Client, cfg.prefix, h)
+	if err != nil {
+		return false, err
+	}
+	commits := demo.SumBy(reg, "orchestrator_commits_total")
+	var parts []string
+	for role, n := range commits {
+		if role != "" {
+			parts = append(parts, fmt.Sprintf("%s=%.0f", role, n))
+		}
+	}
+	sort.Strings(parts)
+	fmt.Printf("commits by role (metrics): %s\n", strings.Join(parts, " "))
+	return ok && h.violations.Load() == 0, nil
+}
+
+// history records who led, for the report.
+type history struct {
+	start      time.Time
+	mu         sync.Mutex
+	reigns     []reign
+	violations atomic.Int64
+}
+
+type reign struct {
+	name string
+	term int64
+}
+
+func (h *history) logf(format string, args ...any) {
+	fmt.Printf("[%5.2fs] %s\n", time.Since(h.start).Seconds(), fmt.Sprintf(format, args...))
+}
+
+func (h *history) won(name string, term int64) {
+	h.mu.Lock()
+	h.reigns = append(h.reigns, reign{name: name, term: term})
+	h.mu.Unlock()
+	h.logf("%s leads (term %d)", name, term)
+}
+
+// controller campaigns, leads while it can, and campaigns again.
+type controller struct {
+	name    string
+	cli     *clientv3.Client
+	cfg     config
+	reg     prometheus.Registerer
+	history *history
+}
+
+// run campaigns and leads until ctx is done.
+func (c *controller) run(ctx context.Context) {
+	for ctx.Err() == nil {
+		if err := c.campaignAndLead(ctx); err != nil && ctx.Err() == nil {
+			c.history.logf("%s: %v", c.name, err)
+			return
+		}
+	}
+}
+
+// campaignAndLead waits to be elected with a new session, then leads until
+// the worker stops.
+func (c *controller) campaignAndLead(ctx context.Context) error {
+	session, err := concurrency.NewSession(c.cli, concurrency.WithTTL(c.cfg.ttl))
+	if err != nil {
+		return fmt.Errorf("new session: %w", err)
+	}
+	defer session.Close()
+	election := concurrency.NewElection(session, c.cfg.prefix+"/election")
+	if err := election.Campaign(ctx, c.name); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("campaign: %w", err)
+	}
+	term := election.Rev()
+	c.history.won(c.name, term)
+
+	if c.cfg.killAfter > 0 {
+		kill := time.AfterFunc(c.cfg.killAfter, func() {
+			c.history.logf("%s: revoking its lease (simulated crash)", c.name)
+			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			_, _ = c.cli.Revoke(rctx, session.Lease())
+		})
+		defer kill.Stop()
+	}
+
+	state := newLedgerState(c.cfg.prefix + "/data")
+	reactor := &leaderReactor{name: c.name, term: term, state: state, history: c.history}
+	w, err := orchestrator.NewEtcdWorker(c.cli, c.cfg.prefix+"/data", reactor, state,
+		orchestrator.WithFencingKey(election.Key(), election.Rev()),
+		orchestrator.WithMetrics(c.reg))
+	if err != nil {
+		return err
+	}
+	err = w.Run(ctx, session, c.cfg.interval, c.name)
+	switch {
+	case demo.IsStop(ctx, err):
+		c.history.logf("%s stops leading after %d ticks: stopped", c.name, reactor.seq)
+		return nil
+	case errors.Is(err, orchestrator.ErrNotOwner):
+		c.history.logf("%s stops leading after %d ticks: fenced off (%v)", c.name, reactor.seq, orchestrator.ErrNotOwner)
+	case errors.Is(err, orchestrator.ErrEtcdSessionDone):
+		c.history.logf("%s stops leading after %d ticks: session lost (%v)", c.name, reactor.seq, orchestrator.ErrEtcdSessionDone)
+	default:
+		return fmt.Errorf("worker: %w", err)
+	}
+	return nil
+}
+
+// ledgerState is a hand-written ReactorState: a counter key and a set of log
+// keys.
+type ledgerState struct {
+	counterKey util.EtcdKey
+	logDir     string
+	counter    int64
+	logs       map[util.EtcdKey]struct{}
+	patches    [][]orchestrator.DataPatch
+}
+
+func newLedgerState(prefix string) *ledgerState {
+	return &ledgerState{
+		counterKey: util.NewEtcdKey(prefix + "/counter"),
+		logDir:     prefix + "/log/",
+		logs:       make(map[util.EtcdKey]struct{}),
+	}
+}
+
+// Update implements orchestrator.ReactorState.
+func (s *ledgerState) Update(key util.EtcdKey, value []byte, _ bool) error {
+	switch {
+	case key == s.counterKey:
+		s.counter = 0
+		if value != nil {
+			n, err := strconv.ParseInt(string(value), 10, 64)
+			if err != nil {
+				return fmt.Errorf("counter: %w", err)
+			}
+			s.counter = n
+		}
+	case strings.HasPrefix(key.String(), s.logDir):
+		if value == nil {
+			delete(s.logs, key)
+		} else {
+			s.logs[key] = struct{}{}
+		}
+	}
+	return nil
+}
+
+// GetPatches implements orchestrator.ReactorState.
+func (s *ledgerState) GetPatches() [][]orchestrator.DataPatch {
+	p := s.patches
+	s.patches = nil
+	return p
+}
+
+// appendEntry is a DataPatch over two keys: it bumps the counter and writes
+// the new value to a log key named at Tick time. If it ever landed twice, the
+// counter would run ahead of the log.
+type appendEntry struct {
+	counter, log util.EtcdKey
+}
+
+// Patch implements orchestrator.DataPatch.
+func (p appendEntry) Patch(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+	var n int64
+	if v := values[p.counter]; v != nil {
+		var err error
+		if n, err = strconv.ParseInt(string(v), 10, 64); err != nil {
+			return fmt.Errorf("counter: %w", err)
+		}
+	}
+	next := []byte(strconv.FormatInt(n+1, 10))
+	values[p.counter], values[p.log] = next, next
+	changed[p.counter], changed[p.log] = struct{}{}, struct{}{}
+	return nil
+}
+
+// leaderReactor is the leader's Reactor: one log entry per Tick.
+type leaderReactor struct {
+	name    string
+	term    int64
+	seq     int
+	state   *ledgerState
+	history *history
+}
+
+// Tick checks the invariant on the snapshot and queues the next entry.
+func (r *leaderReactor) Tick(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+	if got := int64(len(r.state.logs)); got != r.state.counter {
+		if r.history.violations.Add(1) <= 5 {
+			r.history.logf("%s: INVARIANT BROKEN: counter %d, %d log keys", r.name, r.state.counter, got)
+		}
+	}
+	r.seq++
+	log := fmt.Sprintf("%s%012d/%s/%06d", r.state.logDir, r.term, r.name, r.seq)
+	r.state.patches = append(r.state.patches, []orchestrator.DataPatch{
+		appendEntry{counter: r.state.counterKey, log: util.NewEtcdKey(log)},
+	})
+	return s, nil
+}
+
+// verify reads the counter and the log back from etcd and checks them.
+func verify(ctx context.Context, cli *clientv3.Client, prefix string, h *history) (bool, error) {
+	data := prefix + "/data"
+	resp, err := cli.Get(ctx, data+"/counter")
+	if err != nil {
+		return false, err
+	}
+	var counter int64
+	if len(resp.Kvs) == 1 {
+		if counter, err = strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64); err != nil {
+			return false, fmt.Errorf("counter: %w", err)
+		}
+	}
+	resp, err = cli.Get(ctx, data+"/log/", clientv3.WithPrefix())
+	if err != nil {
+		return false, err
+	}
+	type entry struct {
+		term  int64
+		value int64
+	}
+	entries := make([]entry, 0, len(resp.Kvs))
+	writes := map[int64]int{}
+	for _, kv := range resp.Kvs {
+		rest := strings.TrimPrefix(string(kv.Key), data+"/log/")
+		term, err1 := strconv.ParseInt(strings.SplitN(rest, "/", 2)[0], 10, 64)
+		value, err2 := strconv.ParseInt(string(kv.Value), 10, 64)
+		if err := errors.Join(err1, err2); err != nil {
+			return false, fmt.Errorf("log entry %q: %w", kv.Key, err)
+		}
+		entries = append(entries, entry{term: term, value: value})
+		writes[term]++
+	}
+	sort.Slice(entries, func(i, j int) bool { return entries[i].value < entries[j].value })
+	var problems []string
+	if int64(len(entries)) != counter {
+		problems = append(problems, "counter and log differ")
+	}
+	for i, e := range entries {
+		if e.value != int64(i+1) {
+			problems = append(problems, fmt.Sprintf("value %d missing or doubled", i+1))
+			break
+		}
+		if i > 0 && e.term < entries[i-1].term {
+			problems = append(problems, fmt.Sprintf("value %d written in term %d after term %d", e.value, e.term, entries[i-1].term))
+			break
+		}
+	}
+
+	h.mu.Lock()
+	leaders := make([]string, 0, len(h.reigns))
+	for _, r := range h.reigns {
+		leaders = append(leaders, fmt.Sprintf("%s (term %d, %d writes)", r.name, r.term, writes[r.term]))
+	}
+	h.mu.Unlock()
+	fmt.Printf("leaders: %s\n", strings.Join(leaders, ", "))
+	verdict := "OK"
+	if len(problems) > 0 {
+		verdict = "BROKEN: " + strings.Join(problems, "; ")
+	}
+	fmt.Printf("counter: %d, log keys: %d, each value 1..%d once, terms in order (%s)\n",
+		counter, len(entries), counter, verdict)
+	return len(problems) == 0, nil
+}

@@ -1,0 +1,1124 @@
+package orchestrator
+
+// The fault-injection suite: real etcd behind fault-injecting proxies, many
+// workers, and invariants that break if the worker loses, duplicates or
+// tears anything. See also exactly_once_test.go, fencing_test.go and
+// soak_test.go, which share the helpers defined here.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+const (
+	// faultRequestTimeout is the worker's request timeout in the fault
+	// tests: short, so that lost requests are noticed quickly.
+	faultRequestTimeout = time.Second
+	// faultInterval is the workers' timer interval in the fault tests.
+	faultInterval = 10 * time.Millisecond
+	// faultProgressTimeout bounds every wait for the workers to make
+	// progress after a fault.
+	faultProgressTimeout = 30 * time.Second
+)
+
+// faultClientConfig is the client configuration of the workers in the fault
+// tests: gRPC reconnects quickly after an outage (its default back-off grows
+// to minutes), which keeps the tests short. extra dial options come last.
+func faultClientConfig(extra []grpc.DialOption, endpoints ...string) clientv3.Config {
+	cfg := etcdtest.ClientConfig(endpoints...)
+	cfg.DialOptions = append([]grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff: grpcbackoff.Config{
+			BaseDelay:  50 * time.Millisecond,
+			Multiplier: 1.6,
+			Jitter:     0.2,
+			MaxDelay:   500 * time.Millisecond,
+		},
+		MinConnectTimeout: time.Second,
+	})}, extra...)
+	return cfg
+}
+
+// faultClient returns a client for endpoints with faultClientConfig, closed
+// by t.Cleanup.
+func faultClient(t testing.TB, extra []grpc.DialOption, endpoints ...string) *clientv3.Client {
+	t.Helper()
+	return etcdtest.NewClientFromConfig(t, faultClientConfig(extra, endpoints...))
+}
+
+// faultEnv is one etcd server, a proxy in front of it for the workers, a
+// direct client that bypasses the proxy, and a metrics registry.
+type faultEnv struct {
+	srv    *etcdtest.Server
+	proxy  *etcdtest.Proxy
+	direct *clientv3.Client
+	reg    *prometheus.Registry
+}
+
+func newFaultEnv(t testing.TB) *faultEnv {
+	t.Helper()
+	srv := etcdtest.NewServer(t)
+	return &faultEnv{
+		srv:    srv,
+		proxy:  etcdtest.NewProxy(t, srv.Endpoints()[0]),
+		direct: srv.Client(t),
+		reg:    prometheus.NewRegistry(),
+	}
+}
+
+// client returns a new client that reaches the server through the proxy.
+func (e *faultEnv) client(t testing.TB, extra ...grpc.DialOption) *clientv3.Client {
+	t.Helper()
+	return faultClient(t, extra, e.proxy.Endpoint())
+}
+
+// faultOptions are the worker options of the fault tests.
+func faultOptions(reg prometheus.Registerer, lg *zap.Logger, more ...Option) []Option {
+	return append([]Option{WithRequestTimeout(faultRequestTimeout), WithMetrics(reg), WithLogger(lg)}, more...)
+}
+
+// faultLogger returns a logger that shows warnings and errors in the test
+// output when the test fails (or with -v).
+func faultLogger(t testing.TB) *zap.Logger {
+	if os.Getenv("FAULT_DEBUG") != "" {
+		return zaptest.NewLogger(t, zaptest.Level(zapcore.DebugLevel))
+	}
+	return zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
+}
+
+// faultWorkers runs workers (or any function) in goroutines and records
+// their results. Its cleanup, registered by newFaultWorkers, cancels the
+// context and joins every goroutine, so that a failing test leaks nothing.
+// Create it after the clients and servers the workers use, so that it is
+// cleaned up before them.
+type faultWorkers struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	results map[string]error
+	first   error
+}
+
+func newFaultWorkers(t testing.TB, timeout time.Duration) *faultWorkers {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	g := &faultWorkers{ctx: ctx, cancel: cancel, results: map[string]error{}}
+	t.Cleanup(func() {
+		g.cancel()
+		g.wg.Wait()
+	})
+	return g
+}
+
+// run starts fn(ctx) under name.
+func (g *faultWorkers) run(name string, fn func(ctx context.Context) error) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		err := fn(g.ctx)
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		g.results[name] = err
+		if err != nil && g.first == nil {
+			g.first = fmt.Errorf("%s: %w", name, err)
+		}
+	}()
+}
+
+// runWorker starts w.Run with faultInterval and role name.
+func (g *faultWorkers) runWorker(name string, w *EtcdWorker) {
+	g.run(name, func(ctx context.Context) error { return w.Run(ctx, nil, faultInterval, name) })
+}
+
+// failed returns the first error any goroutine returned so far.
+func (g *faultWorkers) failed() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.first
+}
+
+// wait waits (at most timeout) for every goroutine and returns the results.
+func (g *faultWorkers) wait(t testing.TB, timeout time.Duration) map[string]error {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		g.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+		t.Fatalf("workers still running after %v", timeout)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return maps.Clone(g.results)
+}
+
+// faultWaitFor polls cond every 10ms until it holds. It fails the test after
+// timeout, or as soon as failed (if not nil) reports an error.
+func faultWaitFor(t testing.TB, timeout time.Duration, what string, failed func() error, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if failed != nil {
+			if err := failed(); err != nil {
+				t.Fatalf("%s: a worker failed: %v", what, err)
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not reached within %v", what, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// metricSum returns the sum over all label values of the counter or gauge
+// name (e.g. "orchestrator_reloads_total") in g; 0 if absent.
+func metricSum(t testing.TB, g prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	require.NoError(t, err)
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			switch {
+			case m.GetCounter() != nil:
+				sum += m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				sum += m.GetGauge().GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+// userKVs reads every key under prefix + "/" outside the worker's reserved
+// area at rev (0: current) and returns them with the read's revision.
+func userKVs(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, rev int64) (map[string]*mvccKV, int64) {
+	t.Helper()
+	opts := []clientv3.OpOption{clientv3.WithPrefix()}
+	if rev > 0 {
+		opts = append(opts, clientv3.WithRev(rev))
+	}
+	resp, err := cli.Get(ctx, prefix+"/", opts...)
+	require.NoError(t, err)
+	out := make(map[string]*mvccKV, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		k := string(kv.Key)
+		if strings.HasPrefix(k, prefix+reservedDir) {
+			continue
+		}
+		out[k] = &mvccKV{value: string(kv.Value), modRev: kv.ModRevision}
+	}
+	return out, resp.Header.Revision
+}
+
+// mvccKV is a value and its mod revision.
+type mvccKV struct {
+	value  string
+	modRev int64
+}
+
+// txnProbe reports the start of commit Txns sent by the clients it is
+// installed in (as a gRPC interceptor): Txns with more than one compare,
+// which the worker's resolution Txns never have.
+type txnProbe struct{ c chan time.Time }
+
+func newTxnProbe() *txnProbe { return &txnProbe{c: make(chan time.Time, 1)} }
+
+func (p *txnProbe) dialOption() grpc.DialOption {
+	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 {
+			select {
+			case p.c <- time.Now():
+			default:
+			}
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+}
+
+// next drops earlier reports and returns the start time of the next commit
+// Txn, failing the test if none starts within timeout.
+func (p *txnProbe) next(t testing.TB, timeout time.Duration) time.Time {
+	t.Helper()
+	select {
+	case <-p.c:
+	default:
+	}
+	select {
+	case at := <-p.c:
+		return at
+	case <-time.After(timeout):
+		t.Fatalf("no commit Txn started within %v", timeout)
+		return time.Time{}
+	}
+}
+
+// sleepUntil sleeps until at (fault timing, not a wait for a condition).
+func sleepUntil(at time.Time) { time.Sleep(time.Until(at)) }
+
+// ---------------------------------------------------------------------------
+// The bank: money moves between accounts, never created or destroyed, and
+// the sum test's /sum == Σ /w/<i>. Every Tick checks both on its snapshot,
+// and that the worker's own totals equal what it emitted (its commits all
+// landed, once, and are visible).
+
+type bankWorld struct {
+	prefix   string
+	accounts int
+	workers  int
+	tolerate bool // count violations and go on (soak) instead of failing Run
+
+	stop       atomic.Bool  // Tick finishes (ErrReactorFinished) once set
+	emitted    atomic.Int64 // patch-group pairs emitted by all workers
+	counts     []atomic.Int64
+	violations atomic.Int64
+
+	mu             sync.Mutex
+	firstViolation error
+}
+
+func newBankWorld(prefix string, workers, accounts int) *bankWorld {
+	return &bankWorld{prefix: prefix, accounts: accounts, workers: workers, counts: make([]atomic.Int64, workers)}
+}
+
+func bankAccount(i int) string { return "/acct/" + strconv.Itoa(i) }
+func bankTotal(i int) string   { return "/w/" + strconv.Itoa(i) }
+func bankMoves(i int) string   { return "/transfers/" + strconv.Itoa(i) }
+func bankDelta(i int) int64    { return int64(i + 1) }
+
+// check verifies the invariants on values (rel key -> integer). counts are
+// the groups each worker emitted; a negative entry skips that worker.
+func (b *bankWorld) check(value func(rel string) int64, counts []int64) error {
+	var money int64
+	for i := range b.accounts {
+		money += value(bankAccount(i))
+	}
+	if money != 0 {
+		return fmt.Errorf("bank: Σ accounts = %d, want 0 (torn or partial commit)", money)
+	}
+	var sum int64
+	for i := range b.workers {
+		sum += value(bankTotal(i))
+	}
+	if got := value("/sum"); got != sum {
+		return fmt.Errorf("bank: /sum = %d, Σ /w = %d (torn or partial commit)", got, sum)
+	}
+	for i, n := range counts {
+		if n < 0 {
+			continue
+		}
+		if got, want := value(bankTotal(i)), n*bankDelta(i); got != want {
+			return fmt.Errorf("bank: worker %d: /w/%d = %d, want %d: a commit was lost, applied twice or is not visible", i, i, got, want)
+		}
+		if got := value(bankMoves(i)); got != n {
+			return fmt.Errorf("bank: worker %d: %d transfers recorded, want %d", i, got, n)
+		}
+	}
+	return nil
+}
+
+func (b *bankWorld) violation(err error) {
+	b.violations.Add(1)
+	b.mu.Lock()
+	if b.firstViolation == nil {
+		b.firstViolation = err
+	}
+	b.mu.Unlock()
+}
+
+// newWorker returns bank worker id on cli.
+func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts ...Option) *EtcdWorker {
+	t.Helper()
+	state := newMapState(b.prefix)
+	rng := rand.New(rand.NewPCG(uint64(id), uint64(time.Now().UnixNano())))
+	var count int64
+	own := make([]int64, b.workers)
+	for i := range own {
+		own[i] = -1
+	}
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		own[id] = count
+		if err := b.check(st.int, own); err != nil {
+			b.violation(err)
+			if !b.tolerate {
+				return nil, err
+			}
+		}
+		if b.stop.Load() {
+			return st, ErrReactorFinished
+		}
+		from := rng.IntN(b.accounts)
+		to := (from + 1 + rng.IntN(b.accounts-1)) % b.accounts
+		amount := 1 + rng.Int64N(100)
+		st.patches = append(st.patches,
+			[]DataPatch{st.addPatch(bankAccount(from), -amount), st.addPatch(bankAccount(to), amount), st.addPatch(bankMoves(id), 1)},
+			[]DataPatch{st.addPatch(bankTotal(id), bankDelta(id)), st.addPatch("/sum", bankDelta(id))},
+		)
+		count++
+		b.counts[id].Store(count)
+		b.emitted.Add(1)
+		return st, nil
+	})
+	w, err := NewEtcdWorker(cli, b.prefix, reactor, state, opts...)
+	require.NoError(t, err)
+	return w
+}
+
+// waitProgress waits until the workers emitted n more groups.
+func (b *bankWorld) waitProgress(t testing.TB, g *faultWorkers, n int64, what string) {
+	t.Helper()
+	target := b.emitted.Load() + n
+	faultWaitFor(t, faultProgressTimeout, "bank progress "+what, g.failed, func() bool { return b.emitted.Load() >= target })
+}
+
+// finish stops the workers, requires that every Run returned nil, and checks
+// the invariants and the exact totals on etcd's contents.
+func (b *bankWorld) finish(t testing.TB, g *faultWorkers, cli *clientv3.Client) {
+	t.Helper()
+	b.stop.Store(true)
+	for name, err := range g.wait(t, faultProgressTimeout) {
+		require.NoError(t, err, "worker %s", name)
+	}
+	require.Zero(t, b.violations.Load(), "invariant violations, first: %v", b.firstViolation)
+	b.requireEtcd(t, cli)
+}
+
+// requireEtcd checks the invariants and totals on etcd's contents.
+func (b *bankWorld) requireEtcd(t testing.TB, cli *clientv3.Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kvs, _ := userKVs(ctx, t, cli, b.prefix, 0)
+	counts := make([]int64, b.workers)
+	var total int64
+	for i := range counts {
+		counts[i] = b.counts[i].Load()
+		total += counts[i]
+	}
+	require.NoError(t, b.check(func(rel string) int64 {
+		kv, ok := kvs[b.prefix+rel]
+		if !ok {
+			return 0
+		}
+		return mustInt(t, []byte(kv.value))
+	}, counts), "etcd's final contents")
+	require.Positive(t, total)
+}
+
+// startBank starts b's workers, worker i on clients(i), with the fault
+// options.
+func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client, reg prometheus.Registerer,
+	lg *zap.Logger, timeout time.Duration,
+) *faultWorkers {
+	t.Helper()
+	ws := make([]*EtcdWorker, b.workers)
+	for i := range ws {
+		ws[i] = b.newWorker(t, clients(i), i, faultOptions(reg, lg)...)
+	}
+	g := newFaultWorkers(t, timeout)
+	for i, w := range ws {
+		g.runWorker(fmt.Sprintf("bank-%d", i), w)
+	}
+	return g
+}
+
+// TestFaultBankProxyCuts: six bank workers reach etcd through one proxy that
+// is cut three times for 1-2s. They must keep every invariant in every Tick,
+// make progress after each cut, and leave exact totals in etcd.
+func TestFaultBankProxyCuts(t *testing.T) {
+	env := newFaultEnv(t)
+	b := newBankWorld("/fault/bank-cuts", 6, 8)
+	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
+
+	b.waitProgress(t, g, 20, "before the cuts")
+	for i, d := range []time.Duration{time.Second, 1500 * time.Millisecond, 2 * time.Second} {
+		env.proxy.Pause()
+		time.Sleep(d) // the outage itself
+		env.proxy.Resume()
+		b.waitProgress(t, g, 20, fmt.Sprintf("after cut %d (%v)", i+1, d))
+	}
+	b.finish(t, g, env.direct)
+	require.Positive(t, metricSum(t, env.reg, "orchestrator_outages_total"), "the cuts were not noticed")
+	t.Logf("groups emitted: %d, conflicts: %v, unknown outcomes: %v", b.emitted.Load(),
+		metricSum(t, env.reg, "orchestrator_conflicts_total"), metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
+}
+
+// TestFaultBankCompactionDuringOutage: while six bank workers are cut off,
+// another client moves money, writes and deletes other keys and compacts
+// past the workers' revision. After the outage every worker must reload
+// (not exit) and go on with all invariants intact.
+func TestFaultBankCompactionDuringOutage(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	b := newBankWorld("/fault/bank-compact", 6, 8)
+	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
+
+	b.waitProgress(t, g, 20, "before the outage")
+	for round := range 2 {
+		env.proxy.Pause()
+		externalBankWrites(ctx, t, env.direct, b, round)
+		_, err := etcdtest.Compact(ctx, env.direct)
+		require.NoError(t, err)
+		reloads := metricSum(t, env.reg, "orchestrator_reloads_total")
+		env.proxy.Resume()
+		faultWaitFor(t, faultProgressTimeout, "every worker reloads", g.failed, func() bool {
+			return metricSum(t, env.reg, "orchestrator_reloads_total") >= reloads+float64(b.workers)
+		})
+		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", round+1))
+	}
+	b.finish(t, g, env.direct)
+	noise, _ := userKVs(ctx, t, env.direct, b.prefix+"/noise", 0)
+	require.Len(t, noise, 2*2, "external keys")
+}
+
+// externalBankWrites moves money between two accounts in one CAS Txn and
+// puts and deletes unrelated keys under the bank's prefix, through cli.
+func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client, b *bankWorld, round int) {
+	t.Helper()
+	for {
+		a, c := b.prefix+bankAccount(0), b.prefix+bankAccount(1)
+		resp, err := cli.Get(ctx, b.prefix+"/acct/", clientv3.WithPrefix())
+		require.NoError(t, err)
+		vals := map[string]*mvccKV{}
+		for _, kv := range resp.Kvs {
+			vals[string(kv.Key)] = &mvccKV{value: string(kv.Value), modRev: kv.ModRevision}
+		}
+		get := func(k string) (int64, int64) {
+			if kv, ok := vals[k]; ok {
+				return mustInt(t, []byte(kv.value)), kv.modRev
+			}
+			return 0, 0
+		}
+		va, ra := get(a)
+		vc, rc := get(c)
+		txn, err := cli.Txn(ctx).If(
+			clientv3.Compare(clientv3.ModRevision(a), "=", ra),
+			clientv3.Compare(clientv3.ModRevision(c), "=", rc),
+		).Then(
+			clientv3.OpPut(a, strconv.FormatInt(va-1000, 10)),
+			clientv3.OpPut(c, strconv.FormatInt(vc+1000, 10)),
+		).Commit()
+		require.NoError(t, err)
+		if txn.Succeeded {
+			break
+		}
+	}
+	for i := range 4 {
+		_, err := cli.Put(ctx, fmt.Sprintf("%s/noise/%d-%d", b.prefix, round, i), "x")
+		require.NoError(t, err)
+	}
+	_, err := cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-0", b.prefix, round))
+	require.NoError(t, err)
+	_, err = cli.Put(ctx, fmt.Sprintf("%s/noise/%d-1", b.prefix, round), "")
+	require.NoError(t, err)
+	_, err = cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-2", b.prefix, round))
+	require.NoError(t, err)
+}
+
+// TestFaultBankLeaderRestart: six bank workers on a 3-node cluster (each
+// member behind its proxy) while the leader is stopped and restarted,
+// twice.
+func TestFaultBankLeaderRestart(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	reg := prometheus.NewRegistry()
+	b := newBankWorld("/fault/bank-leader", 6, 8)
+	direct := c.Client(t)
+	g := startBank(t, b, func(int) *clientv3.Client { return faultClient(t, nil, c.Endpoints()...) }, reg, faultLogger(t), 3*time.Minute)
+
+	b.waitProgress(t, g, 20, "before the leader stops")
+	for round := range 2 {
+		lead := c.Leader(t)
+		c.StopMember(t, lead)
+		b.waitProgress(t, g, 20, fmt.Sprintf("round %d: after stopping leader m%d", round+1, lead))
+		c.RestartMember(t, lead)
+		b.waitProgress(t, g, 20, fmt.Sprintf("round %d: after restarting m%d", round+1, lead))
+	}
+	b.finish(t, g, direct)
+}
+
+// ---------------------------------------------------------------------------
+// Single-worker fault tests.
+
+// TestFaultCompactionReloadMatchesEtcd: after an outage during which keys
+// were put, changed, emptied and deleted and the history compacted, the first
+// Tick after the reload sees exactly etcd's contents (deleted keys gone,
+// empty values empty, reserved keys invisible).
+func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix = "/fault/reload"
+	for i := range 10 {
+		_, err := env.direct.Put(ctx, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
+		require.NoError(t, err)
+	}
+	state := newMapState(prefix)
+	snaps := newTickSnapshots()
+	wrote := false
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		snaps.add(st)
+		if !wrote { // one commit, so the worker has a commit token and a delete counter
+			wrote = true
+			st.patches = append(st.patches, []DataPatch{st.putPatch("/own", []byte("1")), st.putPatch("/k09", nil)})
+		}
+		return st, nil
+	})
+	w, err := NewEtcdWorker(env.client(t), prefix, reactor, state, faultOptions(env.reg, faultLogger(t))...)
+	require.NoError(t, err)
+	g := newFaultWorkers(t, time.Minute)
+	g.runWorker("reload", w)
+
+	faultWaitFor(t, 10*time.Second, "first commit visible", g.failed, func() bool {
+		last, ok := snaps.last()
+		return ok && last.values[prefix+"/own"] == "1"
+	})
+	last, _ := snaps.last()
+	requireStateEqualsEtcd(ctx, t, env.direct, prefix, last.values)
+
+	env.proxy.Pause()
+	ops := []clientv3.Op{
+		clientv3.OpPut(prefix+"/k10", "new"),
+		clientv3.OpPut(prefix+"/k01", "changed"),
+		clientv3.OpDelete(prefix + "/k02"),
+		clientv3.OpDelete(prefix + "/own"),
+		clientv3.OpPut(prefix+"/k04", ""),
+		clientv3.OpDelete(prefix + "/k05"),
+	}
+	for _, op := range ops {
+		_, err := env.direct.Do(ctx, op)
+		require.NoError(t, err)
+	}
+	_, err = env.direct.Put(ctx, prefix+"/k05", "again")
+	require.NoError(t, err)
+	_, err = env.direct.Delete(ctx, prefix+"/k06")
+	require.NoError(t, err)
+	_, err = etcdtest.Compact(ctx, env.direct)
+	require.NoError(t, err)
+	initsBefore := snaps.count()
+	env.proxy.Resume()
+
+	var after tickSnapshot
+	faultWaitFor(t, faultProgressTimeout, "a Tick after the reload", g.failed, func() bool {
+		s, ok := snaps.firstAfter(initsBefore)
+		after = s
+		return ok
+	})
+	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_reloads_total"))
+	requireStateEqualsEtcd(ctx, t, env.direct, prefix, after.values)
+	require.Contains(t, after.values, prefix+"/k04")
+	require.NotNil(t, after.raw[prefix+"/k04"], "an empty value must arrive as a non-nil empty slice")
+	g.cancel()
+	require.ErrorIs(t, g.wait(t, 10*time.Second)["reload"], context.Canceled)
+}
+
+// TestFaultCompactionBetweenLoadPages: the history is compacted while the
+// initial load is between pages (pinned at an older revision). The load
+// starts over and the first Tick sees exactly etcd's contents.
+func TestFaultCompactionBetweenLoadPages(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix = "/fault/paged"
+	for i := range 10 {
+		_, err := env.direct.Put(ctx, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
+		require.NoError(t, err)
+	}
+	inner := newMapState(prefix)
+	var hooked atomic.Int32
+	state := &hookState{mapState: inner, onUpdate: func(key string, isInit bool) {
+		if !isInit || key != prefix+"/k00" || !hooked.CompareAndSwap(0, 1) {
+			return
+		}
+		// Between the first and the second page: change the prefix and
+		// compact past the load's pinned revision.
+		_, err := env.direct.Delete(ctx, prefix+"/k07")
+		if err == nil {
+			_, err = env.direct.Put(ctx, prefix+"/k03", "changed")
+		}
+		if err == nil {
+			_, err = env.direct.Put(ctx, prefix+"/k10", "new")
+		}
+		if err == nil {
+			_, err = etcdtest.Compact(ctx, env.direct)
+		}
+		if err != nil {
+			panic(err) // becomes an ErrPanic from Run
+		}
+	}}
+	snaps := newTickSnapshots()
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		snaps.add(s.(*hookState).mapState)
+		return s, ErrReactorFinished
+	})
+	w, err := NewEtcdWorker(env.client(t), prefix, reactor, state,
+		faultOptions(env.reg, faultLogger(t), WithPageSize(2))...)
+	require.NoError(t, err)
+	require.NoError(t, w.Run(ctx, nil, faultInterval, "paged"))
+	require.EqualValues(t, 1, hooked.Load())
+	first, ok := snaps.last()
+	require.True(t, ok)
+	require.Equal(t, 1, snaps.count())
+	requireStateEqualsEtcd(ctx, t, env.direct, prefix, first.values)
+	require.NotContains(t, first.values, prefix+"/k07")
+	require.Equal(t, "changed", first.values[prefix+"/k03"])
+}
+
+// hookState is a mapState that calls onUpdate before each Update.
+type hookState struct {
+	*mapState
+	onUpdate func(key string, isInit bool)
+}
+
+func (s *hookState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	s.onUpdate(key.String(), isInit)
+	return s.mapState.Update(key, value, isInit)
+}
+
+// tickSnapshot is the state one Tick saw: full keys to values.
+type tickSnapshot struct {
+	at     time.Time
+	inits  int
+	values map[string]string
+	raw    map[string][]byte
+}
+
+// tickSnapshots records what each Tick saw.
+type tickSnapshots struct {
+	mu    sync.Mutex
+	snaps []tickSnapshot
+}
+
+func newTickSnapshots() *tickSnapshots { return &tickSnapshots{} }
+
+func (s *tickSnapshots) add(st *mapState) {
+	snap := tickSnapshot{at: time.Now(), inits: st.inits, values: map[string]string{}, raw: map[string][]byte{}}
+	for rel, v := range st.values {
+		snap.values[st.prefix+rel] = string(v)
+		snap.raw[st.prefix+rel] = v
+	}
+	s.mu.Lock()
+	s.snaps = append(s.snaps, snap)
+	s.mu.Unlock()
+}
+
+func (s *tickSnapshots) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.snaps)
+}
+
+func (s *tickSnapshots) last() (tickSnapshot, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.snaps) == 0 {
+		return tickSnapshot{}, false
+	}
+	return s.snaps[len(s.snaps)-1], true
+}
+
+// firstAfter returns the first snapshot from index from on that saw more
+// initial-load updates than the snapshot before index from: the first Tick
+// after a reload.
+func (s *tickSnapshots) firstAfter(from int) (tickSnapshot, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if from == 0 || from > len(s.snaps) {
+		return tickSnapshot{}, false
+	}
+	base := s.snaps[from-1].inits
+	for _, snap := range s.snaps[from:] {
+		if snap.inits > base {
+			return snap, true
+		}
+	}
+	return tickSnapshot{}, false
+}
+
+// times returns the times of all Ticks.
+func (s *tickSnapshots) times() []time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]time.Time, len(s.snaps))
+	for i, snap := range s.snaps {
+		out[i] = snap.at
+	}
+	return out
+}
+
+// requireStateEqualsEtcd requires that values (full key -> value) is exactly
+// the set of user keys under prefix in etcd now.
+func requireStateEqualsEtcd(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, values map[string]string) {
+	t.Helper()
+	kvs, rev := userKVs(ctx, t, cli, prefix, 0)
+	want := make(map[string]string, len(kvs))
+	for k, kv := range kvs {
+		want[k] = kv.value
+	}
+	require.Equal(t, want, values, "state vs etcd at revision %d", rev)
+}
+
+// TestFaultMaxOutage: with WithMaxOutage, a short cut is survived, and a
+// blackhole longer than the cap ends Run with ErrEtcdUnavailable, not much
+// later than the cap — for a worker that keeps writing and an idle one.
+func TestFaultMaxOutage(t *testing.T) {
+	const maxOutage = 2 * time.Second
+	for _, writing := range []bool{true, false} {
+		name := map[bool]string{true: "writing", false: "idle"}[writing]
+		t.Run(name, func(t *testing.T) {
+			env := newFaultEnv(t)
+			prefix := "/fault/outage-" + name
+			var ticks atomic.Int64
+			var ping atomic.Value // value of /ping the last Tick saw
+			ping.Store("")
+			state := newMapState(prefix)
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*mapState)
+				ticks.Add(1)
+				ping.Store(string(st.values["/ping"]))
+				if writing {
+					st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+				}
+				return st, nil
+			})
+			w, err := NewEtcdWorker(env.client(t), prefix, reactor, state,
+				faultOptions(env.reg, faultLogger(t), WithMaxOutage(maxOutage), WithRequestTimeout(500*time.Millisecond))...)
+			require.NoError(t, err)
+			g := newFaultWorkers(t, time.Minute)
+			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, 20*time.Millisecond, name) })
+
+			waitTicks := func(n int64, what string) {
+				target := ticks.Load() + n
+				faultWaitFor(t, faultProgressTimeout, what, g.failed, func() bool { return ticks.Load() >= target })
+			}
+			waitTicks(5, "ticks before the faults")
+			// Shorter than the cap: survived.
+			env.proxy.Pause()
+			time.Sleep(maxOutage / 3)
+			env.proxy.Resume()
+			waitTicks(5, "ticks after a short cut")
+			// The worker hears from etcd again (its watch delivers a put)
+			// before the long outage starts.
+			_, err = env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
+			require.NoError(t, err)
+			faultWaitFor(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
+				return ping.Load() == "after the cut"
+			})
+
+			start := time.Now()
+			env.proxy.Blackhole()
+			defer env.proxy.Resume()
+			results := g.wait(t, maxOutage+10*time.Second)
+			took := time.Since(start)
+			require.ErrorIs(t, results["worker"], ErrEtcdUnavailable)
+			// The last contact may be up to one progress interval (cap/4)
+			// before the blackhole.
+			require.GreaterOrEqual(t, took, maxOutage*3/4-100*time.Millisecond, "gave up before the cap")
+			require.Less(t, took, maxOutage+3*time.Second, "gave up too late")
+			t.Logf("Run returned %v after %v", results["worker"], took)
+		})
+	}
+}
+
+// TestFaultStalenessStopsIdleTicks: while the worker is cut off for longer
+// than WithMaxStaleness, its idle timer Ticks stop (the state cannot be
+// shown as current); they resume after the cut.
+func TestFaultStalenessStopsIdleTicks(t *testing.T) {
+	const (
+		maxStaleness = 500 * time.Millisecond
+		interval     = 50 * time.Millisecond
+		cut          = 2 * time.Second
+	)
+	env := newFaultEnv(t)
+	const prefix = "/fault/stale"
+	snaps := newTickSnapshots()
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		snaps.add(s.(*mapState))
+		return s, nil
+	})
+	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
+		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness))...)
+	require.NoError(t, err)
+	g := newFaultWorkers(t, time.Minute)
+	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "stale") })
+
+	faultWaitFor(t, 10*time.Second, "idle ticks", g.failed, func() bool { return snaps.count() >= 5 })
+	cutAt := time.Now()
+	env.proxy.Pause()
+	time.Sleep(cut)
+	resumeAt := time.Now()
+	env.proxy.Resume()
+	faultWaitFor(t, faultProgressTimeout, "ticks after the cut", g.failed, func() bool {
+		ts := snaps.times()
+		return ts[len(ts)-1].After(resumeAt)
+	})
+
+	// The newest proof of freshness is at most a little older than the cut
+	// (a response already on its way); leave room for scheduling.
+	quietFrom := cutAt.Add(maxStaleness + 250*time.Millisecond)
+	var during []time.Duration
+	ticksBeforeCut := 0
+	for _, at := range snaps.times() {
+		if at.After(quietFrom) && at.Before(resumeAt) {
+			during = append(during, at.Sub(cutAt))
+		}
+		if at.Before(cutAt) {
+			ticksBeforeCut++
+		}
+	}
+	require.Empty(t, during, "Ticks on a stale state (offsets from the cut)")
+	require.GreaterOrEqual(t, ticksBeforeCut, 5)
+	g.cancel()
+	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
+}
+
+// TestFaultShutdownDuringCommit: ctx is cancelled while a commit Txn is in
+// flight. Run returns an error matching context.Canceled only once it knows
+// the commit's outcome (so every commit it counted is in etcd and vice
+// versa); if etcd stays unreachable for the shutdown timeout, the error also
+// matches ErrCommitUnresolved.
+func TestFaultShutdownDuringCommit(t *testing.T) {
+	const delay = 300 * time.Millisecond
+	cases := []struct {
+		name       string
+		blackhole  bool          // stall the link after the cancel
+		resume     time.Duration // resume the link this long after the cancel (0: never)
+		unresolved bool
+	}{
+		{name: "in flight"},
+		{name: "blackholed then resumed", blackhole: true, resume: 1500 * time.Millisecond},
+		{name: "blackholed for good", blackhole: true, unresolved: true},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newFaultEnv(t)
+			ctx := testContext(t)
+			prefix := fmt.Sprintf("/fault/shutdown-%d", i)
+			probe := newTxnProbe()
+			var emitted atomic.Int64
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*mapState)
+				st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+				emitted.Add(1)
+				return st, nil
+			})
+			const shutdownTimeout = 2 * time.Second
+			w, err := NewEtcdWorker(env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
+				faultOptions(env.reg, faultLogger(t), WithShutdownTimeout(shutdownTimeout))...)
+			require.NoError(t, err)
+			runCtx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			done := make(chan error, 1)
+			go func() { done <- w.Run(runCtx, nil, faultInterval, "shutdown") }()
+			faultWaitFor(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 5 })
+
+			env.proxy.SetDelay(delay)
+			t0 := probe.next(t, 10*time.Second)
+			if tc.blackhole {
+				sleepUntil(t0.Add(delay / 2)) // the request is on its way
+				env.proxy.Blackhole()
+				defer env.proxy.Resume()
+			} else {
+				sleepUntil(t0.Add(delay / 2))
+			}
+			cancelAt := time.Now()
+			cancel()
+			if tc.resume > 0 {
+				time.Sleep(tc.resume)
+				env.proxy.SetDelay(0)
+				env.proxy.Resume()
+			}
+			var runErr error
+			select {
+			case runErr = <-done:
+			case <-time.After(2*faultRequestTimeout + shutdownTimeout + 5*time.Second):
+				t.Fatal("Run did not return")
+			}
+			took := time.Since(cancelAt)
+			t.Logf("Run returned after %v: %v", took, runErr)
+			require.ErrorIs(t, runErr, context.Canceled)
+			env.proxy.SetDelay(0)
+			env.proxy.Resume()
+			if tc.unresolved {
+				require.ErrorIs(t, runErr, ErrCommitUnresolved)
+				require.GreaterOrEqual(t, took, shutdownTimeout, "gave up resolving before the shutdown timeout")
+				return
+			}
+			require.NotErrorIs(t, runErr, ErrCommitUnresolved)
+			if !tc.blackhole {
+				require.GreaterOrEqual(t, took, delay, "returned before the in-flight commit's answer could arrive")
+			}
+			// The worker knew the in-flight commit's outcome: what it counted
+			// as landed is exactly what etcd has.
+			landed := int64(metricSum(t, env.reg, "orchestrator_patch_groups_applied_total"))
+			kvs, _ := userKVs(ctx, t, env.direct, prefix, 0)
+			require.Equal(t, strconv.FormatInt(landed, 10), kvs[prefix+"/n"].value,
+				"Run returned before it knew the in-flight commit's outcome")
+			if !tc.blackhole {
+				// The Txn ran to its end although ctx was cancelled: it landed.
+				require.Equal(t, emitted.Load(), landed)
+			}
+		})
+	}
+}
+
+// TestFaultSlowTickWarns: a Tick slower than a second is logged as a
+// warning; the worker goes on.
+func TestFaultSlowTickWarns(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	core, logs := observer.New(zapcore.WarnLevel)
+	const prefix = "/fault/slow"
+	n := 0
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		n++
+		if n == 1 {
+			time.Sleep(slowTickThreshold + 100*time.Millisecond) // the slow user code
+			return s, nil
+		}
+		return s, ErrReactorFinished
+	})
+	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), WithLogger(zap.New(core)))
+	require.NoError(t, err)
+	require.NoError(t, w.Run(testContext(t), nil, faultInterval, "slow"))
+	slow := logs.FilterMessage("reactor Tick is slow").All()
+	require.Len(t, slow, 1)
+	require.Equal(t, zapcore.WarnLevel, slow[0].Level)
+	require.Equal(t, "slow", slow[0].ContextMap()["role"])
+}
+
+// TestFaultPatchPanicAfterUnknownOutcome: a commit's outcome is unknown (the
+// link is cut while it is in flight) and, when the worker re-runs the patch
+// after the resolution, the patch panics. Run returns an ErrPanic error and
+// the panicking re-run wrote nothing.
+func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
+	const delay = 200 * time.Millisecond
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix = "/fault/patch-panic"
+	probe := newTxnProbe()
+	var runs atomic.Int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		if _, ok := st.values["/p"]; ok {
+			return st, errors.New("the first run of the patch landed; the test needs it lost")
+		}
+		st.patches = append(st.patches, []DataPatch{SingleDataPatch{Key: st.key("/p"), Func: func([]byte) ([]byte, bool, error) {
+			if runs.Add(1) > 1 {
+				panic("patch re-run after an unknown outcome")
+			}
+			return []byte("1"), true, nil
+		}}})
+		return st, nil
+	})
+	w, err := NewEtcdWorker(env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
+		faultOptions(env.reg, faultLogger(t))...)
+	require.NoError(t, err)
+	env.proxy.SetDelay(delay)
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx, nil, faultInterval, "patch-panic") }()
+	t0 := probe.next(t, 20*time.Second)
+	sleepUntil(t0.Add(delay / 2)) // the request is still in the proxy
+	env.proxy.Pause()
+	env.proxy.SetDelay(0)
+	time.Sleep(300 * time.Millisecond)
+	env.proxy.Resume()
+	select {
+	case err = <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	require.ErrorIs(t, err, ErrPanic)
+	require.EqualValues(t, 2, runs.Load())
+	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
+	kvs, _ := userKVs(ctx, t, env.direct, prefix, 0)
+	require.Empty(t, kvs)
+}
+
+// TestFaultIdleWorkerStaysFresh: in an etcd where nothing is written, a
+// worker's watch waits at the store revision + 1, and etcd sends no progress
+// notifications to such a watch (mvcc progressIfSync skips watchers whose
+// start revision is ahead of the store). The worker must still prove its
+// state current and etcd reachable: idle timer Ticks go on past
+// WithMaxStaleness, WithMaxOutage does not fire, also after the connection
+// was cut and restored (clientv3 resumes the watch at the last revision +
+// 1).
+func TestFaultIdleWorkerStaysFresh(t *testing.T) {
+	const (
+		maxStaleness = 300 * time.Millisecond
+		maxOutage    = time.Second
+		interval     = 20 * time.Millisecond
+	)
+	env := newFaultEnv(t)
+	const prefix = "/fault/idle"
+	snaps := newTickSnapshots()
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		snaps.add(s.(*mapState))
+		return s, nil
+	})
+	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
+		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness), WithMaxOutage(maxOutage))...)
+	require.NoError(t, err)
+	g := newFaultWorkers(t, time.Minute)
+	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "idle") })
+
+	// requireTicking waits for d and requires Ticks all along it.
+	requireTicking := func(d time.Duration, what string) {
+		t.Helper()
+		from := time.Now()
+		time.Sleep(d)
+		require.NoError(t, g.failed(), what)
+		var prev time.Time = from
+		for _, at := range snaps.times() {
+			if at.Before(from) {
+				continue
+			}
+			require.Less(t, at.Sub(prev), maxStaleness, "%s: no Tick for a while before %v", what, at.Sub(from))
+			prev = at
+		}
+		require.Less(t, time.Since(prev), maxStaleness, "%s: Ticks stopped %v after the start", what, prev.Sub(from))
+	}
+	requireTicking(3*maxOutage, "idle etcd")
+
+	env.proxy.Pause()
+	time.Sleep(maxOutage / 2)
+	env.proxy.Resume()
+	faultWaitFor(t, 10*time.Second, "ticks after the cut", g.failed, func() bool {
+		ts := snaps.times()
+		return time.Since(ts[len(ts)-1]) < interval*5
+	})
+	requireTicking(3*maxOutage, "idle etcd after a cut")
+	g.cancel()
+	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
+}

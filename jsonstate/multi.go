@@ -1,0 +1,43 @@
+package jsonstate
+
+import (
+	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// Multi is an orchestrator.ReactorState made of several states that each
+// pick their own keys out of the worker's prefix, such as States and Docs for
+// different prefixes and keys:
+//
+//	nodes := jsonstate.New[Node]("/app/nodes")
+//	config := jsonstate.NewDoc[Config]("/app/config")
+//	w, err := orchestrator.NewEtcdWorker(cli, "/app", reactor, jsonstate.Multi{nodes, config})
+//
+// Update passes every change to every part, in order, and stops at the first
+// error. GetPatches returns the groups of the first part, then those of the
+// second, and so on: groups queued on different parts are not kept in the
+// order they were queued. When the order or atomicity across parts matters,
+// queue one group on one part with the parts' ...Op methods (e.g.
+// nodes.QueueGroup(nodes.PutOp("n1", n), config.PatchOp(fn))).
+type Multi []orchestrator.ReactorState
+
+var _ orchestrator.ReactorState = Multi(nil)
+
+// Update implements orchestrator.ReactorState.
+func (m Multi) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	for _, s := range m {
+		if err := s.Update(key, value, isInit); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// GetPatches implements orchestrator.ReactorState.
+func (m Multi) GetPatches() [][]orchestrator.DataPatch {
+	var out [][]orchestrator.DataPatch
+	for _, s := range m {
+		out = append(out, s.GetPatches()...)
+	}
+	return out
+}

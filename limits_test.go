@@ -1,0 +1,523 @@
+package orchestrator
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// These tests prove on real etcd that the worker's txn limits match the
+// server's: every group the worker accepts is accepted by a server with the
+// matching limits, one key or byte more is refused before anything is sent,
+// and a server with lower limits than the worker's ends Run with the same
+// errors instead of a retry loop.
+
+// limRunTimeout bounds one Run in these tests; a retry loop or a hang shows up
+// as a deadline error instead of the expected one.
+const limRunTimeout = 30 * time.Second
+
+// limReactor queues its groups in the first Tick and finishes: Run commits
+// them and returns nil, or returns the commit's error.
+type limReactor struct {
+	groups [][]DataPatch
+}
+
+func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
+	st := s.(*mapState)
+	st.patches = append(st.patches, r.groups...)
+	r.groups = nil
+	return st, ErrReactorFinished
+}
+
+// limWorker returns a worker on prefix with a limReactor whose groups the
+// caller sets before limRun.
+func limWorker(t testing.TB, cli *clientv3.Client, prefix string, opts ...Option) (*EtcdWorker, *limReactor) {
+	t.Helper()
+	r := &limReactor{}
+	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix), opts...)
+	require.NoError(t, err)
+	return w, r
+}
+
+// limRun runs w until it returns, bounded by limRunTimeout.
+func limRun(t testing.TB, w *EtcdWorker, role string) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(testContext(t), limRunTimeout)
+	defer cancel()
+	return w.Run(ctx, nil, 5*time.Millisecond, role)
+}
+
+// limSet is a SingleDataPatch setting the full key to value (nil deletes).
+func limSet(key string, value []byte) DataPatch {
+	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
+}
+
+// limKeys returns n keys under prefix + "/" + kind, all of the same length.
+func limKeys(prefix, kind string, n int) []string {
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("%s/%s%04d", prefix, kind, i)
+	}
+	return keys
+}
+
+// limGet returns the visible keys under prefix (the worker's reserved area
+// left out).
+func limGet(t testing.TB, cli *clientv3.Client, prefix string) map[string]*limKV {
+	t.Helper()
+	resp, err := cli.Get(testContext(t), prefix+"/", clientv3.WithPrefix())
+	require.NoError(t, err)
+	out := map[string]*limKV{}
+	for _, kv := range resp.Kvs {
+		if strings.HasPrefix(string(kv.Key), prefix+reservedDir) {
+			continue
+		}
+		out[string(kv.Key)] = &limKV{value: kv.Value, modRev: kv.ModRevision}
+	}
+	return out
+}
+
+type limKV struct {
+	value  []byte
+	modRev int64
+}
+
+// limPutAll writes keys directly (not through a worker).
+func limPutAll(t testing.TB, cli *clientv3.Client, keys []string, value string) {
+	t.Helper()
+	ctx := testContext(t)
+	for _, k := range keys {
+		_, err := cli.Put(ctx, k, value)
+		require.NoError(t, err)
+	}
+}
+
+// limRequireNothingWritten checks that a failed Run left etcd exactly as it
+// was: same revision, same visible keys.
+func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.Client, prefix string, rev int64, before map[string]*limKV) {
+	t.Helper()
+	require.Equal(t, rev, srv.Revision(), "a refused group must write nothing")
+	require.Equal(t, before, limGet(t, cli, prefix))
+}
+
+// limCounter reads the counter name{role=role} from reg.
+func limCounter(t testing.TB, reg *prometheus.Registry, name, role string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	require.NoError(t, err)
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if lp.GetName() == "role" && lp.GetValue() == role {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+// limFence creates a fencing key and returns it with its create revision.
+func limFence(t testing.TB, cli *clientv3.Client, key string) (string, int64) {
+	t.Helper()
+	resp, err := cli.Put(testContext(t), key, "owner")
+	require.NoError(t, err)
+	return key, resp.Header.Revision
+}
+
+// TestLimitsServerDefaultsAreTheLimits checks the premise of the tests below:
+// a default server takes a Txn of exactly 128 compares and refuses 129.
+func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	cmps := func(n int) []clientv3.Cmp {
+		out := make([]clientv3.Cmp, n)
+		for i := range out {
+			out[i] = clientv3.Compare(clientv3.ModRevision(fmt.Sprintf("/premise/%d", i)), "=", 0)
+		}
+		return out
+	}
+	_, err := cli.Txn(ctx).If(cmps(DefaultTxnMaxOps)...).Commit()
+	require.NoError(t, err)
+	_, err = cli.Txn(ctx).If(cmps(DefaultTxnMaxOps + 1)...).Commit()
+	require.ErrorIs(t, err, rpctypes.ErrTooManyOps)
+	require.ErrorIs(t, classifyTxnError(err), ErrEtcdTxnOpsExceed)
+}
+
+// TestLimitsOpsDefaultServer: with default options on a default server, a
+// group of exactly the largest size the worker accepts commits in one Txn,
+// and one key more fails with ErrEtcdTxnOpsExceed writing nothing; with and
+// without fencing, with and without deletes.
+func TestLimitsOpsDefaultServer(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	fenceKey, fenceRev := limFence(t, cli, "/limfence/owner")
+	tests := []struct {
+		name           string
+		fencing        bool
+		deletes, puts  int
+		wantMaxWrites  int // what the worker's limits allow, pinned
+		wantOpsExceed  bool
+		wantDeleteOnly bool
+	}{
+		{name: "puts at the op limit", puts: 126, wantMaxWrites: 126},
+		{name: "puts one over", puts: 127, wantMaxWrites: 126, wantOpsExceed: true},
+		{name: "fenced puts at the op limit", fencing: true, puts: 125, wantMaxWrites: 125},
+		{name: "fenced puts one over", fencing: true, puts: 126, wantMaxWrites: 125, wantOpsExceed: true},
+		{name: "deletes and puts at the op limit", deletes: 60, puts: 66, wantMaxWrites: 126},
+		{name: "deletes and puts one over", deletes: 60, puts: 67, wantMaxWrites: 126, wantOpsExceed: true},
+		{name: "fenced deletes and puts at the op limit", fencing: true, deletes: 60, puts: 65, wantMaxWrites: 125},
+		{name: "fenced deletes and puts one over", fencing: true, deletes: 61, puts: 65, wantMaxWrites: 125, wantOpsExceed: true},
+		{name: "only deletes at the op limit", deletes: 126, wantMaxWrites: 126},
+		{name: "only deletes one over", deletes: 127, wantMaxWrites: 126, wantOpsExceed: true},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			prefix := fmt.Sprintf("/limops/%d", i)
+			var opts []Option
+			if tt.fencing {
+				opts = append(opts, WithFencingKey(fenceKey, fenceRev))
+			}
+			w, r := limWorker(t, cli, prefix, opts...)
+			require.Equal(t, tt.wantMaxWrites, w.limits.maxOps-w.limits.overheadOps)
+
+			oldKeys := limKeys(prefix, "old", tt.deletes)
+			limPutAll(t, cli, oldKeys, "old")
+			newKeys := limKeys(prefix, "new", tt.puts)
+			var group []DataPatch
+			for _, k := range oldKeys {
+				group = append(group, limSet(k, nil))
+			}
+			for _, k := range newKeys {
+				group = append(group, limSet(k, []byte("v-"+k)))
+			}
+			r.groups = [][]DataPatch{group}
+			rev := srv.Revision()
+			before := limGet(t, cli, prefix)
+
+			err := limRun(t, w, "limits")
+			if tt.wantOpsExceed {
+				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
+				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
+				require.NotErrorIs(t, err, context.DeadlineExceeded)
+				limRequireNothingWritten(t, srv, cli, prefix, rev, before)
+				return
+			}
+			require.NoError(t, err)
+			got := limGet(t, cli, prefix)
+			require.Len(t, got, tt.puts, "deleted keys must be gone, new keys present")
+			for _, k := range newKeys {
+				require.Equal(t, "v-"+k, string(got[k].value))
+				require.Equal(t, rev+1, got[k].modRev, "the whole group must land in one Txn")
+			}
+			if tt.deletes > 0 {
+				resp, err := cli.Get(testContext(t), prefix+reservedDir+"delete-counter")
+				require.NoError(t, err)
+				require.Len(t, resp.Kvs, 1)
+				require.Equal(t, rev+1, resp.Kvs[0].ModRevision, "the delete counter moves in the same Txn")
+			}
+		})
+	}
+}
+
+// TestLimitsBytesDefaultServer: with default options on a default server
+// (--max-request-bytes 1.5 MiB), a group whose estimated size is exactly the
+// default 1.25 MiB limit commits; one byte more fails with
+// ErrEtcdTxnSizeExceed writing nothing. The worst case for protobuf framing,
+// a group at both the op and the byte limit, commits too.
+func TestLimitsBytesDefaultServer(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	fenceKey, fenceRev := limFence(t, cli, "/limfence/"+strings.Repeat("f", 300))
+	tests := []struct {
+		name          string
+		fencing       bool
+		deletes, puts int
+		over          int // bytes over the limit
+	}{
+		{name: "four big values at the byte limit", puts: 4},
+		{name: "four big values one byte over", puts: 4, over: 1},
+		{name: "delete and big values at the byte limit", deletes: 1, puts: 3},
+		{name: "delete and big values one byte over", deletes: 1, puts: 3, over: 1},
+		{name: "fenced big values at the byte limit", fencing: true, puts: 2},
+		{name: "fenced big values one byte over", fencing: true, puts: 2, over: 1},
+		{name: "at both the op and the byte limit", deletes: 26, puts: 100},
+		{name: "fenced at both the op and the byte limit", fencing: true, deletes: 25, puts: 100},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			prefix := fmt.Sprintf("/limbytes/%d", i)
+			var opts []Option
+			if tt.fencing {
+				opts = append(opts, WithFencingKey(fenceKey, fenceRev))
+			}
+			w, r := limWorker(t, cli, prefix, opts...)
+			l := w.limits
+			require.Equal(t, DefaultTxnMaxBytes, l.maxBytes)
+			require.Equal(t, 1310720, l.maxBytes, "1.25 MiB")
+
+			oldKeys := limKeys(prefix, "old", tt.deletes)
+			limPutAll(t, cli, oldKeys, "old")
+			newKeys := limKeys(prefix, "new", tt.puts)
+
+			// Spread what the values may take over the puts.
+			budget := l.maxBytes - l.overheadBytes + tt.over
+			for _, k := range oldKeys {
+				budget -= 2 * len(k)
+			}
+			if tt.deletes > 0 {
+				budget -= l.deleteBytes
+			}
+			for _, k := range newKeys {
+				budget -= 2 * len(k)
+			}
+			sizes := make([]int, tt.puts)
+			for j := range sizes {
+				sizes[j] = budget / tt.puts
+			}
+			sizes[0] += budget % tt.puts
+
+			var group []DataPatch
+			estimate := l.overheadBytes
+			for _, k := range oldKeys {
+				group = append(group, limSet(k, nil))
+				estimate += 2 * len(k)
+			}
+			if tt.deletes > 0 {
+				estimate += l.deleteBytes
+			}
+			for j, k := range newKeys {
+				group = append(group, limSet(k, bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j])))
+				estimate += 2*len(k) + sizes[j]
+			}
+			require.Equal(t, l.maxBytes+tt.over, estimate, "test setup: group size")
+			require.LessOrEqual(t, len(group)+l.overheadOps, l.maxOps, "test setup: group within the op limit")
+
+			r.groups = [][]DataPatch{group}
+			rev := srv.Revision()
+			before := limGet(t, cli, prefix)
+			err := limRun(t, w, "limits")
+			if tt.over > 0 {
+				require.ErrorIs(t, err, ErrEtcdTxnSizeExceed)
+				require.NotErrorIs(t, err, ErrEtcdTxnOpsExceed)
+				require.NotErrorIs(t, err, rpctypes.ErrRequestTooLarge, "the worker must refuse the group, not the server")
+				limRequireNothingWritten(t, srv, cli, prefix, rev, before)
+				return
+			}
+			require.NoError(t, err)
+			got := limGet(t, cli, prefix)
+			require.Len(t, got, tt.puts)
+			for j, k := range newKeys {
+				require.Len(t, got[k].value, sizes[j])
+				require.Equal(t, rev+1, got[k].modRev, "the whole group must land in one Txn")
+			}
+		})
+	}
+}
+
+// TestLimitsMatchingServer runs a server with --max-txn-ops 16 and workers
+// with the same op limit: the largest group the worker accepts commits, one
+// key more is refused before anything is sent, and many small groups are
+// packed into exactly as many Txns as the limit requires.
+func TestLimitsMatchingServer(t *testing.T) {
+	const serverOps = 16
+	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
+	cli := srv.Client(t)
+	perTxn := serverOps - 2
+
+	t.Run("largest group", func(t *testing.T) {
+		for _, n := range []int{perTxn, perTxn + 1} {
+			prefix := fmt.Sprintf("/limmatch/largest%d", n)
+			w, r := limWorker(t, cli, prefix, WithTxnLimits(serverOps, DefaultTxnMaxBytes))
+			require.Equal(t, perTxn, w.limits.maxOps-w.limits.overheadOps)
+			var group []DataPatch
+			for _, k := range limKeys(prefix, "k", n) {
+				group = append(group, limSet(k, []byte("v")))
+			}
+			r.groups = [][]DataPatch{group}
+			rev := srv.Revision()
+			err := limRun(t, w, "limits")
+			if n > perTxn {
+				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
+				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
+				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*limKV{})
+				continue
+			}
+			require.NoError(t, err)
+			got := limGet(t, cli, prefix)
+			require.Len(t, got, n)
+			for _, kv := range got {
+				require.Equal(t, rev+1, kv.modRev)
+			}
+		}
+	})
+
+	tests := []struct {
+		name      string
+		groups    int
+		groupSize int
+		wantTxns  []int // keys per Txn, in order
+	}{
+		// 100 single-key groups, 14 per Txn.
+		{"single-key groups", 100, 1, []int{14, 14, 14, 14, 14, 14, 14, 2}},
+		// 30 three-key groups: 4 groups (12 keys) per Txn, a fifth would
+		// need 15; groups are never split.
+		{"three-key groups", 30, 3, []int{12, 12, 12, 12, 12, 12, 12, 6}},
+		// 10 groups of the largest size: one Txn each.
+		{"largest groups", 10, perTxn, []int{14, 14, 14, 14, 14, 14, 14, 14, 14, 14}},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			prefix := fmt.Sprintf("/limmatch/many%d", i)
+			reg := prometheus.NewRegistry()
+			role := "packing"
+			w, r := limWorker(t, cli, prefix, WithTxnLimits(serverOps, DefaultTxnMaxBytes), WithMetrics(reg))
+			keys := limKeys(prefix, "k", tt.groups*tt.groupSize)
+			for g := 0; g < tt.groups; g++ {
+				var group []DataPatch
+				for _, k := range keys[g*tt.groupSize : (g+1)*tt.groupSize] {
+					group = append(group, limSet(k, []byte(k)))
+				}
+				r.groups = append(r.groups, group)
+			}
+			rev := srv.Revision()
+			require.NoError(t, limRun(t, w, role))
+
+			require.Equal(t, float64(len(tt.wantTxns)), limCounter(t, reg, "orchestrator_commits_total", role))
+			require.Equal(t, float64(tt.groups), limCounter(t, reg, "orchestrator_patch_groups_applied_total", role))
+
+			// Txns land at consecutive revisions, in group order; count the
+			// keys of each.
+			got := limGet(t, cli, prefix)
+			require.Len(t, got, len(keys))
+			perRev := make([]int, len(tt.wantTxns))
+			last := rev + 1
+			for j, k := range keys {
+				kv := got[k]
+				require.Equal(t, k, string(kv.value))
+				require.GreaterOrEqual(t, kv.modRev, last, "key %d landed before an earlier group", j)
+				last = kv.modRev
+				idx := int(kv.modRev - rev - 1)
+				require.Less(t, idx, len(perRev), "key %d at revision %d: more Txns than expected", j, kv.modRev)
+				perRev[idx]++
+				if j%tt.groupSize != 0 {
+					require.Equal(t, got[keys[j-1]].modRev, kv.modRev, "group %d split over two Txns", j/tt.groupSize)
+				}
+			}
+			require.Equal(t, tt.wantTxns, perRev)
+		})
+	}
+}
+
+// TestLimitsServerLowerThanWorker: a worker whose limits are higher than the
+// server's gets its Txn refused by etcd; Run must return the matching error
+// promptly (not retry forever), having written nothing.
+func TestLimitsServerLowerThanWorker(t *testing.T) {
+	const serverOps = 16
+	opsSrv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
+	opsCli := opsSrv.Client(t)
+	const serverBytes = 64 * 1024
+	bytesSrv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(serverBytes))
+	bytesCli := bytesSrv.Client(t)
+
+	tests := []struct {
+		name    string
+		srv     *etcdtest.Server
+		cli     *clientv3.Client
+		opts    []Option
+		groups  func(prefix string) [][]DataPatch
+		wantErr error
+		cause   error // the server's refusal, when etcd (not gRPC) refused
+	}{
+		{
+			name: "one group above the server's op limit", srv: opsSrv, cli: opsCli,
+			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
+			groups: func(prefix string) [][]DataPatch {
+				var g []DataPatch
+				for _, k := range limKeys(prefix, "k", 20) {
+					g = append(g, limSet(k, []byte("v")))
+				}
+				return [][]DataPatch{g}
+			},
+			wantErr: ErrEtcdTxnOpsExceed,
+			cause:   rpctypes.ErrTooManyOps,
+		},
+		{
+			// The largest group a worker limited to 17 ops accepts needs
+			// exactly 17: the worker's count is tight.
+			name: "worker limit one above the server's", srv: opsSrv, cli: opsCli,
+			opts: []Option{WithTxnLimits(serverOps+1, DefaultTxnMaxBytes)},
+			groups: func(prefix string) [][]DataPatch {
+				var g []DataPatch
+				for _, k := range limKeys(prefix, "k", serverOps+1-2) {
+					g = append(g, limSet(k, []byte("v")))
+				}
+				return [][]DataPatch{g}
+			},
+			wantErr: ErrEtcdTxnOpsExceed,
+			cause:   rpctypes.ErrTooManyOps,
+		},
+		{
+			name: "small groups packed above the server's op limit", srv: opsSrv, cli: opsCli,
+			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
+			groups: func(prefix string) [][]DataPatch {
+				var gs [][]DataPatch
+				for _, k := range limKeys(prefix, "k", 100) {
+					gs = append(gs, []DataPatch{limSet(k, []byte("v"))})
+				}
+				return gs
+			},
+			wantErr: ErrEtcdTxnOpsExceed,
+			cause:   rpctypes.ErrTooManyOps,
+		},
+		{
+			name: "group above the server's request size", srv: bytesSrv, cli: bytesCli,
+			groups: func(prefix string) [][]DataPatch {
+				return [][]DataPatch{{limSet(prefix+"/big", bytes.Repeat([]byte{'x'}, 100*1024))}}
+			},
+			wantErr: ErrEtcdTxnSizeExceed,
+			cause:   rpctypes.ErrRequestTooLarge,
+		},
+		{
+			// Above the server's gRPC message limit (max-request-bytes +
+			// 512 KiB): refused by gRPC rather than by etcd.
+			name: "group above the server's gRPC message size", srv: bytesSrv, cli: bytesCli,
+			groups: func(prefix string) [][]DataPatch {
+				return [][]DataPatch{{limSet(prefix+"/big", bytes.Repeat([]byte{'x'}, 700*1024))}}
+			},
+			wantErr: ErrEtcdTxnSizeExceed,
+		},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			prefix := fmt.Sprintf("/limlow/%d", i)
+			w, r := limWorker(t, tt.cli, prefix, tt.opts...)
+			r.groups = tt.groups(prefix)
+			rev := tt.srv.Revision()
+			start := time.Now()
+			err := limRun(t, w, "limits")
+			require.ErrorIs(t, err, tt.wantErr)
+			if tt.cause != nil {
+				require.ErrorIs(t, err, tt.cause, "the server must be the one refusing")
+			}
+			require.NotErrorIs(t, err, context.DeadlineExceeded)
+			require.Less(t, time.Since(start), limRunTimeout/2, "Run must fail promptly, not retry")
+			limRequireNothingWritten(t, tt.srv, tt.cli, prefix, rev, map[string]*limKV{})
+		})
+	}
+}

@@ -1,0 +1,291 @@
+package orchestrator
+
+import (
+	"context"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+)
+
+// metricSeries is one series of a gathered metric: a counter's or gauge's
+// value, or a histogram's sample count and sum.
+type metricSeries struct {
+	value, count, sum float64
+}
+
+// gatherSeries returns the series name{role=role} from g, and whether it
+// exists.
+func gatherSeries(t testing.TB, g prometheus.Gatherer, name, role string) (metricSeries, bool) {
+	t.Helper()
+	families, err := g.Gather()
+	require.NoError(t, err)
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			if metricRole(m) != role {
+				continue
+			}
+			switch {
+			case m.GetCounter() != nil:
+				return metricSeries{value: m.GetCounter().GetValue()}, true
+			case m.GetGauge() != nil:
+				return metricSeries{value: m.GetGauge().GetValue()}, true
+			case m.GetHistogram() != nil:
+				h := m.GetHistogram()
+				return metricSeries{count: float64(h.GetSampleCount()), sum: h.GetSampleSum()}, true
+			}
+		}
+	}
+	return metricSeries{}, false
+}
+
+func metricRole(m *dto.Metric) string {
+	for _, l := range m.GetLabel() {
+		if l.GetName() == "role" {
+			return l.GetValue()
+		}
+	}
+	return ""
+}
+
+// metricValue is the value of a counter or gauge series (0 when absent).
+func metricValue(t testing.TB, g prometheus.Gatherer, name, role string) float64 {
+	t.Helper()
+	s, _ := gatherSeries(t, g, name, role)
+	return s.value
+}
+
+// waitForMetrics polls cond until it holds or ctx is done (the test fails).
+func waitForMetrics(ctx context.Context, t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out waiting for %s: %v", what, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// TestMetricsTwoWorkersShareRegistry runs two workers with different roles
+// on one registry, both incrementing the same key so that they conflict, and
+// checks that every metric exists per role and moved consistently with what
+// landed in etcd.
+func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
+	const prefix = "/test/metrics"
+	roles := []string{"alpha", "beta"}
+	reg := prometheus.NewRegistry()
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+
+	var stop atomic.Bool
+	var increments atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	for _, role := range roles {
+		state := newMapState(prefix)
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*mapState)
+			if stop.Load() {
+				return st, ErrReactorFinished
+			}
+			increments.Add(1)
+			st.patches = append(st.patches, []DataPatch{st.addPatch("/counter", 1)})
+			return st, nil
+		})
+		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, state, WithMetrics(reg))
+		require.NoError(t, err, "a second worker on the same registry")
+		g.Go(func() error { return w.Run(gctx, nil, time.Millisecond, role) })
+	}
+
+	waitForMetrics(ctx, t, "commits of both roles and a conflict", func() bool {
+		conflicts := 0.0
+		for _, role := range roles {
+			if metricValue(t, reg, "orchestrator_commits_total", role) < 5 {
+				return false
+			}
+			conflicts += metricValue(t, reg, "orchestrator_conflicts_total", role)
+		}
+		return conflicts > 0
+	})
+	stop.Store(true)
+	require.NoError(t, g.Wait())
+
+	resp, err := srv.Client(t).Get(ctx, prefix+"/counter")
+	require.NoError(t, err)
+	require.Len(t, resp.Kvs, 1)
+	counter := mustInt(t, resp.Kvs[0].Value)
+	require.Equal(t, increments.Load(), counter, "every queued increment landed once")
+
+	var commits, groups, conflicts float64
+	for _, role := range roles {
+		c := metricValue(t, reg, "orchestrator_commits_total", role)
+		commits += c
+		groups += metricValue(t, reg, "orchestrator_patch_groups_applied_total", role)
+		conflicts += metricValue(t, reg, "orchestrator_conflicts_total", role)
+		require.GreaterOrEqual(t, metricValue(t, reg, "orchestrator_ticks_total", role), c+1, role)
+		require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role), role)
+		for _, h := range []string{"orchestrator_txn_size_bytes", "orchestrator_txn_duration_seconds"} {
+			s, ok := gatherSeries(t, reg, h, role)
+			require.True(t, ok, "%s{role=%q}", h, role)
+			// One Txn per commit plus one per conflict.
+			require.Equal(t, c+metricValue(t, reg, "orchestrator_conflicts_total", role), s.count, "%s{role=%q}", h, role)
+			require.Positive(t, s.sum, "%s{role=%q}", h, role)
+		}
+		s, ok := gatherSeries(t, reg, "orchestrator_tick_duration_seconds", role)
+		require.True(t, ok)
+		require.Equal(t, metricValue(t, reg, "orchestrator_ticks_total", role), s.count, role)
+	}
+	// Each Tick left one group, so each landed Txn carried exactly one
+	// increment.
+	require.Equal(t, float64(counter), commits)
+	require.Equal(t, float64(counter), groups)
+	require.Positive(t, conflicts)
+
+	// Every family is labelled by role only, with both roles present for the
+	// series that moved.
+	families, err := reg.Gather()
+	require.NoError(t, err)
+	require.NotEmpty(t, families)
+	for _, f := range families {
+		require.True(t, strings.HasPrefix(f.GetName(), MetricsNamespace+"_"), f.GetName())
+		for _, m := range f.GetMetric() {
+			require.Len(t, m.GetLabel(), 1, f.GetName())
+			require.Contains(t, roles, metricRole(m), f.GetName())
+		}
+	}
+	n, err := testutil.GatherAndCount(reg, "orchestrator_commits_total", "orchestrator_ticks_total")
+	require.NoError(t, err)
+	require.Equal(t, 4, n, "one series per role for each of the two families")
+	problems, err := testutil.GatherAndLint(reg)
+	require.NoError(t, err)
+	require.Empty(t, problems)
+}
+
+// TestMetricsReloadAfterCompaction cuts a worker off etcd, writes and
+// compacts meanwhile, and checks that the reload after the compacted watch
+// is counted and the state size gauge follows.
+func TestMetricsReloadAfterCompaction(t *testing.T) {
+	const (
+		prefix = "/test/metrics-reload"
+		role   = "reloader"
+	)
+	reg := prometheus.NewRegistry()
+	srv := etcdtest.NewServer(t)
+	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	direct := srv.Client(t)
+	ctx := testContext(t)
+	_, err := direct.Put(ctx, prefix+"/a", "1")
+	require.NoError(t, err)
+
+	w, err := NewEtcdWorker(etcdtest.NewClient(t, proxy.Endpoint()), prefix,
+		ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil }),
+		newMapState(prefix), WithMetrics(reg))
+	require.NoError(t, err)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- w.Run(runCtx, nil, 10*time.Millisecond, role) }()
+
+	waitForMetrics(ctx, t, "the initial load", func() bool {
+		return metricValue(t, reg, "orchestrator_ticks_total", role) >= 1
+	})
+	require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role))
+	require.Zero(t, metricValue(t, reg, "orchestrator_reloads_total", role))
+
+	proxy.Pause()
+	for _, k := range []string{"/b", "/c", "/d"} {
+		_, err := direct.Put(ctx, prefix+k, "x")
+		require.NoError(t, err)
+	}
+	_, err = direct.Delete(ctx, prefix+"/a")
+	require.NoError(t, err)
+	_, err = etcdtest.Compact(ctx, direct)
+	require.NoError(t, err)
+	proxy.Resume()
+
+	waitForMetrics(ctx, t, "a reload with the new keys", func() bool {
+		return metricValue(t, reg, "orchestrator_reloads_total", role) >= 1 &&
+			metricValue(t, reg, "orchestrator_state_keys", role) == 3
+	})
+	cancel()
+	require.ErrorIs(t, <-done, context.Canceled)
+}
+
+// TestMetricsNilRegisterer checks that without a registerer (no option, or
+// WithMetrics(nil)) a worker registers nothing anywhere, not even in the
+// default registry.
+func TestMetricsNilRegisterer(t *testing.T) {
+	const prefix = "/test/metrics-nil"
+	hasOrchestratorMetrics := func() bool {
+		families, err := prometheus.DefaultGatherer.Gather()
+		require.NoError(t, err)
+		for _, f := range families {
+			if strings.HasPrefix(f.GetName(), MetricsNamespace+"_") {
+				return true
+			}
+		}
+		return false
+	}
+	require.False(t, hasOrchestratorMetrics())
+
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+	for _, opts := range [][]Option{nil, {WithMetrics(nil)}} {
+		ticks := 0
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*mapState)
+			ticks++
+			if ticks > 3 {
+				return st, ErrReactorFinished
+			}
+			st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+			return st, nil
+		})
+		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), opts...)
+		require.NoError(t, err)
+		require.NoError(t, w.Run(ctx, nil, time.Millisecond, "nil-registerer"))
+	}
+	resp, err := srv.Client(t).Get(ctx, prefix+"/n", clientv3.WithCountOnly())
+	require.NoError(t, err)
+	require.EqualValues(t, 1, resp.Count)
+	require.False(t, hasOrchestratorMetrics())
+}
+
+// TestMetricsRegistrationConflict: a registry that already holds an
+// incompatible collector under one of the worker's names makes
+// NewEtcdWorker fail with an error instead of panicking.
+func TestMetricsRegistrationConflict(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: MetricsNamespace, Name: "commits_total", Help: "not the worker's",
+	}, []string{"role"}))
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"127.0.0.1:1"}, DialTimeout: time.Second})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, cli.Close()) }()
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+
+	_, err = NewEtcdWorker(cli, "/p", reactor, newMapState("/p"), WithMetrics(reg))
+	require.Error(t, err)
+	require.ErrorContains(t, err, "commits_total")
+
+	// The same collectors twice are fine: the second worker reuses them.
+	ok := prometheus.NewRegistry()
+	for range 2 {
+		_, err := NewEtcdWorker(cli, "/p", reactor, newMapState("/p"), WithMetrics(ok))
+		require.NoError(t, err)
+	}
+}

@@ -1,0 +1,531 @@
+package orchestrator
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"strconv"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// ptKey is the key "/p/<name>".
+func ptKey(name string) util.EtcdKey { return util.NewEtcdKey("/p/" + name) }
+
+// ptPatchFunc adapts a function to DataPatch, for general (multi-key) patches.
+type ptPatchFunc func(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
+
+func (f ptPatchFunc) Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error {
+	return f(valueMap, changedSet)
+}
+
+// ptSet is a SingleDataPatch setting key to value (nil deletes).
+func ptSet(key string, value []byte) DataPatch {
+	return SingleDataPatch{Key: ptKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
+}
+
+// ptAdd is a SingleDataPatch adding delta to the integer at key (absent = 0).
+func ptAdd(key string, delta int) DataPatch {
+	return SingleDataPatch{Key: ptKey(key), Func: func(old []byte) ([]byte, bool, error) {
+		n := 0
+		if old != nil {
+			var err error
+			if n, err = strconv.Atoi(string(old)); err != nil {
+				return nil, false, err
+			}
+		}
+		return []byte(strconv.Itoa(n + delta)), true, nil
+	}}
+}
+
+// ptFixture is a patchView over a live map, with the committed map it must
+// go back to. lookups records the keys the view asked committed for while
+// recording is on.
+type ptFixture struct {
+	committed map[util.EtcdKey][]byte
+	live      map[util.EtcdKey][]byte
+	view      *patchView
+	recording bool
+	lookups   []util.EtcdKey
+}
+
+// newPTFixture builds committed and live maps from kv (both holding the same
+// slices, as the worker's do).
+func newPTFixture(kv map[string]string) *ptFixture {
+	f := &ptFixture{committed: map[util.EtcdKey][]byte{}, live: map[util.EtcdKey][]byte{}}
+	for k, v := range kv {
+		b := []byte(v)
+		f.committed[ptKey(k)] = b
+		f.live[ptKey(k)] = b
+	}
+	f.view = newPatchView(f.live, func(key util.EtcdKey) ([]byte, bool) {
+		if f.recording {
+			f.lookups = append(f.lookups, key)
+		}
+		v, ok := f.committed[key]
+		return v, ok
+	})
+	return f
+}
+
+// requireLiveEqualsCommitted checks the live map holds exactly the committed
+// keys and values (telling nil from empty).
+func (f *ptFixture) requireLiveEqualsCommitted(t testing.TB) {
+	t.Helper()
+	require.Equal(t, f.committed, f.live)
+}
+
+// requireLive checks the live map holds exactly kv.
+func (f *ptFixture) requireLive(t testing.TB, kv map[string]string) {
+	t.Helper()
+	want := map[util.EtcdKey][]byte{}
+	for k, v := range kv {
+		want[ptKey(k)] = []byte(v)
+	}
+	require.Equal(t, want, f.live)
+}
+
+// ptPut and ptDel are the expected writes.
+func ptPut(key, value string) keyWrite { return keyWrite{key: ptKey(key), value: []byte(value)} }
+func ptDel(key string) keyWrite        { return keyWrite{key: ptKey(key)} }
+
+func TestSingleDataPatchSemantics(t *testing.T) {
+	errBoom := errors.New("boom")
+	tests := []struct {
+		name      string
+		present   bool   // whether "k" exists before the patch
+		old       string // its value when present
+		fn        func(old []byte) ([]byte, bool, error)
+		wantErr   error
+		wantWrite *keyWrite // nil: no write
+	}{
+		{name: "nil Func", present: true, old: "v", fn: nil, wantErr: ErrInvalidArgument},
+		{
+			name: "changed=false writes nothing", present: true, old: "v",
+			fn: func([]byte) ([]byte, bool, error) { return []byte("other"), false, nil },
+		},
+		{
+			name: "changed=false on an absent key writes nothing",
+			fn:   func([]byte) ([]byte, bool, error) { return []byte("other"), false, nil },
+		},
+		{
+			name: "nil with changed deletes", present: true, old: "v",
+			fn:        func([]byte) ([]byte, bool, error) { return nil, true, nil },
+			wantWrite: &keyWrite{key: ptKey("k")},
+		},
+		{
+			name: "deleting an absent key writes nothing",
+			fn:   func([]byte) ([]byte, bool, error) { return nil, true, nil },
+		},
+		{
+			name: "empty slice writes an empty value", present: true, old: "v",
+			fn:        func([]byte) ([]byte, bool, error) { return []byte{}, true, nil },
+			wantWrite: &keyWrite{key: ptKey("k"), value: []byte{}},
+		},
+		{
+			name:      "empty slice creates an absent key",
+			fn:        func([]byte) ([]byte, bool, error) { return []byte{}, true, nil },
+			wantWrite: &keyWrite{key: ptKey("k"), value: []byte{}},
+		},
+		{
+			name: "empty slice on an empty value writes nothing", present: true, old: "",
+			fn: func([]byte) ([]byte, bool, error) { return []byte{}, true, nil },
+		},
+		{
+			name: "delete of an empty value", present: true, old: "",
+			fn:        func([]byte) ([]byte, bool, error) { return nil, true, nil },
+			wantWrite: &keyWrite{key: ptKey("k")},
+		},
+		{
+			name: "value equal to the current one writes nothing", present: true, old: "v",
+			fn: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil },
+		},
+		{
+			name: "new value is written", present: true, old: "v",
+			fn:        func([]byte) ([]byte, bool, error) { return []byte("w"), true, nil },
+			wantWrite: &keyWrite{key: ptKey("k"), value: []byte("w")},
+		},
+		{
+			name:      "absent key is created",
+			fn:        func([]byte) ([]byte, bool, error) { return []byte("w"), true, nil },
+			wantWrite: &keyWrite{key: ptKey("k"), value: []byte("w")},
+		},
+		{
+			name: "error is returned and nothing changes", present: true, old: "v",
+			fn:      func([]byte) ([]byte, bool, error) { return []byte("w"), true, fmt.Errorf("wrapped: %w", errBoom) },
+			wantErr: errBoom,
+		},
+		{
+			name: "ErrEtcdIgnore skips the patch", present: true, old: "v",
+			fn: func([]byte) ([]byte, bool, error) { return []byte("w"), true, ErrEtcdIgnore },
+		},
+		{
+			name: "ErrEtcdTryAgain is returned", present: true, old: "v",
+			fn:      func([]byte) ([]byte, bool, error) { return nil, true, fmt.Errorf("later: %w", ErrEtcdTryAgain) },
+			wantErr: ErrEtcdTryAgain,
+		},
+	}
+	for _, tt := range tests {
+		for _, pointer := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/pointer=%v", tt.name, pointer), func(t *testing.T) {
+				kv := map[string]string{"other": "o"}
+				if tt.present {
+					kv["k"] = tt.old
+				}
+				f := newPTFixture(kv)
+				var seen []byte
+				calls := 0
+				var fn func([]byte) ([]byte, bool, error)
+				if tt.fn != nil {
+					fn = func(old []byte) ([]byte, bool, error) {
+						calls++
+						seen = old
+						return tt.fn(old)
+					}
+				}
+				var p DataPatch = SingleDataPatch{Key: ptKey("k"), Func: fn}
+				if pointer {
+					p = &SingleDataPatch{Key: ptKey("k"), Func: fn}
+				}
+				writes, err := f.view.applyGroup([]DataPatch{p})
+				if tt.fn != nil {
+					require.Equal(t, 1, calls)
+					// Func sees nil for an absent key, a non-nil slice for a
+					// present one (even an empty one).
+					require.Equal(t, tt.present, seen != nil)
+					require.Equal(t, tt.old, string(seen))
+				}
+				if tt.wantErr != nil {
+					require.ErrorIs(t, err, tt.wantErr)
+					f.view.reset()
+					f.requireLiveEqualsCommitted(t)
+					return
+				}
+				require.NoError(t, err)
+				if tt.wantWrite == nil {
+					require.Empty(t, writes)
+				} else {
+					requireSameWrites(t, []keyWrite{*tt.wantWrite}, writes)
+					// The live map shows the write until reset.
+					v, ok := f.live[ptKey("k")]
+					require.Equal(t, tt.wantWrite.value != nil, ok)
+					require.True(t, bytes.Equal(tt.wantWrite.value, v))
+					if ok {
+						require.NotNil(t, v)
+					}
+				}
+				f.view.reset()
+				f.requireLiveEqualsCommitted(t)
+			})
+		}
+	}
+}
+
+func TestSingleDataPatchChangedSet(t *testing.T) {
+	values := map[util.EtcdKey][]byte{ptKey("k"): []byte("v")}
+	changed := map[util.EtcdKey]struct{}{}
+	p := SingleDataPatch{Key: ptKey("k"), Func: func(old []byte) ([]byte, bool, error) { return old, false, nil }}
+	require.NoError(t, p.Patch(values, changed))
+	require.Empty(t, changed, "changed=false must not record the key")
+
+	p.Func = func([]byte) ([]byte, bool, error) { return nil, true, nil }
+	require.NoError(t, p.Patch(values, changed))
+	require.Equal(t, map[util.EtcdKey]struct{}{ptKey("k"): {}}, changed)
+	require.NotContains(t, values, ptKey("k"))
+
+	err := SingleDataPatch{Key: ptKey("k")}.Patch(values, changed)
+	require.ErrorIs(t, err, ErrInvalidArgument)
+	require.Contains(t, err.Error(), "/p/k")
+}
+
+func TestPatchViewSameKeyTwice(t *testing.T) {
+	tests := []struct {
+		name  string
+		group []DataPatch
+		want  []keyWrite
+		live  map[string]string // live map after the group (before reset)
+	}{
+		{"two sets: one write with the final value", []DataPatch{ptSet("a", []byte("1")), ptSet("a", []byte("2"))},
+			[]keyWrite{ptPut("a", "2")}, map[string]string{"a": "2", "b": "7"}},
+		{"second patch sees the first one's value", []DataPatch{ptAdd("b", 1), ptAdd("b", 1)},
+			[]keyWrite{ptPut("b", "9")}, map[string]string{"a": "0", "b": "9"}},
+		{"back to the original value: no write", []DataPatch{ptSet("a", []byte("x")), ptSet("a", []byte("0"))},
+			nil, map[string]string{"a": "0", "b": "7"}},
+		{"delete then recreate", []DataPatch{ptSet("a", nil), ptSet("a", []byte("new"))},
+			[]keyWrite{ptPut("a", "new")}, map[string]string{"a": "new", "b": "7"}},
+		{"create then delete: no write", []DataPatch{ptSet("n", []byte("1")), ptSet("n", nil)},
+			nil, map[string]string{"a": "0", "b": "7"}},
+		{"first-touch order is kept", []DataPatch{ptSet("c", []byte("c")), ptSet("a", []byte("a")), ptSet("c", []byte("cc")), ptSet("b", []byte("b"))},
+			[]keyWrite{ptPut("c", "cc"), ptPut("a", "a"), ptPut("b", "b")}, map[string]string{"a": "a", "b": "b", "c": "cc"}},
+	}
+	// Many keys, each touched twice, some back to their original value.
+	var many []DataPatch
+	var manyWant []keyWrite
+	manyLive := map[string]string{"a": "0", "b": "7"}
+	for i := 0; i < 20; i++ {
+		many = append(many, ptSet(fmt.Sprint("m", i), []byte("first")))
+	}
+	many = append(many, ptSet("a", []byte("x")))
+	for i := 19; i >= 0; i-- {
+		if i%3 == 0 {
+			many = append(many, ptSet(fmt.Sprint("m", i), nil)) // back to absent
+		} else {
+			many = append(many, ptSet(fmt.Sprint("m", i), []byte(fmt.Sprint("final", i))))
+		}
+	}
+	many = append(many, ptSet("a", []byte("0")))
+	for i := 0; i < 20; i++ {
+		if i%3 != 0 {
+			manyWant = append(manyWant, ptPut(fmt.Sprint("m", i), fmt.Sprint("final", i)))
+			manyLive[fmt.Sprint("m", i)] = fmt.Sprint("final", i)
+		}
+	}
+	tests = append(tests, struct {
+		name  string
+		group []DataPatch
+		want  []keyWrite
+		live  map[string]string
+	}{"many keys touched twice", many, manyWant, manyLive})
+
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newPTFixture(map[string]string{"a": "0", "b": "7"})
+			writes, err := f.view.applyGroup(tt.group)
+			require.NoError(t, err)
+			requireSameWrites(t, tt.want, writes)
+			f.requireLive(t, tt.live)
+			f.view.reset()
+			f.requireLiveEqualsCommitted(t)
+		})
+	}
+}
+
+func TestPatchViewIgnoreUndoesOnlyThatPatch(t *testing.T) {
+	f := newPTFixture(map[string]string{"a": "0", "b": "0", "d": "0"})
+	// Group 1 is accepted and must survive an ignored patch in group 2.
+	writes, err := f.view.applyGroup([]DataPatch{ptSet("e", []byte("1"))})
+	require.NoError(t, err)
+	requireSameWrites(t, []keyWrite{ptPut("e", "1")}, writes)
+
+	p3Ran := false
+	group := []DataPatch{
+		ptSet("a", []byte("1")),
+		// Changes four keys (one of them already changed by this group, one
+		// by group 1), then asks to be ignored.
+		ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			for _, k := range []string{"a", "b", "c", "e"} {
+				m[ptKey(k)] = []byte("2")
+				changed[ptKey(k)] = struct{}{}
+			}
+			delete(m, ptKey("d"))
+			changed[ptKey("d")] = struct{}{}
+			return fmt.Errorf("skip me: %w", ErrEtcdIgnore)
+		}),
+		SingleDataPatch{Key: ptKey("c"), Func: func(old []byte) ([]byte, bool, error) {
+			p3Ran = true
+			require.Nil(t, old, "the ignored patch's write to c must be undone")
+			return []byte("3"), true, nil
+		}},
+		SingleDataPatch{Key: ptKey("b"), Func: func([]byte) ([]byte, bool, error) {
+			return []byte("ignored"), true, ErrEtcdIgnore
+		}},
+		SingleDataPatch{Key: ptKey("e"), Func: func(old []byte) ([]byte, bool, error) {
+			require.Equal(t, "1", string(old), "group 1's write to e must survive")
+			return old, false, nil
+		}},
+	}
+	writes, err = f.view.applyGroup(group)
+	require.NoError(t, err)
+	require.True(t, p3Ran)
+	requireSameWrites(t, []keyWrite{ptPut("a", "1"), ptPut("c", "3")}, writes)
+	f.requireLive(t, map[string]string{"a": "1", "b": "0", "c": "3", "d": "0", "e": "1"})
+
+	f.view.reset()
+	f.requireLiveEqualsCommitted(t)
+}
+
+func TestPatchViewGeneralDataPatch(t *testing.T) {
+	f := newPTFixture(map[string]string{"a": "old", "b": "old", "f": "old", "g": "same", "h": ""})
+	multi := ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		touch := func(k string) { changed[ptKey(k)] = struct{}{} }
+		m[ptKey("x")] = []byte("1") // create
+		touch("x")
+		m[ptKey("a")] = append([]byte{}, "new"...) // update
+		touch("a")
+		delete(m, ptKey("b")) // delete
+		touch("b")
+		m[ptKey("e")] = []byte{} // create with an empty value
+		touch("e")
+		m[ptKey("f")] = nil // nil value = delete
+		touch("f")
+		touch("g") // recorded but unchanged
+		m[ptKey("h")] = []byte{}
+		touch("h") // rewritten with the same (empty) value
+		return nil
+	})
+	writes, err := f.view.applyGroup([]DataPatch{multi})
+	require.NoError(t, err)
+	// Keys first touched by one patch may come in any order.
+	require.ElementsMatch(t, []keyWrite{ptPut("x", "1"), ptPut("a", "new"), ptDel("b"), {key: ptKey("e"), value: []byte{}}, ptDel("f")}, writes)
+	for _, w := range writes {
+		if w.key == ptKey("e") {
+			require.NotNil(t, w.value, "an empty value must not turn into a delete")
+		}
+	}
+
+	// The next group sees the first group's result.
+	writes, err = f.view.applyGroup([]DataPatch{
+		SingleDataPatch{Key: ptKey("b"), Func: func(old []byte) ([]byte, bool, error) {
+			require.Nil(t, old)
+			return []byte("back"), true, nil
+		}},
+		ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			require.Equal(t, "1", string(m[ptKey("x")]))
+			require.Equal(t, "new", string(m[ptKey("a")]))
+			m[ptKey("a")] = []byte("old") // equal to committed, but differs from group 1's
+			changed[ptKey("a")] = struct{}{}
+			return nil
+		}),
+	})
+	require.NoError(t, err)
+	requireSameWrites(t, []keyWrite{ptPut("b", "back"), ptPut("a", "old")}, writes)
+
+	f.view.reset()
+	f.requireLiveEqualsCommitted(t)
+}
+
+func TestPatchViewReset(t *testing.T) {
+	f := newPTFixture(map[string]string{"a": "0", "b": "0", "c": "0", "d": "0", "e": ""})
+	_, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("1")), ptSet("b", nil), ptSet("x", []byte("1"))})
+	require.NoError(t, err)
+	_, err = f.view.applyGroup([]DataPatch{ptSet("e", []byte("e")), ptSet("a", []byte("2"))})
+	require.NoError(t, err)
+	// A failing group: its accepted patch on y stays in the view until reset,
+	// the failing patch's change to c is undone at once.
+	errBoom := errors.New("boom")
+	_, err = f.view.applyGroup([]DataPatch{
+		ptSet("y", []byte("1")),
+		ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			m[ptKey("c")] = []byte("9")
+			changed[ptKey("c")] = struct{}{}
+			return errBoom
+		}),
+		ptSet("z", []byte("never")),
+	})
+	require.ErrorIs(t, err, errBoom)
+	f.requireLive(t, map[string]string{"a": "2", "c": "0", "d": "0", "e": "e", "x": "1", "y": "1"})
+
+	f.recording = true
+	f.view.reset()
+	f.recording = false
+	require.ElementsMatch(t, []util.EtcdKey{ptKey("a"), ptKey("b"), ptKey("x"), ptKey("e"), ptKey("y")}, f.lookups,
+		"reset must restore exactly the touched keys")
+	f.requireLiveEqualsCommitted(t)
+	require.NotNil(t, f.live[ptKey("e")], "an empty committed value must come back non-nil")
+
+	// The view is clean: a patch setting a key to its committed value is a
+	// no-op again, and a second reset touches nothing.
+	writes, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("0"))})
+	require.NoError(t, err)
+	require.Empty(t, writes)
+	f.lookups = nil
+	f.recording = true
+	f.view.reset()
+	require.ElementsMatch(t, []util.EtcdKey{ptKey("a")}, f.lookups)
+	f.lookups = nil
+	f.view.reset()
+	require.Empty(t, f.lookups)
+	f.requireLiveEqualsCommitted(t)
+}
+
+func TestPatchViewErrors(t *testing.T) {
+	errBoom := errors.New("boom")
+	tests := []struct {
+		name    string
+		patch   DataPatch
+		wantErr error
+		wantMsg string
+	}{
+		{"error stops the group", ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			m[ptKey("b")] = []byte("x")
+			changed[ptKey("b")] = struct{}{}
+			return errBoom
+		}), errBoom, "boom"},
+		{"try again stops the group", ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			delete(m, ptKey("b"))
+			changed[ptKey("b")] = struct{}{}
+			return ErrEtcdTryAgain
+		}), ErrEtcdTryAgain, ""},
+		{"panic in a DataPatch", ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			m[ptKey("b")] = []byte("x")
+			changed[ptKey("b")] = struct{}{}
+			panic("kaboom")
+		}), ErrPanic, "kaboom"},
+		{"panic in a SingleDataPatch Func", SingleDataPatch{Key: ptKey("b"), Func: func(old []byte) ([]byte, bool, error) {
+			return []byte{old[10]}, true, nil // index out of range
+		}}, ErrPanic, "index out of range"},
+		{"panic with an error value", ptPatchFunc(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error {
+			panic(errBoom)
+		}), ErrPanic, "boom"},
+		{"nil patch", nil, ErrInvalidArgument, "nil"},
+		{"nil *SingleDataPatch", (*SingleDataPatch)(nil), ErrPanic, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newPTFixture(map[string]string{"a": "0", "b": "0"})
+			lastRan := false
+			last := ptPatchFunc(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error {
+				lastRan = true
+				return nil
+			})
+			writes, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("1")), tt.patch, last})
+			require.ErrorIs(t, err, tt.wantErr)
+			require.Contains(t, err.Error(), tt.wantMsg)
+			require.Nil(t, writes)
+			require.False(t, lastRan, "patches after a failing one must not run")
+			// The failing patch's own change is undone at once.
+			require.Equal(t, "0", string(f.live[ptKey("b")]))
+			f.view.reset()
+			f.requireLiveEqualsCommitted(t)
+		})
+	}
+}
+
+// BenchmarkApplyGroupSingle measures one single-key group on a 10k-key state,
+// then the reset, as one flush of one group does.
+func BenchmarkApplyGroupSingle(b *testing.B) {
+	kv := make(map[string]string, 10000)
+	for i := 0; i < 10000; i++ {
+		kv[strconv.Itoa(i)] = strconv.Itoa(i)
+	}
+	f := newPTFixture(kv)
+	group := []DataPatch{ptAdd("42", 1)}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		writes, err := f.view.applyGroup(group)
+		if err != nil || len(writes) != 1 {
+			b.Fatalf("applyGroup: %v, %d writes", err, len(writes))
+		}
+		f.view.reset()
+	}
+}
+
+// BenchmarkPackTxns packs 1000 single-key groups with the default limits.
+func BenchmarkPackTxns(b *testing.B) {
+	groups := make([]groupWrites, 1000)
+	for i := range groups {
+		groups[i] = groupWrites{batchPut(i, 16)}
+	}
+	l := txnLimits{maxOps: DefaultTxnMaxOps, maxBytes: DefaultTxnMaxBytes, overheadOps: 2, overheadBytes: 200, deleteBytes: 40}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if out := packTxns(groups, l); len(out) != 8 {
+			b.Fatalf("%d txns", len(out))
+		}
+	}
+}

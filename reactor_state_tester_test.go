@@ -1,0 +1,333 @@
+package orchestrator
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// rstCall is one Update call seen by rstState.
+type rstCall struct {
+	key    string
+	value  []byte
+	isInit bool
+}
+
+// rstState is a ReactorState that records every Update, can be told to
+// reject updates of one key, and hands out the patches queued in it.
+type rstState struct {
+	values  map[string][]byte
+	calls   []rstCall
+	patches [][]DataPatch
+	failKey string
+}
+
+var errRSTUpdate = errors.New("rst: update rejected")
+
+func newRSTState() *rstState { return &rstState{values: map[string][]byte{}} }
+
+func (s *rstState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	s.calls = append(s.calls, rstCall{key: key.String(), value: value, isInit: isInit})
+	if key.String() == s.failKey {
+		return fmt.Errorf("%w: %s", errRSTUpdate, key.String())
+	}
+	if value == nil {
+		delete(s.values, key.String())
+	} else {
+		s.values[key.String()] = value
+	}
+	return nil
+}
+
+func (s *rstState) GetPatches() [][]DataPatch {
+	p := s.patches
+	s.patches = nil
+	return p
+}
+
+// stringValues returns the state's values as strings.
+func (s *rstState) stringValues() map[string]string {
+	out := make(map[string]string, len(s.values))
+	for k, v := range s.values {
+		out[k] = string(v)
+	}
+	return out
+}
+
+// rstSet is a SingleDataPatch setting the full key to value (nil deletes).
+func rstSet(key string, value []byte) DataPatch {
+	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
+}
+
+// rstFunc is a SingleDataPatch on key running fn.
+func rstFunc(key string, fn func(old []byte) ([]byte, bool, error)) DataPatch {
+	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: fn}
+}
+
+// rstFailTB is a testing.TB whose failures are recorded instead of failing
+// the real test; FailNow ends the calling goroutine like the real one.
+type rstFailTB struct {
+	testing.TB
+	mu     sync.Mutex
+	failed bool
+	msgs   []string
+}
+
+func (f *rstFailTB) Helper() {}
+
+func (f *rstFailTB) Errorf(format string, args ...any) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failed = true
+	f.msgs = append(f.msgs, fmt.Sprintf(format, args...))
+}
+
+func (f *rstFailTB) FailNow() {
+	f.mu.Lock()
+	f.failed = true
+	f.mu.Unlock()
+	runtime.Goexit()
+}
+
+// rstRunFailing runs fn with a rstFailTB in its own goroutine (FailNow calls
+// runtime.Goexit) and reports whether it failed and what it said.
+func rstRunFailing(t *testing.T, fn func(tb testing.TB)) (failed bool, msgs string) {
+	t.Helper()
+	tb := &rstFailTB{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn(tb)
+	}()
+	<-done
+	tb.mu.Lock()
+	defer tb.mu.Unlock()
+	return tb.failed, fmt.Sprint(tb.msgs)
+}
+
+func TestReactorStateTesterInit(t *testing.T) {
+	s := newRSTState()
+	init := map[string]string{"/t/a": "1", "/t/b": "", "/t/c": "3"}
+	tester := NewReactorStateTester(t, s, init)
+	require.Len(t, s.calls, 3)
+	for _, c := range s.calls {
+		require.True(t, c.isInit, "init entries must be loaded with isInit = true: %q", c.key)
+		require.NotNil(t, c.value, "an empty init value must arrive non-nil: %q", c.key)
+		require.Equal(t, init[c.key], string(c.value))
+	}
+	require.Equal(t, init, tester.KVEntries())
+	require.Equal(t, init, s.stringValues())
+
+	// No init entries: nothing loaded.
+	empty := newRSTState()
+	tester = NewReactorStateTester(t, empty, nil)
+	require.Empty(t, empty.calls)
+	require.Empty(t, tester.KVEntries())
+}
+
+func TestReactorStateTesterInitFailure(t *testing.T) {
+	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
+		s := newRSTState()
+		s.failKey = "/t/bad"
+		NewReactorStateTester(tb, s, map[string]string{"/t/bad": "x"})
+	})
+	require.True(t, failed, "a failing init Update must fail the test")
+	require.Contains(t, msgs, "/t/bad")
+
+	failed, _ = rstRunFailing(t, func(tb testing.TB) {
+		NewReactorStateTester(tb, nil, nil)
+	})
+	require.True(t, failed, "a nil state must fail the test")
+}
+
+func TestReactorStateTesterUpdate(t *testing.T) {
+	s := newRSTState()
+	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
+	s.calls = nil
+
+	require.NoError(t, tester.Update("/t/b", []byte("2")))
+	tester.MustUpdate("/t/c", []byte{})
+	tester.MustUpdate("/t/a", nil) // delete
+	require.Equal(t, []rstCall{
+		{key: "/t/b", value: []byte("2")},
+		{key: "/t/c", value: []byte{}},
+		{key: "/t/a", value: nil},
+	}, s.calls, "updates must arrive with isInit = false, nil meaning delete")
+	require.Equal(t, map[string]string{"/t/b": "2", "/t/c": ""}, tester.KVEntries())
+	require.Equal(t, tester.KVEntries(), s.stringValues())
+
+	// A rejected update is returned and not recorded.
+	s.failKey = "/t/b"
+	err := tester.Update("/t/b", []byte("new"))
+	require.ErrorIs(t, err, errRSTUpdate)
+	require.Equal(t, map[string]string{"/t/b": "2", "/t/c": ""}, tester.KVEntries())
+	err = tester.Update("/t/b", nil)
+	require.ErrorIs(t, err, errRSTUpdate)
+	require.Contains(t, tester.KVEntries(), "/t/b")
+
+	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
+		s := newRSTState()
+		s.failKey = "/t/x"
+		NewReactorStateTester(tb, s, nil).MustUpdate("/t/x", []byte("1"))
+	})
+	require.True(t, failed, "MustUpdate must fail the test on error")
+	require.Contains(t, msgs, "/t/x")
+}
+
+func TestReactorStateTesterKVEntriesIsACopy(t *testing.T) {
+	tester := NewReactorStateTester(t, newRSTState(), map[string]string{"/t/a": "1"})
+	kv := tester.KVEntries()
+	kv["/t/a"] = "changed"
+	kv["/t/z"] = "added"
+	require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries())
+}
+
+func TestReactorStateTesterApplyPatches(t *testing.T) {
+	s := newRSTState()
+	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1", "/t/b": "2", "/t/d": "4"})
+	s.calls = nil
+	s.patches = [][]DataPatch{
+		{rstSet("/t/a", []byte("10")), rstSet("/t/c", []byte("3"))},
+		{
+			// Sees group 1's write.
+			rstFunc("/t/a", func(old []byte) ([]byte, bool, error) {
+				require.Equal(t, "10", string(old))
+				return []byte("11"), true, nil
+			}),
+			rstSet("/t/b", nil),
+			rstSet("/t/e", []byte{}),
+		},
+		// No-op group: no Update.
+		{rstSet("/t/d", []byte("4")), rstFunc("/t/d", func(old []byte) ([]byte, bool, error) { return old, false, nil })},
+		// An ignored patch is skipped, the rest of its group applies.
+		{
+			rstFunc("/t/d", func([]byte) ([]byte, bool, error) { return []byte("x"), true, ErrEtcdIgnore }),
+			rstSet("/t/f", []byte("6")),
+		},
+	}
+	tryAgain, err := tester.ApplyPatches()
+	require.NoError(t, err)
+	require.False(t, tryAgain)
+	require.Equal(t, []rstCall{
+		{key: "/t/a", value: []byte("10")},
+		{key: "/t/c", value: []byte("3")},
+		{key: "/t/a", value: []byte("11")},
+		{key: "/t/b", value: nil},
+		{key: "/t/e", value: []byte{}},
+		{key: "/t/f", value: []byte("6")},
+	}, s.calls)
+	want := map[string]string{"/t/a": "11", "/t/c": "3", "/t/d": "4", "/t/e": "", "/t/f": "6"}
+	require.Equal(t, want, tester.KVEntries())
+	require.Equal(t, want, s.stringValues())
+	require.Empty(t, s.patches, "ApplyPatches must take the patches")
+
+	// Nothing pending: nothing happens.
+	s.calls = nil
+	tryAgain, err = tester.ApplyPatches()
+	require.NoError(t, err)
+	require.False(t, tryAgain)
+	require.Empty(t, s.calls)
+	tester.MustApplyPatches()
+}
+
+func TestReactorStateTesterApplyPatchesTryAgain(t *testing.T) {
+	s := newRSTState()
+	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
+	laterRan := false
+	s.patches = [][]DataPatch{
+		{rstSet("/t/a", []byte("2"))},
+		{
+			rstSet("/t/b", []byte("partial")),
+			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("not yet: %w", ErrEtcdTryAgain) }),
+		},
+		{rstFunc("/t/c", func([]byte) ([]byte, bool, error) {
+			laterRan = true
+			return []byte("3"), true, nil
+		})},
+	}
+	tryAgain, err := tester.ApplyPatches()
+	require.NoError(t, err)
+	require.True(t, tryAgain)
+	require.False(t, laterRan, "groups after the one asking to try again must not run")
+	require.Equal(t, map[string]string{"/t/a": "2"}, tester.KVEntries(),
+		"groups before it apply, nothing of the group asking to try again does")
+	require.Equal(t, map[string]string{"/t/a": "2"}, s.stringValues())
+
+	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
+		s := newRSTState()
+		s.patches = [][]DataPatch{{rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, ErrEtcdTryAgain })}}
+		NewReactorStateTester(tb, s, nil).MustApplyPatches()
+	})
+	require.True(t, failed, "MustApplyPatches must fail when a patch asks to try again")
+	require.Contains(t, msgs, "try again")
+}
+
+func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
+	errBoom := errors.New("boom")
+	tests := []struct {
+		name    string
+		failKey string
+		bad     []DataPatch
+		wantErr error
+	}{
+		{"patch error", "", []DataPatch{rstSet("/t/b", []byte("partial")),
+			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("ctx: %w", errBoom) })}, errBoom},
+		{"panic in a patch", "", []DataPatch{rstSet("/t/b", []byte("partial")),
+			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { panic("kaboom") })}, ErrPanic},
+		{"nil Func", "", []DataPatch{rstSet("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument},
+		{"rejected Update", "/t/b", []DataPatch{rstSet("/t/b", []byte("x"))}, errRSTUpdate},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newRSTState()
+			tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
+			s.failKey = tt.failKey
+			laterRan := false
+			s.patches = [][]DataPatch{
+				{rstSet("/t/a", []byte("2"))},
+				tt.bad,
+				{rstFunc("/t/c", func([]byte) ([]byte, bool, error) {
+					laterRan = true
+					return []byte("3"), true, nil
+				})},
+			}
+			tryAgain, err := tester.ApplyPatches()
+			require.ErrorIs(t, err, tt.wantErr)
+			require.False(t, tryAgain)
+			require.False(t, laterRan)
+			require.Equal(t, map[string]string{"/t/a": "2"}, tester.KVEntries())
+
+			failed, _ := rstRunFailing(t, func(tb testing.TB) {
+				s := newRSTState()
+				s.failKey = tt.failKey
+				s.patches = [][]DataPatch{tt.bad}
+				NewReactorStateTester(tb, s, map[string]string{"/t/a": "1"}).MustApplyPatches()
+			})
+			require.True(t, failed, "MustApplyPatches must fail on error")
+		})
+	}
+}
+
+// TestReactorStateTesterMatchesWorkerRules runs the same patches through the
+// tester twice in a row: the second run sees the first run's results, as the
+// worker's next Tick would.
+func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
+	s := newRSTState()
+	tester := NewReactorStateTester(t, s, map[string]string{"/t/n": "0"})
+	inc := rstFunc("/t/n", func(old []byte) ([]byte, bool, error) {
+		return []byte(fmt.Sprint(len(old) + 1)), true, nil // "0" -> "2", "2" -> "2"
+	})
+	s.patches = [][]DataPatch{{inc}}
+	tester.MustApplyPatches()
+	require.Equal(t, map[string]string{"/t/n": "2"}, tester.KVEntries())
+	s.calls = nil
+	s.patches = [][]DataPatch{{inc}}
+	tester.MustApplyPatches()
+	require.Empty(t, s.calls, "a patch writing the current value is a no-op")
+}
