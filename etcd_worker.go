@@ -204,8 +204,8 @@ func (w *EtcdWorker) Run(ctx context.Context, session *concurrency.Session,
 	if err != nil {
 		return err
 	}
-	defer r.close()
-	err = r.loop()
+	defer r.close() //nolint:contextcheck // the run carries Run's ctx
+	err = r.loop()  //nolint:contextcheck // the run carries Run's ctx
 	if err != nil {
 		r.log.Info("etcd worker stopped", zap.Error(err))
 	} else {

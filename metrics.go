@@ -11,8 +11,9 @@ const MetricsNamespace = "orchestrator"
 
 // WithMetrics registers the worker's metrics with reg (all labelled by the
 // role given to Run). Several workers may share one registerer: collectors
-// already registered by another worker are reused. Default: no metrics,
-// nothing registered anywhere.
+// already registered by another worker are reused, so give each worker of a
+// registerer its own role, or their gauges overwrite each other. A nil reg is
+// ignored. Default: no metrics, nothing registered anywhere.
 func WithMetrics(reg prometheus.Registerer) Option {
 	return optionFunc(func(o *options) {
 		if reg != nil {
@@ -100,42 +101,60 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Commit Txns whose outcome was unknown and had to be resolved.",
 		}, labels),
 	}
-	var err error
-	m.txnBytes = register(reg, m.txnBytes, &err)
-	m.txnDuration = register(reg, m.txnDuration, &err)
-	m.tickDuration = register(reg, m.tickDuration, &err)
-	m.commits = register(reg, m.commits, &err)
-	m.conflicts = register(reg, m.conflicts, &err)
-	m.retries = register(reg, m.retries, &err)
-	m.patches = register(reg, m.patches, &err)
-	m.stateKeys = register(reg, m.stateKeys, &err)
-	m.revisionLag = register(reg, m.revisionLag, &err)
-	m.outages = register(reg, m.outages, &err)
-	m.reloads = register(reg, m.reloads, &err)
-	m.ticks = register(reg, m.ticks, &err)
-	m.unknownCommit = register(reg, m.unknownCommit, &err)
-	if err != nil {
-		return nil, err
+	rg := &registrar{reg: reg}
+	m.txnBytes = register(rg, m.txnBytes)
+	m.txnDuration = register(rg, m.txnDuration)
+	m.tickDuration = register(rg, m.tickDuration)
+	m.commits = register(rg, m.commits)
+	m.conflicts = register(rg, m.conflicts)
+	m.retries = register(rg, m.retries)
+	m.patches = register(rg, m.patches)
+	m.stateKeys = register(rg, m.stateKeys)
+	m.revisionLag = register(rg, m.revisionLag)
+	m.outages = register(rg, m.outages)
+	m.reloads = register(rg, m.reloads)
+	m.ticks = register(rg, m.ticks)
+	m.unknownCommit = register(rg, m.unknownCommit)
+	if rg.err != nil {
+		rg.rollback()
+		return nil, rg.err
 	}
 	return m, nil
 }
 
-// register registers c with reg, or returns the collector of the same
-// description that is already registered.
-func register[C prometheus.Collector](reg prometheus.Registerer, c C, errp *error) C {
-	if *errp != nil || reg == nil {
+// registrar registers collectors with a registerer (nil: none), remembering
+// the first error and what it registered so that a failure can be undone.
+type registrar struct {
+	reg   prometheus.Registerer
+	err   error
+	added []prometheus.Collector
+}
+
+// register registers c, or returns the collector of the same description
+// that another worker already registered.
+func register[C prometheus.Collector](rg *registrar, c C) C {
+	if rg.err != nil || rg.reg == nil {
 		return c
 	}
-	if err := reg.Register(c); err != nil {
+	if err := rg.reg.Register(c); err != nil {
 		var are prometheus.AlreadyRegisteredError
 		if errors.As(err, &are) {
 			if existing, ok := are.ExistingCollector.(C); ok {
 				return existing
 			}
 		}
-		*errp = err
+		rg.err = err
+		return c
 	}
+	rg.added = append(rg.added, c)
 	return c
+}
+
+// rollback unregisters what this registrar registered.
+func (rg *registrar) rollback() {
+	for _, c := range rg.added {
+		rg.reg.Unregister(c)
+	}
 }
 
 // roleMetrics are the metrics of one Run, curried with its role.

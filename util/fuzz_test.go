@@ -62,7 +62,7 @@ func checkStringRoundTrips(t *testing.T, s string) {
 	require.Equal(t, prefix, *relPrefix.AsPrefix())
 
 	// Bytes returns a copy: scribbling on it changes nothing.
-	if len(s) > 0 {
+	if s != "" {
 		kb := key.Bytes()
 		kb[0]++
 		require.Equal(t, s, key.String())

@@ -74,14 +74,14 @@ func (k EtcdKey) Tail() EtcdRelKey {
 // is nil or empty, the whole key is returned unchanged, as a relative key.
 func (k EtcdKey) RemovePrefix(prefix *EtcdPrefix) EtcdRelKey {
 	if prefix == nil {
-		return EtcdRelKey{keyStr: k.keyStr}
+		return EtcdRelKey(k)
 	}
 	return EtcdRelKey{keyStr: strings.TrimPrefix(k.keyStr, prefix.prefixStr)}
 }
 
 // AsRelKey returns the same string as a relative key.
 func (k EtcdKey) AsRelKey() EtcdRelKey {
-	return EtcdRelKey{keyStr: k.keyStr}
+	return EtcdRelKey(k)
 }
 
 // EtcdRelKey is a key relative to some prefix, i.e. the suffix of a complete
