@@ -318,73 +318,89 @@ func benchPrefix(name string) string {
 	return fmt.Sprintf("/bench/%s-%d", name, benchRunSeq.Add(1))
 }
 
+// benchRounds is how many times the throughput scenarios alternate between
+// the worker and its baselines; each side runs window/benchRounds per round,
+// so that a noisy stretch of the machine hits every side alike.
+const benchRounds = 3
+
 // benchIndependent: every group is one SingleDataPatch on its own key; the
 // reactor leaves benchGroupsPerTick groups per Tick. Baselines: one STM Txn
 // per update, and raw Txns of benchTxnPuts blind puts, both serial.
 func benchIndependent(ctx context.Context, b *testing.B, srv *etcdtest.Server, window time.Duration) []benchRow {
 	cli := srv.Client(b)
+	slice := window / benchRounds
 
-	// Worker.
-	prefix := benchPrefix("indep-worker")
-	keys := make([]util.EtcdKey, benchIndepKeys)
-	for i := range keys {
-		keys[i] = util.NewEtcdKey(benchKey(prefix, i))
-	}
-	next := 0
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*benchState)
-		groups := make([][]DataPatch, benchGroupsPerTick)
-		for i := range groups {
-			groups[i] = []DataPatch{SingleDataPatch{Key: keys[next%len(keys)], Func: benchIncr}}
-			next++
+	worker := func() float64 {
+		prefix := benchPrefix("indep-worker")
+		keys := make([]util.EtcdKey, benchIndepKeys)
+		for i := range keys {
+			keys[i] = util.NewEtcdKey(benchKey(prefix, i))
 		}
-		st.patches = groups
-		return st, nil
-	})
-	bw := startBenchWorkers(ctx, b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
-	waitSumAbove(ctx, b, cli, prefix, 0)
-	workerRate := benchRate(ctx, b, cli, prefix, window)
-	bw.stop()
+		next := 0
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*benchState)
+			groups := make([][]DataPatch, benchGroupsPerTick)
+			for i := range groups {
+				groups[i] = []DataPatch{SingleDataPatch{Key: keys[next%len(keys)], Func: benchIncr}}
+				next++
+			}
+			st.patches = groups
+			return st, nil
+		})
+		bw := startBenchWorkers(ctx, b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+		defer bw.stop()
+		waitSumAbove(ctx, b, cli, prefix, 0)
+		return benchRate(ctx, b, cli, prefix, slice)
+	}
 
-	// STM, one Txn per update.
-	prefix = benchPrefix("indep-stm")
 	stmCli := srv.Client(b)
-	var stmCount int64
-	deadline := time.Now().Add(window)
-	start := time.Now()
-	for i := 0; time.Now().Before(deadline); i++ {
-		key := benchKey(prefix, i%benchIndepKeys)
-		_, err := concurrency.NewSTM(stmCli, func(s concurrency.STM) error {
-			v, _, _ := benchIncr([]byte(s.Get(key)))
-			s.Put(key, string(v))
-			return nil
-		}, concurrency.WithAbortContext(ctx))
-		if err != nil {
-			b.Fatal(err)
+	stm := func() float64 {
+		prefix := benchPrefix("indep-stm")
+		var count int64
+		deadline := time.Now().Add(slice)
+		start := time.Now()
+		for i := 0; time.Now().Before(deadline); i++ {
+			key := benchKey(prefix, i%benchIndepKeys)
+			_, err := concurrency.NewSTM(stmCli, func(s concurrency.STM) error {
+				v, _, _ := benchIncr([]byte(s.Get(key)))
+				s.Put(key, string(v))
+				return nil
+			}, concurrency.WithAbortContext(ctx))
+			if err != nil {
+				b.Fatal(err)
+			}
+			count++
 		}
-		stmCount++
+		return float64(count) / time.Since(start).Seconds()
 	}
-	stmRate := float64(stmCount) / time.Since(start).Seconds()
 
-	// Raw Txns of benchTxnPuts puts.
-	prefix = benchPrefix("indep-raw")
 	rawCli := srv.Client(b)
-	var rawCount int64
 	value := string(benchValue(0)[:8])
-	deadline = time.Now().Add(window)
-	start = time.Now()
-	for i := 0; time.Now().Before(deadline); {
-		ops := make([]clientv3.Op, benchTxnPuts)
-		for j := range ops {
-			ops[j] = clientv3.OpPut(benchKey(prefix, i%benchIndepKeys), value)
-			i++
+	raw := func() float64 {
+		prefix := benchPrefix("indep-raw")
+		var count int64
+		deadline := time.Now().Add(slice)
+		start := time.Now()
+		for i := 0; time.Now().Before(deadline); {
+			ops := make([]clientv3.Op, benchTxnPuts)
+			for j := range ops {
+				ops[j] = clientv3.OpPut(benchKey(prefix, i%benchIndepKeys), value)
+				i++
+			}
+			if _, err := rawCli.Txn(ctx).Then(ops...).Commit(); err != nil {
+				b.Fatal(err)
+			}
+			count += benchTxnPuts
 		}
-		if _, err := rawCli.Txn(ctx).Then(ops...).Commit(); err != nil {
-			b.Fatal(err)
-		}
-		rawCount += benchTxnPuts
+		return float64(count) / time.Since(start).Seconds()
 	}
-	rawRate := float64(rawCount) / time.Since(start).Seconds()
+
+	var workerRate, stmRate, rawRate float64
+	for range benchRounds {
+		workerRate += worker() / benchRounds
+		stmRate += stm() / benchRounds
+		rawRate += raw() / benchRounds
+	}
 
 	b.ReportMetric(workerRate, "patches/s")
 	return []benchRow{
@@ -411,48 +427,65 @@ func benchIndependent(ctx context.Context, b *testing.B, srv *etcdtest.Server, w
 // once per Tick, against as many goroutines doing STM increments.
 func benchContention(ctx context.Context, b *testing.B, srv *etcdtest.Server, window time.Duration) benchRow {
 	cli := srv.Client(b)
-
-	prefix := benchPrefix("contend-worker")
-	counter := util.NewEtcdKey(prefix + "/counter")
-	workers := make([]*EtcdWorker, benchContenders)
-	for i := range workers {
-		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-			st := s.(*benchState)
-			st.patches = [][]DataPatch{{SingleDataPatch{Key: counter, Func: benchIncr}}}
-			return st, nil
-		})
-		workers[i] = newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState())
+	slice := window / benchRounds
+	workerClis := make([]*clientv3.Client, benchContenders)
+	stmClis := make([]*clientv3.Client, benchContenders)
+	for i := range benchContenders {
+		workerClis[i] = srv.Client(b)
+		stmClis[i] = srv.Client(b)
 	}
-	bw := startBenchWorkers(ctx, b, benchTickInterval, workers...)
-	waitSumAbove(ctx, b, cli, prefix, int64(benchContenders))
-	workerRate := benchRate(ctx, b, cli, prefix, window)
-	bw.stop()
 
-	prefix = benchPrefix("contend-stm")
-	key := prefix + "/counter"
-	sctx, stop := context.WithCancel(ctx)
-	g, gctx := errgroup.WithContext(sctx)
-	for range benchContenders {
-		c := srv.Client(b)
-		g.Go(func() error {
-			for gctx.Err() == nil {
-				_, err := concurrency.NewSTM(c, func(s concurrency.STM) error {
-					v, _, _ := benchIncr([]byte(s.Get(key)))
-					s.Put(key, string(v))
-					return nil
-				}, concurrency.WithAbortContext(gctx))
-				if err != nil && gctx.Err() == nil {
-					return err
+	worker := func() float64 {
+		prefix := benchPrefix("contend-worker")
+		counter := util.NewEtcdKey(prefix + "/counter")
+		workers := make([]*EtcdWorker, benchContenders)
+		for i := range workers {
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*benchState)
+				st.patches = [][]DataPatch{{SingleDataPatch{Key: counter, Func: benchIncr}}}
+				return st, nil
+			})
+			workers[i] = newBenchWorker(b, workerClis[i], prefix, reactor, newBenchState())
+		}
+		bw := startBenchWorkers(ctx, b, benchTickInterval, workers...)
+		defer bw.stop()
+		waitSumAbove(ctx, b, cli, prefix, int64(benchContenders))
+		return benchRate(ctx, b, cli, prefix, slice)
+	}
+
+	stm := func() float64 {
+		prefix := benchPrefix("contend-stm")
+		key := prefix + "/counter"
+		sctx, stop := context.WithCancel(ctx)
+		g, gctx := errgroup.WithContext(sctx)
+		for _, c := range stmClis {
+			g.Go(func() error {
+				for gctx.Err() == nil {
+					_, err := concurrency.NewSTM(c, func(s concurrency.STM) error {
+						v, _, _ := benchIncr([]byte(s.Get(key)))
+						s.Put(key, string(v))
+						return nil
+					}, concurrency.WithAbortContext(gctx))
+					if err != nil && gctx.Err() == nil {
+						return err
+					}
 				}
-			}
-			return nil
-		})
+				return nil
+			})
+		}
+		waitSumAbove(ctx, b, cli, prefix, int64(benchContenders))
+		rate := benchRate(ctx, b, cli, prefix, slice)
+		stop()
+		if err := g.Wait(); err != nil {
+			b.Fatal(err)
+		}
+		return rate
 	}
-	waitSumAbove(ctx, b, cli, prefix, int64(benchContenders))
-	stmRate := benchRate(ctx, b, cli, prefix, window)
-	stop()
-	if err := g.Wait(); err != nil {
-		b.Fatal(err)
+
+	var workerRate, stmRate float64
+	for range benchRounds {
+		workerRate += worker() / benchRounds
+		stmRate += stm() / benchRounds
 	}
 
 	b.ReportMetric(workerRate, "incr/s")

@@ -287,6 +287,15 @@ func (r *run) resolve(seq uint64) (txnOutcome, error) {
 				r.log.Info("unknown commit outcome resolved: landed", zap.Int64("revision", r.tokenRev))
 				return txnOutcome{landed: true, rev: r.tokenRev}, nil
 			}
+			if len(kvs) == 1 && string(kvs[0].Value) == strconv.FormatUint(fence, 10) {
+				// An earlier fence of this loop landed but its answer was
+				// lost: the token moved only through it, so the lost Txn
+				// never landed and never will.
+				r.tokenSeq = fence
+				r.tokenRev = kvs[0].ModRevision
+				r.log.Info("unknown commit outcome resolved: not landed", zap.Int64("revision", r.tokenRev))
+				return txnOutcome{landed: false, rev: r.tokenRev}, nil
+			}
 			if len(kvs) == 0 && r.session != nil {
 				return txnOutcome{}, fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
 			}

@@ -352,7 +352,13 @@ func (r *run) checkStop() error {
 }
 
 func (r *run) ctxErr() error {
-	return fmt.Errorf("orchestrator: worker stopped: %w", context.Cause(r.ctx))
+	// Wrap ctx.Err() (Run's contract: errors.Is(err, ctx.Err())) and, when
+	// the caller gave one (context.WithCancelCause...), the cause as well.
+	err := r.ctx.Err()
+	if cause := context.Cause(r.ctx); cause != nil && !errors.Is(cause, err) {
+		return fmt.Errorf("orchestrator: worker stopped: %w: %w", err, cause)
+	}
+	return fmt.Errorf("orchestrator: worker stopped: %w", err)
 }
 
 func (r *run) now() time.Time { return r.w.opts.clock.Now() }

@@ -157,7 +157,7 @@ func TestEtcdWorkerBank(t *testing.T) {
 		accounts  = 25
 		workers   = 10
 		runs      = 2
-		transfers = 8 // per run
+		transfers = 15 // per run
 	)
 	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -545,7 +546,14 @@ func TestEtcdWorkerRetryableError(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx, nil, behaviourTick, "retry") }()
 
-	waitUntil(ctx, t, "three attempts", func() bool { return attempts.Load() >= 3 })
+	waitUntil(ctx, t, "three attempts", func() bool {
+		select {
+		case err := <-done:
+			t.Fatalf("Run returned while the patch asked to try again: %v", err)
+		default:
+		}
+		return attempts.Load() >= 3
+	})
 	require.Equal(t, int64(1), reactor.ticks.Load(), "Tick ran while patches were pending")
 	require.Empty(t, etcdSnapshot(ctx, t, cli, prefix), "a commit aborted by ErrEtcdTryAgain wrote something")
 
@@ -706,7 +714,20 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
-	const prefix = "/test/out"
+	// The prefix is given un-normalized: the worker's area is "/test/out/".
+	const prefix = "test/out/"
+	t.Run("keys under the normalized prefix", func(t *testing.T) {
+		ctx := testContext(t)
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*recordingState)
+			st.group(SingleDataPatch{Key: util.NewEtcdKey("/test/out/ok"), Func: func([]byte) ([]byte, bool, error) {
+				return []byte("1"), true, nil
+			}})
+			return st, ErrReactorFinished
+		})
+		require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix)))
+		require.Equal(t, map[string]string{"/ok": "1"}, etcdSnapshot(ctx, t, cli, "/test/out"))
+	})
 	for _, bad := range []string{
 		"/other/key",
 		"/test/out",
@@ -715,13 +736,14 @@ func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
 		"/test/out/__orchestrator/delete-counter",
 		"/test/out/__orchestrator/token/0123456789abcdef",
 		"/test/out/__orchestrator/",
+		"test/out/relative",
 	} {
 		t.Run(bad, func(t *testing.T) {
 			ctx := testContext(t)
 			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*recordingState)
-				st.group(st.set("/ok", []byte("1")))
-				st.group(st.set("/ok2", []byte("2")), SingleDataPatch{Key: util.NewEtcdKey(bad), Func: func([]byte) ([]byte, bool, error) {
+				st.group(st.set("/new", []byte("1")))
+				st.group(st.set("/new2", []byte("2")), SingleDataPatch{Key: util.NewEtcdKey(bad), Func: func([]byte) ([]byte, bool, error) {
 					return []byte("x"), true, nil
 				}})
 				// The final commit fails: Run must report it, not return nil.
@@ -800,7 +822,11 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("first run never committed")
 	}
-	require.ErrorIs(t, w.Run(ctx, nil, behaviourTick, "concurrent"), ErrWorkerRunning)
+	// A short deadline, so that a worker that wrongly starts a second run
+	// fails the test quickly instead of running until the test's deadline.
+	concCtx, concCancel := context.WithTimeout(ctx, 5*time.Second)
+	defer concCancel()
+	require.ErrorIs(t, w.Run(concCtx, nil, behaviourTick, "concurrent"), ErrWorkerRunning)
 	cancel()
 	require.ErrorIs(t, recvErr(ctx, t, first), context.Canceled)
 
@@ -1010,6 +1036,34 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "deadline")
 		require.ErrorIs(t, err, context.DeadlineExceeded)
 		require.ErrorIs(t, err, ctx.Err())
+	})
+
+	t.Run("ctx cancelled with a cause", func(t *testing.T) {
+		// errors.Is(err, ctx.Err()) must hold also when the caller gave a
+		// cause (context.WithCancelCause / WithTimeoutCause); the cause is
+		// reported too.
+		errShutdown := errors.New("shutting down")
+		ctx, cancel := context.WithCancelCause(testContext(t))
+		started := make(chan struct{})
+		done := make(chan error, 1)
+		w := newWorker(t, forever(started))
+		go func() { done <- w.Run(ctx, nil, behaviourTick, "cause") }()
+		waitStarted(ctx, t, started)
+		cancel(errShutdown)
+		err := recvErr(testContext(t), t, done)
+		require.ErrorIs(t, err, context.Canceled)
+		require.ErrorIs(t, err, ctx.Err())
+		require.ErrorIs(t, err, errShutdown)
+	})
+
+	t.Run("deadline with a cause", func(t *testing.T) {
+		errTooSlow := errors.New("too slow")
+		ctx, cancel := context.WithTimeoutCause(testContext(t), 300*time.Millisecond, errTooSlow)
+		defer cancel()
+		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "deadline-cause")
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+		require.ErrorIs(t, err, ctx.Err())
+		require.ErrorIs(t, err, errTooSlow)
 	})
 
 	t.Run("session lease revoked", func(t *testing.T) {
@@ -1288,5 +1342,66 @@ func TestEtcdWorkerPanic(t *testing.T) {
 				require.ErrorContains(t, err, fmt.Sprint(value))
 			})
 		}
+	}
+}
+
+// TestEtcdWorkerMultiTxnFlush: one Tick's groups that do not fit one Txn are
+// committed in several, in order, never split, each applied once: later
+// Txns compare against the revisions the earlier ones of the same flush
+// produced (no self-conflict, so every patch runs exactly once), and a key
+// rewritten by groups in several Txns ends up with all their changes.
+func TestEtcdWorkerMultiTxnFlush(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const (
+		prefix    = "/test/multitxn"
+		bigGroups = 5
+		bigKeys   = 100 // with the worker's own ops, one big group per Txn
+		small     = 10
+	)
+	runs := map[string]int{} // patch name -> runs (worker goroutine only)
+	counted := func(name string, st *recordingState, rel, suffix string) DataPatch {
+		p := st.appendTo(rel, suffix)
+		return funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+			runs[name]++
+			return p.Patch(vm, cs)
+		})
+	}
+	reactor := newStepReactor(
+		when(always, func(_ context.Context, st *recordingState) error {
+			for g := 0; g < bigGroups; g++ {
+				// A big group: its own keys plus the shared one.
+				group := []DataPatch{counted(fmt.Sprintf("big%d/shared", g), st, "/shared", strconv.Itoa(g))}
+				for k := 0; k < bigKeys; k++ {
+					group = append(group, counted(fmt.Sprintf("big%d/%d", g, k), st, fmt.Sprintf("/k%d-%03d", g, k), "v"))
+				}
+				st.group(group...)
+				// Small groups after it rewrite the shared key again.
+				for s := 0; s < small; s++ {
+					st.group(counted(fmt.Sprintf("small%d/%d", g, s), st, "/shared", "."))
+				}
+			}
+			return nil
+		}),
+		when(func(st *recordingState) bool { return !st.absent("/shared") }, nil),
+	)
+	st := newRecordingState(prefix)
+	require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, st))
+
+	shared := ""
+	want := map[string]string{}
+	for g := 0; g < bigGroups; g++ {
+		shared += strconv.Itoa(g) + strings.Repeat(".", small)
+		for k := 0; k < bigKeys; k++ {
+			want[fmt.Sprintf("/k%d-%03d", g, k)] = "v"
+		}
+	}
+	want["/shared"] = shared
+	require.Equal(t, want, etcdSnapshot(ctx, t, cli, prefix))
+	require.Equal(t, want, stateSnapshot(st), "the Tick after the flush must see all of it")
+	require.Len(t, runs, bigGroups*(1+bigKeys+small))
+	for name, n := range runs {
+		require.Equal(t, 1, n, "patch %s ran %d times: the flush conflicted with itself", name, n)
 	}
 }

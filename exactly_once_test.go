@@ -13,11 +13,16 @@ import (
 	"time"
 
 	"github.com/anishathalye/porcupine"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
@@ -235,14 +240,17 @@ func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *faultWorkers
 	require.NoError(t, c.check(ctx, t, cli))
 }
 
-// startCounter starts c's workers, each on a client from newClient.
-func startCounter(t testing.TB, c *counterWorld, newClient func(i int) *clientv3.Client, opts []Option) *faultWorkers {
+// startCounter starts c's workers, each on a client from newClient, for at
+// most timeout.
+func startCounter(t testing.TB, c *counterWorld, newClient func(i int) *clientv3.Client, opts []Option,
+	timeout time.Duration,
+) *faultWorkers {
 	t.Helper()
 	ws := make([]*EtcdWorker, c.workers)
 	for i := range ws {
 		ws[i] = c.newWorker(t, newClient(i), i, opts...)
 	}
-	g := newFaultWorkers(t, 3*time.Minute)
+	g := newFaultWorkers(t, timeout)
 	for i, w := range ws {
 		g.runWorker(fmt.Sprintf("counter-%d", i), w)
 	}
@@ -316,7 +324,7 @@ func TestExactlyOnceCommitCuts(t *testing.T) {
 	lg, logs := observedLogger(t)
 	c := newCounterWorld("/fault/exactly-once", 4, false)
 	g := startCounter(t, c, func(int) *clientv3.Client { return env.client(t, probe.dialOption()) },
-		faultOptions(env.reg, lg))
+		faultOptions(env.reg, lg), 3*time.Minute)
 
 	c.waitProgress(t, g, 10, "before the faults")
 	for round := 1; ; round++ {
@@ -355,7 +363,7 @@ func TestLinearizableCounter(t *testing.T) {
 	probe := newTxnProbe()
 	c := newCounterWorld("/fault/linearizable", 4, true)
 	g := startCounter(t, c, func(int) *clientv3.Client { return env.client(t, probe.dialOption()) },
-		faultOptions(env.reg, faultLogger(t)))
+		faultOptions(env.reg, faultLogger(t)), 3*time.Minute)
 	g.run("direct reader", func(ctx context.Context) error {
 		for ctx.Err() == nil && !c.stop.Load() {
 			if err := c.directRead(ctx, env.direct); err != nil && ctx.Err() == nil {
@@ -442,4 +450,153 @@ func (c *counterWorld) requireLinearizable(t testing.TB) {
 		}
 	}
 	require.Equal(t, porcupine.Ok, res, "the counter history is not linearizable")
+
+	// The check has teeth: the same history with the last increment applied
+	// twice (its output one too high) is rejected.
+	last := -1
+	for i, op := range ops {
+		if op.Input.(counterInput).inc && (last < 0 || op.Output.(int64) > ops[last].Output.(int64)) {
+			last = i
+		}
+	}
+	require.GreaterOrEqual(t, last, 0)
+	ops[last].Output = ops[last].Output.(int64) + 1
+	require.Equal(t, porcupine.Illegal, porcupine.CheckOperationsTimeout(counterModel, ops, time.Minute),
+		"porcupine accepted a history with a doubled increment")
+}
+
+// txnAction is what txnFaultInjector does with one Txn.
+type txnAction int
+
+const (
+	txnPass       txnAction = iota // send it, return its answer
+	txnDrop                        // do not send it, report the connection lost
+	txnLoseAnswer                  // send it, then report the connection lost
+)
+
+// txnFaultInjector is a gRPC interceptor that applies scripted actions to
+// the worker's commit Txns (more than one compare) and resolution Txns (one
+// compare), in order; Txns beyond the script pass.
+type txnFaultInjector struct {
+	mu      sync.Mutex
+	armed   bool
+	commits []txnAction
+	fences  []txnAction
+	seen    []string
+}
+
+func (f *txnFaultInjector) arm(commits, fences []txnAction) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.armed, f.commits, f.fences = true, commits, fences
+}
+
+func (f *txnFaultInjector) next(req *etcdserverpb.TxnRequest) (string, txnAction) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.armed {
+		return "", txnPass
+	}
+	kind, queue := "commit", &f.commits
+	if len(req.Compare) == 1 {
+		kind, queue = "fence", &f.fences
+	}
+	a := txnPass
+	if len(*queue) > 0 {
+		a, *queue = (*queue)[0], (*queue)[1:]
+	}
+	f.seen = append(f.seen, fmt.Sprintf("%s:%d", kind, a))
+	return kind, a
+}
+
+func (f *txnFaultInjector) dialOption() grpc.DialOption {
+	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		tr, ok := req.(*etcdserverpb.TxnRequest)
+		if !ok {
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}
+		kind, a := f.next(tr)
+		lost := status.Error(codes.Unavailable, "injected: connection lost during "+kind)
+		switch a {
+		case txnDrop:
+			return lost
+		case txnLoseAnswer:
+			if err := invoker(ctx, method, req, reply, cc, opts...); err != nil {
+				return err
+			}
+			return lost
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+}
+
+// TestExactlyOnceScriptedUnknownOutcomes drives the resolution of an unknown
+// commit outcome through each combination of a lost commit (never reached
+// etcd, or landed with its answer lost) and lost resolution answers (the
+// fence landed, or failed, and its answer was lost). In every case the
+// group lands exactly once and Run goes on.
+func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	direct := srv.Client(t)
+	cases := []struct {
+		name    string
+		commits []txnAction
+		fences  []txnAction
+		landed  bool // the first run of the patch landed
+	}{
+		{name: "commit lost", commits: []txnAction{txnDrop}, landed: false},
+		{name: "commit answer lost", commits: []txnAction{txnLoseAnswer}, landed: true},
+		{name: "commit lost, fence answer lost", commits: []txnAction{txnDrop}, fences: []txnAction{txnLoseAnswer}, landed: false},
+		{name: "commit answer lost, fence answer lost", commits: []txnAction{txnLoseAnswer}, fences: []txnAction{txnLoseAnswer}, landed: true},
+		{name: "commit lost, fence lost twice", commits: []txnAction{txnDrop}, fences: []txnAction{txnDrop, txnLoseAnswer, txnDrop}, landed: false},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := testContext(t)
+			prefix := fmt.Sprintf("/fault/scripted-%d", i)
+			inj := &txnFaultInjector{}
+			cli := faultClient(t, []grpc.DialOption{inj.dialOption()}, srv.Endpoints()...)
+			reg := prometheus.NewRegistry()
+			lg, logs := observedLogger(t)
+			var runs atomic.Int64
+			ticks := 0
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*mapState)
+				ticks++
+				switch ticks {
+				case 1: // a commit that passes, so the worker has a token
+					st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+				case 2:
+					inj.arm(tc.commits, tc.fences)
+					st.patches = append(st.patches, []DataPatch{SingleDataPatch{Key: st.key("/n"), Func: func(old []byte) ([]byte, bool, error) {
+						runs.Add(1)
+						n := mustInt(t, old)
+						return []byte(strconv.FormatInt(n+1, 10)), true, nil
+					}}})
+				default:
+					return st, ErrReactorFinished
+				}
+				return st, nil
+			})
+			w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), faultOptions(reg, lg)...)
+			require.NoError(t, err)
+			require.NoError(t, w.Run(ctx, nil, faultInterval, "scripted"))
+
+			resp, err := direct.Get(ctx, prefix+"/n")
+			require.NoError(t, err)
+			require.Len(t, resp.Kvs, 1)
+			require.Equal(t, "2", string(resp.Kvs[0].Value), "the group must land exactly once (Txns: %v)", inj.seen)
+			require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_unknown_commit_outcomes_total"))
+			landed, notLanded := resolutionLogs(logs)
+			if tc.landed {
+				require.EqualValues(t, 1, runs.Load(), "a landed patch was re-run")
+				require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
+			} else {
+				require.EqualValues(t, 2, runs.Load(), "a lost patch must be re-run once")
+				require.Equal(t, [2]int{0, 1}, [2]int{landed, notLanded})
+			}
+		})
+	}
 }

@@ -83,7 +83,10 @@ func WithLogger(l *zap.Logger) Option {
 // the worker's own), and at most maxBytes of keys and values in compares and
 // ops. Default: DefaultTxnMaxOps (128) and DefaultTxnMaxBytes (1.25 MiB),
 // which fit an etcd server with default flags. Set them no higher than the
-// server's --max-txn-ops and --max-request-bytes (less framing). Values that
+// server's --max-txn-ops and --max-request-bytes less framing: the byte
+// estimate counts keys and values only, and protobuf adds about 20 bytes per
+// op, so leave maxOps*20 bytes plus some KiB of margin (the defaults leave
+// 256 KiB). Values that
 // leave no room for one key make NewEtcdWorker fail with ErrInvalidArgument.
 func WithTxnLimits(maxOps, maxBytes int) Option {
 	return optionFunc(func(o *options) {

@@ -145,7 +145,7 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 		return false
 	}
 	for i, p := range group {
-		if p == nil {
+		if isNil(p) {
 			return nil, fmt.Errorf("%w: patch %d of a group is nil", ErrInvalidArgument, i)
 		}
 		changed := v.scratch

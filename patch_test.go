@@ -471,7 +471,7 @@ func TestPatchViewErrors(t *testing.T) {
 			panic(errBoom)
 		}), ErrPanic, "boom"},
 		{"nil patch", nil, ErrInvalidArgument, "nil"},
-		{"nil *SingleDataPatch", (*SingleDataPatch)(nil), ErrPanic, ""},
+		{"nil *SingleDataPatch", (*SingleDataPatch)(nil), ErrInvalidArgument, "nil"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
