@@ -399,10 +399,10 @@ func (r *run) loop() error {
 		}
 		now := r.now()
 		wake := now.Add(r.interval)
-		if r.watch.ch == nil && !now.Before(r.watch.retryAt) {
+		if r.watch.idle() && !now.Before(r.watch.retryAt) {
 			r.watch.start(r.eventRev + 1)
 		}
-		if r.watch.ch == nil {
+		if r.watch.idle() {
 			wake = earliest(wake, r.watch.retryAt)
 		}
 
@@ -484,6 +484,9 @@ func (r *run) wait(wake time.Time) error {
 		return ErrEtcdSessionDone
 	case resp, ok := <-r.watch.ch:
 		return r.watch.handle(resp, ok)
+	case ch := <-r.watch.opened:
+		r.watch.established(ch)
+		return nil
 	case p := <-r.watch.probes:
 		r.handleProbe(p)
 		return nil

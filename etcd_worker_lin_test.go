@@ -90,8 +90,8 @@ func (s *linState) Update(key util.EtcdKey, value []byte, _ bool) error {
 	if !ok || !strings.HasPrefix(rel, "/") {
 		return fmt.Errorf("key %q outside the prefix reached the ReactorState", k)
 	}
-	switch {
-	case rel == "/counter":
+	switch rel {
+	case "/counter":
 		if value == nil {
 			return fmt.Errorf("counter deleted")
 		}
@@ -100,7 +100,7 @@ func (s *linState) Update(key util.EtcdKey, value []byte, _ bool) error {
 			return fmt.Errorf("counter: %w", err)
 		}
 		s.counter = n
-	case rel == s.markerRel:
+	case s.markerRel:
 		s.marker = string(value)
 	}
 	return nil

@@ -35,6 +35,11 @@ type ReactorState interface {
 	// a key put with an empty value arrives as a non-nil, zero-length slice.
 	// isInit is true while the initial snapshot (or a full reload) is loaded.
 	//
+	// A full reload happens when the worker's watch revision was compacted
+	// (for example after an outage): the prefix is read again at one
+	// revision and only the differences are passed, all with isInit = true:
+	// changed or new keys with their value, vanished keys with nil.
+	//
 	// The value slice is shared with the worker and must not be modified;
 	// keeping a reference to it is fine. An error stops the worker and Run
 	// returns it, wrapped.

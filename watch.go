@@ -22,8 +22,9 @@ type watchStream struct {
 	watcher clientv3.Watcher
 	base    context.Context // watch and progress requests share its metadata
 	stop    context.CancelFunc
-	cancel  context.CancelFunc // of the current watch
-	ch      clientv3.WatchChan // nil while no watch is open
+	cancel  context.CancelFunc      // of the current watch
+	ch      clientv3.WatchChan      // nil while no watch is open
+	opened  chan clientv3.WatchChan // non-nil while a watch is being opened
 	retryAt time.Time
 	backoff backoff
 
@@ -140,13 +141,31 @@ func (s *watchStream) requestProgress() {
 	}
 }
 
-// start opens a watch from rev.
+// start opens a watch from rev. clientv3's Watch blocks until etcd confirms
+// the watch, which never happens while etcd is unreachable, so it runs in a
+// goroutine of its own and hands the channel over through opened; the run
+// loop keeps serving ctx, the session and the outage limit meanwhile.
 func (s *watchStream) start(rev int64) {
 	s.closeWatch()
 	ctx, cancel := context.WithCancel(s.base)
 	s.cancel = cancel
-	s.ch = s.watcher.Watch(ctx, s.r.w.watchKey, clientv3.WithPrefix(), clientv3.WithRev(rev),
-		clientv3.WithProgressNotify())
+	opened := make(chan clientv3.WatchChan, 1)
+	s.opened = opened
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		opened <- s.watcher.Watch(ctx, s.r.w.watchKey, clientv3.WithPrefix(), clientv3.WithRev(rev),
+			clientv3.WithProgressNotify())
+	}()
+}
+
+// idle reports whether no watch is open or being opened.
+func (s *watchStream) idle() bool { return s.ch == nil && s.opened == nil }
+
+// established records the channel of the watch start opened.
+func (s *watchStream) established(ch clientv3.WatchChan) {
+	s.opened = nil
+	s.ch = ch
 }
 
 func (s *watchStream) closeWatch() {
@@ -155,6 +174,7 @@ func (s *watchStream) closeWatch() {
 		s.cancel = nil
 	}
 	s.ch = nil
+	s.opened = nil
 }
 
 // retryLater closes the current watch and schedules a new one.
