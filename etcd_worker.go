@@ -157,7 +157,12 @@ func (w *EtcdWorker) validateOptions() error {
 // 10s); and either the state changed since the last Tick or timerInterval has
 // passed since it. Ticks are also rate limited by a token bucket of rate
 // 1/timerInterval and burst 2 (golang.org/x/time/rate): a Tick that is due
-// but over the rate is delayed, not dropped.
+// but over the rate is delayed, not dropped. A timer Tick (no change) also
+// waits until the bucket is full, so that timer Ticks never delay the Tick
+// of a change: an idle worker ticks every timerInterval, a change is ticked
+// at once unless changes already come faster than one per timerInterval,
+// and the gap between two Ticks never exceeds two timerIntervals while the
+// state is fresh.
 //
 // After each Tick the patches left in the state are committed, many groups
 // per Txn, before the next Tick. A failed compare re-runs the remaining
@@ -423,6 +428,16 @@ func (r *run) loop() error {
 		case caughtUp:
 			due := r.changed || !now.Before(r.lastTick.Add(r.interval))
 			if due && r.fresh(now) {
+				if !r.changed {
+					// A timer Tick waits for a full bucket, so that timer
+					// Ticks never use up the budget and delay the Tick of a
+					// change that comes next.
+					burst := float64(r.limiter.Burst())
+					if tokens := r.limiter.TokensAt(now); tokens < burst {
+						wake = earliest(wake, now.Add(time.Duration((burst-tokens)*float64(r.interval))))
+						break
+					}
+				}
 				res := r.limiter.ReserveN(now, 1)
 				if d := res.DelayFrom(now); d > 0 {
 					res.CancelAt(now)
