@@ -513,7 +513,7 @@ func benchContention(ctx context.Context, b *testing.B, srv *etcdtest.Server, wi
 		must:     ">= 1x (aim 2x)",
 		verdict:  verdict(batchedRate/stmRate, 1, 2, true),
 	}, {
-		scenario: fmt.Sprintf("contention: same, 1 increment group per Tick"),
+		scenario: "contention: same, 1 increment group per Tick",
 		baseline: fmt.Sprintf("%.0f/s", stmRate),
 		worker:   fmt.Sprintf("%.0f/s", singleRate),
 		ratio:    fmt.Sprintf("%.2fx", singleRate/stmRate),

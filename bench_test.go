@@ -30,10 +30,7 @@ func newMicroRun(tb testing.TB, state ReactorState, n int, value func(int) []byt
 	if err != nil {
 		tb.Fatal(err)
 	}
-	r, err := w.newRun(context.Background(), nil, time.Second, "micro")
-	if err != nil {
-		tb.Fatal(err)
-	}
+	r := w.newRun(context.Background(), nil, time.Second, "micro")
 	tb.Cleanup(r.close)
 	for i := 0; i < n; i++ {
 		if err := r.update(microKey(i), value(i), int64(i+1), true); err != nil {

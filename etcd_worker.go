@@ -205,12 +205,9 @@ func (w *EtcdWorker) Run(ctx context.Context, session *concurrency.Session,
 	}
 	defer w.running.Store(false)
 
-	r, err := w.newRun(ctx, session, timerInterval, role)
-	if err != nil {
-		return err
-	}
+	r := w.newRun(ctx, session, timerInterval, role)
 	defer r.close() //nolint:contextcheck // the run carries Run's ctx
-	err = r.loop()  //nolint:contextcheck // the run carries Run's ctx
+	err := r.loop() //nolint:contextcheck // the run carries Run's ctx
 	if err != nil {
 		r.log.Info("etcd worker stopped", zap.Error(err))
 	} else {
@@ -251,7 +248,6 @@ type run struct {
 	cancel   context.CancelFunc
 	session  *concurrency.Session
 	interval time.Duration
-	role     string
 	log      *zap.Logger
 	m        *roleMetrics
 	state    ReactorState
@@ -287,12 +283,11 @@ type run struct {
 	changed  bool
 	lastTick time.Time
 	limiter  *rate.Limiter
-	ticked   bool
 }
 
 func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 	interval time.Duration, role string,
-) (*run, error) {
+) *run {
 	rctx, cancel := context.WithCancel(ctx)
 	r := &run{
 		w:        w,
@@ -300,7 +295,6 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 		cancel:   cancel,
 		session:  session,
 		interval: interval,
-		role:     role,
 		state:    w.state,
 		m:        w.metrics.forRole(role),
 		limiter:  rate.NewLimiter(rate.Every(interval), 2),
@@ -312,7 +306,7 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 	}
 	now := w.opts.clock.Now()
 	r.lastContact = now
-	return r, nil
+	return r
 }
 
 // close releases what the run holds: the watch, its goroutines, the commit
@@ -513,7 +507,6 @@ func (r *run) wait(wake time.Time) error {
 // tick calls the reactor once and collects its patches.
 func (r *run) tick() error {
 	r.changed = false
-	r.ticked = true
 	start := r.now()
 	r.lastTick = start
 	r.m.ticks.Inc()
