@@ -17,9 +17,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/signal"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -62,27 +60,8 @@ func parseFlags() config {
 }
 
 func main() {
-	os.Exit(mainCode(parseFlags()))
-}
-
-// mainCode runs the demo until it ends or SIGINT/SIGTERM and returns the exit
-// code: 0 when the invariants held, 1 otherwise.
-func mainCode(cfg config) int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop() // a second Ctrl-C kills the process
-	}()
-	ok, err := run(ctx, cfg)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "bank:", err)
-		return 1
-	}
-	if !ok {
-		return 1
-	}
-	return 0
+	cfg := parseFlags()
+	os.Exit(demo.Main("bank", func(ctx context.Context) (bool, error) { return run(ctx, cfg) }))
 }
 
 // account is the JSON document of one account.

@@ -23,13 +23,11 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"os/signal"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -72,27 +70,8 @@ func parseFlags() config {
 }
 
 func main() {
-	os.Exit(mainCode(parseFlags()))
-}
-
-// mainCode runs the demo until it ends or SIGINT/SIGTERM and returns the exit
-// code: 0 when the invariants held, 1 otherwise.
-func mainCode(cfg config) int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop() // a second Ctrl-C kills the process
-	}()
-	ok, err := run(ctx, cfg)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "leader:", err)
-		return 1
-	}
-	if !ok {
-		return 1
-	}
-	return 0
+	cfg := parseFlags()
+	os.Exit(demo.Main("leader", func(ctx context.Context) (bool, error) { return run(ctx, cfg) }))
 }
 
 // run runs the controllers for cfg.duration, then verifies the log.

@@ -10,8 +10,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -203,4 +205,25 @@ func IsStop(ctx context.Context, err error) bool {
 		return false
 	}
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// Main runs a demo until it ends or SIGINT/SIGTERM and returns the process
+// exit code: 0 when run reports that the invariants held, 1 otherwise (an
+// error is printed with the demo's name). A second Ctrl-C kills the process.
+func Main(name string, run func(ctx context.Context) (bool, error)) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
+	ok, err := run(ctx)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, name+":", err)
+		return 1
+	}
+	if !ok {
+		return 1
+	}
+	return 0
 }
