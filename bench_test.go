@@ -83,7 +83,7 @@ func BenchmarkPatchViewFlush(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		view := newPatchView(w.values, w.committedValue)
+		view := newPatchView(w.liveValues, w.committedValue)
 		for _, g := range groups {
 			writes, err := view.applyGroup(g)
 			if err != nil || len(writes) != 1 {

@@ -21,7 +21,7 @@ import (
 // stay pending and are re-run once the state has caught up.
 func (r *run) commitPending() error {
 	w := r.w
-	view := newPatchView(w.values, w.committedValue)
+	view := newPatchView(w.liveValues, w.committedValue)
 	defer view.reset()
 
 	writes := make([]groupWrites, len(r.pending))

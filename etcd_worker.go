@@ -46,11 +46,15 @@ type EtcdWorker struct {
 	running atomic.Bool
 
 	// committed mirrors what the state has been told: every visible key with
-	// its value and mod revision. values is the map handed to patches; it
-	// holds the same values outside of a commit. Both are kept across runs
-	// so that a second Run only tells the state what changed.
+	// its value and mod revision. It is kept across runs so that a second Run
+	// only tells the state what changed.
 	committed map[util.EtcdKey]kvEntry
-	values    map[util.EtcdKey][]byte
+	// values is the map of every committed value handed to DataPatch
+	// implementations other than SingleDataPatch (which need the whole map);
+	// nil until the first such patch runs, then kept in step with committed
+	// (outside of a commit) by update. A worker whose patches are all
+	// SingleDataPatch never pays for it.
+	values map[util.EtcdKey][]byte
 }
 
 type kvEntry struct {
@@ -90,7 +94,6 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 		reserved:   p.String() + reservedDir,
 		counterKey: p.String() + reservedDir + "delete-counter",
 		committed:  make(map[util.EtcdKey]kvEntry),
-		values:     make(map[util.EtcdKey][]byte),
 	}
 	if err := w.validateOptions(); err != nil {
 		return nil, err
@@ -233,6 +236,18 @@ func (w *EtcdWorker) checkWritable(key util.EtcdKey) error {
 		return fmt.Errorf("%w: key %q is in the worker's reserved area %q", ErrKeyOutsidePrefix, s, w.reserved)
 	}
 	return nil
+}
+
+// liveValues returns the value map for general DataPatches, building it
+// from committed on first use (once per worker, not per commit).
+func (w *EtcdWorker) liveValues() map[util.EtcdKey][]byte {
+	if w.values == nil {
+		w.values = make(map[util.EtcdKey][]byte, len(w.committed))
+		for k, e := range w.committed {
+			w.values[k] = e.value
+		}
+	}
+	return w.values
 }
 
 // committedValue is the committed value of key, for patchView.
@@ -564,10 +579,14 @@ func (r *run) update(key util.EtcdKey, value []byte, modRev int64, isInit bool) 
 	w := r.w
 	if value == nil {
 		delete(w.committed, key)
-		delete(w.values, key)
+		if w.values != nil {
+			delete(w.values, key)
+		}
 	} else {
 		w.committed[key] = kvEntry{value: value, modRev: modRev}
-		w.values[key] = value
+		if w.values != nil {
+			w.values[key] = value
+		}
 	}
 	if err := r.callUpdate(key, value, isInit); err != nil {
 		return err

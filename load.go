@@ -92,11 +92,10 @@ func (r *run) load() error {
 		if rev == 0 {
 			rev = resp.Header.Revision
 			if len(w.committed) == 0 && resp.Count > 0 {
-				// First load: size the mirror maps for the whole prefix
+				// First load: size the mirror map for the whole prefix
 				// (Count is the number of keys in the range, not in the
-				// page) instead of growing them page by page.
+				// page) instead of growing it page by page.
 				w.committed = make(map[util.EtcdKey]kvEntry, resp.Count)
-				w.values = make(map[util.EtcdKey][]byte, resp.Count)
 			}
 		}
 		for _, kv := range resp.Kvs {

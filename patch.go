@@ -20,15 +20,9 @@ type SingleDataPatch struct {
 
 // Patch implements DataPatch.
 func (p SingleDataPatch) Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error {
-	if p.Func == nil {
-		return fmt.Errorf("%w: SingleDataPatch for key %q has a nil Func", ErrInvalidArgument, p.Key.String())
-	}
-	newValue, changed, err := p.Func(valueMap[p.Key])
-	if err != nil {
+	newValue, changed, err := p.apply(valueMap[p.Key])
+	if err != nil || !changed {
 		return err
-	}
-	if !changed {
-		return nil
 	}
 	changedSet[p.Key] = struct{}{}
 	if newValue == nil {
@@ -37,6 +31,25 @@ func (p SingleDataPatch) Patch(valueMap map[util.EtcdKey][]byte, changedSet map[
 		valueMap[p.Key] = newValue
 	}
 	return nil
+}
+
+// apply runs Func on old.
+func (p SingleDataPatch) apply(old []byte) (newValue []byte, changed bool, err error) {
+	if p.Func == nil {
+		return nil, false, fmt.Errorf("%w: SingleDataPatch for key %q has a nil Func", ErrInvalidArgument, p.Key.String())
+	}
+	return p.Func(old)
+}
+
+// asSingle returns the SingleDataPatch behind p, if it is one.
+func asSingle(p DataPatch) (SingleDataPatch, bool) {
+	switch sp := p.(type) {
+	case SingleDataPatch:
+		return sp, true
+	case *SingleDataPatch:
+		return *sp, true
+	}
+	return SingleDataPatch{}, false
 }
 
 var (
@@ -54,21 +67,23 @@ type keyWrite struct {
 // first touched. An empty slice means the group is a no-op.
 type groupWrites []keyWrite
 
-// patchView runs patch groups on a copy-on-write view of the state. The view
-// map is the worker's live value map: patches mutate it in place, and the
-// view remembers, for every key touched, the value before the flush so that
-// reset puts it back. Only touched keys are copied; the state is never cloned.
+// patchView runs patch groups on a copy-on-write view of the state: it
+// remembers the value of every key the flush touched, and nothing else; the
+// state is never cloned. A SingleDataPatch runs on that record alone. Any
+// other DataPatch needs the whole value map: the view then uses the worker's
+// live value map (built on first use, see liveValues), which patches mutate
+// in place and reset puts back.
 type patchView struct {
-	values    map[util.EtcdKey][]byte // live map handed to patches
-	committed func(util.EtcdKey) ([]byte, bool)
+	values     map[util.EtcdKey][]byte // live map handed to patches; nil until needed
+	liveValues func() map[util.EtcdKey][]byte
+	committed  func(util.EtcdKey) ([]byte, bool)
 
 	// accepted is the value of each touched key after the last accepted
 	// patch; keys not in it still hold their committed value.
 	accepted map[util.EtcdKey]optValue
 	touched  []util.EtcdKey // keys of accepted, in first-touch order
 	scratch  map[util.EtcdKey]struct{}
-	// groupScratch is reused by applyGroup for the keys one group touched.
-	groupScratch []groupTouch
+	group    groupTouches // of the group being applied
 }
 
 // groupTouch is a key one group touched, with its value before the group.
@@ -90,12 +105,15 @@ func (o optValue) equal(p optValue) bool {
 	return o.present == p.present && bytes.Equal(o.value, p.value)
 }
 
-func newPatchView(values map[util.EtcdKey][]byte, committed func(util.EtcdKey) ([]byte, bool)) *patchView {
+// newPatchView returns a view over the committed values. liveValues returns
+// the map of every committed value, for patches that need it; it is called
+// at most once per view, and only when such a patch runs.
+func newPatchView(liveValues func() map[util.EtcdKey][]byte, committed func(util.EtcdKey) ([]byte, bool)) *patchView {
 	return &patchView{
-		values:    values,
-		committed: committed,
-		accepted:  make(map[util.EtcdKey]optValue),
-		scratch:   make(map[util.EtcdKey]struct{}),
+		liveValues: liveValues,
+		committed:  committed,
+		accepted:   make(map[util.EtcdKey]optValue),
+		scratch:    make(map[util.EtcdKey]struct{}),
 	}
 }
 
@@ -106,6 +124,18 @@ func (v *patchView) current(key util.EtcdKey) optValue {
 	}
 	val, ok := v.committed(key)
 	return optValue{value: val, present: ok}
+}
+
+// valueMap returns the live map for a general DataPatch, with every change
+// accepted so far in this flush applied to it.
+func (v *patchView) valueMap() map[util.EtcdKey][]byte {
+	if v.values == nil {
+		v.values = v.liveValues()
+		for _, key := range v.touched {
+			v.setLive(key, v.accepted[key])
+		}
+	}
+	return v.values
 }
 
 // live is the value of key in the map the patches mutate.
@@ -127,31 +157,31 @@ func (v *patchView) setLive(key util.EtcdKey, o optValue) {
 // is skipped and what it changed is undone; any other error is returned as is
 // (the caller resets the view).
 func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
-	// The keys the group touched with their value before it, in first-touch
-	// order; a set of them only once there are many (a group usually touches
-	// a key or two, and a map per group costs allocations).
-	touches := v.groupScratch[:0]
-	var touchedSet map[util.EtcdKey]struct{}
-	seen := func(key util.EtcdKey) bool {
-		if touchedSet != nil {
-			_, ok := touchedSet[key]
-			return ok
-		}
-		for _, t := range touches {
-			if t.key == key {
-				return true
-			}
-		}
-		return false
-	}
+	g := &v.group
+	g.reset()
+	defer g.reset() // drop references to keys and values
 	for i, p := range group {
 		if isNil(p) {
 			return nil, fmt.Errorf("%w: patch %d of a group is nil", ErrInvalidArgument, i)
 		}
+		if sp, ok := asSingle(p); ok && v.values == nil {
+			// Fast path: one key, no live map to keep in step.
+			newValue, changed, err := callSingle(sp, v.current(sp.Key).value)
+			if err != nil {
+				if errors.Is(err, ErrEtcdIgnore) {
+					continue
+				}
+				return nil, err
+			}
+			if changed {
+				v.accept(sp.Key, optValue{value: newValue, present: newValue != nil})
+			}
+			continue
+		}
+		values := v.valueMap()
 		changed := v.scratch
 		clear(changed)
-		err := callPatch(p, v.values, changed)
-		if err != nil {
+		if err := callPatch(p, values, changed); err != nil {
 			// Undo whatever the patch changed before it failed.
 			for key := range changed {
 				v.setLive(key, v.current(key))
@@ -162,31 +192,17 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 			return nil, err
 		}
 		for key := range changed {
-			if !seen(key) {
-				touches = append(touches, groupTouch{key: key, before: v.current(key)})
-				if touchedSet != nil {
-					touchedSet[key] = struct{}{}
-				} else if len(touches) > smallGroupKeys {
-					touchedSet = make(map[util.EtcdKey]struct{}, 2*len(touches))
-					for _, t := range touches {
-						touchedSet[t.key] = struct{}{}
-					}
-				}
-			}
-			if _, ok := v.accepted[key]; !ok {
-				v.touched = append(v.touched, key)
-			}
-			v.accepted[key] = v.live(key)
+			v.accept(key, v.live(key))
 		}
 	}
 	var writes groupWrites
-	for _, t := range touches {
+	for _, t := range g.touches {
 		after := v.accepted[t.key]
 		if after.equal(t.before) {
 			continue
 		}
 		if writes == nil {
-			writes = make(groupWrites, 0, len(touches))
+			writes = make(groupWrites, 0, len(g.touches))
 		}
 		w := keyWrite{key: t.key}
 		if after.present {
@@ -197,22 +213,84 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 		}
 		writes = append(writes, w)
 	}
-	clear(touches) // drop references to keys and values
-	v.groupScratch = touches[:0]
 	return writes, nil
+}
+
+// accept records that a patch of the current group left key at after.
+func (v *patchView) accept(key util.EtcdKey, after optValue) {
+	if !v.group.seen(key) {
+		v.group.add(groupTouch{key: key, before: v.current(key)})
+	}
+	if _, ok := v.accepted[key]; !ok {
+		v.touched = append(v.touched, key)
+	}
+	v.accepted[key] = after
+}
+
+// groupTouches are the keys one group touched with their value before it, in
+// first-touch order; a set of them only once there are many (a group
+// usually touches a key or two, and a map per group costs allocations). It is
+// reused from group to group.
+type groupTouches struct {
+	touches []groupTouch
+	set     map[util.EtcdKey]struct{}
+}
+
+func (g *groupTouches) seen(key util.EtcdKey) bool {
+	if g.set != nil {
+		_, ok := g.set[key]
+		return ok
+	}
+	for _, t := range g.touches {
+		if t.key == key {
+			return true
+		}
+	}
+	return false
+}
+
+func (g *groupTouches) add(t groupTouch) {
+	g.touches = append(g.touches, t)
+	switch {
+	case g.set != nil:
+		g.set[t.key] = struct{}{}
+	case len(g.touches) > smallGroupKeys:
+		g.set = make(map[util.EtcdKey]struct{}, 2*len(g.touches))
+		for _, t := range g.touches {
+			g.set[t.key] = struct{}{}
+		}
+	}
+}
+
+func (g *groupTouches) reset() {
+	clear(g.touches)
+	g.touches = g.touches[:0]
+	g.set = nil
 }
 
 // reset puts every touched key back to its committed value and forgets the
 // flush.
 func (v *patchView) reset() {
-	for _, key := range v.touched {
-		val, ok := v.committed(key)
-		v.setLive(key, optValue{value: val, present: ok})
+	if v.values != nil {
+		for _, key := range v.touched {
+			val, ok := v.committed(key)
+			v.setLive(key, optValue{value: val, present: ok})
+		}
 	}
 	// A patch may have failed with keys not yet accepted: they were undone
 	// when it failed.
 	clear(v.accepted)
 	v.touched = v.touched[:0]
+}
+
+// callSingle runs p's Func on old, turning a panic into an error.
+func callSingle(p SingleDataPatch, old []byte) (newValue []byte, changed bool, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = panicError("SingleDataPatch.Func", r)
+		}
+	}()
+	return p.apply(old)
 }
 
 // callPatch runs p.Patch, turning a panic into an error.

@@ -61,7 +61,7 @@ func newPTFixture(kv map[string]string) *ptFixture {
 		f.committed[ptKey(k)] = b
 		f.live[ptKey(k)] = b
 	}
-	f.view = newPatchView(f.live, func(key util.EtcdKey) ([]byte, bool) {
+	f.view = newPatchView(func() map[util.EtcdKey][]byte { return f.live }, func(key util.EtcdKey) ([]byte, bool) {
 		if f.recording {
 			f.lookups = append(f.lookups, key)
 		}
@@ -78,14 +78,36 @@ func (f *ptFixture) requireLiveEqualsCommitted(t testing.TB) {
 	require.Equal(t, f.committed, f.live)
 }
 
-// requireLive checks the live map holds exactly kv.
+// viewValues is what the view shows: the committed values with every change
+// accepted in the flush applied. (A SingleDataPatch does not touch the live
+// map, so this is where its writes show until reset.)
+func (f *ptFixture) viewValues() map[util.EtcdKey][]byte {
+	out := map[util.EtcdKey][]byte{}
+	for k, v := range f.committed {
+		out[k] = v
+	}
+	for k, o := range f.view.accepted {
+		if o.present {
+			out[k] = o.value
+		} else {
+			delete(out, k)
+		}
+	}
+	return out
+}
+
+// requireLive checks the view shows exactly kv, and that the live map, once
+// a general DataPatch made the view use it, agrees.
 func (f *ptFixture) requireLive(t testing.TB, kv map[string]string) {
 	t.Helper()
 	want := map[util.EtcdKey][]byte{}
 	for k, v := range kv {
 		want[ptKey(k)] = []byte(v)
 	}
-	require.Equal(t, want, f.live)
+	require.Equal(t, want, f.viewValues())
+	if f.view.values != nil {
+		require.Equal(t, want, f.live)
+	}
 }
 
 // ptPut and ptDel are the expected writes.
@@ -209,8 +231,8 @@ func TestSingleDataPatchSemantics(t *testing.T) {
 					require.Empty(t, writes)
 				} else {
 					requireSameWrites(t, []keyWrite{*tt.wantWrite}, writes)
-					// The live map shows the write until reset.
-					v, ok := f.live[ptKey("k")]
+					// The view shows the write until reset.
+					v, ok := f.viewValues()[ptKey("k")]
 					require.Equal(t, tt.wantWrite.value != nil, ok)
 					require.True(t, bytes.Equal(tt.wantWrite.value, v))
 					if ok {
@@ -528,4 +550,29 @@ func BenchmarkPackTxns(b *testing.B) {
 			b.Fatalf("%d txns", len(out))
 		}
 	}
+}
+
+// TestPatchViewMixedSingleAndGeneral: single-key patches run without the live
+// map; a general DataPatch later in the same flush still sees their accepted
+// writes, and reset leaves the live map equal to the committed one.
+func TestPatchViewMixedSingleAndGeneral(t *testing.T) {
+	f := newPTFixture(map[string]string{"a": "0", "b": "7"})
+	w1, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("5"))})
+	require.NoError(t, err)
+	requireSameWrites(t, []keyWrite{ptPut("a", "5")}, w1)
+	require.Nil(t, f.view.values, "a SingleDataPatch must not need the live map")
+
+	copyA := ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		m[ptKey("b")] = append([]byte("a="), m[ptKey("a")]...)
+		changed[ptKey("b")] = struct{}{}
+		return nil
+	})
+	w2, err := f.view.applyGroup([]DataPatch{copyA, ptSet("c", []byte("1"))})
+	require.NoError(t, err)
+	requireSameWrites(t, []keyWrite{ptPut("b", "a=5"), ptPut("c", "1")}, w2)
+	f.requireLive(t, map[string]string{"a": "5", "b": "a=5", "c": "1"})
+
+	f.view.reset()
+	f.requireLiveEqualsCommitted(t)
+	require.Equal(t, f.committed, f.viewValues())
 }

@@ -78,7 +78,7 @@ func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
 		return v, ok
 	}
 	for _, group := range r.state.GetPatches() {
-		view := newPatchView(r.values, committed)
+		view := newPatchView(func() map[util.EtcdKey][]byte { return r.values }, committed)
 		writes, err := view.applyGroup(group)
 		view.reset()
 		if err != nil {
