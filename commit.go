@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -210,11 +211,11 @@ func (r *run) checkToken(kvs []*mvccpb.KeyValue) error {
 	if rev == r.tokenRev {
 		return nil
 	}
-	if r.session != nil && rev == 0 {
-		return fmt.Errorf("%w: commit token %q vanished with the session lease", ErrEtcdSessionDone, r.tokenKey)
-	}
-	// Someone else deleted or wrote the token (for example a wipe of the
-	// prefix). Nothing of ours is in flight, so adopt what etcd has.
+	// The token vanished with an expired session lease (then the next Txn,
+	// which puts it with that lease, fails as a whole and Run returns
+	// ErrEtcdSessionDone), or someone else deleted or wrote it (for example
+	// a wipe of the prefix). Nothing of ours is in flight, so adopt what etcd
+	// has.
 	r.log.Warn("commit token changed behind the worker's back", zap.String("key", r.tokenKey),
 		zap.Int64("expected", r.tokenRev), zap.Int64("actual", rev))
 	r.tokenRev = rev
@@ -226,6 +227,10 @@ func (r *run) checkToken(kvs []*mvccpb.KeyValue) error {
 // when the outcome is unknown and must be resolved.
 func classifyTxnError(err error) error {
 	switch {
+	case errors.Is(err, rpctypes.ErrPermissionDenied), errors.Is(err, rpctypes.ErrAuthFailed), errors.Is(err, rpctypes.ErrUserEmpty),
+		errors.Is(err, rpctypes.ErrUserNotFound), errors.Is(err, rpctypes.ErrDuplicateKey),
+		errors.Is(err, rpctypes.ErrEmptyKey):
+		return fmt.Errorf("orchestrator: commit rejected by etcd: %w", err)
 	case errors.Is(err, rpctypes.ErrTooManyOps):
 		return fmt.Errorf("%w: the server's --max-txn-ops is lower than the worker's limit: %w", ErrEtcdTxnOpsExceed, err)
 	case errors.Is(err, rpctypes.ErrRequestTooLarge):
@@ -233,11 +238,16 @@ func classifyTxnError(err error) error {
 	case errors.Is(err, rpctypes.ErrLeaseNotFound):
 		return fmt.Errorf("%w: %w", ErrEtcdSessionDone, err)
 	}
+	// Errors etcd's server knows arrive as rpctypes.EtcdError (handled
+	// above); a raw gRPC status comes from gRPC itself, such as a request
+	// over the server's receive limit (--max-request-bytes + framing).
 	if s, ok := status.FromError(err); ok {
 		switch s.Code() {
 		case codes.ResourceExhausted:
-			return fmt.Errorf("%w: %w", ErrEtcdTxnSizeExceed, err)
-		case codes.InvalidArgument, codes.PermissionDenied, codes.Unauthenticated, codes.FailedPrecondition:
+			if strings.Contains(s.Message(), "larger than max") {
+				return fmt.Errorf("%w: %w", ErrEtcdTxnSizeExceed, err)
+			}
+		case codes.PermissionDenied, codes.Unauthenticated:
 			return fmt.Errorf("orchestrator: commit rejected by etcd: %w", err)
 		}
 	}
@@ -296,7 +306,7 @@ func (r *run) resolve(seq uint64) (txnOutcome, error) {
 				r.log.Info("unknown commit outcome resolved: not landed", zap.Int64("revision", r.tokenRev))
 				return txnOutcome{landed: false, rev: r.tokenRev}, nil
 			}
-			if len(kvs) == 0 && r.session != nil {
+			if len(kvs) == 0 && r.session != nil && r.leaseGone() {
 				return txnOutcome{}, fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
 			}
 			return txnOutcome{}, fmt.Errorf("%w: commit token %q was changed by someone else", ErrCommitUnresolved, r.tokenKey)
@@ -315,6 +325,15 @@ func (r *run) resolve(seq uint64) (txnOutcome, error) {
 			return txnOutcome{}, err
 		}
 	}
+}
+
+// leaseGone reports whether etcd no longer has the session's lease (an
+// error counts as gone: the caller is about to give up either way).
+func (r *run) leaseGone() bool {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), r.w.opts.requestTimeout)
+	defer cancel()
+	resp, err := r.w.client.TimeToLive(ctx, r.lease)
+	return err != nil || resp.TTL <= 0
 }
 
 // pause waits for d; unlike sleep it ignores ctx (the commit must be

@@ -311,7 +311,7 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 		session:  session,
 		interval: interval,
 		state:    w.state,
-		m:        w.metrics.forRole(role),
+		m:        w.metrics.forRole(strings.ToValidUTF8(role, "\uFFFD")), // label values must be UTF-8
 		limiter:  rate.NewLimiter(rate.Every(interval), 2),
 		tokenKey: w.reserved + "token/" + randomID(),
 	}
@@ -340,6 +340,9 @@ func (r *run) close() {
 		}
 	}
 	r.w.state = r.state
+	// A patch that failed may have left changes it did not record in the
+	// live value map; the next Run rebuilds it from committed if needed.
+	r.w.values = nil
 }
 
 // sessionDone returns the session's done channel, or nil without a session.
@@ -540,6 +543,12 @@ func (r *run) tick() error {
 		finished = true
 	}
 	if isNil(next) {
+		if finished {
+			// Finished with no state, so with no patches to commit.
+			r.pending = nil
+			r.finishing = true
+			return nil
+		}
 		return fmt.Errorf("%w: reactor Tick returned a nil state", ErrInvalidArgument)
 	}
 	r.state = next
@@ -577,6 +586,7 @@ func (r *run) callGetPatches() (patches [][]DataPatch, err error) {
 // update feeds one change to the state and the worker's mirror of it.
 func (r *run) update(key util.EtcdKey, value []byte, modRev int64, isInit bool) error {
 	w := r.w
+	prev, hadPrev := w.committed[key]
 	if value == nil {
 		delete(w.committed, key)
 		if w.values != nil {
@@ -589,6 +599,15 @@ func (r *run) update(key util.EtcdKey, value []byte, modRev int64, isInit bool) 
 		}
 	}
 	if err := r.callUpdate(key, value, isInit); err != nil {
+		// The state did not take the change: keep the key in the mirror
+		// with an impossible revision, so that the load of a later Run
+		// passes it again (its value, or nil if it is gone).
+		switch {
+		case value != nil:
+			w.committed[key] = kvEntry{value: value, modRev: -1}
+		case hadPrev:
+			w.committed[key] = kvEntry{value: prev.value, modRev: -1}
+		}
 		return err
 	}
 	r.changed = true

@@ -60,7 +60,9 @@ type DataPatch interface {
 	// the worker.
 	//
 	// valueMap holds every key under the worker's prefix; the worker restores
-	// it after the commit, so a patch must not keep a reference to it.
+	// the keys recorded in changedSet after the commit (also when the patch
+	// fails), so a patch must record every key it modifies before it returns,
+	// error or not, and must not keep a reference to the map.
 	Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
 }
 

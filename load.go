@@ -34,11 +34,11 @@ func (r *run) loadWithRetry() error {
 		if errors.As(err, &ue) {
 			return ue.err
 		}
-		if errors.Is(err, rpctypes.ErrCompacted) {
-			continue // the pinned revision was compacted between pages: start over
-		}
 		if stop := r.checkStop(); stop != nil {
 			return stop
+		}
+		if errors.Is(err, rpctypes.ErrCompacted) {
+			continue // the pinned revision was compacted between pages: start over
 		}
 		r.failure("load", err)
 		if err := r.sleep(bo.next()); err != nil {

@@ -126,7 +126,8 @@ func WithMaxOutage(d time.Duration) Option {
 
 // WithMaxStaleness bounds how stale the state may be and still be ticked: the
 // worker ticks only while its newest proof that the state is current (a watch
-// event, a progress notification or a successful commit) is younger than d.
+// response, a progress notification, the load, or a read showing that etcd
+// has no newer revision) is younger than d.
 // Default: DefaultMaxStaleness (10s).
 func WithMaxStaleness(d time.Duration) Option {
 	return optionFunc(func(o *options) { o.maxStaleness = d })
