@@ -71,17 +71,12 @@ type account struct {
 
 // run runs the demo and reports whether the invariant held throughout.
 func run(ctx context.Context, cfg config) (bool, error) {
-	cluster, err := demo.Connect(ctx, cfg.endpoints)
+	env, err := demo.Setup(ctx, cfg.endpoints, cfg.metricsAddr)
 	if err != nil {
 		return false, err
 	}
-	defer cluster.Close()
-	reg := prometheus.NewRegistry()
-	metricsURL, stopMetrics, err := demo.ServeMetrics(ctx, cfg.metricsAddr, reg)
-	if err != nil {
-		return false, err
-	}
-	defer stopMetrics()
+	defer env.Close()
+	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
 
 	fmt.Printf("bank: %d workers, %d accounts under %s, %v, %s\n",
 		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration, cluster.Describe())

@@ -76,17 +76,12 @@ func main() {
 
 // run runs the controllers for cfg.duration, then verifies the log.
 func run(ctx context.Context, cfg config) (bool, error) {
-	cluster, err := demo.Connect(ctx, cfg.endpoints)
+	env, err := demo.Setup(ctx, cfg.endpoints, cfg.metricsAddr)
 	if err != nil {
 		return false, err
 	}
-	defer cluster.Close()
-	reg := prometheus.NewRegistry()
-	metricsURL, stopMetrics, err := demo.ServeMetrics(ctx, cfg.metricsAddr, reg)
-	if err != nil {
-		return false, err
-	}
-	defer stopMetrics()
+	defer env.Close()
+	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
 	fmt.Printf("leader: %d controllers under %s, %v, leaders killed after %v, %s\n",
 		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter, cluster.Describe())
 	if metricsURL != "" {

@@ -227,3 +227,34 @@ func Main(name string, run func(ctx context.Context) (bool, error)) int {
 	}
 	return 0
 }
+
+// Env is what a demo runs on: a cluster and a fresh metrics registry, served
+// over HTTP when an address was given.
+type Env struct {
+	*Cluster
+	Registry    *prometheus.Registry
+	MetricsURL  string // empty when metrics are not served
+	stopMetrics func()
+}
+
+// Setup connects to endpoints (see Connect) and serves a new registry's
+// metrics at metricsAddr (see ServeMetrics). The caller must Close the Env.
+func Setup(ctx context.Context, endpoints, metricsAddr string) (*Env, error) {
+	cluster, err := Connect(ctx, endpoints)
+	if err != nil {
+		return nil, err
+	}
+	env := &Env{Cluster: cluster, Registry: prometheus.NewRegistry()}
+	env.MetricsURL, env.stopMetrics, err = ServeMetrics(ctx, metricsAddr, env.Registry)
+	if err != nil {
+		cluster.Close()
+		return nil, err
+	}
+	return env, nil
+}
+
+// Close stops serving metrics and closes the cluster.
+func (e *Env) Close() {
+	e.stopMetrics()
+	e.Cluster.Close()
+}
