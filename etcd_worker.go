@@ -416,9 +416,7 @@ func (r *run) loop() error {
 		}
 		now := r.now()
 		wake := now.Add(r.interval)
-		if r.watch.idle() && !now.Before(r.watch.retryAt) {
-			r.watch.start(r.eventRev + 1)
-		}
+		r.restartWatchIfDue(now)
 		if r.watch.idle() {
 			wake = earliest(wake, r.watch.retryAt)
 		}
@@ -466,6 +464,20 @@ func (r *run) loop() error {
 			return err
 		}
 	}
+}
+
+// restartWatchIfDue opens a new watch when none is open or being opened and
+// its back-off has passed (retryAt, now included), and reports whether it
+// did. The watch resumes at the revision after the last applied event
+// (eventRev + 1): not at appliedRev or headRev, which a progress
+// notification or a head probe may have moved past events the state has
+// not seen (PITFALLS.md item 3).
+func (r *run) restartWatchIfDue(now time.Time) bool {
+	if !r.watch.idle() || now.Before(r.watch.retryAt) {
+		return false
+	}
+	r.watch.start(r.eventRev + 1)
+	return true
 }
 
 func earliest(a, b time.Time) time.Time {

@@ -14,13 +14,17 @@ package orchestrator
 //     TestPitfall2SameHeaderRevision (new, unit: two responses with one
 //     header revision both apply; replays are skipped; two keys of one
 //     revision both apply).
-//  3. Re-watch from the last applied revision + 1: no dedicated test. Covered
-//     indirectly by the fault suite, whose invariants break on a lost event:
+//  3. Re-watch from the last applied revision + 1:
+//     TestPitfall3ResumeAfterLastApplied (new, real etcd: the watch closes,
+//     three puts land while none is open and a head probe reports them, and
+//     the restart run.loop makes (restartWatchIfDue) delivers each of them
+//     once, in order; a watch started one revision too early replays the last
+//     applied event and the worker skips it). Also covered indirectly by the
+//     fault suite, whose invariants break on a lost event:
 //     TestFaultBankLeaderRestart (WithRequireLeader watch fails, the worker
 //     re-watches), TestFaultBankProxyCuts, TestFaultIdleWorkerStaysFresh
-//     (clientv3 resumes the watch), TestLinearizableCounter; the dedup that
-//     makes a replay harmless is TestPitfall2SameHeaderRevision. A replay
-//     from a re-watch is not detected end-to-end by any test.
+//     (clientv3 resumes the watch), TestLinearizableCounter; the unit test of
+//     the dedup is TestPitfall2SameHeaderRevision.
 //  4. An empty value arrives as nil; a PUT must reach Update as []byte{}:
 //     TestEtcdWorkerEmptyOrNil (load and watch), and
 //     TestFaultCompactionReloadMatchesEtcd (empty values after a reload).
@@ -500,4 +504,130 @@ func TestPitfall10NoSpinUnderContention(t *testing.T) {
 	require.Equal(t, float64(calls.Load()), commits+conflicts, "each patch run is one Txn: landed or conflicted")
 	require.GreaterOrEqual(t, conflicts, float64(1))
 	require.LessOrEqual(t, conflicts, float64(externalWrites), "more conflicts than external writes: the worker retried without new state")
+}
+
+// pitfall3Receive hands r's watch to handle as run.wait does (the opened
+// channel to established, each response to handle) until done, asked after
+// each handled response, returns true. A closed watch channel fails the test;
+// the run's context (the test's, through newRun) bounds the wait.
+func pitfall3Receive(t testing.TB, r *run, what string, done func(clientv3.WatchResponse) bool) {
+	t.Helper()
+	for {
+		select {
+		case <-r.ctx.Done():
+			t.Fatalf("timed out waiting for %s (eventRev %d): %v", what, r.eventRev, r.ctx.Err())
+		case ch := <-r.watch.opened:
+			r.watch.established(ch)
+		case resp, ok := <-r.watch.ch:
+			require.True(t, ok, "the watch closed while waiting for %s", what)
+			require.NoError(t, r.watch.handle(resp, true))
+			if done(resp) {
+				return
+			}
+		}
+	}
+}
+
+// TestPitfall3ResumeAfterLastApplied: the worker's watch closes after it
+// applied a put at revision A; three puts land at A+1..A+3 while no watch is
+// open, and a head probe tells the run that etcd is at A+3. The restart that
+// run.loop makes (restartWatchIfDue, once the back-off has passed) must
+// resume at the last applied revision + 1: the state gets A+1..A+3 once each,
+// in order, then a put made after the restart. A restart past what was
+// applied (from the probed head, say) would lose some of them. Then a watch
+// started one revision too early (at the last applied revision, as a re-watch
+// from the last header revision would) replays that revision's event, and the
+// worker skips it: no Update, eventRev unchanged, no Tick made due.
+func TestPitfall3ResumeAfterLastApplied(t *testing.T) {
+	const prefix = "/test/pitfall3"
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+	writer := srv.Client(t)
+	put := func(rel, value string) int64 {
+		t.Helper()
+		resp, err := writer.Put(ctx, prefix+rel, value)
+		require.NoError(t, err)
+		return resp.Header.Revision
+	}
+	put("/k", "loaded")
+
+	st := newRecordingState(prefix)
+	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	w, err := NewEtcdWorker(srv.Client(t), prefix, noop, st)
+	require.NoError(t, err)
+	r := w.newRun(ctx, nil, behaviourTick, "pitfall3")
+	r.watch = newWatchStream(r)
+	t.Cleanup(r.close)
+	require.NoError(t, r.load())
+	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("loaded"), isInit: true}}, st.log)
+	applied := func(rev int64) func(clientv3.WatchResponse) bool {
+		return func(clientv3.WatchResponse) bool { return r.eventRev >= rev }
+	}
+
+	// The first watch, opened as run.loop opens it, applies a put at A.
+	r.watch.start(r.eventRev + 1)
+	revA := put("/k", "A")
+	pitfall3Receive(t, r, "the put at A", applied(revA))
+	require.Equal(t, revA, r.eventRev)
+	require.Equal(t, updateRecord{rel: "/k", value: []byte("A")}, st.log[len(st.log)-1])
+
+	// The watch channel closes: the run schedules a new watch after a
+	// back-off. Three puts land while no watch is open.
+	require.NoError(t, r.watch.handle(clientv3.WatchResponse{}, false))
+	require.True(t, r.watch.idle(), "a closed watch must leave the stream idle")
+	gap := []int64{put("/k", "gap1"), put("/j", "gap2"), put("/k", "gap3")}
+	require.Equal(t, []int64{revA + 1, revA + 2, revA + 3}, gap)
+	// A head probe (as probeHead sends while the watch is silent) reports
+	// etcd at A+3: headRev moves, the applied revisions must not.
+	head, err := writer.Get(ctx, prefix+"/k", clientv3.WithCountOnly())
+	require.NoError(t, err)
+	r.handleProbe(headProbe{rev: head.Header.Revision, sent: r.now()})
+	require.Equal(t, revA+3, r.headRev)
+	require.Equal(t, revA, r.eventRev, "a head probe must not move the revision the watch resumes after")
+	require.Equal(t, revA, r.appliedRev, "a head probe must not prove revisions the state has not applied")
+
+	// run.loop's restart: not before the back-off, then from eventRev + 1.
+	retryAt := r.watch.retryAt
+	require.False(t, r.restartWatchIfDue(retryAt.Add(-time.Nanosecond)), "the watch restarted before its back-off")
+	require.True(t, r.watch.idle())
+	require.True(t, r.restartWatchIfDue(retryAt), "the watch did not restart once its back-off passed")
+	require.False(t, r.watch.idle())
+	require.False(t, r.restartWatchIfDue(retryAt), "a second watch was opened over the first")
+	// A put after the restart: the restarted watch delivers it whatever
+	// revision it resumed at (up to A+4), so a restart past the gap fails the
+	// assertion below at once instead of waiting for the deadline.
+	revAfter := put("/s", "after")
+	require.Equal(t, revA+4, revAfter)
+	before := len(st.log)
+	pitfall3Receive(t, r, "the puts made while no watch was open", applied(revAfter))
+	require.Equal(t, []updateRecord{
+		{rel: "/k", value: []byte("gap1")},
+		{rel: "/j", value: []byte("gap2")},
+		{rel: "/k", value: []byte("gap3")},
+		{rel: "/s", value: []byte("after")},
+	}, st.log[before:], "every put made while no watch was open must reach the state once, in order")
+	require.Equal(t, revAfter, r.eventRev)
+	require.Equal(t, revAfter, r.appliedRev)
+
+	// A watch one revision too early replays the last applied event (A+4);
+	// the worker skips it.
+	r.changed = false
+	before = len(st.log)
+	r.watch.start(r.eventRev)
+	pitfall3Receive(t, r, "the replay of the last applied revision", func(resp clientv3.WatchResponse) bool {
+		for _, ev := range resp.Events {
+			if ev.Kv.ModRevision == revAfter {
+				return true
+			}
+		}
+		return false
+	})
+	require.Len(t, st.log, before, "a replayed event reached the state again")
+	require.False(t, r.changed, "a replayed event made a Tick due")
+	require.Equal(t, revAfter, r.eventRev)
+	// The watch that replayed goes on with new events, each applied once.
+	revLast := put("/k", "last")
+	pitfall3Receive(t, r, "a put after the replay", applied(revLast))
+	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("last")}}, st.log[before:])
+	require.Equal(t, etcdSnapshot(ctx, t, writer, prefix), stateSnapshot(st))
 }
