@@ -29,6 +29,7 @@ type txnBatch struct {
 	writes     []keyWrite
 	hasDelete  bool
 	bytes      int
+	deletes    int // writes whose final value is a delete, while packing
 }
 
 // writeSize is what one written key costs: a compare on the key plus a put of
@@ -75,7 +76,13 @@ func packTxns(groups []groupWrites, l txnLimits) []txnBatch {
 			reset(i)
 		}
 		for _, w := range g {
+			if w.value == nil {
+				cur.deletes++
+			}
 			if pos, ok := index[w.key]; ok {
+				if cur.writes[pos].value == nil {
+					cur.deletes--
+				}
 				cur.bytes += len(w.value) - len(cur.writes[pos].value)
 				cur.writes[pos] = w
 				continue
@@ -90,13 +97,7 @@ func packTxns(groups []groupWrites, l txnLimits) []txnBatch {
 		out = append(out, cur)
 	}
 	for i := range out {
-		out[i].hasDelete = false
-		for _, w := range out[i].writes {
-			if w.value == nil {
-				out[i].hasDelete = true
-				break
-			}
-		}
+		out[i].hasDelete = out[i].deletes > 0
 	}
 	return out
 }
@@ -105,20 +106,13 @@ func packTxns(groups []groupWrites, l txnLimits) []txnBatch {
 func fitsWith(cur *txnBatch, index map[util.EtcdKey]int, g groupWrites, l txnLimits) bool {
 	keys := len(cur.writes)
 	bytes := cur.bytes
-	// The Txn deletes a key when the final write of some key is a delete.
-	// Track finals of keys g rewrites separately; new keys just add.
-	var rewritten map[util.EtcdKey][]byte
-	for _, w := range g {
+	// Count the delete surcharge whenever either side deletes: an upper
+	// bound that keeps the check simple and safe.
+	deletes := cur.deletes > 0
+	for _, w := range g { // a group writes each key once (see applyGroup)
+		deletes = deletes || w.value == nil
 		if pos, ok := index[w.key]; ok {
-			if rewritten == nil {
-				rewritten = make(map[util.EtcdKey][]byte)
-			}
-			prev, seen := rewritten[w.key]
-			if !seen {
-				prev = cur.writes[pos].value
-			}
-			bytes += len(w.value) - len(prev)
-			rewritten[w.key] = w.value
+			bytes += len(w.value) - len(cur.writes[pos].value)
 			continue
 		}
 		keys++
@@ -126,15 +120,6 @@ func fitsWith(cur *txnBatch, index map[util.EtcdKey]int, g groupWrites, l txnLim
 	}
 	if keys+l.overheadOps > l.maxOps {
 		return false
-	}
-	// Count the delete surcharge whenever either side deletes: an upper
-	// bound that keeps the check simple and safe.
-	deletes := false
-	for _, w := range cur.writes {
-		deletes = deletes || w.value == nil
-	}
-	for _, w := range g {
-		deletes = deletes || w.value == nil
 	}
 	total := bytes + l.overheadBytes
 	if deletes {
