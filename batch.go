@@ -21,6 +21,30 @@ type txnLimits struct {
 	deleteBytes   int
 }
 
+// newTxnLimits returns the limits of a worker on prefix: every Txn compares
+// the delete counter and the commit token and puts the token; fencing adds a
+// compare and a get. So max(compares, then, else) is keys + 2 (+1 with
+// fencing). It fails when the limits leave no room for one key.
+func newTxnLimits(o *options, prefix string) (txnLimits, error) {
+	counterKey := len(prefix) + len(reservedDir) + len("delete-counter")
+	l := txnLimits{maxOps: o.txnMaxOps, maxBytes: o.txnMaxBytes, overheadOps: 2}
+	l.overheadBytes = 3*tokenKeyLen(prefix) + tokenValueMaxLen + counterKey
+	l.deleteBytes = counterKey
+	if o.hasFencing {
+		l.overheadOps++
+		l.overheadBytes += 2 * len(o.fencingKey)
+	}
+	if l.maxOps < l.overheadOps+1 {
+		return l, fmt.Errorf("%w: WithTxnLimits: op limit %d leaves no room for a key (the worker needs %d)",
+			ErrInvalidArgument, l.maxOps, l.overheadOps)
+	}
+	if l.maxBytes <= l.overheadBytes+l.deleteBytes {
+		return l, fmt.Errorf("%w: WithTxnLimits: byte limit %d leaves no room for a key (the worker needs %d)",
+			ErrInvalidArgument, l.maxBytes, l.overheadBytes+l.deleteBytes)
+	}
+	return l, nil
+}
+
 // txnBatch is a run of consecutive patch groups committed in one Txn:
 // groups[start:end]. writes holds the final value of every key written by the
 // batch, in first-write order (a key written by two groups appears once).
@@ -30,6 +54,17 @@ type txnBatch struct {
 	hasDelete  bool
 	bytes      int
 	deletes    int // writes whose final value is a delete, while packing
+}
+
+// groups counts the groups of b that write something.
+func (b txnBatch) groups(writes []groupWrites) int {
+	n := 0
+	for _, g := range writes[b.start:b.end] {
+		if len(g) > 0 {
+			n++
+		}
+	}
+	return n
 }
 
 // writeSize is what one written key costs: a compare on the key plus a put of

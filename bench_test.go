@@ -33,12 +33,11 @@ func newMicroRun(tb testing.TB, state ReactorState, n int, value func(int) []byt
 	r := w.newRun(context.Background(), nil, time.Second, "micro")
 	tb.Cleanup(r.close)
 	for i := 0; i < n; i++ {
-		if err := r.update(microKey(i), value(i), int64(i+1), true); err != nil {
+		if err := r.update(keyChange{key: microKey(i), value: value(i), modRev: int64(i + 1)}, true); err != nil {
 			tb.Fatal(err)
 		}
 	}
-	r.eventRev = int64(n)
-	r.appliedRev = int64(n)
+	r.mirror.loaded(int64(n), 0)
 	return r
 }
 
@@ -57,7 +56,7 @@ func BenchmarkWatchApplyEvents(b *testing.B) {
 			Value: benchValue(i),
 		}}
 	}
-	rev := r.eventRev
+	rev := r.mirror.eventRev
 	b.ReportAllocs()
 	for b.Loop() {
 		for _, ev := range events {
@@ -76,14 +75,13 @@ func BenchmarkWatchApplyEvents(b *testing.B) {
 // CPU part of one flush of the independent-updates scenario.
 func BenchmarkPatchViewFlush(b *testing.B) {
 	r := newMicroRun(b, newMapState(microPrefix), benchLoadKeys, func(i int) []byte { return strconv.AppendInt(nil, int64(i), 10) })
-	w := r.w
 	groups := make([][]DataPatch, benchGroupsPerTick)
 	for i := range groups {
 		groups[i] = []DataPatch{SingleDataPatch{Key: microKey(i * 7), Func: benchIncr}}
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		view := newPatchView(w.liveValues, w.committedValue)
+		view := newPatchView(r.mirror)
 		for _, g := range groups {
 			writes, err := view.applyGroup(g)
 			if err != nil || len(writes) != 1 {

@@ -1,83 +1,103 @@
 package orchestrator
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
-// commitPending runs the pending patch groups on a copy-on-write view of the
-// state, packs their writes into Txns and sends them in order. Groups whose
-// Txn landed are done; from the first Txn that did not land on, the groups
-// stay pending and are re-run once the state has caught up.
-func (r *run) commitPending() error {
-	w := r.w
-	view := newPatchView(w.liveValues, w.committedValue)
-	defer view.reset()
+// flushResult is what became of one flush of the pending groups; the loop
+// acts on it (see settle).
+type flushResult struct {
+	done       int   // groups[:done] landed or were no-ops
+	barrierRev int64 // revision of the last Txn that landed (0: none)
+	tryAgain   bool  // a patch returned ErrEtcdTryAgain; nothing was sent
+	retryAtRev int64 // a Txn did not land: the rest waits for this revision
+}
 
-	writes := make([]groupWrites, len(r.pending))
-	for i, group := range r.pending {
+// commitPending runs the pending groups on a copy-on-write view of the
+// state, packs their writes into Txns and sends them in order, then settles
+// the pending groups by the result.
+func (r *run) commitPending(now time.Time) error {
+	res, err := r.flush(r.pending.groups)
+	if err != nil {
+		return err
+	}
+	r.barrierRev = max(r.barrierRev, res.barrierRev)
+	p := &r.pending
+	switch {
+	case res.tryAgain:
+		p.tryAgain, p.tryAgainRev, p.tryAgainUntil = true, r.mirror.completeRev, now.Add(r.interval)
+		r.log.Debug("patch asked to try again", zap.Int64("revision", r.mirror.completeRev))
+	case res.done < len(p.groups):
+		p.groups = p.groups[res.done:]
+		p.tryAgain = false
+		p.retryAtRev = res.retryAtRev
+		r.watch.requestProgress()
+	default:
+		*p = pendingPatches{}
+	}
+	return nil
+}
+
+// flush commits groups: every group is run first (a group that fails or
+// cannot fit ends the flush before anything is sent), then the Txns go out
+// in order until one does not land.
+func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
+	view := newPatchView(r.mirror)
+	defer view.reset()
+	writes := make([]groupWrites, len(groups))
+	for i, group := range groups {
 		gw, err := view.applyGroup(group)
+		if errors.Is(err, ErrEtcdTryAgain) {
+			if view.values != nil {
+				// A patch may have edited values in place before it
+				// asked to try again: the retry starts from fresh copies.
+				r.mirror.dropValueMap()
+			}
+			return flushResult{tryAgain: true}, nil
+		}
+		if err == nil {
+			err = r.checkGroup(gw)
+		}
 		if err != nil {
-			if errors.Is(err, ErrEtcdTryAgain) {
-				r.tryAgain = true
-				r.tryAgainRev = r.appliedRev
-				r.tryAgainUntil = r.now().Add(r.interval)
-				r.log.Debug("patch asked to try again", zap.Int64("revision", r.appliedRev))
-				return nil
-			}
-			return fmt.Errorf("orchestrator: patch group %d: %w", i, err)
-		}
-		for _, kw := range gw {
-			if err := w.checkWritable(kw.key); err != nil {
-				return err
-			}
-		}
-		if err := checkGroupFits(gw, w.limits); err != nil {
-			return fmt.Errorf("orchestrator: patch group %d: %w", i, err)
+			return flushResult{}, fmt.Errorf("orchestrator: patch group %d: %w", i, err)
 		}
 		writes[i] = gw
 	}
-	r.tryAgain = false
-
-	// Revisions written by the Txns of this flush, which later Txns of the
-	// same flush must compare against (0 for a deleted key).
-	written := make(map[string]int64)
-	for _, b := range packTxns(writes, w.limits) {
-		if len(b.writes) == 0 {
-			continue
+	var res flushResult
+	written := make(revisions)
+	for _, b := range packTxns(writes, r.w.limits) {
+		if len(b.writes) > 0 {
+			out, err := r.commitBatch(b, written)
+			if err != nil {
+				return flushResult{}, err
+			}
+			if !out.landed {
+				res.retryAtRev = out.rev
+				return res, nil
+			}
+			res.barrierRev = out.rev
+			r.m.patches.Add(float64(b.groups(writes)))
 		}
-		out, err := r.commitTxn(b, written)
-		if err != nil {
+		res.done = b.end
+	}
+	return res, nil
+}
+
+// checkGroup returns an error when a group writes a key it may not or can
+// never fit a Txn.
+func (r *run) checkGroup(gw groupWrites) error {
+	for _, kw := range gw {
+		if err := r.mirror.writable(kw.key); err != nil {
 			return err
 		}
-		if !out.landed {
-			r.pending = r.pending[b.start:]
-			r.retryAtRev = out.rev
-			r.watch.requestProgress()
-			return nil
-		}
-		r.barrierRev = out.rev
-		groups := 0
-		for _, g := range writes[b.start:b.end] {
-			if len(g) > 0 {
-				groups++
-			}
-		}
-		r.m.patches.Add(float64(groups))
 	}
-	r.pending = nil
-	return nil
+	return checkGroupFits(gw, r.w.limits)
 }
 
 // txnOutcome is what became of one commit Txn: landed at rev, or not landed
@@ -87,264 +107,273 @@ type txnOutcome struct {
 	rev    int64
 }
 
-// commitTxn sends one batch as a compare-and-swap Txn and finds out its
+// commitBatch sends one batch as a compare-and-swap Txn and finds out its
 // outcome, resolving an unknown one through the commit token.
-func (r *run) commitTxn(b txnBatch, written map[string]int64) (txnOutcome, error) {
-	w := r.w
-	seq := r.tokenSeq + 1
-	cmps := make([]clientv3.Cmp, 0, len(b.writes)+3)
-	ops := make([]clientv3.Op, 0, len(b.writes)+2)
-	size := 0
-	for _, kw := range b.writes {
-		key := kw.key.String()
-		rev, ok := written[key]
-		if !ok {
-			rev = w.committed[kw.key].modRev
-		}
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", rev))
-		if kw.value == nil {
-			ops = append(ops, clientv3.OpDelete(key))
-		} else {
-			ops = append(ops, clientv3.OpPut(key, string(kw.value)))
-		}
-		size += writeSize(kw)
+func (r *run) commitBatch(b txnBatch, written revisions) (txnOutcome, error) {
+	if err := r.ensureTokenLease(); err != nil {
+		return txnOutcome{}, err
 	}
-	counterRev, ok := written[w.counterKey]
-	if !ok {
-		counterRev = r.counterRev
-	}
-	cmps = append(cmps,
-		clientv3.Compare(clientv3.ModRevision(r.tokenKey), "=", r.tokenRev),
-		clientv3.Compare(clientv3.ModRevision(w.counterKey), "=", counterRev))
-	ops = append(ops, r.tokenPut(seq))
-	if b.hasDelete {
-		ops = append(ops, clientv3.OpPut(w.counterKey, ""))
-	}
-	els := []clientv3.Op{clientv3.OpGet(r.tokenKey)}
-	if w.opts.hasFencing {
-		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(w.opts.fencingKey), "=", w.opts.fencingRev))
-		els = append(els, clientv3.OpGet(w.opts.fencingKey))
-	}
-
 	if err := r.checkStop(); err != nil {
 		return txnOutcome{}, err // stopping: start no new Txn
 	}
+	seq := r.token.seq + 1
+	txn := r.buildTxn(b, written, seq)
 	start := r.now()
-	// The Txn is not cancelled with ctx: once sent it runs to its outcome.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), w.opts.requestTimeout)
-	resp, err := w.client.Txn(ctx).If(cmps...).Then(ops...).Else(els...).Commit()
+	ctx, cancel := r.requestCtx(true) // once sent, a Txn runs to its outcome
+	resp, err := r.w.client.Txn(ctx).If(txn.compares...).Then(txn.writes...).Else(txn.reads.ops...).Commit()
 	cancel()
 	r.m.txnDuration.Observe(r.now().Sub(start).Seconds())
-	r.m.txnBytes.Observe(float64(size))
-	if err != nil {
-		if fatal := classifyTxnError(err); fatal != nil {
-			return txnOutcome{}, fatal
+	r.m.txnBytes.Observe(float64(txn.size))
+	var out txnOutcome
+	switch {
+	case err == nil:
+		out, err = r.readTxn(resp, txn, seq)
+	case isLeaseNotFound(err) && r.lease != nil:
+		// The worker's token lease expired (an outage longer than its
+		// TTL) and took the token with it; the Txn was rejected whole.
+		r.log.Warn("commit token lease expired, granting a new one", zap.Error(err))
+		r.lease.expired()
+		r.token.rev = 0
+		return txnOutcome{rev: r.mirror.completeRev}, nil
+	default:
+		if rej := commitRejected(r.w.client, err); rej != nil {
+			return txnOutcome{}, rej
 		}
 		r.m.unknownCommit.Inc()
-		r.failure("commit", err)
-		out, err := r.resolve(seq)
-		if err != nil {
+		if err := r.failed("commit", start, err); err != nil {
 			return txnOutcome{}, err
 		}
-		if out.landed {
-			r.landed(b, written, out.rev)
-		}
-		return out, nil
+		out, err = r.resolve(seq)
 	}
-	r.contact()
+	if err == nil && out.landed {
+		written.landed(b, r.mirror.counterKey, out.rev)
+		r.m.commits.Inc()
+	}
+	return out, err
+}
+
+// readTxn reads the answer to a commit Txn that etcd processed.
+func (r *run) readTxn(resp *clientv3.TxnResponse, txn commitTxn, seq uint64) (txnOutcome, error) {
 	rev := resp.Header.Revision
-	r.headRev = max(r.headRev, rev)
+	r.answered(rev)
 	if resp.Succeeded {
-		r.tokenSeq = seq
-		r.tokenRev = rev
-		r.landed(b, written, rev)
-		r.log.Debug("commit landed", zap.Int64("revision", rev), zap.Int("keys", len(b.writes)),
-			zap.Int("groups", b.end-b.start), zap.Int("bytes", size))
+		r.token.moved(seq, rev)
+		r.log.Debug("commit landed", zap.Int64("revision", rev), zap.Int("keys", len(txn.writes)),
+			zap.Int("bytes", txn.size))
 		return txnOutcome{landed: true, rev: rev}, nil
 	}
 	// A compare failed. Find out whether it was one of the worker's own.
-	if w.opts.hasFencing {
-		kvs := resp.Responses[1].GetResponseRange().GetKvs()
-		if len(kvs) == 0 || kvs[0].CreateRevision != w.opts.fencingRev {
+	if o := r.w.opts; o.hasFencing {
+		kvs := txn.reads.fencing(resp)
+		if len(kvs) == 0 || kvs[0].CreateRevision != o.fencingRev {
 			return txnOutcome{}, fmt.Errorf("%w: fencing key %q no longer has create revision %d",
-				ErrNotOwner, w.opts.fencingKey, w.opts.fencingRev)
+				ErrNotOwner, o.fencingKey, o.fencingRev)
 		}
 	}
-	if err := r.checkToken(resp.Responses[0].GetResponseRange().GetKvs()); err != nil {
-		return txnOutcome{}, err
+	if r.token.adopt(txn.reads.token(resp)) {
+		// Nothing of the worker's was in flight: someone deleted or
+		// rewrote the token (a wipe of the prefix), or it vanished with an
+		// expired session lease (then the next Txn fails whole).
+		r.log.Warn("commit token changed behind the worker's back", zap.String("key", r.token.key),
+			zap.Int64("revision", r.token.rev))
 	}
 	r.m.conflicts.Inc()
 	r.log.Debug("commit conflict, re-running the patches on newer state", zap.Int64("revision", rev))
-	return txnOutcome{landed: false, rev: rev}, nil
+	return txnOutcome{rev: rev}, nil
 }
 
-// landed records the revisions a landed batch produced.
-func (r *run) landed(b txnBatch, written map[string]int64, rev int64) {
-	for _, kw := range b.writes {
-		if kw.value == nil {
-			written[kw.key.String()] = 0
-		} else {
-			written[kw.key.String()] = rev
-		}
-	}
-	if b.hasDelete {
-		written[r.w.counterKey] = rev
-	}
-	r.m.commits.Inc()
-}
-
-func (r *run) tokenPut(seq uint64) clientv3.Op {
-	v := strconv.FormatUint(seq, 10)
-	if r.lease != clientv3.NoLease {
-		return clientv3.OpPut(r.tokenKey, v, clientv3.WithLease(r.lease))
-	}
-	return clientv3.OpPut(r.tokenKey, v)
-}
-
-// checkToken handles a failed Txn whose token compare may have failed: the
-// token kvs are the token as etcd has it now.
-func (r *run) checkToken(kvs []*mvccpb.KeyValue) error {
-	var rev int64
-	if len(kvs) > 0 {
-		rev = kvs[0].ModRevision
-	}
-	if rev == r.tokenRev {
-		return nil
-	}
-	// The token vanished with an expired session lease (then the next Txn,
-	// which puts it with that lease, fails as a whole and Run returns
-	// ErrEtcdSessionDone), or someone else deleted or wrote it (for example
-	// a wipe of the prefix). Nothing of ours is in flight, so adopt what etcd
-	// has.
-	r.log.Warn("commit token changed behind the worker's back", zap.String("key", r.tokenKey),
-		zap.Int64("expected", r.tokenRev), zap.Int64("actual", rev))
-	r.tokenRev = rev
-	return nil
-}
-
-// classifyTxnError returns the error Run must return for a Txn error that
-// proves the Txn was rejected as a whole and will be rejected again, or nil
-// when the outcome is unknown and must be resolved.
-func classifyTxnError(err error) error {
-	switch {
-	case errors.Is(err, rpctypes.ErrPermissionDenied), errors.Is(err, rpctypes.ErrAuthFailed), errors.Is(err, rpctypes.ErrUserEmpty),
-		errors.Is(err, rpctypes.ErrUserNotFound), errors.Is(err, rpctypes.ErrDuplicateKey),
-		errors.Is(err, rpctypes.ErrEmptyKey):
-		return fmt.Errorf("orchestrator: commit rejected by etcd: %w", err)
-	case errors.Is(err, rpctypes.ErrTooManyOps):
-		return fmt.Errorf("%w: the server's --max-txn-ops is lower than the worker's limit: %w", ErrEtcdTxnOpsExceed, err)
-	case errors.Is(err, rpctypes.ErrRequestTooLarge):
-		return fmt.Errorf("%w: the server's --max-request-bytes is lower than the worker's limit: %w", ErrEtcdTxnSizeExceed, err)
-	case errors.Is(err, rpctypes.ErrLeaseNotFound):
-		return fmt.Errorf("%w: %w", ErrEtcdSessionDone, err)
-	}
-	// Errors etcd's server knows arrive as rpctypes.EtcdError (handled
-	// above); a raw gRPC status comes from gRPC itself, such as a request
-	// over the server's receive limit (--max-request-bytes + framing).
-	if s, ok := status.FromError(err); ok {
-		switch s.Code() {
-		case codes.ResourceExhausted:
-			if strings.Contains(s.Message(), "larger than max") {
-				return fmt.Errorf("%w: %w", ErrEtcdTxnSizeExceed, err)
-			}
-		case codes.PermissionDenied, codes.Unauthenticated:
-			return fmt.Errorf("orchestrator: commit rejected by etcd: %w", err)
-		}
-	}
-	return nil
-}
-
-// resolve finds out whether the Txn that wrote token value seq landed. It
-// fences the token: a Txn that puts the token only if it still has the
-// revision the lost Txn compared against. If the fence lands, the lost Txn
-// can never land (its compare fails); if it does not, the token moved, and
-// only the lost Txn can have moved it. It retries with back-off until etcd
-// answers; after ctx is done it keeps trying for the shutdown timeout.
+// resolve finds out whether the Txn that wrote token value seq landed, by
+// fencing the token (see commitToken.fence). It retries with back-off until
+// etcd answers; after ctx is done it keeps trying for the shutdown timeout.
+// See "Commit token fence" in docs/DESIGN.md.
 func (r *run) resolve(seq uint64) (txnOutcome, error) {
-	w := r.w
 	bo := newBackoff()
 	var deadline time.Time
 	for {
-		if r.session != nil {
-			select {
-			case <-r.session.Done():
-				return txnOutcome{}, fmt.Errorf("%w: while resolving a commit", ErrEtcdSessionDone)
-			default:
-			}
-		}
 		if r.ctx.Err() != nil && deadline.IsZero() {
-			deadline = r.now().Add(w.opts.shutdownTimeout)
+			deadline = r.now().Add(r.w.opts.shutdownTimeout)
 		}
-		fence := seq + 1
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), w.opts.requestTimeout)
-		resp, err := w.client.Txn(ctx).
-			If(clientv3.Compare(clientv3.ModRevision(r.tokenKey), "=", r.tokenRev)).
-			Then(r.tokenPut(fence)).
-			Else(clientv3.OpGet(r.tokenKey)).Commit()
+		sent := r.now()
+		ctx, cancel := r.requestCtx(true)
+		resp, err := r.token.fence(r.w.client.Txn(ctx), seq).Commit()
 		cancel()
 		if err == nil {
-			r.contact()
-			if resp.Succeeded {
-				r.tokenSeq = fence
-				r.tokenRev = resp.Header.Revision
-				r.log.Info("unknown commit outcome resolved: not landed", zap.Int64("revision", r.tokenRev))
-				return txnOutcome{landed: false, rev: r.tokenRev}, nil
-			}
-			kvs := resp.Responses[0].GetResponseRange().GetKvs()
-			if len(kvs) == 1 && string(kvs[0].Value) == strconv.FormatUint(seq, 10) {
-				r.tokenSeq = seq
-				r.tokenRev = kvs[0].ModRevision
-				r.log.Info("unknown commit outcome resolved: landed", zap.Int64("revision", r.tokenRev))
-				return txnOutcome{landed: true, rev: r.tokenRev}, nil
-			}
-			if len(kvs) == 1 && string(kvs[0].Value) == strconv.FormatUint(fence, 10) {
-				// An earlier fence of this loop landed but its answer was
-				// lost: the token moved only through it, so the lost Txn
-				// never landed and never will.
-				r.tokenSeq = fence
-				r.tokenRev = kvs[0].ModRevision
-				r.log.Info("unknown commit outcome resolved: not landed", zap.Int64("revision", r.tokenRev))
-				return txnOutcome{landed: false, rev: r.tokenRev}, nil
-			}
-			if len(kvs) == 0 && r.session != nil && r.leaseGone() {
-				return txnOutcome{}, fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
-			}
-			return txnOutcome{}, fmt.Errorf("%w: commit token %q was changed by someone else", ErrCommitUnresolved, r.tokenKey)
+			r.answered(resp.Header.Revision)
+			return r.fenced(resp, seq)
 		}
-		if fatal := classifyTxnError(err); fatal != nil {
-			return txnOutcome{}, fatal
-		}
-		r.failure("resolve commit", err)
-		if r.ctx.Err() == nil && w.opts.maxOutage > 0 && r.now().Sub(r.lastContact) > w.opts.maxOutage {
-			return txnOutcome{}, fmt.Errorf("%w: %w", ErrEtcdUnavailable, ErrCommitUnresolved)
+		if err := r.fenceFailed(sent, err); err != nil {
+			return txnOutcome{}, err
 		}
 		if !deadline.IsZero() && r.now().After(deadline) {
 			return txnOutcome{}, fmt.Errorf("%w: %w", r.ctxErr(), ErrCommitUnresolved)
 		}
-		if err := r.pause(bo.next()); err != nil {
-			return txnOutcome{}, err
+		if err := r.sleep(bo.next(), true); err != nil {
+			return txnOutcome{}, fmt.Errorf("%w: while resolving a commit", err)
 		}
 	}
+}
+
+// fenced reads the answer to a fence.
+func (r *run) fenced(resp *clientv3.TxnResponse, seq uint64) (txnOutcome, error) {
+	switch r.token.fenced(resp, seq) {
+	case fenceLanded:
+		r.log.Info("unknown commit outcome resolved: landed", zap.Int64("revision", r.token.rev))
+		return txnOutcome{landed: true, rev: r.token.rev}, nil
+	case fenceNotLanded:
+		r.log.Info("unknown commit outcome resolved: not landed", zap.Int64("revision", r.token.rev))
+		return txnOutcome{rev: r.token.rev}, nil
+	}
+	if r.session != nil && r.leaseGone() {
+		return txnOutcome{}, fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
+	}
+	return txnOutcome{}, fmt.Errorf("%w: commit token %q was changed or removed by someone else", ErrCommitUnresolved, r.token.key)
+}
+
+// fenceFailed handles an error of a fence: nil to try again.
+func (r *run) fenceFailed(sent time.Time, err error) error {
+	if isLeaseNotFound(err) {
+		if r.lease != nil {
+			// The token vanished with the worker's lease during the outage:
+			// whether the commit landed before cannot be told any more.
+			return fmt.Errorf("%w: the commit token's lease expired: %w", ErrCommitUnresolved, err)
+		}
+		return fmt.Errorf("%w: while resolving a commit: %w", ErrEtcdSessionDone, err)
+	}
+	if rej := commitRejected(r.w.client, err); rej != nil {
+		return rej
+	}
+	if err := r.failed("resolve commit", sent, err); err != nil {
+		return err
+	}
+	if r.ctx.Err() == nil && r.health.tooLong(r.now()) {
+		return fmt.Errorf("%w: %w", ErrEtcdUnavailable, ErrCommitUnresolved)
+	}
+	return nil
 }
 
 // leaseGone reports whether etcd no longer has the session's lease (an
 // error counts as gone: the caller is about to give up either way).
 func (r *run) leaseGone() bool {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), r.w.opts.requestTimeout)
+	ctx, cancel := r.requestCtx(true)
 	defer cancel()
-	resp, err := r.w.client.TimeToLive(ctx, r.lease)
+	resp, err := r.w.client.TimeToLive(ctx, r.token.lease)
 	return err != nil || resp.TTL <= 0
 }
 
-// pause waits for d; unlike sleep it ignores ctx (the commit must be
-// resolved first) but not the session.
-func (r *run) pause(d time.Duration) error {
-	timer := r.w.opts.clock.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-r.sessionDone():
-		return fmt.Errorf("%w: while resolving a commit", ErrEtcdSessionDone)
-	case <-timer.Chan():
+// ensureTokenLease grants the token's own lease when the run has none yet
+// (runs without a session), retrying transient errors.
+func (r *run) ensureTokenLease() error {
+	if r.lease == nil {
 		return nil
+	}
+	bo := newBackoff()
+	for {
+		sent := r.now()
+		ctx, cancel := r.requestCtx(false)
+		id, err := r.lease.ensure(ctx, r.ctx)
+		cancel()
+		if err == nil {
+			r.token.lease = id
+			return nil
+		}
+		if stop := r.checkStop(); stop != nil {
+			return stop
+		}
+		if err := r.failed("grant lease", sent, err); err != nil {
+			return err
+		}
+		if err := r.sleep(bo.next(), false); err != nil {
+			return err
+		}
+	}
+}
+
+// elseReads are the Else operations of a commit Txn, by name: what the
+// worker reads back when a compare failed, to tell its own failures (token,
+// fencing key) from a conflict.
+type elseReads struct {
+	ops       []clientv3.Op
+	tokenAt   int
+	fencingAt int // -1 without fencing
+}
+
+func (e elseReads) token(resp *clientv3.TxnResponse) []*mvccpb.KeyValue {
+	return resp.Responses[e.tokenAt].GetResponseRange().GetKvs()
+}
+
+func (e elseReads) fencing(resp *clientv3.TxnResponse) []*mvccpb.KeyValue {
+	return resp.Responses[e.fencingAt].GetResponseRange().GetKvs()
+}
+
+// commitTxn is one commit Txn, built from named parts.
+type commitTxn struct {
+	// compares: each written key still has the mod revision the patches
+	// saw, the token has the revision the worker last saw, the delete
+	// counter has not moved, and the fencing key (if any) is still there.
+	compares []clientv3.Cmp
+	// writes: the puts and deletes, the token's new sequence, and a bump of
+	// the delete counter when the batch deletes.
+	writes []clientv3.Op
+	reads  elseReads
+	size   int // bytes of keys and values, as the limits count them
+}
+
+// buildTxn builds the Txn of batch b writing token sequence seq. written
+// holds the revisions earlier Txns of the same flush wrote.
+func (r *run) buildTxn(b txnBatch, written revisions, seq uint64) commitTxn {
+	m, o := r.mirror, &r.w.opts
+	t := commitTxn{
+		compares: make([]clientv3.Cmp, 0, len(b.writes)+3),
+		writes:   make([]clientv3.Op, 0, len(b.writes)+2),
+	}
+	for _, kw := range b.writes {
+		key := kw.key.String()
+		rev, ok := written[key]
+		if !ok {
+			e, _ := m.entry(kw.key)
+			rev = e.modRev
+		}
+		t.compares = append(t.compares, clientv3.Compare(clientv3.ModRevision(key), "=", rev))
+		if kw.value == nil {
+			t.writes = append(t.writes, clientv3.OpDelete(key))
+		} else {
+			t.writes = append(t.writes, clientv3.OpPut(key, string(kw.value)))
+		}
+		t.size += writeSize(kw)
+	}
+	counterRev, ok := written[m.counterKey]
+	if !ok {
+		counterRev = m.counterRev
+	}
+	t.compares = append(t.compares, r.token.compare(),
+		clientv3.Compare(clientv3.ModRevision(m.counterKey), "=", counterRev))
+	t.writes = append(t.writes, r.token.put(seq))
+	if b.hasDelete {
+		t.writes = append(t.writes, clientv3.OpPut(m.counterKey, ""))
+	}
+	t.reads = elseReads{ops: []clientv3.Op{r.token.get()}, tokenAt: 0, fencingAt: -1}
+	if o.hasFencing {
+		t.compares = append(t.compares, clientv3.Compare(clientv3.CreateRevision(o.fencingKey), "=", o.fencingRev))
+		t.reads.fencingAt = len(t.reads.ops)
+		t.reads.ops = append(t.reads.ops, clientv3.OpGet(o.fencingKey))
+	}
+	return t
+}
+
+// revisions are the mod revisions the landed Txns of one flush wrote, which
+// later Txns of the same flush compare against (0 for a deleted key).
+type revisions map[string]int64
+
+// landed records the revisions a landed batch produced.
+func (w revisions) landed(b txnBatch, counterKey string, rev int64) {
+	for _, kw := range b.writes {
+		if kw.value == nil {
+			w[kw.key.String()] = 0
+		} else {
+			w[kw.key.String()] = rev
+		}
+	}
+	if b.hasDelete {
+		w[counterKey] = rev
 	}
 }

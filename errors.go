@@ -2,8 +2,8 @@ package orchestrator
 
 import (
 	"errors"
+	"fmt"
 	"reflect"
-	"runtime/debug"
 )
 
 // Sentinel errors. Every error returned by this package that has one of these
@@ -70,10 +70,19 @@ var (
 	// while the outcome of its last commit could not be determined because
 	// etcd was unreachable. The commit may or may not have landed.
 	ErrCommitUnresolved = errors.New("orchestrator: outcome of the last commit is unknown")
+
+	// ErrEtcdRejected is wrapped by the error Run returns when etcd rejected
+	// a request in a way that retrying cannot heal: permission denied,
+	// authentication failed, invalid argument, a request or key too large, or
+	// a closed client. The error also wraps etcd's own, so
+	// errors.Is(err, rpctypes.ErrPermissionDenied) holds.
+	ErrEtcdRejected = errors.New("orchestrator: request rejected by etcd")
 )
 
-// stack returns the current goroutine's stack, for panic reports.
-func stack() []byte { return debug.Stack() }
+// errKeyOutside returns an error matching ErrKeyOutsidePrefix for key.
+func errKeyOutside(key, why string) error {
+	return fmt.Errorf("%w: key %q %s", ErrKeyOutsidePrefix, key, why)
+}
 
 // isNil reports whether v is nil or an interface holding a nil pointer, map,
 // slice, func or channel.

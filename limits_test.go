@@ -156,7 +156,7 @@ func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
 	require.NoError(t, err)
 	_, err = cli.Txn(ctx).If(cmps(DefaultTxnMaxOps + 1)...).Commit()
 	require.ErrorIs(t, err, rpctypes.ErrTooManyOps)
-	require.ErrorIs(t, classifyTxnError(err), ErrEtcdTxnOpsExceed)
+	require.ErrorIs(t, commitRejected(cli, err), ErrEtcdTxnOpsExceed)
 }
 
 // TestLimitsOpsDefaultServer: with default options on a default server, a

@@ -1,6 +1,7 @@
 package orchestrator
 
 import (
+	"fmt"
 	"time"
 
 	"github.com/jonboulle/clockwork"
@@ -28,6 +29,9 @@ const (
 	// DefaultShutdownTimeout is the default time Run keeps trying to resolve
 	// the outcome of an in-flight commit after ctx is done.
 	DefaultShutdownTimeout = 5 * time.Second
+	// DefaultCommitTokenTTL is the default TTL of the lease a Run without a
+	// session puts its commit token on.
+	DefaultCommitTokenTTL = 60 * time.Second
 )
 
 // Option configures an EtcdWorker. The zero configuration is usable.
@@ -52,6 +56,7 @@ type options struct {
 	requestTimeout    time.Duration
 	shutdownTimeout   time.Duration
 	pageSize          int
+	tokenTTL          time.Duration
 	metricsRegisterer prometheus.Registerer
 }
 
@@ -65,7 +70,37 @@ func defaultOptions() options {
 		requestTimeout:  DefaultRequestTimeout,
 		shutdownTimeout: DefaultShutdownTimeout,
 		pageSize:        DefaultPageSize,
+		tokenTTL:        DefaultCommitTokenTTL,
 	}
+}
+
+// validate returns an error naming the first option whose value is out of
+// range.
+func (o *options) validate() error {
+	positive := []struct {
+		name string
+		d    time.Duration
+	}{
+		{"WithRequestTimeout", o.requestTimeout},
+		{"WithMaxStaleness", o.maxStaleness},
+		{"WithCommitTokenTTL", o.tokenTTL},
+	}
+	for _, p := range positive {
+		if p.d <= 0 {
+			return fmt.Errorf("%w: %s: duration %v must be positive", ErrInvalidArgument, p.name, p.d)
+		}
+	}
+	switch {
+	case o.shutdownTimeout < 0:
+		return fmt.Errorf("%w: WithShutdownTimeout: duration %v must not be negative", ErrInvalidArgument, o.shutdownTimeout)
+	case o.maxOutage < 0:
+		return fmt.Errorf("%w: WithMaxOutage: duration %v must not be negative", ErrInvalidArgument, o.maxOutage)
+	case o.pageSize <= 0:
+		return fmt.Errorf("%w: WithPageSize: page size %d must be positive", ErrInvalidArgument, o.pageSize)
+	case o.hasFencing && (o.fencingKey == "" || o.fencingRev <= 0):
+		return fmt.Errorf("%w: WithFencingKey: key %q with create revision %d", ErrInvalidArgument, o.fencingKey, o.fencingRev)
+	}
+	return nil
 }
 
 // WithLogger sets the logger. Default: zap.NewNop(). A nil logger keeps the
@@ -150,4 +185,16 @@ func WithShutdownTimeout(d time.Duration) Option {
 // after compaction) reads. Default: DefaultPageSize (1000).
 func WithPageSize(n int) Option {
 	return optionFunc(func(o *options) { o.pageSize = n })
+}
+
+// WithCommitTokenTTL sets the TTL of the lease a Run without a session puts
+// its commit token on (with a session, the token uses the session's lease).
+// The worker keeps the lease alive while it runs and revokes it when Run
+// returns, so a Run that dies without cleanup leaves its token for at most
+// the TTL. An outage longer than the TTL while a commit's outcome is unknown
+// makes Run return ErrCommitUnresolved: the token that would tell is gone.
+// Default: DefaultCommitTokenTTL (60s); etcd rounds it up to whole seconds
+// and to its minimum TTL.
+func WithCommitTokenTTL(d time.Duration) Option {
+	return optionFunc(func(o *options) { o.tokenTTL = d })
 }

@@ -67,16 +67,21 @@ type keyWrite struct {
 // first touched. An empty slice means the group is a no-op.
 type groupWrites []keyWrite
 
-// patchView runs patch groups on a copy-on-write view of the state: it
+// patchView runs patch groups on a copy-on-write view of the mirror: it
 // remembers the value of every key the flush touched, and nothing else; the
 // state is never cloned. A SingleDataPatch runs on that record alone. Any
-// other DataPatch needs the whole value map: the view then uses the worker's
-// live value map (built on first use, see liveValues), which patches mutate
-// in place and reset puts back.
+// other DataPatch needs the whole value map: the view then uses the mirror's
+// value map (built on first use), which patches mutate in place and reset
+// puts back.
+//
+// Patches own what they are given: every value handed to a patch is a copy
+// made when the patch reaches it, and every value taken back from the value
+// map is copied again, so no patch can change the mirror, the state or an
+// earlier patch's result by editing bytes in place. See "Copy on first
+// touch" in docs/DESIGN.md.
 type patchView struct {
-	values     map[util.EtcdKey][]byte // live map handed to patches; nil until needed
-	liveValues func() map[util.EtcdKey][]byte
-	committed  func(util.EtcdKey) ([]byte, bool)
+	mirror committedValues
+	values map[util.EtcdKey][]byte // the mirror's value map; nil until needed
 
 	// accepted is the value of each touched key after the last accepted
 	// patch; keys not in it still hold their committed value.
@@ -105,32 +110,48 @@ func (o optValue) equal(p optValue) bool {
 	return o.present == p.present && bytes.Equal(o.value, p.value)
 }
 
-// newPatchView returns a view over the committed values. liveValues returns
-// the map of every committed value, for patches that need it; it is called
-// at most once per view, and only when such a patch runs.
-func newPatchView(liveValues func() map[util.EtcdKey][]byte, committed func(util.EtcdKey) ([]byte, bool)) *patchView {
+// clone returns o with a value of its own.
+func (o optValue) clone() optValue {
+	if o.present {
+		o.value = bytes.Clone(o.value)
+		if o.value == nil {
+			o.value = []byte{}
+		}
+	}
+	return o
+}
+
+// committedValues is what a patchView reads: the committed value of one key,
+// and the whole value map for general DataPatches. The mirror provides them.
+type committedValues interface {
+	value(key util.EtcdKey) ([]byte, bool)
+	valueMap() map[util.EtcdKey][]byte
+}
+
+// newPatchView returns a view over the committed values of m.
+func newPatchView(m committedValues) *patchView {
 	return &patchView{
-		liveValues: liveValues,
-		committed:  committed,
-		accepted:   make(map[util.EtcdKey]optValue),
-		scratch:    make(map[util.EtcdKey]struct{}),
+		mirror:   m,
+		accepted: make(map[util.EtcdKey]optValue),
+		scratch:  make(map[util.EtcdKey]struct{}),
 	}
 }
 
-// current is the value of key after the last accepted patch.
+// current is the value of key after the last accepted patch. It is shared:
+// copy it before a patch gets it.
 func (v *patchView) current(key util.EtcdKey) optValue {
 	if o, ok := v.accepted[key]; ok {
 		return o
 	}
-	val, ok := v.committed(key)
+	val, ok := v.mirror.value(key)
 	return optValue{value: val, present: ok}
 }
 
-// valueMap returns the live map for a general DataPatch, with every change
+// valueMap returns the value map for a general DataPatch, with every change
 // accepted so far in this flush applied to it.
 func (v *patchView) valueMap() map[util.EtcdKey][]byte {
 	if v.values == nil {
-		v.values = v.liveValues()
+		v.values = v.mirror.valueMap()
 		for _, key := range v.touched {
 			v.setLive(key, v.accepted[key])
 		}
@@ -138,15 +159,16 @@ func (v *patchView) valueMap() map[util.EtcdKey][]byte {
 	return v.values
 }
 
-// live is the value of key in the map the patches mutate.
+// live is a copy of the value of key in the map the patches mutate.
 func (v *patchView) live(key util.EtcdKey) optValue {
 	val, ok := v.values[key]
-	return optValue{value: val, present: ok && val != nil}
+	return optValue{value: val, present: ok && val != nil}.clone()
 }
 
+// setLive puts a copy of o into the map the patches mutate.
 func (v *patchView) setLive(key util.EtcdKey, o optValue) {
 	if o.present {
-		v.values[key] = o.value
+		v.values[key] = o.clone().value
 	} else {
 		delete(v.values, key)
 	}
@@ -166,7 +188,8 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 		}
 		if sp, ok := asSingle(p); ok && v.values == nil {
 			// Fast path: one key, no live map to keep in step.
-			newValue, changed, err := callSingle(sp, v.current(sp.Key).value)
+			old := v.current(sp.Key).clone().value
+			newValue, changed, err := callSingle(sp, old)
 			if err != nil {
 				if errors.Is(err, ErrEtcdIgnore) {
 					continue
@@ -273,7 +296,7 @@ func (g *groupTouches) reset() {
 func (v *patchView) reset() {
 	if v.values != nil {
 		for _, key := range v.touched {
-			val, ok := v.committed(key)
+			val, ok := v.mirror.value(key)
 			v.setLive(key, optValue{value: val, present: ok})
 		}
 	}
@@ -285,25 +308,19 @@ func (v *patchView) reset() {
 
 // callSingle runs p's Func on old, turning a panic into an error.
 func callSingle(p SingleDataPatch, old []byte) (newValue []byte, changed bool, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = panicError("SingleDataPatch.Func", r)
-		}
-	}()
-	return p.apply(old)
+	type result struct {
+		value   []byte
+		changed bool
+	}
+	res, err := guard("SingleDataPatch.Func", func() (result, error) {
+		nv, ch, err := p.apply(old)
+		return result{nv, ch}, err
+	})
+	return res.value, res.changed, err
 }
 
 // callPatch runs p.Patch, turning a panic into an error.
-func callPatch(p DataPatch, values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = panicError("DataPatch.Patch", r)
-		}
-	}()
-	return p.Patch(values, changed)
-}
-
-// panicError wraps a recovered panic value into an error matching ErrPanic.
-func panicError(where string, r any) error {
-	return fmt.Errorf("%w: %s: %v\n%s", ErrPanic, where, r, stack())
+func callPatch(p DataPatch, values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+	_, err := guard("DataPatch.Patch", func() (struct{}, error) { return struct{}{}, p.Patch(values, changed) })
+	return err
 }

@@ -61,15 +61,21 @@ func newPTFixture(kv map[string]string) *ptFixture {
 		f.committed[ptKey(k)] = b
 		f.live[ptKey(k)] = b
 	}
-	f.view = newPatchView(func() map[util.EtcdKey][]byte { return f.live }, func(key util.EtcdKey) ([]byte, bool) {
-		if f.recording {
-			f.lookups = append(f.lookups, key)
-		}
-		v, ok := f.committed[key]
-		return v, ok
-	})
+	f.view = newPatchView(f)
 	return f
 }
+
+// value implements committedValues, recording the lookup.
+func (f *ptFixture) value(key util.EtcdKey) ([]byte, bool) {
+	if f.recording {
+		f.lookups = append(f.lookups, key)
+	}
+	v, ok := f.committed[key]
+	return v, ok
+}
+
+// valueMap implements committedValues.
+func (f *ptFixture) valueMap() map[util.EtcdKey][]byte { return f.live }
 
 // requireLiveEqualsCommitted checks the live map holds exactly the committed
 // keys and values (telling nil from empty).

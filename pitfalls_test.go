@@ -107,10 +107,10 @@ func pitfallUnitRun(t testing.TB, prefix string, st ReactorState, loadedRev int6
 	w, err := NewEtcdWorker(srv.Client(t), prefix, noop, st)
 	require.NoError(t, err)
 	r := w.newRun(testContext(t), nil, behaviourTick, "pitfall")
-	r.watch = newWatchStream(r)
+	r.watch = newWatchStream(r.ctx, r.watchConfig())
 	t.Cleanup(r.close)
-	r.eventRev = loadedRev
-	r.appliedRev = loadedRev
+	r.mirror.eventRev = loadedRev
+	r.mirror.completeRev = loadedRev
 	return r
 }
 
@@ -142,9 +142,9 @@ func TestPitfall1ProgressNotifyNeverDropsEvents(t *testing.T) {
 
 	notify := pitfallResp(100)
 	require.True(t, notify.IsProgressNotify(), "the test's notify must look like one to clientv3")
-	require.NoError(t, r.watch.handle(notify, true))
-	require.Equal(t, int64(100), r.appliedRev, "a notify proves the state complete up to its revision")
-	require.Equal(t, int64(40), r.eventRev, "a notify must not move the event dedup revision")
+	require.NoError(t, r.feedWatch(notify))
+	require.Equal(t, int64(100), r.mirror.completeRev, "a notify proves the state complete up to its revision")
+	require.Equal(t, int64(40), r.mirror.eventRev, "a notify must not move the event dedup revision")
 	require.Empty(t, st.log)
 
 	// Events below the notify's revision, delivered after it.
@@ -154,28 +154,28 @@ func TestPitfall1ProgressNotifyNeverDropsEvents(t *testing.T) {
 		pitfallDelete(prefix, "/x", 99),
 	)
 	require.False(t, late.IsProgressNotify())
-	r.changed = false
-	require.NoError(t, r.watch.handle(late, true))
+	r.gate.changed = false
+	require.NoError(t, r.feedWatch(late))
 	require.Equal(t, []updateRecord{
 		{rel: "/x", value: []byte("41")},
 		{rel: "/y", value: []byte("42")},
 		{rel: "/x", value: nil},
 	}, st.log, "events after a progress notify were dropped")
-	require.True(t, r.changed, "applied events must make the next Tick due")
-	require.Equal(t, int64(99), r.eventRev)
-	require.Equal(t, int64(100), r.appliedRev, "appliedRev went backwards")
+	require.True(t, r.gate.changed, "applied events must make the next Tick due")
+	require.Equal(t, int64(99), r.mirror.eventRev)
+	require.Equal(t, int64(100), r.mirror.completeRev, "appliedRev went backwards")
 
 	// An older notify (say, requested before the events) changes nothing.
-	require.NoError(t, r.watch.handle(pitfallResp(90), true))
-	require.Equal(t, int64(100), r.appliedRev, "appliedRev went backwards")
-	require.Equal(t, int64(99), r.eventRev)
+	require.NoError(t, r.feedWatch(pitfallResp(90)))
+	require.Equal(t, int64(100), r.mirror.completeRev, "appliedRev went backwards")
+	require.Equal(t, int64(99), r.mirror.eventRev)
 
 	// Events past the notify apply and move both revisions.
-	require.NoError(t, r.watch.handle(pitfallResp(101, pitfallPut(prefix, "/z", "101", 101)), true))
+	require.NoError(t, r.feedWatch(pitfallResp(101, pitfallPut(prefix, "/z", "101", 101))))
 	require.Equal(t, updateRecord{rel: "/z", value: []byte("101")}, st.log[len(st.log)-1])
 	require.Len(t, st.log, 4)
-	require.Equal(t, int64(101), r.eventRev)
-	require.Equal(t, int64(101), r.appliedRev)
+	require.Equal(t, int64(101), r.mirror.eventRev)
+	require.Equal(t, int64(101), r.mirror.completeRev)
 	require.Equal(t, map[string][]byte{"/y": []byte("42"), "/z": []byte("101")}, st.values)
 }
 
@@ -221,7 +221,7 @@ func TestPitfall1ProgressNotifyEndToEnd(t *testing.T) {
 	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, st, WithMaxStaleness(200*time.Millisecond))
 	require.NoError(t, err)
 	// The premise: the worker asks for a progress notification every 50ms.
-	require.Equal(t, 50*time.Millisecond, (&watchStream{r: &run{w: w}}).progressInterval())
+	require.Equal(t, 50*time.Millisecond, (&run{w: w, mirror: w.mirror}).watchConfig().progressInterval)
 
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx, nil, behaviourTick, "pitfall1") }()
@@ -263,28 +263,28 @@ func TestPitfall2SameHeaderRevision(t *testing.T) {
 	r := pitfallUnitRun(t, prefix, st, 9)
 
 	// A backlog delivered in chunks, all with the header revision 20.
-	require.NoError(t, r.watch.handle(pitfallResp(20, pitfallPut(prefix, "/a", "a10", 10)), true))
-	require.NoError(t, r.watch.handle(pitfallResp(20, pitfallPut(prefix, "/b", "b11", 11)), true))
+	require.NoError(t, r.feedWatch(pitfallResp(20, pitfallPut(prefix, "/a", "a10", 10))))
+	require.NoError(t, r.feedWatch(pitfallResp(20, pitfallPut(prefix, "/b", "b11", 11))))
 	require.Equal(t, []updateRecord{
 		{rel: "/a", value: []byte("a10")},
 		{rel: "/b", value: []byte("b11")},
 	}, st.log, "a response with the same header revision as the previous one was dropped")
-	require.Equal(t, int64(11), r.eventRev)
+	require.Equal(t, int64(11), r.mirror.eventRev)
 
 	// A replay of 11 followed by a Txn at 12 writing two keys.
-	require.NoError(t, r.watch.handle(pitfallResp(20,
+	require.NoError(t, r.feedWatch(pitfallResp(20,
 		pitfallPut(prefix, "/b", "b11", 11),
 		pitfallPut(prefix, "/c", "c12", 12),
 		pitfallPut(prefix, "/d", "d12", 12),
-	), true))
+	)))
 	// A whole replayed response, including a delete.
-	require.NoError(t, r.watch.handle(pitfallResp(20, pitfallDelete(prefix, "/c", 13)), true))
-	require.NoError(t, r.watch.handle(pitfallResp(21,
+	require.NoError(t, r.feedWatch(pitfallResp(20, pitfallDelete(prefix, "/c", 13))))
+	require.NoError(t, r.feedWatch(pitfallResp(21,
 		pitfallPut(prefix, "/a", "a10", 10),
 		pitfallPut(prefix, "/b", "b11", 11),
 		pitfallPut(prefix, "/c", "c12", 12),
 		pitfallDelete(prefix, "/c", 13),
-	), true))
+	)))
 	require.Equal(t, []updateRecord{
 		{rel: "/a", value: []byte("a10")},
 		{rel: "/b", value: []byte("b11")},
@@ -292,8 +292,8 @@ func TestPitfall2SameHeaderRevision(t *testing.T) {
 		{rel: "/d", value: []byte("d12")},
 		{rel: "/c", value: nil},
 	}, st.log, "each event must be applied exactly once, in revision order")
-	require.Equal(t, int64(13), r.eventRev)
-	require.Equal(t, int64(13), r.appliedRev)
+	require.Equal(t, int64(13), r.mirror.eventRev)
+	require.Equal(t, int64(13), r.mirror.completeRev)
 	require.Equal(t, map[string][]byte{"/a": []byte("a10"), "/b": []byte("b11"), "/d": []byte("d12")}, st.values)
 }
 
@@ -515,12 +515,12 @@ func pitfall3Receive(t testing.TB, r *run, what string, done func(clientv3.Watch
 	for {
 		select {
 		case <-r.ctx.Done():
-			t.Fatalf("timed out waiting for %s (eventRev %d): %v", what, r.eventRev, r.ctx.Err())
+			t.Fatalf("timed out waiting for %s (eventRev %d): %v", what, r.mirror.eventRev, r.ctx.Err())
 		case ch := <-r.watch.opened:
 			r.watch.established(ch)
 		case resp, ok := <-r.watch.ch:
 			require.True(t, ok, "the watch closed while waiting for %s", what)
-			require.NoError(t, r.watch.handle(resp, true))
+			require.NoError(t, r.feedWatch(resp))
 			if done(resp) {
 				return
 			}
@@ -556,24 +556,24 @@ func TestPitfall3ResumeAfterLastApplied(t *testing.T) {
 	w, err := NewEtcdWorker(srv.Client(t), prefix, noop, st)
 	require.NoError(t, err)
 	r := w.newRun(ctx, nil, behaviourTick, "pitfall3")
-	r.watch = newWatchStream(r)
+	r.watch = newWatchStream(r.ctx, r.watchConfig())
 	t.Cleanup(r.close)
 	require.NoError(t, r.load())
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("loaded"), isInit: true}}, st.log)
 	applied := func(rev int64) func(clientv3.WatchResponse) bool {
-		return func(clientv3.WatchResponse) bool { return r.eventRev >= rev }
+		return func(clientv3.WatchResponse) bool { return r.mirror.eventRev >= rev }
 	}
 
 	// The first watch, opened as run.loop opens it, applies a put at A.
-	r.watch.start(r.eventRev + 1)
+	r.watch.start(r.mirror.eventRev + 1)
 	revA := put("/k", "A")
 	pitfall3Receive(t, r, "the put at A", applied(revA))
-	require.Equal(t, revA, r.eventRev)
+	require.Equal(t, revA, r.mirror.eventRev)
 	require.Equal(t, updateRecord{rel: "/k", value: []byte("A")}, st.log[len(st.log)-1])
 
 	// The watch channel closes: the run schedules a new watch after a
 	// back-off. Three puts land while no watch is open.
-	require.NoError(t, r.watch.handle(clientv3.WatchResponse{}, false))
+	require.NoError(t, r.onWatch(r.watch.handle(clientv3.WatchResponse{}, false)))
 	require.True(t, r.watch.idle(), "a closed watch must leave the stream idle")
 	gap := []int64{put("/k", "gap1"), put("/j", "gap2"), put("/k", "gap3")}
 	require.Equal(t, []int64{revA + 1, revA + 2, revA + 3}, gap)
@@ -581,10 +581,10 @@ func TestPitfall3ResumeAfterLastApplied(t *testing.T) {
 	// etcd at A+3: headRev moves, the applied revisions must not.
 	head, err := writer.Get(ctx, prefix+"/k", clientv3.WithCountOnly())
 	require.NoError(t, err)
-	r.handleProbe(headProbe{rev: head.Header.Revision, sent: r.now()})
-	require.Equal(t, revA+3, r.headRev)
-	require.Equal(t, revA, r.eventRev, "a head probe must not move the revision the watch resumes after")
-	require.Equal(t, revA, r.appliedRev, "a head probe must not prove revisions the state has not applied")
+	require.NoError(t, r.onProbe(headProbe{rev: head.Header.Revision, sent: r.now()}))
+	require.Equal(t, revA+3, r.health.headRev)
+	require.Equal(t, revA, r.mirror.eventRev, "a head probe must not move the revision the watch resumes after")
+	require.Equal(t, revA, r.mirror.completeRev, "a head probe must not prove revisions the state has not applied")
 
 	// run.loop's restart: not before the back-off, then from eventRev + 1.
 	retryAt := r.watch.retryAt
@@ -606,14 +606,14 @@ func TestPitfall3ResumeAfterLastApplied(t *testing.T) {
 		{rel: "/k", value: []byte("gap3")},
 		{rel: "/s", value: []byte("after")},
 	}, st.log[before:], "every put made while no watch was open must reach the state once, in order")
-	require.Equal(t, revAfter, r.eventRev)
-	require.Equal(t, revAfter, r.appliedRev)
+	require.Equal(t, revAfter, r.mirror.eventRev)
+	require.Equal(t, revAfter, r.mirror.completeRev)
 
 	// A watch one revision too early replays the last applied event (A+4);
 	// the worker skips it.
-	r.changed = false
+	r.gate.changed = false
 	before = len(st.log)
-	r.watch.start(r.eventRev)
+	r.watch.start(r.mirror.eventRev)
 	pitfall3Receive(t, r, "the replay of the last applied revision", func(resp clientv3.WatchResponse) bool {
 		for _, ev := range resp.Events {
 			if ev.Kv.ModRevision == revAfter {
@@ -623,11 +623,16 @@ func TestPitfall3ResumeAfterLastApplied(t *testing.T) {
 		return false
 	})
 	require.Len(t, st.log, before, "a replayed event reached the state again")
-	require.False(t, r.changed, "a replayed event made a Tick due")
-	require.Equal(t, revAfter, r.eventRev)
+	require.False(t, r.gate.changed, "a replayed event made a Tick due")
+	require.Equal(t, revAfter, r.mirror.eventRev)
 	// The watch that replayed goes on with new events, each applied once.
 	revLast := put("/k", "last")
 	pitfall3Receive(t, r, "a put after the replay", applied(revLast))
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("last")}}, st.log[before:])
 	require.Equal(t, etcdSnapshot(ctx, t, writer, prefix), stateSnapshot(st))
+}
+
+// feedWatch hands one watch response to the run as its loop would.
+func (r *run) feedWatch(resp clientv3.WatchResponse) error {
+	return r.onWatch(r.watch.handle(resp, true))
 }

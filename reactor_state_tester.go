@@ -4,51 +4,46 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/stretchr/testify/require"
-
-	"github.com/etcdworker/orchestrator/util"
+		"github.com/etcdworker/orchestrator/util"
 )
 
 // ReactorStateTester drives a ReactorState without etcd, for unit tests of
 // reactors and states. It keeps the key-value map the state should mirror,
 // feeds changes to the state and applies the state's patches with the same
 // rules as the worker: each group atomically, ErrEtcdIgnore skips one patch,
-// no-op writes are dropped.
+// no-op writes are dropped, patches get copies of the values, and a patch
+// returning ErrEtcdTryAgain aborts the whole flush (no group of it is
+// applied). It reports failures through testing.TB alone.
 type ReactorStateTester struct {
-	t         testing.TB
-	state     ReactorState
-	kvEntries map[util.EtcdKey][]byte
-	values    map[util.EtcdKey][]byte
+	t      testing.TB
+	state  ReactorState
+	mirror *mirror
 }
 
 // NewReactorStateTester returns a tester for state, first loading
 // initKVEntries into it with isInit = true (a failing Update fails t).
 func NewReactorStateTester(t testing.TB, state ReactorState, initKVEntries map[string]string) *ReactorStateTester {
 	t.Helper()
-	require.NotNil(t, state, "NewReactorStateTester: nil state")
-	r := &ReactorStateTester{
-		t:         t,
-		state:     state,
-		kvEntries: make(map[util.EtcdKey][]byte, len(initKVEntries)),
-		values:    make(map[util.EtcdKey][]byte, len(initKVEntries)),
+	if isNil(state) {
+		t.Errorf("NewReactorStateTester: nil state")
+		t.FailNow()
+		return nil
 	}
+	r := &ReactorStateTester{t: t, state: state, mirror: newMirror(util.NormalizePrefix(""))}
 	for k, v := range initKVEntries {
 		key := util.NewEtcdKey(k)
 		value := []byte(v)
-		require.NoError(t, state.Update(key, value, true), "NewReactorStateTester: Update(%q)", k)
+		if err := state.Update(key, value, true); err != nil {
+			t.Errorf("NewReactorStateTester: Update(%q): %v", k, err)
+			t.FailNow()
+		}
 		r.set(key, value)
 	}
 	return r
 }
 
 func (r *ReactorStateTester) set(key util.EtcdKey, value []byte) {
-	if value == nil {
-		delete(r.kvEntries, key)
-		delete(r.values, key)
-		return
-	}
-	r.kvEntries[key] = value
-	r.values[key] = value
+	r.mirror.set(keyChange{key: key, value: value})
 }
 
 // Update feeds one change to the state (value == nil deletes the key) and
@@ -65,28 +60,34 @@ func (r *ReactorStateTester) Update(key string, value []byte) error {
 // MustUpdate is Update that fails the test on error.
 func (r *ReactorStateTester) MustUpdate(key string, value []byte) {
 	r.t.Helper()
-	require.NoError(r.t, r.Update(key, value), "ReactorStateTester.Update(%q)", key)
+	if err := r.Update(key, value); err != nil {
+		r.t.Errorf("ReactorStateTester.Update(%q): %v", key, err)
+		r.t.FailNow()
+	}
 }
 
-// ApplyPatches takes the state's pending patches and applies them group by
-// group, feeding every changed key back to the state. It stops at the first
-// group that returns ErrEtcdTryAgain (tryAgain = true; the rest of the
-// patches are dropped, as GetPatches cleared them) or another error.
+// ApplyPatches takes the state's pending patches, runs every group in order
+// and feeds every changed key back to the state. Like the worker, it first
+// runs all groups and applies nothing when a patch returns ErrEtcdTryAgain
+// (tryAgain = true; the patches are dropped, as GetPatches cleared them) or
+// another error.
 func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
-	committed := func(key util.EtcdKey) ([]byte, bool) {
-		v, ok := r.kvEntries[key]
-		return v, ok
-	}
+	view := newPatchView(r.mirror)
+	defer view.reset()
+	var all []groupWrites
 	for _, group := range r.state.GetPatches() {
-		view := newPatchView(func() map[util.EtcdKey][]byte { return r.values }, committed)
 		writes, err := view.applyGroup(group)
-		view.reset()
+		if errors.Is(err, ErrEtcdTryAgain) {
+			r.mirror.dropValueMap()
+			return true, nil
+		}
 		if err != nil {
-			if errors.Is(err, ErrEtcdTryAgain) {
-				return true, nil
-			}
 			return false, err
 		}
+		all = append(all, writes)
+	}
+	view.reset()
+	for _, writes := range all {
 		for _, w := range writes {
 			if err := r.state.Update(w.key, w.value, false); err != nil {
 				return false, err
@@ -102,15 +103,21 @@ func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
 func (r *ReactorStateTester) MustApplyPatches() {
 	r.t.Helper()
 	tryAgain, err := r.ApplyPatches()
-	require.NoError(r.t, err, "ReactorStateTester.ApplyPatches")
-	require.False(r.t, tryAgain, "ReactorStateTester.ApplyPatches: a patch asked to try again")
+	switch {
+	case err != nil:
+		r.t.Errorf("ReactorStateTester.ApplyPatches: %v", err)
+		r.t.FailNow()
+	case tryAgain:
+		r.t.Errorf("ReactorStateTester.ApplyPatches: a patch asked to try again")
+		r.t.FailNow()
+	}
 }
 
 // KVEntries returns a copy of the key-value map the state should mirror.
 func (r *ReactorStateTester) KVEntries() map[string]string {
-	out := make(map[string]string, len(r.kvEntries))
-	for k, v := range r.kvEntries {
-		out[k.String()] = string(v)
+	out := make(map[string]string, r.mirror.len())
+	for k, e := range r.mirror.entries {
+		out[k.String()] = string(e.value)
 	}
 	return out
 }

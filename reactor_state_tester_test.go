@@ -255,9 +255,9 @@ func TestReactorStateTesterApplyPatchesTryAgain(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, tryAgain)
 	require.False(t, laterRan, "groups after the one asking to try again must not run")
-	require.Equal(t, map[string]string{"/t/a": "2"}, tester.KVEntries(),
-		"groups before it apply, nothing of the group asking to try again does")
-	require.Equal(t, map[string]string{"/t/a": "2"}, s.stringValues())
+	require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries(),
+		"like the worker, nothing of a flush with a patch asking to try again applies")
+	require.Equal(t, map[string]string{"/t/a": "1"}, s.stringValues())
 
 	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
 		s := newRSTState()
@@ -275,13 +275,22 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 		failKey string
 		bad     []DataPatch
 		wantErr error
+		// Like the worker, a patch error applies nothing of the flush; a
+		// rejected Update stops feeding the state at the rejected key,
+		// after every group ran.
+		wantKV       map[string]string
+		wantLaterRan bool
 	}{
 		{"patch error", "", []DataPatch{rstSet("/t/b", []byte("partial")),
-			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("ctx: %w", errBoom) })}, errBoom},
+			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("ctx: %w", errBoom) })}, errBoom,
+			map[string]string{"/t/a": "1"}, false},
 		{"panic in a patch", "", []DataPatch{rstSet("/t/b", []byte("partial")),
-			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { panic("kaboom") })}, ErrPanic},
-		{"nil Func", "", []DataPatch{rstSet("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument},
-		{"rejected Update", "/t/b", []DataPatch{rstSet("/t/b", []byte("x"))}, errRSTUpdate},
+			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { panic("kaboom") })}, ErrPanic,
+			map[string]string{"/t/a": "1"}, false},
+		{"nil Func", "", []DataPatch{rstSet("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument,
+			map[string]string{"/t/a": "1"}, false},
+		{"rejected Update", "/t/b", []DataPatch{rstSet("/t/b", []byte("x"))}, errRSTUpdate,
+			map[string]string{"/t/a": "2"}, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -300,8 +309,8 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 			tryAgain, err := tester.ApplyPatches()
 			require.ErrorIs(t, err, tt.wantErr)
 			require.False(t, tryAgain)
-			require.False(t, laterRan)
-			require.Equal(t, map[string]string{"/t/a": "2"}, tester.KVEntries())
+			require.Equal(t, tt.wantLaterRan, laterRan)
+			require.Equal(t, tt.wantKV, tester.KVEntries())
 
 			failed, _ := rstRunFailing(t, func(tb testing.TB) {
 				s := newRSTState()

@@ -150,17 +150,17 @@ func TestClassifyTxnError(t *testing.T) {
 		rpctypes.ErrTooManyOps, rpctypes.ErrRequestTooLarge, rpctypes.ErrLeaseNotFound}
 	for _, e := range fatal {
 		t.Run("fatal "+fmt.Sprint(e), func(t *testing.T) {
-			require.Error(t, classifyTxnError(e), "%v classified as unknown outcome", e)
+			require.Error(t, commitRejected(nil, e), "%v classified as unknown outcome", e)
 		})
 	}
 	retryable := []error{rpctypes.ErrInvalidAuthToken, rpctypes.ErrNoLeader, rpctypes.ErrTooManyRequests,
 		rpctypes.ErrTimeout, context.DeadlineExceeded, errors.New("connection reset")}
 	for _, e := range retryable {
 		t.Run("retryable "+fmt.Sprint(e), func(t *testing.T) {
-			require.NoError(t, classifyTxnError(e))
+			require.NoError(t, commitRejected(nil, e))
 		})
 	}
-	require.ErrorIs(t, classifyTxnError(rpctypes.ErrTooManyOps), ErrEtcdTxnOpsExceed)
-	require.ErrorIs(t, classifyTxnError(rpctypes.ErrRequestTooLarge), ErrEtcdTxnSizeExceed)
-	require.ErrorIs(t, classifyTxnError(rpctypes.ErrLeaseNotFound), ErrEtcdSessionDone)
+	require.ErrorIs(t, commitRejected(nil, rpctypes.ErrTooManyOps), ErrEtcdTxnOpsExceed)
+	require.ErrorIs(t, commitRejected(nil, rpctypes.ErrRequestTooLarge), ErrEtcdTxnSizeExceed)
+	require.ErrorIs(t, commitRejected(nil, rpctypes.ErrLeaseNotFound), ErrEtcdSessionDone)
 }

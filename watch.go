@@ -1,24 +1,35 @@
 package orchestrator
 
 import (
-	"bytes"
 	"context"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
-	"github.com/etcdworker/orchestrator/util"
 )
 
-// watchStream owns the worker's watch on its prefix: a watcher of its own (so
-// that progress requests and notifications concern this watch only), the
-// current watch channel, and a goroutine that asks etcd for progress
-// notifications. close joins everything.
+// watchConfig is what a watchStream needs to know.
+type watchConfig struct {
+	client   *clientv3.Client
+	key      string // the watched prefix: prefix + "/"
+	probeKey string // a key read count-only to learn the store revision
+	clock    clockwork.Clock
+	// requestTimeout bounds progress requests and probes.
+	requestTimeout time.Duration
+	// progressInterval is how often progress is requested and, when the
+	// watch has been silent that long, the head probed.
+	progressInterval time.Duration
+}
+
+// watchStream owns the worker's watch on its prefix: a watcher of its own
+// (so that progress requests and notifications concern this watch only),
+// the current watch channel, and a goroutine that asks etcd for progress.
+// It never changes the run: handle and the probes report what happened and
+// the run decides what follows. close joins every goroutine.
 type watchStream struct {
-	r       *run
+	cfg     watchConfig
 	watcher clientv3.Watcher
 	base    context.Context // watch and progress requests share its metadata
 	stop    context.CancelFunc
@@ -31,31 +42,51 @@ type watchStream struct {
 	kick chan struct{}
 	wg   sync.WaitGroup
 
-	// probes carries the results of head probes (see probeHead) to the run
-	// loop; lastResponse is when the run loop last handled a watch response
-	// (unix nanoseconds of the worker's clock).
+	// probes carries head probe results to the run loop; lastResponse is
+	// when the last watch response was handled (unix nanoseconds of the
+	// clock).
 	probes       chan headProbe
 	lastResponse atomic.Int64
 }
 
-// headProbe is the store revision etcd reported to a read sent at sent.
+// watchResultKind says what one watch response (or its absence) meant.
+type watchResultKind int
+
+const (
+	watchEvents    watchResultKind = iota // events of whole revisions, to apply
+	watchProgress                         // every event up to rev was delivered
+	watchCompacted                        // the resume revision was compacted: reload
+	watchFailed                           // the watch broke; a new one is scheduled
+)
+
+// watchResult is what handle made of one watch response.
+type watchResult struct {
+	kind   watchResultKind
+	rev    int64 // header revision (events, progress) or compact revision
+	events []*clientv3.Event
+	err    error // watchFailed: why
+}
+
+// headProbe is the store revision etcd reported to a read sent at sent, or
+// the error the read got.
 type headProbe struct {
 	rev  int64
 	sent time.Time
+	err  error
 }
 
-func newWatchStream(r *run) *watchStream {
-	base, stop := context.WithCancel(clientv3.WithRequireLeader(r.ctx))
+func newWatchStream(ctx context.Context, cfg watchConfig) *watchStream {
+	base, stop := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	s := &watchStream{
-		r:       r,
-		watcher: clientv3.NewWatcher(r.w.client),
+		cfg:     cfg,
+		watcher: clientv3.NewWatcher(cfg.client),
 		base:    base,
 		stop:    stop,
 		kick:    make(chan struct{}, 1),
 		backoff: newBackoff(),
 		probes:  make(chan headProbe, 1),
 	}
-	s.lastResponse.Store(r.now().UnixNano())
+	s.lastResponse.Store(cfg.clock.Now().UnixNano())
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -64,23 +95,11 @@ func newWatchStream(r *run) *watchStream {
 	return s
 }
 
-// progressInterval is how often the worker asks etcd to confirm that its
-// watch is current: often enough to prove freshness (and that etcd is
-// reachable) well within the staleness and outage bounds.
-func (s *watchStream) progressInterval() time.Duration {
-	d := s.r.w.opts.maxStaleness / 4
-	if o := s.r.w.opts.maxOutage; o > 0 {
-		d = min(d, o/4)
-	}
-	return min(max(d, 50*time.Millisecond), 2*time.Second)
-}
-
 // requestProgressLoop asks for a progress notification every interval, and
 // at once when kicked (after a conflict, to learn when the state has passed
 // the conflicting revision).
 func (s *watchStream) requestProgressLoop() {
-	clock := s.r.w.opts.clock
-	ticker := clock.NewTicker(s.progressInterval())
+	ticker := s.cfg.clock.NewTicker(s.cfg.progressInterval)
 	defer ticker.Stop()
 	for {
 		select {
@@ -89,7 +108,7 @@ func (s *watchStream) requestProgressLoop() {
 		case <-ticker.Chan():
 		case <-s.kick:
 		}
-		ctx, cancel := context.WithTimeout(s.base, s.r.w.opts.requestTimeout)
+		ctx, cancel := context.WithTimeout(s.base, s.cfg.requestTimeout)
 		_ = s.watcher.RequestProgress(ctx)
 		cancel()
 		s.probeHead()
@@ -97,40 +116,34 @@ func (s *watchStream) requestProgressLoop() {
 }
 
 // probeHead reads the store revision when the watch has been silent for a
-// progress interval, and hands it to the run loop. etcd sends no progress
-// notification to a watch whose start revision is ahead of the store
-// revision, and that is where a watch that has seen everything waits (the
-// worker starts it at the loaded revision + 1, and clientv3 resumes it at
-// the last revision + 1 after a reconnect). Without the probe an idle worker
-// could never prove its state current, nor etcd reachable.
+// progress interval, and hands it (or the error) to the run loop. etcd sends
+// no progress notification to a watch whose start revision is ahead of the
+// store revision, and that is where a watch that has seen everything waits.
+// Without the probe an idle worker could never prove its state current, nor
+// notice that etcd stopped answering. See "Progress probe" in
+// docs/DESIGN.md.
 func (s *watchStream) probeHead() {
-	clock := s.r.w.opts.clock
-	if clock.Since(time.Unix(0, s.lastResponse.Load())) < s.progressInterval() {
+	clock := s.cfg.clock
+	if clock.Since(time.Unix(0, s.lastResponse.Load())) < s.cfg.progressInterval {
 		return
 	}
-	sent := clock.Now()
-	ctx, cancel := context.WithTimeout(s.base, s.r.w.opts.requestTimeout)
-	resp, err := s.r.w.client.Get(ctx, s.r.w.counterKey, clientv3.WithCountOnly())
+	p := headProbe{sent: clock.Now()}
+	ctx, cancel := context.WithTimeout(s.base, s.cfg.requestTimeout)
+	resp, err := s.cfg.client.Get(ctx, s.cfg.probeKey, clientv3.WithCountOnly())
 	cancel()
+	if s.base.Err() != nil {
+		return // stopping: the error is ours
+	}
 	if err != nil {
-		return
+		p.err = err
+	} else {
+		p.rev = resp.Header.Revision
 	}
 	select { // keep only the newest probe
 	case <-s.probes:
 	default:
 	}
-	s.probes <- headProbe{rev: resp.Header.Revision, sent: sent}
-}
-
-// handleProbe records a head probe: etcd answered, and if the state has
-// every revision up to the probed one, the state was current when the probe
-// was sent.
-func (r *run) handleProbe(p headProbe) {
-	r.contact()
-	r.headRev = max(r.headRev, p.rev)
-	if p.rev <= r.appliedRev && p.sent.After(r.lastFresh) {
-		r.lastFresh = p.sent
-	}
+	s.probes <- p
 }
 
 // requestProgress asks the progress goroutine for a notification soon.
@@ -154,9 +167,19 @@ func (s *watchStream) start(rev int64) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		opened <- s.watcher.Watch(ctx, s.r.w.watchKey, clientv3.WithPrefix(), clientv3.WithRev(rev),
+		opened <- s.watcher.Watch(ctx, s.cfg.key, clientv3.WithPrefix(), clientv3.WithRev(rev),
 			clientv3.WithProgressNotify())
 	}()
+}
+
+// startIfDue opens a new watch from rev when none is open or being opened
+// and the back-off has passed, and reports whether it did.
+func (s *watchStream) startIfDue(now time.Time, rev int64) bool {
+	if !s.idle() || now.Before(s.retryAt) {
+		return false
+	}
+	s.start(rev)
+	return true
 }
 
 // idle reports whether no watch is open or being opened.
@@ -177,12 +200,6 @@ func (s *watchStream) closeWatch() {
 	s.opened = nil
 }
 
-// retryLater closes the current watch and schedules a new one.
-func (s *watchStream) retryLater() {
-	s.closeWatch()
-	s.retryAt = s.r.now().Add(s.backoff.next())
-}
-
 func (s *watchStream) close() {
 	s.closeWatch()
 	s.stop()
@@ -190,91 +207,54 @@ func (s *watchStream) close() {
 	_ = s.watcher.Close()
 }
 
-// handle applies one watch response (ok == false: the channel closed).
-func (s *watchStream) handle(resp clientv3.WatchResponse, ok bool) error {
-	r := s.r
+// handle reads one watch response (ok == false: the channel closed). A
+// broken or compacted watch is closed here; a broken one is scheduled to
+// reopen after a back-off.
+func (s *watchStream) handle(resp clientv3.WatchResponse, ok bool) watchResult {
 	if !ok {
-		if r.ctx.Err() == nil {
-			r.failure("watch", context.Canceled)
-			s.retryLater()
-		}
-		return nil
+		s.retryLater()
+		return watchResult{kind: watchFailed, err: context.Canceled}
 	}
 	if resp.CompactRevision != 0 {
-		r.m.reloads.Inc()
-		r.log.Warn("watch revision compacted, reloading the state",
-			zap.Int64("revision", r.eventRev+1), zap.Int64("compactRevision", resp.CompactRevision))
 		s.closeWatch()
-		if err := r.loadWithRetry(); err != nil {
-			return err
-		}
-		s.start(r.eventRev + 1)
-		return nil
+		return watchResult{kind: watchCompacted, rev: resp.CompactRevision}
 	}
 	if err := resp.Err(); err != nil {
-		if r.ctx.Err() == nil {
-			r.failure("watch", err)
-			s.retryLater()
-		}
-		return nil
+		s.retryLater()
+		return watchResult{kind: watchFailed, err: err}
 	}
 	s.backoff.reset()
-	r.contact()
-	r.lastFresh = r.now()
-	s.lastResponse.Store(r.lastFresh.UnixNano())
-	r.headRev = max(r.headRev, resp.Header.Revision)
+	s.lastResponse.Store(s.cfg.clock.Now().UnixNano())
 	if resp.IsProgressNotify() {
-		// Every event up to the header revision has been delivered. This
-		// only moves appliedRev (the barrier); events are never dropped
-		// because of it.
-		r.appliedRev = max(r.appliedRev, resp.Header.Revision)
-		return nil
+		return watchResult{kind: watchProgress, rev: resp.Header.Revision}
 	}
-	return r.applyEvents(resp.Events)
+	return watchResult{kind: watchEvents, rev: resp.Header.Revision, events: resp.Events}
 }
 
-// applyEvents applies the events of one watch response, in order. A response
-// holds every event of the revisions it covers, so after it the state is a
-// snapshot at its last revision. Events at or below eventRev were applied
-// already (a replay) and are skipped.
-func (r *run) applyEvents(events []*clientv3.Event) error {
-	if len(events) == 0 {
-		return nil
+// retryLater closes the current watch and schedules a new one.
+func (s *watchStream) retryLater() {
+	s.closeWatch()
+	s.retryAt = s.cfg.clock.Now().Add(s.backoff.next())
+}
+
+// watchConfig is the configuration of the run's watch.
+func (r *run) watchConfig() watchConfig {
+	o := &r.w.opts
+	interval := o.maxStaleness / 4
+	if o.maxOutage > 0 {
+		interval = min(interval, o.maxOutage/4)
 	}
-	from := r.eventRev
-	for _, ev := range events {
-		kv := ev.Kv
-		rev := kv.ModRevision
-		if rev <= from {
-			continue
-		}
-		if bytes.HasPrefix(kv.Key, []byte(r.w.reserved)) {
-			if string(kv.Key) == r.w.counterKey {
-				if ev.Type == clientv3.EventTypeDelete {
-					r.counterRev = 0
-				} else {
-					r.counterRev = rev
-				}
-			}
-			continue
-		}
-		key := util.NewEtcdKeyFromBytes(kv.Key)
-		var value []byte
-		if ev.Type == clientv3.EventTypePut {
-			// An empty value arrives as nil: it is still a put.
-			value = kv.Value
-			if value == nil {
-				value = []byte{}
-			}
-		}
-		if err := r.update(key, value, rev, false); err != nil {
-			return err
-		}
+	interval = min(max(interval, 50*time.Millisecond), 2*time.Second)
+	timeout := o.requestTimeout
+	if o.maxOutage > 0 {
+		timeout = min(timeout, o.maxOutage)
 	}
-	if last := events[len(events)-1].Kv.ModRevision; last > r.eventRev {
-		r.eventRev = last
+	return watchConfig{
+		client:           r.w.client,
+		key:              r.mirror.watchKey,
+		probeKey:         r.mirror.counterKey,
+		clock:            o.clock,
+		requestTimeout:   timeout,
+		progressInterval: interval,
 	}
-	r.appliedRev = max(r.appliedRev, r.eventRev)
-	r.m.stateKeys.Set(float64(len(r.w.committed)))
-	return nil
 }
