@@ -28,7 +28,7 @@ func Parse(fs *flag.FlagSet, about string, args []string, stdout, stderr io.Writ
 	err := fs.Parse(args)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
-		PrintUsage(stdout, fs, about)
+		printUsage(stdout, fs, about)
 		return 0, false
 	case err != nil:
 	case fs.NArg() > 0:
@@ -43,9 +43,9 @@ func Parse(fs *flag.FlagSet, about string, args []string, stdout, stderr io.Writ
 	return 0, true
 }
 
-// PrintUsage writes the help text of fs to w: about on the first line, then
+// printUsage writes the help text of fs to w: about on the first line, then
 // a usage line and the flags with their defaults.
-func PrintUsage(w io.Writer, fs *flag.FlagSet, about string) {
+func printUsage(w io.Writer, fs *flag.FlagSet, about string) {
 	fmt.Fprintln(w, about)
 	fmt.Fprintf(w, "\nUsage: %s [flags]\n\nFlags:\n", fs.Name())
 	fs.SetOutput(w)

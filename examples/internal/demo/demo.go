@@ -1,6 +1,9 @@
-// Package demo holds what the example programs share: connecting to etcd
-// (an embedded single-member etcd in a temporary directory unless endpoints
-// are given), serving /metrics, and reading the orchestrator's metrics back.
+// Package demo holds what the example programs share: their command line
+// (the connection flags --endpoints, --dial-timeout, --cacert, --cert, --key,
+// --user and --password, one-line errors naming the flag at fault, --help),
+// connecting to etcd (an embedded single-member etcd in a temporary
+// directory unless endpoints are given), serving /metrics, and reading the
+// orchestrator's metrics back.
 package demo
 
 import (
