@@ -53,7 +53,7 @@ func checkStringRoundTrips(t *testing.T, s string) {
 	require.Equal(t, s, prefix.String())
 	require.Equal(t, prefix, util.NewEtcdPrefixFromBytes(b))
 	require.True(t, bytes.Equal(b, prefix.Bytes()))
-	require.Equal(t, prefix, relKey.AsPrefix())
+	require.Equal(t, util.NewEtcdRelPrefix(s), relKey.AsPrefix())
 
 	relPrefix := util.NewEtcdRelPrefix(s)
 	require.Equal(t, s, relPrefix.String())
@@ -113,6 +113,18 @@ func checkRemovePrefix(t *testing.T, s, rawPrefix string) {
 		require.Equal(t, key.AsRelKey(), rel)
 	}
 	require.Equal(t, key.AsRelKey(), key.RemovePrefix(nil))
+
+	// The relative types remove a prefix the same way.
+	relKey := util.NewEtcdRelKey(s)
+	relPrefix := util.NewEtcdRelPrefix(rawPrefix)
+	relRest := relKey.RemovePrefix(&relPrefix)
+	require.Equal(t, rel, relRest)
+	if strings.HasPrefix(s, rawPrefix) {
+		require.Equal(t, s, rawPrefix+relRest.String())
+	}
+	require.Equal(t, relKey, relKey.RemovePrefix(nil))
+	self := relKey.AsPrefix()
+	require.Equal(t, util.EtcdRelKey{}, relKey.RemovePrefix(&self))
 
 	// A key under a normalized prefix comes back from FullKey unchanged.
 	norm := util.NormalizePrefix(rawPrefix)

@@ -126,10 +126,23 @@ func (k EtcdRelKey) Tail() EtcdRelKey {
 	return EtcdRelKey{keyStr: tail}
 }
 
-// AsPrefix returns the same string as a prefix, so that it can be joined with
-// another relative key by FullKey.
-func (k EtcdRelKey) AsPrefix() EtcdPrefix {
-	return EtcdPrefix{prefixStr: k.keyStr}
+// AsPrefix returns the same string as a relative prefix: for "/a/b" it is
+// the relative prefix "/a/b". The string is used as is, so the zero relative
+// key gives the empty relative prefix.
+func (k EtcdRelKey) AsPrefix() EtcdRelPrefix {
+	return EtcdRelPrefix{prefixStr: k.keyStr}
+}
+
+// RemovePrefix returns the relative key with prefix removed from its
+// beginning: for the relative key "/a/b/c" and the relative prefix "/a" it is
+// "/b/c". As with EtcdKey.RemovePrefix, the match is byte-wise and not
+// aligned to segments. When the key does not start with prefix, or prefix is
+// nil or empty, the key is returned unchanged.
+func (k EtcdRelKey) RemovePrefix(prefix *EtcdRelPrefix) EtcdRelKey {
+	if prefix == nil {
+		return k
+	}
+	return EtcdRelKey{keyStr: strings.TrimPrefix(k.keyStr, prefix.prefixStr)}
 }
 
 // EtcdPrefix is the leading part of complete keys, such as the prefix an

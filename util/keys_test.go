@@ -121,6 +121,51 @@ func TestRemovePrefixNil(t *testing.T) {
 	require.Equal(t, key.AsRelKey(), key.RemovePrefix(nil))
 }
 
+func TestRelKeyRemovePrefix(t *testing.T) {
+	cases := []struct {
+		name   string
+		key    string
+		prefix string
+		want   string
+	}{
+		{name: "matching prefix", key: "/a/b/c", prefix: "/a", want: "/b/c"},
+		{name: "prefix with trailing slash", key: "/a/b", prefix: "/a/", want: "b"},
+		{name: "empty prefix", key: "/a/b", prefix: "", want: "/a/b"},
+		{name: "prefix equals key", key: "/a", prefix: "/a", want: ""},
+		{name: "prefix longer than key", key: "/a", prefix: "/a/b", want: "/a"},
+		{name: "not a prefix", key: "/b/a", prefix: "/a", want: "/b/a"},
+		{name: "byte-wise, not segment-aligned", key: "/ab/c", prefix: "/a", want: "b/c"},
+		{name: "empty key", key: "", prefix: "/a", want: ""},
+		{name: "both empty", key: "", prefix: "", want: ""},
+		{name: "invalid UTF-8", key: "/\xff/\xfe", prefix: "/\xff", want: "/\xfe"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			key := util.NewEtcdRelKey(tc.key)
+			prefix := util.NewEtcdRelPrefix(tc.prefix)
+			require.Equal(t, util.NewEtcdRelKey(tc.want), key.RemovePrefix(&prefix))
+			// Same result as removing the prefix from the complete key.
+			require.Equal(t, key.RemovePrefix(&prefix),
+				util.NewEtcdKey(tc.key).RemovePrefix(prefix.AsPrefix()))
+		})
+	}
+}
+
+func TestRelKeyRemovePrefixNil(t *testing.T) {
+	key := util.NewEtcdRelKey("/a/b")
+	require.Equal(t, key, key.RemovePrefix(nil))
+}
+
+func TestRelKeyAsPrefixWalksSegments(t *testing.T) {
+	// A relative key used as a relative prefix strips itself from a longer
+	// relative key: "/a/b" off "/a/b/c" leaves "/c".
+	rel := util.NewEtcdRelKey("/a/b")
+	prefix := rel.AsPrefix()
+	require.Equal(t, "/a/b", prefix.String())
+	require.Equal(t, util.NewEtcdRelKey("/c"), util.NewEtcdRelKey("/a/b/c").RemovePrefix(&prefix))
+	require.Equal(t, util.NewEtcdRelKey(""), rel.RemovePrefix(&prefix))
+}
+
 func TestFullKey(t *testing.T) {
 	cases := []struct {
 		name   string
@@ -177,7 +222,7 @@ func TestNormalizePrefix(t *testing.T) {
 func TestConversions(t *testing.T) {
 	const s = "/a/b"
 	require.Equal(t, util.NewEtcdRelKey(s), util.NewEtcdKey(s).AsRelKey())
-	require.Equal(t, util.NewEtcdPrefix(s), util.NewEtcdRelKey(s).AsPrefix())
+	require.Equal(t, util.NewEtcdRelPrefix(s), util.NewEtcdRelKey(s).AsPrefix())
 	require.Equal(t, util.NewEtcdPrefix(s), *util.NewEtcdRelPrefix(s).AsPrefix())
 
 	// AsPrefix returns a fresh pointer each time: changing one value does
@@ -260,7 +305,9 @@ func TestZeroValues(t *testing.T) {
 
 	var relKey util.EtcdRelKey
 	require.Equal(t, util.EtcdRelPrefix{}, relKey.Head())
-	require.Equal(t, util.EtcdPrefix{}, relKey.AsPrefix())
+	require.Equal(t, util.EtcdRelPrefix{}, relKey.AsPrefix())
+	require.Equal(t, util.EtcdRelKey{}, relKey.RemovePrefix(&util.EtcdRelPrefix{}))
+	require.Equal(t, util.EtcdRelKey{}, relKey.RemovePrefix(nil))
 
 	var relPrefix util.EtcdRelPrefix
 	require.Equal(t, util.EtcdRelPrefix{}, relPrefix.Head())

@@ -6,15 +6,19 @@
 //
 //	go run ./examples/bank --duration 3s
 //	go run ./examples/bank --endpoints http://127.0.0.1:2379 --metrics-addr 127.0.0.1:9090
+//	go run ./examples/bank --endpoints https://10.0.0.1:2379 --cacert ca.pem \
+//		--cert client.pem --key client-key.pem --user bank --password secret
 //
 // Without --endpoints it runs an embedded etcd in a temporary directory. It
-// exits non-zero if the invariant ever broke. Ctrl-C stops it cleanly.
+// exits 1 if the invariant ever broke or etcd cannot be reached, and 2 for a
+// bad flag. Ctrl-C stops it cleanly.
 package main
 
 import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"sync/atomic"
@@ -30,8 +34,11 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
+// about is the first line of --help.
+const about = "bank shows EtcdWorkers moving money between accounts in atomic patch groups: the balances always sum to zero."
+
 type config struct {
-	endpoints   string
+	conn        demo.ConnConfig
 	prefix      string
 	workers     int
 	accounts    int
@@ -41,27 +48,52 @@ type config struct {
 	metricsAddr string
 }
 
-func parseFlags() config {
-	var c config
-	flag.StringVar(&c.endpoints, "endpoints", "", "comma-separated etcd endpoints (default: an embedded etcd in a temp dir)")
-	flag.StringVar(&c.prefix, "prefix", "/orchestrator-example/bank", "etcd prefix of the worker")
-	flag.IntVar(&c.workers, "workers", 4, "number of EtcdWorkers")
-	flag.IntVar(&c.accounts, "accounts", 25, "number of accounts")
-	flag.IntVar(&c.perTick, "transfers-per-tick", 4, "transfers each worker queues per Tick (one atomic group each)")
-	flag.DurationVar(&c.duration, "duration", 10*time.Second, "how long to run")
-	flag.DurationVar(&c.interval, "interval", 2*time.Millisecond, "the workers' timer interval (also their Tick rate limit)")
-	flag.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
-	flag.Parse()
-	if c.workers < 1 || c.accounts < 2 || c.perTick < 1 || c.duration <= 0 || c.interval <= 0 {
-		fmt.Fprintln(os.Stderr, "bank: --workers, --transfers-per-tick and durations must be positive, --accounts at least 2")
-		os.Exit(2)
+// parseFlags parses the command line; see demo.Parse for code and ok.
+func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
+	fs := flag.NewFlagSet("bank", flag.ContinueOnError)
+	cfg.conn.Register(fs)
+	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/bank", "etcd prefix of the worker")
+	fs.IntVar(&cfg.workers, "workers", 4, "number of EtcdWorkers")
+	fs.IntVar(&cfg.accounts, "accounts", 25, "number of accounts")
+	fs.IntVar(&cfg.perTick, "transfers-per-tick", 4, "transfers each worker queues per Tick (one atomic group each)")
+	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
+	fs.DurationVar(&cfg.interval, "interval", 2*time.Millisecond, "the workers' timer interval (also their Tick rate limit)")
+	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
+	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
+	return cfg, code, ok
+}
+
+// check validates the flags; its errors name the flag.
+func (c *config) check() error {
+	switch {
+	case c.workers < 1:
+		return fmt.Errorf("--workers: must be at least 1, got %d", c.workers)
+	case c.accounts < 2:
+		return fmt.Errorf("--accounts: must be at least 2, got %d", c.accounts)
+	case c.perTick < 1:
+		return fmt.Errorf("--transfers-per-tick: must be at least 1, got %d", c.perTick)
+	case c.duration <= 0:
+		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
+	case c.interval <= 0:
+		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
+	case c.conn.DialTimeout <= 0:
+		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.conn.DialTimeout)
 	}
-	return c
+	return c.conn.Validate()
 }
 
 func main() {
-	cfg := parseFlags()
-	os.Exit(demo.Main("bank", func(ctx context.Context) (bool, error) { return run(ctx, cfg) }))
+	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// runMain is the whole program: it parses args, runs the demo and returns the
+// exit code (0 OK, 1 error or broken invariant, 2 bad flags).
+func runMain(args []string, stdout, stderr io.Writer) int {
+	cfg, code, ok := parseFlags(args, stdout, stderr)
+	if !ok {
+		return code
+	}
+	return demo.Main("bank", stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })
 }
 
 // account is the JSON document of one account.
@@ -69,19 +101,20 @@ type account struct {
 	Balance int64 `json:"balance"`
 }
 
-// run runs the demo and reports whether the invariant held throughout.
-func run(ctx context.Context, cfg config) (bool, error) {
-	env, err := demo.Setup(ctx, cfg.endpoints, cfg.metricsAddr)
+// run runs the demo, printing to out, and reports whether the invariant held
+// throughout.
+func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
+	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr)
 	if err != nil {
 		return false, err
 	}
 	defer env.Close()
 	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
 
-	fmt.Printf("bank: %d workers, %d accounts under %s, %v, %s\n",
+	fmt.Fprintf(out, "bank: %d workers, %d accounts under %s, %v, %s\n",
 		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration, cluster.Describe())
 	if metricsURL != "" {
-		fmt.Println("metrics:", metricsURL)
+		fmt.Fprintln(out, "metrics:", metricsURL)
 	}
 
 	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
@@ -90,12 +123,12 @@ func run(ctx context.Context, cfg config) (bool, error) {
 	progressDone := make(chan struct{})
 	go func() {
 		defer close(progressDone)
-		reportProgress(runCtx, reg, &violations)
+		reportProgress(runCtx, out, reg, &violations)
 	}()
-	workErr := runWorkers(runCtx, cluster.Client, cfg, reg, &violations)
+	workErr := runWorkers(runCtx, cluster.Client, cfg, reg, &violations, out)
 	<-progressDone
 	if workErr != nil {
-		fmt.Println("worker error:", workErr)
+		fmt.Fprintln(out, "worker error:", workErr)
 	}
 
 	// Verify on a fresh context: ctx may be cancelled by Ctrl-C.
@@ -105,18 +138,20 @@ func run(ctx context.Context, cfg config) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("read the final balances: %w", err)
 	}
-	fmt.Printf("done: %s; %d accounts in etcd\n", summary(reg, &violations), n)
+	fmt.Fprintf(out, "done: %s; %d accounts in etcd\n", summary(reg, &violations), n)
 	ok := sum == 0 && violations.Load() == 0 && workErr == nil
 	verdict := "OK"
 	if !ok {
 		verdict = "BROKEN"
 	}
-	fmt.Printf("final sum: %d (%s)\n", sum, verdict)
+	fmt.Fprintf(out, "final sum: %d (%s)\n", sum, verdict)
 	return ok, nil
 }
 
 // runWorkers runs cfg.workers EtcdWorkers until ctx is done or one fails.
-func runWorkers(ctx context.Context, cli *clientv3.Client, cfg config, reg prometheus.Registerer, violations *atomic.Int64) error {
+func runWorkers(ctx context.Context, cli *clientv3.Client, cfg config, reg prometheus.Registerer,
+	violations *atomic.Int64, out io.Writer,
+) error {
 	g, gctx := errgroup.WithContext(ctx)
 	for i := range cfg.workers {
 		state := jsonstate.New[account](cfg.prefix + "/accounts")
@@ -127,6 +162,7 @@ func runWorkers(ctx context.Context, cli *clientv3.Client, cfg config, reg prome
 			rng:        rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(i))),
 			violations: violations,
 			name:       fmt.Sprintf("teller-%d", i),
+			out:        out,
 		}
 		w, err := orchestrator.NewEtcdWorker(cli, cfg.prefix, teller, state, orchestrator.WithMetrics(reg))
 		if err != nil {
@@ -151,6 +187,7 @@ type teller struct {
 	perTick    int
 	rng        *rand.Rand
 	violations *atomic.Int64
+	out        io.Writer
 }
 
 // Tick checks the invariant on the snapshot, then queues perTick transfers.
@@ -161,7 +198,7 @@ func (t *teller) Tick(_ context.Context, state orchestrator.ReactorState) (orche
 	}
 	if sum != 0 {
 		if t.violations.Add(1) <= 5 {
-			fmt.Printf("%s: INVARIANT BROKEN: the snapshot sums to %d\n", t.name, sum)
+			fmt.Fprintf(t.out, "%s: INVARIANT BROKEN: the snapshot sums to %d\n", t.name, sum)
 		}
 	}
 	for range t.perTick {
@@ -179,7 +216,7 @@ func (t *teller) Tick(_ context.Context, state orchestrator.ReactorState) (orche
 func accountName(i int) string { return fmt.Sprintf("%04d", i) }
 
 // reportProgress prints one line per second until ctx is done.
-func reportProgress(ctx context.Context, g prometheus.Gatherer, violations *atomic.Int64) {
+func reportProgress(ctx context.Context, out io.Writer, g prometheus.Gatherer, violations *atomic.Int64) {
 	ticker := time.NewTicker(time.Second)
 	defer ticker.Stop()
 	start := time.Now()
@@ -192,7 +229,7 @@ func reportProgress(ctx context.Context, g prometheus.Gatherer, violations *atom
 		}
 		commits := demo.Sum(g, "orchestrator_commits_total")
 		transfers := demo.Sum(g, "orchestrator_patch_groups_applied_total")
-		fmt.Printf("%5.1fs  commits %6.0f/s  transfers %6.0f/s  conflicts %6.0f  ticks %7.0f  torn snapshots %d\n",
+		fmt.Fprintf(out, "%5.1fs  commits %6.0f/s  transfers %6.0f/s  conflicts %6.0f  ticks %7.0f  torn snapshots %d\n",
 			time.Since(start).Seconds(), commits-lastCommits, transfers-lastTransfers,
 			demo.Sum(g, "orchestrator_conflicts_total"), demo.Sum(g, "orchestrator_ticks_total"), violations.Load())
 		lastCommits, lastTransfers = commits, transfers

@@ -14,7 +14,9 @@
 //
 //	go run ./examples/leader --duration 6s
 //
-// Without --endpoints it runs an embedded etcd in a temporary directory.
+// Without --endpoints it runs an embedded etcd in a temporary directory; see
+// --help for TLS and authentication. It exits 1 if a check failed or etcd
+// cannot be reached, and 2 for a bad flag.
 package main
 
 import (
@@ -22,6 +24,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strconv"
@@ -39,8 +42,11 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
+// about is the first line of --help.
+const about = "leader shows leader election with fencing: only the elected controller's EtcdWorker writes, and a deposed leader's writes are refused."
+
 type config struct {
-	endpoints   string
+	conn        demo.ConnConfig
 	prefix      string
 	controllers int
 	duration    time.Duration
@@ -50,47 +56,73 @@ type config struct {
 	metricsAddr string
 }
 
-func parseFlags() config {
-	var c config
-	flag.StringVar(&c.endpoints, "endpoints", "", "comma-separated etcd endpoints (default: an embedded etcd in a temp dir)")
-	flag.StringVar(&c.prefix, "prefix", "/orchestrator-example/leader", "etcd prefix (election and data live under it)")
-	flag.IntVar(&c.controllers, "controllers", 3, "number of controllers campaigning")
-	flag.DurationVar(&c.duration, "duration", 10*time.Second, "how long to run")
-	flag.DurationVar(&c.killAfter, "kill-after", 3*time.Second, "revoke each leader's lease this long after it won (0: never)")
-	flag.DurationVar(&c.interval, "interval", 50*time.Millisecond, "the leader worker's timer interval (one write per Tick)")
-	flag.IntVar(&c.ttl, "ttl", 5, "session lease TTL in seconds")
-	flag.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
-	flag.Parse()
-	if c.controllers < 1 || c.duration <= 0 || c.killAfter < 0 || c.interval <= 0 || c.ttl < 1 {
-		fmt.Fprintln(os.Stderr, "leader: --controllers, --duration, --interval and --ttl must be positive")
-		os.Exit(2)
+// parseFlags parses the command line; see demo.Parse for code and ok.
+func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
+	fs := flag.NewFlagSet("leader", flag.ContinueOnError)
+	cfg.conn.Register(fs)
+	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/leader", "etcd prefix (election and data live under it)")
+	fs.IntVar(&cfg.controllers, "controllers", 3, "number of controllers campaigning")
+	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
+	fs.DurationVar(&cfg.killAfter, "kill-after", 3*time.Second, "revoke each leader's lease this long after it won (0: never)")
+	fs.DurationVar(&cfg.interval, "interval", 50*time.Millisecond, "the leader worker's timer interval (one write per Tick)")
+	fs.IntVar(&cfg.ttl, "ttl", 5, "session lease TTL in seconds")
+	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
+	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
+	cfg.prefix = util.NormalizePrefix(cfg.prefix).String()
+	return cfg, code, ok
+}
+
+// check validates the flags; its errors name the flag.
+func (c *config) check() error {
+	switch {
+	case c.controllers < 1:
+		return fmt.Errorf("--controllers: must be at least 1, got %d", c.controllers)
+	case c.duration <= 0:
+		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
+	case c.killAfter < 0:
+		return fmt.Errorf("--kill-after: must not be negative, got %v", c.killAfter)
+	case c.interval <= 0:
+		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
+	case c.ttl < 1:
+		return fmt.Errorf("--ttl: must be at least 1 second, got %d", c.ttl)
+	case c.conn.DialTimeout <= 0:
+		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.conn.DialTimeout)
 	}
-	c.prefix = util.NormalizePrefix(c.prefix).String()
-	return c
+	return c.conn.Validate()
 }
 
 func main() {
-	cfg := parseFlags()
-	os.Exit(demo.Main("leader", func(ctx context.Context) (bool, error) { return run(ctx, cfg) }))
+	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// run runs the controllers for cfg.duration, then verifies the log.
-func run(ctx context.Context, cfg config) (bool, error) {
-	env, err := demo.Setup(ctx, cfg.endpoints, cfg.metricsAddr)
+// runMain is the whole program: it parses args, runs the demo and returns the
+// exit code (0 OK, 1 error or broken invariant, 2 bad flags).
+func runMain(args []string, stdout, stderr io.Writer) int {
+	cfg, code, ok := parseFlags(args, stdout, stderr)
+	if !ok {
+		return code
+	}
+	return demo.Main("leader", stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })
+}
+
+// run runs the controllers for cfg.duration, printing to out, then verifies
+// the log.
+func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
+	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr)
 	if err != nil {
 		return false, err
 	}
 	defer env.Close()
 	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
-	fmt.Printf("leader: %d controllers under %s, %v, leaders killed after %v, %s\n",
+	fmt.Fprintf(out, "leader: %d controllers under %s, %v, leaders killed after %v, %s\n",
 		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter, cluster.Describe())
 	if metricsURL != "" {
-		fmt.Println("metrics:", metricsURL)
+		fmt.Fprintln(out, "metrics:", metricsURL)
 	}
 
 	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
 	defer cancel()
-	h := &history{start: time.Now()}
+	h := &history{start: time.Now(), out: out}
 	var wg sync.WaitGroup
 	for i := range cfg.controllers {
 		cli, err := cluster.NewClient() // one client per controller, as in separate processes
@@ -122,13 +154,14 @@ func run(ctx context.Context, cfg config) (bool, error) {
 		}
 	}
 	sort.Strings(parts)
-	fmt.Printf("commits by role (metrics): %s\n", strings.Join(parts, " "))
+	fmt.Fprintf(out, "commits by role (metrics): %s\n", strings.Join(parts, " "))
 	return ok && h.violations.Load() == 0, nil
 }
 
 // history records who led, for the report.
 type history struct {
 	start      time.Time
+	out        io.Writer
 	mu         sync.Mutex
 	reigns     []reign
 	violations atomic.Int64
@@ -140,7 +173,7 @@ type reign struct {
 }
 
 func (h *history) logf(format string, args ...any) {
-	fmt.Printf("[%5.2fs] %s\n", time.Since(h.start).Seconds(), fmt.Sprintf(format, args...))
+	fmt.Fprintf(h.out, "[%5.2fs] %s\n", time.Since(h.start).Seconds(), fmt.Sprintf(format, args...))
 }
 
 func (h *history) won(name string, term int64) {
@@ -311,69 +344,4 @@ func (r *leaderReactor) Tick(_ context.Context, s orchestrator.ReactorState) (or
 		appendEntry{counter: r.state.counterKey, log: util.NewEtcdKey(log)},
 	})
 	return s, nil
-}
-
-// verify reads the counter and the log back from etcd and checks them.
-func verify(ctx context.Context, cli *clientv3.Client, prefix string, h *history) (bool, error) {
-	data := prefix + "/data"
-	resp, err := cli.Get(ctx, data+"/counter")
-	if err != nil {
-		return false, err
-	}
-	var counter int64
-	if len(resp.Kvs) == 1 {
-		if counter, err = strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64); err != nil {
-			return false, fmt.Errorf("counter: %w", err)
-		}
-	}
-	resp, err = cli.Get(ctx, data+"/log/", clientv3.WithPrefix())
-	if err != nil {
-		return false, err
-	}
-	type entry struct {
-		term  int64
-		value int64
-	}
-	entries := make([]entry, 0, len(resp.Kvs))
-	writes := map[int64]int{}
-	for _, kv := range resp.Kvs {
-		rest := strings.TrimPrefix(string(kv.Key), data+"/log/")
-		term, err1 := strconv.ParseInt(strings.SplitN(rest, "/", 2)[0], 10, 64)
-		value, err2 := strconv.ParseInt(string(kv.Value), 10, 64)
-		if err := errors.Join(err1, err2); err != nil {
-			return false, fmt.Errorf("log entry %q: %w", kv.Key, err)
-		}
-		entries = append(entries, entry{term: term, value: value})
-		writes[term]++
-	}
-	sort.Slice(entries, func(i, j int) bool { return entries[i].value < entries[j].value })
-	var problems []string
-	if int64(len(entries)) != counter {
-		problems = append(problems, "counter and log differ")
-	}
-	for i, e := range entries {
-		if e.value != int64(i+1) {
-			problems = append(problems, fmt.Sprintf("value %d missing or doubled", i+1))
-			break
-		}
-		if i > 0 && e.term < entries[i-1].term {
-			problems = append(problems, fmt.Sprintf("value %d written in term %d after term %d", e.value, e.term, entries[i-1].term))
-			break
-		}
-	}
-
-	h.mu.Lock()
-	leaders := make([]string, 0, len(h.reigns))
-	for _, r := range h.reigns {
-		leaders = append(leaders, fmt.Sprintf("%s (term %d, %d writes)", r.name, r.term, writes[r.term]))
-	}
-	h.mu.Unlock()
-	fmt.Printf("leaders: %s\n", strings.Join(leaders, ", "))
-	verdict := "OK"
-	if len(problems) > 0 {
-		verdict = "BROKEN: " + strings.Join(problems, "; ")
-	}
-	fmt.Printf("counter: %d, log keys: %d, each value 1..%d once, terms in order (%s)\n",
-		counter, len(entries), counter, verdict)
-	return len(problems) == 0, nil
 }

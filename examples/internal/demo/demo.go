@@ -1,6 +1,9 @@
-// Package demo holds what the example programs share: connecting to etcd
-// (an embedded single-member etcd in a temporary directory unless endpoints
-// are given), serving /metrics, and reading the orchestrator's metrics back.
+// Package demo holds what the example programs share: their command line
+// (the connection flags --endpoints, --dial-timeout, --cacert, --cert, --key,
+// --user and --password, one-line errors naming the flag at fault, --help),
+// connecting to etcd (an embedded single-member etcd in a temporary
+// directory unless endpoints are given), serving /metrics, and reading the
+// orchestrator's metrics back.
 package demo
 
 import (
@@ -10,23 +13,18 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/internal/embedetcd"
 )
-
-// dialTimeout is the DialTimeout of every client.
-const dialTimeout = 5 * time.Second
 
 // Cluster is the etcd the example talks to, with the clients it made.
 type Cluster struct {
@@ -35,6 +33,7 @@ type Cluster struct {
 	// Client is a client for general use, closed by Close.
 	Client *clientv3.Client
 
+	cfg clientv3.Config   // template of NewClient
 	srv *embedetcd.Server // nil for an external cluster
 	dir string
 
@@ -42,41 +41,65 @@ type Cluster struct {
 	clients []*clientv3.Client
 }
 
-// Connect connects to the comma-separated endpoints, or, when endpoints is
-// empty, starts an embedded etcd on 127.0.0.1 with its data in a new
-// temporary directory. The caller must Close the cluster.
-func Connect(ctx context.Context, endpoints string) (c *Cluster, err error) {
-	c = &Cluster{}
-	defer func() {
-		if err != nil {
-			c.Close()
-		}
-	}()
-	if endpoints == "" {
-		if c.dir, err = os.MkdirTemp("", "orchestrator-example-"); err != nil {
-			return nil, err
-		}
-		if c.srv, err = embedetcd.Start(ctx, c.dir); err != nil {
-			return nil, fmt.Errorf("start embedded etcd: %w", err)
-		}
-		c.Endpoints = c.srv.Endpoints()
-	} else {
-		for _, e := range strings.Split(endpoints, ",") {
-			if e = strings.TrimSpace(e); e != "" {
-				c.Endpoints = append(c.Endpoints, e)
-			}
-		}
-	}
-	if c.Client, err = c.NewClient(); err != nil {
+// Connect connects to the etcd that conn describes, or, when conn has no
+// endpoints, starts an embedded etcd on 127.0.0.1 with its data in a new
+// temporary directory. It fails within conn's dial timeout when etcd does
+// not answer; its errors are one line and name the flag at fault. On success
+// the caller must Close the cluster; on error nothing is left behind.
+func Connect(ctx context.Context, conn ConnConfig) (*Cluster, error) {
+	cfg, err := conn.ClientConfig()
+	if err != nil {
 		return nil, err
 	}
-	// Fail early when the cluster is unreachable.
-	sctx, cancel := context.WithTimeout(ctx, dialTimeout)
-	defer cancel()
-	if _, err = c.Client.Status(sctx, c.Endpoints[0]); err != nil {
-		return nil, fmt.Errorf("etcd at %v: %w", c.Endpoints, err)
+	c := &Cluster{cfg: cfg}
+	if err := c.connect(ctx, conn); err != nil {
+		c.Close()
+		return nil, err
 	}
 	return c, nil
+}
+
+// connect starts the embedded etcd if there is no endpoint, then makes the
+// general client and checks that etcd answers.
+func (c *Cluster) connect(ctx context.Context, conn ConnConfig) error {
+	if len(c.cfg.Endpoints) == 0 {
+		dir, err := os.MkdirTemp("", "orchestrator-example-")
+		if err != nil {
+			return err
+		}
+		c.dir = dir
+		if c.srv, err = embedetcd.Start(ctx, c.dir); err != nil {
+			return fmt.Errorf("start embedded etcd: %s", oneLine(err.Error()))
+		}
+		c.cfg.Endpoints = c.srv.Endpoints()
+	}
+	c.Endpoints = c.cfg.Endpoints
+	cli, err := c.NewClient()
+	if err == nil {
+		// Fail early when the cluster is unreachable: the client may
+		// connect lazily.
+		sctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
+		_, err = cli.Status(sctx, c.Endpoints[0])
+		cancel()
+	}
+	if err != nil {
+		return connectError(conn, c.cfg, err)
+	}
+	c.Client = cli
+	return nil
+}
+
+// connectError names the flag most likely at fault for a failed connection.
+func connectError(conn ConnConfig, cfg clientv3.Config, err error) error {
+	msg := oneLine(err.Error())
+	switch {
+	case errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrGRPCAuthFailed):
+		return fmt.Errorf("--user/--password: %s", msg)
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled):
+		return fmt.Errorf("--endpoints %s: etcd did not answer within --dial-timeout %v (%s)",
+			conn.Endpoints, cfg.DialTimeout, msg)
+	}
+	return fmt.Errorf("--endpoints %s: %s", strings.Join(cfg.Endpoints, ","), msg)
 }
 
 // Embedded reports whether the cluster is the embedded etcd.
@@ -90,13 +113,10 @@ func (c *Cluster) Describe() string {
 	return "etcd at " + strings.Join(c.Endpoints, ",")
 }
 
-// NewClient returns another client for the cluster, closed by Close.
+// NewClient returns another client for the cluster, with the same TLS and
+// credentials, closed by Close.
 func (c *Cluster) NewClient() (*clientv3.Client, error) {
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   c.Endpoints,
-		DialTimeout: dialTimeout,
-		Logger:      zap.NewNop(),
-	})
+	cli, err := clientv3.New(c.cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -139,7 +159,7 @@ func ServeMetrics(ctx context.Context, addr string, g prometheus.Gatherer) (url 
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return "", nil, fmt.Errorf("metrics: %w", err)
+		return "", nil, fmt.Errorf("--metrics-addr %s: %w", addr, err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
@@ -207,27 +227,6 @@ func IsStop(ctx context.Context, err error) bool {
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
-// Main runs a demo until it ends or SIGINT/SIGTERM and returns the process
-// exit code: 0 when run reports that the invariants held, 1 otherwise (an
-// error is printed with the demo's name). A second Ctrl-C kills the process.
-func Main(name string, run func(ctx context.Context) (bool, error)) int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop()
-	}()
-	ok, err := run(ctx)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, name+":", err)
-		return 1
-	}
-	if !ok {
-		return 1
-	}
-	return 0
-}
-
 // Env is what a demo runs on: a cluster and a fresh metrics registry, served
 // over HTTP when an address was given.
 type Env struct {
@@ -237,10 +236,11 @@ type Env struct {
 	stopMetrics func()
 }
 
-// Setup connects to endpoints (see Connect) and serves a new registry's
-// metrics at metricsAddr (see ServeMetrics). The caller must Close the Env.
-func Setup(ctx context.Context, endpoints, metricsAddr string) (*Env, error) {
-	cluster, err := Connect(ctx, endpoints)
+// Setup connects to etcd as conn says (see Connect) and serves a new
+// registry's metrics at metricsAddr (see ServeMetrics). The caller must Close
+// the Env.
+func Setup(ctx context.Context, conn ConnConfig, metricsAddr string) (*Env, error) {
+	cluster, err := Connect(ctx, conn)
 	if err != nil {
 		return nil, err
 	}

@@ -23,7 +23,7 @@ func TestMain(m *testing.M) {
 func TestConnectEmbedded(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	c, err := Connect(ctx, "")
+	c, err := Connect(ctx, ConnConfig{})
 	require.NoError(t, err)
 	require.True(t, c.Embedded())
 	dir := c.dir
@@ -36,7 +36,7 @@ func TestConnectEmbedded(t *testing.T) {
 	require.Len(t, resp.Kvs, 1)
 
 	// An external cluster is just endpoints.
-	ext, err := Connect(ctx, " "+c.Endpoints[0]+", ")
+	ext, err := Connect(ctx, ConnConfig{Endpoints: " " + c.Endpoints[0] + ", "})
 	require.NoError(t, err)
 	require.False(t, ext.Embedded())
 	require.Equal(t, c.Endpoints, ext.Endpoints)
