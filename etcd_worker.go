@@ -151,4 +151,3 @@ func (w *EtcdWorker) Run(ctx context.Context, session *concurrency.Session,
 	}
 	return err
 }
-

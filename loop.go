@@ -274,7 +274,6 @@ func (r *run) wait(wake time.Time) error {
 	}
 }
 
-
 // onWatch acts on what one watch response meant. See "Snapshot and
 // barrier" in docs/DESIGN.md.
 func (r *run) onWatch(res watchResult) error {

@@ -4,7 +4,7 @@ import (
 	"errors"
 	"testing"
 
-		"github.com/etcdworker/orchestrator/util"
+	"github.com/etcdworker/orchestrator/util"
 )
 
 // ReactorStateTester drives a ReactorState without etcd, for unit tests of
