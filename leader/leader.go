@@ -91,7 +91,9 @@ type NewWorkerFunc func(ctx context.Context, term Term) (Worker, error)
 // unreachable) are retried with back-off until ctx ends.
 //
 // Each campaign uses a new concurrency.Session on client, with the TTL set by
-// WithSessionTTL.
+// WithSessionTTL. After ctx is done, Run still resigns and revokes the
+// session's lease, which takes at most a few seconds plus the TTL when etcd
+// does not answer.
 func Run(ctx context.Context, client *clientv3.Client, electionPrefix, candidate string,
 	newWorker NewWorkerFunc, opts ...Option) error {
 	o := newOptions(opts)
