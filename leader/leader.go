@@ -1,0 +1,343 @@
+package leader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator"
+)
+
+// Defaults for the fields of Worker left zero.
+const (
+	DefaultTimerInterval = 100 * time.Millisecond
+	DefaultRole          = "leader"
+)
+
+const (
+	// resignTimeout bounds the resignation after a clean stop (ctx may be
+	// done by then, so it runs on a context of its own).
+	resignTimeout = 5 * time.Second
+	// Back-off between failed campaign attempts (etcd unreachable...).
+	minRetryDelay = 100 * time.Millisecond
+	maxRetryDelay = 5 * time.Second
+)
+
+// Term describes one leadership term of a candidate.
+type Term struct {
+	// Candidate is the candidate ID given to Run, the election's value.
+	Candidate string
+	// Key is the candidate's election key, the fencing key of the term.
+	Key string
+	// Rev is the create revision of Key. It grows from term to term (and
+	// across candidates), so it can serve as a term number.
+	Rev int64
+	// Lease is the lease of the term's session, to which Key is attached.
+	// Revoking it (as etcd does when the leader stops renewing it) ends the
+	// term: a test can simulate a crashed leader that way.
+	Lease clientv3.LeaseID
+}
+
+// Worker is what a term runs: the arguments of orchestrator.NewEtcdWorker
+// and EtcdWorker.Run.
+type Worker struct {
+	// Prefix is the worker's etcd prefix. Keep the election prefix outside
+	// of it, or the state sees the election keys.
+	Prefix string
+	// Reactor and State must be new for every term.
+	Reactor orchestrator.Reactor
+	State   orchestrator.ReactorState
+	// TimerInterval is Run's timer interval (default DefaultTimerInterval).
+	TimerInterval time.Duration
+	// Role labels the worker's logs and metrics (default DefaultRole).
+	Role string
+	// Options are passed to NewEtcdWorker, followed by
+	// orchestrator.WithFencingKey(term.Key, term.Rev), which takes precedence
+	// over a fencing key among them.
+	Options []orchestrator.Option
+}
+
+// NewWorkerFunc builds the worker of a term. It is called once per won
+// election, with Run's ctx; an error ends Run with that error (after
+// resigning).
+type NewWorkerFunc func(ctx context.Context, term Term) (Worker, error)
+
+// Run campaigns for leadership under electionPrefix as candidate and, each
+// time it is elected, runs the worker built by newWorker until leadership is
+// lost; then it campaigns again. It blocks until one of these happens:
+//
+//   - the reactor returned orchestrator.ErrReactorFinished: Run resigns and
+//     returns nil;
+//   - ctx is done: Run resigns (if it leads) and returns an error for which
+//     errors.Is(err, ctx.Err()) holds;
+//   - newWorker, NewEtcdWorker or the worker's Run failed with any other
+//     error than the three below: Run resigns and returns it, wrapped;
+//   - invalid arguments: an error matching orchestrator.ErrInvalidArgument;
+//   - client was closed, or etcd denied a request (authentication,
+//     permission): that error, wrapped.
+//
+// A worker stopping with orchestrator.ErrNotOwner, ErrEtcdSessionDone or
+// ErrEtcdUnavailable means leadership was (or may have been) lost: Run closes
+// the session and campaigns again. Other failures to campaign (etcd
+// unreachable) are retried with back-off until ctx ends.
+//
+// Each campaign uses a new concurrency.Session on client, with the TTL set by
+// WithSessionTTL. After ctx is done, Run still resigns and revokes the
+// session's lease, which takes at most a few seconds plus the TTL when etcd
+// does not answer.
+func Run(ctx context.Context, client *clientv3.Client, electionPrefix, candidate string,
+	newWorker NewWorkerFunc, opts ...Option) error {
+	o := newOptions(opts)
+	switch {
+	case client == nil:
+		return fmt.Errorf("leader: nil client: %w", orchestrator.ErrInvalidArgument)
+	case electionPrefix == "", candidate == "":
+		return fmt.Errorf("leader: empty election prefix or candidate: %w", orchestrator.ErrInvalidArgument)
+	case newWorker == nil:
+		return fmt.Errorf("leader: nil NewWorkerFunc: %w", orchestrator.ErrInvalidArgument)
+	case o.sessionTTL < 1:
+		return fmt.Errorf("leader: session TTL %ds: %w", o.sessionTTL, orchestrator.ErrInvalidArgument)
+	}
+	c := &campaigner{
+		client: client, prefix: electionPrefix, candidate: candidate, newWorker: newWorker, opts: o,
+		log: o.logger.With(zap.String("election", electionPrefix), zap.String("candidate", candidate)),
+	}
+	return c.loop(ctx)
+}
+
+// campaigner is the state of one Run.
+type campaigner struct {
+	client    *clientv3.Client
+	prefix    string
+	candidate string
+	newWorker NewWorkerFunc
+	opts      options
+	log       *zap.Logger
+}
+
+// loop campaigns and leads, term after term, until a term or a failed
+// campaign says to stop.
+func (c *campaigner) loop(ctx context.Context) error {
+	delay := minRetryDelay
+	for {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("leader: %w", err)
+		}
+		session, election, err := c.campaign(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("leader: %w", ctx.Err())
+			}
+			if c.permanent(err) {
+				return fmt.Errorf("leader: %w", err)
+			}
+			c.log.Warn("campaign failed, retrying", zap.Duration("delay", delay), zap.Error(err))
+			if err := sleep(ctx, delay); err != nil {
+				return fmt.Errorf("leader: %w", err)
+			}
+			delay = min(2*delay, maxRetryDelay)
+			continue
+		}
+		delay = minRetryDelay
+		again, err := c.lead(ctx, session, election)
+		if !again {
+			return err
+		}
+	}
+}
+
+// campaign creates a session and blocks until it wins the election, the
+// session is lost or ctx is done. On error nothing is left behind.
+func (c *campaigner) campaign(ctx context.Context) (*concurrency.Session, *concurrency.Election, error) {
+	// Granting the lease ourselves lets ctx bound it; the session itself
+	// lives on the client's context so that Close can still revoke the
+	// lease after ctx is done.
+	lease, err := c.client.Grant(ctx, int64(c.opts.sessionTTL))
+	if err != nil {
+		return nil, nil, fmt.Errorf("grant session lease: %w", err)
+	}
+	session, err := concurrency.NewSession(c.client,
+		concurrency.WithLease(lease.ID), concurrency.WithTTL(c.opts.sessionTTL))
+	if err != nil {
+		c.revoke(ctx, lease.ID)
+		return nil, nil, fmt.Errorf("new session: %w", err)
+	}
+	election := concurrency.NewElection(session, c.prefix)
+	campaignCtx, stop := cancelOnClose(ctx, session.Done())
+	err = election.Campaign(campaignCtx, c.candidate)
+	stop()
+	if err == nil {
+		err = c.checkElectionKey(ctx, election)
+	}
+	if err != nil {
+		c.closeSession(session)
+		return nil, nil, fmt.Errorf("campaign: %w", err)
+	}
+	return session, election, nil
+}
+
+// errElectionKeyLost says that the election was won with a key that was
+// already gone (its lease revoked while waiting).
+var errElectionKeyLost = errors.New("leader: election key lost while campaigning")
+
+// checkElectionKey verifies that the key that won the election still exists.
+// Campaign only waits for the keys ahead of it to go, so it also "wins" after
+// its own session was lost in the meantime.
+func (c *campaigner) checkElectionKey(ctx context.Context, election *concurrency.Election) error {
+	resp, err := c.client.Get(ctx, election.Key())
+	if err != nil {
+		return err
+	}
+	if len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != election.Rev() {
+		return errElectionKeyLost
+	}
+	return nil
+}
+
+// lead runs one term. again reports whether to campaign again; if not, err
+// is what Run returns.
+func (c *campaigner) lead(ctx context.Context, session *concurrency.Session,
+	election *concurrency.Election) (again bool, err error) {
+	defer c.closeSession(session)
+	term := Term{Candidate: c.candidate, Key: election.Key(), Rev: election.Rev(), Lease: session.Lease()}
+	log := c.log.With(zap.Int64("term", term.Rev))
+	log.Info("elected")
+	w, spec, err := c.buildWorker(ctx, term)
+	if err != nil {
+		c.resign(ctx, election, log)
+		return false, fmt.Errorf("leader: term %d: %w", term.Rev, err)
+	}
+	if c.opts.onElected != nil {
+		c.opts.onElected(term)
+	}
+	err = w.Run(ctx, session, spec.TimerInterval, spec.Role)
+	if c.opts.onTermEnd != nil {
+		c.opts.onTermEnd(term, err)
+	}
+	switch {
+	case err == nil:
+		log.Info("reactor finished, resigning")
+		c.resign(ctx, election, log)
+		return false, nil
+	case ctx.Err() != nil:
+		log.Info("stopping, resigning", zap.Error(err))
+		c.resign(ctx, election, log)
+		if errors.Is(err, ctx.Err()) {
+			return false, fmt.Errorf("leader: term %d: %w", term.Rev, err)
+		}
+		return false, fmt.Errorf("leader: term %d: %w (worker: %w)", term.Rev, ctx.Err(), err)
+	case errors.Is(err, orchestrator.ErrNotOwner), errors.Is(err, orchestrator.ErrEtcdSessionDone),
+		errors.Is(err, orchestrator.ErrEtcdUnavailable):
+		log.Warn("leadership lost, campaigning again", zap.Error(err))
+		return true, nil
+	default:
+		log.Error("worker failed, resigning", zap.Error(err))
+		c.resign(ctx, election, log)
+		return false, fmt.Errorf("leader: term %d: %w", term.Rev, err)
+	}
+}
+
+// buildWorker calls newWorker and builds the fenced EtcdWorker.
+func (c *campaigner) buildWorker(ctx context.Context, term Term) (*orchestrator.EtcdWorker, Worker, error) {
+	spec, err := c.callNewWorker(ctx, term)
+	if err != nil {
+		return nil, spec, err
+	}
+	if spec.TimerInterval == 0 {
+		spec.TimerInterval = DefaultTimerInterval
+	}
+	if spec.Role == "" {
+		spec.Role = DefaultRole
+	}
+	opts := append(slices.Clip(spec.Options), orchestrator.WithFencingKey(term.Key, term.Rev))
+	w, err := orchestrator.NewEtcdWorker(c.client, spec.Prefix, spec.Reactor, spec.State, opts...)
+	return w, spec, err
+}
+
+// callNewWorker calls newWorker, turning a panic into an error.
+func (c *campaigner) callNewWorker(ctx context.Context, term Term) (spec Worker, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: NewWorkerFunc: %v", orchestrator.ErrPanic, r)
+		}
+	}()
+	return c.newWorker(ctx, term)
+}
+
+// resign deletes the election key so that another candidate is elected at
+// once, instead of after the session's TTL.
+func (c *campaigner) resign(ctx context.Context, election *concurrency.Election, log *zap.Logger) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), resignTimeout)
+	defer cancel()
+	if err := election.Resign(rctx); err != nil {
+		log.Warn("resign failed; the session's lease revocation or expiry ends the term", zap.Error(err))
+	}
+}
+
+// closeSession stops renewing the session's lease and revokes it (bounded by
+// the TTL), which also deletes the election key if it is still there.
+func (c *campaigner) closeSession(session *concurrency.Session) {
+	if err := session.Close(); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		c.log.Debug("revoking the session lease failed; it expires on its own", zap.Error(err))
+	}
+}
+
+// revoke revokes a lease that has no session, bounded by the TTL.
+func (c *campaigner) revoke(ctx context.Context, id clientv3.LeaseID) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Duration(c.opts.sessionTTL)*time.Second)
+	defer cancel()
+	_, _ = c.client.Revoke(rctx, id) // best effort: the lease expires anyway
+}
+
+// permanent reports whether a campaign error will not heal by retrying.
+func (c *campaigner) permanent(err error) bool {
+	if c.client.Ctx().Err() != nil { // client closed
+		return true
+	}
+	switch {
+	case errors.Is(err, rpctypes.ErrPermissionDenied), errors.Is(err, rpctypes.ErrAuthFailed),
+		errors.Is(err, rpctypes.ErrUserEmpty), errors.Is(err, rpctypes.ErrUserNotFound):
+		return true
+	}
+	if s, ok := status.FromError(err); ok {
+		return s.Code() == codes.PermissionDenied || s.Code() == codes.Unauthenticated
+	}
+	return false
+}
+
+// cancelOnClose returns a context that is also cancelled when done closes.
+// stop cancels it and waits for the goroutine watching done.
+func cancelOnClose(ctx context.Context, done <-chan struct{}) (ctxOut context.Context, stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		select {
+		case <-done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, func() { cancel(); <-exited }
+}
+
+// sleep waits for d or until ctx is done.
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

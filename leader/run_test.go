@@ -1,0 +1,205 @@
+package leader_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/leader"
+	"github.com/etcdworker/orchestrator/orchestratortest"
+)
+
+func TestFailoverFencesOffTheDeposedLeader(t *testing.T) {
+	ctx, _ := testContext(t)
+	etcd := orchestratortest.StartEtcdServer(t)
+	cli := etcd.Client()
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	elected := make(chan leader.Term, 16)
+	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a", "b", "c"},
+		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
+
+	revokedAt := map[int64]int64{} // term -> revision of its lease revocation
+	var prev leader.Term
+	for range 3 {
+		term := nextTerm(ctx, t, elected)
+		require.NotEqual(t, prev.Candidate, term.Candidate, "a follower takes over")
+		require.Greater(t, term.Rev, prev.Rev, "terms grow")
+		waitWrites(ctx, t, cli, term.Rev, 3)
+		resp, err := cli.Revoke(ctx, term.Lease) // the leader crashes
+		require.NoError(t, err)
+		revokedAt[term.Rev] = resp.Header.Revision
+		prev = term
+	}
+	last := nextTerm(ctx, t, elected)
+	waitWrites(ctx, t, cli, last.Rev, 3)
+	stop()
+	for _, err := range wait() {
+		require.ErrorIs(t, err, context.Canceled)
+	}
+
+	counter, entries := readLedger(ctx, t, cli)
+	require.Equal(t, counter, len(entries), "every group landed whole, none twice")
+	writesPerTerm := map[int64]int{}
+	for _, e := range entries {
+		writesPerTerm[e.term]++
+		if revoked, ok := revokedAt[e.term]; ok {
+			require.Less(t, e.createRev, revoked, "term %d wrote after its lease was revoked", e.term)
+		}
+	}
+	require.Len(t, writesPerTerm, 4, "one entry set per term: %v", writesPerTerm)
+}
+
+func TestCancelResignsAndRevokesTheSession(t *testing.T) {
+	ctx, _ := testContext(t)
+	etcd := orchestratortest.StartEtcdServer(t)
+	cli := etcd.Client()
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	elected := make(chan leader.Term, 1)
+	ended := make(chan error, 1)
+	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"solo"},
+		leader.WithSessionTTL(2),
+		leader.WithOnElected(func(term leader.Term) { elected <- term }),
+		leader.WithOnTermEnd(func(_ leader.Term, err error) { ended <- err }))
+
+	term := nextTerm(ctx, t, elected)
+	waitWrites(ctx, t, cli, term.Rev, 2)
+	stop()
+	require.ErrorIs(t, wait()[0], context.Canceled)
+	require.ErrorIs(t, <-ended, context.Canceled, "OnTermEnd gets the worker's error")
+
+	resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+	require.NoError(t, err)
+	require.Empty(t, resp.Kvs, "the election key is gone")
+	ttl, err := cli.TimeToLive(ctx, term.Lease)
+	require.NoError(t, err)
+	require.EqualValues(t, -1, ttl.TTL, "the session lease is revoked")
+}
+
+func TestReactorFinishedResignsAndHandsOver(t *testing.T) {
+	ctx, _ := testContext(t)
+	etcd := orchestratortest.StartEtcdServer(t)
+	elected := make(chan leader.Term, 4)
+	wait := runCandidates(ctx, t, etcd, countingWorker(3), []string{"a", "b"},
+		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
+
+	for _, err := range wait() {
+		require.NoError(t, err, "Run returns nil once the reactor finished")
+	}
+	first, second := nextTerm(ctx, t, elected), nextTerm(ctx, t, elected)
+	require.NotEqual(t, first.Candidate, second.Candidate)
+	counter, entries := readLedger(ctx, t, etcd.Client())
+	require.Equal(t, 6, counter, "three groups per term, final ones included")
+	require.Len(t, entries, 6)
+}
+
+func TestLostSessionWhileWaitingCampaignsAgain(t *testing.T) {
+	ctx, _ := testContext(t)
+	etcd := orchestratortest.StartEtcdServer(t)
+	cli := etcd.Client()
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	elected := make(chan leader.Term, 4)
+	onElected := leader.WithOnElected(func(term leader.Term) { elected <- term })
+	waitA := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a"}, leader.WithSessionTTL(2), onElected)
+	first := nextTerm(ctx, t, elected)
+	waitB := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"b"}, leader.WithSessionTTL(2), onElected)
+
+	var waiting clientv3.LeaseID // b's session lease, attached to its election key
+	require.Eventually(t, func() bool {
+		resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+		if err != nil || len(resp.Kvs) != 2 {
+			return false
+		}
+		waiting = clientv3.LeaseID(resp.Kvs[1].Lease)
+		return true
+	}, 10*time.Second, 10*time.Millisecond)
+	require.NoError(t, etcd.RevokeLease(ctx, waiting))
+	require.NoError(t, etcd.RevokeLease(ctx, first.Lease))
+
+	// Both candidates campaign again with new sessions; the winner's term is
+	// alive (it was not "elected" with the revoked key) and writes.
+	second := nextTerm(ctx, t, elected)
+	require.NotContains(t, []clientv3.LeaseID{waiting, first.Lease}, second.Lease)
+	waitWrites(ctx, t, cli, second.Rev, 2)
+	require.Eventually(t, func() bool {
+		resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+		if err != nil || len(resp.Kvs) != 2 {
+			return false
+		}
+		for _, kv := range resp.Kvs {
+			if lease := clientv3.LeaseID(kv.Lease); lease == waiting || lease == first.Lease {
+				return false
+			}
+		}
+		return true
+	}, 10*time.Second, 10*time.Millisecond, "both candidates campaign again with new sessions")
+	stop()
+	require.ErrorIs(t, waitA()[0], context.Canceled)
+	require.ErrorIs(t, waitB()[0], context.Canceled)
+}
+
+func TestTermErrorsEndRunAndResign(t *testing.T) {
+	ctx, _ := testContext(t)
+	etcd := orchestratortest.StartEtcdServer(t)
+	errBoom := errors.New("boom")
+	failingReactor := func(_ context.Context, _ leader.Term) (leader.Worker, error) {
+		reactor := orchestrator.ReactorFunc(func(context.Context, orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+			return nil, errBoom
+		})
+		return leader.Worker{Prefix: dataPrefix, Reactor: reactor, State: &patchesOnly{}}, nil
+	}
+	tests := []struct {
+		name      string
+		newWorker leader.NewWorkerFunc
+		want      error
+	}{
+		{"NewWorkerFunc error", func(context.Context, leader.Term) (leader.Worker, error) { return leader.Worker{}, errBoom }, errBoom},
+		{"NewWorkerFunc panic", func(context.Context, leader.Term) (leader.Worker, error) { panic("oops") }, orchestrator.ErrPanic},
+		{"worker without reactor", func(context.Context, leader.Term) (leader.Worker, error) {
+			return leader.Worker{Prefix: dataPrefix, State: &patchesOnly{}}, nil
+		}, orchestrator.ErrInvalidArgument},
+		{"reactor error", failingReactor, errBoom},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := leader.Run(ctx, etcd.Client(), electionPrefix, "c", tt.newWorker, leader.WithSessionTTL(2))
+			require.ErrorIs(t, err, tt.want)
+			resp, err := etcd.Client().Get(ctx, electionPrefix, clientv3.WithPrefix())
+			require.NoError(t, err)
+			require.Empty(t, resp.Kvs, "resigned")
+		})
+	}
+}
+
+func TestInvalidArguments(t *testing.T) {
+	ctx, _ := testContext(t)
+	cli := orchestratortest.StartEtcd(t)
+	worker := countingWorker(1)
+	tests := []struct {
+		name      string
+		client    *clientv3.Client
+		prefix    string
+		candidate string
+		newWorker leader.NewWorkerFunc
+		opts      []leader.Option
+	}{
+		{"nil client", nil, electionPrefix, "c", worker, nil},
+		{"empty election prefix", cli, "", "c", worker, nil},
+		{"empty candidate", cli, electionPrefix, "", worker, nil},
+		{"nil NewWorkerFunc", cli, electionPrefix, "c", nil, nil},
+		{"zero session TTL", cli, electionPrefix, "c", worker, []leader.Option{leader.WithSessionTTL(0)}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := leader.Run(ctx, tt.client, tt.prefix, tt.candidate, tt.newWorker, tt.opts...)
+			require.ErrorIs(t, err, orchestrator.ErrInvalidArgument)
+		})
+	}
+}
