@@ -26,6 +26,7 @@ type EtcdWorker struct {
 	limits  txnLimits
 
 	running atomic.Bool
+	board   *statusBoard
 
 	// mirror is what the state has been told. It is kept across runs so
 	// that a second Run only tells the state what changed.
@@ -69,6 +70,7 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 		opts:    o,
 		limits:  limits,
 		mirror:  newMirror(p),
+		board:   newStatusBoard(),
 	}
 	m, err := newMetrics(o.metricsRegisterer)
 	if err != nil {

@@ -95,6 +95,7 @@ func (r *run) failed(request string, sent time.Time, err error) error {
 		return rej
 	}
 	r.m.retries.Inc()
+	defer r.publishStatus()
 	if r.health.failed(sent) {
 		r.m.outages.Inc()
 		r.log.Warn("etcd request failed, retrying", zap.String("request", request), zap.Error(err))

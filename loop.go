@@ -41,6 +41,7 @@ type run struct {
 	barrierRev int64 // revision of the worker's last commit
 	pending    pendingPatches
 	finishing  bool
+	synced     bool // the initial load is done
 }
 
 // pendingPatches are the groups of the last Tick not committed yet, and
@@ -106,6 +107,8 @@ func (r *run) close() {
 		r.log.Debug("could not remove the commit token", zap.String("key", r.token.key), zap.Error(err))
 	}
 	r.w.state = r.state
+	r.w.board.publish(Status{})
+	r.m.forget()
 	// A patch that failed may have left changes it did not record in the
 	// value map; the next Run rebuilds it if needed.
 	r.mirror.dropValueMap()
@@ -114,12 +117,15 @@ func (r *run) close() {
 // loop is the body of Run: load, then watch, tick and commit until a
 // reason to return.
 func (r *run) loop() error {
+	r.publishStatus()
 	if err := r.loadWithRetry(); err != nil {
 		return err
 	}
+	r.synced = true
 	r.watch = newWatchStream(r.ctx, r.watchConfig())
 	r.watch.start(r.mirror.eventRev + 1)
 	for {
+		r.publishStatus()
 		if err := r.checkStop(); err != nil {
 			return err
 		}
@@ -362,6 +368,7 @@ func (r *run) update(c keyChange, isInit bool) error {
 // tick calls the reactor once and collects its patches.
 func (r *run) tick(start time.Time) error {
 	r.m.ticks.Inc()
+	r.m.lastTick.Set(float64(start.UnixNano()) / 1e9)
 	r.m.revisionLag.Set(float64(max(r.health.headRev-r.mirror.completeRev, 0)))
 	next, err := guard("Reactor.Tick", func() (ReactorState, error) { return r.w.reactor.Tick(r.ctx, r.state) })
 	elapsed := r.now().Sub(start)

@@ -38,6 +38,8 @@ type metrics struct {
 	reloads       *prometheus.CounterVec
 	ticks         *prometheus.CounterVec
 	unknownCommit *prometheus.CounterVec
+	lastTick      *prometheus.GaugeVec
+	revision      *prometheus.GaugeVec
 }
 
 // newMetrics makes the collectors and registers them with reg; with a nil reg
@@ -100,6 +102,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: MetricsNamespace, Name: "unknown_commit_outcomes_total",
 			Help: "Commit Txns whose outcome was unknown and had to be resolved.",
 		}, labels),
+		lastTick: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: MetricsNamespace, Name: "last_tick_timestamp_seconds",
+			Help: "Unix time when Reactor.Tick last started; absent while the worker is not running.",
+		}, labels),
+		revision: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: MetricsNamespace, Name: "applied_revision",
+			Help: "Revision the state is known complete up to; absent while the worker is not running.",
+		}, labels),
 	}
 	rg := &registrar{reg: reg}
 	m.txnBytes = register(rg, m.txnBytes)
@@ -115,6 +125,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m.reloads = register(rg, m.reloads)
 	m.ticks = register(rg, m.ticks)
 	m.unknownCommit = register(rg, m.unknownCommit)
+	m.lastTick = register(rg, m.lastTick)
+	m.revision = register(rg, m.revision)
 	if rg.err != nil {
 		rg.rollback()
 		return nil, rg.err
@@ -162,24 +174,37 @@ type roleMetrics struct {
 	txnBytes, txnDuration, tickDuration                    prometheus.Observer
 	commits, conflicts, retries, patches, outages, reloads prometheus.Counter
 	ticks, unknownCommit                                   prometheus.Counter
-	stateKeys, revisionLag                                 prometheus.Gauge
+	stateKeys, revisionLag, lastTick, appliedRevision      prometheus.Gauge
+
+	// forget removes the role's gauge series that describe a running worker
+	// (lag, last Tick, applied revision), so that they do not stay at stale
+	// values after Run returns. state_keys stays: the worker keeps its state
+	// across runs.
+	forget func()
 }
 
 func (m *metrics) forRole(role string) *roleMetrics {
 	l := prometheus.Labels{"role": role}
 	return &roleMetrics{
-		txnBytes:      m.txnBytes.With(l),
-		txnDuration:   m.txnDuration.With(l),
-		tickDuration:  m.tickDuration.With(l),
-		commits:       m.commits.With(l),
-		conflicts:     m.conflicts.With(l),
-		retries:       m.retries.With(l),
-		patches:       m.patches.With(l),
-		outages:       m.outages.With(l),
-		reloads:       m.reloads.With(l),
-		ticks:         m.ticks.With(l),
-		unknownCommit: m.unknownCommit.With(l),
-		stateKeys:     m.stateKeys.With(l),
-		revisionLag:   m.revisionLag.With(l),
+		txnBytes:        m.txnBytes.With(l),
+		txnDuration:     m.txnDuration.With(l),
+		tickDuration:    m.tickDuration.With(l),
+		commits:         m.commits.With(l),
+		conflicts:       m.conflicts.With(l),
+		retries:         m.retries.With(l),
+		patches:         m.patches.With(l),
+		outages:         m.outages.With(l),
+		reloads:         m.reloads.With(l),
+		ticks:           m.ticks.With(l),
+		unknownCommit:   m.unknownCommit.With(l),
+		stateKeys:       m.stateKeys.With(l),
+		revisionLag:     m.revisionLag.With(l),
+		lastTick:        m.lastTick.With(l),
+		appliedRevision: m.revision.With(l),
+		forget: func() {
+			for _, g := range []*prometheus.GaugeVec{m.revisionLag, m.lastTick, m.revision} {
+				g.Delete(l)
+			}
+		},
 	}
 }

@@ -1,0 +1,146 @@
+package orchestrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// ErrNotReady is returned by EtcdWorker.Ready when the worker cannot serve
+// a consistent, fresh state: it is not running, its initial load is not done,
+// its state is older than the staleness bound, or etcd is not answering.
+var ErrNotReady = errors.New("orchestrator: worker not ready")
+
+// Status is where a worker stands, as seen by another goroutine. It is a
+// copy: reading it never blocks the worker for longer than a copy.
+type Status struct {
+	// Running is true between the start of Run and its return.
+	Running bool
+	// Synced is true once the current Run loaded the state: from then on
+	// the state is a snapshot of AppliedRevision.
+	Synced bool
+	// AppliedRevision is the revision the state is known complete up to.
+	AppliedRevision int64
+	// HeadRevision is the newest revision etcd reported to the worker.
+	HeadRevision int64
+	// LastTick is when Reactor.Tick last started (zero: never).
+	LastTick time.Time
+	// LastFresh is the newest proof that the state was current (a watch
+	// response, a progress notification, a probe or a load).
+	LastFresh time.Time
+	// Fresh is true while LastFresh is within the staleness bound
+	// (WithMaxStaleness): the worker ticks only then.
+	Fresh bool
+	// Unreachable is true during an outage: etcd has failed to answer
+	// since OutageSince.
+	Unreachable bool
+	OutageSince time.Time
+}
+
+// Lag is how many revisions the state is behind the newest revision etcd
+// reported to the worker.
+func (s Status) Lag() int64 { return max(s.HeadRevision-s.AppliedRevision, 0) }
+
+// statusBoard is where the run publishes its Status for other goroutines.
+type statusBoard struct {
+	mu     sync.Mutex
+	status Status
+	synced chan struct{} // closed when status.Synced becomes true
+}
+
+func newStatusBoard() *statusBoard { return &statusBoard{synced: make(chan struct{})} }
+
+// publish replaces the status; it closes the synced channel on the first
+// publish with Synced and makes a new one when Synced goes back to false.
+func (b *statusBoard) publish(s Status) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case s.Synced && !b.status.Synced:
+		close(b.synced)
+	case !s.Synced && b.status.Synced:
+		b.synced = make(chan struct{})
+	}
+	b.status = s
+}
+
+func (b *statusBoard) get() (Status, <-chan struct{}) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.status, b.synced
+}
+
+// Status returns where the worker stands. It is safe to call from any
+// goroutine, also while Run is running.
+func (w *EtcdWorker) Status() Status {
+	s, _ := w.board.get()
+	if s.Running {
+		s.Fresh = w.opts.clock.Since(s.LastFresh) <= w.opts.maxStaleness
+	}
+	return s
+}
+
+// WaitSynced blocks until the worker's current (or next) Run has loaded the
+// state, or ctx is done. It is a readiness check for the start of a
+// process: once it returns nil, the state holds a snapshot of etcd.
+func (w *EtcdWorker) WaitSynced(ctx context.Context) error {
+	s, synced := w.board.get()
+	if s.Synced {
+		return nil
+	}
+	select {
+	case <-synced:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("orchestrator: waiting for the initial load: %w", ctx.Err())
+	}
+}
+
+// Ready returns nil when the worker is running, loaded, fresh and in touch
+// with etcd, and otherwise an error matching ErrNotReady that says why. It
+// suits a health or readiness endpoint.
+func (w *EtcdWorker) Ready() error {
+	s := w.Status()
+	switch {
+	case !s.Running:
+		return fmt.Errorf("%w: not running", ErrNotReady)
+	case !s.Synced:
+		return fmt.Errorf("%w: initial load not done", ErrNotReady)
+	case s.Unreachable:
+		return fmt.Errorf("%w: etcd has not answered since %v", ErrNotReady, s.OutageSince)
+	case !s.Fresh:
+		return fmt.Errorf("%w: state not proven current since %v", ErrNotReady, s.LastFresh)
+	}
+	return nil
+}
+
+// IsCleanStop reports whether an error returned by Run means that Run ended
+// the way its caller asked: nil (the reactor finished), or ctx cancelled or
+// past its deadline with no commit left unresolved. Any other error,
+// including ErrCommitUnresolved after ctx ended, is a failure to look at.
+func IsCleanStop(err error) bool {
+	if err == nil {
+		return true
+	}
+	if errors.Is(err, ErrCommitUnresolved) {
+		return false
+	}
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// publishStatus publishes where the run stands.
+func (r *run) publishStatus() {
+	r.w.board.publish(Status{
+		Running:         true,
+		Synced:          r.synced,
+		AppliedRevision: r.mirror.completeRev,
+		HeadRevision:    max(r.health.headRev, r.mirror.completeRev),
+		LastTick:        r.gate.lastTick,
+		LastFresh:       r.health.lastFresh,
+		Unreachable:     !r.health.outageSince.IsZero(),
+		OutageSince:     r.health.outageSince,
+	})
+	r.m.appliedRevision.Set(float64(r.mirror.completeRev))
+}
