@@ -170,7 +170,7 @@ func runWorkers(ctx context.Context, cli *clientv3.Client, cfg config, reg prome
 		}
 		g.Go(func() error {
 			err := w.Run(gctx, nil, cfg.interval, teller.name)
-			if demo.IsStop(gctx, err) {
+			if orchestrator.IsCleanStop(err) {
 				return nil
 			}
 			return fmt.Errorf("%s: %w", teller.name, err)

@@ -1,7 +1,7 @@
 // Command leader shows leader election with fencing: several controllers
-// campaign with concurrency.Election, and only the leader runs an
-// EtcdWorker, fenced with orchestrator.WithFencingKey(election.Key(),
-// election.Rev()) and bound to its session. Every Tick the leader bumps a
+// campaign with the library's leader package (concurrency.Election
+// underneath), and only the leader runs an EtcdWorker, fenced with the
+// election key and its create revision and bound to the term's session. Every Tick the leader bumps a
 // counter and appends a log entry in one patch. Every --kill-after the
 // current leader's lease is revoked (as when it crashes or is partitioned
 // away): it stops, another controller takes over, and the deposed leader
@@ -35,10 +35,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/examples/internal/demo"
+	"github.com/etcdworker/orchestrator/leader"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -183,74 +183,79 @@ func (h *history) won(name string, term int64) {
 	h.logf("%s leads (term %d)", name, term)
 }
 
-// controller campaigns, leads while it can, and campaigns again.
+// controller campaigns with leader.Run, leads while it can, and campaigns
+// again.
 type controller struct {
 	name    string
 	cli     *clientv3.Client
 	cfg     config
 	reg     prometheus.Registerer
 	history *history
+
+	mu      sync.Mutex
+	reactor *leaderReactor // of the current term
+	kill    *time.Timer    // revokes the current term's lease
 }
 
 // run campaigns and leads until ctx is done.
 func (c *controller) run(ctx context.Context) {
-	for ctx.Err() == nil {
-		if err := c.campaignAndLead(ctx); err != nil && ctx.Err() == nil {
-			c.history.logf("%s: %v", c.name, err)
-			return
-		}
+	err := leader.Run(ctx, c.cli, c.cfg.prefix+"/election", c.name, c.newTerm,
+		leader.WithSessionTTL(c.cfg.ttl),
+		leader.WithOnElected(func(term leader.Term) { c.elected(ctx, term) }),
+		leader.WithOnTermEnd(c.termEnded))
+	if !orchestrator.IsCleanStop(err) {
+		c.history.logf("%s: %v", c.name, err)
 	}
 }
 
-// campaignAndLead waits to be elected with a new session, then leads until
-// the worker stops.
-func (c *controller) campaignAndLead(ctx context.Context) error {
-	session, err := concurrency.NewSession(c.cli, concurrency.WithTTL(c.cfg.ttl))
-	if err != nil {
-		return fmt.Errorf("new session: %w", err)
-	}
-	defer session.Close()
-	election := concurrency.NewElection(session, c.cfg.prefix+"/election")
-	if err := election.Campaign(ctx, c.name); err != nil {
-		if ctx.Err() != nil {
-			return nil
-		}
-		return fmt.Errorf("campaign: %w", err)
-	}
-	term := election.Rev()
-	c.history.won(c.name, term)
-
-	if c.cfg.killAfter > 0 {
-		kill := time.AfterFunc(c.cfg.killAfter, func() {
-			c.history.logf("%s: revoking its lease (simulated crash)", c.name)
-			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			defer cancel()
-			_, _ = c.cli.Revoke(rctx, session.Lease())
-		})
-		defer kill.Stop()
-	}
-
+// newTerm builds the worker of a term: a fresh state and reactor.
+func (c *controller) newTerm(_ context.Context, term leader.Term) (leader.Worker, error) {
 	state := newLedgerState(c.cfg.prefix + "/data")
-	reactor := &leaderReactor{name: c.name, term: term, state: state, history: c.history}
-	w, err := orchestrator.NewEtcdWorker(c.cli, c.cfg.prefix+"/data", reactor, state,
-		orchestrator.WithFencingKey(election.Key(), election.Rev()),
-		orchestrator.WithMetrics(c.reg))
-	if err != nil {
-		return err
+	reactor := &leaderReactor{name: c.name, term: term.Rev, state: state, history: c.history}
+	c.mu.Lock()
+	c.reactor = reactor
+	c.mu.Unlock()
+	return leader.Worker{
+		Prefix: c.cfg.prefix + "/data", Reactor: reactor, State: state,
+		TimerInterval: c.cfg.interval, Role: c.name,
+		Options: []orchestrator.Option{orchestrator.WithMetrics(c.reg)},
+	}, nil
+}
+
+// elected records the term and arms the simulated crash.
+func (c *controller) elected(ctx context.Context, term leader.Term) {
+	c.history.won(c.name, term.Rev)
+	if c.cfg.killAfter <= 0 {
+		return
 	}
-	err = w.Run(ctx, session, c.cfg.interval, c.name)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.kill = time.AfterFunc(c.cfg.killAfter, func() {
+		c.history.logf("%s: revoking its lease (simulated crash)", c.name)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_, _ = c.cli.Revoke(rctx, term.Lease)
+	})
+}
+
+// termEnded reports why the term ended.
+func (c *controller) termEnded(_ leader.Term, err error) {
+	c.mu.Lock()
+	if c.kill != nil {
+		c.kill.Stop()
+	}
+	ticks := c.reactor.seq
+	c.mu.Unlock()
 	switch {
-	case demo.IsStop(ctx, err):
-		c.history.logf("%s stops leading after %d ticks: stopped", c.name, reactor.seq)
-		return nil
+	case orchestrator.IsCleanStop(err):
+		c.history.logf("%s stops leading after %d ticks: stopped", c.name, ticks)
 	case errors.Is(err, orchestrator.ErrNotOwner):
-		c.history.logf("%s stops leading after %d ticks: fenced off (%v)", c.name, reactor.seq, orchestrator.ErrNotOwner)
+		c.history.logf("%s stops leading after %d ticks: fenced off (%v)", c.name, ticks, orchestrator.ErrNotOwner)
 	case errors.Is(err, orchestrator.ErrEtcdSessionDone):
-		c.history.logf("%s stops leading after %d ticks: session lost (%v)", c.name, reactor.seq, orchestrator.ErrEtcdSessionDone)
+		c.history.logf("%s stops leading after %d ticks: session lost (%v)", c.name, ticks, orchestrator.ErrEtcdSessionDone)
 	default:
-		return fmt.Errorf("worker: %w", err)
+		c.history.logf("%s stops leading after %d ticks: %v", c.name, ticks, err)
 	}
-	return nil
 }
 
 // ledgerState is a hand-written ReactorState: a counter key and a set of log

@@ -22,7 +22,6 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/internal/embedetcd"
 )
 
@@ -216,15 +215,6 @@ func SumBy(g prometheus.Gatherer, name string) map[string]float64 {
 		}
 	}
 	return out
-}
-
-// IsStop reports whether err is how Run reports that ctx ended it normally:
-// ctx is done, err matches it, and no commit was left unresolved.
-func IsStop(ctx context.Context, err error) bool {
-	if ctx.Err() == nil || errors.Is(err, orchestrator.ErrCommitUnresolved) {
-		return false
-	}
-	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // Env is what a demo runs on: a cluster and a fresh metrics registry, served

@@ -2,7 +2,6 @@ package demo
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -13,7 +12,6 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
-	"github.com/etcdworker/orchestrator"
 )
 
 func TestMain(m *testing.M) {
@@ -79,12 +77,3 @@ func TestServeMetricsAndSum(t *testing.T) {
 	http.DefaultClient.CloseIdleConnections()
 }
 
-func TestIsStop(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	stopped := fmt.Errorf("worker stopped: %w", context.Canceled)
-	require.False(t, IsStop(ctx, stopped), "ctx not done")
-	cancel()
-	require.True(t, IsStop(ctx, stopped))
-	require.False(t, IsStop(ctx, fmt.Errorf("%w: %w", stopped, orchestrator.ErrCommitUnresolved)))
-	require.False(t, IsStop(ctx, orchestrator.ErrNotOwner))
-}
