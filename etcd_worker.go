@@ -58,6 +58,11 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
+	if sc, ok := initState.(ScopedState); ok {
+		if err := sc.CheckScope(p); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidArgument, err)
+		}
+	}
 	limits, err := newTxnLimits(&o, p.String())
 	if err != nil {
 		return nil, err

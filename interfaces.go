@@ -75,3 +75,20 @@ func (f ReactorFunc) Tick(ctx context.Context, state ReactorState) (ReactorState
 }
 
 var _ Reactor = ReactorFunc(nil)
+
+// ScopedState is an optional interface of a ReactorState that only holds the
+// keys of some part of etcd (a prefix, a single key). NewEtcdWorker calls
+// CheckScope with the worker's prefix and fails with its error, wrapped in
+// ErrInvalidArgument: a state whose keys all lie outside the worker's
+// prefix + "/" would otherwise load nothing, silently. The jsonstate
+// package's states implement it.
+type ScopedState interface {
+	CheckScope(workerPrefix util.EtcdPrefix) error
+}
+
+// InScope reports whether key lies under workerPrefix + "/", where a worker
+// on workerPrefix sees it. It helps implement ScopedState.
+func InScope(workerPrefix util.EtcdPrefix, key string) bool {
+	dir := workerPrefix.String() + "/"
+	return len(key) > len(dir) && key[:len(dir)] == dir
+}

@@ -1,6 +1,8 @@
 package jsonstate
 
 import (
+	"fmt"
+
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -26,6 +28,15 @@ var _ orchestrator.ReactorState = (*Doc[struct{}])(nil)
 // apply.
 func NewDoc[T any](key string, opts ...Option) *Doc[T] {
 	return &Doc[T]{key: util.NewEtcdKey(key), opts: resolveOptions(opts)}
+}
+
+// CheckScope implements orchestrator.ScopedState: the document's key must
+// lie under the worker's prefix + "/".
+func (d *Doc[T]) CheckScope(workerPrefix util.EtcdPrefix) error {
+	if !orchestrator.InScope(workerPrefix, d.key.String()) {
+		return fmt.Errorf("%w: document key %q is not under worker prefix %q", ErrOutOfScope, d.key.String(), workerPrefix.String())
+	}
+	return nil
 }
 
 // Key returns the document's etcd key.

@@ -25,3 +25,8 @@ func (e *DecodeError) Error() string {
 
 // Unwrap returns ErrDecode and the decoder's error.
 func (e *DecodeError) Unwrap() []error { return []error{ErrDecode, e.Err} }
+
+// ErrOutOfScope is matched (errors.Is) by the error NewEtcdWorker returns for
+// a State or Doc whose keys lie outside the worker's prefix: the worker would
+// never show it a key.
+var ErrOutOfScope = errors.New("jsonstate: keys outside the worker's prefix")

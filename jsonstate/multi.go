@@ -23,6 +23,19 @@ type Multi []orchestrator.ReactorState
 
 var _ orchestrator.ReactorState = Multi(nil)
 
+// CheckScope implements orchestrator.ScopedState: every part that is scoped
+// must lie under the worker's prefix.
+func (m Multi) CheckScope(workerPrefix util.EtcdPrefix) error {
+	for _, s := range m {
+		if sc, ok := s.(orchestrator.ScopedState); ok {
+			if err := sc.CheckScope(workerPrefix); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // Update implements orchestrator.ReactorState.
 func (m Multi) Update(key util.EtcdKey, value []byte, isInit bool) error {
 	for _, s := range m {

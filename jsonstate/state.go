@@ -1,6 +1,7 @@
 package jsonstate
 
 import (
+	"fmt"
 	"iter"
 	"slices"
 	"strings"
@@ -48,6 +49,17 @@ func New[T any](prefix string, opts ...Option) *State[T] {
 
 // Prefix returns the normalized prefix of the documents.
 func (s *State[T]) Prefix() string { return s.prefix }
+
+// CheckScope implements orchestrator.ScopedState: some of the documents
+// must lie under the worker's prefix + "/" (the state's prefix is under the
+// worker's, or the other way round).
+func (s *State[T]) CheckScope(workerPrefix util.EtcdPrefix) error {
+	workerDir := workerPrefix.String() + "/"
+	if !strings.HasPrefix(s.dir, workerDir) && !strings.HasPrefix(workerDir, s.dir) {
+		return fmt.Errorf("%w: state prefix %q is not under worker prefix %q", ErrOutOfScope, s.prefix, workerPrefix.String())
+	}
+	return nil
+}
 
 // Key returns the full etcd key of the document name.
 func (s *State[T]) Key(name string) util.EtcdKey { return util.NewEtcdKey(s.dir + name) }

@@ -1,11 +1,13 @@
 package jsonstate_test
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/jsonstate"
@@ -283,4 +285,40 @@ func TestNilPatchFunc(t *testing.T) {
 	s.Patch("a", nil)
 	_, err := tester.ApplyPatches()
 	require.ErrorIs(t, err, orchestrator.ErrInvalidArgument)
+}
+
+// TestOutOfScopeStateIsAnError: a State or Doc whose keys lie outside the
+// worker's prefix would load nothing; NewEtcdWorker says so instead.
+func TestOutOfScopeStateIsAnError(t *testing.T) {
+	cli := &clientv3.Client{}
+	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+		return s, nil
+	})
+	tests := []struct {
+		name  string
+		state orchestrator.ReactorState
+		ok    bool
+	}{
+		{"state under the prefix", jsonstate.New[int]("/app/nodes"), true},
+		{"state at the prefix", jsonstate.New[int]("/app"), true},
+		{"state above the prefix", jsonstate.New[int]("/"), true},
+		{"state beside the prefix", jsonstate.New[int]("/apple"), false},
+		{"state elsewhere", jsonstate.New[int]("/other/nodes"), false},
+		{"doc under the prefix", jsonstate.NewDoc[int]("/app/config"), true},
+		{"doc at the prefix key", jsonstate.NewDoc[int]("/app"), false},
+		{"doc elsewhere", jsonstate.NewDoc[int]("/other/config"), false},
+		{"multi with one part elsewhere", jsonstate.Multi{jsonstate.New[int]("/app/a"), jsonstate.NewDoc[int]("/x/config")}, false},
+		{"multi all inside", jsonstate.Multi{jsonstate.New[int]("/app/a"), jsonstate.NewDoc[int]("/app/config")}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := orchestrator.NewEtcdWorker(cli, "/app", reactor, tt.state)
+			if tt.ok {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, jsonstate.ErrOutOfScope)
+			require.ErrorIs(t, err, orchestrator.ErrInvalidArgument)
+		})
+	}
 }
