@@ -11,7 +11,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
-
 )
 
 func TestMain(m *testing.M) {
@@ -76,4 +75,3 @@ func TestServeMetricsAndSum(t *testing.T) {
 	require.Contains(t, string(body), `orchestrator_commits_total{role="b"} 3`)
 	http.DefaultClient.CloseIdleConnections()
 }
-
