@@ -7,8 +7,6 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-
-	"github.com/etcdworker/orchestrator/util"
 )
 
 // userError marks an error from a user callback, which ends Run instead of
@@ -56,12 +54,9 @@ func (r *run) loadWithRetry() error {
 func (r *run) load() error {
 	m := r.mirror
 	start := r.now()
-	var seen map[util.EtcdKey]struct{}
-	if m.len() > 0 {
-		seen = make(map[util.EtcdKey]struct{}, m.len())
-	}
 	var counterRev int64
 	keys := 0
+	m.beginSweep()
 	rev, err := r.readPrefix(func(kv *mvccpb.KeyValue) error {
 		c, visible := m.apply(kv, false)
 		if !visible {
@@ -71,22 +66,18 @@ func (r *run) load() error {
 			return nil
 		}
 		keys++
-		if seen != nil {
-			seen[c.key] = struct{}{}
-		}
-		if e, ok := m.entry(c.key); ok && e.modRev == c.modRev {
+		if m.visit(c.key, c.modRev) {
 			return nil
 		}
 		return r.update(c, true)
 	})
+	vanished := m.endSweep(err == nil)
 	if err != nil {
 		return err
 	}
-	for k := range m.entries {
-		if _, ok := seen[k]; seen != nil && !ok {
-			if err := r.update(keyChange{key: k}, true); err != nil {
-				return userError{err}
-			}
+	for _, k := range vanished {
+		if err := r.update(keyChange{key: k}, true); err != nil {
+			return userError{err}
 		}
 	}
 	m.loaded(rev, counterRev)

@@ -60,7 +60,15 @@ type mirror struct {
 	eventRev    int64
 	completeRev int64
 	counterRev  int64
+
+	// sweeping is true during a load: entries the load visits are marked
+	// (visitedBit in modRev), and endSweep reports the others as vanished.
+	// It costs no memory beyond the entries themselves.
+	sweeping bool
 }
+
+// visitedBit marks an entry a load visited. Revisions never reach it.
+const visitedBit = int64(1) << 62
 
 func newMirror(prefix util.EtcdPrefix) *mirror {
 	return &mirror{
@@ -111,7 +119,11 @@ func (m *mirror) set(c keyChange) {
 		}
 		return
 	}
-	m.entries[c.key] = kvEntry{value: c.value, modRev: c.modRev}
+	rev := c.modRev
+	if m.sweeping {
+		rev |= visitedBit
+	}
+	m.entries[c.key] = kvEntry{value: c.value, modRev: rev}
 	if m.values != nil {
 		m.values[c.key] = bytes.Clone(c.value)
 	}
@@ -127,6 +139,38 @@ func (m *mirror) forget(c keyChange, prev kvEntry, hadPrev bool) {
 	case hadPrev:
 		m.entries[c.key] = kvEntry{value: prev.value, modRev: unsyncedRev}
 	}
+}
+
+// beginSweep starts a load: see sweeping.
+func (m *mirror) beginSweep() { m.sweeping = true }
+
+// visit marks key as present at modRev in the load, and reports whether
+// the mirror already has it at that revision (nothing to tell the state).
+func (m *mirror) visit(key util.EtcdKey, modRev int64) bool {
+	e, ok := m.entries[key]
+	if !ok || e.modRev != modRev {
+		return false
+	}
+	e.modRev |= visitedBit
+	m.entries[key] = e
+	return true
+}
+
+// endSweep ends a load. When complete, it returns the keys the load did not
+// visit (they vanished); either way it clears the marks.
+func (m *mirror) endSweep(complete bool) []util.EtcdKey {
+	m.sweeping = false
+	var vanished []util.EtcdKey
+	for k, e := range m.entries {
+		switch {
+		case e.modRev&visitedBit != 0:
+			e.modRev &^= visitedBit
+			m.entries[k] = e
+		case complete:
+			vanished = append(vanished, k)
+		}
+	}
+	return vanished
 }
 
 // entry returns the committed entry of key.
