@@ -171,7 +171,7 @@ func (c *counterWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opt
 				inc.wrote = n + 1
 				return []byte(strconv.FormatInt(n+1, 10)), true, nil
 			}},
-			st.putPatch(counterLog(id, count), []byte(strconv.Itoa(id))),
+			setPatch(st.key(counterLog(id, count)), []byte(strconv.Itoa(id))),
 		})
 		c.counts[id].Store(count)
 		c.emitted.Add(1)
@@ -222,15 +222,15 @@ func (c *counterWorld) check(ctx context.Context, t testing.TB, cli *clientv3.Cl
 }
 
 // waitProgress waits until the workers emitted n more groups.
-func (c *counterWorld) waitProgress(t testing.TB, g *faultWorkers, n int64, what string) {
+func (c *counterWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what string) {
 	t.Helper()
 	target := c.emitted.Load() + n
-	faultWaitFor(t, faultProgressTimeout, "counter progress "+what, g.failed, func() bool { return c.emitted.Load() >= target })
+	waitWithin(t, faultProgressTimeout, "counter progress "+what, g.failed, func() bool { return c.emitted.Load() >= target })
 }
 
 // finish stops the workers, requires that every Run returned nil, and that
 // etcd holds exactly what they emitted.
-func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *faultWorkers, cli *clientv3.Client) {
+func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *workerGroup, cli *clientv3.Client) {
 	t.Helper()
 	c.stop.Store(true)
 	for name, err := range g.wait(t, faultProgressTimeout) {
@@ -244,13 +244,13 @@ func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *faultWorkers
 // most timeout.
 func startCounter(t testing.TB, c *counterWorld, newClient func(i int) *clientv3.Client, opts []Option,
 	timeout time.Duration,
-) *faultWorkers {
+) *workerGroup {
 	t.Helper()
 	ws := make([]*EtcdWorker, c.workers)
 	for i := range ws {
 		ws[i] = c.newWorker(t, newClient(i), i, opts...)
 	}
-	g := newFaultWorkers(t, timeout)
+	g := newWorkerGroup(t, timeout)
 	for i, w := range ws {
 		g.runWorker(fmt.Sprintf("counter-%d", i), w)
 	}
@@ -567,7 +567,7 @@ func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
 				ticks++
 				switch ticks {
 				case 1: // a commit that passes, so the worker has a token
-					st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+					st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 				case 2:
 					inj.arm(tc.commits, tc.fences)
 					st.patches = append(st.patches, []DataPatch{SingleDataPatch{Key: st.key("/n"), Func: func(old []byte) ([]byte, bool, error) {

@@ -9,11 +9,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -108,145 +106,6 @@ func faultLogger(t testing.TB) *zap.Logger {
 		return zaptest.NewLogger(t, zaptest.Level(zapcore.DebugLevel))
 	}
 	return zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
-}
-
-// faultWorkers runs workers (or any function) in goroutines and records
-// their results. Its cleanup, registered by newFaultWorkers, cancels the
-// context and joins every goroutine, so that a failing test leaks nothing.
-// Create it after the clients and servers the workers use, so that it is
-// cleaned up before them.
-type faultWorkers struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-
-	mu      sync.Mutex
-	results map[string]error
-	first   error
-}
-
-func newFaultWorkers(t testing.TB, timeout time.Duration) *faultWorkers {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	g := &faultWorkers{ctx: ctx, cancel: cancel, results: map[string]error{}}
-	t.Cleanup(func() {
-		g.cancel()
-		g.wg.Wait()
-	})
-	return g
-}
-
-// run starts fn(ctx) under name.
-func (g *faultWorkers) run(name string, fn func(ctx context.Context) error) {
-	g.wg.Add(1)
-	go func() {
-		defer g.wg.Done()
-		err := fn(g.ctx)
-		g.mu.Lock()
-		defer g.mu.Unlock()
-		g.results[name] = err
-		if err != nil && g.first == nil {
-			g.first = fmt.Errorf("%s: %w", name, err)
-		}
-	}()
-}
-
-// runWorker starts w.Run with faultInterval and role name.
-func (g *faultWorkers) runWorker(name string, w *EtcdWorker) {
-	g.run(name, func(ctx context.Context) error { return w.Run(ctx, nil, faultInterval, name) })
-}
-
-// failed returns the first error any goroutine returned so far.
-func (g *faultWorkers) failed() error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.first
-}
-
-// wait waits (at most timeout) for every goroutine and returns the results.
-func (g *faultWorkers) wait(t testing.TB, timeout time.Duration) map[string]error {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		g.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(timeout):
-		t.Fatalf("workers still running after %v", timeout)
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return maps.Clone(g.results)
-}
-
-// faultWaitFor polls cond every 10ms until it holds. It fails the test after
-// timeout, or as soon as failed (if not nil) reports an error.
-func faultWaitFor(t testing.TB, timeout time.Duration, what string, failed func() error, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if failed != nil {
-			if err := failed(); err != nil {
-				t.Fatalf("%s: a worker failed: %v", what, err)
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not reached within %v", what, timeout)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// metricSum returns the sum over all label values of the counter or gauge
-// name (e.g. "orchestrator_reloads_total") in g; 0 if absent.
-func metricSum(t testing.TB, g prometheus.Gatherer, name string) float64 {
-	t.Helper()
-	mfs, err := g.Gather()
-	require.NoError(t, err)
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			switch {
-			case m.GetCounter() != nil:
-				sum += m.GetCounter().GetValue()
-			case m.GetGauge() != nil:
-				sum += m.GetGauge().GetValue()
-			}
-		}
-	}
-	return sum
-}
-
-// userKVs reads every key under prefix + "/" outside the worker's reserved
-// area at rev (0: current) and returns them with the read's revision.
-func userKVs(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, rev int64) (map[string]*mvccKV, int64) {
-	t.Helper()
-	opts := []clientv3.OpOption{clientv3.WithPrefix()}
-	if rev > 0 {
-		opts = append(opts, clientv3.WithRev(rev))
-	}
-	resp, err := cli.Get(ctx, prefix+"/", opts...)
-	require.NoError(t, err)
-	out := make(map[string]*mvccKV, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		k := string(kv.Key)
-		if strings.HasPrefix(k, prefix+reservedDir) {
-			continue
-		}
-		out[k] = &mvccKV{value: string(kv.Value), modRev: kv.ModRevision}
-	}
-	return out, resp.Header.Revision
-}
-
-// mvccKV is a value and its mod revision.
-type mvccKV struct {
-	value  string
-	modRev int64
 }
 
 // txnProbe reports the start of commit Txns sent by the clients it is
@@ -386,8 +245,8 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 		to := (from + 1 + rng.IntN(b.accounts-1)) % b.accounts
 		amount := 1 + rng.Int64N(100)
 		st.patches = append(st.patches,
-			[]DataPatch{st.addPatch(bankAccount(from), -amount), st.addPatch(bankAccount(to), amount), st.addPatch(bankMoves(id), 1)},
-			[]DataPatch{st.addPatch(bankTotal(id), bankDelta(id)), st.addPatch("/sum", bankDelta(id))},
+			[]DataPatch{incrPatch(st.key(bankAccount(from)), -amount), incrPatch(st.key(bankAccount(to)), amount), incrPatch(st.key(bankMoves(id)), 1)},
+			[]DataPatch{incrPatch(st.key(bankTotal(id)), bankDelta(id)), incrPatch(st.key("/sum"), bankDelta(id))},
 		)
 		count++
 		b.counts[id].Store(count)
@@ -400,15 +259,15 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 }
 
 // waitProgress waits until the workers emitted n more groups.
-func (b *bankWorld) waitProgress(t testing.TB, g *faultWorkers, n int64, what string) {
+func (b *bankWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what string) {
 	t.Helper()
 	target := b.emitted.Load() + n
-	faultWaitFor(t, faultProgressTimeout, "bank progress "+what, g.failed, func() bool { return b.emitted.Load() >= target })
+	waitWithin(t, faultProgressTimeout, "bank progress "+what, g.failed, func() bool { return b.emitted.Load() >= target })
 }
 
 // finish stops the workers, requires that every Run returned nil, and checks
 // the invariants and the exact totals on etcd's contents.
-func (b *bankWorld) finish(t testing.TB, g *faultWorkers, cli *clientv3.Client) {
+func (b *bankWorld) finish(t testing.TB, g *workerGroup, cli *clientv3.Client) {
 	t.Helper()
 	b.stop.Store(true)
 	for name, err := range g.wait(t, faultProgressTimeout) {
@@ -448,13 +307,13 @@ func (b *bankWorld) checkEtcd(ctx context.Context, t testing.TB, cli *clientv3.C
 // options.
 func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client, reg prometheus.Registerer,
 	lg *zap.Logger, timeout time.Duration,
-) *faultWorkers {
+) *workerGroup {
 	t.Helper()
 	ws := make([]*EtcdWorker, b.workers)
 	for i := range ws {
 		ws[i] = b.newWorker(t, clients(i), i, faultOptions(reg, lg)...)
 	}
-	g := newFaultWorkers(t, timeout)
+	g := newWorkerGroup(t, timeout)
 	for i, w := range ws {
 		g.runWorker(fmt.Sprintf("bank-%d", i), w)
 	}
@@ -500,7 +359,7 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 		require.NoError(t, err)
 		reloads := metricSum(t, env.reg, "orchestrator_reloads_total")
 		env.proxy.Resume()
-		faultWaitFor(t, faultProgressTimeout, "every worker reloads", g.failed, func() bool {
+		waitWithin(t, faultProgressTimeout, "every worker reloads", g.failed, func() bool {
 			return metricSum(t, env.reg, "orchestrator_reloads_total") >= reloads+float64(b.workers)
 		})
 		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", round+1))
@@ -598,16 +457,16 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		snaps.add(st)
 		if !wrote { // one commit, so the worker has a commit token and a delete counter
 			wrote = true
-			st.patches = append(st.patches, []DataPatch{st.putPatch("/own", []byte("1")), st.putPatch("/k09", nil)})
+			st.patches = append(st.patches, []DataPatch{setPatch(st.key("/own"), []byte("1")), deletePatch(st.key("/k09"))})
 		}
 		return st, nil
 	})
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, state, faultOptions(env.reg, faultLogger(t))...)
 	require.NoError(t, err)
-	g := newFaultWorkers(t, time.Minute)
+	g := newWorkerGroup(t, time.Minute)
 	g.runWorker("reload", w)
 
-	faultWaitFor(t, 10*time.Second, "first commit visible", g.failed, func() bool {
+	waitWithin(t, 10*time.Second, "first commit visible", g.failed, func() bool {
 		last, ok := snaps.last()
 		return ok && last.values[prefix+"/own"] == "1"
 	})
@@ -637,7 +496,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 	env.proxy.Resume()
 
 	var after tickSnapshot
-	faultWaitFor(t, faultProgressTimeout, "a Tick after the reload", g.failed, func() bool {
+	waitWithin(t, faultProgressTimeout, "a Tick after the reload", g.failed, func() bool {
 		s, ok := snaps.firstAfter(initsBefore)
 		after = s
 		return ok
@@ -814,19 +673,19 @@ func TestFaultMaxOutage(t *testing.T) {
 				ticks.Add(1)
 				ping.Store(string(st.values["/ping"]))
 				if writing {
-					st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+					st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 				}
 				return st, nil
 			})
 			w, err := NewEtcdWorker(env.client(t), prefix, reactor, state,
 				faultOptions(env.reg, faultLogger(t), WithMaxOutage(maxOutage), WithRequestTimeout(500*time.Millisecond))...)
 			require.NoError(t, err)
-			g := newFaultWorkers(t, time.Minute)
+			g := newWorkerGroup(t, time.Minute)
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, 20*time.Millisecond, name) })
 
 			waitTicks := func(n int64, what string) {
 				target := ticks.Load() + n
-				faultWaitFor(t, faultProgressTimeout, what, g.failed, func() bool { return ticks.Load() >= target })
+				waitWithin(t, faultProgressTimeout, what, g.failed, func() bool { return ticks.Load() >= target })
 			}
 			waitTicks(5, "ticks before the faults")
 			// Shorter than the cap: survived.
@@ -838,7 +697,7 @@ func TestFaultMaxOutage(t *testing.T) {
 			// before the long outage starts.
 			_, err = env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
 			require.NoError(t, err)
-			faultWaitFor(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
+			waitWithin(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
 				return ping.Load() == "after the cut"
 			})
 
@@ -876,16 +735,16 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness))...)
 	require.NoError(t, err)
-	g := newFaultWorkers(t, time.Minute)
+	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "stale") })
 
-	faultWaitFor(t, 10*time.Second, "idle ticks", g.failed, func() bool { return snaps.count() >= 5 })
+	waitWithin(t, 10*time.Second, "idle ticks", g.failed, func() bool { return snaps.count() >= 5 })
 	cutAt := time.Now()
 	env.proxy.Pause()
 	time.Sleep(cut)
 	resumeAt := time.Now()
 	env.proxy.Resume()
-	faultWaitFor(t, faultProgressTimeout, "ticks after the cut", g.failed, func() bool {
+	waitWithin(t, faultProgressTimeout, "ticks after the cut", g.failed, func() bool {
 		ts := snaps.times()
 		return ts[len(ts)-1].After(resumeAt)
 	})
@@ -935,7 +794,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			var emitted atomic.Int64
 			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*mapState)
-				st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+				st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 				emitted.Add(1)
 				return st, nil
 			})
@@ -947,7 +806,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			defer cancel()
 			done := make(chan error, 1)
 			go func() { done <- w.Run(runCtx, nil, faultInterval, "shutdown") }()
-			faultWaitFor(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 5 })
+			waitWithin(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 5 })
 
 			env.proxy.SetDelay(delay)
 			t0 := probe.next(t, 10*time.Second)
@@ -1099,7 +958,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness), WithMaxOutage(maxOutage))...)
 	require.NoError(t, err)
-	g := newFaultWorkers(t, time.Minute)
+	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "idle") })
 
 	// requireTicking waits for d and requires Ticks all along it.
@@ -1123,7 +982,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	env.proxy.Pause()
 	time.Sleep(maxOutage / 2)
 	env.proxy.Resume()
-	faultWaitFor(t, 10*time.Second, "ticks after the cut", g.failed, func() bool {
+	waitWithin(t, 10*time.Second, "ticks after the cut", g.failed, func() bool {
 		ts := snaps.times()
 		return time.Since(ts[len(ts)-1]) < interval*5
 	})

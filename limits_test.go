@@ -14,7 +14,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
-	"github.com/etcdworker/orchestrator/util"
 )
 
 // These tests prove on real etcd that the worker's txn limits match the
@@ -56,11 +55,6 @@ func limRun(t testing.TB, w *EtcdWorker, role string) error {
 	ctx, cancel := context.WithTimeout(testContext(t), limRunTimeout)
 	defer cancel()
 	return w.Run(ctx, nil, 5*time.Millisecond, role)
-}
-
-// limSet is a SingleDataPatch setting the full key to value (nil deletes).
-func limSet(key string, value []byte) DataPatch {
-	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
 }
 
 // limKeys returns n keys under prefix + "/" + kind, all of the same length.
@@ -109,26 +103,6 @@ func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.
 	t.Helper()
 	require.Equal(t, rev, srv.Revision(), "a refused group must write nothing")
 	require.Equal(t, before, limGet(t, cli, prefix))
-}
-
-// limCounter reads the counter name{role=role} from reg.
-func limCounter(t testing.TB, reg *prometheus.Registry, name, role string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	require.NoError(t, err)
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, lp := range m.GetLabel() {
-				if lp.GetName() == "role" && lp.GetValue() == role {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
 }
 
 // limFence creates a fencing key and returns it with its create revision.
@@ -201,10 +175,10 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 			newKeys := limKeys(prefix, "new", tt.puts)
 			var group []DataPatch
 			for _, k := range oldKeys {
-				group = append(group, limSet(k, nil))
+				group = append(group, setKey(k, nil))
 			}
 			for _, k := range newKeys {
-				group = append(group, limSet(k, []byte("v-"+k)))
+				group = append(group, setKey(k, []byte("v-"+k)))
 			}
 			r.groups = [][]DataPatch{group}
 			rev := srv.Revision()
@@ -295,14 +269,14 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 			var group []DataPatch
 			estimate := l.overheadBytes
 			for _, k := range oldKeys {
-				group = append(group, limSet(k, nil))
+				group = append(group, setKey(k, nil))
 				estimate += 2 * len(k)
 			}
 			if tt.deletes > 0 {
 				estimate += l.deleteBytes
 			}
 			for j, k := range newKeys {
-				group = append(group, limSet(k, bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j])))
+				group = append(group, setKey(k, bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j])))
 				estimate += 2*len(k) + sizes[j]
 			}
 			require.Equal(t, l.maxBytes+tt.over, estimate, "test setup: group size")
@@ -347,7 +321,7 @@ func TestLimitsMatchingServer(t *testing.T) {
 			require.Equal(t, perTxn, w.limits.maxOps-w.limits.overheadOps)
 			var group []DataPatch
 			for _, k := range limKeys(prefix, "k", n) {
-				group = append(group, limSet(k, []byte("v")))
+				group = append(group, setKey(k, []byte("v")))
 			}
 			r.groups = [][]DataPatch{group}
 			rev := srv.Revision()
@@ -391,15 +365,15 @@ func TestLimitsMatchingServer(t *testing.T) {
 			for g := 0; g < tt.groups; g++ {
 				var group []DataPatch
 				for _, k := range keys[g*tt.groupSize : (g+1)*tt.groupSize] {
-					group = append(group, limSet(k, []byte(k)))
+					group = append(group, setKey(k, []byte(k)))
 				}
 				r.groups = append(r.groups, group)
 			}
 			rev := srv.Revision()
 			require.NoError(t, limRun(t, w, role))
 
-			require.Equal(t, float64(len(tt.wantTxns)), limCounter(t, reg, "orchestrator_commits_total", role))
-			require.Equal(t, float64(tt.groups), limCounter(t, reg, "orchestrator_patch_groups_applied_total", role))
+			require.Equal(t, float64(len(tt.wantTxns)), metricValue(t, reg, "orchestrator_commits_total", role))
+			require.Equal(t, float64(tt.groups), metricValue(t, reg, "orchestrator_patch_groups_applied_total", role))
 
 			// Txns land at consecutive revisions, in group order; count the
 			// keys of each.
@@ -450,7 +424,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			groups: func(prefix string) [][]DataPatch {
 				var g []DataPatch
 				for _, k := range limKeys(prefix, "k", 20) {
-					g = append(g, limSet(k, []byte("v")))
+					g = append(g, setKey(k, []byte("v")))
 				}
 				return [][]DataPatch{g}
 			},
@@ -465,7 +439,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			groups: func(prefix string) [][]DataPatch {
 				var g []DataPatch
 				for _, k := range limKeys(prefix, "k", serverOps+1-2) {
-					g = append(g, limSet(k, []byte("v")))
+					g = append(g, setKey(k, []byte("v")))
 				}
 				return [][]DataPatch{g}
 			},
@@ -478,7 +452,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			groups: func(prefix string) [][]DataPatch {
 				var gs [][]DataPatch
 				for _, k := range limKeys(prefix, "k", 100) {
-					gs = append(gs, []DataPatch{limSet(k, []byte("v"))})
+					gs = append(gs, []DataPatch{setKey(k, []byte("v"))})
 				}
 				return gs
 			},
@@ -488,7 +462,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 		{
 			name: "group above the server's request size", srv: bytesSrv, cli: bytesCli,
 			groups: func(prefix string) [][]DataPatch {
-				return [][]DataPatch{{limSet(prefix+"/big", bytes.Repeat([]byte{'x'}, 100*1024))}}
+				return [][]DataPatch{{setKey(prefix+"/big", bytes.Repeat([]byte{'x'}, 100*1024))}}
 			},
 			wantErr: ErrEtcdTxnSizeExceed,
 			cause:   rpctypes.ErrRequestTooLarge,
@@ -498,7 +472,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			// 512 KiB): refused by gRPC rather than by etcd.
 			name: "group above the server's gRPC message size", srv: bytesSrv, cli: bytesCli,
 			groups: func(prefix string) [][]DataPatch {
-				return [][]DataPatch{{limSet(prefix+"/big", bytes.Repeat([]byte{'x'}, 700*1024))}}
+				return [][]DataPatch{{setKey(prefix+"/big", bytes.Repeat([]byte{'x'}, 700*1024))}}
 			},
 			wantErr: ErrEtcdTxnSizeExceed,
 		},

@@ -9,77 +9,12 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
-
-// metricSeries is one series of a gathered metric: a counter's or gauge's
-// value, or a histogram's sample count and sum.
-type metricSeries struct {
-	value, count, sum float64
-}
-
-// gatherSeries returns the series name{role=role} from g, and whether it
-// exists.
-func gatherSeries(t testing.TB, g prometheus.Gatherer, name, role string) (metricSeries, bool) {
-	t.Helper()
-	families, err := g.Gather()
-	require.NoError(t, err)
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			if metricRole(m) != role {
-				continue
-			}
-			switch {
-			case m.GetCounter() != nil:
-				return metricSeries{value: m.GetCounter().GetValue()}, true
-			case m.GetGauge() != nil:
-				return metricSeries{value: m.GetGauge().GetValue()}, true
-			case m.GetHistogram() != nil:
-				h := m.GetHistogram()
-				return metricSeries{count: float64(h.GetSampleCount()), sum: h.GetSampleSum()}, true
-			}
-		}
-	}
-	return metricSeries{}, false
-}
-
-func metricRole(m *dto.Metric) string {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == "role" {
-			return l.GetValue()
-		}
-	}
-	return ""
-}
-
-// metricValue is the value of a counter or gauge series (0 when absent).
-func metricValue(t testing.TB, g prometheus.Gatherer, name, role string) float64 {
-	t.Helper()
-	s, _ := gatherSeries(t, g, name, role)
-	return s.value
-}
-
-// waitForMetrics polls cond until it holds or ctx is done (the test fails).
-func waitForMetrics(ctx context.Context, t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s: %v", what, ctx.Err())
-		case <-tick.C:
-		}
-	}
-}
 
 // TestMetricsTwoWorkersShareRegistry runs two workers with different roles
 // on one registry, both incrementing the same key so that they conflict, and
@@ -103,7 +38,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 				return st, ErrReactorFinished
 			}
 			increments.Add(1)
-			st.patches = append(st.patches, []DataPatch{st.addPatch("/counter", 1)})
+			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/counter"), 1)})
 			return st, nil
 		})
 		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, state, WithMetrics(reg))
@@ -111,7 +46,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 		g.Go(func() error { return w.Run(gctx, nil, time.Millisecond, role) })
 	}
 
-	waitForMetrics(ctx, t, "commits of both roles and a conflict", func() bool {
+	waitUntil(ctx, t, "commits of both roles and a conflict", func() bool {
 		conflicts := 0.0
 		for _, role := range roles {
 			if metricValue(t, reg, "orchestrator_commits_total", role) < 5 {
@@ -200,7 +135,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- w.Run(runCtx, nil, 10*time.Millisecond, role) }()
 
-	waitForMetrics(ctx, t, "the initial load", func() bool {
+	waitUntil(ctx, t, "the initial load", func() bool {
 		return metricValue(t, reg, "orchestrator_ticks_total", role) >= 1
 	})
 	require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role))
@@ -217,7 +152,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.NoError(t, err)
 	proxy.Resume()
 
-	waitForMetrics(ctx, t, "a reload with the new keys", func() bool {
+	waitUntil(ctx, t, "a reload with the new keys", func() bool {
 		return metricValue(t, reg, "orchestrator_reloads_total", role) >= 1 &&
 			metricValue(t, reg, "orchestrator_state_keys", role) == 3
 	})
@@ -252,7 +187,7 @@ func TestMetricsNilRegisterer(t *testing.T) {
 			if ticks > 3 {
 				return st, ErrReactorFinished
 			}
-			st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 			return st, nil
 		})
 		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), opts...)

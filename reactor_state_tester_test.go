@@ -60,11 +60,6 @@ func (s *rstState) stringValues() map[string]string {
 	return out
 }
 
-// rstSet is a SingleDataPatch setting the full key to value (nil deletes).
-func rstSet(key string, value []byte) DataPatch {
-	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
-}
-
 // rstFunc is a SingleDataPatch on key running fn.
 func rstFunc(key string, fn func(old []byte) ([]byte, bool, error)) DataPatch {
 	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: fn}
@@ -193,22 +188,22 @@ func TestReactorStateTesterApplyPatches(t *testing.T) {
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1", "/t/b": "2", "/t/d": "4"})
 	s.calls = nil
 	s.patches = [][]DataPatch{
-		{rstSet("/t/a", []byte("10")), rstSet("/t/c", []byte("3"))},
+		{setKey("/t/a", []byte("10")), setKey("/t/c", []byte("3"))},
 		{
 			// Sees group 1's write.
 			rstFunc("/t/a", func(old []byte) ([]byte, bool, error) {
 				require.Equal(t, "10", string(old))
 				return []byte("11"), true, nil
 			}),
-			rstSet("/t/b", nil),
-			rstSet("/t/e", []byte{}),
+			setKey("/t/b", nil),
+			setKey("/t/e", []byte{}),
 		},
 		// No-op group: no Update.
-		{rstSet("/t/d", []byte("4")), rstFunc("/t/d", func(old []byte) ([]byte, bool, error) { return old, false, nil })},
+		{setKey("/t/d", []byte("4")), rstFunc("/t/d", func(old []byte) ([]byte, bool, error) { return old, false, nil })},
 		// An ignored patch is skipped, the rest of its group applies.
 		{
 			rstFunc("/t/d", func([]byte) ([]byte, bool, error) { return []byte("x"), true, ErrEtcdIgnore }),
-			rstSet("/t/f", []byte("6")),
+			setKey("/t/f", []byte("6")),
 		},
 	}
 	tryAgain, err := tester.ApplyPatches()
@@ -241,9 +236,9 @@ func TestReactorStateTesterApplyPatchesTryAgain(t *testing.T) {
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	laterRan := false
 	s.patches = [][]DataPatch{
-		{rstSet("/t/a", []byte("2"))},
+		{setKey("/t/a", []byte("2"))},
 		{
-			rstSet("/t/b", []byte("partial")),
+			setKey("/t/b", []byte("partial")),
 			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("not yet: %w", ErrEtcdTryAgain) }),
 		},
 		{rstFunc("/t/c", func([]byte) ([]byte, bool, error) {
@@ -276,12 +271,12 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 		bad     []DataPatch
 		wantErr error
 	}{
-		{"patch error", "", []DataPatch{rstSet("/t/b", []byte("partial")),
+		{"patch error", "", []DataPatch{setKey("/t/b", []byte("partial")),
 			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("ctx: %w", errBoom) })}, errBoom},
-		{"panic in a patch", "", []DataPatch{rstSet("/t/b", []byte("partial")),
+		{"panic in a patch", "", []DataPatch{setKey("/t/b", []byte("partial")),
 			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { panic("kaboom") })}, ErrPanic},
-		{"nil Func", "", []DataPatch{rstSet("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument},
-		{"rejected Update", "/t/b", []DataPatch{rstSet("/t/b", []byte("x"))}, errRSTUpdate},
+		{"nil Func", "", []DataPatch{setKey("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument},
+		{"rejected Update", "/t/b", []DataPatch{setKey("/t/b", []byte("x"))}, errRSTUpdate},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -290,7 +285,7 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 			s.failKey = tt.failKey
 			laterRan := false
 			s.patches = [][]DataPatch{
-				{rstSet("/t/a", []byte("2"))},
+				{setKey("/t/a", []byte("2"))},
 				tt.bad,
 				{rstFunc("/t/c", func([]byte) ([]byte, bool, error) {
 					laterRan = true
