@@ -314,8 +314,7 @@ func TestEtcdWorkerRetryableError(t *testing.T) {
 	)
 	w, err := NewEtcdWorker(cli, prefix, reactor, newRecordingState(prefix))
 	require.NoError(t, err)
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, nil, behaviourTick, "retry") }()
+	done := runAsync(ctx, w, nil, behaviourTick, "retry")
 
 	waitUntil(ctx, t, "three attempts", func() bool {
 		select {
@@ -451,10 +450,9 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 				}),
 				when(always, nil),
 			)
-			doneB := make(chan error, 1)
 			wB, err := NewEtcdWorker(cliB, prefix, reactorB, newRecordingState(prefix))
 			require.NoError(t, err)
-			go func() { doneB <- wB.Run(ctx, nil, behaviourTick, "B") }()
+			doneB := runAsync(ctx, wB, nil, behaviourTick, "B")
 
 			select {
 			case <-entered:
@@ -586,8 +584,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	first := make(chan error, 1)
-	go func() { first <- w.Run(runCtx, nil, behaviourTick, "first") }()
+	first := runAsync(runCtx, w, nil, behaviourTick, "first")
 	select {
 	case <-ticked:
 	case <-ctx.Done():
@@ -685,8 +682,7 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 	)
 	w1, err := NewEtcdWorker(cli, prefix, r1, st1)
 	require.NoError(t, err)
-	done1 := make(chan error, 1)
-	go func() { done1 <- w1.Run(ctx, nil, behaviourTick, "w1") }()
+	done1 := runAsync(ctx, w1, nil, behaviourTick, "w1")
 
 	waitUntil(ctx, t, "worker 1's commit", func() bool {
 		resp, err := cli.Get(ctx, prefix+reservedMarker, clientv3.WithPrefix(), clientv3.WithCountOnly())
@@ -796,9 +792,8 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		ctx, cancel := context.WithCancel(testContext(t))
 		defer cancel()
 		started := make(chan struct{})
-		done := make(chan error, 1)
 		w := newWorker(t, forever(started))
-		go func() { done <- w.Run(ctx, nil, behaviourTick, "cancel") }()
+		done := runAsync(ctx, w, nil, behaviourTick, "cancel")
 		waitStarted(ctx, t, started)
 		cancel()
 		require.ErrorIs(t, recvErr(testContext(t), t, done), context.Canceled)
@@ -819,9 +814,8 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		errShutdown := errors.New("shutting down")
 		ctx, cancel := context.WithCancelCause(testContext(t))
 		started := make(chan struct{})
-		done := make(chan error, 1)
 		w := newWorker(t, forever(started))
-		go func() { done <- w.Run(ctx, nil, behaviourTick, "cause") }()
+		done := runAsync(ctx, w, nil, behaviourTick, "cause")
 		waitStarted(ctx, t, started)
 		cancel(errShutdown)
 		err := recvErr(testContext(t), t, done)
@@ -846,9 +840,8 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		require.NoError(t, err)
 		defer func() { _ = sess.Close() }()
 		started := make(chan struct{})
-		done := make(chan error, 1)
 		w := newWorker(t, forever(started))
-		go func() { done <- w.Run(ctx, sess, behaviourTick, "session") }()
+		done := runAsync(ctx, w, sess, behaviourTick, "session")
 		waitStarted(ctx, t, started)
 		require.NoError(t, etcdtest.RevokeLease(ctx, cli, sess.Lease()))
 		require.ErrorIs(t, recvErr(ctx, t, done), ErrEtcdSessionDone)
@@ -876,9 +869,8 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 				return false, nil
 			},
 		)
-		done := make(chan error, 1)
 		w := newWorker(t, idle)
-		go func() { done <- w.Run(ctx, sess, behaviourTick, "idle-session") }()
+		done := runAsync(ctx, w, sess, behaviourTick, "idle-session")
 		waitStarted(ctx, t, started)
 		require.NoError(t, etcdtest.RevokeLease(ctx, cli, sess.Lease()))
 		require.ErrorIs(t, recvErr(ctx, t, done), ErrEtcdSessionDone)
@@ -943,7 +935,9 @@ func TestEtcdWorkerTxnLimits(t *testing.T) {
 			}
 		}, ErrEtcdTxnSizeExceed},
 		{"far over the byte limit", func(*testing.T, string) func(*recordingState) {
-			return func(st *recordingState) { st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), 2*DefaultTxnMaxBytes))) }
+			return func(st *recordingState) {
+				st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), 2*DefaultTxnMaxBytes)))
+			}
 		}, ErrEtcdTxnSizeExceed},
 	}
 	for i, tc := range cases {

@@ -46,11 +46,10 @@ type counterWorld struct {
 	stop       atomic.Bool
 	emitted    atomic.Int64
 	counts     []atomic.Int64
-	violations atomic.Int64
+	violations violationRecorder
 
-	mu             sync.Mutex
-	firstViolation error
-	ops            []porcupine.Operation
+	mu  sync.Mutex
+	ops []porcupine.Operation
 }
 
 func newCounterWorld(prefix string, workers int, record bool) *counterWorld {
@@ -80,15 +79,6 @@ var counterModel = porcupine.Model{
 }
 
 func counterLog(id int, n int64) string { return fmt.Sprintf("/log/%d-%d", id, n) }
-
-func (c *counterWorld) violation(err error) {
-	c.violations.Add(1)
-	c.mu.Lock()
-	if c.firstViolation == nil {
-		c.firstViolation = err
-	}
-	c.mu.Unlock()
-}
 
 // recordOp adds an operation by client id over [call, ret].
 func (c *counterWorld) recordOp(id int, inc bool, call, ret time.Time, value int64) {
@@ -139,7 +129,7 @@ func (c *counterWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opt
 				err = fmt.Errorf("counter: worker %d: its own last log key %s is missing", id, counterLog(id, count))
 			}
 			if err != nil {
-				c.violation(err)
+				c.violations.record(err)
 				if !c.tolerate {
 					return nil, err
 				}
@@ -224,8 +214,7 @@ func (c *counterWorld) check(ctx context.Context, t testing.TB, cli *clientv3.Cl
 // waitProgress waits until the workers emitted n more groups.
 func (c *counterWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what string) {
 	t.Helper()
-	target := c.emitted.Load() + n
-	waitWithin(t, faultProgressTimeout, "counter progress "+what, g.failed, func() bool { return c.emitted.Load() >= target })
+	waitGrown(t, g, &c.emitted, n, "counter progress "+what)
 }
 
 // finish stops the workers, requires that every Run returned nil, and that
@@ -233,10 +222,8 @@ func (c *counterWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what 
 func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *workerGroup, cli *clientv3.Client) {
 	t.Helper()
 	c.stop.Store(true)
-	for name, err := range g.wait(t, faultProgressTimeout) {
-		require.NoError(t, err, "worker %s", name)
-	}
-	require.Zero(t, c.violations.Load(), "invariant violations, first: %v", c.firstViolation)
+	g.requireAllNil(t, faultProgressTimeout)
+	c.violations.requireNone(t)
 	require.NoError(t, c.check(ctx, t, cli))
 }
 
@@ -250,11 +237,7 @@ func startCounter(t testing.TB, c *counterWorld, newClient func(i int) *clientv3
 	for i := range ws {
 		ws[i] = c.newWorker(t, newClient(i), i, opts...)
 	}
-	g := newWorkerGroup(t, timeout)
-	for i, w := range ws {
-		g.runWorker(fmt.Sprintf("counter-%d", i), w)
-	}
-	return g
+	return startWorkerGroup(t, timeout, "counter", ws)
 }
 
 // commitFault cuts the link while a commit Txn is in flight: the proxy

@@ -164,10 +164,7 @@ type bankWorld struct {
 	stop       atomic.Bool  // Tick finishes (ErrReactorFinished) once set
 	emitted    atomic.Int64 // patch-group pairs emitted by all workers
 	counts     []atomic.Int64
-	violations atomic.Int64
-
-	mu             sync.Mutex
-	firstViolation error
+	violations violationRecorder
 }
 
 func newBankWorld(prefix string, workers, accounts int) *bankWorld {
@@ -210,15 +207,6 @@ func (b *bankWorld) check(value func(rel string) int64, counts []int64) error {
 	return nil
 }
 
-func (b *bankWorld) violation(err error) {
-	b.violations.Add(1)
-	b.mu.Lock()
-	if b.firstViolation == nil {
-		b.firstViolation = err
-	}
-	b.mu.Unlock()
-}
-
 // newWorker returns bank worker id on cli.
 func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts ...Option) *EtcdWorker {
 	t.Helper()
@@ -233,7 +221,7 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 		st := s.(*mapState)
 		own[id] = count
 		if err := b.check(st.int, own); err != nil {
-			b.violation(err)
+			b.violations.record(err)
 			if !b.tolerate {
 				return nil, err
 			}
@@ -261,8 +249,7 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 // waitProgress waits until the workers emitted n more groups.
 func (b *bankWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what string) {
 	t.Helper()
-	target := b.emitted.Load() + n
-	waitWithin(t, faultProgressTimeout, "bank progress "+what, g.failed, func() bool { return b.emitted.Load() >= target })
+	waitGrown(t, g, &b.emitted, n, "bank progress "+what)
 }
 
 // finish stops the workers, requires that every Run returned nil, and checks
@@ -270,10 +257,8 @@ func (b *bankWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what str
 func (b *bankWorld) finish(t testing.TB, g *workerGroup, cli *clientv3.Client) {
 	t.Helper()
 	b.stop.Store(true)
-	for name, err := range g.wait(t, faultProgressTimeout) {
-		require.NoError(t, err, "worker %s", name)
-	}
-	require.Zero(t, b.violations.Load(), "invariant violations, first: %v", b.firstViolation)
+	g.requireAllNil(t, faultProgressTimeout)
+	b.violations.requireNone(t)
 	b.requireEtcd(t, cli)
 }
 
@@ -313,11 +298,7 @@ func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client,
 	for i := range ws {
 		ws[i] = b.newWorker(t, clients(i), i, faultOptions(reg, lg)...)
 	}
-	g := newWorkerGroup(t, timeout)
-	for i, w := range ws {
-		g.runWorker(fmt.Sprintf("bank-%d", i), w)
-	}
-	return g
+	return startWorkerGroup(t, timeout, "bank", ws)
 }
 
 // TestFaultBankProxyCuts: six bank workers reach etcd through one proxy that
@@ -684,8 +665,7 @@ func TestFaultMaxOutage(t *testing.T) {
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, 20*time.Millisecond, name) })
 
 			waitTicks := func(n int64, what string) {
-				target := ticks.Load() + n
-				waitWithin(t, faultProgressTimeout, what, g.failed, func() bool { return ticks.Load() >= target })
+				waitGrown(t, g, &ticks, n, what)
 			}
 			waitTicks(5, "ticks before the faults")
 			// Shorter than the cap: survived.
@@ -804,8 +784,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			require.NoError(t, err)
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
-			done := make(chan error, 1)
-			go func() { done <- w.Run(runCtx, nil, faultInterval, "shutdown") }()
+			done := runAsync(runCtx, w, nil, faultInterval, "shutdown")
 			waitWithin(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 5 })
 
 			env.proxy.SetDelay(delay)
@@ -910,8 +889,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 		faultOptions(env.reg, faultLogger(t))...)
 	require.NoError(t, err)
 	env.proxy.SetDelay(delay)
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, nil, faultInterval, "patch-panic") }()
+	done := runAsync(ctx, w, nil, faultInterval, "patch-panic")
 	t0 := probe.next(t, 20*time.Second)
 	sleepUntil(t0.Add(delay / 2)) // the request is still in the proxy
 	env.proxy.Pause()

@@ -96,11 +96,18 @@ func runWorker(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix s
 	return w.Run(ctx, nil, behaviourTick, t.Name())
 }
 
+// runWithin runs w until it returns, bounded by timeout (and testTimeout).
+func runWithin(t testing.TB, w *EtcdWorker, timeout time.Duration, role string) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(testContext(t), timeout)
+	defer cancel()
+	return w.Run(ctx, nil, behaviourTick, role)
+}
+
 // runAsync starts w.Run in a goroutine; its result arrives on the returned
 // channel (see recvErr).
 func runAsync(ctx context.Context, w *EtcdWorker, session *concurrency.Session, interval time.Duration, role string) <-chan error {
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, session, interval, role) }()
+	done := runAsync(ctx, w, session, interval, role)
 	return done
 }
 
@@ -205,6 +212,14 @@ func (g *workerGroup) requireAllNil(t testing.TB, timeout time.Duration) {
 	for name, err := range g.wait(t, timeout) {
 		require.NoError(t, err, "worker %s", name)
 	}
+}
+
+// waitGrown waits until counter grew by n from now, failing after
+// faultProgressTimeout or as soon as a goroutine of g fails.
+func waitGrown(t testing.TB, g *workerGroup, counter *atomic.Int64, n int64, what string) {
+	t.Helper()
+	target := counter.Load() + n
+	waitWithin(t, faultProgressTimeout, what, g.failed, func() bool { return counter.Load() >= target })
 }
 
 // ---------------------------------------------------------------------------

@@ -40,21 +40,13 @@ func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, erro
 }
 
 // limWorker returns a worker on prefix with a limReactor whose groups the
-// caller sets before limRun.
+// caller sets before running it.
 func limWorker(t testing.TB, cli *clientv3.Client, prefix string, opts ...Option) (*EtcdWorker, *limReactor) {
 	t.Helper()
 	r := &limReactor{}
 	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix), opts...)
 	require.NoError(t, err)
 	return w, r
-}
-
-// limRun runs w until it returns, bounded by limRunTimeout.
-func limRun(t testing.TB, w *EtcdWorker, role string) error {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(testContext(t), limRunTimeout)
-	defer cancel()
-	return w.Run(ctx, nil, 5*time.Millisecond, role)
 }
 
 // limKeys returns n keys under prefix + "/" + kind, all of the same length.
@@ -68,23 +60,10 @@ func limKeys(prefix, kind string, n int) []string {
 
 // limGet returns the visible keys under prefix (the worker's reserved area
 // left out).
-func limGet(t testing.TB, cli *clientv3.Client, prefix string) map[string]*limKV {
+func limGet(t testing.TB, cli *clientv3.Client, prefix string) map[string]*mvccKV {
 	t.Helper()
-	resp, err := cli.Get(testContext(t), prefix+"/", clientv3.WithPrefix())
-	require.NoError(t, err)
-	out := map[string]*limKV{}
-	for _, kv := range resp.Kvs {
-		if strings.HasPrefix(string(kv.Key), prefix+reservedDir) {
-			continue
-		}
-		out[string(kv.Key)] = &limKV{value: kv.Value, modRev: kv.ModRevision}
-	}
-	return out
-}
-
-type limKV struct {
-	value  []byte
-	modRev int64
+	kvs, _ := userKVs(testContext(t), t, cli, prefix, 0)
+	return kvs
 }
 
 // limPutAll writes keys directly (not through a worker).
@@ -99,7 +78,7 @@ func limPutAll(t testing.TB, cli *clientv3.Client, keys []string, value string) 
 
 // limRequireNothingWritten checks that a failed Run left etcd exactly as it
 // was: same revision, same visible keys.
-func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.Client, prefix string, rev int64, before map[string]*limKV) {
+func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.Client, prefix string, rev int64, before map[string]*mvccKV) {
 	t.Helper()
 	require.Equal(t, rev, srv.Revision(), "a refused group must write nothing")
 	require.Equal(t, before, limGet(t, cli, prefix))
@@ -184,7 +163,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 			rev := srv.Revision()
 			before := limGet(t, cli, prefix)
 
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			if tt.wantOpsExceed {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
@@ -285,7 +264,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 			r.groups = [][]DataPatch{group}
 			rev := srv.Revision()
 			before := limGet(t, cli, prefix)
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			if tt.over > 0 {
 				require.ErrorIs(t, err, ErrEtcdTxnSizeExceed)
 				require.NotErrorIs(t, err, ErrEtcdTxnOpsExceed)
@@ -325,11 +304,11 @@ func TestLimitsMatchingServer(t *testing.T) {
 			}
 			r.groups = [][]DataPatch{group}
 			rev := srv.Revision()
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			if n > perTxn {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
-				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*limKV{})
+				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*mvccKV{})
 				continue
 			}
 			require.NoError(t, err)
@@ -370,7 +349,7 @@ func TestLimitsMatchingServer(t *testing.T) {
 				r.groups = append(r.groups, group)
 			}
 			rev := srv.Revision()
-			require.NoError(t, limRun(t, w, role))
+			require.NoError(t, runWithin(t, w, limRunTimeout, role))
 
 			require.Equal(t, float64(len(tt.wantTxns)), metricValue(t, reg, "orchestrator_commits_total", role))
 			require.Equal(t, float64(tt.groups), metricValue(t, reg, "orchestrator_patch_groups_applied_total", role))
@@ -484,14 +463,14 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			r.groups = tt.groups(prefix)
 			rev := tt.srv.Revision()
 			start := time.Now()
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			require.ErrorIs(t, err, tt.wantErr)
 			if tt.cause != nil {
 				require.ErrorIs(t, err, tt.cause, "the server must be the one refusing")
 			}
 			require.NotErrorIs(t, err, context.DeadlineExceeded)
 			require.Less(t, time.Since(start), limRunTimeout/2, "Run must fail promptly, not retry")
-			limRequireNothingWritten(t, tt.srv, tt.cli, prefix, rev, map[string]*limKV{})
+			limRequireNothingWritten(t, tt.srv, tt.cli, prefix, rev, map[string]*mvccKV{})
 		})
 	}
 }

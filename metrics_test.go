@@ -132,8 +132,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- w.Run(runCtx, nil, 10*time.Millisecond, role) }()
+	done := runAsync(runCtx, w, nil, 10*time.Millisecond, role)
 
 	waitUntil(ctx, t, "the initial load", func() bool {
 		return metricValue(t, reg, "orchestrator_ticks_total", role) >= 1

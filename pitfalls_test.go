@@ -223,8 +223,7 @@ func TestPitfall1ProgressNotifyEndToEnd(t *testing.T) {
 	// The premise: the worker asks for a progress notification every 50ms.
 	require.Equal(t, 50*time.Millisecond, (&watchStream{r: &run{w: w}}).progressInterval())
 
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, nil, behaviourTick, "pitfall1") }()
+	done := runAsync(ctx, w, nil, behaviourTick, "pitfall1")
 	select {
 	case <-loaded:
 	case err := <-done:
@@ -392,8 +391,7 @@ func TestPitfall10ConflictWaits(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	w, err := NewEtcdWorker(cli, prefix, reactor, newRecordingState(prefix), WithMetrics(reg))
 	require.NoError(t, err)
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, nil, behaviourTick, role) }()
+	done := runAsync(ctx, w, nil, behaviourTick, role)
 
 	select {
 	case <-entered:
@@ -469,8 +467,7 @@ func TestPitfall10NoSpinUnderContention(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	w, err := NewEtcdWorker(cli, prefix, reactor, newRecordingState(prefix), WithMetrics(reg))
 	require.NoError(t, err)
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, nil, behaviourTick, role) }()
+	done := runAsync(ctx, w, nil, behaviourTick, role)
 
 	select {
 	case <-entered:

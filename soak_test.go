@@ -198,7 +198,7 @@ func TestSoak(t *testing.T) {
 				lastReport = time.Now()
 				t.Logf("%v: %d faults, bank groups %d, counter groups %d, violations %d",
 					time.Since(start).Round(time.Second), total(faults), bank.emitted.Load(), counter.emitted.Load(),
-					len(violations)+int(bank.violations.Load()+counter.violations.Load()))
+					len(violations)+int(bank.violations.count()+counter.violations.count()))
 			}
 		}
 	}
@@ -224,11 +224,11 @@ func TestSoak(t *testing.T) {
 	if err := counter.check(checkCtx, t, direct); err != nil {
 		violate("etcd's final counter contents: %v", err)
 	}
-	if n := bank.violations.Load(); n > 0 {
-		violate("%d bank invariant violations in Ticks, first: %v", n, bank.firstViolation)
+	if n := bank.violations.count(); n > 0 {
+		violate("%d bank invariant violations in Ticks, first: %v", n, bank.violations.firstErr())
 	}
-	if n := counter.violations.Load(); n > 0 {
-		violate("%d counter invariant violations in Ticks, first: %v", n, counter.firstViolation)
+	if n := counter.violations.count(); n > 0 {
+		violate("%d counter invariant violations in Ticks, first: %v", n, counter.violations.firstErr())
 	}
 
 	var kindLines []string
