@@ -4,16 +4,16 @@ import (
 	"errors"
 	"testing"
 
-	"github.com/stretchr/testify/require"
-
 	"github.com/etcdworker/orchestrator/util"
 )
 
 // ReactorStateTester drives a ReactorState without etcd, for unit tests of
 // reactors and states. It keeps the key-value map the state should mirror,
 // feeds changes to the state and applies the state's patches with the same
-// rules as the worker: each group atomically, ErrEtcdIgnore skips one patch,
-// no-op writes are dropped.
+// rules as the worker: the groups of one flush all or nothing (a group that
+// returns ErrEtcdTryAgain or another error aborts the whole flush), later
+// groups see the writes of earlier ones, ErrEtcdIgnore skips one patch, and
+// no-op writes are dropped. Failures are reported through testing.TB alone.
 type ReactorStateTester struct {
 	t         testing.TB
 	state     ReactorState
@@ -25,7 +25,9 @@ type ReactorStateTester struct {
 // initKVEntries into it with isInit = true (a failing Update fails t).
 func NewReactorStateTester(t testing.TB, state ReactorState, initKVEntries map[string]string) *ReactorStateTester {
 	t.Helper()
-	require.NotNil(t, state, "NewReactorStateTester: nil state")
+	if isNil(state) {
+		t.Fatalf("NewReactorStateTester: nil state")
+	}
 	r := &ReactorStateTester{
 		t:         t,
 		state:     state,
@@ -35,7 +37,9 @@ func NewReactorStateTester(t testing.TB, state ReactorState, initKVEntries map[s
 	for k, v := range initKVEntries {
 		key := util.NewEtcdKey(k)
 		value := []byte(v)
-		require.NoError(t, state.Update(key, value, true), "NewReactorStateTester: Update(%q)", k)
+		if err := state.Update(key, value, true); err != nil {
+			t.Fatalf("NewReactorStateTester: Update(%q): %v", k, err)
+		}
 		r.set(key, value)
 	}
 	return r
@@ -65,29 +69,39 @@ func (r *ReactorStateTester) Update(key string, value []byte) error {
 // MustUpdate is Update that fails the test on error.
 func (r *ReactorStateTester) MustUpdate(key string, value []byte) {
 	r.t.Helper()
-	require.NoError(r.t, r.Update(key, value), "ReactorStateTester.Update(%q)", key)
+	if err := r.Update(key, value); err != nil {
+		r.t.Fatalf("ReactorStateTester.Update(%q): %v", key, err)
+	}
 }
 
-// ApplyPatches takes the state's pending patches and applies them group by
-// group, feeding every changed key back to the state. It stops at the first
-// group that returns ErrEtcdTryAgain (tryAgain = true; the rest of the
-// patches are dropped, as GetPatches cleared them) or another error.
+// ApplyPatches takes the state's pending patches and applies them as the
+// worker commits one flush: every group is run first, each on the values
+// left by the groups before it; then, only if all succeeded, every changed
+// key is fed back to the state, group by group. When any group returns
+// ErrEtcdTryAgain nothing of any group is applied and tryAgain is true;
+// another error is returned with nothing applied either. Either way the
+// patches are dropped (GetPatches cleared them).
 func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
-	committed := func(key util.EtcdKey) ([]byte, bool) {
+	view := newPatchView(func() map[util.EtcdKey][]byte { return r.values }, func(key util.EtcdKey) ([]byte, bool) {
 		v, ok := r.kvEntries[key]
 		return v, ok
-	}
-	for _, group := range r.state.GetPatches() {
-		view := newPatchView(func() map[util.EtcdKey][]byte { return r.values }, committed)
-		writes, err := view.applyGroup(group)
-		view.reset()
+	})
+	groups := r.state.GetPatches()
+	writes := make([]groupWrites, 0, len(groups))
+	for _, group := range groups {
+		gw, err := view.applyGroup(group)
 		if err != nil {
+			view.reset()
 			if errors.Is(err, ErrEtcdTryAgain) {
 				return true, nil
 			}
 			return false, err
 		}
-		for _, w := range writes {
+		writes = append(writes, gw)
+	}
+	view.reset()
+	for _, gw := range writes {
+		for _, w := range gw {
 			if err := r.state.Update(w.key, w.value, false); err != nil {
 				return false, err
 			}
@@ -102,8 +116,12 @@ func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
 func (r *ReactorStateTester) MustApplyPatches() {
 	r.t.Helper()
 	tryAgain, err := r.ApplyPatches()
-	require.NoError(r.t, err, "ReactorStateTester.ApplyPatches")
-	require.False(r.t, tryAgain, "ReactorStateTester.ApplyPatches: a patch asked to try again")
+	if err != nil {
+		r.t.Fatalf("ReactorStateTester.ApplyPatches: %v", err)
+	}
+	if tryAgain {
+		r.t.Fatalf("ReactorStateTester.ApplyPatches: a patch asked to try again")
+	}
 }
 
 // KVEntries returns a copy of the key-value map the state should mirror.

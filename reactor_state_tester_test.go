@@ -83,6 +83,11 @@ func (f *rstFailTB) Errorf(format string, args ...any) {
 	f.msgs = append(f.msgs, fmt.Sprintf(format, args...))
 }
 
+func (f *rstFailTB) Fatalf(format string, args ...any) {
+	f.Errorf(format, args...)
+	f.FailNow()
+}
+
 func (f *rstFailTB) FailNow() {
 	f.mu.Lock()
 	f.failed = true
@@ -231,7 +236,10 @@ func TestReactorStateTesterApplyPatches(t *testing.T) {
 	tester.MustApplyPatches()
 }
 
-func TestReactorStateTesterApplyPatchesTryAgain(t *testing.T) {
+// TestReactorStateTesterTryAgainAbortsWholeFlush: as in the worker, a group
+// asking to try again aborts the whole flush: nothing of any group, before
+// or after it, is applied.
+func TestReactorStateTesterTryAgainAbortsWholeFlush(t *testing.T) {
 	s := newRSTState()
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	laterRan := false
@@ -250,9 +258,10 @@ func TestReactorStateTesterApplyPatchesTryAgain(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, tryAgain)
 	require.False(t, laterRan, "groups after the one asking to try again must not run")
-	require.Equal(t, map[string]string{"/t/a": "2"}, tester.KVEntries(),
-		"groups before it apply, nothing of the group asking to try again does")
-	require.Equal(t, map[string]string{"/t/a": "2"}, s.stringValues())
+	require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries(),
+		"nothing of any group applies when one asks to try again")
+	require.Equal(t, map[string]string{"/t/a": "1"}, s.stringValues())
+	require.Len(t, s.calls, 1, "only the initial load reached the state")
 
 	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
 		s := newRSTState()
@@ -270,13 +279,22 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 		failKey string
 		bad     []DataPatch
 		wantErr error
+		// laterRan and wantKV: a failing patch aborts the flush before any
+		// write; a rejected Update happens while the writes are fed back,
+		// after every group ran and the groups before it were applied.
+		laterRan bool
+		wantKV   map[string]string
 	}{
 		{"patch error", "", []DataPatch{setKey("/t/b", []byte("partial")),
-			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("ctx: %w", errBoom) })}, errBoom},
+			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("ctx: %w", errBoom) })}, errBoom,
+			false, map[string]string{"/t/a": "1"}},
 		{"panic in a patch", "", []DataPatch{setKey("/t/b", []byte("partial")),
-			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { panic("kaboom") })}, ErrPanic},
-		{"nil Func", "", []DataPatch{setKey("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument},
-		{"rejected Update", "/t/b", []DataPatch{setKey("/t/b", []byte("x"))}, errRSTUpdate},
+			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { panic("kaboom") })}, ErrPanic,
+			false, map[string]string{"/t/a": "1"}},
+		{"nil Func", "", []DataPatch{setKey("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument,
+			false, map[string]string{"/t/a": "1"}},
+		{"rejected Update", "/t/b", []DataPatch{setKey("/t/b", []byte("x"))}, errRSTUpdate,
+			true, map[string]string{"/t/a": "2"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -295,8 +313,8 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 			tryAgain, err := tester.ApplyPatches()
 			require.ErrorIs(t, err, tt.wantErr)
 			require.False(t, tryAgain)
-			require.False(t, laterRan)
-			require.Equal(t, map[string]string{"/t/a": "2"}, tester.KVEntries())
+			require.Equal(t, tt.laterRan, laterRan)
+			require.Equal(t, tt.wantKV, tester.KVEntries())
 
 			failed, _ := rstRunFailing(t, func(tb testing.TB) {
 				s := newRSTState()
@@ -325,4 +343,36 @@ func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
 	s.patches = [][]DataPatch{{inc}}
 	tester.MustApplyPatches()
 	require.Empty(t, s.calls, "a patch writing the current value is a no-op")
+}
+
+// TestReactorStateTesterFlushSeesEarlierGroups: the groups of one flush run
+// on the values the groups before them left, general patches included; a
+// flush aborted by ErrEtcdTryAgain leaves the values every patch sees as
+// they were, so the next flush starts from the applied state.
+func TestReactorStateTesterFlushSeesEarlierGroups(t *testing.T) {
+	s := newRSTState()
+	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
+	copyAToB := patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+		b := util.NewEtcdKey("/t/b")
+		vm[b] = vm[util.NewEtcdKey("/t/a")]
+		cs[b] = struct{}{}
+		return nil
+	})
+	tryAgain := rstFunc("/t/c", func([]byte) ([]byte, bool, error) { return nil, false, ErrEtcdTryAgain })
+
+	s.patches = [][]DataPatch{{setKey("/t/a", []byte("2"))}, {copyAToB}, {tryAgain}}
+	again, err := tester.ApplyPatches()
+	require.NoError(t, err)
+	require.True(t, again)
+	require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries())
+
+	s.patches = [][]DataPatch{{copyAToB}}
+	tester.MustApplyPatches()
+	require.Equal(t, map[string]string{"/t/a": "1", "/t/b": "1"}, tester.KVEntries(),
+		"an aborted flush must leave nothing behind for the next one")
+
+	s.patches = [][]DataPatch{{setKey("/t/a", []byte("3"))}, {copyAToB}}
+	tester.MustApplyPatches()
+	require.Equal(t, map[string]string{"/t/a": "3", "/t/b": "3"}, tester.KVEntries())
+	require.Equal(t, tester.KVEntries(), s.stringValues())
 }
