@@ -436,12 +436,7 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 					return nil
 				}
 				close(entered)
-				select {
-				case <-release:
-					return nil
-				case <-ctx.Done():
-					return ctx.Err()
-				}
+				return blockUntil(ctx, release)
 			}
 			reactorB := newStepReactor(
 				when(func(st *recordingState) bool { return st.has("/x", "1") }, func(_ context.Context, st *recordingState) error {
@@ -454,11 +449,7 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 			require.NoError(t, err)
 			doneB := runAsync(ctx, wB, nil, behaviourTick, "B")
 
-			select {
-			case <-entered:
-			case <-ctx.Done():
-				t.Fatal("B's patch never ran")
-			}
+			awaitSignal(ctx, t, entered, "B's patch never ran")
 			reactorA := newStepReactor(
 				when(func(st *recordingState) bool { return st.has("/x", "1") }, func(_ context.Context, st *recordingState) error {
 					st.group(deletePatch(st.key("/x")))
@@ -585,11 +576,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	first := runAsync(runCtx, w, nil, behaviourTick, "first")
-	select {
-	case <-ticked:
-	case <-ctx.Done():
-		t.Fatal("first run never committed")
-	}
+	awaitSignal(ctx, t, ticked, "first run never committed")
 	// A short deadline, so that a worker that wrongly starts a second run
 	// fails the test quickly instead of running until the test's deadline.
 	concCtx, concCancel := context.WithTimeout(ctx, 5*time.Second)
@@ -672,12 +659,7 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 		// worker 2's commit arrives in the same watch response, so only x
 		// is waited for.
 		when(func(st *recordingState) bool { return st.absent("/x") }, func(ctx context.Context, _ *recordingState) error {
-			select {
-			case <-loaded:
-				return nil
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+			return blockUntil(ctx, loaded)
 		}),
 	)
 	w1, err := NewEtcdWorker(cli, prefix, r1, st1)
@@ -761,11 +743,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		return w
 	}
 	waitStarted := func(ctx context.Context, t *testing.T, started chan struct{}) {
-		select {
-		case <-started:
-		case <-ctx.Done():
-			t.Fatal("worker never ticked on its own commit")
-		}
+		awaitSignal(ctx, t, started, "worker never ticked on its own commit")
 	}
 
 	t.Run("non-positive timerInterval", func(t *testing.T) {

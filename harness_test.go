@@ -83,6 +83,28 @@ func waitUnlessFailed(ctx context.Context, t testing.TB, what string, failed fun
 	}
 }
 
+// awaitSignal waits until ch is closed (or delivers); the test fails with
+// "<what>" when ctx ends first.
+func awaitSignal(ctx context.Context, t testing.TB, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-ctx.Done():
+		t.Fatalf("%s: %v", what, ctx.Err())
+	}
+}
+
+// blockUntil blocks a patch or a Tick until release is closed; it returns
+// ctx's error when ctx ends first.
+func blockUntil(ctx context.Context, release <-chan struct{}) error {
+	select {
+	case <-release:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // ---------------------------------------------------------------------------
 // Running workers.
 
