@@ -373,19 +373,17 @@ func TestEtcdWorkerIgnoreError(t *testing.T) {
 	require.Equal(t, map[string]string{"/a": "1+", "/c": "3"}, stateSnapshot(st))
 }
 
-// TestEtcdWorkerDeleteCounter: a delete committed by worker A makes a
-// concurrent commit of worker B, prepared on a snapshot that still had the
-// key, fail and re-run, even when B does not write the deleted key (it only
-// read it). B's patch blocks on its first run until A's delete landed.
-func TestEtcdWorkerDeleteCounter(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+// deleteCounterCase is one case of TestEtcdWorkerDeleteCounter.
+type deleteCounterCase struct {
+	name string
+	// patch builds B's patch; it reports each run to calls.
+	patch func(st *recordingState, firstRun func() error) DataPatch
+	want  map[string]string
+}
 
-	cases := []struct {
-		name string
-		// patch builds B's patch; it reports each run to calls.
-		patch func(st *recordingState, firstRun func() error) DataPatch
-		want  map[string]string
-	}{
+// deleteCounterCases returns the cases of TestEtcdWorkerDeleteCounter.
+func deleteCounterCases() []deleteCounterCase {
+	return []deleteCounterCase{
 		{
 			name: "reader of the deleted key",
 			patch: func(st *recordingState, firstRun func() error) DataPatch {
@@ -422,6 +420,16 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 			want: map[string]string{},
 		},
 	}
+}
+
+// TestEtcdWorkerDeleteCounter: a delete committed by worker A makes a
+// concurrent commit of worker B, prepared on a snapshot that still had the
+// key, fail and re-run, even when B does not write the deleted key (it only
+// read it). B's patch blocks on its first run until A's delete landed.
+func TestEtcdWorkerDeleteCounter(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+
+	cases := deleteCounterCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := testContext(t)
@@ -518,24 +526,12 @@ func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
 	}
 }
 
-// TestEtcdWorkerRunTwice: Run on a worker that is running returns
-// ErrWorkerRunning at once; after it returned, the same worker runs again,
-// reloads what changed in between (also deletions, with isInit = true),
-// ends up with the same state as a fresh worker and commits normally.
-func TestEtcdWorkerRunTwice(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	ctx := testContext(t)
-	const prefix = "/test/runtwice"
-	for k, v := range map[string]string{"/a": "1", "/b": "2", "/c": "3"} {
-		mustPutKV(ctx, t, cli, prefix+k, v)
-	}
-
-	// First run: commits, then keeps ticking until cancelled.
-	ticked := make(chan struct{})
-	var phase atomic.Int64
+// runTwiceReactor is the reactor of TestEtcdWorkerRunTwice. In phase 0 it
+// commits /a=10 and /d=4, then closes ticked and keeps ticking; in phase 1 it
+// checks the reloaded snapshot, rewrites /a and finishes.
+func runTwiceReactor(phase *atomic.Int64, ticked chan struct{}) Reactor {
 	var tickedOnce atomic.Bool
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*recordingState)
 		switch phase.Load() {
 		case 0:
@@ -569,6 +565,25 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 			return st, nil
 		}
 	})
+}
+
+// TestEtcdWorkerRunTwice: Run on a worker that is running returns
+// ErrWorkerRunning at once; after it returned, the same worker runs again,
+// reloads what changed in between (also deletions, with isInit = true),
+// ends up with the same state as a fresh worker and commits normally.
+func TestEtcdWorkerRunTwice(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix = "/test/runtwice"
+	for k, v := range map[string]string{"/a": "1", "/b": "2", "/c": "3"} {
+		mustPutKV(ctx, t, cli, prefix+k, v)
+	}
+
+	// First run: commits, then keeps ticking until cancelled.
+	ticked := make(chan struct{})
+	var phase atomic.Int64
+	reactor := runTwiceReactor(&phase, ticked)
 	st := newRecordingState(prefix)
 	w, err := NewEtcdWorker(cli, prefix, reactor, st)
 	require.NoError(t, err)
@@ -855,6 +870,35 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 	})
 }
 
+// txnOpsGroup writes n keys (the last one a delete of an existing key when
+// withDelete) in one group.
+func txnOpsGroup(n int, withDelete bool) func(st *recordingState) {
+	return func(st *recordingState) {
+		var g []DataPatch
+		for i := 0; i < n; i++ {
+			rel := fmt.Sprintf("/k%03d", i)
+			if withDelete && i == n-1 {
+				g = append(g, deletePatch(st.key("/victim")))
+				continue
+			}
+			g = append(g, setPatch(st.key(rel), []byte("v")))
+		}
+		st.group(g...)
+	}
+}
+
+// maxSingleValue is the largest value the key prefix+rel may have in a group
+// of its own.
+func maxSingleValue(t *testing.T, cli *clientv3.Client, prefix, rel string, deletes bool) int {
+	w, err := NewEtcdWorker(cli, prefix, newStepReactor(), newRecordingState(prefix))
+	require.NoError(t, err)
+	n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
+	if deletes {
+		n -= w.limits.deleteBytes
+	}
+	return n
+}
+
 // TestEtcdWorkerTxnLimits: a group exactly at the default op or byte limit
 // is accepted by the worker and by an etcd server with default limits; one
 // key or byte more makes Run return ErrEtcdTxnOpsExceed /
@@ -863,51 +907,25 @@ func TestEtcdWorkerTxnLimits(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 
-	// opsGroup writes n keys (the last one a delete of an existing key when
-	// withDelete) in one group.
-	opsGroup := func(n int, withDelete bool) func(st *recordingState) {
-		return func(st *recordingState) {
-			var g []DataPatch
-			for i := 0; i < n; i++ {
-				rel := fmt.Sprintf("/k%03d", i)
-				if withDelete && i == n-1 {
-					g = append(g, deletePatch(st.key("/victim")))
-					continue
-				}
-				g = append(g, setPatch(st.key(rel), []byte("v")))
-			}
-			st.group(g...)
-		}
-	}
-	// maxValue is the largest value one key may have in a group of its own.
-	maxValue := func(t *testing.T, prefix, rel string, deletes bool) int {
-		w, err := NewEtcdWorker(cli, prefix, newStepReactor(), newRecordingState(prefix))
-		require.NoError(t, err)
-		n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
-		if deletes {
-			n -= w.limits.deleteBytes
-		}
-		return n
-	}
 	cases := []struct {
 		name    string
 		group   func(t *testing.T, prefix string) func(st *recordingState)
 		wantErr error
 	}{
-		{"ops at the limit", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-2, false) }, nil},
-		{"ops at the limit with a delete", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-2, true) }, nil},
-		{"ops over the limit", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-1, false) }, ErrEtcdTxnOpsExceed},
-		{"ops over the limit with a delete", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-1, true) }, ErrEtcdTxnOpsExceed},
+		{"ops at the limit", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-2, false) }, nil},
+		{"ops at the limit with a delete", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-2, true) }, nil},
+		{"ops over the limit", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-1, false) }, ErrEtcdTxnOpsExceed},
+		{"ops over the limit with a delete", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-1, true) }, ErrEtcdTxnOpsExceed},
 		{"bytes at the limit", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxValue(t, prefix, "/big", false)
+			n := maxSingleValue(t, cli, prefix, "/big", false)
 			return func(st *recordingState) { st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n))) }
 		}, nil},
 		{"bytes over the limit", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxValue(t, prefix, "/big", false) + 1
+			n := maxSingleValue(t, cli, prefix, "/big", false) + 1
 			return func(st *recordingState) { st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n))) }
 		}, ErrEtcdTxnSizeExceed},
 		{"bytes over the limit in two keys", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxValue(t, prefix, "/big", false)
+			n := maxSingleValue(t, cli, prefix, "/big", false)
 			return func(st *recordingState) {
 				st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n/2)), setPatch(st.key("/big2"), bytes.Repeat([]byte("b"), n/2+1)))
 			}

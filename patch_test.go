@@ -88,16 +88,20 @@ func (f *ptFixture) requireLive(t testing.TB, kv map[string]string) {
 func ptPut(key, value string) keyWrite { return keyWrite{key: ptKey(key), value: []byte(value)} }
 func ptDel(key string) keyWrite        { return keyWrite{key: ptKey(key)} }
 
-func TestSingleDataPatchSemantics(t *testing.T) {
+// singleDataPatchCase is one case of TestSingleDataPatchSemantics.
+type singleDataPatchCase struct {
+	name      string
+	present   bool   // whether "k" exists before the patch
+	old       string // its value when present
+	fn        func(old []byte) ([]byte, bool, error)
+	wantErr   error
+	wantWrite *keyWrite // nil: no write
+}
+
+// singleDataPatchCases returns the cases of TestSingleDataPatchSemantics.
+func singleDataPatchCases() []singleDataPatchCase {
 	errBoom := errors.New("boom")
-	tests := []struct {
-		name      string
-		present   bool   // whether "k" exists before the patch
-		old       string // its value when present
-		fn        func(old []byte) ([]byte, bool, error)
-		wantErr   error
-		wantWrite *keyWrite // nil: no write
-	}{
+	return []singleDataPatchCase{
 		{name: "nil Func", present: true, old: "v", fn: nil, wantErr: ErrInvalidArgument},
 		{
 			name: "changed=false writes nothing", present: true, old: "v",
@@ -164,6 +168,10 @@ func TestSingleDataPatchSemantics(t *testing.T) {
 			wantErr: ErrEtcdTryAgain,
 		},
 	}
+}
+
+func TestSingleDataPatchSemantics(t *testing.T) {
+	tests := singleDataPatchCases()
 	for _, tt := range tests {
 		for _, pointer := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/pointer=%v", tt.name, pointer), func(t *testing.T) {
