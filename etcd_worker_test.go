@@ -733,37 +733,43 @@ func TestNewEtcdWorkerInvalidArgument(t *testing.T) {
 	}
 }
 
+// stopsWorker returns a worker for one case of TestEtcdWorkerRunStops.
+type stopsWorker func(t *testing.T, reactor Reactor) *EtcdWorker
+
+// stopsForever ticks and writes a counter until stopped; started (if not
+// nil) is closed at the first Tick that saw its own first commit.
+func stopsForever(started chan struct{}) Reactor {
+	var once atomic.Bool
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*recordingState)
+		if _, ok := st.values["/n"]; ok && once.CompareAndSwap(false, true) && started != nil {
+			close(started)
+		}
+		st.group(st.appendTo("/n", "."))
+		return st, nil
+	})
+}
+
+// waitStarted waits for a stopsForever reactor to see its own commit.
+func waitStarted(ctx context.Context, t *testing.T, started chan struct{}) {
+	t.Helper()
+	awaitSignal(ctx, t, started, "worker never ticked on its own commit")
+}
+
 // TestEtcdWorkerRunStops covers the ways Run ends that are not user errors:
 // bad timerInterval, ctx cancelled (before and during Run), ctx deadline, and
 // a session whose lease is revoked.
 func TestEtcdWorkerRunStops(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
-	// forever ticks and writes a counter until stopped; started is closed at
-	// the first Tick that saw its own first commit.
-	forever := func(started chan struct{}) Reactor {
-		var once atomic.Bool
-		return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-			st := s.(*recordingState)
-			if _, ok := st.values["/n"]; ok && once.CompareAndSwap(false, true) && started != nil {
-				close(started)
-			}
-			st.group(st.appendTo("/n", "."))
-			return st, nil
-		})
-	}
 	newWorker := func(t *testing.T, reactor Reactor) *EtcdWorker {
 		w, err := NewEtcdWorker(cli, "/test/stops/"+t.Name(), reactor, newRecordingState("/test/stops/"+t.Name()))
 		require.NoError(t, err)
 		return w
 	}
-	waitStarted := func(ctx context.Context, t *testing.T, started chan struct{}) {
-		awaitSignal(ctx, t, started, "worker never ticked on its own commit")
-	}
-
 	t.Run("non-positive timerInterval", func(t *testing.T) {
 		ctx := testContext(t)
-		w := newWorker(t, forever(nil))
+		w := newWorker(t, stopsForever(nil))
 		for _, d := range []time.Duration{0, -time.Second} {
 			require.ErrorIs(t, w.Run(ctx, nil, d, "bad"), ErrInvalidArgument)
 		}
@@ -773,10 +779,16 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		require.ErrorIs(t, w.Run(cctx, nil, behaviourTick, "ok"), context.Canceled)
 	})
 
+	runStopsOnContext(t, newWorker)
+	runStopsOnSession(t, srv, cli, newWorker)
+}
+
+// runStopsOnContext: Run ends with ctx's error, cause included.
+func runStopsOnContext(t *testing.T, newWorker stopsWorker) {
 	t.Run("ctx cancelled before Run", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(testContext(t))
 		cancel()
-		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "cancelled")
+		err := newWorker(t, stopsForever(nil)).Run(ctx, nil, behaviourTick, "cancelled")
 		require.ErrorIs(t, err, context.Canceled)
 		require.ErrorIs(t, err, ctx.Err())
 	})
@@ -785,7 +797,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		ctx, cancel := context.WithCancel(testContext(t))
 		defer cancel()
 		started := make(chan struct{})
-		w := newWorker(t, forever(started))
+		w := newWorker(t, stopsForever(started))
 		done := runAsync(ctx, w, nil, behaviourTick, "cancel")
 		waitStarted(ctx, t, started)
 		cancel()
@@ -795,7 +807,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 	t.Run("deadline", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(testContext(t), 300*time.Millisecond)
 		defer cancel()
-		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "deadline")
+		err := newWorker(t, stopsForever(nil)).Run(ctx, nil, behaviourTick, "deadline")
 		require.ErrorIs(t, err, context.DeadlineExceeded)
 		require.ErrorIs(t, err, ctx.Err())
 	})
@@ -807,7 +819,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		errShutdown := errors.New("shutting down")
 		ctx, cancel := context.WithCancelCause(testContext(t))
 		started := make(chan struct{})
-		w := newWorker(t, forever(started))
+		w := newWorker(t, stopsForever(started))
 		done := runAsync(ctx, w, nil, behaviourTick, "cause")
 		waitStarted(ctx, t, started)
 		cancel(errShutdown)
@@ -821,19 +833,24 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		errTooSlow := errors.New("too slow")
 		ctx, cancel := context.WithTimeoutCause(testContext(t), 300*time.Millisecond, errTooSlow)
 		defer cancel()
-		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "deadline-cause")
+		err := newWorker(t, stopsForever(nil)).Run(ctx, nil, behaviourTick, "deadline-cause")
 		require.ErrorIs(t, err, context.DeadlineExceeded)
 		require.ErrorIs(t, err, ctx.Err())
 		require.ErrorIs(t, err, errTooSlow)
 	})
 
+}
+
+// runStopsOnSession: Run ends with ErrEtcdSessionDone when the session's
+// lease is revoked, busy or idle.
+func runStopsOnSession(t *testing.T, srv *etcdtest.Server, cli *clientv3.Client, newWorker stopsWorker) {
 	t.Run("session lease revoked", func(t *testing.T) {
 		ctx := testContext(t)
 		sess, err := concurrency.NewSession(srv.Client(t), concurrency.WithTTL(5))
 		require.NoError(t, err)
 		defer func() { _ = sess.Close() }()
 		started := make(chan struct{})
-		w := newWorker(t, forever(started))
+		w := newWorker(t, stopsForever(started))
 		done := runAsync(ctx, w, sess, behaviourTick, "session")
 		waitStarted(ctx, t, started)
 		require.NoError(t, etcdtest.RevokeLease(ctx, cli, sess.Lease()))
