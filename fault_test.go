@@ -748,6 +748,23 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
 }
 
+// shutdownCase is one case of TestFaultShutdownDuringCommit.
+type shutdownCase struct {
+	name       string
+	blackhole  bool          // stall the link after the cancel
+	resume     time.Duration // resume the link this long after the cancel (0: never)
+	unresolved bool
+}
+
+// shutdownCases returns the cases of TestFaultShutdownDuringCommit.
+func shutdownCases() []shutdownCase {
+	return []shutdownCase{
+		{name: "in flight"},
+		{name: "blackholed then resumed", blackhole: true, resume: 1500 * time.Millisecond},
+		{name: "blackholed for good", blackhole: true, unresolved: true},
+	}
+}
+
 // TestFaultShutdownDuringCommit: ctx is cancelled while a commit Txn is in
 // flight. Run returns an error matching context.Canceled only once it knows
 // the commit's outcome (so every commit it counted is in etcd and vice
@@ -755,16 +772,7 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 // matches ErrCommitUnresolved.
 func TestFaultShutdownDuringCommit(t *testing.T) {
 	const delay = 300 * time.Millisecond
-	cases := []struct {
-		name       string
-		blackhole  bool          // stall the link after the cancel
-		resume     time.Duration // resume the link this long after the cancel (0: never)
-		unresolved bool
-	}{
-		{name: "in flight"},
-		{name: "blackholed then resumed", blackhole: true, resume: 1500 * time.Millisecond},
-		{name: "blackholed for good", blackhole: true, unresolved: true},
-	}
+	cases := shutdownCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			env := newFaultEnv(t)
@@ -772,12 +780,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			prefix := fmt.Sprintf("/fault/shutdown-%d", i)
 			probe := newTxnProbe()
 			var emitted atomic.Int64
-			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-				st := s.(*mapState)
-				st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
-				emitted.Add(1)
-				return st, nil
-			})
+			reactor := counterReactor(&emitted)
 			const shutdownTimeout = 2 * time.Second
 			w, err := NewEtcdWorker(env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
 				faultOptions(env.reg, faultLogger(t), WithShutdownTimeout(shutdownTimeout))...)

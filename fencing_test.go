@@ -60,12 +60,7 @@ func newFenceFixture(ctx context.Context, t testing.TB, srv *etcdtest.Server, di
 func (f *fenceFixture) worker(t testing.TB, reg prometheus.Registerer, fenced bool) *EtcdWorker {
 	t.Helper()
 	state := newMapState(f.prefix)
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*mapState)
-		st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
-		f.groups.Add(1)
-		return st, nil
-	})
+	reactor := counterReactor(&f.groups)
 	opts := faultOptions(reg, faultLogger(t))
 	if fenced {
 		opts = append(opts, WithFencingKey(f.election.Key(), f.election.Rev()))

@@ -217,3 +217,14 @@ func (s *mapState) int(rel string) int64 {
 	}
 	return n
 }
+
+// counterReactor queues one increment of /n on a mapState at every Tick and
+// counts the increments queued in queued.
+func counterReactor(queued *atomic.Int64) Reactor {
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
+		queued.Add(1)
+		return st, nil
+	})
+}
