@@ -14,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
 )
 
 // These tests prove on real etcd that the worker's txn limits match the
@@ -74,6 +75,81 @@ func limPutAll(t testing.TB, cli *clientv3.Client, keys []string, value string) 
 		_, err := cli.Put(ctx, k, value)
 		require.NoError(t, err)
 	}
+}
+
+// limGroup is one group deleting deletes, then putting value(j, k) to the
+// j-th key k of puts.
+func limGroup(deletes, puts []string, value func(j int, k string) []byte) []DataPatch {
+	group := make([]DataPatch, 0, len(deletes)+len(puts))
+	for _, k := range deletes {
+		group = append(group, deletePatch(util.NewEtcdKey(k)))
+	}
+	for j, k := range puts {
+		group = append(group, setKey(k, value(j, k)))
+	}
+	return group
+}
+
+// limValue is the value function of limGroup writing v to every key.
+func limValue(v string) func(int, string) []byte {
+	return func(int, string) []byte { return []byte(v) }
+}
+
+// limBytesGroup is a group deleting oldKeys and putting newKeys, with values
+// whose sizes bring the group to l.maxBytes + over. It returns the group, the
+// value sizes and the group's size as the test counts it.
+func limBytesGroup(l txnLimits, oldKeys, newKeys []string, over int) (group []DataPatch, sizes []int, estimate int) {
+	// Spread what the values may take over the puts.
+	budget := l.maxBytes - l.overheadBytes + over
+	for _, k := range oldKeys {
+		budget -= 2 * len(k)
+	}
+	if len(oldKeys) > 0 {
+		budget -= l.deleteBytes
+	}
+	for _, k := range newKeys {
+		budget -= 2 * len(k)
+	}
+	sizes = make([]int, len(newKeys))
+	for j := range sizes {
+		sizes[j] = budget / len(newKeys)
+	}
+	sizes[0] += budget % len(newKeys)
+
+	estimate = l.overheadBytes
+	for _, k := range oldKeys {
+		estimate += 2 * len(k)
+	}
+	if len(oldKeys) > 0 {
+		estimate += l.deleteBytes
+	}
+	for j, k := range newKeys {
+		estimate += 2*len(k) + sizes[j]
+	}
+	group = limGroup(oldKeys, newKeys, func(j int, _ string) []byte { return bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j]) })
+	return group, sizes, estimate
+}
+
+// limKeysPerTxn counts the keys of each Txn that landed after rev (at most
+// txns), checking that they landed in order and that no group of groupSize
+// keys was split.
+func limKeysPerTxn(t testing.TB, got map[string]*mvccKV, keys []string, rev int64, groupSize, txns int) []int {
+	t.Helper()
+	perRev := make([]int, txns)
+	last := rev + 1
+	for j, k := range keys {
+		kv := got[k]
+		require.Equal(t, k, string(kv.value))
+		require.GreaterOrEqual(t, kv.modRev, last, "key %d landed before an earlier group", j)
+		last = kv.modRev
+		idx := int(kv.modRev - rev - 1)
+		require.Less(t, idx, len(perRev), "key %d at revision %d: more Txns than expected", j, kv.modRev)
+		perRev[idx]++
+		if j%groupSize != 0 {
+			require.Equal(t, got[keys[j-1]].modRev, kv.modRev, "group %d split over two Txns", j/groupSize)
+		}
+	}
+	return perRev
 }
 
 // limRequireNothingWritten checks that a failed Run left etcd exactly as it
@@ -152,14 +228,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 			oldKeys := limKeys(prefix, "old", tt.deletes)
 			limPutAll(t, cli, oldKeys, "old")
 			newKeys := limKeys(prefix, "new", tt.puts)
-			var group []DataPatch
-			for _, k := range oldKeys {
-				group = append(group, setKey(k, nil))
-			}
-			for _, k := range newKeys {
-				group = append(group, setKey(k, []byte("v-"+k)))
-			}
-			r.groups = [][]DataPatch{group}
+			r.groups = [][]DataPatch{limGroup(oldKeys, newKeys, func(_ int, k string) []byte { return []byte("v-" + k) })}
 			rev := srv.Revision()
 			before := limGet(t, cli, prefix)
 
@@ -228,36 +297,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 			limPutAll(t, cli, oldKeys, "old")
 			newKeys := limKeys(prefix, "new", tt.puts)
 
-			// Spread what the values may take over the puts.
-			budget := l.maxBytes - l.overheadBytes + tt.over
-			for _, k := range oldKeys {
-				budget -= 2 * len(k)
-			}
-			if tt.deletes > 0 {
-				budget -= l.deleteBytes
-			}
-			for _, k := range newKeys {
-				budget -= 2 * len(k)
-			}
-			sizes := make([]int, tt.puts)
-			for j := range sizes {
-				sizes[j] = budget / tt.puts
-			}
-			sizes[0] += budget % tt.puts
-
-			var group []DataPatch
-			estimate := l.overheadBytes
-			for _, k := range oldKeys {
-				group = append(group, setKey(k, nil))
-				estimate += 2 * len(k)
-			}
-			if tt.deletes > 0 {
-				estimate += l.deleteBytes
-			}
-			for j, k := range newKeys {
-				group = append(group, setKey(k, bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j])))
-				estimate += 2*len(k) + sizes[j]
-			}
+			group, sizes, estimate := limBytesGroup(l, oldKeys, newKeys, tt.over)
 			require.Equal(t, l.maxBytes+tt.over, estimate, "test setup: group size")
 			require.LessOrEqual(t, len(group)+l.overheadOps, l.maxOps, "test setup: group within the op limit")
 
@@ -298,11 +338,7 @@ func TestLimitsMatchingServer(t *testing.T) {
 			prefix := fmt.Sprintf("/limmatch/largest%d", n)
 			w, r := limWorker(t, cli, prefix, WithTxnLimits(serverOps, DefaultTxnMaxBytes))
 			require.Equal(t, perTxn, w.limits.maxOps-w.limits.overheadOps)
-			var group []DataPatch
-			for _, k := range limKeys(prefix, "k", n) {
-				group = append(group, setKey(k, []byte("v")))
-			}
-			r.groups = [][]DataPatch{group}
+			r.groups = [][]DataPatch{limGroup(nil, limKeys(prefix, "k", n), limValue("v"))}
 			rev := srv.Revision()
 			err := runWithin(t, w, limRunTimeout, "limits")
 			if n > perTxn {
@@ -342,11 +378,8 @@ func TestLimitsMatchingServer(t *testing.T) {
 			w, r := limWorker(t, cli, prefix, WithTxnLimits(serverOps, DefaultTxnMaxBytes), WithMetrics(reg))
 			keys := limKeys(prefix, "k", tt.groups*tt.groupSize)
 			for g := 0; g < tt.groups; g++ {
-				var group []DataPatch
-				for _, k := range keys[g*tt.groupSize : (g+1)*tt.groupSize] {
-					group = append(group, setKey(k, []byte(k)))
-				}
-				r.groups = append(r.groups, group)
+				r.groups = append(r.groups, limGroup(nil, keys[g*tt.groupSize:(g+1)*tt.groupSize],
+					func(_ int, k string) []byte { return []byte(k) }))
 			}
 			rev := srv.Revision()
 			require.NoError(t, runWithin(t, w, limRunTimeout, role))
@@ -358,54 +391,31 @@ func TestLimitsMatchingServer(t *testing.T) {
 			// keys of each.
 			got := limGet(t, cli, prefix)
 			require.Len(t, got, len(keys))
-			perRev := make([]int, len(tt.wantTxns))
-			last := rev + 1
-			for j, k := range keys {
-				kv := got[k]
-				require.Equal(t, k, string(kv.value))
-				require.GreaterOrEqual(t, kv.modRev, last, "key %d landed before an earlier group", j)
-				last = kv.modRev
-				idx := int(kv.modRev - rev - 1)
-				require.Less(t, idx, len(perRev), "key %d at revision %d: more Txns than expected", j, kv.modRev)
-				perRev[idx]++
-				if j%tt.groupSize != 0 {
-					require.Equal(t, got[keys[j-1]].modRev, kv.modRev, "group %d split over two Txns", j/tt.groupSize)
-				}
-			}
+			perRev := limKeysPerTxn(t, got, keys, rev, tt.groupSize, len(tt.wantTxns))
 			require.Equal(t, tt.wantTxns, perRev)
 		})
 	}
 }
 
-// TestLimitsServerLowerThanWorker: a worker whose limits are higher than the
-// server's gets its Txn refused by etcd; Run must return the matching error
-// promptly (not retry forever), having written nothing.
-func TestLimitsServerLowerThanWorker(t *testing.T) {
-	const serverOps = 16
-	opsSrv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
-	opsCli := opsSrv.Client(t)
-	const serverBytes = 64 * 1024
-	bytesSrv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(serverBytes))
-	bytesCli := bytesSrv.Client(t)
+// limLowCase is one case of TestLimitsServerLowerThanWorker.
+type limLowCase struct {
+	name    string
+	srv     *etcdtest.Server
+	cli     *clientv3.Client
+	opts    []Option
+	groups  func(prefix string) [][]DataPatch
+	wantErr error
+	cause   error // the server's refusal, when etcd (not gRPC) refused
+}
 
-	tests := []struct {
-		name    string
-		srv     *etcdtest.Server
-		cli     *clientv3.Client
-		opts    []Option
-		groups  func(prefix string) [][]DataPatch
-		wantErr error
-		cause   error // the server's refusal, when etcd (not gRPC) refused
-	}{
+// limLowCases returns the cases of TestLimitsServerLowerThanWorker.
+func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client, bytesSrv *etcdtest.Server, bytesCli *clientv3.Client) []limLowCase {
+	return []limLowCase{
 		{
 			name: "one group above the server's op limit", srv: opsSrv, cli: opsCli,
 			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
 			groups: func(prefix string) [][]DataPatch {
-				var g []DataPatch
-				for _, k := range limKeys(prefix, "k", 20) {
-					g = append(g, setKey(k, []byte("v")))
-				}
-				return [][]DataPatch{g}
+				return [][]DataPatch{limGroup(nil, limKeys(prefix, "k", 20), limValue("v"))}
 			},
 			wantErr: ErrEtcdTxnOpsExceed,
 			cause:   rpctypes.ErrTooManyOps,
@@ -416,11 +426,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			name: "worker limit one above the server's", srv: opsSrv, cli: opsCli,
 			opts: []Option{WithTxnLimits(serverOps+1, DefaultTxnMaxBytes)},
 			groups: func(prefix string) [][]DataPatch {
-				var g []DataPatch
-				for _, k := range limKeys(prefix, "k", serverOps+1-2) {
-					g = append(g, setKey(k, []byte("v")))
-				}
-				return [][]DataPatch{g}
+				return [][]DataPatch{limGroup(nil, limKeys(prefix, "k", serverOps+1-2), limValue("v"))}
 			},
 			wantErr: ErrEtcdTxnOpsExceed,
 			cause:   rpctypes.ErrTooManyOps,
@@ -456,6 +462,20 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			wantErr: ErrEtcdTxnSizeExceed,
 		},
 	}
+}
+
+// TestLimitsServerLowerThanWorker: a worker whose limits are higher than the
+// server's gets its Txn refused by etcd; Run must return the matching error
+// promptly (not retry forever), having written nothing.
+func TestLimitsServerLowerThanWorker(t *testing.T) {
+	const serverOps = 16
+	opsSrv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
+	opsCli := opsSrv.Client(t)
+	const serverBytes = 64 * 1024
+	bytesSrv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(serverBytes))
+	bytesCli := bytesSrv.Client(t)
+
+	tests := limLowCases(serverOps, opsSrv, opsCli, bytesSrv, bytesCli)
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/limlow/%d", i)
