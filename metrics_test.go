@@ -16,6 +16,46 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
+// requireRoleMetrics checks the metrics of one role of
+// TestMetricsTwoWorkersShareRegistry against each other and returns its
+// commits, applied groups and conflicts.
+func requireRoleMetrics(t testing.TB, reg prometheus.Gatherer, role string) (commits, groups, conflicts float64) {
+	t.Helper()
+	c := metricValue(t, reg, "orchestrator_commits_total", role)
+	commits = c
+	groups = metricValue(t, reg, "orchestrator_patch_groups_applied_total", role)
+	conflicts = metricValue(t, reg, "orchestrator_conflicts_total", role)
+	require.GreaterOrEqual(t, metricValue(t, reg, "orchestrator_ticks_total", role), c+1, role)
+	require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role), role)
+	for _, h := range []string{"orchestrator_txn_size_bytes", "orchestrator_txn_duration_seconds"} {
+		s, ok := gatherSeries(t, reg, h, role)
+		require.True(t, ok, "%s{role=%q}", h, role)
+		// One Txn per commit plus one per conflict.
+		require.Equal(t, c+metricValue(t, reg, "orchestrator_conflicts_total", role), s.count, "%s{role=%q}", h, role)
+		require.Positive(t, s.sum, "%s{role=%q}", h, role)
+	}
+	s, ok := gatherSeries(t, reg, "orchestrator_tick_duration_seconds", role)
+	require.True(t, ok)
+	require.Equal(t, metricValue(t, reg, "orchestrator_ticks_total", role), s.count, role)
+	return commits, groups, conflicts
+}
+
+// requireLabelledByRole checks that every family is labelled by role only,
+// with one of roles.
+func requireLabelledByRole(t testing.TB, reg prometheus.Gatherer, roles []string) {
+	t.Helper()
+	families, err := reg.Gather()
+	require.NoError(t, err)
+	require.NotEmpty(t, families)
+	for _, f := range families {
+		require.True(t, strings.HasPrefix(f.GetName(), MetricsNamespace+"_"), f.GetName())
+		for _, m := range f.GetMetric() {
+			require.Len(t, m.GetLabel(), 1, f.GetName())
+			require.Contains(t, roles, metricRole(m), f.GetName())
+		}
+	}
+}
+
 // TestMetricsTwoWorkersShareRegistry runs two workers with different roles
 // on one registry, both incrementing the same key so that they conflict, and
 // checks that every metric exists per role and moved consistently with what
@@ -67,22 +107,8 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 
 	var commits, groups, conflicts float64
 	for _, role := range roles {
-		c := metricValue(t, reg, "orchestrator_commits_total", role)
-		commits += c
-		groups += metricValue(t, reg, "orchestrator_patch_groups_applied_total", role)
-		conflicts += metricValue(t, reg, "orchestrator_conflicts_total", role)
-		require.GreaterOrEqual(t, metricValue(t, reg, "orchestrator_ticks_total", role), c+1, role)
-		require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role), role)
-		for _, h := range []string{"orchestrator_txn_size_bytes", "orchestrator_txn_duration_seconds"} {
-			s, ok := gatherSeries(t, reg, h, role)
-			require.True(t, ok, "%s{role=%q}", h, role)
-			// One Txn per commit plus one per conflict.
-			require.Equal(t, c+metricValue(t, reg, "orchestrator_conflicts_total", role), s.count, "%s{role=%q}", h, role)
-			require.Positive(t, s.sum, "%s{role=%q}", h, role)
-		}
-		s, ok := gatherSeries(t, reg, "orchestrator_tick_duration_seconds", role)
-		require.True(t, ok)
-		require.Equal(t, metricValue(t, reg, "orchestrator_ticks_total", role), s.count, role)
+		c, g, cf := requireRoleMetrics(t, reg, role)
+		commits, groups, conflicts = commits+c, groups+g, conflicts+cf
 	}
 	// Each Tick left one group, so each landed Txn carried exactly one
 	// increment.
@@ -90,18 +116,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 	require.Equal(t, float64(counter), groups)
 	require.Positive(t, conflicts)
 
-	// Every family is labelled by role only, with both roles present for the
-	// series that moved.
-	families, err := reg.Gather()
-	require.NoError(t, err)
-	require.NotEmpty(t, families)
-	for _, f := range families {
-		require.True(t, strings.HasPrefix(f.GetName(), MetricsNamespace+"_"), f.GetName())
-		for _, m := range f.GetMetric() {
-			require.Len(t, m.GetLabel(), 1, f.GetName())
-			require.Contains(t, roles, metricRole(m), f.GetName())
-		}
-	}
+	requireLabelledByRole(t, reg, roles)
 	n, err := testutil.GatherAndCount(reg, "orchestrator_commits_total", "orchestrator_ticks_total")
 	require.NoError(t, err)
 	require.Equal(t, 4, n, "one series per role for each of the two families")

@@ -274,14 +274,11 @@ func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	t.Cleanup(r.close)
 	require.NoError(t, r.load())
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("loaded"), isInit: true}}, st.log)
-	applied := func(rev int64) func(clientv3.WatchResponse) bool {
-		return func(clientv3.WatchResponse) bool { return r.eventRev >= rev }
-	}
 
 	// The first watch, opened as run.loop opens it, applies a put at A.
 	r.watch.start(r.eventRev + 1)
 	revA := put("/k", "A")
-	receiveUntil(t, r, "the put at A", applied(revA))
+	receiveUntil(t, r, "the put at A", appliedAtLeast(r, revA))
 	require.Equal(t, revA, r.eventRev)
 	require.Equal(t, updateRecord{rel: "/k", value: []byte("A")}, st.log[len(st.log)-1])
 
@@ -313,7 +310,7 @@ func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	revAfter := put("/s", "after")
 	require.Equal(t, revA+4, revAfter)
 	before := len(st.log)
-	receiveUntil(t, r, "the puts made while no watch was open", applied(revAfter))
+	receiveUntil(t, r, "the puts made while no watch was open", appliedAtLeast(r, revAfter))
 	require.Equal(t, []updateRecord{
 		{rel: "/k", value: []byte("gap1")},
 		{rel: "/j", value: []byte("gap2")},
@@ -323,10 +320,25 @@ func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	require.Equal(t, revAfter, r.eventRev)
 	require.Equal(t, revAfter, r.appliedRev)
 
-	// A watch one revision too early replays the last applied event (A+4);
-	// the worker skips it.
+	requireReplaySkipped(ctx, t, r, st, put, revAfter, writer, prefix)
+}
+
+// appliedAtLeast is a receiveUntil condition: r applied the events up to
+// rev.
+func appliedAtLeast(r *run, rev int64) func(clientv3.WatchResponse) bool {
+	return func(clientv3.WatchResponse) bool { return r.eventRev >= rev }
+}
+
+// requireReplaySkipped is the last phase of
+// TestWatchResumesAfterLastAppliedRevision: a watch started one revision too
+// early replays the last applied event (revAfter), which the worker skips,
+// then goes on with new events, each applied once.
+func requireReplaySkipped(ctx context.Context, t *testing.T, r *run, st *recordingState,
+	put func(rel, value string) int64, revAfter int64, writer *clientv3.Client, prefix string,
+) {
+	t.Helper()
 	r.changed = false
-	before = len(st.log)
+	before := len(st.log)
 	r.watch.start(r.eventRev)
 	receiveUntil(t, r, "the replay of the last applied revision", func(resp clientv3.WatchResponse) bool {
 		for _, ev := range resp.Events {
@@ -341,7 +353,7 @@ func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	require.Equal(t, revAfter, r.eventRev)
 	// The watch that replayed goes on with new events, each applied once.
 	revLast := put("/k", "last")
-	receiveUntil(t, r, "a put after the replay", applied(revLast))
+	receiveUntil(t, r, "a put after the replay", appliedAtLeast(r, revLast))
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("last")}}, st.log[before:])
 	require.Equal(t, etcdSnapshot(ctx, t, writer, prefix), stateSnapshot(st))
 }
