@@ -418,6 +418,14 @@ func TestFaultBankLeaderRestart(t *testing.T) {
 // ---------------------------------------------------------------------------
 // Single-worker fault tests.
 
+// putNumbered puts n keys prefix/k00.. with values v0..
+func putNumbered(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, n int) {
+	t.Helper()
+	for i := range n {
+		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
+	}
+}
+
 // TestFaultCompactionReloadMatchesEtcd: after an outage during which keys
 // were put, changed, emptied and deleted and the history compacted, the first
 // Tick after the reload sees exactly etcd's contents (deleted keys gone,
@@ -426,10 +434,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/reload"
-	for i := range 10 {
-		_, err := env.direct.Put(ctx, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
-		require.NoError(t, err)
-	}
+	putNumbered(ctx, t, env.direct, prefix, 10)
 	state := newMapState(prefix)
 	snaps := newTickSnapshots()
 	wrote := false
@@ -497,10 +502,7 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/paged"
-	for i := range 10 {
-		_, err := env.direct.Put(ctx, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
-		require.NoError(t, err)
-	}
+	putNumbered(ctx, t, env.direct, prefix, 10)
 	inner := newMapState(prefix)
 	var hooked atomic.Int32
 	state := &hookState{mapState: inner, onUpdate: func(key string, isInit bool) {

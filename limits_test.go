@@ -160,6 +160,14 @@ func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.
 	require.Equal(t, before, limGet(t, cli, prefix))
 }
 
+// limFencing is WithFencingKey(key, rev) when fencing, else nothing.
+func limFencing(fencing bool, key string, rev int64) []Option {
+	if !fencing {
+		return nil
+	}
+	return []Option{WithFencingKey(key, rev)}
+}
+
 // limFence creates a fencing key and returns it with its create revision.
 func limFence(t testing.TB, cli *clientv3.Client, key string) (string, int64) {
 	t.Helper()
@@ -218,11 +226,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/limops/%d", i)
-			var opts []Option
-			if tt.fencing {
-				opts = append(opts, WithFencingKey(fenceKey, fenceRev))
-			}
-			w, r := limWorker(t, cli, prefix, opts...)
+			w, r := limWorker(t, cli, prefix, limFencing(tt.fencing, fenceKey, fenceRev)...)
 			require.Equal(t, tt.wantMaxWrites, w.limits.maxOps-w.limits.overheadOps)
 
 			oldKeys := limKeys(prefix, "old", tt.deletes)
@@ -284,11 +288,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/limbytes/%d", i)
-			var opts []Option
-			if tt.fencing {
-				opts = append(opts, WithFencingKey(fenceKey, fenceRev))
-			}
-			w, r := limWorker(t, cli, prefix, opts...)
+			w, r := limWorker(t, cli, prefix, limFencing(tt.fencing, fenceKey, fenceRev)...)
 			l := w.limits
 			require.Equal(t, DefaultTxnMaxBytes, l.maxBytes)
 			require.Equal(t, 1310720, l.maxBytes, "1.25 MiB")
