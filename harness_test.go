@@ -129,7 +129,8 @@ func runWithin(t testing.TB, w *EtcdWorker, timeout time.Duration, role string) 
 // runAsync starts w.Run in a goroutine; its result arrives on the returned
 // channel (see recvErr).
 func runAsync(ctx context.Context, w *EtcdWorker, session *concurrency.Session, interval time.Duration, role string) <-chan error {
-	done := runAsync(ctx, w, session, interval, role)
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx, session, interval, role) }()
 	return done
 }
 
