@@ -581,6 +581,14 @@ func (s *tickSnapshots) add(st *mapState) {
 	s.mu.Unlock()
 }
 
+// reactor returns a Reactor that records every Tick's mapState in s.
+func (s *tickSnapshots) reactor() Reactor {
+	return ReactorFunc(func(_ context.Context, st ReactorState) (ReactorState, error) {
+		s.add(st.(*mapState))
+		return st, nil
+	})
+}
+
 func (s *tickSnapshots) count() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -710,10 +718,7 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	env := newFaultEnv(t)
 	const prefix = "/fault/stale"
 	snaps := newTickSnapshots()
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		snaps.add(s.(*mapState))
-		return s, nil
-	})
+	reactor := snaps.reactor()
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness))...)
 	require.NoError(t, err)
@@ -934,10 +939,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	env := newFaultEnv(t)
 	const prefix = "/fault/idle"
 	snaps := newTickSnapshots()
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		snaps.add(s.(*mapState))
-		return s, nil
-	})
+	reactor := snaps.reactor()
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness), WithMaxOutage(maxOutage))...)
 	require.NoError(t, err)
