@@ -224,23 +224,29 @@ func TestBatchCheckGroupFits(t *testing.T) {
 	}
 }
 
-func TestPackTxns(t *testing.T) {
+// singleKeyGroups returns n groups of one one-byte put each.
+func singleKeyGroups(n int) []groupWrites {
+	gs := make([]groupWrites, n)
+	for i := range gs {
+		gs[i] = groupWrites{batchPut(i, 1)}
+	}
+	return gs
+}
+
+// packTxnsCase is one case of TestPackTxns.
+type packTxnsCase struct {
+	name   string
+	groups []groupWrites
+	l      txnLimits
+	want   []batchSpan
+}
+
+// packTxnsCases returns the cases of TestPackTxns.
+func packTxnsCases() []packTxnsCase {
 	l := batchLimits
 	perTxn := l.maxOps - l.overheadOps                     // 8 keys
 	room := l.maxBytes - l.overheadBytes - 2*2*batchKeyLen // values of a two-key Txn
-	manySingles := func(n int) []groupWrites {
-		gs := make([]groupWrites, n)
-		for i := range gs {
-			gs[i] = groupWrites{batchPut(i, 1)}
-		}
-		return gs
-	}
-	tests := []struct {
-		name   string
-		groups []groupWrites
-		l      txnLimits
-		want   []batchSpan
-	}{
+	return []packTxnsCase{
 		{"no groups", nil, l, []batchSpan{}},
 		{"only groups without writes", []groupWrites{{}, nil, {}}, l, []batchSpan{{0, 3}}},
 		{"one group at the op limit", []groupWrites{batchGroup(0, perTxn, 1)}, l, []batchSpan{{0, 1}}},
@@ -306,10 +312,14 @@ func TestPackTxns(t *testing.T) {
 		},
 		{
 			"1000 single-key groups, 128 ops, 2 overhead",
-			manySingles(1000), txnLimits{maxOps: 128, maxBytes: 1 << 20, overheadOps: 2, overheadBytes: 100, deleteBytes: 10},
+			singleKeyGroups(1000), txnLimits{maxOps: 128, maxBytes: 1 << 20, overheadOps: 2, overheadBytes: 100, deleteBytes: 10},
 			[]batchSpan{{0, 126}, {126, 252}, {252, 378}, {378, 504}, {504, 630}, {630, 756}, {756, 882}, {882, 1000}},
 		},
 	}
+}
+
+func TestPackTxns(t *testing.T) {
+	tests := packTxnsCases()
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			for _, g := range tt.groups {

@@ -184,7 +184,7 @@ func (w *linWorker) Tick(_ context.Context, state ReactorState) (ReactorState, e
 func (w *linWorker) incPatch(op int) DataPatch {
 	counter := util.NewEtcdKey(linPrefix + "/counter")
 	marker := util.NewEtcdKey(linPrefix + w.state.markerRel)
-	return funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+	return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 		start := w.now()
 		var old int64
 		if v, ok := vm[counter]; ok {

@@ -46,7 +46,7 @@ func TestSum(t *testing.T) {
 			}
 			done++
 			delta := int64(i + 1)
-			st.patches = append(st.patches, []DataPatch{st.addPatch("/"+id, delta), st.addPatch("/sum", delta)})
+			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/"+id), delta), incrPatch(st.key("/sum"), delta)})
 			return st, nil
 		})
 		w, err := NewEtcdWorker(cli, prefix, reactor, state)

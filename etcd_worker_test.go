@@ -20,235 +20,6 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// behaviourTick is the timer interval of the behaviour tests: small, so that
-// the tests are fast, but not zero.
-const behaviourTick = 5 * time.Millisecond
-
-// reservedMarker is the reserved area under every prefix (API contract).
-const reservedMarker = "/__orchestrator/"
-
-// updateRecord is one ReactorState.Update call seen by a recordingState.
-type updateRecord struct {
-	rel    string
-	value  []byte
-	isInit bool
-}
-
-// recordingState is a ReactorState over the keys under one prefix, kept by
-// relative key ("/a" for prefix+"/a"). It records every Update, rejects keys
-// outside the prefix or in the reserved area (so a worker leaking them fails
-// the test through Run's error), and queues patch groups.
-type recordingState struct {
-	prefix  string // normalized, no trailing "/"
-	values  map[string][]byte
-	log     []updateRecord
-	patches [][]DataPatch
-	// onUpdate, if set, runs after the update was recorded; its error is
-	// Update's error.
-	onUpdate func(rel string, value []byte, isInit bool) error
-}
-
-func newRecordingState(prefix string) *recordingState {
-	return &recordingState{prefix: util.NormalizePrefix(prefix).String(), values: map[string][]byte{}}
-}
-
-func (s *recordingState) Update(key util.EtcdKey, value []byte, isInit bool) error {
-	k := key.String()
-	if strings.Contains(k, reservedMarker) {
-		return fmt.Errorf("reserved key %q reached the ReactorState", k)
-	}
-	if !strings.HasPrefix(k, s.prefix+"/") {
-		return fmt.Errorf("key %q outside prefix %q reached the ReactorState", k, s.prefix)
-	}
-	rel := k[len(s.prefix):]
-	s.log = append(s.log, updateRecord{rel: rel, value: value, isInit: isInit})
-	if value == nil {
-		delete(s.values, rel)
-	} else {
-		s.values[rel] = value
-	}
-	if s.onUpdate != nil {
-		return s.onUpdate(rel, value, isInit)
-	}
-	return nil
-}
-
-func (s *recordingState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
-}
-
-func (s *recordingState) key(rel string) util.EtcdKey { return util.NewEtcdKey(s.prefix + rel) }
-
-// group queues one patch group.
-func (s *recordingState) group(ps ...DataPatch) { s.patches = append(s.patches, ps) }
-
-// set returns a SingleDataPatch that writes value to rel (nil deletes).
-func (s *recordingState) set(rel string, value []byte) DataPatch {
-	return SingleDataPatch{Key: s.key(rel), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
-}
-
-// appendTo returns a SingleDataPatch appending suffix to rel's value.
-func (s *recordingState) appendTo(rel, suffix string) DataPatch {
-	return SingleDataPatch{Key: s.key(rel), Func: func(old []byte) ([]byte, bool, error) {
-		return append(old, suffix...), true, nil
-	}}
-}
-
-func (s *recordingState) has(rel, value string) bool {
-	v, ok := s.values[rel]
-	return ok && string(v) == value
-}
-
-func (s *recordingState) absent(rel string) bool {
-	_, ok := s.values[rel]
-	return !ok
-}
-
-// updatesOf returns the recorded updates of rel, in order.
-func (s *recordingState) updatesOf(rel string) []updateRecord {
-	var out []updateRecord
-	for _, u := range s.log {
-		if u.rel == rel {
-			out = append(out, u)
-		}
-	}
-	return out
-}
-
-// step is one stage of a stepReactor. It returns advance = true when the
-// stage is done (its patches, if any, are queued in st).
-type step func(ctx context.Context, st *recordingState) (advance bool, err error)
-
-// stepReactor runs steps in order, one stage per Tick until it advances.
-// When the last stage advances the reactor returns ErrReactorFinished with
-// the patches that stage queued. ticks counts every Tick.
-type stepReactor struct {
-	steps []step
-	next  int
-	ticks atomic.Int64
-}
-
-func newStepReactor(steps ...step) *stepReactor { return &stepReactor{steps: steps} }
-
-func (r *stepReactor) Tick(ctx context.Context, state ReactorState) (ReactorState, error) {
-	r.ticks.Add(1)
-	st, ok := state.(*recordingState)
-	if !ok {
-		return nil, fmt.Errorf("unexpected state type %T", state)
-	}
-	if r.next >= len(r.steps) {
-		return st, errors.New("stepReactor ticked after it finished")
-	}
-	advance, err := r.steps[r.next](ctx, st)
-	if err != nil {
-		return st, err
-	}
-	if advance {
-		r.next++
-	}
-	if r.next == len(r.steps) {
-		return st, ErrReactorFinished
-	}
-	return st, nil
-}
-
-// when returns a step that waits until cond holds, then runs act.
-func when(cond func(st *recordingState) bool, act func(ctx context.Context, st *recordingState) error) step {
-	return func(ctx context.Context, st *recordingState) (bool, error) {
-		if !cond(st) {
-			return false, nil
-		}
-		if act != nil {
-			if err := act(ctx, st); err != nil {
-				return false, err
-			}
-		}
-		return true, nil
-	}
-}
-
-func always(*recordingState) bool { return true }
-
-// runWorker creates a worker over prefix and runs it to its end.
-func runWorker(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string,
-	reactor Reactor, state ReactorState, opts ...Option,
-) error {
-	t.Helper()
-	w, err := NewEtcdWorker(cli, prefix, reactor, state, opts...)
-	require.NoError(t, err)
-	return w.Run(ctx, nil, behaviourTick, t.Name())
-}
-
-// etcdSnapshot returns every visible key under prefix + "/" (reserved keys
-// left out) by relative key.
-func etcdSnapshot(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string) map[string]string {
-	t.Helper()
-	p := util.NormalizePrefix(prefix).String()
-	resp, err := cli.Get(ctx, p+"/", clientv3.WithPrefix())
-	require.NoError(t, err)
-	out := map[string]string{}
-	for _, kv := range resp.Kvs {
-		k := string(kv.Key)
-		if strings.HasPrefix(k, p+reservedMarker) {
-			continue
-		}
-		out[k[len(p):]] = string(kv.Value)
-	}
-	return out
-}
-
-// stateSnapshot converts a recordingState's values for comparison with
-// etcdSnapshot.
-func stateSnapshot(st *recordingState) map[string]string {
-	out := map[string]string{}
-	for k, v := range st.values {
-		out[k] = string(v)
-	}
-	return out
-}
-
-func mustPutKV(ctx context.Context, t testing.TB, cli *clientv3.Client, key, value string) {
-	t.Helper()
-	_, err := cli.Put(ctx, key, value)
-	require.NoError(t, err)
-}
-
-// waitUntil polls cond every few milliseconds until it holds or ctx ends.
-func waitUntil(ctx context.Context, t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	ticker := time.NewTicker(2 * time.Millisecond)
-	defer ticker.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s: %v", what, ctx.Err())
-		case <-ticker.C:
-		}
-	}
-}
-
-// recvErr waits for the result of a Run started in a goroutine.
-func recvErr(ctx context.Context, t testing.TB, ch <-chan error) error {
-	t.Helper()
-	select {
-	case err := <-ch:
-		return err
-	case <-ctx.Done():
-		t.Fatalf("Run did not return: %v", ctx.Err())
-		return nil
-	}
-}
-
-// funcPatch is a DataPatch made of a function, for patches that read keys
-// other than the ones they write.
-type funcPatch func(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
-
-func (f funcPatch) Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error {
-	return f(valueMap, changedSet)
-}
-
 // TestEtcdWorkerFinished ports the original TestFinished: the patches
 // returned together with ErrReactorFinished are committed, then Run returns
 // nil. A final Tick's append and delete must both be in etcd afterwards.
@@ -277,7 +48,7 @@ func TestEtcdWorkerFinished(t *testing.T) {
 					st.group(st.appendTo("/key1", "abc"), st.appendTo("/key2", "123"))
 					return st, nil
 				}
-				st.group(st.appendTo("/key1", "fin"), st.set("/key2", nil))
+				st.group(st.appendTo("/key1", "fin"), deletePatch(st.key("/key2")))
 				return st, finErr()
 			})
 			st := newRecordingState(prefix)
@@ -308,7 +79,7 @@ func TestEtcdWorkerCover(t *testing.T) {
 				return st, nil
 			}
 			st.group(st.appendTo("/key1", "fin"), st.appendTo("/key1", "fin"),
-				st.set("/key2", nil), st.appendTo("/key2", "fin"))
+				deletePatch(st.key("/key2")), st.appendTo("/key2", "fin"))
 			return st, ErrReactorFinished
 		})
 		require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix)))
@@ -359,20 +130,20 @@ func TestEtcdWorkerEmptyTxn(t *testing.T) {
 	var runs atomic.Int64
 	noops := func(st *recordingState) {
 		count := func(p DataPatch) DataPatch {
-			return funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+			return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 				runs.Add(1)
 				return p.Patch(vm, cs)
 			})
 		}
 		st.group(
 			count(SingleDataPatch{Key: st.key("/key1"), Func: func([]byte) ([]byte, bool, error) { return []byte("x"), false, nil }}),
-			count(st.set("/key1", []byte("v"))),
-			count(st.set("/key2", []byte{})),
-			count(st.set("/absent", nil)),
+			count(setPatch(st.key("/key1"), []byte("v"))),
+			count(setPatch(st.key("/key2"), []byte{})),
+			count(deletePatch(st.key("/absent"))),
 		)
-		st.group(count(st.set("/key1", []byte("changed"))), count(st.set("/key1", []byte("v"))))
-		st.group(count(st.set("/new", []byte("x"))), count(st.set("/new", nil)))
-		st.group(count(funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+		st.group(count(setPatch(st.key("/key1"), []byte("changed"))), count(setPatch(st.key("/key1"), []byte("v"))))
+		st.group(count(setPatch(st.key("/new"), []byte("x"))), count(deletePatch(st.key("/new"))))
+		st.group(count(patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 			cs[st.key("/key1")] = struct{}{} // touched, value unchanged
 			return nil
 		})))
@@ -413,11 +184,11 @@ func TestEtcdWorkerEmptyOrNil(t *testing.T) {
 	st := newRecordingState(prefix)
 	reactor := newStepReactor(
 		when(func(st *recordingState) bool { return isEmpty(st, "/init") }, func(_ context.Context, st *recordingState) error {
-			st.group(st.set("/k1", []byte{}), st.set("/k2", []byte("x")))
+			st.group(setPatch(st.key("/k1"), []byte{}), setPatch(st.key("/k2"), []byte("x")))
 			return nil
 		}),
 		when(func(st *recordingState) bool { return isEmpty(st, "/k1") && st.has("/k2", "x") }, func(ctx context.Context, st *recordingState) error {
-			st.group(st.set("/k2", nil))
+			st.group(deletePatch(st.key("/k2")))
 			if _, err := cli.Put(ctx, prefix+"/ext", ""); err != nil {
 				return err
 			}
@@ -428,7 +199,7 @@ func TestEtcdWorkerEmptyOrNil(t *testing.T) {
 			return st.absent("/k2") && st.absent("/init") && isEmpty(st, "/ext")
 		}, func(_ context.Context, st *recordingState) error {
 			// Flip them: the empty key is deleted, the deleted one emptied.
-			st.group(st.set("/k1", nil), st.set("/k2", []byte{}))
+			st.group(deletePatch(st.key("/k1")), setPatch(st.key("/k2"), []byte{}))
 			return nil
 		}),
 		when(func(st *recordingState) bool { return st.absent("/k1") && isEmpty(st, "/k2") }, nil),
@@ -472,7 +243,7 @@ func TestEtcdWorkerModifyAfterDelete(t *testing.T) {
 	st := newRecordingState(prefix)
 	reactor := newStepReactor(
 		when(func(st *recordingState) bool { return st.has("/k", "orig") }, func(_ context.Context, st *recordingState) error {
-			st.group(st.set("/k", nil))
+			st.group(deletePatch(st.key("/k")))
 			return nil
 		}),
 		when(func(st *recordingState) bool { return st.absent("/k") }, func(_ context.Context, st *recordingState) error {
@@ -525,8 +296,8 @@ func TestEtcdWorkerRetryableError(t *testing.T) {
 	var landedOn atomic.Value
 	reactor := newStepReactor(
 		when(always, func(_ context.Context, st *recordingState) error {
-			st.group(st.set("/other", []byte("1")))
-			st.group(funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+			st.group(setPatch(st.key("/other"), []byte("1")))
+			st.group(patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 				attempts.Add(1)
 				trigger, ok := vm[st.key("/trigger")]
 				if !ok {
@@ -543,8 +314,7 @@ func TestEtcdWorkerRetryableError(t *testing.T) {
 	)
 	w, err := NewEtcdWorker(cli, prefix, reactor, newRecordingState(prefix))
 	require.NoError(t, err)
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, nil, behaviourTick, "retry") }()
+	done := runAsync(ctx, w, nil, behaviourTick, "retry")
 
 	waitUntil(ctx, t, "three attempts", func() bool {
 		select {
@@ -576,15 +346,15 @@ func TestEtcdWorkerIgnoreError(t *testing.T) {
 	reactor := newStepReactor(
 		when(always, func(_ context.Context, st *recordingState) error {
 			st.group(
-				st.set("/a", []byte("1")),
-				funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+				setPatch(st.key("/a"), []byte("1")),
+				patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 					vm[st.key("/b")] = []byte("2")
 					cs[st.key("/b")] = struct{}{}
 					vm[st.key("/a")] = []byte("bad")
 					cs[st.key("/a")] = struct{}{}
 					return fmt.Errorf("skip me: %w", ErrEtcdIgnore)
 				}),
-				st.set("/c", []byte("3")),
+				setPatch(st.key("/c"), []byte("3")),
 				SingleDataPatch{Key: st.key("/a"), Func: func([]byte) ([]byte, bool, error) {
 					return []byte("bad2"), true, pingcaperrors.Trace(ErrEtcdIgnore)
 				}},
@@ -603,23 +373,21 @@ func TestEtcdWorkerIgnoreError(t *testing.T) {
 	require.Equal(t, map[string]string{"/a": "1+", "/c": "3"}, stateSnapshot(st))
 }
 
-// TestEtcdWorkerDeleteCounter: a delete committed by worker A makes a
-// concurrent commit of worker B, prepared on a snapshot that still had the
-// key, fail and re-run, even when B does not write the deleted key (it only
-// read it). B's patch blocks on its first run until A's delete landed.
-func TestEtcdWorkerDeleteCounter(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+// deleteCounterCase is one case of TestEtcdWorkerDeleteCounter.
+type deleteCounterCase struct {
+	name string
+	// patch builds B's patch; it reports each run to calls.
+	patch func(st *recordingState, firstRun func() error) DataPatch
+	want  map[string]string
+}
 
-	cases := []struct {
-		name string
-		// patch builds B's patch; it reports each run to calls.
-		patch func(st *recordingState, firstRun func() error) DataPatch
-		want  map[string]string
-	}{
+// deleteCounterCases returns the cases of TestEtcdWorkerDeleteCounter.
+func deleteCounterCases() []deleteCounterCase {
+	return []deleteCounterCase{
 		{
 			name: "reader of the deleted key",
 			patch: func(st *recordingState, firstRun func() error) DataPatch {
-				return funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+				return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 					if err := firstRun(); err != nil {
 						return err
 					}
@@ -652,6 +420,16 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 			want: map[string]string{},
 		},
 	}
+}
+
+// TestEtcdWorkerDeleteCounter: a delete committed by worker A makes a
+// concurrent commit of worker B, prepared on a snapshot that still had the
+// key, fail and re-run, even when B does not write the deleted key (it only
+// read it). B's patch blocks on its first run until A's delete landed.
+func TestEtcdWorkerDeleteCounter(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+
+	cases := deleteCounterCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := testContext(t)
@@ -666,12 +444,7 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 					return nil
 				}
 				close(entered)
-				select {
-				case <-release:
-					return nil
-				case <-ctx.Done():
-					return ctx.Err()
-				}
+				return blockUntil(ctx, release)
 			}
 			reactorB := newStepReactor(
 				when(func(st *recordingState) bool { return st.has("/x", "1") }, func(_ context.Context, st *recordingState) error {
@@ -680,19 +453,14 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 				}),
 				when(always, nil),
 			)
-			doneB := make(chan error, 1)
 			wB, err := NewEtcdWorker(cliB, prefix, reactorB, newRecordingState(prefix))
 			require.NoError(t, err)
-			go func() { doneB <- wB.Run(ctx, nil, behaviourTick, "B") }()
+			doneB := runAsync(ctx, wB, nil, behaviourTick, "B")
 
-			select {
-			case <-entered:
-			case <-ctx.Done():
-				t.Fatal("B's patch never ran")
-			}
+			awaitSignal(ctx, t, entered, "B's patch never ran")
 			reactorA := newStepReactor(
 				when(func(st *recordingState) bool { return st.has("/x", "1") }, func(_ context.Context, st *recordingState) error {
-					st.group(st.set("/x", nil))
+					st.group(deletePatch(st.key("/x")))
 					return nil
 				}),
 				when(func(st *recordingState) bool { return st.absent("/x") }, nil),
@@ -742,8 +510,8 @@ func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
 			ctx := testContext(t)
 			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*recordingState)
-				st.group(st.set("/new", []byte("1")))
-				st.group(st.set("/new2", []byte("2")), SingleDataPatch{Key: util.NewEtcdKey(bad), Func: func([]byte) ([]byte, bool, error) {
+				st.group(setPatch(st.key("/new"), []byte("1")))
+				st.group(setPatch(st.key("/new2"), []byte("2")), SingleDataPatch{Key: util.NewEtcdKey(bad), Func: func([]byte) ([]byte, bool, error) {
 					return []byte("x"), true, nil
 				}})
 				// The final commit fails: Run must report it, not return nil.
@@ -758,24 +526,12 @@ func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
 	}
 }
 
-// TestEtcdWorkerRunTwice: Run on a worker that is running returns
-// ErrWorkerRunning at once; after it returned, the same worker runs again,
-// reloads what changed in between (also deletions, with isInit = true),
-// ends up with the same state as a fresh worker and commits normally.
-func TestEtcdWorkerRunTwice(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	ctx := testContext(t)
-	const prefix = "/test/runtwice"
-	for k, v := range map[string]string{"/a": "1", "/b": "2", "/c": "3"} {
-		mustPutKV(ctx, t, cli, prefix+k, v)
-	}
-
-	// First run: commits, then keeps ticking until cancelled.
-	ticked := make(chan struct{})
-	var phase atomic.Int64
+// runTwiceReactor is the reactor of TestEtcdWorkerRunTwice. In phase 0 it
+// commits /a=10 and /d=4, then closes ticked and keeps ticking; in phase 1 it
+// checks the reloaded snapshot, rewrites /a and finishes.
+func runTwiceReactor(phase *atomic.Int64, ticked chan struct{}) Reactor {
 	var tickedOnce atomic.Bool
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*recordingState)
 		switch phase.Load() {
 		case 0:
@@ -786,7 +542,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 				return st, nil
 			}
 			if st.has("/a", "1") {
-				st.group(st.set("/a", []byte("10")), st.set("/d", []byte("4")))
+				st.group(setPatch(st.key("/a"), []byte("10")), setPatch(st.key("/d"), []byte("4")))
 			}
 			return st, nil
 		default:
@@ -809,19 +565,33 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 			return st, nil
 		}
 	})
+}
+
+// TestEtcdWorkerRunTwice: Run on a worker that is running returns
+// ErrWorkerRunning at once; after it returned, the same worker runs again,
+// reloads what changed in between (also deletions, with isInit = true),
+// ends up with the same state as a fresh worker and commits normally.
+func TestEtcdWorkerRunTwice(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix = "/test/runtwice"
+	for k, v := range map[string]string{"/a": "1", "/b": "2", "/c": "3"} {
+		mustPutKV(ctx, t, cli, prefix+k, v)
+	}
+
+	// First run: commits, then keeps ticking until cancelled.
+	ticked := make(chan struct{})
+	var phase atomic.Int64
+	reactor := runTwiceReactor(&phase, ticked)
 	st := newRecordingState(prefix)
 	w, err := NewEtcdWorker(cli, prefix, reactor, st)
 	require.NoError(t, err)
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	first := make(chan error, 1)
-	go func() { first <- w.Run(runCtx, nil, behaviourTick, "first") }()
-	select {
-	case <-ticked:
-	case <-ctx.Done():
-		t.Fatal("first run never committed")
-	}
+	first := runAsync(runCtx, w, nil, behaviourTick, "first")
+	awaitSignal(ctx, t, ticked, "first run never committed")
 	// A short deadline, so that a worker that wrongly starts a second run
 	// fails the test quickly instead of running until the test's deadline.
 	concCtx, concCancel := context.WithTimeout(ctx, 5*time.Second)
@@ -897,25 +667,19 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 	st1 := newRecordingState(prefix)
 	r1 := newStepReactor(
 		when(always, func(_ context.Context, st *recordingState) error {
-			st.group(st.set("/x", nil), st.set("/y", []byte("1")))
+			st.group(deletePatch(st.key("/x")), setPatch(st.key("/y"), []byte("1")))
 			return nil
 		}),
 		// After its own commit x is gone; y may already be gone too when
 		// worker 2's commit arrives in the same watch response, so only x
 		// is waited for.
 		when(func(st *recordingState) bool { return st.absent("/x") }, func(ctx context.Context, _ *recordingState) error {
-			select {
-			case <-loaded:
-				return nil
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+			return blockUntil(ctx, loaded)
 		}),
 	)
 	w1, err := NewEtcdWorker(cli, prefix, r1, st1)
 	require.NoError(t, err)
-	done1 := make(chan error, 1)
-	go func() { done1 <- w1.Run(ctx, nil, behaviourTick, "w1") }()
+	done1 := runAsync(ctx, w1, nil, behaviourTick, "w1")
 
 	waitUntil(ctx, t, "worker 1's commit", func() bool {
 		resp, err := cli.Get(ctx, prefix+reservedMarker, clientv3.WithPrefix(), clientv3.WithCountOnly())
@@ -926,7 +690,7 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 	r2 := newStepReactor(
 		when(func(st *recordingState) bool { return st.has("/y", "1") }, func(_ context.Context, st *recordingState) error {
 			close(loaded)
-			st.group(st.set("/z", []byte("1")), st.set("/y", nil))
+			st.group(setPatch(st.key("/z"), []byte("1")), deletePatch(st.key("/y")))
 			return nil
 		}),
 		when(func(st *recordingState) bool { return st.has("/z", "1") && st.absent("/y") }, nil),
@@ -969,41 +733,43 @@ func TestNewEtcdWorkerInvalidArgument(t *testing.T) {
 	}
 }
 
+// stopsWorker returns a worker for one case of TestEtcdWorkerRunStops.
+type stopsWorker func(t *testing.T, reactor Reactor) *EtcdWorker
+
+// stopsForever ticks and writes a counter until stopped; started (if not
+// nil) is closed at the first Tick that saw its own first commit.
+func stopsForever(started chan struct{}) Reactor {
+	var once atomic.Bool
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*recordingState)
+		if _, ok := st.values["/n"]; ok && once.CompareAndSwap(false, true) && started != nil {
+			close(started)
+		}
+		st.group(st.appendTo("/n", "."))
+		return st, nil
+	})
+}
+
+// waitStarted waits for a stopsForever reactor to see its own commit.
+func waitStarted(ctx context.Context, t *testing.T, started chan struct{}) {
+	t.Helper()
+	awaitSignal(ctx, t, started, "worker never ticked on its own commit")
+}
+
 // TestEtcdWorkerRunStops covers the ways Run ends that are not user errors:
 // bad timerInterval, ctx cancelled (before and during Run), ctx deadline, and
 // a session whose lease is revoked.
 func TestEtcdWorkerRunStops(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
-	// forever ticks and writes a counter until stopped; started is closed at
-	// the first Tick that saw its own first commit.
-	forever := func(started chan struct{}) Reactor {
-		var once atomic.Bool
-		return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-			st := s.(*recordingState)
-			if _, ok := st.values["/n"]; ok && once.CompareAndSwap(false, true) && started != nil {
-				close(started)
-			}
-			st.group(st.appendTo("/n", "."))
-			return st, nil
-		})
-	}
 	newWorker := func(t *testing.T, reactor Reactor) *EtcdWorker {
 		w, err := NewEtcdWorker(cli, "/test/stops/"+t.Name(), reactor, newRecordingState("/test/stops/"+t.Name()))
 		require.NoError(t, err)
 		return w
 	}
-	waitStarted := func(ctx context.Context, t *testing.T, started chan struct{}) {
-		select {
-		case <-started:
-		case <-ctx.Done():
-			t.Fatal("worker never ticked on its own commit")
-		}
-	}
-
 	t.Run("non-positive timerInterval", func(t *testing.T) {
 		ctx := testContext(t)
-		w := newWorker(t, forever(nil))
+		w := newWorker(t, stopsForever(nil))
 		for _, d := range []time.Duration{0, -time.Second} {
 			require.ErrorIs(t, w.Run(ctx, nil, d, "bad"), ErrInvalidArgument)
 		}
@@ -1013,10 +779,16 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		require.ErrorIs(t, w.Run(cctx, nil, behaviourTick, "ok"), context.Canceled)
 	})
 
+	runStopsOnContext(t, newWorker)
+	runStopsOnSession(t, srv, cli, newWorker)
+}
+
+// runStopsOnContext: Run ends with ctx's error, cause included.
+func runStopsOnContext(t *testing.T, newWorker stopsWorker) {
 	t.Run("ctx cancelled before Run", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(testContext(t))
 		cancel()
-		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "cancelled")
+		err := newWorker(t, stopsForever(nil)).Run(ctx, nil, behaviourTick, "cancelled")
 		require.ErrorIs(t, err, context.Canceled)
 		require.ErrorIs(t, err, ctx.Err())
 	})
@@ -1025,9 +797,8 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		ctx, cancel := context.WithCancel(testContext(t))
 		defer cancel()
 		started := make(chan struct{})
-		done := make(chan error, 1)
-		w := newWorker(t, forever(started))
-		go func() { done <- w.Run(ctx, nil, behaviourTick, "cancel") }()
+		w := newWorker(t, stopsForever(started))
+		done := runAsync(ctx, w, nil, behaviourTick, "cancel")
 		waitStarted(ctx, t, started)
 		cancel()
 		require.ErrorIs(t, recvErr(testContext(t), t, done), context.Canceled)
@@ -1036,7 +807,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 	t.Run("deadline", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(testContext(t), 300*time.Millisecond)
 		defer cancel()
-		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "deadline")
+		err := newWorker(t, stopsForever(nil)).Run(ctx, nil, behaviourTick, "deadline")
 		require.ErrorIs(t, err, context.DeadlineExceeded)
 		require.ErrorIs(t, err, ctx.Err())
 	})
@@ -1048,9 +819,8 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		errShutdown := errors.New("shutting down")
 		ctx, cancel := context.WithCancelCause(testContext(t))
 		started := make(chan struct{})
-		done := make(chan error, 1)
-		w := newWorker(t, forever(started))
-		go func() { done <- w.Run(ctx, nil, behaviourTick, "cause") }()
+		w := newWorker(t, stopsForever(started))
+		done := runAsync(ctx, w, nil, behaviourTick, "cause")
 		waitStarted(ctx, t, started)
 		cancel(errShutdown)
 		err := recvErr(testContext(t), t, done)
@@ -1063,21 +833,25 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		errTooSlow := errors.New("too slow")
 		ctx, cancel := context.WithTimeoutCause(testContext(t), 300*time.Millisecond, errTooSlow)
 		defer cancel()
-		err := newWorker(t, forever(nil)).Run(ctx, nil, behaviourTick, "deadline-cause")
+		err := newWorker(t, stopsForever(nil)).Run(ctx, nil, behaviourTick, "deadline-cause")
 		require.ErrorIs(t, err, context.DeadlineExceeded)
 		require.ErrorIs(t, err, ctx.Err())
 		require.ErrorIs(t, err, errTooSlow)
 	})
 
+}
+
+// runStopsOnSession: Run ends with ErrEtcdSessionDone when the session's
+// lease is revoked, busy or idle.
+func runStopsOnSession(t *testing.T, srv *etcdtest.Server, cli *clientv3.Client, newWorker stopsWorker) {
 	t.Run("session lease revoked", func(t *testing.T) {
 		ctx := testContext(t)
 		sess, err := concurrency.NewSession(srv.Client(t), concurrency.WithTTL(5))
 		require.NoError(t, err)
 		defer func() { _ = sess.Close() }()
 		started := make(chan struct{})
-		done := make(chan error, 1)
-		w := newWorker(t, forever(started))
-		go func() { done <- w.Run(ctx, sess, behaviourTick, "session") }()
+		w := newWorker(t, stopsForever(started))
+		done := runAsync(ctx, w, sess, behaviourTick, "session")
 		waitStarted(ctx, t, started)
 		require.NoError(t, etcdtest.RevokeLease(ctx, cli, sess.Lease()))
 		require.ErrorIs(t, recvErr(ctx, t, done), ErrEtcdSessionDone)
@@ -1093,7 +867,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 		started := make(chan struct{})
 		idle := newStepReactor(
 			when(always, func(_ context.Context, st *recordingState) error {
-				st.group(st.set("/n", []byte("1")))
+				st.group(setPatch(st.key("/n"), []byte("1")))
 				return nil
 			}),
 			func(context.Context, *recordingState) (bool, error) {
@@ -1105,13 +879,41 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 				return false, nil
 			},
 		)
-		done := make(chan error, 1)
 		w := newWorker(t, idle)
-		go func() { done <- w.Run(ctx, sess, behaviourTick, "idle-session") }()
+		done := runAsync(ctx, w, sess, behaviourTick, "idle-session")
 		waitStarted(ctx, t, started)
 		require.NoError(t, etcdtest.RevokeLease(ctx, cli, sess.Lease()))
 		require.ErrorIs(t, recvErr(ctx, t, done), ErrEtcdSessionDone)
 	})
+}
+
+// txnOpsGroup writes n keys (the last one a delete of an existing key when
+// withDelete) in one group.
+func txnOpsGroup(n int, withDelete bool) func(st *recordingState) {
+	return func(st *recordingState) {
+		var g []DataPatch
+		for i := 0; i < n; i++ {
+			rel := fmt.Sprintf("/k%03d", i)
+			if withDelete && i == n-1 {
+				g = append(g, deletePatch(st.key("/victim")))
+				continue
+			}
+			g = append(g, setPatch(st.key(rel), []byte("v")))
+		}
+		st.group(g...)
+	}
+}
+
+// maxSingleValue is the largest value the key prefix+rel may have in a group
+// of its own.
+func maxSingleValue(t *testing.T, cli *clientv3.Client, prefix, rel string, deletes bool) int {
+	w, err := NewEtcdWorker(cli, prefix, newStepReactor(), newRecordingState(prefix))
+	require.NoError(t, err)
+	n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
+	if deletes {
+		n -= w.limits.deleteBytes
+	}
+	return n
 }
 
 // TestEtcdWorkerTxnLimits: a group exactly at the default op or byte limit
@@ -1122,57 +924,33 @@ func TestEtcdWorkerTxnLimits(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 
-	// opsGroup writes n keys (the last one a delete of an existing key when
-	// withDelete) in one group.
-	opsGroup := func(n int, withDelete bool) func(st *recordingState) {
-		return func(st *recordingState) {
-			var g []DataPatch
-			for i := 0; i < n; i++ {
-				rel := fmt.Sprintf("/k%03d", i)
-				if withDelete && i == n-1 {
-					g = append(g, st.set("/victim", nil))
-					continue
-				}
-				g = append(g, st.set(rel, []byte("v")))
-			}
-			st.group(g...)
-		}
-	}
-	// maxValue is the largest value one key may have in a group of its own.
-	maxValue := func(t *testing.T, prefix, rel string, deletes bool) int {
-		w, err := NewEtcdWorker(cli, prefix, newStepReactor(), newRecordingState(prefix))
-		require.NoError(t, err)
-		n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
-		if deletes {
-			n -= w.limits.deleteBytes
-		}
-		return n
-	}
 	cases := []struct {
 		name    string
 		group   func(t *testing.T, prefix string) func(st *recordingState)
 		wantErr error
 	}{
-		{"ops at the limit", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-2, false) }, nil},
-		{"ops at the limit with a delete", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-2, true) }, nil},
-		{"ops over the limit", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-1, false) }, ErrEtcdTxnOpsExceed},
-		{"ops over the limit with a delete", func(*testing.T, string) func(*recordingState) { return opsGroup(DefaultTxnMaxOps-1, true) }, ErrEtcdTxnOpsExceed},
+		{"ops at the limit", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-2, false) }, nil},
+		{"ops at the limit with a delete", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-2, true) }, nil},
+		{"ops over the limit", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-1, false) }, ErrEtcdTxnOpsExceed},
+		{"ops over the limit with a delete", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-1, true) }, ErrEtcdTxnOpsExceed},
 		{"bytes at the limit", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxValue(t, prefix, "/big", false)
-			return func(st *recordingState) { st.group(st.set("/big", bytes.Repeat([]byte("b"), n))) }
+			n := maxSingleValue(t, cli, prefix, "/big", false)
+			return func(st *recordingState) { st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n))) }
 		}, nil},
 		{"bytes over the limit", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxValue(t, prefix, "/big", false) + 1
-			return func(st *recordingState) { st.group(st.set("/big", bytes.Repeat([]byte("b"), n))) }
+			n := maxSingleValue(t, cli, prefix, "/big", false) + 1
+			return func(st *recordingState) { st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n))) }
 		}, ErrEtcdTxnSizeExceed},
 		{"bytes over the limit in two keys", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxValue(t, prefix, "/big", false)
+			n := maxSingleValue(t, cli, prefix, "/big", false)
 			return func(st *recordingState) {
-				st.group(st.set("/big", bytes.Repeat([]byte("b"), n/2)), st.set("/big2", bytes.Repeat([]byte("b"), n/2+1)))
+				st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n/2)), setPatch(st.key("/big2"), bytes.Repeat([]byte("b"), n/2+1)))
 			}
 		}, ErrEtcdTxnSizeExceed},
 		{"far over the byte limit", func(*testing.T, string) func(*recordingState) {
-			return func(st *recordingState) { st.group(st.set("/big", bytes.Repeat([]byte("b"), 2*DefaultTxnMaxBytes))) }
+			return func(st *recordingState) {
+				st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), 2*DefaultTxnMaxBytes)))
+			}
 		}, ErrEtcdTxnSizeExceed},
 	}
 	for i, tc := range cases {
@@ -1230,12 +1008,12 @@ func userFailureSites() []userFailureSite {
 		return func(fail func() error) Reactor {
 			return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*recordingState)
-				st.group(st.set("/ok", []byte("1")), patch(st, fail))
+				st.group(setPatch(st.key("/ok"), []byte("1")), patch(st, fail))
 				return st, nil
 			})
 		}
 	}
-	putBoom := func(st *recordingState, _ func() error) DataPatch { return st.set("/boom", []byte("1")) }
+	putBoom := func(st *recordingState, _ func() error) DataPatch { return setPatch(st.key("/boom"), []byte("1")) }
 	return []userFailureSite{
 		{
 			name: "Tick",
@@ -1256,7 +1034,7 @@ func userFailureSites() []userFailureSite {
 		{
 			name: "DataPatch",
 			reactor: emitting(func(_ *recordingState, fail func() error) DataPatch {
-				return funcPatch(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error { return fail() })
+				return patchFunc(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error { return fail() })
 			}),
 			state: plainState,
 		},
@@ -1366,7 +1144,7 @@ func TestEtcdWorkerMultiTxnFlush(t *testing.T) {
 	runs := map[string]int{} // patch name -> runs (worker goroutine only)
 	counted := func(name string, st *recordingState, rel, suffix string) DataPatch {
 		p := st.appendTo(rel, suffix)
-		return funcPatch(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+		return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 			runs[name]++
 			return p.Patch(vm, cs)
 		})

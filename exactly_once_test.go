@@ -46,11 +46,10 @@ type counterWorld struct {
 	stop       atomic.Bool
 	emitted    atomic.Int64
 	counts     []atomic.Int64
-	violations atomic.Int64
+	violations violationRecorder
 
-	mu             sync.Mutex
-	firstViolation error
-	ops            []porcupine.Operation
+	mu  sync.Mutex
+	ops []porcupine.Operation
 }
 
 func newCounterWorld(prefix string, workers int, record bool) *counterWorld {
@@ -80,15 +79,6 @@ var counterModel = porcupine.Model{
 }
 
 func counterLog(id int, n int64) string { return fmt.Sprintf("/log/%d-%d", id, n) }
-
-func (c *counterWorld) violation(err error) {
-	c.violations.Add(1)
-	c.mu.Lock()
-	if c.firstViolation == nil {
-		c.firstViolation = err
-	}
-	c.mu.Unlock()
-}
 
 // recordOp adds an operation by client id over [call, ret].
 func (c *counterWorld) recordOp(id int, inc bool, call, ret time.Time, value int64) {
@@ -139,7 +129,7 @@ func (c *counterWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opt
 				err = fmt.Errorf("counter: worker %d: its own last log key %s is missing", id, counterLog(id, count))
 			}
 			if err != nil {
-				c.violation(err)
+				c.violations.record(err)
 				if !c.tolerate {
 					return nil, err
 				}
@@ -171,7 +161,7 @@ func (c *counterWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opt
 				inc.wrote = n + 1
 				return []byte(strconv.FormatInt(n+1, 10)), true, nil
 			}},
-			st.putPatch(counterLog(id, count), []byte(strconv.Itoa(id))),
+			setPatch(st.key(counterLog(id, count)), []byte(strconv.Itoa(id))),
 		})
 		c.counts[id].Store(count)
 		c.emitted.Add(1)
@@ -222,21 +212,18 @@ func (c *counterWorld) check(ctx context.Context, t testing.TB, cli *clientv3.Cl
 }
 
 // waitProgress waits until the workers emitted n more groups.
-func (c *counterWorld) waitProgress(t testing.TB, g *faultWorkers, n int64, what string) {
+func (c *counterWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what string) {
 	t.Helper()
-	target := c.emitted.Load() + n
-	faultWaitFor(t, faultProgressTimeout, "counter progress "+what, g.failed, func() bool { return c.emitted.Load() >= target })
+	waitGrown(t, g, &c.emitted, n, "counter progress "+what)
 }
 
 // finish stops the workers, requires that every Run returned nil, and that
 // etcd holds exactly what they emitted.
-func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *faultWorkers, cli *clientv3.Client) {
+func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *workerGroup, cli *clientv3.Client) {
 	t.Helper()
 	c.stop.Store(true)
-	for name, err := range g.wait(t, faultProgressTimeout) {
-		require.NoError(t, err, "worker %s", name)
-	}
-	require.Zero(t, c.violations.Load(), "invariant violations, first: %v", c.firstViolation)
+	g.requireAllNil(t, faultProgressTimeout)
+	c.violations.requireNone(t)
 	require.NoError(t, c.check(ctx, t, cli))
 }
 
@@ -244,17 +231,13 @@ func (c *counterWorld) finish(ctx context.Context, t testing.TB, g *faultWorkers
 // most timeout.
 func startCounter(t testing.TB, c *counterWorld, newClient func(i int) *clientv3.Client, opts []Option,
 	timeout time.Duration,
-) *faultWorkers {
+) *workerGroup {
 	t.Helper()
 	ws := make([]*EtcdWorker, c.workers)
 	for i := range ws {
 		ws[i] = c.newWorker(t, newClient(i), i, opts...)
 	}
-	g := newFaultWorkers(t, timeout)
-	for i, w := range ws {
-		g.runWorker(fmt.Sprintf("counter-%d", i), w)
-	}
-	return g
+	return startWorkerGroup(t, timeout, "counter", ws)
 }
 
 // commitFault cuts the link while a commit Txn is in flight: the proxy
@@ -567,7 +550,7 @@ func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
 				ticks++
 				switch ticks {
 				case 1: // a commit that passes, so the worker has a token
-					st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+					st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 				case 2:
 					inj.arm(tc.commits, tc.fences)
 					st.patches = append(st.patches, []DataPatch{SingleDataPatch{Key: st.key("/n"), Func: func(old []byte) ([]byte, bool, error) {

@@ -75,6 +75,12 @@ func (exampleT) Helper() {}
 // Errorf implements testing.TB: it prints the failure.
 func (exampleT) Errorf(format string, args ...any) { fmt.Printf(format+"\n", args...) }
 
+// Fatalf implements testing.TB: it prints the failure and stops.
+func (e exampleT) Fatalf(format string, args ...any) {
+	e.Errorf(format, args...)
+	e.FailNow()
+}
+
 // FailNow implements testing.TB.
 func (exampleT) FailNow() { panic("example failed") }
 

@@ -9,11 +9,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -110,145 +108,6 @@ func faultLogger(t testing.TB) *zap.Logger {
 	return zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
 }
 
-// faultWorkers runs workers (or any function) in goroutines and records
-// their results. Its cleanup, registered by newFaultWorkers, cancels the
-// context and joins every goroutine, so that a failing test leaks nothing.
-// Create it after the clients and servers the workers use, so that it is
-// cleaned up before them.
-type faultWorkers struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-
-	mu      sync.Mutex
-	results map[string]error
-	first   error
-}
-
-func newFaultWorkers(t testing.TB, timeout time.Duration) *faultWorkers {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	g := &faultWorkers{ctx: ctx, cancel: cancel, results: map[string]error{}}
-	t.Cleanup(func() {
-		g.cancel()
-		g.wg.Wait()
-	})
-	return g
-}
-
-// run starts fn(ctx) under name.
-func (g *faultWorkers) run(name string, fn func(ctx context.Context) error) {
-	g.wg.Add(1)
-	go func() {
-		defer g.wg.Done()
-		err := fn(g.ctx)
-		g.mu.Lock()
-		defer g.mu.Unlock()
-		g.results[name] = err
-		if err != nil && g.first == nil {
-			g.first = fmt.Errorf("%s: %w", name, err)
-		}
-	}()
-}
-
-// runWorker starts w.Run with faultInterval and role name.
-func (g *faultWorkers) runWorker(name string, w *EtcdWorker) {
-	g.run(name, func(ctx context.Context) error { return w.Run(ctx, nil, faultInterval, name) })
-}
-
-// failed returns the first error any goroutine returned so far.
-func (g *faultWorkers) failed() error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.first
-}
-
-// wait waits (at most timeout) for every goroutine and returns the results.
-func (g *faultWorkers) wait(t testing.TB, timeout time.Duration) map[string]error {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		g.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(timeout):
-		t.Fatalf("workers still running after %v", timeout)
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return maps.Clone(g.results)
-}
-
-// faultWaitFor polls cond every 10ms until it holds. It fails the test after
-// timeout, or as soon as failed (if not nil) reports an error.
-func faultWaitFor(t testing.TB, timeout time.Duration, what string, failed func() error, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if failed != nil {
-			if err := failed(); err != nil {
-				t.Fatalf("%s: a worker failed: %v", what, err)
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not reached within %v", what, timeout)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// metricSum returns the sum over all label values of the counter or gauge
-// name (e.g. "orchestrator_reloads_total") in g; 0 if absent.
-func metricSum(t testing.TB, g prometheus.Gatherer, name string) float64 {
-	t.Helper()
-	mfs, err := g.Gather()
-	require.NoError(t, err)
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			switch {
-			case m.GetCounter() != nil:
-				sum += m.GetCounter().GetValue()
-			case m.GetGauge() != nil:
-				sum += m.GetGauge().GetValue()
-			}
-		}
-	}
-	return sum
-}
-
-// userKVs reads every key under prefix + "/" outside the worker's reserved
-// area at rev (0: current) and returns them with the read's revision.
-func userKVs(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, rev int64) (map[string]*mvccKV, int64) {
-	t.Helper()
-	opts := []clientv3.OpOption{clientv3.WithPrefix()}
-	if rev > 0 {
-		opts = append(opts, clientv3.WithRev(rev))
-	}
-	resp, err := cli.Get(ctx, prefix+"/", opts...)
-	require.NoError(t, err)
-	out := make(map[string]*mvccKV, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		k := string(kv.Key)
-		if strings.HasPrefix(k, prefix+reservedDir) {
-			continue
-		}
-		out[k] = &mvccKV{value: string(kv.Value), modRev: kv.ModRevision}
-	}
-	return out, resp.Header.Revision
-}
-
-// mvccKV is a value and its mod revision.
-type mvccKV struct {
-	value  string
-	modRev int64
-}
-
 // txnProbe reports the start of commit Txns sent by the clients it is
 // installed in (as a gRPC interceptor): Txns with more than one compare,
 // which the worker's resolution Txns never have.
@@ -305,10 +164,7 @@ type bankWorld struct {
 	stop       atomic.Bool  // Tick finishes (ErrReactorFinished) once set
 	emitted    atomic.Int64 // patch-group pairs emitted by all workers
 	counts     []atomic.Int64
-	violations atomic.Int64
-
-	mu             sync.Mutex
-	firstViolation error
+	violations violationRecorder
 }
 
 func newBankWorld(prefix string, workers, accounts int) *bankWorld {
@@ -351,15 +207,6 @@ func (b *bankWorld) check(value func(rel string) int64, counts []int64) error {
 	return nil
 }
 
-func (b *bankWorld) violation(err error) {
-	b.violations.Add(1)
-	b.mu.Lock()
-	if b.firstViolation == nil {
-		b.firstViolation = err
-	}
-	b.mu.Unlock()
-}
-
 // newWorker returns bank worker id on cli.
 func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts ...Option) *EtcdWorker {
 	t.Helper()
@@ -374,7 +221,7 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 		st := s.(*mapState)
 		own[id] = count
 		if err := b.check(st.int, own); err != nil {
-			b.violation(err)
+			b.violations.record(err)
 			if !b.tolerate {
 				return nil, err
 			}
@@ -386,8 +233,8 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 		to := (from + 1 + rng.IntN(b.accounts-1)) % b.accounts
 		amount := 1 + rng.Int64N(100)
 		st.patches = append(st.patches,
-			[]DataPatch{st.addPatch(bankAccount(from), -amount), st.addPatch(bankAccount(to), amount), st.addPatch(bankMoves(id), 1)},
-			[]DataPatch{st.addPatch(bankTotal(id), bankDelta(id)), st.addPatch("/sum", bankDelta(id))},
+			[]DataPatch{incrPatch(st.key(bankAccount(from)), -amount), incrPatch(st.key(bankAccount(to)), amount), incrPatch(st.key(bankMoves(id)), 1)},
+			[]DataPatch{incrPatch(st.key(bankTotal(id)), bankDelta(id)), incrPatch(st.key("/sum"), bankDelta(id))},
 		)
 		count++
 		b.counts[id].Store(count)
@@ -400,21 +247,18 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 }
 
 // waitProgress waits until the workers emitted n more groups.
-func (b *bankWorld) waitProgress(t testing.TB, g *faultWorkers, n int64, what string) {
+func (b *bankWorld) waitProgress(t testing.TB, g *workerGroup, n int64, what string) {
 	t.Helper()
-	target := b.emitted.Load() + n
-	faultWaitFor(t, faultProgressTimeout, "bank progress "+what, g.failed, func() bool { return b.emitted.Load() >= target })
+	waitGrown(t, g, &b.emitted, n, "bank progress "+what)
 }
 
 // finish stops the workers, requires that every Run returned nil, and checks
 // the invariants and the exact totals on etcd's contents.
-func (b *bankWorld) finish(t testing.TB, g *faultWorkers, cli *clientv3.Client) {
+func (b *bankWorld) finish(t testing.TB, g *workerGroup, cli *clientv3.Client) {
 	t.Helper()
 	b.stop.Store(true)
-	for name, err := range g.wait(t, faultProgressTimeout) {
-		require.NoError(t, err, "worker %s", name)
-	}
-	require.Zero(t, b.violations.Load(), "invariant violations, first: %v", b.firstViolation)
+	g.requireAllNil(t, faultProgressTimeout)
+	b.violations.requireNone(t)
 	b.requireEtcd(t, cli)
 }
 
@@ -448,17 +292,13 @@ func (b *bankWorld) checkEtcd(ctx context.Context, t testing.TB, cli *clientv3.C
 // options.
 func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client, reg prometheus.Registerer,
 	lg *zap.Logger, timeout time.Duration,
-) *faultWorkers {
+) *workerGroup {
 	t.Helper()
 	ws := make([]*EtcdWorker, b.workers)
 	for i := range ws {
 		ws[i] = b.newWorker(t, clients(i), i, faultOptions(reg, lg)...)
 	}
-	g := newFaultWorkers(t, timeout)
-	for i, w := range ws {
-		g.runWorker(fmt.Sprintf("bank-%d", i), w)
-	}
-	return g
+	return startWorkerGroup(t, timeout, "bank", ws)
 }
 
 // TestFaultBankProxyCuts: six bank workers reach etcd through one proxy that
@@ -500,7 +340,7 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 		require.NoError(t, err)
 		reloads := metricSum(t, env.reg, "orchestrator_reloads_total")
 		env.proxy.Resume()
-		faultWaitFor(t, faultProgressTimeout, "every worker reloads", g.failed, func() bool {
+		waitWithin(t, faultProgressTimeout, "every worker reloads", g.failed, func() bool {
 			return metricSum(t, env.reg, "orchestrator_reloads_total") >= reloads+float64(b.workers)
 		})
 		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", round+1))
@@ -578,6 +418,14 @@ func TestFaultBankLeaderRestart(t *testing.T) {
 // ---------------------------------------------------------------------------
 // Single-worker fault tests.
 
+// putNumbered puts n keys prefix/k00.. with values v0..
+func putNumbered(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, n int) {
+	t.Helper()
+	for i := range n {
+		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
+	}
+}
+
 // TestFaultCompactionReloadMatchesEtcd: after an outage during which keys
 // were put, changed, emptied and deleted and the history compacted, the first
 // Tick after the reload sees exactly etcd's contents (deleted keys gone,
@@ -586,10 +434,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/reload"
-	for i := range 10 {
-		_, err := env.direct.Put(ctx, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
-		require.NoError(t, err)
-	}
+	putNumbered(ctx, t, env.direct, prefix, 10)
 	state := newMapState(prefix)
 	snaps := newTickSnapshots()
 	wrote := false
@@ -598,16 +443,16 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		snaps.add(st)
 		if !wrote { // one commit, so the worker has a commit token and a delete counter
 			wrote = true
-			st.patches = append(st.patches, []DataPatch{st.putPatch("/own", []byte("1")), st.putPatch("/k09", nil)})
+			st.patches = append(st.patches, []DataPatch{setPatch(st.key("/own"), []byte("1")), deletePatch(st.key("/k09"))})
 		}
 		return st, nil
 	})
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, state, faultOptions(env.reg, faultLogger(t))...)
 	require.NoError(t, err)
-	g := newFaultWorkers(t, time.Minute)
+	g := newWorkerGroup(t, time.Minute)
 	g.runWorker("reload", w)
 
-	faultWaitFor(t, 10*time.Second, "first commit visible", g.failed, func() bool {
+	waitWithin(t, 10*time.Second, "first commit visible", g.failed, func() bool {
 		last, ok := snaps.last()
 		return ok && last.values[prefix+"/own"] == "1"
 	})
@@ -637,7 +482,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 	env.proxy.Resume()
 
 	var after tickSnapshot
-	faultWaitFor(t, faultProgressTimeout, "a Tick after the reload", g.failed, func() bool {
+	waitWithin(t, faultProgressTimeout, "a Tick after the reload", g.failed, func() bool {
 		s, ok := snaps.firstAfter(initsBefore)
 		after = s
 		return ok
@@ -657,10 +502,7 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/paged"
-	for i := range 10 {
-		_, err := env.direct.Put(ctx, fmt.Sprintf("%s/k%02d", prefix, i), "v"+strconv.Itoa(i))
-		require.NoError(t, err)
-	}
+	putNumbered(ctx, t, env.direct, prefix, 10)
 	inner := newMapState(prefix)
 	var hooked atomic.Int32
 	state := &hookState{mapState: inner, onUpdate: func(key string, isInit bool) {
@@ -739,6 +581,14 @@ func (s *tickSnapshots) add(st *mapState) {
 	s.mu.Unlock()
 }
 
+// reactor returns a Reactor that records every Tick's mapState in s.
+func (s *tickSnapshots) reactor() Reactor {
+	return ReactorFunc(func(_ context.Context, st ReactorState) (ReactorState, error) {
+		s.add(st.(*mapState))
+		return st, nil
+	})
+}
+
 func (s *tickSnapshots) count() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -814,19 +664,18 @@ func TestFaultMaxOutage(t *testing.T) {
 				ticks.Add(1)
 				ping.Store(string(st.values["/ping"]))
 				if writing {
-					st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+					st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 				}
 				return st, nil
 			})
 			w, err := NewEtcdWorker(env.client(t), prefix, reactor, state,
 				faultOptions(env.reg, faultLogger(t), WithMaxOutage(maxOutage), WithRequestTimeout(500*time.Millisecond))...)
 			require.NoError(t, err)
-			g := newFaultWorkers(t, time.Minute)
+			g := newWorkerGroup(t, time.Minute)
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, 20*time.Millisecond, name) })
 
 			waitTicks := func(n int64, what string) {
-				target := ticks.Load() + n
-				faultWaitFor(t, faultProgressTimeout, what, g.failed, func() bool { return ticks.Load() >= target })
+				waitGrown(t, g, &ticks, n, what)
 			}
 			waitTicks(5, "ticks before the faults")
 			// Shorter than the cap: survived.
@@ -838,7 +687,7 @@ func TestFaultMaxOutage(t *testing.T) {
 			// before the long outage starts.
 			_, err = env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
 			require.NoError(t, err)
-			faultWaitFor(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
+			waitWithin(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
 				return ping.Load() == "after the cut"
 			})
 
@@ -869,23 +718,20 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	env := newFaultEnv(t)
 	const prefix = "/fault/stale"
 	snaps := newTickSnapshots()
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		snaps.add(s.(*mapState))
-		return s, nil
-	})
+	reactor := snaps.reactor()
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness))...)
 	require.NoError(t, err)
-	g := newFaultWorkers(t, time.Minute)
+	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "stale") })
 
-	faultWaitFor(t, 10*time.Second, "idle ticks", g.failed, func() bool { return snaps.count() >= 5 })
+	waitWithin(t, 10*time.Second, "idle ticks", g.failed, func() bool { return snaps.count() >= 5 })
 	cutAt := time.Now()
 	env.proxy.Pause()
 	time.Sleep(cut)
 	resumeAt := time.Now()
 	env.proxy.Resume()
-	faultWaitFor(t, faultProgressTimeout, "ticks after the cut", g.failed, func() bool {
+	waitWithin(t, faultProgressTimeout, "ticks after the cut", g.failed, func() bool {
 		ts := snaps.times()
 		return ts[len(ts)-1].After(resumeAt)
 	})
@@ -909,6 +755,23 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
 }
 
+// shutdownCase is one case of TestFaultShutdownDuringCommit.
+type shutdownCase struct {
+	name       string
+	blackhole  bool          // stall the link after the cancel
+	resume     time.Duration // resume the link this long after the cancel (0: never)
+	unresolved bool
+}
+
+// shutdownCases returns the cases of TestFaultShutdownDuringCommit.
+func shutdownCases() []shutdownCase {
+	return []shutdownCase{
+		{name: "in flight"},
+		{name: "blackholed then resumed", blackhole: true, resume: 1500 * time.Millisecond},
+		{name: "blackholed for good", blackhole: true, unresolved: true},
+	}
+}
+
 // TestFaultShutdownDuringCommit: ctx is cancelled while a commit Txn is in
 // flight. Run returns an error matching context.Canceled only once it knows
 // the commit's outcome (so every commit it counted is in etcd and vice
@@ -916,16 +779,7 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 // matches ErrCommitUnresolved.
 func TestFaultShutdownDuringCommit(t *testing.T) {
 	const delay = 300 * time.Millisecond
-	cases := []struct {
-		name       string
-		blackhole  bool          // stall the link after the cancel
-		resume     time.Duration // resume the link this long after the cancel (0: never)
-		unresolved bool
-	}{
-		{name: "in flight"},
-		{name: "blackholed then resumed", blackhole: true, resume: 1500 * time.Millisecond},
-		{name: "blackholed for good", blackhole: true, unresolved: true},
-	}
+	cases := shutdownCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			env := newFaultEnv(t)
@@ -933,21 +787,15 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			prefix := fmt.Sprintf("/fault/shutdown-%d", i)
 			probe := newTxnProbe()
 			var emitted atomic.Int64
-			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-				st := s.(*mapState)
-				st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
-				emitted.Add(1)
-				return st, nil
-			})
+			reactor := counterReactor(&emitted)
 			const shutdownTimeout = 2 * time.Second
 			w, err := NewEtcdWorker(env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
 				faultOptions(env.reg, faultLogger(t), WithShutdownTimeout(shutdownTimeout))...)
 			require.NoError(t, err)
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
-			done := make(chan error, 1)
-			go func() { done <- w.Run(runCtx, nil, faultInterval, "shutdown") }()
-			faultWaitFor(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 5 })
+			done := runAsync(runCtx, w, nil, faultInterval, "shutdown")
+			waitWithin(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 5 })
 
 			env.proxy.SetDelay(delay)
 			t0 := probe.next(t, 10*time.Second)
@@ -1051,8 +899,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 		faultOptions(env.reg, faultLogger(t))...)
 	require.NoError(t, err)
 	env.proxy.SetDelay(delay)
-	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, nil, faultInterval, "patch-panic") }()
+	done := runAsync(ctx, w, nil, faultInterval, "patch-panic")
 	t0 := probe.next(t, 20*time.Second)
 	sleepUntil(t0.Add(delay / 2)) // the request is still in the proxy
 	env.proxy.Pause()
@@ -1092,14 +939,11 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	env := newFaultEnv(t)
 	const prefix = "/fault/idle"
 	snaps := newTickSnapshots()
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		snaps.add(s.(*mapState))
-		return s, nil
-	})
+	reactor := snaps.reactor()
 	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness), WithMaxOutage(maxOutage))...)
 	require.NoError(t, err)
-	g := newFaultWorkers(t, time.Minute)
+	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "idle") })
 
 	// requireTicking waits for d and requires Ticks all along it.
@@ -1123,7 +967,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	env.proxy.Pause()
 	time.Sleep(maxOutage / 2)
 	env.proxy.Resume()
-	faultWaitFor(t, 10*time.Second, "ticks after the cut", g.failed, func() bool {
+	waitWithin(t, 10*time.Second, "ticks after the cut", g.failed, func() bool {
 		ts := snaps.times()
 		return time.Since(ts[len(ts)-1]) < interval*5
 	})

@@ -60,12 +60,7 @@ func newFenceFixture(ctx context.Context, t testing.TB, srv *etcdtest.Server, di
 func (f *fenceFixture) worker(t testing.TB, reg prometheus.Registerer, fenced bool) *EtcdWorker {
 	t.Helper()
 	state := newMapState(f.prefix)
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*mapState)
-		st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
-		f.groups.Add(1)
-		return st, nil
-	})
+	reactor := counterReactor(&f.groups)
 	opts := faultOptions(reg, faultLogger(t))
 	if fenced {
 		opts = append(opts, WithFencingKey(f.election.Key(), f.election.Rev()))
@@ -143,9 +138,9 @@ func TestFencing(t *testing.T) {
 				f := newFenceFixture(ctx, t, srv, direct, id, d.ttl)
 				reg := prometheus.NewRegistry()
 				w := f.worker(t, reg, fenced)
-				g := newFaultWorkers(t, time.Minute)
+				g := newWorkerGroup(t, time.Minute)
 				g.runWorker("leader", w)
-				faultWaitFor(t, faultProgressTimeout, "the leader writes", g.failed, func() bool { return f.groups.Load() >= 5 })
+				waitWithin(t, faultProgressTimeout, "the leader writes", g.failed, func() bool { return f.groups.Load() >= 5 })
 
 				d.depose(ctx, t, f)
 				deletedAt := f.deletedRev(t)
@@ -163,7 +158,7 @@ func TestFencing(t *testing.T) {
 					require.Positive(t, metricSum(t, reg, "orchestrator_commits_total"))
 					return
 				}
-				faultWaitFor(t, faultProgressTimeout, "the unfenced deposed leader writes", g.failed, func() bool {
+				waitWithin(t, faultProgressTimeout, "the unfenced deposed leader writes", g.failed, func() bool {
 					return f.lastWrite(ctx, t, direct) > deletedAt
 				})
 				g.cancel()
@@ -202,15 +197,15 @@ func TestSessionRevoked(t *testing.T) {
 				ms := st.(*mapState)
 				ticks.Add(1)
 				if tc.writing {
-					ms.patches = append(ms.patches, []DataPatch{ms.addPatch("/n", 1)})
+					ms.patches = append(ms.patches, []DataPatch{incrPatch(ms.key("/n"), 1)})
 				}
 				return ms, nil
 			})
 			w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), faultOptions(prometheus.NewRegistry(), faultLogger(t))...)
 			require.NoError(t, err)
-			g := newFaultWorkers(t, time.Minute)
+			g := newWorkerGroup(t, time.Minute)
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, s, faultInterval, tc.name) })
-			faultWaitFor(t, faultProgressTimeout, "ticks", g.failed, func() bool { return ticks.Load() >= 5 })
+			waitWithin(t, faultProgressTimeout, "ticks", g.failed, func() bool { return ticks.Load() >= 5 })
 
 			resp, err := direct.Revoke(ctx, s.Lease())
 			require.NoError(t, err)

@@ -41,26 +41,13 @@ func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, erro
 }
 
 // limWorker returns a worker on prefix with a limReactor whose groups the
-// caller sets before limRun.
+// caller sets before running it.
 func limWorker(t testing.TB, cli *clientv3.Client, prefix string, opts ...Option) (*EtcdWorker, *limReactor) {
 	t.Helper()
 	r := &limReactor{}
 	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix), opts...)
 	require.NoError(t, err)
 	return w, r
-}
-
-// limRun runs w until it returns, bounded by limRunTimeout.
-func limRun(t testing.TB, w *EtcdWorker, role string) error {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(testContext(t), limRunTimeout)
-	defer cancel()
-	return w.Run(ctx, nil, 5*time.Millisecond, role)
-}
-
-// limSet is a SingleDataPatch setting the full key to value (nil deletes).
-func limSet(key string, value []byte) DataPatch {
-	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
 }
 
 // limKeys returns n keys under prefix + "/" + kind, all of the same length.
@@ -74,23 +61,10 @@ func limKeys(prefix, kind string, n int) []string {
 
 // limGet returns the visible keys under prefix (the worker's reserved area
 // left out).
-func limGet(t testing.TB, cli *clientv3.Client, prefix string) map[string]*limKV {
+func limGet(t testing.TB, cli *clientv3.Client, prefix string) map[string]*mvccKV {
 	t.Helper()
-	resp, err := cli.Get(testContext(t), prefix+"/", clientv3.WithPrefix())
-	require.NoError(t, err)
-	out := map[string]*limKV{}
-	for _, kv := range resp.Kvs {
-		if strings.HasPrefix(string(kv.Key), prefix+reservedDir) {
-			continue
-		}
-		out[string(kv.Key)] = &limKV{value: kv.Value, modRev: kv.ModRevision}
-	}
-	return out
-}
-
-type limKV struct {
-	value  []byte
-	modRev int64
+	kvs, _ := userKVs(testContext(t), t, cli, prefix, 0)
+	return kvs
 }
 
 // limPutAll writes keys directly (not through a worker).
@@ -103,32 +77,95 @@ func limPutAll(t testing.TB, cli *clientv3.Client, keys []string, value string) 
 	}
 }
 
+// limGroup is one group deleting deletes, then putting value(j, k) to the
+// j-th key k of puts.
+func limGroup(deletes, puts []string, value func(j int, k string) []byte) []DataPatch {
+	group := make([]DataPatch, 0, len(deletes)+len(puts))
+	for _, k := range deletes {
+		group = append(group, deletePatch(util.NewEtcdKey(k)))
+	}
+	for j, k := range puts {
+		group = append(group, setKey(k, value(j, k)))
+	}
+	return group
+}
+
+// limValue is the value function of limGroup writing v to every key.
+func limValue(v string) func(int, string) []byte {
+	return func(int, string) []byte { return []byte(v) }
+}
+
+// limBytesGroup is a group deleting oldKeys and putting newKeys, with values
+// whose sizes bring the group to l.maxBytes + over. It returns the group, the
+// value sizes and the group's size as the test counts it.
+func limBytesGroup(l txnLimits, oldKeys, newKeys []string, over int) (group []DataPatch, sizes []int, estimate int) {
+	// Spread what the values may take over the puts.
+	budget := l.maxBytes - l.overheadBytes + over
+	for _, k := range oldKeys {
+		budget -= 2 * len(k)
+	}
+	if len(oldKeys) > 0 {
+		budget -= l.deleteBytes
+	}
+	for _, k := range newKeys {
+		budget -= 2 * len(k)
+	}
+	sizes = make([]int, len(newKeys))
+	for j := range sizes {
+		sizes[j] = budget / len(newKeys)
+	}
+	sizes[0] += budget % len(newKeys)
+
+	estimate = l.overheadBytes
+	for _, k := range oldKeys {
+		estimate += 2 * len(k)
+	}
+	if len(oldKeys) > 0 {
+		estimate += l.deleteBytes
+	}
+	for j, k := range newKeys {
+		estimate += 2*len(k) + sizes[j]
+	}
+	group = limGroup(oldKeys, newKeys, func(j int, _ string) []byte { return bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j]) })
+	return group, sizes, estimate
+}
+
+// limKeysPerTxn counts the keys of each Txn that landed after rev (at most
+// txns), checking that they landed in order and that no group of groupSize
+// keys was split.
+func limKeysPerTxn(t testing.TB, got map[string]*mvccKV, keys []string, rev int64, groupSize, txns int) []int {
+	t.Helper()
+	perRev := make([]int, txns)
+	last := rev + 1
+	for j, k := range keys {
+		kv := got[k]
+		require.Equal(t, k, string(kv.value))
+		require.GreaterOrEqual(t, kv.modRev, last, "key %d landed before an earlier group", j)
+		last = kv.modRev
+		idx := int(kv.modRev - rev - 1)
+		require.Less(t, idx, len(perRev), "key %d at revision %d: more Txns than expected", j, kv.modRev)
+		perRev[idx]++
+		if j%groupSize != 0 {
+			require.Equal(t, got[keys[j-1]].modRev, kv.modRev, "group %d split over two Txns", j/groupSize)
+		}
+	}
+	return perRev
+}
+
 // limRequireNothingWritten checks that a failed Run left etcd exactly as it
 // was: same revision, same visible keys.
-func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.Client, prefix string, rev int64, before map[string]*limKV) {
+func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.Client, prefix string, rev int64, before map[string]*mvccKV) {
 	t.Helper()
 	require.Equal(t, rev, srv.Revision(), "a refused group must write nothing")
 	require.Equal(t, before, limGet(t, cli, prefix))
 }
 
-// limCounter reads the counter name{role=role} from reg.
-func limCounter(t testing.TB, reg *prometheus.Registry, name, role string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	require.NoError(t, err)
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, lp := range m.GetLabel() {
-				if lp.GetName() == "role" && lp.GetValue() == role {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
+// limFencing is WithFencingKey(key, rev) when fencing, else nothing.
+func limFencing(fencing bool, key string, rev int64) []Option {
+	if !fencing {
+		return nil
 	}
-	return 0
+	return []Option{WithFencingKey(key, rev)}
 }
 
 // limFence creates a fencing key and returns it with its create revision.
@@ -189,28 +226,17 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/limops/%d", i)
-			var opts []Option
-			if tt.fencing {
-				opts = append(opts, WithFencingKey(fenceKey, fenceRev))
-			}
-			w, r := limWorker(t, cli, prefix, opts...)
+			w, r := limWorker(t, cli, prefix, limFencing(tt.fencing, fenceKey, fenceRev)...)
 			require.Equal(t, tt.wantMaxWrites, w.limits.maxOps-w.limits.overheadOps)
 
 			oldKeys := limKeys(prefix, "old", tt.deletes)
 			limPutAll(t, cli, oldKeys, "old")
 			newKeys := limKeys(prefix, "new", tt.puts)
-			var group []DataPatch
-			for _, k := range oldKeys {
-				group = append(group, limSet(k, nil))
-			}
-			for _, k := range newKeys {
-				group = append(group, limSet(k, []byte("v-"+k)))
-			}
-			r.groups = [][]DataPatch{group}
+			r.groups = [][]DataPatch{limGroup(oldKeys, newKeys, func(_ int, k string) []byte { return []byte("v-" + k) })}
 			rev := srv.Revision()
 			before := limGet(t, cli, prefix)
 
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			if tt.wantOpsExceed {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
@@ -262,11 +288,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/limbytes/%d", i)
-			var opts []Option
-			if tt.fencing {
-				opts = append(opts, WithFencingKey(fenceKey, fenceRev))
-			}
-			w, r := limWorker(t, cli, prefix, opts...)
+			w, r := limWorker(t, cli, prefix, limFencing(tt.fencing, fenceKey, fenceRev)...)
 			l := w.limits
 			require.Equal(t, DefaultTxnMaxBytes, l.maxBytes)
 			require.Equal(t, 1310720, l.maxBytes, "1.25 MiB")
@@ -275,43 +297,14 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 			limPutAll(t, cli, oldKeys, "old")
 			newKeys := limKeys(prefix, "new", tt.puts)
 
-			// Spread what the values may take over the puts.
-			budget := l.maxBytes - l.overheadBytes + tt.over
-			for _, k := range oldKeys {
-				budget -= 2 * len(k)
-			}
-			if tt.deletes > 0 {
-				budget -= l.deleteBytes
-			}
-			for _, k := range newKeys {
-				budget -= 2 * len(k)
-			}
-			sizes := make([]int, tt.puts)
-			for j := range sizes {
-				sizes[j] = budget / tt.puts
-			}
-			sizes[0] += budget % tt.puts
-
-			var group []DataPatch
-			estimate := l.overheadBytes
-			for _, k := range oldKeys {
-				group = append(group, limSet(k, nil))
-				estimate += 2 * len(k)
-			}
-			if tt.deletes > 0 {
-				estimate += l.deleteBytes
-			}
-			for j, k := range newKeys {
-				group = append(group, limSet(k, bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j])))
-				estimate += 2*len(k) + sizes[j]
-			}
+			group, sizes, estimate := limBytesGroup(l, oldKeys, newKeys, tt.over)
 			require.Equal(t, l.maxBytes+tt.over, estimate, "test setup: group size")
 			require.LessOrEqual(t, len(group)+l.overheadOps, l.maxOps, "test setup: group within the op limit")
 
 			r.groups = [][]DataPatch{group}
 			rev := srv.Revision()
 			before := limGet(t, cli, prefix)
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			if tt.over > 0 {
 				require.ErrorIs(t, err, ErrEtcdTxnSizeExceed)
 				require.NotErrorIs(t, err, ErrEtcdTxnOpsExceed)
@@ -345,17 +338,13 @@ func TestLimitsMatchingServer(t *testing.T) {
 			prefix := fmt.Sprintf("/limmatch/largest%d", n)
 			w, r := limWorker(t, cli, prefix, WithTxnLimits(serverOps, DefaultTxnMaxBytes))
 			require.Equal(t, perTxn, w.limits.maxOps-w.limits.overheadOps)
-			var group []DataPatch
-			for _, k := range limKeys(prefix, "k", n) {
-				group = append(group, limSet(k, []byte("v")))
-			}
-			r.groups = [][]DataPatch{group}
+			r.groups = [][]DataPatch{limGroup(nil, limKeys(prefix, "k", n), limValue("v"))}
 			rev := srv.Revision()
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			if n > perTxn {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
-				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*limKV{})
+				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*mvccKV{})
 				continue
 			}
 			require.NoError(t, err)
@@ -389,38 +378,89 @@ func TestLimitsMatchingServer(t *testing.T) {
 			w, r := limWorker(t, cli, prefix, WithTxnLimits(serverOps, DefaultTxnMaxBytes), WithMetrics(reg))
 			keys := limKeys(prefix, "k", tt.groups*tt.groupSize)
 			for g := 0; g < tt.groups; g++ {
-				var group []DataPatch
-				for _, k := range keys[g*tt.groupSize : (g+1)*tt.groupSize] {
-					group = append(group, limSet(k, []byte(k)))
-				}
-				r.groups = append(r.groups, group)
+				r.groups = append(r.groups, limGroup(nil, keys[g*tt.groupSize:(g+1)*tt.groupSize],
+					func(_ int, k string) []byte { return []byte(k) }))
 			}
 			rev := srv.Revision()
-			require.NoError(t, limRun(t, w, role))
+			require.NoError(t, runWithin(t, w, limRunTimeout, role))
 
-			require.Equal(t, float64(len(tt.wantTxns)), limCounter(t, reg, "orchestrator_commits_total", role))
-			require.Equal(t, float64(tt.groups), limCounter(t, reg, "orchestrator_patch_groups_applied_total", role))
+			require.Equal(t, float64(len(tt.wantTxns)), metricValue(t, reg, "orchestrator_commits_total", role))
+			require.Equal(t, float64(tt.groups), metricValue(t, reg, "orchestrator_patch_groups_applied_total", role))
 
 			// Txns land at consecutive revisions, in group order; count the
 			// keys of each.
 			got := limGet(t, cli, prefix)
 			require.Len(t, got, len(keys))
-			perRev := make([]int, len(tt.wantTxns))
-			last := rev + 1
-			for j, k := range keys {
-				kv := got[k]
-				require.Equal(t, k, string(kv.value))
-				require.GreaterOrEqual(t, kv.modRev, last, "key %d landed before an earlier group", j)
-				last = kv.modRev
-				idx := int(kv.modRev - rev - 1)
-				require.Less(t, idx, len(perRev), "key %d at revision %d: more Txns than expected", j, kv.modRev)
-				perRev[idx]++
-				if j%tt.groupSize != 0 {
-					require.Equal(t, got[keys[j-1]].modRev, kv.modRev, "group %d split over two Txns", j/tt.groupSize)
-				}
-			}
+			perRev := limKeysPerTxn(t, got, keys, rev, tt.groupSize, len(tt.wantTxns))
 			require.Equal(t, tt.wantTxns, perRev)
 		})
+	}
+}
+
+// limLowCase is one case of TestLimitsServerLowerThanWorker.
+type limLowCase struct {
+	name    string
+	srv     *etcdtest.Server
+	cli     *clientv3.Client
+	opts    []Option
+	groups  func(prefix string) [][]DataPatch
+	wantErr error
+	cause   error // the server's refusal, when etcd (not gRPC) refused
+}
+
+// limLowCases returns the cases of TestLimitsServerLowerThanWorker.
+func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client, bytesSrv *etcdtest.Server, bytesCli *clientv3.Client) []limLowCase {
+	return []limLowCase{
+		{
+			name: "one group above the server's op limit", srv: opsSrv, cli: opsCli,
+			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
+			groups: func(prefix string) [][]DataPatch {
+				return [][]DataPatch{limGroup(nil, limKeys(prefix, "k", 20), limValue("v"))}
+			},
+			wantErr: ErrEtcdTxnOpsExceed,
+			cause:   rpctypes.ErrTooManyOps,
+		},
+		{
+			// The largest group a worker limited to 17 ops accepts needs
+			// exactly 17: the worker's count is tight.
+			name: "worker limit one above the server's", srv: opsSrv, cli: opsCli,
+			opts: []Option{WithTxnLimits(serverOps+1, DefaultTxnMaxBytes)},
+			groups: func(prefix string) [][]DataPatch {
+				return [][]DataPatch{limGroup(nil, limKeys(prefix, "k", serverOps+1-2), limValue("v"))}
+			},
+			wantErr: ErrEtcdTxnOpsExceed,
+			cause:   rpctypes.ErrTooManyOps,
+		},
+		{
+			name: "small groups packed above the server's op limit", srv: opsSrv, cli: opsCli,
+			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
+			groups: func(prefix string) [][]DataPatch {
+				var gs [][]DataPatch
+				for _, k := range limKeys(prefix, "k", 100) {
+					gs = append(gs, []DataPatch{setKey(k, []byte("v"))})
+				}
+				return gs
+			},
+			wantErr: ErrEtcdTxnOpsExceed,
+			cause:   rpctypes.ErrTooManyOps,
+		},
+		{
+			name: "group above the server's request size", srv: bytesSrv, cli: bytesCli,
+			groups: func(prefix string) [][]DataPatch {
+				return [][]DataPatch{{setKey(prefix+"/big", bytes.Repeat([]byte{'x'}, 100*1024))}}
+			},
+			wantErr: ErrEtcdTxnSizeExceed,
+			cause:   rpctypes.ErrRequestTooLarge,
+		},
+		{
+			// Above the server's gRPC message limit (max-request-bytes +
+			// 512 KiB): refused by gRPC rather than by etcd.
+			name: "group above the server's gRPC message size", srv: bytesSrv, cli: bytesCli,
+			groups: func(prefix string) [][]DataPatch {
+				return [][]DataPatch{{setKey(prefix+"/big", bytes.Repeat([]byte{'x'}, 700*1024))}}
+			},
+			wantErr: ErrEtcdTxnSizeExceed,
+		},
 	}
 }
 
@@ -435,74 +475,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 	bytesSrv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(serverBytes))
 	bytesCli := bytesSrv.Client(t)
 
-	tests := []struct {
-		name    string
-		srv     *etcdtest.Server
-		cli     *clientv3.Client
-		opts    []Option
-		groups  func(prefix string) [][]DataPatch
-		wantErr error
-		cause   error // the server's refusal, when etcd (not gRPC) refused
-	}{
-		{
-			name: "one group above the server's op limit", srv: opsSrv, cli: opsCli,
-			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
-			groups: func(prefix string) [][]DataPatch {
-				var g []DataPatch
-				for _, k := range limKeys(prefix, "k", 20) {
-					g = append(g, limSet(k, []byte("v")))
-				}
-				return [][]DataPatch{g}
-			},
-			wantErr: ErrEtcdTxnOpsExceed,
-			cause:   rpctypes.ErrTooManyOps,
-		},
-		{
-			// The largest group a worker limited to 17 ops accepts needs
-			// exactly 17: the worker's count is tight.
-			name: "worker limit one above the server's", srv: opsSrv, cli: opsCli,
-			opts: []Option{WithTxnLimits(serverOps+1, DefaultTxnMaxBytes)},
-			groups: func(prefix string) [][]DataPatch {
-				var g []DataPatch
-				for _, k := range limKeys(prefix, "k", serverOps+1-2) {
-					g = append(g, limSet(k, []byte("v")))
-				}
-				return [][]DataPatch{g}
-			},
-			wantErr: ErrEtcdTxnOpsExceed,
-			cause:   rpctypes.ErrTooManyOps,
-		},
-		{
-			name: "small groups packed above the server's op limit", srv: opsSrv, cli: opsCli,
-			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
-			groups: func(prefix string) [][]DataPatch {
-				var gs [][]DataPatch
-				for _, k := range limKeys(prefix, "k", 100) {
-					gs = append(gs, []DataPatch{limSet(k, []byte("v"))})
-				}
-				return gs
-			},
-			wantErr: ErrEtcdTxnOpsExceed,
-			cause:   rpctypes.ErrTooManyOps,
-		},
-		{
-			name: "group above the server's request size", srv: bytesSrv, cli: bytesCli,
-			groups: func(prefix string) [][]DataPatch {
-				return [][]DataPatch{{limSet(prefix+"/big", bytes.Repeat([]byte{'x'}, 100*1024))}}
-			},
-			wantErr: ErrEtcdTxnSizeExceed,
-			cause:   rpctypes.ErrRequestTooLarge,
-		},
-		{
-			// Above the server's gRPC message limit (max-request-bytes +
-			// 512 KiB): refused by gRPC rather than by etcd.
-			name: "group above the server's gRPC message size", srv: bytesSrv, cli: bytesCli,
-			groups: func(prefix string) [][]DataPatch {
-				return [][]DataPatch{{limSet(prefix+"/big", bytes.Repeat([]byte{'x'}, 700*1024))}}
-			},
-			wantErr: ErrEtcdTxnSizeExceed,
-		},
-	}
+	tests := limLowCases(serverOps, opsSrv, opsCli, bytesSrv, bytesCli)
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/limlow/%d", i)
@@ -510,14 +483,14 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			r.groups = tt.groups(prefix)
 			rev := tt.srv.Revision()
 			start := time.Now()
-			err := limRun(t, w, "limits")
+			err := runWithin(t, w, limRunTimeout, "limits")
 			require.ErrorIs(t, err, tt.wantErr)
 			if tt.cause != nil {
 				require.ErrorIs(t, err, tt.cause, "the server must be the one refusing")
 			}
 			require.NotErrorIs(t, err, context.DeadlineExceeded)
 			require.Less(t, time.Since(start), limRunTimeout/2, "Run must fail promptly, not retry")
-			limRequireNothingWritten(t, tt.srv, tt.cli, prefix, rev, map[string]*limKV{})
+			limRequireNothingWritten(t, tt.srv, tt.cli, prefix, rev, map[string]*mvccKV{})
 		})
 	}
 }

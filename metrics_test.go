@@ -9,7 +9,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
@@ -17,66 +16,42 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
-// metricSeries is one series of a gathered metric: a counter's or gauge's
-// value, or a histogram's sample count and sum.
-type metricSeries struct {
-	value, count, sum float64
+// requireRoleMetrics checks the metrics of one role of
+// TestMetricsTwoWorkersShareRegistry against each other and returns its
+// commits, applied groups and conflicts.
+func requireRoleMetrics(t testing.TB, reg prometheus.Gatherer, role string) (commits, groups, conflicts float64) {
+	t.Helper()
+	c := metricValue(t, reg, "orchestrator_commits_total", role)
+	commits = c
+	groups = metricValue(t, reg, "orchestrator_patch_groups_applied_total", role)
+	conflicts = metricValue(t, reg, "orchestrator_conflicts_total", role)
+	require.GreaterOrEqual(t, metricValue(t, reg, "orchestrator_ticks_total", role), c+1, role)
+	require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role), role)
+	for _, h := range []string{"orchestrator_txn_size_bytes", "orchestrator_txn_duration_seconds"} {
+		s, ok := gatherSeries(t, reg, h, role)
+		require.True(t, ok, "%s{role=%q}", h, role)
+		// One Txn per commit plus one per conflict.
+		require.Equal(t, c+metricValue(t, reg, "orchestrator_conflicts_total", role), s.count, "%s{role=%q}", h, role)
+		require.Positive(t, s.sum, "%s{role=%q}", h, role)
+	}
+	s, ok := gatherSeries(t, reg, "orchestrator_tick_duration_seconds", role)
+	require.True(t, ok)
+	require.Equal(t, metricValue(t, reg, "orchestrator_ticks_total", role), s.count, role)
+	return commits, groups, conflicts
 }
 
-// gatherSeries returns the series name{role=role} from g, and whether it
-// exists.
-func gatherSeries(t testing.TB, g prometheus.Gatherer, name, role string) (metricSeries, bool) {
+// requireLabelledByRole checks that every family is labelled by role only,
+// with one of roles.
+func requireLabelledByRole(t testing.TB, reg prometheus.Gatherer, roles []string) {
 	t.Helper()
-	families, err := g.Gather()
+	families, err := reg.Gather()
 	require.NoError(t, err)
+	require.NotEmpty(t, families)
 	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
+		require.True(t, strings.HasPrefix(f.GetName(), MetricsNamespace+"_"), f.GetName())
 		for _, m := range f.GetMetric() {
-			if metricRole(m) != role {
-				continue
-			}
-			switch {
-			case m.GetCounter() != nil:
-				return metricSeries{value: m.GetCounter().GetValue()}, true
-			case m.GetGauge() != nil:
-				return metricSeries{value: m.GetGauge().GetValue()}, true
-			case m.GetHistogram() != nil:
-				h := m.GetHistogram()
-				return metricSeries{count: float64(h.GetSampleCount()), sum: h.GetSampleSum()}, true
-			}
-		}
-	}
-	return metricSeries{}, false
-}
-
-func metricRole(m *dto.Metric) string {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == "role" {
-			return l.GetValue()
-		}
-	}
-	return ""
-}
-
-// metricValue is the value of a counter or gauge series (0 when absent).
-func metricValue(t testing.TB, g prometheus.Gatherer, name, role string) float64 {
-	t.Helper()
-	s, _ := gatherSeries(t, g, name, role)
-	return s.value
-}
-
-// waitForMetrics polls cond until it holds or ctx is done (the test fails).
-func waitForMetrics(ctx context.Context, t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s: %v", what, ctx.Err())
-		case <-tick.C:
+			require.Len(t, m.GetLabel(), 1, f.GetName())
+			require.Contains(t, roles, metricRole(m), f.GetName())
 		}
 	}
 }
@@ -103,7 +78,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 				return st, ErrReactorFinished
 			}
 			increments.Add(1)
-			st.patches = append(st.patches, []DataPatch{st.addPatch("/counter", 1)})
+			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/counter"), 1)})
 			return st, nil
 		})
 		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, state, WithMetrics(reg))
@@ -111,7 +86,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 		g.Go(func() error { return w.Run(gctx, nil, time.Millisecond, role) })
 	}
 
-	waitForMetrics(ctx, t, "commits of both roles and a conflict", func() bool {
+	waitUntil(ctx, t, "commits of both roles and a conflict", func() bool {
 		conflicts := 0.0
 		for _, role := range roles {
 			if metricValue(t, reg, "orchestrator_commits_total", role) < 5 {
@@ -132,22 +107,8 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 
 	var commits, groups, conflicts float64
 	for _, role := range roles {
-		c := metricValue(t, reg, "orchestrator_commits_total", role)
-		commits += c
-		groups += metricValue(t, reg, "orchestrator_patch_groups_applied_total", role)
-		conflicts += metricValue(t, reg, "orchestrator_conflicts_total", role)
-		require.GreaterOrEqual(t, metricValue(t, reg, "orchestrator_ticks_total", role), c+1, role)
-		require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role), role)
-		for _, h := range []string{"orchestrator_txn_size_bytes", "orchestrator_txn_duration_seconds"} {
-			s, ok := gatherSeries(t, reg, h, role)
-			require.True(t, ok, "%s{role=%q}", h, role)
-			// One Txn per commit plus one per conflict.
-			require.Equal(t, c+metricValue(t, reg, "orchestrator_conflicts_total", role), s.count, "%s{role=%q}", h, role)
-			require.Positive(t, s.sum, "%s{role=%q}", h, role)
-		}
-		s, ok := gatherSeries(t, reg, "orchestrator_tick_duration_seconds", role)
-		require.True(t, ok)
-		require.Equal(t, metricValue(t, reg, "orchestrator_ticks_total", role), s.count, role)
+		c, g, cf := requireRoleMetrics(t, reg, role)
+		commits, groups, conflicts = commits+c, groups+g, conflicts+cf
 	}
 	// Each Tick left one group, so each landed Txn carried exactly one
 	// increment.
@@ -155,18 +116,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 	require.Equal(t, float64(counter), groups)
 	require.Positive(t, conflicts)
 
-	// Every family is labelled by role only, with both roles present for the
-	// series that moved.
-	families, err := reg.Gather()
-	require.NoError(t, err)
-	require.NotEmpty(t, families)
-	for _, f := range families {
-		require.True(t, strings.HasPrefix(f.GetName(), MetricsNamespace+"_"), f.GetName())
-		for _, m := range f.GetMetric() {
-			require.Len(t, m.GetLabel(), 1, f.GetName())
-			require.Contains(t, roles, metricRole(m), f.GetName())
-		}
-	}
+	requireLabelledByRole(t, reg, roles)
 	n, err := testutil.GatherAndCount(reg, "orchestrator_commits_total", "orchestrator_ticks_total")
 	require.NoError(t, err)
 	require.Equal(t, 4, n, "one series per role for each of the two families")
@@ -197,10 +147,9 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- w.Run(runCtx, nil, 10*time.Millisecond, role) }()
+	done := runAsync(runCtx, w, nil, 10*time.Millisecond, role)
 
-	waitForMetrics(ctx, t, "the initial load", func() bool {
+	waitUntil(ctx, t, "the initial load", func() bool {
 		return metricValue(t, reg, "orchestrator_ticks_total", role) >= 1
 	})
 	require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role))
@@ -217,7 +166,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.NoError(t, err)
 	proxy.Resume()
 
-	waitForMetrics(ctx, t, "a reload with the new keys", func() bool {
+	waitUntil(ctx, t, "a reload with the new keys", func() bool {
 		return metricValue(t, reg, "orchestrator_reloads_total", role) >= 1 &&
 			metricValue(t, reg, "orchestrator_state_keys", role) == 3
 	})
@@ -252,7 +201,7 @@ func TestMetricsNilRegisterer(t *testing.T) {
 			if ticks > 3 {
 				return st, ErrReactorFinished
 			}
-			st.patches = append(st.patches, []DataPatch{st.addPatch("/n", 1)})
+			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 			return st, nil
 		})
 		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), opts...)

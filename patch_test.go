@@ -15,32 +15,6 @@ import (
 // ptKey is the key "/p/<name>".
 func ptKey(name string) util.EtcdKey { return util.NewEtcdKey("/p/" + name) }
 
-// ptPatchFunc adapts a function to DataPatch, for general (multi-key) patches.
-type ptPatchFunc func(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
-
-func (f ptPatchFunc) Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error {
-	return f(valueMap, changedSet)
-}
-
-// ptSet is a SingleDataPatch setting key to value (nil deletes).
-func ptSet(key string, value []byte) DataPatch {
-	return SingleDataPatch{Key: ptKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
-}
-
-// ptAdd is a SingleDataPatch adding delta to the integer at key (absent = 0).
-func ptAdd(key string, delta int) DataPatch {
-	return SingleDataPatch{Key: ptKey(key), Func: func(old []byte) ([]byte, bool, error) {
-		n := 0
-		if old != nil {
-			var err error
-			if n, err = strconv.Atoi(string(old)); err != nil {
-				return nil, false, err
-			}
-		}
-		return []byte(strconv.Itoa(n + delta)), true, nil
-	}}
-}
-
 // ptFixture is a patchView over a live map, with the committed map it must
 // go back to. lookups records the keys the view asked committed for while
 // recording is on.
@@ -120,16 +94,20 @@ func (f *ptFixture) requireLive(t testing.TB, kv map[string]string) {
 func ptPut(key, value string) keyWrite { return keyWrite{key: ptKey(key), value: []byte(value)} }
 func ptDel(key string) keyWrite        { return keyWrite{key: ptKey(key)} }
 
-func TestSingleDataPatchSemantics(t *testing.T) {
+// singleDataPatchCase is one case of TestSingleDataPatchSemantics.
+type singleDataPatchCase struct {
+	name      string
+	present   bool   // whether "k" exists before the patch
+	old       string // its value when present
+	fn        func(old []byte) ([]byte, bool, error)
+	wantErr   error
+	wantWrite *keyWrite // nil: no write
+}
+
+// singleDataPatchCases returns the cases of TestSingleDataPatchSemantics.
+func singleDataPatchCases() []singleDataPatchCase {
 	errBoom := errors.New("boom")
-	tests := []struct {
-		name      string
-		present   bool   // whether "k" exists before the patch
-		old       string // its value when present
-		fn        func(old []byte) ([]byte, bool, error)
-		wantErr   error
-		wantWrite *keyWrite // nil: no write
-	}{
+	return []singleDataPatchCase{
 		{name: "nil Func", present: true, old: "v", fn: nil, wantErr: ErrInvalidArgument},
 		{
 			name: "changed=false writes nothing", present: true, old: "v",
@@ -196,6 +174,10 @@ func TestSingleDataPatchSemantics(t *testing.T) {
 			wantErr: ErrEtcdTryAgain,
 		},
 	}
+}
+
+func TestSingleDataPatchSemantics(t *testing.T) {
+	tests := singleDataPatchCases()
 	for _, tt := range tests {
 		for _, pointer := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/pointer=%v", tt.name, pointer), func(t *testing.T) {
@@ -276,17 +258,17 @@ func TestPatchViewSameKeyTwice(t *testing.T) {
 		want  []keyWrite
 		live  map[string]string // live map after the group (before reset)
 	}{
-		{"two sets: one write with the final value", []DataPatch{ptSet("a", []byte("1")), ptSet("a", []byte("2"))},
+		{"two sets: one write with the final value", []DataPatch{setPatch(ptKey("a"), []byte("1")), setPatch(ptKey("a"), []byte("2"))},
 			[]keyWrite{ptPut("a", "2")}, map[string]string{"a": "2", "b": "7"}},
-		{"second patch sees the first one's value", []DataPatch{ptAdd("b", 1), ptAdd("b", 1)},
+		{"second patch sees the first one's value", []DataPatch{incrPatch(ptKey("b"), 1), incrPatch(ptKey("b"), 1)},
 			[]keyWrite{ptPut("b", "9")}, map[string]string{"a": "0", "b": "9"}},
-		{"back to the original value: no write", []DataPatch{ptSet("a", []byte("x")), ptSet("a", []byte("0"))},
+		{"back to the original value: no write", []DataPatch{setPatch(ptKey("a"), []byte("x")), setPatch(ptKey("a"), []byte("0"))},
 			nil, map[string]string{"a": "0", "b": "7"}},
-		{"delete then recreate", []DataPatch{ptSet("a", nil), ptSet("a", []byte("new"))},
+		{"delete then recreate", []DataPatch{setPatch(ptKey("a"), nil), setPatch(ptKey("a"), []byte("new"))},
 			[]keyWrite{ptPut("a", "new")}, map[string]string{"a": "new", "b": "7"}},
-		{"create then delete: no write", []DataPatch{ptSet("n", []byte("1")), ptSet("n", nil)},
+		{"create then delete: no write", []DataPatch{setPatch(ptKey("n"), []byte("1")), setPatch(ptKey("n"), nil)},
 			nil, map[string]string{"a": "0", "b": "7"}},
-		{"first-touch order is kept", []DataPatch{ptSet("c", []byte("c")), ptSet("a", []byte("a")), ptSet("c", []byte("cc")), ptSet("b", []byte("b"))},
+		{"first-touch order is kept", []DataPatch{setPatch(ptKey("c"), []byte("c")), setPatch(ptKey("a"), []byte("a")), setPatch(ptKey("c"), []byte("cc")), setPatch(ptKey("b"), []byte("b"))},
 			[]keyWrite{ptPut("c", "cc"), ptPut("a", "a"), ptPut("b", "b")}, map[string]string{"a": "a", "b": "b", "c": "cc"}},
 	}
 	// Many keys, each touched twice, some back to their original value.
@@ -294,17 +276,17 @@ func TestPatchViewSameKeyTwice(t *testing.T) {
 	var manyWant []keyWrite
 	manyLive := map[string]string{"a": "0", "b": "7"}
 	for i := 0; i < 20; i++ {
-		many = append(many, ptSet(fmt.Sprint("m", i), []byte("first")))
+		many = append(many, setPatch(ptKey(fmt.Sprint("m", i)), []byte("first")))
 	}
-	many = append(many, ptSet("a", []byte("x")))
+	many = append(many, setPatch(ptKey("a"), []byte("x")))
 	for i := 19; i >= 0; i-- {
 		if i%3 == 0 {
-			many = append(many, ptSet(fmt.Sprint("m", i), nil)) // back to absent
+			many = append(many, setPatch(ptKey(fmt.Sprint("m", i)), nil)) // back to absent
 		} else {
-			many = append(many, ptSet(fmt.Sprint("m", i), []byte(fmt.Sprint("final", i))))
+			many = append(many, setPatch(ptKey(fmt.Sprint("m", i)), []byte(fmt.Sprint("final", i))))
 		}
 	}
-	many = append(many, ptSet("a", []byte("0")))
+	many = append(many, setPatch(ptKey("a"), []byte("0")))
 	for i := 0; i < 20; i++ {
 		if i%3 != 0 {
 			manyWant = append(manyWant, ptPut(fmt.Sprint("m", i), fmt.Sprint("final", i)))
@@ -334,16 +316,16 @@ func TestPatchViewSameKeyTwice(t *testing.T) {
 func TestPatchViewIgnoreUndoesOnlyThatPatch(t *testing.T) {
 	f := newPTFixture(map[string]string{"a": "0", "b": "0", "d": "0"})
 	// Group 1 is accepted and must survive an ignored patch in group 2.
-	writes, err := f.view.applyGroup([]DataPatch{ptSet("e", []byte("1"))})
+	writes, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("e"), []byte("1"))})
 	require.NoError(t, err)
 	requireSameWrites(t, []keyWrite{ptPut("e", "1")}, writes)
 
 	p3Ran := false
 	group := []DataPatch{
-		ptSet("a", []byte("1")),
+		setPatch(ptKey("a"), []byte("1")),
 		// Changes four keys (one of them already changed by this group, one
 		// by group 1), then asks to be ignored.
-		ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 			for _, k := range []string{"a", "b", "c", "e"} {
 				m[ptKey(k)] = []byte("2")
 				changed[ptKey(k)] = struct{}{}
@@ -377,7 +359,7 @@ func TestPatchViewIgnoreUndoesOnlyThatPatch(t *testing.T) {
 
 func TestPatchViewGeneralDataPatch(t *testing.T) {
 	f := newPTFixture(map[string]string{"a": "old", "b": "old", "f": "old", "g": "same", "h": ""})
-	multi := ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+	multi := patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 		touch := func(k string) { changed[ptKey(k)] = struct{}{} }
 		m[ptKey("x")] = []byte("1") // create
 		touch("x")
@@ -410,7 +392,7 @@ func TestPatchViewGeneralDataPatch(t *testing.T) {
 			require.Nil(t, old)
 			return []byte("back"), true, nil
 		}},
-		ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 			require.Equal(t, "1", string(m[ptKey("x")]))
 			require.Equal(t, "new", string(m[ptKey("a")]))
 			m[ptKey("a")] = []byte("old") // equal to committed, but differs from group 1's
@@ -427,21 +409,21 @@ func TestPatchViewGeneralDataPatch(t *testing.T) {
 
 func TestPatchViewReset(t *testing.T) {
 	f := newPTFixture(map[string]string{"a": "0", "b": "0", "c": "0", "d": "0", "e": ""})
-	_, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("1")), ptSet("b", nil), ptSet("x", []byte("1"))})
+	_, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("a"), []byte("1")), setPatch(ptKey("b"), nil), setPatch(ptKey("x"), []byte("1"))})
 	require.NoError(t, err)
-	_, err = f.view.applyGroup([]DataPatch{ptSet("e", []byte("e")), ptSet("a", []byte("2"))})
+	_, err = f.view.applyGroup([]DataPatch{setPatch(ptKey("e"), []byte("e")), setPatch(ptKey("a"), []byte("2"))})
 	require.NoError(t, err)
 	// A failing group: its accepted patch on y stays in the view until reset,
 	// the failing patch's change to c is undone at once.
 	errBoom := errors.New("boom")
 	_, err = f.view.applyGroup([]DataPatch{
-		ptSet("y", []byte("1")),
-		ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		setPatch(ptKey("y"), []byte("1")),
+		patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 			m[ptKey("c")] = []byte("9")
 			changed[ptKey("c")] = struct{}{}
 			return errBoom
 		}),
-		ptSet("z", []byte("never")),
+		setPatch(ptKey("z"), []byte("never")),
 	})
 	require.ErrorIs(t, err, errBoom)
 	f.requireLive(t, map[string]string{"a": "2", "c": "0", "d": "0", "e": "e", "x": "1", "y": "1"})
@@ -456,7 +438,7 @@ func TestPatchViewReset(t *testing.T) {
 
 	// The view is clean: a patch setting a key to its committed value is a
 	// no-op again, and a second reset touches nothing.
-	writes, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("0"))})
+	writes, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("a"), []byte("0"))})
 	require.NoError(t, err)
 	require.Empty(t, writes)
 	f.lookups = nil
@@ -477,17 +459,17 @@ func TestPatchViewErrors(t *testing.T) {
 		wantErr error
 		wantMsg string
 	}{
-		{"error stops the group", ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		{"error stops the group", patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 			m[ptKey("b")] = []byte("x")
 			changed[ptKey("b")] = struct{}{}
 			return errBoom
 		}), errBoom, "boom"},
-		{"try again stops the group", ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		{"try again stops the group", patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 			delete(m, ptKey("b"))
 			changed[ptKey("b")] = struct{}{}
 			return ErrEtcdTryAgain
 		}), ErrEtcdTryAgain, ""},
-		{"panic in a DataPatch", ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		{"panic in a DataPatch", patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 			m[ptKey("b")] = []byte("x")
 			changed[ptKey("b")] = struct{}{}
 			panic("kaboom")
@@ -495,7 +477,7 @@ func TestPatchViewErrors(t *testing.T) {
 		{"panic in a SingleDataPatch Func", SingleDataPatch{Key: ptKey("b"), Func: func(old []byte) ([]byte, bool, error) {
 			return []byte{old[10]}, true, nil // index out of range
 		}}, ErrPanic, "index out of range"},
-		{"panic with an error value", ptPatchFunc(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error {
+		{"panic with an error value", patchFunc(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error {
 			panic(errBoom)
 		}), ErrPanic, "boom"},
 		{"nil patch", nil, ErrInvalidArgument, "nil"},
@@ -505,11 +487,11 @@ func TestPatchViewErrors(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newPTFixture(map[string]string{"a": "0", "b": "0"})
 			lastRan := false
-			last := ptPatchFunc(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error {
+			last := patchFunc(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error {
 				lastRan = true
 				return nil
 			})
-			writes, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("1")), tt.patch, last})
+			writes, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("a"), []byte("1")), tt.patch, last})
 			require.ErrorIs(t, err, tt.wantErr)
 			require.Contains(t, err.Error(), tt.wantMsg)
 			require.Nil(t, writes)
@@ -530,7 +512,7 @@ func BenchmarkApplyGroupSingle(b *testing.B) {
 		kv[strconv.Itoa(i)] = strconv.Itoa(i)
 	}
 	f := newPTFixture(kv)
-	group := []DataPatch{ptAdd("42", 1)}
+	group := []DataPatch{incrPatch(ptKey("42"), 1)}
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
@@ -563,17 +545,17 @@ func BenchmarkPackTxns(b *testing.B) {
 // writes, and reset leaves the live map equal to the committed one.
 func TestPatchViewMixedSingleAndGeneral(t *testing.T) {
 	f := newPTFixture(map[string]string{"a": "0", "b": "7"})
-	w1, err := f.view.applyGroup([]DataPatch{ptSet("a", []byte("5"))})
+	w1, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("a"), []byte("5"))})
 	require.NoError(t, err)
 	requireSameWrites(t, []keyWrite{ptPut("a", "5")}, w1)
 	require.Nil(t, f.view.values, "a SingleDataPatch must not need the live map")
 
-	copyA := ptPatchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+	copyA := patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 		m[ptKey("b")] = append([]byte("a="), m[ptKey("a")]...)
 		changed[ptKey("b")] = struct{}{}
 		return nil
 	})
-	w2, err := f.view.applyGroup([]DataPatch{copyA, ptSet("c", []byte("1"))})
+	w2, err := f.view.applyGroup([]DataPatch{copyA, setPatch(ptKey("c"), []byte("1"))})
 	require.NoError(t, err)
 	requireSameWrites(t, []keyWrite{ptPut("b", "a=5"), ptPut("c", "1")}, w2)
 	f.requireLive(t, map[string]string{"a": "5", "b": "a=5", "c": "1"})

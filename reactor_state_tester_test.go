@@ -60,11 +60,6 @@ func (s *rstState) stringValues() map[string]string {
 	return out
 }
 
-// rstSet is a SingleDataPatch setting the full key to value (nil deletes).
-func rstSet(key string, value []byte) DataPatch {
-	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) { return value, true, nil }}
-}
-
 // rstFunc is a SingleDataPatch on key running fn.
 func rstFunc(key string, fn func(old []byte) ([]byte, bool, error)) DataPatch {
 	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: fn}
@@ -86,6 +81,11 @@ func (f *rstFailTB) Errorf(format string, args ...any) {
 	defer f.mu.Unlock()
 	f.failed = true
 	f.msgs = append(f.msgs, fmt.Sprintf(format, args...))
+}
+
+func (f *rstFailTB) Fatalf(format string, args ...any) {
+	f.Errorf(format, args...)
+	f.FailNow()
 }
 
 func (f *rstFailTB) FailNow() {
@@ -193,22 +193,22 @@ func TestReactorStateTesterApplyPatches(t *testing.T) {
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1", "/t/b": "2", "/t/d": "4"})
 	s.calls = nil
 	s.patches = [][]DataPatch{
-		{rstSet("/t/a", []byte("10")), rstSet("/t/c", []byte("3"))},
+		{setKey("/t/a", []byte("10")), setKey("/t/c", []byte("3"))},
 		{
 			// Sees group 1's write.
 			rstFunc("/t/a", func(old []byte) ([]byte, bool, error) {
 				require.Equal(t, "10", string(old))
 				return []byte("11"), true, nil
 			}),
-			rstSet("/t/b", nil),
-			rstSet("/t/e", []byte{}),
+			setKey("/t/b", nil),
+			setKey("/t/e", []byte{}),
 		},
 		// No-op group: no Update.
-		{rstSet("/t/d", []byte("4")), rstFunc("/t/d", func(old []byte) ([]byte, bool, error) { return old, false, nil })},
+		{setKey("/t/d", []byte("4")), rstFunc("/t/d", func(old []byte) ([]byte, bool, error) { return old, false, nil })},
 		// An ignored patch is skipped, the rest of its group applies.
 		{
 			rstFunc("/t/d", func([]byte) ([]byte, bool, error) { return []byte("x"), true, ErrEtcdIgnore }),
-			rstSet("/t/f", []byte("6")),
+			setKey("/t/f", []byte("6")),
 		},
 	}
 	tryAgain, err := tester.ApplyPatches()
@@ -236,14 +236,17 @@ func TestReactorStateTesterApplyPatches(t *testing.T) {
 	tester.MustApplyPatches()
 }
 
-func TestReactorStateTesterApplyPatchesTryAgain(t *testing.T) {
+// TestReactorStateTesterTryAgainAbortsWholeFlush: as in the worker, a group
+// asking to try again aborts the whole flush: nothing of any group, before
+// or after it, is applied.
+func TestReactorStateTesterTryAgainAbortsWholeFlush(t *testing.T) {
 	s := newRSTState()
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	laterRan := false
 	s.patches = [][]DataPatch{
-		{rstSet("/t/a", []byte("2"))},
+		{setKey("/t/a", []byte("2"))},
 		{
-			rstSet("/t/b", []byte("partial")),
+			setKey("/t/b", []byte("partial")),
 			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("not yet: %w", ErrEtcdTryAgain) }),
 		},
 		{rstFunc("/t/c", func([]byte) ([]byte, bool, error) {
@@ -256,8 +259,9 @@ func TestReactorStateTesterApplyPatchesTryAgain(t *testing.T) {
 	require.True(t, tryAgain)
 	require.False(t, laterRan, "groups after the one asking to try again must not run")
 	require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries(),
-		"like the worker, nothing of a flush with a patch asking to try again applies")
+		"nothing of any group applies when one asks to try again")
 	require.Equal(t, map[string]string{"/t/a": "1"}, s.stringValues())
+	require.Len(t, s.calls, 1, "only the initial load reached the state")
 
 	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
 		s := newRSTState()
@@ -275,22 +279,22 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 		failKey string
 		bad     []DataPatch
 		wantErr error
-		// Like the worker, a patch error applies nothing of the flush; a
-		// rejected Update stops feeding the state at the rejected key,
-		// after every group ran.
-		wantKV       map[string]string
-		wantLaterRan bool
+		// laterRan and wantKV: a failing patch aborts the flush before any
+		// write; a rejected Update happens while the writes are fed back,
+		// after every group ran and the groups before it were applied.
+		laterRan bool
+		wantKV   map[string]string
 	}{
-		{"patch error", "", []DataPatch{rstSet("/t/b", []byte("partial")),
+		{"patch error", "", []DataPatch{setKey("/t/b", []byte("partial")),
 			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, fmt.Errorf("ctx: %w", errBoom) })}, errBoom,
-			map[string]string{"/t/a": "1"}, false},
-		{"panic in a patch", "", []DataPatch{rstSet("/t/b", []byte("partial")),
+			false, map[string]string{"/t/a": "1"}},
+		{"panic in a patch", "", []DataPatch{setKey("/t/b", []byte("partial")),
 			rstFunc("/t/a", func([]byte) ([]byte, bool, error) { panic("kaboom") })}, ErrPanic,
-			map[string]string{"/t/a": "1"}, false},
-		{"nil Func", "", []DataPatch{rstSet("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument,
-			map[string]string{"/t/a": "1"}, false},
-		{"rejected Update", "/t/b", []DataPatch{rstSet("/t/b", []byte("x"))}, errRSTUpdate,
-			map[string]string{"/t/a": "2"}, true},
+			false, map[string]string{"/t/a": "1"}},
+		{"nil Func", "", []DataPatch{setKey("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument,
+			false, map[string]string{"/t/a": "1"}},
+		{"rejected Update", "/t/b", []DataPatch{setKey("/t/b", []byte("x"))}, errRSTUpdate,
+			true, map[string]string{"/t/a": "2"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -299,7 +303,7 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 			s.failKey = tt.failKey
 			laterRan := false
 			s.patches = [][]DataPatch{
-				{rstSet("/t/a", []byte("2"))},
+				{setKey("/t/a", []byte("2"))},
 				tt.bad,
 				{rstFunc("/t/c", func([]byte) ([]byte, bool, error) {
 					laterRan = true
@@ -309,7 +313,7 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 			tryAgain, err := tester.ApplyPatches()
 			require.ErrorIs(t, err, tt.wantErr)
 			require.False(t, tryAgain)
-			require.Equal(t, tt.wantLaterRan, laterRan)
+			require.Equal(t, tt.laterRan, laterRan)
 			require.Equal(t, tt.wantKV, tester.KVEntries())
 
 			failed, _ := rstRunFailing(t, func(tb testing.TB) {
@@ -339,4 +343,36 @@ func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
 	s.patches = [][]DataPatch{{inc}}
 	tester.MustApplyPatches()
 	require.Empty(t, s.calls, "a patch writing the current value is a no-op")
+}
+
+// TestReactorStateTesterFlushSeesEarlierGroups: the groups of one flush run
+// on the values the groups before them left, general patches included; a
+// flush aborted by ErrEtcdTryAgain leaves the values every patch sees as
+// they were, so the next flush starts from the applied state.
+func TestReactorStateTesterFlushSeesEarlierGroups(t *testing.T) {
+	s := newRSTState()
+	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
+	copyAToB := patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+		b := util.NewEtcdKey("/t/b")
+		vm[b] = vm[util.NewEtcdKey("/t/a")]
+		cs[b] = struct{}{}
+		return nil
+	})
+	tryAgain := rstFunc("/t/c", func([]byte) ([]byte, bool, error) { return nil, false, ErrEtcdTryAgain })
+
+	s.patches = [][]DataPatch{{setKey("/t/a", []byte("2"))}, {copyAToB}, {tryAgain}}
+	again, err := tester.ApplyPatches()
+	require.NoError(t, err)
+	require.True(t, again)
+	require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries())
+
+	s.patches = [][]DataPatch{{copyAToB}}
+	tester.MustApplyPatches()
+	require.Equal(t, map[string]string{"/t/a": "1", "/t/b": "1"}, tester.KVEntries(),
+		"an aborted flush must leave nothing behind for the next one")
+
+	s.patches = [][]DataPatch{{setKey("/t/a", []byte("3"))}, {copyAToB}}
+	tester.MustApplyPatches()
+	require.Equal(t, map[string]string{"/t/a": "3", "/t/b": "3"}, tester.KVEntries())
+	require.Equal(t, tester.KVEntries(), s.stringValues())
 }

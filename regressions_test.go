@@ -58,7 +58,7 @@ func TestRunAfterPanickingPatchUsesCommittedValues(t *testing.T) {
 			ms.patches = append(ms.patches, []DataPatch{bad})
 			return ms, nil
 		default:
-			ms.patches = append(ms.patches, []DataPatch{ms.addPatch("/k", 1)})
+			ms.patches = append(ms.patches, []DataPatch{incrPatch(ms.key("/k"), 1)})
 			return ms, ErrReactorFinished
 		}
 	})
@@ -72,12 +72,6 @@ func TestRunAfterPanickingPatchUsesCommittedValues(t *testing.T) {
 	resp, err := cli.Get(ctx, prefix+"/k")
 	require.NoError(t, err)
 	require.Equal(t, "6", string(resp.Kvs[0].Value), "5 + 1 expected")
-}
-
-type patchFunc func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error
-
-func (f patchFunc) Patch(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
-	return f(vm, cs)
 }
 
 // failingState fails Update for one key once.

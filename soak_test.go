@@ -43,200 +43,235 @@ func TestSoak(t *testing.T) {
 	require.NoError(t, err, "%s=%q", soakEnv, spec)
 
 	seed := uint64(time.Now().UnixNano())
-	rng := rand.New(rand.NewPCG(seed, 7))
 	t.Logf("soak for %v, seed %d", duration, seed)
-
-	c := etcdtest.NewCluster(t, 3)
-	direct := c.Client(t)
-	reg := prometheus.NewRegistry()
-	probe := newTxnProbe()
-	newClient := func(int) *clientv3.Client {
-		return faultClient(t, []grpc.DialOption{probe.dialOption()}, c.Endpoints()...)
-	}
-	opts := faultOptions(reg, zap.NewNop())
-	bank := newBankWorld("/soak/bank", 6, 10)
-	bank.tolerate = true
-	counter := newCounterWorld("/soak/counter", 3, false)
-	counter.tolerate = true
 	runFor := duration + 5*time.Minute
-	bankWorkers := startBank(t, bank, newClient, reg, zap.NewNop(), runFor)
-	counterWorkers := startCounter(t, counter, newClient, opts, runFor)
-
-	var violations []string
-	violate := func(format string, args ...any) {
-		msg := fmt.Sprintf(format, args...)
-		violations = append(violations, msg)
-		t.Logf("VIOLATION: %s", msg)
-	}
-	// progressed waits until both worlds emitted a few more groups.
-	progressed := func(what string) bool {
-		b, n := bank.emitted.Load()+5, counter.emitted.Load()+3
-		deadline := time.Now().Add(time.Minute)
-		for bank.emitted.Load() < b || counter.emitted.Load() < n {
-			if err := bankWorkers.failed(); err != nil {
-				violate("a bank worker stopped: %v", err)
-				return false
-			}
-			if err := counterWorkers.failed(); err != nil {
-				violate("a counter worker stopped: %v", err)
-				return false
-			}
-			if time.Now().After(deadline) {
-				violate("no progress within a minute after %s", what)
-				return false
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		return true
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), runFor)
 	defer cancel()
-	proxies := func() []*etcdtest.Proxy {
-		ps := make([]*etcdtest.Proxy, c.Size())
-		for i := range ps {
-			ps[i] = c.Member(i).Proxy()
-		}
-		return ps
-	}()
-	between := func(lo, hi time.Duration) time.Duration { return lo + rand.N(hi-lo) }
-	// external writes and compaction through the leader's embedded server,
-	// which the cut proxies do not stop.
-	compact := func(noise bool) {
-		lead := c.Member(c.Leader(t))
-		if noise {
-			for _, prefix := range []string{bank.prefix, counter.prefix} {
-				_, err := lead.Etcd().Server.Put(ctx, &etcdserverpb.PutRequest{
-					Key: []byte(fmt.Sprintf("%s/noise/%d", prefix, rng.IntN(5))), Value: []byte("x"),
-				})
-				require.NoError(t, err)
-			}
-		}
-		_, err := lead.Server().CompactAll(ctx)
-		require.NoError(t, err)
-	}
-
-	faults := map[string]int{}
-	kinds := []struct {
-		name   string
-		inject func()
-	}{
-		{"cut one member", func() {
-			p := proxies[rng.IntN(len(proxies))]
-			p.Pause()
-			time.Sleep(between(300*time.Millisecond, 2*time.Second))
-			p.Resume()
-		}},
-		{"cut all members", func() {
-			for _, p := range proxies {
-				p.Pause()
-			}
-			time.Sleep(between(300*time.Millisecond, 2*time.Second))
-			for _, p := range proxies {
-				p.Resume()
-			}
-		}},
-		{"delay", func() {
-			d := between(20*time.Millisecond, 150*time.Millisecond)
-			for _, p := range proxies {
-				p.SetDelay(d)
-			}
-			time.Sleep(between(time.Second, 3*time.Second))
-			for _, p := range proxies {
-				p.SetDelay(0)
-			}
-		}},
-		{"commit cut", func() {
-			f := commitFaults[rng.IntN(len(commitFaults))]
-			for _, p := range proxies {
-				p.SetDelay(commitFaultDelay)
-			}
-			t0 := probe.next(t, time.Minute)
-			sleepUntil(t0.Add(f.at))
-			for _, p := range proxies {
-				if f.blackhole {
-					p.Blackhole()
-				} else {
-					p.Pause()
-				}
-				p.SetDelay(0)
-			}
-			time.Sleep(f.outage)
-			for _, p := range proxies {
-				p.Resume()
-			}
-		}},
-		{"compaction", func() { compact(false) }},
-		{"compaction during an outage", func() {
-			for _, p := range proxies {
-				p.Pause()
-			}
-			compact(true)
-			time.Sleep(between(100*time.Millisecond, time.Second))
-			for _, p := range proxies {
-				p.Resume()
-			}
-		}},
-		{"leader stop and restart", func() {
-			lead := c.Leader(t)
-			c.StopMember(t, lead)
-			time.Sleep(between(500*time.Millisecond, 3*time.Second))
-			c.RestartMember(t, lead)
-		}},
-	}
+	s := newSoakRun(ctx, t, seed, runFor)
 
 	start := time.Now()
 	lastReport := start
-	if progressed("the start") {
+	kinds := s.faultKinds()
+	if s.progressed("the start") {
 		for time.Since(start) < duration {
-			k := kinds[rng.IntN(len(kinds))]
+			k := kinds[s.rng.IntN(len(kinds))]
 			k.inject()
-			faults[k.name]++
-			if !progressed(k.name) {
+			s.faults[k.name]++
+			if !s.progressed(k.name) {
 				break
 			}
 			if time.Since(lastReport) > 30*time.Second {
 				lastReport = time.Now()
 				t.Logf("%v: %d faults, bank groups %d, counter groups %d, violations %d",
-					time.Since(start).Round(time.Second), total(faults), bank.emitted.Load(), counter.emitted.Load(),
-					len(violations)+int(bank.violations.Load()+counter.violations.Load()))
+					time.Since(start).Round(time.Second), total(s.faults), s.bank.emitted.Load(), s.counter.emitted.Load(),
+					len(s.violations)+int(s.bank.violations.count()+s.counter.violations.count()))
 			}
 		}
 	}
 
-	// Stop, and check etcd's contents against what the workers emitted.
-	bank.stop.Store(true)
-	counter.stop.Store(true)
-	for name, err := range bankWorkers.wait(t, 2*time.Minute) {
-		if err != nil {
-			violate("%s returned %v", name, err)
+	s.stopAndCheck()
+	t.Log(s.report(seed, start))
+	require.Empty(t, s.violations, "invariant violations")
+}
+
+// soakRun is the world of TestSoak: a 3-node cluster, each member behind a
+// proxy, the bank and counter workers on it, the faults injected and the
+// violations seen.
+type soakRun struct {
+	t       *testing.T
+	ctx     context.Context
+	rng     *rand.Rand
+	c       *etcdtest.Cluster
+	direct  *clientv3.Client
+	reg     *prometheus.Registry
+	probe   *txnProbe
+	proxies []*etcdtest.Proxy
+
+	bank           *bankWorld
+	counter        *counterWorld
+	bankWorkers    *workerGroup
+	counterWorkers *workerGroup
+
+	faults     map[string]int
+	violations []string
+}
+
+// newSoakRun starts the cluster and the workers, for at most runFor.
+func newSoakRun(ctx context.Context, t *testing.T, seed uint64, runFor time.Duration) *soakRun {
+	c := etcdtest.NewCluster(t, 3)
+	s := &soakRun{
+		t: t, ctx: ctx, rng: rand.New(rand.NewPCG(seed, 7)), c: c, direct: c.Client(t),
+		reg: prometheus.NewRegistry(), probe: newTxnProbe(), faults: map[string]int{},
+	}
+	newClient := func(int) *clientv3.Client {
+		return faultClient(t, []grpc.DialOption{s.probe.dialOption()}, c.Endpoints()...)
+	}
+	s.proxies = make([]*etcdtest.Proxy, c.Size())
+	for i := range s.proxies {
+		s.proxies[i] = c.Member(i).Proxy()
+	}
+	s.bank = newBankWorld("/soak/bank", 6, 10)
+	s.bank.tolerate = true
+	s.counter = newCounterWorld("/soak/counter", 3, false)
+	s.counter.tolerate = true
+	s.bankWorkers = startBank(t, s.bank, newClient, s.reg, zap.NewNop(), runFor)
+	s.counterWorkers = startCounter(t, s.counter, newClient, faultOptions(s.reg, zap.NewNop()), runFor)
+	return s
+}
+
+func (s *soakRun) violate(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	s.violations = append(s.violations, msg)
+	s.t.Logf("VIOLATION: %s", msg)
+}
+
+// progressed waits until both worlds emitted a few more groups.
+func (s *soakRun) progressed(what string) bool {
+	b, n := s.bank.emitted.Load()+5, s.counter.emitted.Load()+3
+	deadline := time.Now().Add(time.Minute)
+	for s.bank.emitted.Load() < b || s.counter.emitted.Load() < n {
+		if err := s.bankWorkers.failed(); err != nil {
+			s.violate("a bank worker stopped: %v", err)
+			return false
+		}
+		if err := s.counterWorkers.failed(); err != nil {
+			s.violate("a counter worker stopped: %v", err)
+			return false
+		}
+		if time.Now().After(deadline) {
+			s.violate("no progress within a minute after %s", what)
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
+}
+
+// eachProxy calls fn on every member's proxy.
+func (s *soakRun) eachProxy(fn func(p *etcdtest.Proxy)) {
+	for _, p := range s.proxies {
+		fn(p)
+	}
+}
+
+func between(lo, hi time.Duration) time.Duration { return lo + rand.N(hi-lo) }
+
+// compact compacts the history (after noise writes, if asked) through the
+// leader's embedded server, which the cut proxies do not stop.
+func (s *soakRun) compact(noise bool) {
+	lead := s.c.Member(s.c.Leader(s.t))
+	if noise {
+		for _, prefix := range []string{s.bank.prefix, s.counter.prefix} {
+			_, err := lead.Etcd().Server.Put(s.ctx, &etcdserverpb.PutRequest{
+				Key: []byte(fmt.Sprintf("%s/noise/%d", prefix, s.rng.IntN(5))), Value: []byte("x"),
+			})
+			require.NoError(s.t, err)
 		}
 	}
-	for name, err := range counterWorkers.wait(t, 2*time.Minute) {
-		if err != nil {
-			violate("%s returned %v", name, err)
+	_, err := lead.Server().CompactAll(s.ctx)
+	require.NoError(s.t, err)
+}
+
+// soakFault is one kind of fault the soak test injects.
+type soakFault struct {
+	name   string
+	inject func()
+}
+
+// faultKinds returns the faults the soak test picks from.
+func (s *soakRun) faultKinds() []soakFault {
+	pause := func(p *etcdtest.Proxy) { p.Pause() }
+	resume := func(p *etcdtest.Proxy) { p.Resume() }
+	return []soakFault{
+		{"cut one member", func() {
+			p := s.proxies[s.rng.IntN(len(s.proxies))]
+			p.Pause()
+			time.Sleep(between(300*time.Millisecond, 2*time.Second))
+			p.Resume()
+		}},
+		{"cut all members", func() {
+			s.eachProxy(pause)
+			time.Sleep(between(300*time.Millisecond, 2*time.Second))
+			s.eachProxy(resume)
+		}},
+		{"delay", func() {
+			d := between(20*time.Millisecond, 150*time.Millisecond)
+			s.eachProxy(func(p *etcdtest.Proxy) { p.SetDelay(d) })
+			time.Sleep(between(time.Second, 3*time.Second))
+			s.eachProxy(func(p *etcdtest.Proxy) { p.SetDelay(0) })
+		}},
+		{"commit cut", s.commitCut},
+		{"compaction", func() { s.compact(false) }},
+		{"compaction during an outage", func() {
+			s.eachProxy(pause)
+			s.compact(true)
+			time.Sleep(between(100*time.Millisecond, time.Second))
+			s.eachProxy(resume)
+		}},
+		{"leader stop and restart", func() {
+			lead := s.c.Leader(s.t)
+			s.c.StopMember(s.t, lead)
+			time.Sleep(between(500*time.Millisecond, 3*time.Second))
+			s.c.RestartMember(s.t, lead)
+		}},
+	}
+}
+
+// commitCut cuts or stalls every link while a commit Txn is in flight.
+func (s *soakRun) commitCut() {
+	f := commitFaults[s.rng.IntN(len(commitFaults))]
+	s.eachProxy(func(p *etcdtest.Proxy) { p.SetDelay(commitFaultDelay) })
+	t0 := s.probe.next(s.t, time.Minute)
+	sleepUntil(t0.Add(f.at))
+	s.eachProxy(func(p *etcdtest.Proxy) {
+		if f.blackhole {
+			p.Blackhole()
+		} else {
+			p.Pause()
+		}
+		p.SetDelay(0)
+	})
+	time.Sleep(f.outage)
+	s.eachProxy(func(p *etcdtest.Proxy) { p.Resume() })
+}
+
+// stopAndCheck stops the workers and checks etcd's contents against what
+// they emitted.
+func (s *soakRun) stopAndCheck() {
+	s.bank.stop.Store(true)
+	s.counter.stop.Store(true)
+	for _, g := range []*workerGroup{s.bankWorkers, s.counterWorkers} {
+		for name, err := range g.wait(s.t, 2*time.Minute) {
+			if err != nil {
+				s.violate("%s returned %v", name, err)
+			}
 		}
 	}
 	checkCtx, checkCancel := context.WithTimeout(context.Background(), time.Minute)
 	defer checkCancel()
-	if err := bank.checkEtcd(checkCtx, t, direct); err != nil {
-		violate("etcd's final bank contents: %v", err)
+	if err := s.bank.checkEtcd(checkCtx, s.t, s.direct); err != nil {
+		s.violate("etcd's final bank contents: %v", err)
 	}
-	if err := counter.check(checkCtx, t, direct); err != nil {
-		violate("etcd's final counter contents: %v", err)
+	if err := s.counter.check(checkCtx, s.t, s.direct); err != nil {
+		s.violate("etcd's final counter contents: %v", err)
 	}
-	if n := bank.violations.Load(); n > 0 {
-		violate("%d bank invariant violations in Ticks, first: %v", n, bank.firstViolation)
+	if n := s.bank.violations.count(); n > 0 {
+		s.violate("%d bank invariant violations in Ticks, first: %v", n, s.bank.violations.firstErr())
 	}
-	if n := counter.violations.Load(); n > 0 {
-		violate("%d counter invariant violations in Ticks, first: %v", n, counter.firstViolation)
+	if n := s.counter.violations.count(); n > 0 {
+		s.violate("%d counter invariant violations in Ticks, first: %v", n, s.counter.violations.firstErr())
 	}
+}
 
+// report is the soak test's summary.
+func (s *soakRun) report(seed uint64, start time.Time) string {
 	var kindLines []string
-	for k, n := range faults {
+	for k, n := range s.faults {
 		kindLines = append(kindLines, fmt.Sprintf("  %-30s %d", k, n))
 	}
 	sort.Strings(kindLines)
-	report := fmt.Sprintf(`soak report (seed %d, %v):
+	t, reg := s.t, s.reg
+	return fmt.Sprintf(`soak report (seed %d, %v):
 commits (landed Txns):        %v
 patch groups applied:         %v
 bank groups emitted:          %d
@@ -251,14 +286,12 @@ invariant violations:         %d`,
 		seed, time.Since(start).Round(time.Second),
 		metricSum(t, reg, "orchestrator_commits_total"),
 		metricSum(t, reg, "orchestrator_patch_groups_applied_total"),
-		bank.emitted.Load(), counter.emitted.Load(),
+		s.bank.emitted.Load(), s.counter.emitted.Load(),
 		metricSum(t, reg, "orchestrator_conflicts_total"),
 		metricSum(t, reg, "orchestrator_unknown_commit_outcomes_total"),
 		metricSum(t, reg, "orchestrator_reloads_total"),
 		metricSum(t, reg, "orchestrator_outages_total"),
-		total(faults), strings.Join(kindLines, "\n"), len(violations))
-	t.Log(report)
-	require.Empty(t, violations, "invariant violations")
+		total(s.faults), strings.Join(kindLines, "\n"), len(s.violations))
 }
 
 func total(m map[string]int) int {
