@@ -45,93 +45,57 @@ type metrics struct {
 // newMetrics makes the collectors and registers them with reg; with a nil reg
 // they record into collectors nobody scrapes.
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
-	labels := []string{"role"}
-	m := &metrics{
-		txnBytes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: MetricsNamespace, Name: "txn_size_bytes",
-			Help:    "Size of the keys and values of each commit Txn.",
-			Buckets: prometheus.ExponentialBuckets(64, 4, 10),
-		}, labels),
-		txnDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: MetricsNamespace, Name: "txn_duration_seconds",
-			Help:    "Duration of each commit Txn round trip.",
-			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
-		}, labels),
-		tickDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: MetricsNamespace, Name: "tick_duration_seconds",
-			Help:    "Duration of each Reactor.Tick call.",
-			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18),
-		}, labels),
-		commits: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "commits_total",
-			Help: "Commit Txns that landed.",
-		}, labels),
-		conflicts: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "conflicts_total",
-			Help: "Commit Txns whose compares failed; their patches are re-run.",
-		}, labels),
-		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "retries_total",
-			Help: "Retried etcd requests (load pages, watches, commit resolutions) after an error.",
-		}, labels),
-		patches: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "patch_groups_applied_total",
-			Help: "Patch groups whose changes landed in etcd (no-op groups excluded).",
-		}, labels),
-		stateKeys: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: MetricsNamespace, Name: "state_keys",
-			Help: "Keys in the worker's state.",
-		}, labels),
-		revisionLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: MetricsNamespace, Name: "revision_lag",
-			Help: "Revisions between the newest watch revision seen and the state shown to the last Tick.",
-		}, labels),
-		outages: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "outages_total",
-			Help: "Times etcd became unreachable (a request or the watch failed and had to be retried).",
-		}, labels),
-		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "reloads_total",
-			Help: "Full reloads of the state after a compacted watch revision.",
-		}, labels),
-		ticks: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "ticks_total",
-			Help: "Reactor.Tick calls.",
-		}, labels),
-		unknownCommit: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: MetricsNamespace, Name: "unknown_commit_outcomes_total",
-			Help: "Commit Txns whose outcome was unknown and had to be resolved.",
-		}, labels),
-		lastTick: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: MetricsNamespace, Name: "last_tick_timestamp_seconds",
-			Help: "Unix time when Reactor.Tick last started; absent while the worker is not running.",
-		}, labels),
-		revision: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: MetricsNamespace, Name: "applied_revision",
-			Help: "Revision the state is known complete up to; absent while the worker is not running.",
-		}, labels),
-	}
 	rg := &registrar{reg: reg}
-	m.txnBytes = register(rg, m.txnBytes)
-	m.txnDuration = register(rg, m.txnDuration)
-	m.tickDuration = register(rg, m.tickDuration)
-	m.commits = register(rg, m.commits)
-	m.conflicts = register(rg, m.conflicts)
-	m.retries = register(rg, m.retries)
-	m.patches = register(rg, m.patches)
-	m.stateKeys = register(rg, m.stateKeys)
-	m.revisionLag = register(rg, m.revisionLag)
-	m.outages = register(rg, m.outages)
-	m.reloads = register(rg, m.reloads)
-	m.ticks = register(rg, m.ticks)
-	m.unknownCommit = register(rg, m.unknownCommit)
-	m.lastTick = register(rg, m.lastTick)
-	m.revision = register(rg, m.revision)
+	m := &metrics{
+		txnBytes: histogram(rg, "txn_size_bytes", "Size of the keys and values of each commit Txn.",
+			prometheus.ExponentialBuckets(64, 4, 10)),
+		txnDuration: histogram(rg, "txn_duration_seconds", "Duration of each commit Txn round trip.",
+			prometheus.ExponentialBuckets(0.0005, 2, 16)),
+		tickDuration: histogram(rg, "tick_duration_seconds", "Duration of each Reactor.Tick call.",
+			prometheus.ExponentialBuckets(0.0001, 2, 18)),
+		commits:   counter(rg, "commits_total", "Commit Txns that landed."),
+		conflicts: counter(rg, "conflicts_total", "Commit Txns whose compares failed; their patches are re-run."),
+		retries: counter(rg, "retries_total",
+			"Retried etcd requests (load pages, watches, commit resolutions) after an error."),
+		patches: counter(rg, "patch_groups_applied_total",
+			"Patch groups whose changes landed in etcd (no-op groups excluded)."),
+		stateKeys: gauge(rg, "state_keys", "Keys in the worker's state."),
+		revisionLag: gauge(rg, "revision_lag",
+			"Revisions between the newest watch revision seen and the state shown to the last Tick."),
+		outages: counter(rg, "outages_total",
+			"Times etcd became unreachable (a request or the watch failed and had to be retried)."),
+		reloads: counter(rg, "reloads_total", "Full reloads of the state after a compacted watch revision."),
+		ticks:   counter(rg, "ticks_total", "Reactor.Tick calls."),
+		unknownCommit: counter(rg, "unknown_commit_outcomes_total",
+			"Commit Txns whose outcome was unknown and had to be resolved."),
+		lastTick: gauge(rg, "last_tick_timestamp_seconds",
+			"Unix time when Reactor.Tick last started; absent while the worker is not running."),
+		revision: gauge(rg, "applied_revision",
+			"Revision the state is known complete up to; absent while the worker is not running."),
+	}
 	if rg.err != nil {
 		rg.rollback()
 		return nil, rg.err
 	}
 	return m, nil
+}
+
+// roleLabels are the labels of every metric.
+var roleLabels = []string{"role"}
+
+func counter(rg *registrar, name, help string) *prometheus.CounterVec {
+	return register(rg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: MetricsNamespace, Name: name, Help: help}, roleLabels))
+}
+
+func gauge(rg *registrar, name, help string) *prometheus.GaugeVec {
+	return register(rg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: MetricsNamespace, Name: name, Help: help}, roleLabels))
+}
+
+func histogram(rg *registrar, name, help string, buckets []float64) *prometheus.HistogramVec {
+	return register(rg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: MetricsNamespace, Name: name, Help: help, Buckets: buckets}, roleLabels))
 }
 
 // registrar registers collectors with a registerer (nil: none), remembering
