@@ -138,13 +138,13 @@ func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readConfig,
 	fn func(kv *mvccpb.KeyValue) error,
 ) (rev int64, delivered bool, err error) {
-	wd := newIdleWatchdog(ctx, cfg.idleTimeout)
+	ctx, wd := newIdleWatchdog(ctx, cfg.idleTimeout)
 	defer wd.stop()
 	opts := []clientv3.OpOption{clientv3.WithRange(end)}
 	if cfg.rev > 0 {
 		opts = append(opts, clientv3.WithRev(cfg.rev))
 	}
-	stream, err := kv.GetStream(wd.ctx, key, opts...)
+	stream, err := kv.GetStream(ctx, key, opts...)
 	if err != nil {
 		return 0, false, wd.err(err)
 	}
@@ -255,8 +255,8 @@ func (p *rangePager) page(ctx context.Context, fn func(kv *mvccpb.KeyValue) erro
 		if p.rev > 0 {
 			opts = append(opts, clientv3.WithRev(p.rev))
 		}
-		wd := newIdleWatchdog(ctx, p.idle)
-		resp, err := p.kv.Get(wd.ctx, p.next, opts...)
+		getCtx, wd := newIdleWatchdog(ctx, p.idle)
+		resp, err := p.kv.Get(getCtx, p.next, opts...)
 		err = wd.err(err)
 		wd.stop()
 		if status.Code(err) == codes.ResourceExhausted && p.limit != 1 {
@@ -295,23 +295,24 @@ func (p *rangePager) page(ctx context.Context, fn func(kv *mvccpb.KeyValue) erro
 // idleWatchdog cancels a read when etcd sends nothing for a while: armed
 // while waiting for data, paused while the caller's callback runs.
 type idleWatchdog struct {
-	ctx    context.Context
 	cancel context.CancelFunc
 	idle   time.Duration
 	timer  *time.Timer
 	fired  atomic.Bool
 }
 
-func newIdleWatchdog(ctx context.Context, idle time.Duration) *idleWatchdog {
+// newIdleWatchdog returns a context derived from ctx that the watchdog
+// cancels, and the armed watchdog.
+func newIdleWatchdog(ctx context.Context, idle time.Duration) (context.Context, *idleWatchdog) {
 	wd := &idleWatchdog{idle: idle}
-	wd.ctx, wd.cancel = context.WithCancel(ctx)
+	ctx, wd.cancel = context.WithCancel(ctx)
 	if idle > 0 {
 		wd.timer = time.AfterFunc(idle, func() {
 			wd.fired.Store(true)
 			wd.cancel()
 		})
 	}
-	return wd
+	return ctx, wd
 }
 
 func (wd *idleWatchdog) pause() {
