@@ -17,6 +17,7 @@ import (
 	"time"
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
@@ -152,6 +153,19 @@ func rawStream(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 		for _, kv := range resp.Kvs {
 			m[string(kv.Key)] = kv.Value
 		}
+	}
+	return m
+}
+
+// readerInto reads prefix with the package's range reader into a map.
+func readerInto(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
+	m := map[string][]byte{}
+	_, err := orchestrator.ReadPrefixForBench(ctx, cli, prefix+"/", func(kv *mvccpb.KeyValue) error {
+		m[string(kv.Key)] = kv.Value
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
 	return m
 }
@@ -351,7 +365,7 @@ func BenchmarkScale(b *testing.B) {
 				measured: dur(loadN), baseline: dur(loadS), ratio: ratioOf(loadN, loadS),
 			})
 		}
-		rows = append(rows, scaleFallbackRow(ctx, b, srv, admin, big, n))
+		rows = append(rows, scaleFallbackRows(ctx, b, srv, admin, big, n)...)
 		rows = append(rows, scaleReloadRows(ctx, b, srv, admin, big, n, streamN)...)
 		rows = append(rows, scaleMemoryRows(ctx, b, admin, big, n)...)
 		rows = append(rows, scaleCommitRow(ctx, b, admin, tiny, big, n))
@@ -384,12 +398,14 @@ func scaleLoadRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 		timed(b, n, func() int { return len(rawPages(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
 		func() time.Duration { return firstTick(ctx, b, cli, prefix, n) },
+		timed(b, n, func() int { return len(readerInto(ctx, b, cli, prefix)) }),
 	)
-	stream, pages, unpaged, worker := ds[0], ds[1], ds[2], ds[3]
+	stream, pages, unpaged, worker, reader := ds[0], ds[1], ds[2], ds[3], ds[4]
 	fastest := min(stream, pages, unpaged)
 	k := fmt.Sprintf("%dk keys", n/1000)
 	*rows = append(*rows,
 		scaleRow{"load " + k + ": worker Run -> first Tick", dur(worker), "fastest raw " + dur(fastest), ratioOf(worker, fastest)},
+		scaleRow{"load " + k + ": readRange (new reader, not yet in the worker) into map", dur(reader), "fastest raw", ratioOf(reader, fastest)},
 		scaleRow{"load " + k + ": raw GetStream into map", dur(stream), "fastest raw", ratioOf(stream, fastest)},
 		scaleRow{"load " + k + ": raw pinned 10k-key pages into map", dur(pages), "fastest raw", ratioOf(pages, fastest)},
 		scaleRow{"load " + k + ": raw unpaged Get into map", dur(unpaged), "fastest raw", ratioOf(unpaged, fastest)},
@@ -397,16 +413,21 @@ func scaleLoadRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 	return worker, stream
 }
 
-// scaleFallbackRow: first Tick of a worker whose client has no RangeStream
+// scaleFallbackRows: first Tick of a worker whose client has no RangeStream
 // (etcd < 3.7) against one raw unpaged Get.
-func scaleFallbackRow(ctx context.Context, b *testing.B, srv *etcdtest.Server, cli *clientv3.Client, prefix string, n int) scaleRow {
+func scaleFallbackRows(ctx context.Context, b *testing.B, srv *etcdtest.Server, cli *clientv3.Client, prefix string, n int) []scaleRow {
 	legacy := scaleClient(b, srv.Endpoints()[0], true)
 	ds := timeReads(3,
 		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
 		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n) },
+		timed(b, n, func() int { return len(readerInto(ctx, b, legacy, prefix)) }),
 	)
-	unpaged, worker := ds[0], ds[1]
-	return scaleRow{fmt.Sprintf("fallback (no RangeStream) %dk keys: worker first Tick", n/1000), dur(worker), "raw unpaged Get " + dur(unpaged), ratioOf(worker, unpaged)}
+	unpaged, worker, reader := ds[0], ds[1], ds[2]
+	k := fmt.Sprintf("%dk keys", n/1000)
+	return []scaleRow{
+		{"fallback (no RangeStream) " + k + ": worker first Tick", dur(worker), "raw unpaged Get " + dur(unpaged), ratioOf(worker, unpaged)},
+		{"fallback (no RangeStream) " + k + ": readRange into map", dur(reader), "raw unpaged Get " + dur(unpaged), ratioOf(reader, unpaged)},
+	}
 }
 
 // scaleReloadRows: a running worker loses its connection (proxy cut), a key
@@ -466,37 +487,39 @@ func scaleHeap() uint64 {
 }
 
 // scaleMemoryRows: heap held per key by a running worker with its state,
-// and by the same state built alone from a raw stream.
+// and by the same state built alone from a raw stream. Each is the heap
+// while held minus the heap right after it is dropped (the embedded etcd
+// shares the heap: measuring both ends back to back keeps its own
+// allocations out).
 func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) []scaleRow {
-	stateOnly := func() float64 {
+	held := func() uint64 {
 		stream, err := cli.GetStream(ctx, prefix+"/", clientv3.WithPrefix())
 		if err != nil {
 			b.Fatal(err)
 		}
-		before := scaleHeap()
-		state, raw := newScaleState(), 0
+		state := newScaleState()
 		for resp := range stream {
 			if err := resp.Err(); err != nil {
 				b.Fatal(err)
 			}
 			for _, kv := range resp.Kvs {
-				raw += len(kv.Key) + len(kv.Value)
 				_ = state.Update(util.NewEtcdKeyFromBytes(kv.Key), kv.Value, true)
 			}
 		}
-		held := scaleHeap()
+		h := scaleHeap()
 		runtime.KeepAlive(state)
-		return float64(int64(held)-int64(before)) / float64(n)
+		return h
 	}()
-	withWorker := func() float64 {
-		before := scaleHeap()
+	stateOnly := float64(int64(held)-int64(scaleHeap())) / float64(n)
+	held = func() uint64 {
 		ready := make(chan struct{})
 		var once sync.Once
 		rw := startWorker(ctx, b, cli, prefix, time.Second, newScaleState(), func(*scaleState) { once.Do(func() { close(ready) }) })
 		defer rw.stop()
 		rw.wait(ctx, ready, "the first Tick")
-		return float64(int64(scaleHeap())-int64(before)) / float64(n)
+		return scaleHeap()
 	}()
+	withWorker := float64(int64(held)-int64(scaleHeap())) / float64(n)
 	k := fmt.Sprintf("%dk keys", n/1000)
 	rawPerKey := float64(len(scaleKey(prefix, 0)) + scaleValueSize)
 	return []scaleRow{
