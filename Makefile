@@ -3,8 +3,9 @@ GOLANGCI_LINT_VERSION ?= v2.15.0
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 DURATION ?= 10m
 FUZZTIME ?= 30s
+ORCHESTRATOR_SCALE_KEYS ?= 1000000
 
-.PHONY: test lint bench cover soak fuzz vuln tools
+.PHONY: test lint bench bench-scale cover soak fuzz vuln tools
 
 ## test: the full test suite with the race detector (what CI runs).
 test:
@@ -23,6 +24,11 @@ tools:
 bench:
 	$(GO) test -run='^$$' -bench=. -skip='^BenchmarkScenarios$$' -benchmem -count=1 -timeout=30m ./...
 	$(GO) test -run='^$$' -bench='^BenchmarkScenarios$$' -benchtime=1x -count=1 -timeout=30m .
+
+## bench-scale: BenchmarkScale, the worker against raw etcd reads at
+## ORCHESTRATOR_SCALE_KEYS keys (default 1M; one embedded etcd, fsync off).
+bench-scale:
+	ORCHESTRATOR_SCALE_KEYS=$(ORCHESTRATOR_SCALE_KEYS) $(GO) test -run='^$$' -bench='^BenchmarkScale$$' -benchtime=1x -count=1 -timeout=60m .
 
 ## cover: coverage of every package.
 cover:

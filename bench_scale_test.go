@@ -1,0 +1,613 @@
+package orchestrator_test
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// BenchmarkScale measures the worker against raw etcd reads at scale: a
+// prefix of ORCHESTRATOR_SCALE_KEYS keys (default 1,000,000) with 100-byte
+// values, on one embedded etcd (fsync off, 8 GiB backend quota). It uses
+// the public API only and prints one table. It runs only when selected
+// explicitly (-bench=BenchmarkScale, make bench-scale).
+
+const (
+	scaleDefaultKeys = 1_000_000
+	scaleSmallKeys   = 100_000 // the linearity reference
+	scaleCommitKeys  = 1_000   // the small prefix of the commit row
+	scaleValueSize   = 100
+	scaleTxnPuts     = 128
+	scalePageKeys    = 10_000
+	scaleCommits     = 200
+	scaleLagSamples  = 200
+)
+
+func scaleSelected() bool {
+	f := flag.Lookup("test.bench")
+	return f != nil && strings.Contains(f.Value.String(), "Scale")
+}
+
+func scaleKeys(b *testing.B) int {
+	s := os.Getenv("ORCHESTRATOR_SCALE_KEYS")
+	if s == "" {
+		return scaleDefaultKeys
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < scaleCommitKeys {
+		b.Fatalf("ORCHESTRATOR_SCALE_KEYS=%q: want an integer >= %d", s, scaleCommitKeys)
+	}
+	return n
+}
+
+// scaleState is a plain map-based ReactorState, what a user would write.
+type scaleState struct {
+	values  map[string][]byte
+	patches [][]orchestrator.DataPatch
+}
+
+func newScaleState() *scaleState { return &scaleState{values: map[string][]byte{}} }
+
+func (s *scaleState) Update(key util.EtcdKey, value []byte, _ bool) error {
+	if value == nil {
+		delete(s.values, key.String())
+		return nil
+	}
+	s.values[key.String()] = value
+	return nil
+}
+
+func (s *scaleState) GetPatches() [][]orchestrator.DataPatch {
+	p := s.patches
+	s.patches = nil
+	return p
+}
+
+func scaleKey(prefix string, i int) string { return fmt.Sprintf("%s/k%07d", prefix, i) }
+
+func scaleValue(i int) string {
+	v := []byte(strings.Repeat("v", scaleValueSize))
+	copy(v, strconv.Itoa(i)+":")
+	return string(v)
+}
+
+// scalePopulate writes n keys under prefix with 8 parallel Txns of
+// scaleTxnPuts puts.
+func scalePopulate(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) time.Duration {
+	start := time.Now()
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for first := 0; first < n; first += scaleTxnPuts {
+		g.Go(func() error {
+			ops := make([]clientv3.Op, 0, scaleTxnPuts)
+			for i := first; i < min(first+scaleTxnPuts, n); i++ {
+				ops = append(ops, clientv3.OpPut(scaleKey(prefix, i), scaleValue(i)))
+			}
+			_, err := cli.Txn(gctx).Then(ops...).Commit()
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		b.Fatalf("populate %s: %v", prefix, err)
+	}
+	return time.Since(start)
+}
+
+// noRangeStream is a gRPC stream interceptor that answers RangeStream like
+// an etcd server before 3.7.
+func noRangeStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
+	streamer grpc.Streamer, opts ...grpc.CallOption,
+) (grpc.ClientStream, error) {
+	if method == pb.KV_RangeStream_FullMethodName {
+		return nil, status.Error(codes.Unimplemented, "unknown method RangeStream")
+	}
+	return streamer(ctx, desc, cc, method, opts...)
+}
+
+// scaleClient returns a client with the receive limit at its maximum and,
+// if legacy, without RangeStream.
+func scaleClient(b *testing.B, endpoint string, legacy bool) *clientv3.Client {
+	cfg := etcdtest.ClientConfig(endpoint)
+	cfg.MaxCallRecvMsgSize = math.MaxInt32
+	if legacy {
+		cfg.DialOptions = []grpc.DialOption{grpc.WithChainStreamInterceptor(noRangeStream)}
+	}
+	return etcdtest.NewClientFromConfig(b, cfg)
+}
+
+// Raw reads a user could write, each into a map[string][]byte.
+
+func rawStream(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
+	stream, err := cli.GetStream(ctx, prefix+"/", clientv3.WithPrefix())
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := map[string][]byte{}
+	for resp := range stream {
+		if err := resp.Err(); err != nil {
+			b.Fatal(err)
+		}
+		for _, kv := range resp.Kvs {
+			m[string(kv.Key)] = kv.Value
+		}
+	}
+	return m
+}
+
+// readerInto reads prefix with the package's range reader into a map.
+func readerInto(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
+	m := map[string][]byte{}
+	_, err := orchestrator.ReadPrefixForBench(ctx, cli, prefix+"/", func(kv *mvccpb.KeyValue) error {
+		m[string(kv.Key)] = kv.Value
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+func rawPages(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
+	key, end := prefix+"/", clientv3.GetPrefixRangeEnd(prefix+"/")
+	m := map[string][]byte{}
+	var rev int64
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(scalePageKeys)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := cli.Get(ctx, key, opts...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		rev = resp.Header.Revision
+		for _, kv := range resp.Kvs {
+			m[string(kv.Key)] = kv.Value
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return m
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+func rawUnpaged(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
+	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := make(map[string][]byte, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		m[string(kv.Key)] = kv.Value
+	}
+	return m
+}
+
+// timed wraps a read returning its key count into one returning its
+// duration, failing unless it read n keys.
+func timed(b *testing.B, n int, read func() int) func() time.Duration {
+	return func() time.Duration {
+		start := time.Now()
+		if got := read(); got != n {
+			b.Fatalf("read %d keys, want %d", got, n)
+		}
+		return time.Since(start)
+	}
+}
+
+// timeReads runs each read reps times, round-robin (so that noise from
+// other processes spreads evenly), after one untimed warm-up read, and
+// returns the median duration of each.
+func timeReads(reps int, reads ...func() time.Duration) []time.Duration {
+	reads[0]()
+	ds := make([][]time.Duration, len(reads))
+	for range reps {
+		for i, read := range reads {
+			runtime.GC()
+			ds[i] = append(ds[i], read())
+		}
+	}
+	medians := make([]time.Duration, len(reads))
+	for i := range ds {
+		medians[i] = medianDuration(ds[i])
+	}
+	return medians
+}
+
+func medianDuration(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func percentile(ds []time.Duration, p float64) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(float64(len(s))*p))]
+}
+
+// runningWorker is a worker running in the background.
+type runningWorker struct {
+	b      *testing.B
+	cancel context.CancelFunc
+	done   chan struct{} // closed when Run returned, with err
+	err    error
+}
+
+// startWorker runs a worker on prefix whose every Tick calls onTick with its
+// state (on the worker's goroutine).
+func startWorker(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, interval time.Duration,
+	state *scaleState, onTick func(s *scaleState),
+) *runningWorker {
+	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+		onTick(s.(*scaleState))
+		return s, nil
+	})
+	w, err := orchestrator.NewEtcdWorker(cli, prefix, reactor, state)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	rw := &runningWorker{b: b, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(rw.done)
+		rw.err = w.Run(ctx, nil, interval, "bench-scale")
+	}()
+	return rw
+}
+
+func (rw *runningWorker) stop() {
+	rw.cancel()
+	<-rw.done
+	if rw.err != nil && !errors.Is(rw.err, context.Canceled) {
+		rw.b.Fatalf("worker: %v", rw.err)
+	}
+}
+
+// wait waits for c, failing if the worker ends or ctx expires first.
+func (rw *runningWorker) wait(ctx context.Context, c <-chan struct{}, what string) {
+	select {
+	case <-c:
+	case <-rw.done:
+		rw.b.Fatalf("worker ended waiting for %s: %v", what, rw.err)
+	case <-ctx.Done():
+		rw.b.Fatalf("waiting for %s: %v", what, ctx.Err())
+	}
+}
+
+// firstTick returns the time from Run to the first Tick of a worker on
+// prefix that holds n keys.
+func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) time.Duration {
+	runtime.GC()
+	ticked := make(chan struct{})
+	var once sync.Once
+	var at time.Time
+	var got int
+	start := time.Now()
+	rw := startWorker(ctx, b, cli, prefix, time.Second, newScaleState(), func(s *scaleState) {
+		once.Do(func() {
+			at, got = time.Now(), len(s.values)
+			close(ticked)
+		})
+	})
+	defer rw.stop()
+	rw.wait(ctx, ticked, "the first Tick")
+	if got != n {
+		b.Fatalf("first Tick saw %d keys, want %d", got, n)
+	}
+	return at.Sub(start)
+}
+
+// scaleRow is one line of the table.
+type scaleRow struct{ what, measured, baseline, ratio string }
+
+func ratioOf(a, b time.Duration) string { return fmt.Sprintf("%.2f", float64(a)/float64(b)) }
+
+func dur(d time.Duration) string {
+	switch {
+	case d >= 10*time.Second:
+		return d.Round(100 * time.Millisecond).String()
+	case d >= time.Millisecond:
+		return d.Round(10 * time.Microsecond).String()
+	}
+	return d.Round(time.Microsecond).String()
+}
+
+func BenchmarkScale(b *testing.B) {
+	if !scaleSelected() {
+		b.Skip("run explicitly: -bench=BenchmarkScale (make bench-scale)")
+	}
+	n := scaleKeys(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 55*time.Minute)
+	defer cancel()
+	srv := etcdtest.NewServer(b, etcdtest.WithQuotaBackendBytes(8<<30))
+	admin := scaleClient(b, srv.Endpoints()[0], false)
+	big, small, tiny := "/scale/big", "/scale/small", "/scale/tiny"
+	setup := scalePopulate(ctx, b, admin, big, n)
+	if n != scaleSmallKeys {
+		scalePopulate(ctx, b, admin, small, scaleSmallKeys)
+	} else {
+		small = big
+	}
+	scalePopulate(ctx, b, admin, tiny, scaleCommitKeys)
+	fmt.Printf("setup: %d keys written in %v (%.0f keys/s; fsync off)\n", n, dur(setup), float64(n)/setup.Seconds())
+
+	for b.Loop() {
+		var rows []scaleRow
+		loadN, streamN := scaleLoadRows(ctx, b, admin, big, n, &rows)
+		if n != scaleSmallKeys {
+			loadS, _ := scaleLoadRows(ctx, b, admin, small, scaleSmallKeys, &rows)
+			rows = append(rows, scaleRow{
+				what:     fmt.Sprintf("linearity: first Tick %dk / %dk keys (linear = %.1f)", n/1000, scaleSmallKeys/1000, float64(n)/scaleSmallKeys),
+				measured: dur(loadN), baseline: dur(loadS), ratio: ratioOf(loadN, loadS),
+			})
+		}
+		rows = append(rows, scaleFallbackRows(ctx, b, srv, admin, big, n)...)
+		rows = append(rows, scaleReloadRows(ctx, b, srv, admin, big, n, streamN)...)
+		rows = append(rows, scaleMemoryRows(ctx, b, admin, big, n)...)
+		rows = append(rows, scaleCommitRow(ctx, b, admin, tiny, big, n))
+		rows = append(rows, scaleLagRow(ctx, b, admin, big, n))
+		printScaleTable(n, rows)
+	}
+}
+
+func printScaleTable(n int, rows []scaleRow) {
+	var sb strings.Builder
+	tw := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "BenchmarkScale: %d keys, %d B values, GOMAXPROCS=%d\n", n, scaleValueSize, runtime.GOMAXPROCS(0))
+	fmt.Fprintln(tw, "row\tmeasured\tbaseline\tratio")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", r.what, r.measured, r.baseline, r.ratio)
+	}
+	_ = tw.Flush()
+	fmt.Print(sb.String())
+}
+
+// scaleLoadRows: the worker's first Tick and three raw reads of prefix (n
+// keys); returns the first Tick and the raw stream times.
+func scaleLoadRows(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, rows *[]scaleRow) (time.Duration, time.Duration) {
+	reps := 5
+	if n > 300_000 {
+		reps = 3
+	}
+	ds := timeReads(reps,
+		timed(b, n, func() int { return len(rawStream(ctx, b, cli, prefix)) }),
+		timed(b, n, func() int { return len(rawPages(ctx, b, cli, prefix)) }),
+		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
+		func() time.Duration { return firstTick(ctx, b, cli, prefix, n) },
+		timed(b, n, func() int { return len(readerInto(ctx, b, cli, prefix)) }),
+	)
+	stream, pages, unpaged, worker, reader := ds[0], ds[1], ds[2], ds[3], ds[4]
+	fastest := min(stream, pages, unpaged)
+	k := fmt.Sprintf("%dk keys", n/1000)
+	*rows = append(*rows,
+		scaleRow{"load " + k + ": worker Run -> first Tick", dur(worker), "fastest raw " + dur(fastest), ratioOf(worker, fastest)},
+		scaleRow{"load " + k + ": readRange (new reader, not yet in the worker) into map", dur(reader), "fastest raw", ratioOf(reader, fastest)},
+		scaleRow{"load " + k + ": raw GetStream into map", dur(stream), "fastest raw", ratioOf(stream, fastest)},
+		scaleRow{"load " + k + ": raw pinned 10k-key pages into map", dur(pages), "fastest raw", ratioOf(pages, fastest)},
+		scaleRow{"load " + k + ": raw unpaged Get into map", dur(unpaged), "fastest raw", ratioOf(unpaged, fastest)},
+	)
+	return worker, stream
+}
+
+// scaleFallbackRows: first Tick of a worker whose client has no RangeStream
+// (etcd < 3.7) against one raw unpaged Get.
+func scaleFallbackRows(ctx context.Context, b *testing.B, srv *etcdtest.Server, cli *clientv3.Client, prefix string, n int) []scaleRow {
+	legacy := scaleClient(b, srv.Endpoints()[0], true)
+	ds := timeReads(3,
+		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
+		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n) },
+		timed(b, n, func() int { return len(readerInto(ctx, b, legacy, prefix)) }),
+	)
+	unpaged, worker, reader := ds[0], ds[1], ds[2]
+	k := fmt.Sprintf("%dk keys", n/1000)
+	return []scaleRow{
+		{"fallback (no RangeStream) " + k + ": worker first Tick", dur(worker), "raw unpaged Get " + dur(unpaged), ratioOf(worker, unpaged)},
+		{"fallback (no RangeStream) " + k + ": readRange into map", dur(reader), "raw unpaged Get " + dur(unpaged), ratioOf(reader, unpaged)},
+	}
+}
+
+// scaleReloadRows: a running worker loses its connection (proxy cut), a key
+// is written and the history compacted beyond the worker's watch revision,
+// the connection comes back: the time from the reconnection to the Tick
+// that sees the key (a full reload), against a raw streaming read.
+func scaleReloadRows(ctx context.Context, b *testing.B, srv *etcdtest.Server, admin *clientv3.Client, prefix string, n int, stream time.Duration) []scaleRow {
+	proxy := etcdtest.NewProxy(b, srv.Endpoints()[0])
+	pcli := scaleClient(b, proxy.Endpoint(), false)
+	probe := prefix + "/zz-reload"
+	ready, seen := make(chan struct{}), make(chan struct{})
+	var readyOnce, seenOnce sync.Once
+	var seenAt time.Time
+	rw := startWorker(ctx, b, pcli, prefix, 100*time.Millisecond, newScaleState(), func(s *scaleState) {
+		readyOnce.Do(func() { close(ready) })
+		if _, ok := s.values[probe]; ok {
+			seenOnce.Do(func() { seenAt = time.Now(); close(seen) })
+		}
+	})
+	defer rw.stop()
+	rw.wait(ctx, ready, "the first Tick")
+
+	proxy.Pause()
+	for _, k := range []string{probe, "/scale/elsewhere"} { // compact beyond the probe
+		if _, err := admin.Put(ctx, k, "x"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if _, err := etcdtest.Compact(ctx, admin); err != nil {
+		b.Fatal(err)
+	}
+	resumeAt := time.Now()
+	proxy.Resume()
+	if _, err := pcli.Get(ctx, "/scale/elsewhere"); err != nil {
+		b.Fatal(err)
+	}
+	reconnect := time.Since(resumeAt)
+	rw.wait(ctx, seen, "the Tick after the reload")
+	reload := seenAt.Sub(resumeAt)
+	if _, err := admin.Delete(ctx, probe); err != nil {
+		b.Fatal(err)
+	}
+	k := fmt.Sprintf("%dk keys", n/1000)
+	return []scaleRow{
+		{"reload after compaction " + k + ": reconnect -> Tick", dur(reload), "raw GetStream " + dur(stream), ratioOf(reload, stream)},
+		{"  of which: reconnect -> first Get through the proxy", dur(reconnect), "", ""},
+	}
+}
+
+// scaleHeap returns the live heap after two full collections.
+func scaleHeap() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
+}
+
+// scaleMemoryRows: heap held per key by a running worker with its state,
+// and by the same state built alone from a raw stream. Each is the heap
+// while held minus the heap right after it is dropped (the embedded etcd
+// shares the heap: measuring both ends back to back keeps its own
+// allocations out).
+func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) []scaleRow {
+	held := func() uint64 {
+		stream, err := cli.GetStream(ctx, prefix+"/", clientv3.WithPrefix())
+		if err != nil {
+			b.Fatal(err)
+		}
+		state := newScaleState()
+		for resp := range stream {
+			if err := resp.Err(); err != nil {
+				b.Fatal(err)
+			}
+			for _, kv := range resp.Kvs {
+				_ = state.Update(util.NewEtcdKeyFromBytes(kv.Key), kv.Value, true)
+			}
+		}
+		h := scaleHeap()
+		runtime.KeepAlive(state)
+		return h
+	}()
+	stateOnly := float64(int64(held)-int64(scaleHeap())) / float64(n)
+	held = func() uint64 {
+		ready := make(chan struct{})
+		var once sync.Once
+		rw := startWorker(ctx, b, cli, prefix, time.Second, newScaleState(), func(*scaleState) { once.Do(func() { close(ready) }) })
+		defer rw.stop()
+		rw.wait(ctx, ready, "the first Tick")
+		return scaleHeap()
+	}()
+	withWorker := float64(int64(held)-int64(scaleHeap())) / float64(n)
+	k := fmt.Sprintf("%dk keys", n/1000)
+	rawPerKey := float64(len(scaleKey(prefix, 0)) + scaleValueSize)
+	return []scaleRow{
+		{"heap/key " + k + ": running worker + its state", fmt.Sprintf("%.0f B", withWorker), fmt.Sprintf("state alone %.0f B", stateOnly), fmt.Sprintf("%.2f", withWorker/stateOnly)},
+		{"heap/key " + k + ": worker's own share (total - state)", fmt.Sprintf("%.0f B", withWorker-stateOnly), fmt.Sprintf("raw key+value %.0f B", rawPerKey), fmt.Sprintf("%.2f", (withWorker-stateOnly)/rawPerKey)},
+	}
+}
+
+// commitCycle returns the median time between Ticks of a worker on prefix
+// whose every Tick commits one single-key patch group.
+func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) time.Duration {
+	var ticks []time.Time
+	done := make(chan struct{})
+	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newScaleState(), func(s *scaleState) {
+		if len(ticks) > scaleCommits {
+			return
+		}
+		ticks = append(ticks, time.Now())
+		if len(ticks) > scaleCommits {
+			close(done)
+			return
+		}
+		i := len(ticks)
+		key, value := util.NewEtcdKey(scaleKey(prefix, i%100)), []byte(scaleValue(i))
+		s.patches = append(s.patches, []orchestrator.DataPatch{orchestrator.SingleDataPatch{
+			Key: key, Func: func([]byte) ([]byte, bool, error) { return value, true, nil },
+		}})
+	})
+	rw.wait(ctx, done, "the commits")
+	rw.stop()
+	var ds []time.Duration
+	for i := 1; i < len(ticks); i++ {
+		ds = append(ds, ticks[i].Sub(ticks[i-1]))
+	}
+	return medianDuration(ds)
+}
+
+func scaleCommitRow(ctx context.Context, b *testing.B, cli *clientv3.Client, tiny, big string, n int) scaleRow {
+	small := commitCycle(ctx, b, cli, tiny)
+	large := commitCycle(ctx, b, cli, big)
+	return scaleRow{
+		fmt.Sprintf("commit cycle (Tick -> commit -> Tick, median of %d): %dk keys", scaleCommits, n/1000),
+		dur(large), fmt.Sprintf("%dk keys %s", scaleCommitKeys/1000, dur(small)), ratioOf(large, small),
+	}
+}
+
+// scaleLagRow: the time from the start of a raw Put of a key to the Tick
+// that sees it, with an n-key state (timerInterval 1ms).
+func scaleLagRow(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) scaleRow {
+	probe := prefix + "/zz-lag"
+	seen := make(chan string, 1)
+	ready := make(chan struct{})
+	var once sync.Once
+	last := ""
+	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newScaleState(), func(s *scaleState) {
+		once.Do(func() { close(ready) })
+		if v := string(s.values[probe]); v != last {
+			last = v
+			seen <- v
+		}
+	})
+	defer rw.stop()
+	rw.wait(ctx, ready, "the first Tick")
+	var lags, puts []time.Duration
+	for i := range scaleLagSamples {
+		v := strconv.Itoa(i + 1)
+		start := time.Now()
+		if _, err := cli.Put(ctx, probe, v); err != nil {
+			b.Fatal(err)
+		}
+		puts = append(puts, time.Since(start))
+		select {
+		case got := <-seen:
+			if got != v {
+				b.Fatalf("Tick saw %q, want %q", got, v)
+			}
+			lags = append(lags, time.Since(start))
+		case <-ctx.Done():
+			b.Fatal(ctx.Err())
+		}
+	}
+	if _, err := cli.Delete(ctx, probe); err != nil {
+		b.Fatal(err)
+	}
+	<-seen // the deletion
+	return scaleRow{
+		fmt.Sprintf("Tick lag %dk keys: Put start -> Tick, p50 / p99", n/1000),
+		dur(percentile(lags, 0.5)) + " / " + dur(percentile(lags, 0.99)),
+		"Put alone p50 " + dur(percentile(puts, 0.5)), ratioOf(percentile(lags, 0.5), percentile(puts, 0.5)),
+	}
+}

@@ -1,0 +1,392 @@
+package orchestrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+)
+
+// rangeTestPrefix is the prefix the range reader tests populate.
+const rangeTestPrefix = "/rangeread/"
+
+// rpcCounter is a gRPC client interceptor pair that counts KV Range calls
+// and RangeStream messages (with their encoded sizes) and, when
+// noStream is set, answers RangeStream with codes.Unimplemented like a
+// server before etcd 3.7.
+type rpcCounter struct {
+	noStream bool
+
+	mu            sync.Mutex
+	streams       int   // RangeStream calls
+	chunks        []int // encoded size of each RangeStream message
+	ranges        int   // unary Range calls
+	rangeResponse []int // encoded size of each Range response
+}
+
+func (c *rpcCounter) dialOptions() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithChainStreamInterceptor(c.stream),
+		grpc.WithChainUnaryInterceptor(c.unary),
+		// A fixed 64 KiB flow-control window (no BDP growth) bounds how far
+		// the server can read ahead of the callback, which makes the
+		// tests that write or compact during a read deterministic.
+		grpc.WithInitialWindowSize(64 << 10),
+		grpc.WithInitialConnWindowSize(64 << 10),
+	}
+}
+
+func (c *rpcCounter) stream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+	method string, streamer grpc.Streamer, opts ...grpc.CallOption,
+) (grpc.ClientStream, error) {
+	if method != pb.KV_RangeStream_FullMethodName {
+		return streamer(ctx, desc, cc, method, opts...)
+	}
+	c.mu.Lock()
+	c.streams++
+	c.mu.Unlock()
+	if c.noStream {
+		return nil, status.Error(codes.Unimplemented, "unknown method RangeStream for service etcdserverpb.KV")
+	}
+	cs, err := streamer(ctx, desc, cc, method, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return &countingStream{ClientStream: cs, c: c}, nil
+}
+
+func (c *rpcCounter) unary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn,
+	invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+) error {
+	err := invoker(ctx, method, req, reply, cc, opts...)
+	if method == pb.KV_Range_FullMethodName {
+		c.mu.Lock()
+		c.ranges++
+		if err == nil {
+			c.rangeResponse = append(c.rangeResponse, proto.Size(reply.(*pb.RangeResponse)))
+		}
+		c.mu.Unlock()
+	}
+	return err
+}
+
+type countingStream struct {
+	grpc.ClientStream
+	c *rpcCounter
+}
+
+func (s *countingStream) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	if err == nil {
+		s.c.mu.Lock()
+		s.c.chunks = append(s.c.chunks, proto.Size(m.(*pb.RangeStreamResponse)))
+		s.c.mu.Unlock()
+	}
+	return err
+}
+
+func (c *rpcCounter) counts() (streams, chunks, ranges int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.streams, len(c.chunks), c.ranges
+}
+
+// rangeTestEnv is an embedded etcd with a prefix of keys and a client that
+// counts (and may refuse) range RPCs.
+type rangeTestEnv struct {
+	srv     *etcdtest.Server
+	cli     *clientv3.Client // counted client
+	admin   *clientv3.Client // plain client for writes and compactions
+	counter *rpcCounter
+	want    map[string]string
+}
+
+// newRangeTestEnv starts etcd with the given request size limit (which sets
+// the stream's chunk size) and writes n keys of valueSize bytes.
+func newRangeTestEnv(t *testing.T, maxRequestBytes uint, n, valueSize int, noStream bool, recvLimit int) *rangeTestEnv {
+	t.Helper()
+	srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(maxRequestBytes))
+	counter := &rpcCounter{noStream: noStream}
+	cfg := etcdtest.ClientConfig(srv.Endpoints()...)
+	cfg.DialOptions = counter.dialOptions()
+	cfg.MaxCallRecvMsgSize = recvLimit
+	env := &rangeTestEnv{
+		srv: srv, cli: etcdtest.NewClientFromConfig(t, cfg), admin: srv.Client(t),
+		counter: counter, want: map[string]string{},
+	}
+	ctx := rangeTestContext(t)
+	var ops []clientv3.Op
+	batchBytes := 0
+	flush := func() {
+		_, err := env.admin.Txn(ctx).Then(ops...).Commit()
+		require.NoError(t, err)
+		ops, batchBytes = ops[:0], 0
+	}
+	for i := range n {
+		k := fmt.Sprintf("%sk%06d", rangeTestPrefix, i)
+		v := fmt.Sprintf("%d:%s", i, strings.Repeat("v", max(0, valueSize-8)))
+		env.want[k] = v
+		ops = append(ops, clientv3.OpPut(k, v))
+		batchBytes += len(k) + len(v)
+		if len(ops) == 100 || batchBytes > int(maxRequestBytes)/2 {
+			flush()
+		}
+	}
+	if len(ops) > 0 {
+		flush()
+	}
+	return env
+}
+
+func rangeTestContext(t *testing.T) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// read reads the test prefix with cfg, collecting values; every key must
+// come in order and only once. hook, if set, runs before each key is stored.
+func (env *rangeTestEnv) read(ctx context.Context, cfg readConfig, hook func(i int) error) (map[string]string, int64, error) {
+	got := map[string]string{}
+	last := ""
+	rev, err := readRange(ctx, env.cli, rangeTestPrefix, clientv3.GetPrefixRangeEnd(rangeTestPrefix), cfg,
+		func(kv *mvccpb.KeyValue) error {
+			if hook != nil {
+				if err := hook(len(got)); err != nil {
+					return err
+				}
+			}
+			if string(kv.Key) <= last {
+				return fmt.Errorf("key %q after %q", kv.Key, last)
+			}
+			if kv.Value == nil {
+				return fmt.Errorf("key %q with a nil value", kv.Key)
+			}
+			last = string(kv.Key)
+			got[last] = string(kv.Value)
+			return nil
+		})
+	return got, rev, err
+}
+
+func TestReadRangeStreamsKeysInChunksOfTheServerRequestLimit(t *testing.T) {
+	const limit = 64 << 10
+	env := newRangeTestEnv(t, limit, 2000, 1000, false, 0)
+	ctx := rangeTestContext(t)
+	wantRev := env.srv.Revision()
+
+	got, rev, err := env.read(ctx, readConfig{}, nil)
+	require.NoError(t, err)
+	require.Equal(t, env.want, got)
+	require.Equal(t, wantRev, rev)
+
+	streams, chunks, ranges := env.counter.counts()
+	require.Equal(t, 1, streams)
+	require.Zero(t, ranges, "the stream path sends no unary Range")
+	require.Greater(t, chunks, 10, "2 MB in chunks of about 64 KiB")
+	for i, size := range env.counter.chunks {
+		// Chunks double from 10 keys until half the server's request
+		// limit, then stay below twice the limit.
+		require.LessOrEqual(t, size, 2*limit, "chunk %d", i)
+	}
+}
+
+func TestReadRangeSeesOneRevisionWhileKeysChangeDuringTheRead(t *testing.T) {
+	for _, noStream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
+			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
+			ctx := rangeTestContext(t)
+			wantRev := env.srv.Revision()
+			last := fmt.Sprintf("%sk%06d", rangeTestPrefix, 1999)
+			cfg := readConfig{minPageKeys: 100}
+			got, rev, err := env.read(ctx, cfg, func(i int) error {
+				if i != 0 {
+					return nil
+				}
+				// After the first key: change, delete and add keys the
+				// read has not reached yet.
+				_, err := env.admin.Txn(ctx).Then(
+					clientv3.OpPut(fmt.Sprintf("%sk%06d", rangeTestPrefix, 1500), "changed"),
+					clientv3.OpDelete(last),
+					clientv3.OpPut(rangeTestPrefix+"zz-new", "new"),
+				).Commit()
+				return err
+			})
+			require.NoError(t, err)
+			require.Equal(t, wantRev, rev)
+			require.Equal(t, env.want, got)
+		})
+	}
+}
+
+func TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead(t *testing.T) {
+	for _, noStream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
+			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
+			ctx := rangeTestContext(t)
+			cfg := readConfig{minPageKeys: 100}
+			_, _, err := env.read(ctx, cfg, func(i int) error {
+				if i != 0 {
+					return nil
+				}
+				if _, err := env.admin.Put(ctx, "/elsewhere", "x"); err != nil {
+					return err
+				}
+				_, err := etcdtest.Compact(ctx, env.admin)
+				return err
+			})
+			require.ErrorIs(t, err, rpctypes.ErrCompacted)
+			var ce rangeCallbackError
+			require.False(t, errors.As(err, &ce), "an etcd error is not a callback error")
+		})
+	}
+}
+
+func TestReadRangeOfAnEmptyPrefixReturnsTheCurrentRevision(t *testing.T) {
+	for _, noStream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
+			env := newRangeTestEnv(t, 64<<10, 0, 0, noStream, 0)
+			ctx := rangeTestContext(t)
+			_, err := env.admin.Put(ctx, "/elsewhere", "x")
+			require.NoError(t, err)
+			got, rev, err := env.read(ctx, readConfig{}, nil)
+			require.NoError(t, err)
+			require.Empty(t, got)
+			require.Equal(t, env.srv.Revision(), rev)
+		})
+	}
+}
+
+func TestReadRangePassesAnEmptyValueAsANonNilSlice(t *testing.T) {
+	for _, noStream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
+			env := newRangeTestEnv(t, 64<<10, 3, 10, noStream, 0)
+			ctx := rangeTestContext(t)
+			_, err := env.admin.Put(ctx, rangeTestPrefix+"empty", "")
+			require.NoError(t, err)
+			env.want[rangeTestPrefix+"empty"] = ""
+			got, _, err := env.read(ctx, readConfig{}, nil) // read fails on a nil value
+			require.NoError(t, err)
+			require.Equal(t, env.want, got)
+		})
+	}
+}
+
+func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
+	for _, noStream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
+			env := newRangeTestEnv(t, 64<<10, 50, 10, noStream, 0)
+			ctx := rangeTestContext(t)
+			at := env.srv.Revision()
+			_, err := env.admin.Delete(ctx, rangeTestPrefix, clientv3.WithPrefix())
+			require.NoError(t, err)
+			got, rev, err := env.read(ctx, readConfig{rev: at, minPageKeys: 10}, nil)
+			require.NoError(t, err)
+			require.Equal(t, at, rev)
+			require.Equal(t, env.want, got)
+		})
+	}
+}
+
+func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
+	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, 0)
+	ctx := rangeTestContext(t)
+	support := &streamSupport{}
+	cfg := readConfig{minPageKeys: 100, support: support}
+	for range 2 {
+		got, rev, err := env.read(ctx, cfg, nil)
+		require.NoError(t, err)
+		require.Equal(t, env.want, got)
+		require.Equal(t, env.srv.Revision(), rev)
+	}
+	streams, _, ranges := env.counter.counts()
+	require.Equal(t, 1, streams, "the second read skips the stream")
+	require.Equal(t, 4, ranges, "each read: a sizing page of 100 keys, then the rest in one response")
+	require.False(t, support.useStream(time.Now()))
+	require.True(t, support.useStream(time.Now().Add(streamRetryInterval)))
+}
+
+func TestReadRangePagesWhenTheRangeExceedsTheReceiveLimit(t *testing.T) {
+	const recvLimit = 32 << 10
+	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, recvLimit) // ~120 KB in all
+	ctx := rangeTestContext(t)
+	got, _, err := env.read(ctx, readConfig{minPageKeys: 10, maxRecvBytes: recvLimit}, nil)
+	require.NoError(t, err)
+	require.Equal(t, env.want, got)
+	_, _, ranges := env.counter.counts()
+	require.Greater(t, ranges, 5)
+	for i, size := range env.counter.rangeResponse {
+		require.LessOrEqual(t, size, recvLimit, "response %d", i)
+	}
+}
+
+func TestReadRangeShrinksPagesThatExceedTheReceiveLimit(t *testing.T) {
+	// Underestimated: the first page's keys are small, the rest large.
+	const recvLimit = 64 << 10
+	env := newRangeTestEnv(t, 1<<20, 20, 10, true, recvLimit)
+	ctx := rangeTestContext(t)
+	for i := range 200 {
+		k, v := fmt.Sprintf("%sz%04d", rangeTestPrefix, i), strings.Repeat("x", 1000)
+		_, err := env.admin.Put(ctx, k, v)
+		require.NoError(t, err)
+		env.want[k] = v
+	}
+	got, _, err := env.read(ctx, readConfig{minPageKeys: 20, maxRecvBytes: recvLimit}, nil)
+	require.NoError(t, err)
+	require.Equal(t, env.want, got)
+	_, _, ranges := env.counter.counts()
+	require.Greater(t, ranges, 10, "the sizing page, the refused rest, then pages of 20 keys")
+}
+
+func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
+	errUser := errors.New("user says no")
+	for _, noStream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
+			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
+			ctx := rangeTestContext(t)
+			got, _, err := env.read(ctx, readConfig{minPageKeys: 100}, func(i int) error {
+				if i == 500 {
+					return errUser
+				}
+				return nil
+			})
+			require.ErrorIs(t, err, errUser)
+			var ce rangeCallbackError
+			require.ErrorAs(t, err, &ce)
+			require.Len(t, got, 500)
+		})
+	}
+}
+
+func TestReadRangeFailsWithDeadlineExceededWhenEtcdGoesSilent(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	cli := etcdtest.NewClient(t, proxy.Endpoint())
+	ctx := rangeTestContext(t)
+	_, err := cli.Put(ctx, rangeTestPrefix+"a", "1")
+	require.NoError(t, err)
+	proxy.Blackhole()
+	t.Cleanup(proxy.Resume)
+	start := time.Now()
+	_, err = readRange(ctx, cli, rangeTestPrefix, clientv3.GetPrefixRangeEnd(rangeTestPrefix),
+		readConfig{idleTimeout: 300 * time.Millisecond}, func(*mvccpb.KeyValue) error { return nil })
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.Less(t, time.Since(start), 5*time.Second)
+	require.NoError(t, ctx.Err())
+}
