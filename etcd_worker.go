@@ -27,6 +27,8 @@ type EtcdWorker struct {
 
 	running atomic.Bool
 	board   *statusBoard
+	// streamSupport remembers a server without a streaming range.
+	streamSupport streamSupport
 
 	// mirror is what the state has been told. It is kept across runs so
 	// that a second Run only tells the state what changed.

@@ -497,7 +497,10 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 
 // TestFaultCompactionBetweenLoadPages: the history is compacted while the
 // initial load is between pages (pinned at an older revision). The load
-// starts over and the first Tick sees exactly etcd's contents.
+// starts over and the first Tick sees exactly etcd's contents. Pages are
+// the read path of servers without a streaming range, so the worker's
+// client answers RangeStream Unimplemented itself (compaction during a
+// streamed read is TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead).
 func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	env := newFaultEnv(t)
 	ctx := testContext(t)
@@ -530,7 +533,8 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 		snaps.add(s.(*hookState).mapState)
 		return s, ErrReactorFinished
 	})
-	w, err := NewEtcdWorker(env.client(t), prefix, reactor, state,
+	noStream := &rpcCounter{noStream: true}
+	w, err := NewEtcdWorker(env.client(t, noStream.dialOptions()...), prefix, reactor, state,
 		faultOptions(env.reg, faultLogger(t), WithPageSize(2))...)
 	require.NoError(t, err)
 	require.NoError(t, w.Run(ctx, nil, faultInterval, "paged"))

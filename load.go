@@ -21,7 +21,7 @@ func (e userError) Unwrap() error { return e.err }
 func (r *run) loadWithRetry() error {
 	bo := newBackoff()
 	for {
-		sent := r.now()
+		r.lastData = r.now()
 		err := r.load()
 		if err == nil {
 			return nil
@@ -36,7 +36,8 @@ func (r *run) loadWithRetry() error {
 		if errors.Is(err, rpctypes.ErrCompacted) {
 			continue // the pinned revision was compacted during the read: start over
 		}
-		if err := r.failed("load", sent, err); err != nil {
+		// The outage began when etcd last sent data, not when the read began.
+		if err := r.failed("load", r.lastData, err); err != nil {
 			return err
 		}
 		if err := r.sleep(bo.next(), false); err != nil {
@@ -89,37 +90,35 @@ func (r *run) load() error {
 	return nil
 }
 
-// readPrefix reads every key under the prefix in pages pinned at the
-// revision of the first page, calling fn for each; an error of fn is
-// returned as a userError. Every page that arrives counts as an answer of
-// etcd.
+// readPrefix reads every key under the prefix at one revision (see
+// readRange: a streaming range, or pinned pages on servers without one),
+// calling fn for each; an error of fn is returned as a userError. Every key
+// that arrives counts as an answer of etcd, so a long read that succeeds
+// chunk by chunk is never an outage; a read that stalls fails after the
+// request timeout (bounded by the outage limit) without data.
 func (r *run) readPrefix(fn func(kv *mvccpb.KeyValue) error) (int64, error) {
 	key, end := r.mirror.watchKey, clientv3.GetPrefixRangeEnd(r.mirror.watchKey)
-	var rev int64
-	for {
-		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(int64(r.w.opts.pageSize))}
-		if rev != 0 {
-			opts = append(opts, clientv3.WithRev(rev))
-		}
-		ctx, cancel := r.requestCtx(false)
-		resp, err := r.w.client.Get(ctx, key, opts...)
-		cancel()
-		if err != nil {
-			return 0, err
-		}
-		r.answered(resp.Header.Revision)
-		if rev == 0 {
-			rev = resp.Header.Revision
-			r.mirror.reserve(int(resp.Count))
-		}
-		for _, kv := range resp.Kvs {
-			if err := fn(kv); err != nil {
-				return 0, userError{err}
-			}
-		}
-		if !resp.More || len(resp.Kvs) == 0 {
-			return rev, nil
-		}
-		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	cfg := readConfig{
+		minPageKeys: r.w.opts.pageSize,
+		idleTimeout: r.health.requestTimeout(r.now(), r.w.opts.requestTimeout),
+		support:     &r.w.streamSupport,
 	}
+	n := 0
+	rev, err := readRange(r.ctx, r.w.client, key, end, cfg, func(kv *mvccpb.KeyValue) error {
+		if n&1023 == 0 { // data arrived: etcd answers (checked now and then, it is per key)
+			r.answered(0)
+			r.lastData = r.now()
+		}
+		n++
+		return fn(kv)
+	})
+	var ce rangeCallbackError
+	if errors.As(err, &ce) {
+		return 0, userError{ce.err}
+	}
+	if err != nil {
+		return 0, err
+	}
+	r.answered(rev)
+	return rev, nil
 }

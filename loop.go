@@ -41,7 +41,8 @@ type run struct {
 	barrierRev int64 // revision of the worker's last commit
 	pending    pendingPatches
 	finishing  bool
-	synced     bool // the initial load is done
+	synced     bool      // the initial load is done
+	lastData   time.Time // when the load in progress last received data
 }
 
 // pendingPatches are the groups of the last Tick not committed yet, and

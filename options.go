@@ -17,9 +17,10 @@ const (
 	// (1.25 MiB): etcd's default --max-request-bytes (1.5 MiB) less room for
 	// protobuf framing.
 	DefaultTxnMaxBytes = 1024 * (1024 + 256)
-	// DefaultPageSize is the default number of keys read per page while
-	// loading or reloading the state.
-	DefaultPageSize = 1000
+	// DefaultPageSize is the default smallest page of the paged read that
+	// loads or reloads the state on servers without a streaming range (etcd
+	// before 3.7). Servers with one stream the whole prefix in one request.
+	DefaultPageSize = 10_000
 	// DefaultMaxStaleness is the default bound on how old the newest proof of
 	// freshness of the state may be before the worker stops ticking.
 	DefaultMaxStaleness = 10 * time.Second
@@ -181,8 +182,12 @@ func WithShutdownTimeout(d time.Duration) Option {
 	return optionFunc(func(o *options) { o.shutdownTimeout = d })
 }
 
-// WithPageSize sets how many keys one page of the initial load (or a reload
-// after compaction) reads. Default: DefaultPageSize (1000).
+// WithPageSize sets the smallest page, in keys, of the paged read that loads
+// or reloads the state when the server has no streaming range (etcd before
+// 3.7); pages grow with the prefix so that the count etcd computes for every
+// page stays a small multiple of the prefix, and shrink when a response
+// would exceed the client's receive limit. Servers with a streaming range
+// ignore it. Default: DefaultPageSize (10,000).
 func WithPageSize(n int) Option {
 	return optionFunc(func(o *options) { o.pageSize = n })
 }
