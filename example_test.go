@@ -4,16 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/etcdworker/orchestrator"
-	"github.com/etcdworker/orchestrator/internal/embedetcd"
+	"github.com/etcdworker/orchestrator/orchestratortest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -85,28 +82,18 @@ func (e exampleT) Fatalf(format string, args ...any) {
 func (exampleT) FailNow() { panic("example failed") }
 
 // A worker counts to three and stops. The example starts an embedded etcd
-// in a temporary directory; a program connects to its etcd cluster instead.
+// with the test kit (orchestratortest); a program connects to its etcd
+// cluster instead, and a test calls orchestratortest.StartEtcd(t).
 func ExampleEtcdWorker_Run() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	dir, err := os.MkdirTemp("", "orchestrator-example")
+	etcd, err := orchestratortest.Start(ctx)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	defer os.RemoveAll(dir)
-	srv, err := embedetcd.Start(ctx, dir)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
-	defer srv.Close()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: srv.Endpoints(), DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
-	defer cli.Close() // before srv.Close: etcd waits for open streams
+	defer etcd.Close()
+	cli := etcd.Client()
 
 	state := &counterState{key: util.NewEtcdKey("/example/counter")}
 	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
@@ -139,6 +126,52 @@ func ExampleEtcdWorker_Run() {
 	// tick, counter = 3
 	// Run returned: <nil>
 	// /example/counter = 3
+}
+
+// A readiness check: another goroutine waits until the worker has loaded
+// the state, then asks where it stands; a clean stop is told from a failure
+// with IsCleanStop.
+func ExampleEtcdWorker_WaitSynced() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	etcd, err := orchestratortest.Start(ctx)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer etcd.Close()
+	put, err := etcd.Client().Put(ctx, "/ready/counter", "41")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	state := &counterState{key: util.NewEtcdKey("/ready/counter")}
+	idle := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+		return s, nil
+	})
+	w, err := orchestrator.NewEtcdWorker(etcd.Client(), "/ready", idle, state)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Println("before Run:", w.Ready())
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	done := make(chan error, 1)
+	go func() { done <- w.Run(runCtx, nil, 10*time.Millisecond, "ready") }()
+
+	if err := w.WaitSynced(ctx); err != nil {
+		fmt.Println(err)
+		return
+	}
+	s := w.Status()
+	fmt.Println("synced:", s.Synced, "has the put:", s.AppliedRevision >= put.Header.Revision)
+	stop()
+	fmt.Println("clean stop:", orchestrator.IsCleanStop(<-done))
+	// Output:
+	// before Run: orchestrator: worker not ready: not running
+	// synced: true has the put: true
+	// clean stop: true
 }
 
 func ExampleSingleDataPatch() {
