@@ -76,10 +76,8 @@ func (c *config) check() error {
 		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
 	case c.interval <= 0:
 		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	case c.conn.DialTimeout <= 0:
-		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.conn.DialTimeout)
 	}
-	return c.conn.Validate()
+	return c.conn.ValidateFlags()
 }
 
 func main() {
@@ -89,11 +87,7 @@ func main() {
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	cfg, code, ok := parseFlags(args, stdout, stderr)
-	if !ok {
-		return code
-	}
-	return demo.Main("bank", stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })
+	return demo.Program("bank", args, stdout, stderr, parseFlags, run)
 }
 
 // account is the JSON document of one account.

@@ -85,10 +85,8 @@ func (c *config) check() error {
 		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
 	case c.ttl < 1:
 		return fmt.Errorf("--ttl: must be at least 1 second, got %d", c.ttl)
-	case c.conn.DialTimeout <= 0:
-		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.conn.DialTimeout)
 	}
-	return c.conn.Validate()
+	return c.conn.ValidateFlags()
 }
 
 func main() {
@@ -98,11 +96,7 @@ func main() {
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	cfg, code, ok := parseFlags(args, stdout, stderr)
-	if !ok {
-		return code
-	}
-	return demo.Main("leader", stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })
+	return demo.Program("leader", args, stdout, stderr, parseFlags, run)
 }
 
 // run runs the controllers for cfg.duration, printing to out, then verifies
