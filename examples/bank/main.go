@@ -98,18 +98,13 @@ type account struct {
 // run runs the demo, printing to out, and reports whether the invariant held
 // throughout.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
-	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr)
+	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr, out, fmt.Sprintf("bank: %d workers, %d accounts under %s, %v",
+		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration))
 	if err != nil {
 		return false, err
 	}
 	defer env.Close()
-	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
-
-	fmt.Fprintf(out, "bank: %d workers, %d accounts under %s, %v, %s\n",
-		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration, cluster.Describe())
-	if metricsURL != "" {
-		fmt.Fprintln(out, "metrics:", metricsURL)
-	}
+	cluster, reg := env.Cluster, env.Registry
 
 	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
 	defer cancel()

@@ -102,17 +102,13 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 // run runs the controllers for cfg.duration, printing to out, then verifies
 // the log.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
-	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr)
+	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr, out, fmt.Sprintf("leader: %d controllers under %s, %v, leaders killed after %v",
+		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter))
 	if err != nil {
 		return false, err
 	}
 	defer env.Close()
-	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
-	fmt.Fprintf(out, "leader: %d controllers under %s, %v, leaders killed after %v, %s\n",
-		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter, cluster.Describe())
-	if metricsURL != "" {
-		fmt.Fprintln(out, "metrics:", metricsURL)
-	}
+	cluster, reg := env.Cluster, env.Registry
 
 	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
 	defer cancel()
