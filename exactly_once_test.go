@@ -44,8 +44,7 @@ type counterWorld struct {
 	origin   time.Time
 
 	stop       atomic.Bool
-	emitted    atomic.Int64
-	counts     []atomic.Int64
+	emissions  // increment groups
 	violations violationRecorder
 
 	mu  sync.Mutex
@@ -53,7 +52,7 @@ type counterWorld struct {
 }
 
 func newCounterWorld(prefix string, workers int, record bool) *counterWorld {
-	return &counterWorld{prefix: prefix, workers: workers, record: record, origin: time.Now(), counts: make([]atomic.Int64, workers)}
+	return &counterWorld{prefix: prefix, workers: workers, record: record, origin: time.Now(), emissions: newEmissions(workers)}
 }
 
 // counterInput is a porcupine input: an increment or a read.
@@ -163,13 +162,10 @@ func (c *counterWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opt
 			}},
 			setPatch(st.key(counterLog(id, count)), []byte(strconv.Itoa(id))),
 		})
-		c.counts[id].Store(count)
-		c.emitted.Add(1)
+		c.emit(id, count)
 		return st, nil
 	})
-	w, err := NewEtcdWorker(cli, c.prefix, reactor, state, opts...)
-	require.NoError(t, err)
-	return w
+	return mustNewEtcdWorker(t, cli, c.prefix, reactor, state, opts...)
 }
 
 // readEtcd returns /counter and the number of log keys per worker.

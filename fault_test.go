@@ -161,14 +161,13 @@ type bankWorld struct {
 	workers  int
 	tolerate bool // count violations and go on (soak) instead of failing Run
 
-	stop       atomic.Bool  // Tick finishes (ErrReactorFinished) once set
-	emitted    atomic.Int64 // patch-group pairs emitted by all workers
-	counts     []atomic.Int64
+	stop       atomic.Bool // Tick finishes (ErrReactorFinished) once set
+	emissions              // patch-group pairs
 	violations violationRecorder
 }
 
 func newBankWorld(prefix string, workers, accounts int) *bankWorld {
-	return &bankWorld{prefix: prefix, accounts: accounts, workers: workers, counts: make([]atomic.Int64, workers)}
+	return &bankWorld{prefix: prefix, accounts: accounts, workers: workers, emissions: newEmissions(workers)}
 }
 
 func bankAccount(i int) string { return "/acct/" + strconv.Itoa(i) }
@@ -237,13 +236,10 @@ func (b *bankWorld) newWorker(t testing.TB, cli *clientv3.Client, id int, opts .
 			[]DataPatch{incrPatch(st.key(bankTotal(id)), bankDelta(id)), incrPatch(st.key("/sum"), bankDelta(id))},
 		)
 		count++
-		b.counts[id].Store(count)
-		b.emitted.Add(1)
+		b.emit(id, count)
 		return st, nil
 	})
-	w, err := NewEtcdWorker(cli, b.prefix, reactor, state, opts...)
-	require.NoError(t, err)
-	return w
+	return mustNewEtcdWorker(t, cli, b.prefix, reactor, state, opts...)
 }
 
 // waitProgress waits until the workers emitted n more groups.

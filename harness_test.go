@@ -248,6 +248,33 @@ func waitGrown(t testing.TB, g *workerGroup, counter *atomic.Int64, n int64, wha
 // ---------------------------------------------------------------------------
 // Invariants checked inside Ticks.
 
+// emissions counts the patch groups the workers of a test world emitted: in
+// all, and the latest count of each worker.
+type emissions struct {
+	emitted atomic.Int64
+	counts  []atomic.Int64
+}
+
+func newEmissions(workers int) emissions {
+	return emissions{counts: make([]atomic.Int64, workers)}
+}
+
+// emit records that worker id emitted its count-th group.
+func (e *emissions) emit(id int, count int64) {
+	e.counts[id].Store(count)
+	e.emitted.Add(1)
+}
+
+// mustNewEtcdWorker is NewEtcdWorker for arguments that must be valid.
+func mustNewEtcdWorker(t testing.TB, cli *clientv3.Client, prefix string, reactor Reactor, state ReactorState,
+	opts ...Option,
+) *EtcdWorker {
+	t.Helper()
+	w, err := NewEtcdWorker(cli, prefix, reactor, state, opts...)
+	require.NoError(t, err)
+	return w
+}
+
 // violationRecorder counts the invariant violations that workers report
 // from their goroutines and keeps the first one.
 type violationRecorder struct {

@@ -87,18 +87,50 @@ func TestStateFollowsUpdates(t *testing.T) {
 	require.Equal(t, node{}, z)
 }
 
-func TestStateWrites(t *testing.T) {
-	addLoad := func(d int) jsonstate.PatchFunc[node] {
-		return func(n *node, _ bool) (bool, error) {
-			n.Load += d
-			return true, nil
-		}
+// stateWrite is a case of the TestStateWrites tests: what to queue on a
+// state holding /app/nodes/a = {"addr":"a","load":1}, and the entries etcd
+// must then hold.
+type stateWrite struct {
+	name  string
+	queue func(s *jsonstate.State[node])
+	want  map[string]string
+}
+
+// addLoad is a patch that adds d to a node's load.
+func addLoad(d int) jsonstate.PatchFunc[node] {
+	return func(n *node, _ bool) (bool, error) {
+		n.Load += d
+		return true, nil
 	}
-	tests := []struct {
-		name  string
-		queue func(s *jsonstate.State[node])
-		want  map[string]string
-	}{{
+}
+
+// runStateWrites applies the patches each case queues and checks both etcd
+// and the state.
+func runStateWrites(t *testing.T, tests []stateWrite) {
+	t.Helper()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := jsonstate.New[node]("/app/nodes")
+			tester := orchestrator.NewReactorStateTester(t, s, map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`})
+			tt.queue(s)
+			tester.MustApplyPatches()
+			require.Equal(t, tt.want, tester.KVEntries())
+			require.Empty(t, s.GetPatches(), "GetPatches clears the queue")
+			// The state followed the writes.
+			require.Equal(t, len(tt.want), s.Len())
+			for k, v := range tt.want {
+				var want node
+				require.NoError(t, json.Unmarshal([]byte(v), &want))
+				got, ok := s.Get(k[len("/app/nodes/"):])
+				require.True(t, ok)
+				require.Equal(t, want, got)
+			}
+		})
+	}
+}
+
+func TestStateWritesPatch(t *testing.T) {
+	runStateWrites(t, []stateWrite{{
 		name:  "patch existing",
 		queue: func(s *jsonstate.State[node]) { s.Patch("a", addLoad(5)) },
 		want:  map[string]string{"/app/nodes/a": `{"addr":"a","load":6}`},
@@ -118,16 +150,11 @@ func TestStateWrites(t *testing.T) {
 		name:  "unchanged writes nothing",
 		queue: func(s *jsonstate.State[node]) { s.Patch("a", func(*node, bool) (bool, error) { return false, nil }) },
 		want:  map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`},
-	}, {
-		name: "ignore skips one patch",
-		queue: func(s *jsonstate.State[node]) {
-			s.Group(func(g *jsonstate.Group[node]) {
-				g.Patch("a", func(*node, bool) (bool, error) { return false, orchestrator.ErrEtcdIgnore })
-				g.Put("b", node{Addr: "b"})
-			})
-		},
-		want: map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`, "/app/nodes/b": `{"addr":"b","load":0}`},
-	}, {
+	}})
+}
+
+func TestStateWritesPutAndDelete(t *testing.T) {
+	runStateWrites(t, []stateWrite{{
 		name:  "put replaces",
 		queue: func(s *jsonstate.State[node]) { s.Put("a", node{Addr: "a2", Drain: true}) },
 		want:  map[string]string{"/app/nodes/a": `{"addr":"a2","load":0,"drain":true}`},
@@ -151,6 +178,19 @@ func TestStateWrites(t *testing.T) {
 			s.DeleteIf("a", func(n node) (bool, error) { return n.Load > 1, nil })
 		},
 		want: map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`},
+	}})
+}
+
+func TestStateWritesGroup(t *testing.T) {
+	runStateWrites(t, []stateWrite{{
+		name: "ignore skips one patch",
+		queue: func(s *jsonstate.State[node]) {
+			s.Group(func(g *jsonstate.Group[node]) {
+				g.Patch("a", func(*node, bool) (bool, error) { return false, orchestrator.ErrEtcdIgnore })
+				g.Put("b", node{Addr: "b"})
+			})
+		},
+		want: map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`, "/app/nodes/b": `{"addr":"b","load":0}`},
 	}, {
 		name: "later patches of a group see earlier ones",
 		queue: func(s *jsonstate.State[node]) {
@@ -166,26 +206,7 @@ func TestStateWrites(t *testing.T) {
 		name:  "empty group is not queued",
 		queue: func(s *jsonstate.State[node]) { s.Group(func(*jsonstate.Group[node]) {}) },
 		want:  map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`},
-	}}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			s := jsonstate.New[node]("/app/nodes")
-			tester := orchestrator.NewReactorStateTester(t, s, map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`})
-			tt.queue(s)
-			tester.MustApplyPatches()
-			require.Equal(t, tt.want, tester.KVEntries())
-			require.Empty(t, s.GetPatches(), "GetPatches clears the queue")
-			// The state followed the writes.
-			require.Equal(t, len(tt.want), s.Len())
-			for k, v := range tt.want {
-				var want node
-				require.NoError(t, json.Unmarshal([]byte(v), &want))
-				got, ok := s.Get(k[len("/app/nodes/"):])
-				require.True(t, ok)
-				require.Equal(t, want, got)
-			}
-		})
-	}
+	}})
 }
 
 func TestStateGroupIsAtomic(t *testing.T) {

@@ -33,6 +33,18 @@ func testContext(t *testing.T) (context.Context, context.CancelFunc) {
 	return ctx, cancel
 }
 
+// startRunTest starts etcd for a test of Run and returns it, the test's
+// context and runCtx, a child of it for the candidates that stop cancels (at
+// the latest when the test function returns, before etcd stops).
+func startRunTest(t *testing.T) (etcd *orchestratortest.Etcd, ctx, runCtx context.Context, stop context.CancelFunc) {
+	t.Helper()
+	ctx, _ = testContext(t)
+	etcd = orchestratortest.StartEtcdServer(t)
+	runCtx, stop = context.WithCancel(ctx)
+	t.Cleanup(stop)
+	return etcd, ctx, runCtx, stop
+}
+
 // patchesOnly is a ReactorState that ignores etcd's content and only queues
 // patches: the patches read what they need at commit time.
 type patchesOnly struct{ patches [][]orchestrator.DataPatch }

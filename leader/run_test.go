@@ -15,11 +15,8 @@ import (
 )
 
 func TestFailoverFencesOffTheDeposedLeader(t *testing.T) {
-	ctx, _ := testContext(t)
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
-	runCtx, stop := context.WithCancel(ctx)
-	defer stop()
 	elected := make(chan leader.Term, 16)
 	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a", "b", "c"},
 		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
@@ -56,11 +53,8 @@ func TestFailoverFencesOffTheDeposedLeader(t *testing.T) {
 }
 
 func TestCancelResignsAndRevokesTheSession(t *testing.T) {
-	ctx, _ := testContext(t)
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
-	runCtx, stop := context.WithCancel(ctx)
-	defer stop()
 	elected := make(chan leader.Term, 1)
 	ended := make(chan error, 1)
 	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"solo"},
@@ -100,11 +94,8 @@ func TestReactorFinishedResignsAndHandsOver(t *testing.T) {
 }
 
 func TestLostSessionWhileWaitingCampaignsAgain(t *testing.T) {
-	ctx, _ := testContext(t)
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
-	runCtx, stop := context.WithCancel(ctx)
-	defer stop()
 	elected := make(chan leader.Term, 4)
 	onElected := leader.WithOnElected(func(term leader.Term) { elected <- term })
 	waitA := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a"}, leader.WithSessionTTL(2), onElected)

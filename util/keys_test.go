@@ -2,6 +2,7 @@ package util_test
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"unsafe"
 
@@ -36,45 +37,29 @@ var splitCases = []struct {
 	{name: "single byte", in: "x", head: "", tail: "x"},
 }
 
-func TestEtcdKeyHeadTail(t *testing.T) {
+// TestHeadTailOfEveryType: the four types split the same strings alike, and
+// a key's head and tail put together give back the key.
+func TestHeadTailOfEveryType(t *testing.T) {
 	for _, tc := range splitCases {
 		t.Run(tc.name, func(t *testing.T) {
 			key := util.NewEtcdKey(tc.in)
-			require.Equal(t, util.NewEtcdPrefix(tc.head), key.Head())
-			require.Equal(t, util.NewEtcdRelKey(tc.tail), key.Tail())
+			requireHeadTail(t, key, util.NewEtcdPrefix(tc.head), util.NewEtcdRelKey(tc.tail))
 			require.Equal(t, tc.in, key.Head().String()+key.Tail().String())
+			requireHeadTail(t, util.NewEtcdRelKey(tc.in), util.NewEtcdRelPrefix(tc.head), util.NewEtcdRelKey(tc.tail))
+			requireHeadTail(t, util.NewEtcdPrefix(tc.in), util.NewEtcdPrefix(tc.head), util.NewEtcdRelPrefix(tc.tail))
+			requireHeadTail(t, util.NewEtcdRelPrefix(tc.in), util.NewEtcdRelPrefix(tc.head), util.NewEtcdRelPrefix(tc.tail))
 		})
 	}
 }
 
-func TestEtcdRelKeyHeadTail(t *testing.T) {
-	for _, tc := range splitCases {
-		t.Run(tc.name, func(t *testing.T) {
-			key := util.NewEtcdRelKey(tc.in)
-			require.Equal(t, util.NewEtcdRelPrefix(tc.head), key.Head())
-			require.Equal(t, util.NewEtcdRelKey(tc.tail), key.Tail())
-		})
-	}
-}
-
-func TestEtcdPrefixHeadTail(t *testing.T) {
-	for _, tc := range splitCases {
-		t.Run(tc.name, func(t *testing.T) {
-			prefix := util.NewEtcdPrefix(tc.in)
-			require.Equal(t, util.NewEtcdPrefix(tc.head), prefix.Head())
-			require.Equal(t, util.NewEtcdRelPrefix(tc.tail), prefix.Tail())
-		})
-	}
-}
-
-func TestEtcdRelPrefixHeadTail(t *testing.T) {
-	for _, tc := range splitCases {
-		t.Run(tc.name, func(t *testing.T) {
-			prefix := util.NewEtcdRelPrefix(tc.in)
-			require.Equal(t, util.NewEtcdRelPrefix(tc.head), prefix.Head())
-			require.Equal(t, util.NewEtcdRelPrefix(tc.tail), prefix.Tail())
-		})
-	}
+// requireHeadTail checks that k splits into head and tail.
+func requireHeadTail[H, T any, K interface {
+	Head() H
+	Tail() T
+}](t *testing.T, k K, head H, tail T) {
+	t.Helper()
+	require.Equal(t, head, k.Head())
+	require.Equal(t, tail, k.Tail())
 }
 
 func TestHeadTailWalk(t *testing.T) {
@@ -90,24 +75,30 @@ func TestHeadTailWalk(t *testing.T) {
 	require.Equal(t, []string{"/a", "/b", "/c"}, segments)
 }
 
+// removePrefixCase is a case of TestRemovePrefix and TestRelKeyRemovePrefix:
+// removing prefix from key leaves want.
+type removePrefixCase struct {
+	name   string
+	key    string
+	prefix string
+	want   string
+}
+
+// removePrefixCases hold for complete and relative keys alike.
+var removePrefixCases = []removePrefixCase{
+	{name: "matching prefix", key: "/p/a/b", prefix: "/p", want: "/a/b"},
+	{name: "prefix with trailing slash", key: "/p/a/b", prefix: "/p/", want: "a/b"},
+	{name: "empty prefix", key: "/p/a", prefix: "", want: "/p/a"},
+	{name: "prefix equals key", key: "/p", prefix: "/p", want: ""},
+	{name: "prefix longer than key", key: "/p", prefix: "/p/a", want: "/p"},
+	{name: "not a prefix", key: "/q/a", prefix: "/p", want: "/q/a"},
+	{name: "byte-wise, not segment-aligned", key: "/pq/a", prefix: "/p", want: "q/a"},
+	{name: "empty key", key: "", prefix: "/p", want: ""},
+	{name: "both empty", key: "", prefix: "", want: ""},
+}
+
 func TestRemovePrefix(t *testing.T) {
-	cases := []struct {
-		name   string
-		key    string
-		prefix string
-		want   string
-	}{
-		{name: "matching prefix", key: "/p/a/b", prefix: "/p", want: "/a/b"},
-		{name: "prefix with trailing slash", key: "/p/a/b", prefix: "/p/", want: "a/b"},
-		{name: "empty prefix", key: "/p/a", prefix: "", want: "/p/a"},
-		{name: "prefix equals key", key: "/p", prefix: "/p", want: ""},
-		{name: "prefix longer than key", key: "/p", prefix: "/p/a", want: "/p"},
-		{name: "not a prefix", key: "/q/a", prefix: "/p", want: "/q/a"},
-		{name: "byte-wise, not segment-aligned", key: "/pq/a", prefix: "/p", want: "q/a"},
-		{name: "empty key", key: "", prefix: "/p", want: ""},
-		{name: "both empty", key: "", prefix: "", want: ""},
-	}
-	for _, tc := range cases {
+	for _, tc := range removePrefixCases {
 		t.Run(tc.name, func(t *testing.T) {
 			key := util.NewEtcdKey(tc.key)
 			prefix := util.NewEtcdPrefix(tc.prefix)
@@ -122,23 +113,8 @@ func TestRemovePrefixNil(t *testing.T) {
 }
 
 func TestRelKeyRemovePrefix(t *testing.T) {
-	cases := []struct {
-		name   string
-		key    string
-		prefix string
-		want   string
-	}{
-		{name: "matching prefix", key: "/a/b/c", prefix: "/a", want: "/b/c"},
-		{name: "prefix with trailing slash", key: "/a/b", prefix: "/a/", want: "b"},
-		{name: "empty prefix", key: "/a/b", prefix: "", want: "/a/b"},
-		{name: "prefix equals key", key: "/a", prefix: "/a", want: ""},
-		{name: "prefix longer than key", key: "/a", prefix: "/a/b", want: "/a"},
-		{name: "not a prefix", key: "/b/a", prefix: "/a", want: "/b/a"},
-		{name: "byte-wise, not segment-aligned", key: "/ab/c", prefix: "/a", want: "b/c"},
-		{name: "empty key", key: "", prefix: "/a", want: ""},
-		{name: "both empty", key: "", prefix: "", want: ""},
-		{name: "invalid UTF-8", key: "/\xff/\xfe", prefix: "/\xff", want: "/\xfe"},
-	}
+	cases := append(slices.Clone(removePrefixCases),
+		removePrefixCase{name: "invalid UTF-8", key: "/\xff/\xfe", prefix: "/\xff", want: "/\xfe"})
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			key := util.NewEtcdRelKey(tc.key)

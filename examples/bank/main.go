@@ -76,10 +76,8 @@ func (c *config) check() error {
 		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
 	case c.interval <= 0:
 		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	case c.conn.DialTimeout <= 0:
-		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.conn.DialTimeout)
 	}
-	return c.conn.Validate()
+	return c.conn.ValidateFlags()
 }
 
 func main() {
@@ -89,11 +87,7 @@ func main() {
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	cfg, code, ok := parseFlags(args, stdout, stderr)
-	if !ok {
-		return code
-	}
-	return demo.Main("bank", stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })
+	return demo.Program("bank", args, stdout, stderr, parseFlags, run)
 }
 
 // account is the JSON document of one account.
@@ -104,18 +98,13 @@ type account struct {
 // run runs the demo, printing to out, and reports whether the invariant held
 // throughout.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
-	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr)
+	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr, out, fmt.Sprintf("bank: %d workers, %d accounts under %s, %v",
+		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration))
 	if err != nil {
 		return false, err
 	}
 	defer env.Close()
-	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
-
-	fmt.Fprintf(out, "bank: %d workers, %d accounts under %s, %v, %s\n",
-		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration, cluster.Describe())
-	if metricsURL != "" {
-		fmt.Fprintln(out, "metrics:", metricsURL)
-	}
+	cluster, reg := env.Cluster, env.Registry
 
 	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
 	defer cancel()

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"strings"
 	"testing"
 	"time"
 
@@ -39,50 +38,30 @@ func TestRun(t *testing.T) {
 // TestBadInputIsOneLineNamingTheFlag: no bad flag or unreachable endpoint
 // panics; each prints one line naming the flag and exits non-zero.
 func TestBadInputIsOneLineNamingTheFlag(t *testing.T) {
-	cases := []struct {
-		args     []string
-		wantCode int
-		wantErr  string
-	}{
-		{args: []string{"--endpoints", "http://127.0.0.1:1", "--dial-timeout", "300ms"}, wantCode: 1,
-			wantErr: "bank: --endpoints http://127.0.0.1:1: etcd did not answer within --dial-timeout 300ms"},
-		{args: []string{"--endpoints", "notaurl"}, wantCode: 2, wantErr: `--endpoints: "notaurl" is not a client URL`},
-		{args: []string{"--endpoints", ","}, wantCode: 2, wantErr: "--endpoints: no endpoint"},
-		{args: []string{"--workers", "-1"}, wantCode: 2, wantErr: "--workers: must be at least 1"},
-		{args: []string{"--workers", "x"}, wantCode: 2, wantErr: "flag -workers"},
-		{args: []string{"--accounts", "1"}, wantCode: 2, wantErr: "--accounts"},
-		{args: []string{"--transfers-per-tick", "0"}, wantCode: 2, wantErr: "--transfers-per-tick"},
-		{args: []string{"--duration", "-1s"}, wantCode: 2, wantErr: "--duration: must be positive"},
-		{args: []string{"--interval", "0s"}, wantCode: 2, wantErr: "--interval"},
-		{args: []string{"--dial-timeout", "0s"}, wantCode: 2, wantErr: "--dial-timeout"},
-		{args: []string{"--cert", "c.pem"}, wantCode: 2, wantErr: "--cert and --key"},
-		{args: []string{"--user", "u"}, wantCode: 2, wantErr: "--user"},
-		{args: []string{"--metrics-addr", "256.0.0.1:x"}, wantCode: 1, wantErr: "bank: --metrics-addr 256.0.0.1:x: "},
-		{args: []string{"--nope"}, wantCode: 2, wantErr: "-nope"},
-		{args: []string{"stray"}, wantCode: 2, wantErr: `unexpected argument "stray"`},
-	}
-	for _, tc := range cases {
-		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
-			var stdout, stderr demotest.Buffer
-			code := runMain(tc.args, &stdout, &stderr)
-			require.Equal(t, tc.wantCode, code)
-			require.Contains(t, stderr.String(), tc.wantErr)
-			require.Equal(t, 1, strings.Count(stderr.String(), "\n"), "one line: %q", stderr.String())
-		})
-	}
+	demotest.RequireBadInputs(t, runMain, []demotest.BadInput{
+		{Args: []string{"--endpoints", "http://127.0.0.1:1", "--dial-timeout", "300ms"}, WantCode: 1,
+			WantErr: "bank: --endpoints http://127.0.0.1:1: etcd did not answer within --dial-timeout 300ms"},
+		{Args: []string{"--endpoints", "notaurl"}, WantCode: 2, WantErr: `--endpoints: "notaurl" is not a client URL`},
+		{Args: []string{"--endpoints", ","}, WantCode: 2, WantErr: "--endpoints: no endpoint"},
+		{Args: []string{"--workers", "-1"}, WantCode: 2, WantErr: "--workers: must be at least 1"},
+		{Args: []string{"--workers", "x"}, WantCode: 2, WantErr: "flag -workers"},
+		{Args: []string{"--accounts", "1"}, WantCode: 2, WantErr: "--accounts"},
+		{Args: []string{"--transfers-per-tick", "0"}, WantCode: 2, WantErr: "--transfers-per-tick"},
+		{Args: []string{"--duration", "-1s"}, WantCode: 2, WantErr: "--duration: must be positive"},
+		{Args: []string{"--interval", "0s"}, WantCode: 2, WantErr: "--interval"},
+		{Args: []string{"--dial-timeout", "0s"}, WantCode: 2, WantErr: "--dial-timeout"},
+		{Args: []string{"--cert", "c.pem"}, WantCode: 2, WantErr: "--cert and --key"},
+		{Args: []string{"--user", "u"}, WantCode: 2, WantErr: "--user"},
+		{Args: []string{"--metrics-addr", "256.0.0.1:x"}, WantCode: 1, WantErr: "bank: --metrics-addr 256.0.0.1:x: "},
+		{Args: []string{"--nope"}, WantCode: 2, WantErr: "-nope"},
+		{Args: []string{"stray"}, WantCode: 2, WantErr: `unexpected argument "stray"`},
+	})
 }
 
 func TestHelpFirstLineSaysWhatItShows(t *testing.T) {
 	for _, arg := range []string{"--help", "-h"} {
-		var stdout, stderr demotest.Buffer
-		require.Equal(t, 0, runMain([]string{arg}, &stdout, &stderr))
-		first, rest, _ := strings.Cut(stdout.String(), "\n")
-		require.Equal(t, about, first)
-		require.True(t, strings.HasPrefix(first, "bank shows "))
-		for _, flag := range []string{"-endpoints", "-dial-timeout", "-cacert", "-cert", "-key", "-user", "-password", "-duration"} {
-			require.Contains(t, rest, flag)
-		}
-		require.Empty(t, stderr.String())
+		demotest.RequireHelp(t, runMain, arg, about, "bank shows ",
+			[]string{"-endpoints", "-dial-timeout", "-cacert", "-cert", "-key", "-user", "-password", "-duration"})
 	}
 }
 

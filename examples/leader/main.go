@@ -85,10 +85,8 @@ func (c *config) check() error {
 		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
 	case c.ttl < 1:
 		return fmt.Errorf("--ttl: must be at least 1 second, got %d", c.ttl)
-	case c.conn.DialTimeout <= 0:
-		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.conn.DialTimeout)
 	}
-	return c.conn.Validate()
+	return c.conn.ValidateFlags()
 }
 
 func main() {
@@ -98,27 +96,19 @@ func main() {
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	cfg, code, ok := parseFlags(args, stdout, stderr)
-	if !ok {
-		return code
-	}
-	return demo.Main("leader", stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })
+	return demo.Program("leader", args, stdout, stderr, parseFlags, run)
 }
 
 // run runs the controllers for cfg.duration, printing to out, then verifies
 // the log.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
-	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr)
+	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr, out, fmt.Sprintf("leader: %d controllers under %s, %v, leaders killed after %v",
+		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter))
 	if err != nil {
 		return false, err
 	}
 	defer env.Close()
-	cluster, reg, metricsURL := env.Cluster, env.Registry, env.MetricsURL
-	fmt.Fprintf(out, "leader: %d controllers under %s, %v, leaders killed after %v, %s\n",
-		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter, cluster.Describe())
-	if metricsURL != "" {
-		fmt.Fprintln(out, "metrics:", metricsURL)
-	}
+	cluster, reg := env.Cluster, env.Registry
 
 	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
 	defer cancel()

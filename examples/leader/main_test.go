@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"strings"
 	"testing"
 	"time"
 
@@ -40,47 +39,27 @@ func TestRun(t *testing.T) {
 // TestBadInputIsOneLineNamingTheFlag: no bad flag or unreachable endpoint
 // panics; each prints one line naming the flag and exits non-zero.
 func TestBadInputIsOneLineNamingTheFlag(t *testing.T) {
-	cases := []struct {
-		args     []string
-		wantCode int
-		wantErr  string
-	}{
-		{args: []string{"--endpoints", "http://127.0.0.1:1", "--dial-timeout", "300ms"}, wantCode: 1,
-			wantErr: "leader: --endpoints http://127.0.0.1:1: etcd did not answer within --dial-timeout 300ms"},
-		{args: []string{"--endpoints", "notaurl"}, wantCode: 2, wantErr: `--endpoints: "notaurl" is not a client URL`},
-		{args: []string{"--endpoints", ","}, wantCode: 2, wantErr: "--endpoints: no endpoint"},
-		{args: []string{"--controllers", "0"}, wantCode: 2, wantErr: "--controllers: must be at least 1"},
-		{args: []string{"--controllers", "many"}, wantCode: 2, wantErr: "flag -controllers"},
-		{args: []string{"--duration", "-1s"}, wantCode: 2, wantErr: "--duration: must be positive"},
-		{args: []string{"--kill-after", "-1s"}, wantCode: 2, wantErr: "--kill-after"},
-		{args: []string{"--interval", "0s"}, wantCode: 2, wantErr: "--interval"},
-		{args: []string{"--ttl", "0"}, wantCode: 2, wantErr: "--ttl"},
-		{args: []string{"--dial-timeout", "-1s"}, wantCode: 2, wantErr: "--dial-timeout"},
-		{args: []string{"--key", "k.pem"}, wantCode: 2, wantErr: "--cert and --key"},
-		{args: []string{"--password", "p"}, wantCode: 2, wantErr: "--password"},
-		{args: []string{"--nope"}, wantCode: 2, wantErr: "-nope"},
-	}
-	for _, tc := range cases {
-		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
-			var stdout, stderr demotest.Buffer
-			code := runMain(tc.args, &stdout, &stderr)
-			require.Equal(t, tc.wantCode, code)
-			require.Contains(t, stderr.String(), tc.wantErr)
-			require.Equal(t, 1, strings.Count(stderr.String(), "\n"), "one line: %q", stderr.String())
-		})
-	}
+	demotest.RequireBadInputs(t, runMain, []demotest.BadInput{
+		{Args: []string{"--endpoints", "http://127.0.0.1:1", "--dial-timeout", "300ms"}, WantCode: 1,
+			WantErr: "leader: --endpoints http://127.0.0.1:1: etcd did not answer within --dial-timeout 300ms"},
+		{Args: []string{"--endpoints", "notaurl"}, WantCode: 2, WantErr: `--endpoints: "notaurl" is not a client URL`},
+		{Args: []string{"--endpoints", ","}, WantCode: 2, WantErr: "--endpoints: no endpoint"},
+		{Args: []string{"--controllers", "0"}, WantCode: 2, WantErr: "--controllers: must be at least 1"},
+		{Args: []string{"--controllers", "many"}, WantCode: 2, WantErr: "flag -controllers"},
+		{Args: []string{"--duration", "-1s"}, WantCode: 2, WantErr: "--duration: must be positive"},
+		{Args: []string{"--kill-after", "-1s"}, WantCode: 2, WantErr: "--kill-after"},
+		{Args: []string{"--interval", "0s"}, WantCode: 2, WantErr: "--interval"},
+		{Args: []string{"--ttl", "0"}, WantCode: 2, WantErr: "--ttl"},
+		{Args: []string{"--dial-timeout", "-1s"}, WantCode: 2, WantErr: "--dial-timeout"},
+		{Args: []string{"--key", "k.pem"}, WantCode: 2, WantErr: "--cert and --key"},
+		{Args: []string{"--password", "p"}, WantCode: 2, WantErr: "--password"},
+		{Args: []string{"--nope"}, WantCode: 2, WantErr: "-nope"},
+	})
 }
 
 func TestHelpFirstLineSaysWhatItShows(t *testing.T) {
-	var stdout, stderr demotest.Buffer
-	require.Equal(t, 0, runMain([]string{"--help"}, &stdout, &stderr))
-	first, rest, _ := strings.Cut(stdout.String(), "\n")
-	require.Equal(t, about, first)
-	require.True(t, strings.HasPrefix(first, "leader shows "))
-	for _, flag := range []string{"-endpoints", "-dial-timeout", "-cacert", "-cert", "-key", "-user", "-password", "-kill-after"} {
-		require.Contains(t, rest, flag)
-	}
-	require.Empty(t, stderr.String())
+	demotest.RequireHelp(t, runMain, "--help", about, "leader shows ",
+		[]string{"-endpoints", "-dial-timeout", "-cacert", "-cert", "-key", "-user", "-password", "-kill-after"})
 }
 
 // TestRunWithAuth runs the program against an etcd with TLS and

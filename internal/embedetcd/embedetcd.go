@@ -63,6 +63,31 @@ func mustURL(s string) (url.URL, error) {
 
 // Config builds the embed.Config for m with the given options applied.
 func Config(m Member, opts Options) (*embed.Config, error) {
+	m = m.withDefaults()
+	urls, err := parseURLs(m.ClientURL, m.AdvertiseClientURL, m.PeerURL, m.AdvertisePeerURL)
+	if err != nil {
+		return nil, err
+	}
+
+	cfg := embed.NewConfig()
+	cfg.Name = m.Name
+	cfg.Dir = m.Dir
+	cfg.ListenClientUrls = []url.URL{urls[0]}
+	cfg.AdvertiseClientUrls = []url.URL{urls[1]}
+	cfg.ListenPeerUrls = []url.URL{urls[2]}
+	cfg.AdvertisePeerUrls = []url.URL{urls[3]}
+	cfg.InitialCluster = m.InitialCluster
+	cfg.InitialClusterToken = m.ClusterToken
+	cfg.ClusterState = embed.ClusterStateFlagNew
+	if m.Existing {
+		cfg.ClusterState = embed.ClusterStateFlagExisting
+	}
+	applyOptions(cfg, opts)
+	return cfg, nil
+}
+
+// withDefaults fills in the fields of m left empty.
+func (m Member) withDefaults() Member {
 	if m.Name == "" {
 		m.Name = "etcd0"
 	}
@@ -78,36 +103,25 @@ func Config(m Member, opts Options) (*embed.Config, error) {
 	if m.ClusterToken == "" {
 		m.ClusterToken = "embedetcd"
 	}
-	curl, err := mustURL(m.ClientURL)
-	if err != nil {
-		return nil, err
-	}
-	acurl, err := mustURL(m.AdvertiseClientURL)
-	if err != nil {
-		return nil, err
-	}
-	purl, err := mustURL(m.PeerURL)
-	if err != nil {
-		return nil, err
-	}
-	apurl, err := mustURL(m.AdvertisePeerURL)
-	if err != nil {
-		return nil, err
-	}
+	return m
+}
 
-	cfg := embed.NewConfig()
-	cfg.Name = m.Name
-	cfg.Dir = m.Dir
-	cfg.ListenClientUrls = []url.URL{curl}
-	cfg.AdvertiseClientUrls = []url.URL{acurl}
-	cfg.ListenPeerUrls = []url.URL{purl}
-	cfg.AdvertisePeerUrls = []url.URL{apurl}
-	cfg.InitialCluster = m.InitialCluster
-	cfg.InitialClusterToken = m.ClusterToken
-	cfg.ClusterState = embed.ClusterStateFlagNew
-	if m.Existing {
-		cfg.ClusterState = embed.ClusterStateFlagExisting
+// parseURLs parses each of raw with mustURL, in order.
+func parseURLs(raw ...string) ([]url.URL, error) {
+	urls := make([]url.URL, len(raw))
+	for i, r := range raw {
+		u, err := mustURL(r)
+		if err != nil {
+			return nil, err
+		}
+		urls[i] = u
 	}
+	return urls, nil
+}
+
+// applyOptions sets the server settings of opts, and the fixed ones every
+// member shares, on cfg.
+func applyOptions(cfg *embed.Config, opts Options) {
 	cfg.TickMs = opts.TickMs
 	cfg.ElectionMs = opts.ElectionMs
 	if opts.MaxTxnOps > 0 {
@@ -133,7 +147,6 @@ func Config(m Member, opts Options) (*embed.Config, error) {
 	if opts.Configure != nil {
 		opts.Configure(cfg)
 	}
-	return cfg, nil
 }
 
 // Launch starts member m without waiting for it to become ready (a member of

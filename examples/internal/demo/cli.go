@@ -53,6 +53,21 @@ func printUsage(w io.Writer, fs *flag.FlagSet, about string) {
 	fs.SetOutput(io.Discard)
 }
 
+// Program is the whole of a demo program named name: it parses args with
+// parse (which returns the config, and the exit code unless ok, as Parse
+// does), then runs run with the config under Main, printing to stdout. It
+// returns the exit code (0 OK, 1 error or broken invariant, 2 bad flags).
+func Program[C any](name string, args []string, stdout, stderr io.Writer,
+	parse func(args []string, stdout, stderr io.Writer) (cfg C, code int, ok bool),
+	run func(ctx context.Context, cfg C, out io.Writer) (bool, error),
+) int {
+	cfg, code, ok := parse(args, stdout, stderr)
+	if !ok {
+		return code
+	}
+	return Main(name, stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })
+}
+
 // Main runs a demo until it ends or SIGINT/SIGTERM and returns the process
 // exit code: 0 when run reports that the invariants held, 1 otherwise (an
 // error is printed to stderr on one line with the demo's name). A second

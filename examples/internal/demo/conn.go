@@ -47,6 +47,15 @@ func (c *ConnConfig) Register(fs *flag.FlagSet) {
 	fs.StringVar(&c.Password, "password", "", "password of --user")
 }
 
+// ValidateFlags is Validate for a parsed command line, where --dial-timeout
+// must also be positive (its flag default is DefaultDialTimeout).
+func (c ConnConfig) ValidateFlags() error {
+	if c.DialTimeout <= 0 {
+		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.DialTimeout)
+	}
+	return c.Validate()
+}
+
 // Validate checks the flags, including that the TLS files can be loaded,
 // without touching the network. Its errors name the flag at fault.
 func (c ConnConfig) Validate() error {

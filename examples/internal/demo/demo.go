@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -227,9 +228,10 @@ type Env struct {
 }
 
 // Setup connects to etcd as conn says (see Connect) and serves a new
-// registry's metrics at metricsAddr (see ServeMetrics). The caller must Close
-// the Env.
-func Setup(ctx context.Context, conn ConnConfig, metricsAddr string) (*Env, error) {
+// registry's metrics at metricsAddr (see ServeMetrics), then prints to out
+// the demo's first line, header followed by where etcd is, and the metrics
+// URL when they are served. The caller must Close the Env.
+func Setup(ctx context.Context, conn ConnConfig, metricsAddr string, out io.Writer, header string) (*Env, error) {
 	cluster, err := Connect(ctx, conn)
 	if err != nil {
 		return nil, err
@@ -239,6 +241,10 @@ func Setup(ctx context.Context, conn ConnConfig, metricsAddr string) (*Env, erro
 	if err != nil {
 		cluster.Close()
 		return nil, err
+	}
+	fmt.Fprintf(out, "%s, %s\n", header, cluster.Describe())
+	if env.MetricsURL != "" {
+		fmt.Fprintln(out, "metrics:", env.MetricsURL)
 	}
 	return env, nil
 }
