@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/orchestratortest"
 	"github.com/etcdworker/orchestrator/util"

@@ -114,7 +114,7 @@ func (r *run) readPrefix(fn func(kv *mvccpb.KeyValue) error) (int64, error) {
 	})
 	var ce rangeCallbackError
 	if errors.As(err, &ce) {
-		return 0, userError{ce.err}
+		return 0, userError(ce)
 	}
 	if err != nil {
 		return 0, err

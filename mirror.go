@@ -185,14 +185,6 @@ func (m *mirror) value(key util.EtcdKey) ([]byte, bool) {
 	return e.value, ok
 }
 
-// reserve sizes an empty mirror for n keys, instead of growing it key by
-// key during a first load.
-func (m *mirror) reserve(n int) {
-	if len(m.entries) == 0 && n > 0 {
-		m.entries = make(map[util.EtcdKey]kvEntry, n)
-	}
-}
-
 // len is the number of visible keys.
 func (m *mirror) len() int { return len(m.entries) }
 

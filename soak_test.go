@@ -98,7 +98,8 @@ type soakRun struct {
 
 // newSoakRun starts the cluster and the workers, for at most runFor.
 func newSoakRun(ctx context.Context, t *testing.T, seed uint64, runFor time.Duration) *soakRun {
-	c := etcdtest.NewCluster(t, 3)
+	c := etcdtest.NewCluster(t, 3) //nolint:contextcheck // the cluster lives as long as the test
+
 	s := &soakRun{
 		t: t, ctx: ctx, rng: rand.New(rand.NewPCG(seed, 7)), c: c, direct: c.Client(t),
 		reg: prometheus.NewRegistry(), probe: newTxnProbe(), faults: map[string]int{},

@@ -157,7 +157,7 @@ func (l *tokenLease) ensure(ctx context.Context, base context.Context) (clientv3
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
-		for range ch { //nolint:revive // drain: clientv3 needs the responses consumed
+		for range ch { // drain: clientv3 needs the responses consumed
 		}
 	}()
 	return l.id, nil

@@ -90,7 +90,7 @@ func newWatchStream(ctx context.Context, cfg watchConfig) *watchStream {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		s.requestProgressLoop()
+		s.requestProgressLoop(s.base)
 	}()
 	return s
 }
@@ -98,20 +98,20 @@ func newWatchStream(ctx context.Context, cfg watchConfig) *watchStream {
 // requestProgressLoop asks for a progress notification every interval, and
 // at once when kicked (after a conflict, to learn when the state has passed
 // the conflicting revision).
-func (s *watchStream) requestProgressLoop() {
+func (s *watchStream) requestProgressLoop(ctx context.Context) {
 	ticker := s.cfg.clock.NewTicker(s.cfg.progressInterval)
 	defer ticker.Stop()
 	for {
 		select {
-		case <-s.base.Done():
+		case <-ctx.Done():
 			return
 		case <-ticker.Chan():
 		case <-s.kick:
 		}
-		ctx, cancel := context.WithTimeout(s.base, s.cfg.requestTimeout)
-		_ = s.watcher.RequestProgress(ctx)
+		rctx, cancel := context.WithTimeout(ctx, s.cfg.requestTimeout)
+		_ = s.watcher.RequestProgress(rctx)
 		cancel()
-		s.probeHead()
+		s.probeHead(ctx)
 	}
 }
 
@@ -122,16 +122,16 @@ func (s *watchStream) requestProgressLoop() {
 // Without the probe an idle worker could never prove its state current, nor
 // notice that etcd stopped answering. See "Progress probe" in
 // docs/DESIGN.md.
-func (s *watchStream) probeHead() {
+func (s *watchStream) probeHead(ctx context.Context) {
 	clock := s.cfg.clock
 	if clock.Since(time.Unix(0, s.lastResponse.Load())) < s.cfg.progressInterval {
 		return
 	}
 	p := headProbe{sent: clock.Now()}
-	ctx, cancel := context.WithTimeout(s.base, s.cfg.requestTimeout)
-	resp, err := s.cfg.client.Get(ctx, s.cfg.probeKey, clientv3.WithCountOnly())
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.requestTimeout)
+	resp, err := s.cfg.client.Get(rctx, s.cfg.probeKey, clientv3.WithCountOnly())
 	cancel()
-	if s.base.Err() != nil {
+	if ctx.Err() != nil {
 		return // stopping: the error is ours
 	}
 	if err != nil {

@@ -339,7 +339,8 @@ func requireReplaySkipped(ctx context.Context, t *testing.T, r *run, st *recordi
 	t.Helper()
 	r.gate.changed = false
 	before := len(st.log)
-	r.watch.start(r.mirror.eventRev)
+	r.watch.start(r.mirror.eventRev) //nolint:contextcheck // the watch runs on the run's ctx
+	//nolint:contextcheck // the watch runs on the run's ctx
 	receiveUntil(t, r, "the replay of the last applied revision", func(resp clientv3.WatchResponse) bool {
 		for _, ev := range resp.Events {
 			if ev.Kv.ModRevision == revAfter {
@@ -353,7 +354,7 @@ func requireReplaySkipped(ctx context.Context, t *testing.T, r *run, st *recordi
 	require.Equal(t, revAfter, r.mirror.eventRev)
 	// The watch that replayed goes on with new events, each applied once.
 	revLast := put("/k", "last")
-	receiveUntil(t, r, "a put after the replay", appliedAtLeast(r, revLast))
+	receiveUntil(t, r, "a put after the replay", appliedAtLeast(r, revLast)) //nolint:contextcheck // the run's ctx
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("last")}}, st.log[before:])
 	require.Equal(t, etcdSnapshot(ctx, t, writer, prefix), stateSnapshot(st))
 }
