@@ -360,3 +360,43 @@ func TestPackTxnsCountsDependencies(t *testing.T) {
 
 // rdKey is the test key number i.
 func rdKey(i int) util.EtcdKey { return util.NewEtcdKey(fmt.Sprintf("/b/k%02d", i)) }
+
+// TestSkipGroupUndoesTheWholeGroup: ErrEtcdSkipGroup from any patch drops
+// what the group's earlier patches changed (on the single-key fast path and
+// on the value map alike); the next group sees the committed values.
+func TestSkipGroupUndoesTheWholeGroup(t *testing.T) {
+	single := func(key string, value string, err error) DataPatch {
+		return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) {
+			return []byte(value), err == nil, err
+		}}
+	}
+	general := func(key string, value string, err error) DataPatch {
+		return rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			values[util.NewEtcdKey(key)] = []byte(value)
+			changed[util.NewEtcdKey(key)] = struct{}{}
+			return err
+		})
+	}
+	for _, tt := range []struct {
+		name  string
+		group []DataPatch
+	}{
+		{"single patches", []DataPatch{single("/p/a", "x", nil), single("/p/b", "x", nil), single("/p/a", "", ErrEtcdSkipGroup)}},
+		{"single then general", []DataPatch{single("/p/a", "x", nil), general("/p/b", "x", nil), single("/p/c", "", ErrEtcdSkipGroup)}},
+		{"general fails after a change", []DataPatch{general("/p/a", "x", nil), general("/p/b", "x", ErrEtcdSkipGroup)}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			state := &rdState{}
+			tester := NewReactorStateTester(t, state, map[string]string{"/p/a": "0"})
+			var seen string
+			next := SingleDataPatch{Key: util.NewEtcdKey("/p/a"), Func: func(old []byte) ([]byte, bool, error) {
+				seen = string(old)
+				return []byte(seen + "+1"), true, nil
+			}}
+			state.patches = [][]DataPatch{tt.group, {next}}
+			tester.MustApplyPatches()
+			require.Equal(t, "0", seen)
+			require.Equal(t, map[string]string{"/p/a": "0+1"}, tester.KVEntries())
+		})
+	}
+}
