@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
@@ -397,6 +398,46 @@ func TestSkipGroupUndoesTheWholeGroup(t *testing.T) {
 			tester.MustApplyPatches()
 			require.Equal(t, "0", seen)
 			require.Equal(t, map[string]string{"/p/a": "0+1"}, tester.KVEntries())
+		})
+	}
+}
+
+// TestDependenciesOnEarlierTxnsOfOneFlush: with room for two compares per
+// Txn, one Tick's two groups go out as two Txns of one flush, the second
+// depending on what the first wrote. A key dependency compares the revision
+// the first Txn wrote and lands at once; a range dependency over keys the
+// first Txn wrote is held back until the state has the first commit (a
+// bound above the snapshot would let through keys others put in between),
+// then lands. Neither is a conflict.
+func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
+	const prefix = "/test/rd-flush"
+	put := func(name string) DataPatch {
+		return SingleDataPatch{Key: util.NewEtcdKey(prefix + name),
+			Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
+	}
+	for _, tt := range []struct {
+		name string
+		dep  DataPatch
+	}{
+		{"key dependency", ReadDependency{Key: util.NewEtcdKey(prefix + "/r/a")}},
+		{"range dependency", ReadRangeDependency{Prefix: prefix + "/r/"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := etcdtest.NewServer(t)
+			ctx := testContext(t)
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*rdState)
+				st.patches = append(st.patches, []DataPatch{put("/r/a"), put("/r/b")}, []DataPatch{put("/x"), tt.dep})
+				return st, ErrReactorFinished
+			})
+			w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
+			require.NoError(t, err)
+			require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "rd-flush"))
+			resp, err := srv.Client(t).Get(ctx, prefix+"/x")
+			require.NoError(t, err)
+			require.Len(t, resp.Kvs, 1)
+			require.Zero(t, testutil.ToFloat64(w.metrics.conflicts.WithLabelValues("rd-flush")), "conflicts")
+			require.Equal(t, float64(2), testutil.ToFloat64(w.metrics.commits.WithLabelValues("rd-flush")), "Txns")
 		})
 	}
 }
