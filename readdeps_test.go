@@ -441,3 +441,52 @@ func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
 		})
 	}
 }
+
+// TestRangeDependencyMissesForeignDeletes pins the documented limit: a key
+// deleted inside a depended-on range by a client that is not a worker on the
+// prefix leaves nothing for a ModRevision compare to see, so the group lands
+// on what it read. A key dependency on the same key does notice the delete.
+func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
+	const prefix = "/test/rd-delete"
+	for _, tt := range []struct {
+		name     string
+		dep      DataPatch
+		wantX    string
+		wantRuns int32
+	}{
+		{"range dependency misses it", ReadRangeDependency{Prefix: prefix + "/r/"}, "1", 1},
+		{"key dependency sees it", ReadDependency{Key: util.NewEtcdKey(prefix + "/r/a")}, "0", 2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := etcdtest.NewServer(t)
+			ctx := testContext(t)
+			cli := srv.Client(t)
+			_, err := cli.Put(ctx, prefix+"/r/a", "1")
+			require.NoError(t, err)
+			var runs atomic.Int32
+			count := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+				n := 0
+				for k := range values {
+					if strings.HasPrefix(k.String(), prefix+"/r/") {
+						n++
+					}
+				}
+				if runs.Add(1) == 1 {
+					if _, err := cli.Delete(ctx, prefix+"/r/a"); err != nil {
+						return err
+					}
+				}
+				x := util.NewEtcdKey(prefix + "/x")
+				values[x] = []byte(strconv.Itoa(n))
+				changed[x] = struct{}{}
+				return nil
+			})
+			require.NoError(t, rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{tt.dep, count}))
+			resp, err := cli.Get(ctx, prefix+"/x")
+			require.NoError(t, err)
+			require.Len(t, resp.Kvs, 1)
+			require.Equal(t, tt.wantX, string(resp.Kvs[0].Value))
+			require.Equal(t, tt.wantRuns, runs.Load())
+		})
+	}
+}
