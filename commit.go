@@ -51,8 +51,9 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 	view := newPatchView(r.mirror)
 	defer view.reset()
 	writes := make([]groupWrites, len(groups))
+	deps := make([]groupDeps, len(groups))
 	for i, group := range groups {
-		gw, err := view.applyGroup(group)
+		gw, gd, err := view.applyGroupDeps(group)
 		if errors.Is(err, ErrEtcdTryAgain) {
 			if view.values != nil {
 				// A patch may have edited values in place before it
@@ -62,18 +63,23 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 			return flushResult{tryAgain: true}, nil
 		}
 		if err == nil {
-			err = r.checkGroup(gw)
+			err = r.checkGroup(gw, gd)
 		}
 		if err != nil {
 			return flushResult{}, fmt.Errorf("orchestrator: patch group %d: %w", i, err)
 		}
-		writes[i] = gw
+		writes[i], deps[i] = gw, gd
 	}
 	var res flushResult
 	written := make(revisions)
-	for _, b := range packTxns(writes, r.w.limits) {
+	snapRev := r.mirror.completeRev // the snapshot the groups ran on
+	for _, b := range packTxnsDeps(writes, deps, r.w.limits) {
 		if len(b.writes) > 0 {
-			out, err := r.commitBatch(b, written)
+			if rangeWritten(b, written, r.token.key) {
+				res.retryAtRev = res.barrierRev // re-run once the state has it
+				return res, nil
+			}
+			out, err := r.commitBatch(b, written, snapRev)
 			if err != nil {
 				return flushResult{}, err
 			}
@@ -89,15 +95,18 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 	return res, nil
 }
 
-// checkGroup returns an error when a group writes a key it may not or can
-// never fit a Txn.
-func (r *run) checkGroup(gw groupWrites) error {
+// checkGroup returns an error when a group writes or depends on a key it may
+// not, or can never fit a Txn.
+func (r *run) checkGroup(gw groupWrites, gd groupDeps) error {
 	for _, kw := range gw {
 		if err := r.mirror.writable(kw.key); err != nil {
 			return err
 		}
 	}
-	return checkGroupFits(gw, r.w.limits)
+	if err := r.mirror.dependable(gd); err != nil {
+		return err
+	}
+	return checkGroupFitsDeps(gw, gd, r.w.limits)
 }
 
 // txnOutcome is what became of one commit Txn: landed at rev, or not landed
@@ -108,8 +117,9 @@ type txnOutcome struct {
 }
 
 // commitBatch sends one batch as a compare-and-swap Txn and finds out its
-// outcome, resolving an unknown one through the commit token.
-func (r *run) commitBatch(b txnBatch, written revisions) (txnOutcome, error) {
+// outcome, resolving an unknown one through the commit token. snapRev is the
+// revision of the snapshot the batch's groups ran on.
+func (r *run) commitBatch(b txnBatch, written revisions, snapRev int64) (txnOutcome, error) {
 	if err := r.ensureTokenLease(); err != nil {
 		return txnOutcome{}, err
 	}
@@ -117,7 +127,7 @@ func (r *run) commitBatch(b txnBatch, written revisions) (txnOutcome, error) {
 		return txnOutcome{}, err // stopping: start no new Txn
 	}
 	seq := r.token.seq + 1
-	txn := r.buildTxn(b, written, seq)
+	txn := r.buildTxn(b, written, snapRev, seq)
 	start := r.now()
 	ctx, cancel := r.requestCtx(true) // once sent, a Txn runs to its outcome
 	resp, err := r.w.client.Txn(ctx).If(txn.compares...).Then(txn.writes...).Else(txn.reads.ops...).Commit()
@@ -307,8 +317,9 @@ func (e elseReads) fencing(resp *clientv3.TxnResponse) []*mvccpb.KeyValue {
 
 // commitTxn is one commit Txn, built from named parts.
 type commitTxn struct {
-	// compares: each written key still has the mod revision the patches
-	// saw, the token has the revision the worker last saw, the delete
+	// compares: each written or depended-on key still has the mod revision
+	// the patches saw, no key of a depended-on range was put after the
+	// snapshot, the token has the revision the worker last saw, the delete
 	// counter has not moved, and the fencing key (if any) is still there.
 	compares []clientv3.Cmp
 	// writes: the puts and deletes, the token's new sequence, and a bump of
@@ -319,11 +330,12 @@ type commitTxn struct {
 }
 
 // buildTxn builds the Txn of batch b writing token sequence seq. written
-// holds the revisions earlier Txns of the same flush wrote.
-func (r *run) buildTxn(b txnBatch, written revisions, seq uint64) commitTxn {
+// holds the revisions earlier Txns of the same flush wrote; snapRev is the
+// revision of the snapshot the groups ran on (for range dependencies).
+func (r *run) buildTxn(b txnBatch, written revisions, snapRev int64, seq uint64) commitTxn {
 	m, o := r.mirror, &r.w.opts
 	t := commitTxn{
-		compares: make([]clientv3.Cmp, 0, len(b.writes)+3),
+		compares: make([]clientv3.Cmp, 0, b.compares()+3),
 		writes:   make([]clientv3.Op, 0, len(b.writes)+2),
 	}
 	for _, kw := range b.writes {
@@ -341,6 +353,9 @@ func (r *run) buildTxn(b txnBatch, written revisions, seq uint64) commitTxn {
 		}
 		t.size += writeSize(kw)
 	}
+	deps, size := depCompares(b, m, written, snapRev)
+	t.compares = append(t.compares, deps...)
+	t.size += size
 	counterRev, ok := written[m.counterKey]
 	if !ok {
 		counterRev = m.counterRev

@@ -39,6 +39,12 @@
 //     worker resolves it through a per-Run commit token instead of guessing.
 //   - A delete committed by one worker makes the concurrent commits of every
 //     other worker on the prefix fail and re-run (a delete counter key).
+//   - A group may depend on keys or key ranges it reads but does not write
+//     (ReadDependency, ReadRangeDependency): its Txn then also fails, and
+//     the group re-runs, when another writer changed them after the group's
+//     patches read them. A patch returning ErrEtcdSkipGroup drops its whole
+//     group, which makes conditional groups: "write this only if that still
+//     holds".
 //   - Compaction of the watched revision, lost connections, leader changes
 //     and CAS conflicts do not end Run: it reloads, retries with capped
 //     exponential back-off and re-runs patches on newer state.

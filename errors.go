@@ -20,6 +20,13 @@ var (
 	// skip that one patch; the other patches of its group still apply.
 	ErrEtcdIgnore = errors.New("orchestrator: ignore patch")
 
+	// ErrEtcdSkipGroup is returned by a DataPatch (or a SingleDataPatch's
+	// Func) to skip its whole group: what the group's earlier patches changed
+	// is undone, its later patches do not run, and the group writes nothing.
+	// The other groups still apply. With a ReadDependency it makes a
+	// conditional group: "write these keys only if that key still says so".
+	ErrEtcdSkipGroup = errors.New("orchestrator: skip patch group")
+
 	// ErrReactorFinished is returned by Reactor.Tick to stop the worker. The
 	// patches left in the returned state are committed first, then Run
 	// returns nil.

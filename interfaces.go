@@ -63,6 +63,12 @@ type DataPatch interface {
 	// the keys recorded in changedSet after the commit (also when the patch
 	// fails), so a patch must record every key it modifies before it returns,
 	// error or not, and must not keep a reference to the map.
+	//
+	// Returning ErrEtcdSkipGroup drops the patch's whole group. The group's
+	// commit compares only the keys it writes, plus the keys and ranges
+	// declared with ReadDependency and ReadRangeDependency patches in the
+	// group: a decision that depends on other keys must declare them, or a
+	// concurrent change to them goes unnoticed.
 	Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
 }
 

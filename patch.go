@@ -174,58 +174,84 @@ func (v *patchView) setLive(key util.EtcdKey, o optValue) {
 	}
 }
 
-// applyGroup runs one group on the view. It returns the keys whose value
-// differs from their value before the group. A patch returning ErrEtcdIgnore
-// is skipped and what it changed is undone; any other error is returned as is
-// (the caller resets the view).
+// applyGroup runs one group on the view and returns the keys whose value
+// differs from their value before the group (see applyGroupDeps).
 func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
+	writes, _, err := v.applyGroupDeps(group)
+	return writes, err
+}
+
+// applyGroupDeps runs one group on the view. It returns the keys whose value
+// differs from their value before the group, and the group's read
+// dependencies (see ReadDependency) without the keys it writes. A patch
+// returning ErrEtcdIgnore is skipped and what it changed is undone; one
+// returning ErrEtcdSkipGroup undoes the whole group, which then writes
+// nothing. Any other error is returned as is (the caller resets the view).
+func (v *patchView) applyGroupDeps(group []DataPatch) (groupWrites, groupDeps, error) {
 	g := &v.group
 	g.reset()
 	defer g.reset() // drop references to keys and values
+	var deps groupDeps
 	for i, p := range group {
 		if isNil(p) {
-			return nil, fmt.Errorf("%w: patch %d of a group is nil", ErrInvalidArgument, i)
+			return nil, groupDeps{}, fmt.Errorf("%w: patch %d of a group is nil", ErrInvalidArgument, i)
 		}
-		if sp, ok := asSingle(p); ok && v.values == nil {
-			// Fast path: one key, no live map to keep in step.
-			old := v.current(sp.Key).clone().value
-			newValue, changed, err := callSingle(sp, old)
-			if err != nil {
-				if errors.Is(err, ErrEtcdIgnore) {
-					continue
-				}
-				return nil, err
-			}
-			if changed {
-				v.accept(sp.Key, optValue{value: newValue, present: newValue != nil})
-			}
+		if deps.addDependency(p) {
 			continue
 		}
-		values := v.valueMap()
-		changed := v.scratch
-		clear(changed)
-		if err := callPatch(p, values, changed); err != nil {
-			// Undo whatever the patch changed before it failed.
-			for key := range changed {
-				v.setLive(key, v.current(key))
-			}
-			if errors.Is(err, ErrEtcdIgnore) {
-				continue
-			}
-			return nil, err
-		}
-		for key := range changed {
-			v.accept(key, v.live(key))
+		err := v.applyPatch(p)
+		switch {
+		case err == nil || errors.Is(err, ErrEtcdIgnore):
+		case errors.Is(err, ErrEtcdSkipGroup):
+			v.undoGroup()
+			return nil, groupDeps{}, nil
+		default:
+			return nil, groupDeps{}, err
 		}
 	}
+	writes := v.groupWrites()
+	return writes, deps.without(writes), nil
+}
+
+// applyPatch runs one patch of the current group and accepts what it
+// changed. When it fails, what it changed is undone and its error returned.
+func (v *patchView) applyPatch(p DataPatch) error {
+	if sp, ok := asSingle(p); ok && v.values == nil {
+		// Fast path: one key, no live map to keep in step.
+		old := v.current(sp.Key).clone().value
+		newValue, changed, err := callSingle(sp, old)
+		if err == nil && changed {
+			v.accept(sp.Key, optValue{value: newValue, present: newValue != nil})
+		}
+		return err
+	}
+	values := v.valueMap()
+	changed := v.scratch
+	clear(changed)
+	if err := callPatch(p, values, changed); err != nil {
+		// Undo whatever the patch changed before it failed.
+		for key := range changed {
+			v.setLive(key, v.current(key))
+		}
+		return err
+	}
+	for key := range changed {
+		v.accept(key, v.live(key))
+	}
+	return nil
+}
+
+// groupWrites returns the keys the current group left with a value other
+// than their value before it.
+func (v *patchView) groupWrites() groupWrites {
 	var writes groupWrites
-	for _, t := range g.touches {
+	for _, t := range v.group.touches {
 		after := v.accepted[t.key]
 		if after.equal(t.before) {
 			continue
 		}
 		if writes == nil {
-			writes = make(groupWrites, 0, len(g.touches))
+			writes = make(groupWrites, 0, len(v.group.touches))
 		}
 		w := keyWrite{key: t.key}
 		if after.present {
@@ -236,7 +262,18 @@ func (v *patchView) applyGroup(group []DataPatch) (groupWrites, error) {
 		}
 		writes = append(writes, w)
 	}
-	return writes, nil
+	return writes
+}
+
+// undoGroup puts every key the current group touched back to its value
+// before the group.
+func (v *patchView) undoGroup() {
+	for _, t := range v.group.touches {
+		v.accepted[t.key] = t.before
+		if v.values != nil {
+			v.setLive(t.key, t.before)
+		}
+	}
 }
 
 // accept records that a patch of the current group left key at after.

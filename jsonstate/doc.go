@@ -15,6 +15,18 @@
 // document each time it runs and must be pure. Group (or QueueGroup) queues
 // several changes that commit atomically, all or nothing.
 //
+// # Conditional groups
+//
+// A group commits only the keys it writes as compare-and-swap; documents it
+// merely reads are not compared. To write "only if that document still
+// says so", add the condition to the group with Group.Require (one document)
+// or Group.RequireAll (every document of the state), or with the RequireOps
+// of another State or Doc. The condition runs at commit time on the current
+// documents, a false answer skips the whole group, and the group depends on
+// what the condition read: a concurrent change to it makes the commit fail
+// and the group, condition included, run again on the new values. Checking
+// the condition in Tick instead is not safe under contention.
+//
 // # Decode errors
 //
 // A value that is not valid JSON for T (including an empty value) is a

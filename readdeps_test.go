@@ -1,0 +1,492 @@
+package orchestrator
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// rdState is a ReactorState that keeps nothing but a patch queue: the
+// read-dependency tests decide in their patches, on the values they are
+// given at commit time.
+type rdState struct{ patches [][]DataPatch }
+
+func (s *rdState) Update(util.EtcdKey, []byte, bool) error { return nil }
+
+func (s *rdState) GetPatches() [][]DataPatch {
+	p := s.patches
+	s.patches = nil
+	return p
+}
+
+// rdPatch adapts a function to DataPatch.
+type rdPatch func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error
+
+func (f rdPatch) Patch(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+	return f(values, changed)
+}
+
+// rdBarrier lets n patches pass only once all n have arrived, so that they
+// all read the same state before any of them commits.
+type rdBarrier struct {
+	mu      sync.Mutex
+	arrived int
+	n       int
+	all     chan struct{}
+}
+
+func newRDBarrier(n int) *rdBarrier { return &rdBarrier{n: n, all: make(chan struct{})} }
+
+func (b *rdBarrier) wait(ctx context.Context) error {
+	b.mu.Lock()
+	b.arrived++
+	if b.arrived == b.n {
+		close(b.all)
+	}
+	b.mu.Unlock()
+	select {
+	case <-b.all:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// rdReserve is the group of one reservation by worker id, number n: reserve
+// one unit at prefix/res/<id>/<n> if the reservations under prefix/res/ leave
+// room under prefix/capacity, else skip the group. The first run of each
+// worker's first reservation waits at the barrier.
+func rdReserve(ctx context.Context, prefix string, id, n int, withDeps bool, b *rdBarrier, first *bool) []DataPatch {
+	resDir := prefix + "/res/"
+	capKey := util.NewEtcdKey(prefix + "/capacity")
+	key := util.NewEtcdKey(fmt.Sprintf("%s%d/%d", resDir, id, n))
+	reserve := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		capacity, err := strconv.Atoi(string(values[capKey]))
+		if err != nil {
+			return err
+		}
+		used := 0
+		for k := range values {
+			if strings.HasPrefix(k.String(), resDir) {
+				used++
+			}
+		}
+		if *first {
+			*first = false
+			if err := b.wait(ctx); err != nil {
+				return err
+			}
+		}
+		if used+1 > capacity {
+			return ErrEtcdSkipGroup
+		}
+		values[key] = []byte("1")
+		changed[key] = struct{}{}
+		return nil
+	})
+	if !withDeps {
+		return []DataPatch{reserve}
+	}
+	return []DataPatch{ReadRangeDependency{Prefix: resDir}, ReadDependency{Key: capKey}, reserve}
+}
+
+// rdRunReservations runs workers that each try attempts reservations of one
+// unit against capacity and returns how many reservations etcd holds.
+func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
+	const (
+		workers  = 4
+		attempts = 3
+		capacity = 2
+	)
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+	cli := srv.Client(t)
+	_, err := cli.Put(ctx, prefix+"/capacity", strconv.Itoa(capacity))
+	require.NoError(t, err)
+	b := newRDBarrier(workers)
+	g, gctx := errgroup.WithContext(ctx)
+	for id := range workers {
+		done, first := 0, true
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*rdState)
+			if done == attempts {
+				return st, ErrReactorFinished
+			}
+			st.patches = append(st.patches, rdReserve(gctx, prefix, id, done, withDeps, b, &first))
+			done++
+			return st, nil
+		})
+		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{})
+		require.NoError(t, err)
+		g.Go(func() error { return w.Run(gctx, nil, 5*time.Millisecond, "reserve") })
+	}
+	require.NoError(t, g.Wait())
+	resp, err := cli.Get(ctx, prefix+"/res/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	require.NoError(t, err)
+	t.Logf("deps=%v: %d workers x %d attempts, capacity %d: %d reservations, oversold by %d",
+		withDeps, workers, attempts, capacity, resp.Count, max(0, int(resp.Count)-capacity))
+	return int(resp.Count)
+}
+
+// TestRangeDependencyPreventsOversell: four workers read the same empty
+// reservation range (a barrier holds each worker's first patch until all
+// have read it) and each reserves a unit under a capacity of 2. Without a
+// dependency on the range every write is to a fresh key, no compare fails
+// and all four land: oversold. With ReadRangeDependency the first commit
+// makes the others' range compare fail; they re-run on the new state and
+// exactly the capacity is reserved.
+func TestRangeDependencyPreventsOversell(t *testing.T) {
+	t.Run("without dependency oversells", func(t *testing.T) {
+		require.Greater(t, rdRunReservations(t, "/test/rd-unsafe", false), 2)
+	})
+	t.Run("with range dependency never oversells", func(t *testing.T) {
+		require.Equal(t, 2, rdRunReservations(t, "/test/rd-safe", true))
+	})
+}
+
+// TestKeyDependencyReRunsOnChange: a group copies key A into key B and
+// depends on A. While the patch runs for the first time another client
+// changes A; the commit must not land with the stale copy: the group re-runs
+// and B ends with A's new value. Without the dependency B keeps the stale
+// value (a key only read is not compared).
+func TestKeyDependencyReRunsOnChange(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		withDeps bool
+		wantB    string
+		wantRuns int32
+	}{
+		{"with dependency the group re-runs", true, "2", 2},
+		{"without dependency the stale copy lands", false, "1", 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			const prefix = "/test/rd-key"
+			srv := etcdtest.NewServer(t)
+			ctx := testContext(t)
+			cli := srv.Client(t)
+			_, err := cli.Put(ctx, prefix+"/a", "1")
+			require.NoError(t, err)
+			keyA, keyB := util.NewEtcdKey(prefix+"/a"), util.NewEtcdKey(prefix+"/b")
+			var runs atomic.Int32
+			copyA := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+				a := values[keyA]
+				if runs.Add(1) == 1 {
+					if _, err := cli.Put(ctx, prefix+"/a", "2"); err != nil {
+						return err
+					}
+				}
+				values[keyB] = a
+				changed[keyB] = struct{}{}
+				return nil
+			})
+			group := []DataPatch{copyA}
+			if tt.withDeps {
+				group = append(group, ReadDependency{Key: keyA})
+			}
+			require.NoError(t, rdRunOnce(ctx, t, srv.Client(t), prefix, group))
+			resp, err := cli.Get(ctx, prefix+"/b")
+			require.NoError(t, err)
+			require.Len(t, resp.Kvs, 1)
+			require.Equal(t, tt.wantB, string(resp.Kvs[0].Value))
+			require.Equal(t, tt.wantRuns, runs.Load())
+		})
+	}
+}
+
+// rdRunOnce runs a worker that queues group on its first Tick and finishes
+// once it is committed; it returns Run's error.
+func rdRunOnce(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string, group []DataPatch,
+	opts ...Option) error {
+	t.Helper()
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*rdState)
+		st.patches = append(st.patches, group)
+		return st, ErrReactorFinished
+	})
+	w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{}, opts...)
+	require.NoError(t, err)
+	return w.Run(ctx, nil, 10*time.Millisecond, "rd")
+}
+
+// TestDependenciesCountAgainstTheOpLimit: with an op limit of 8 the worker
+// leaves 6 compares to a group (2 are its own). Dependency compares count: a
+// group at exactly 6 lands, one more dependency fails the whole group with
+// ErrEtcdTxnOpsExceed and writes nothing. A key both written and depended on,
+// or a dependency declared twice, takes one compare.
+func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
+	const prefix = "/test/rd-limit"
+	k := func(name string) util.EtcdKey { return util.NewEtcdKey(prefix + "/" + name) }
+	put := func(name string) DataPatch {
+		return SingleDataPatch{Key: k(name), Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
+	}
+	dep := func(name string) DataPatch { return ReadDependency{Key: k(name)} }
+	rng := ReadRangeDependency{Prefix: prefix + "/r/"}
+	for _, tt := range []struct {
+		name    string
+		group   []DataPatch
+		wantErr error
+	}{
+		{"exactly at the limit", []DataPatch{put("w1"), put("w2"), dep("d1"), dep("d2"), dep("d3"), rng}, nil},
+		{"written and depended-on key counts once",
+			[]DataPatch{dep("w1"), put("w1"), put("w2"), dep("d1"), dep("d2"), dep("d3"), rng, dep("w2")}, nil},
+		{"repeated dependencies count once",
+			[]DataPatch{put("w1"), put("w2"), dep("d1"), dep("d2"), dep("d3"), rng, dep("d1"), rng}, nil},
+		{"one dependency over the limit",
+			[]DataPatch{put("w1"), put("w2"), dep("d1"), dep("d2"), dep("d3"), dep("d4"), rng}, ErrEtcdTxnOpsExceed},
+		{"one range over the limit",
+			[]DataPatch{put("w1"), put("w2"), dep("d1"), dep("d2"), dep("d3"), rng,
+				ReadRangeDependency{Prefix: prefix + "/s/"}}, ErrEtcdTxnOpsExceed},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := etcdtest.NewServer(t)
+			ctx := testContext(t)
+			err := rdRunOnce(ctx, t, srv.Client(t), prefix, tt.group, WithTxnLimits(8, DefaultTxnMaxBytes))
+			resp, gerr := srv.Client(t).Get(ctx, prefix+"/w", clientv3.WithPrefix(), clientv3.WithCountOnly())
+			require.NoError(t, gerr)
+			if tt.wantErr != nil {
+				require.ErrorIs(t, err, tt.wantErr)
+				require.Zero(t, resp.Count, "nothing of the group may be written")
+				return
+			}
+			require.NoError(t, err)
+			require.EqualValues(t, 2, resp.Count)
+		})
+	}
+}
+
+// TestDependencyOutsidePrefixIsRejected: a dependency on a key or range
+// outside the prefix or in the reserved area ends Run with
+// ErrKeyOutsidePrefix before anything is written.
+func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
+	const prefix = "/test/rd-outside"
+	srv := etcdtest.NewServer(t)
+	put := SingleDataPatch{Key: util.NewEtcdKey(prefix + "/w"),
+		Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
+	for _, d := range []DataPatch{
+		ReadDependency{Key: util.NewEtcdKey("/elsewhere/a")},
+		ReadDependency{Key: util.NewEtcdKey(prefix + "/__orchestrator/delete-counter")},
+		ReadRangeDependency{Prefix: prefix},
+		ReadRangeDependency{Prefix: prefix + "/__orchestrator/"},
+		&ReadRangeDependency{Prefix: "/elsewhere/"},
+	} {
+		ctx := testContext(t)
+		err := rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{d, put})
+		require.ErrorIs(t, err, ErrKeyOutsidePrefix, "%#v", d)
+		resp, gerr := srv.Client(t).Get(ctx, prefix+"/w")
+		require.NoError(t, gerr)
+		require.Empty(t, resp.Kvs)
+	}
+}
+
+// TestPackTxnsCountsDependencies checks the packing of groups with
+// dependencies: shared dependencies take one compare, a dependency on a key
+// the batch writes takes none, dependencies of a group that writes nothing
+// are dropped, a batch splits exactly when the compares exceed the limit,
+// and the byte count is exactly what the batch's compares and ops cost.
+func TestPackTxnsCountsDependencies(t *testing.T) {
+	l := txnLimits{maxOps: 8, maxBytes: 1 << 20, overheadOps: 2} // 6 compares per Txn
+	w := func(i int) groupWrites { return groupWrites{{key: rdKey(i), value: []byte("v")}} }
+	d := func(prefixes []string, keys ...int) groupDeps {
+		gd := groupDeps{prefixes: prefixes}
+		for _, k := range keys {
+			gd.keys = append(gd.keys, rdKey(k))
+		}
+		return gd
+	}
+	for _, tt := range []struct {
+		name      string
+		groups    []groupWrites
+		deps      []groupDeps
+		spans     [][2]int
+		firstDeps []util.EtcdKey
+	}{
+		{"shared dependency compared once", []groupWrites{w(0), w(3)}, []groupDeps{d(nil, 1, 2), d(nil, 1, 4)},
+			[][2]int{{0, 2}}, []util.EtcdKey{rdKey(1), rdKey(2), rdKey(4)}},
+		{"dependency written by a later group", []groupWrites{w(0), w(1)}, []groupDeps{d(nil, 1, 2, 3), d(nil, 4)},
+			[][2]int{{0, 2}}, []util.EtcdKey{rdKey(2), rdKey(3), rdKey(4)}},
+		{"exactly six compares", []groupWrites{w(0), w(5)}, []groupDeps{d(nil, 1, 2, 3, 4)},
+			[][2]int{{0, 2}}, []util.EtcdKey{rdKey(1), rdKey(2), rdKey(3), rdKey(4)}},
+		{"seven compares split", []groupWrites{w(0), w(5)}, []groupDeps{d(nil, 1, 2, 3, 4), d(nil, 6)},
+			[][2]int{{0, 1}, {1, 2}}, []util.EtcdKey{rdKey(1), rdKey(2), rdKey(3), rdKey(4)}},
+		{"range compared once", []groupWrites{w(0), w(1)}, []groupDeps{d([]string{"/b/"}), d([]string{"/b/"}, 2)},
+			[][2]int{{0, 2}}, []util.EtcdKey{rdKey(2)}},
+		{"no writes, no dependencies", []groupWrites{{}, w(0)}, []groupDeps{d([]string{"/b/"}, 1, 2, 3, 4, 5, 6), {}},
+			[][2]int{{0, 2}}, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			for i, g := range tt.groups {
+				var gd groupDeps
+				if i < len(tt.deps) {
+					gd = tt.deps[i]
+				}
+				require.NoError(t, checkGroupFitsDeps(g, gd.without(g), l))
+			}
+			out := packTxnsDeps(tt.groups, tt.deps, l)
+			spans := make([][2]int, 0, len(out))
+			for _, b := range out {
+				spans = append(spans, [2]int{b.start, b.end})
+			}
+			require.Equal(t, tt.spans, spans)
+			require.Equal(t, tt.firstDeps, out[0].depKeys)
+			for _, b := range out {
+				require.LessOrEqual(t, b.compares()+l.overheadOps, l.maxOps)
+				want := 0
+				for _, kw := range b.writes {
+					want += writeSize(kw)
+				}
+				for _, k := range b.depKeys {
+					want += depKeySize(k)
+				}
+				for _, p := range b.prefixes {
+					want += depRangeSize(p)
+				}
+				require.Equal(t, want, b.bytes)
+			}
+		})
+	}
+}
+
+// rdKey is the test key number i.
+func rdKey(i int) util.EtcdKey { return util.NewEtcdKey(fmt.Sprintf("/b/k%02d", i)) }
+
+// TestSkipGroupUndoesTheWholeGroup: ErrEtcdSkipGroup from any patch drops
+// what the group's earlier patches changed (on the single-key fast path and
+// on the value map alike); the next group sees the committed values.
+func TestSkipGroupUndoesTheWholeGroup(t *testing.T) {
+	single := func(key string, value string, err error) DataPatch {
+		return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) {
+			return []byte(value), err == nil, err
+		}}
+	}
+	general := func(key string, value string, err error) DataPatch {
+		return rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+			values[util.NewEtcdKey(key)] = []byte(value)
+			changed[util.NewEtcdKey(key)] = struct{}{}
+			return err
+		})
+	}
+	for _, tt := range []struct {
+		name  string
+		group []DataPatch
+	}{
+		{"single patches", []DataPatch{single("/p/a", "x", nil), single("/p/b", "x", nil), single("/p/a", "", ErrEtcdSkipGroup)}},
+		{"single then general", []DataPatch{single("/p/a", "x", nil), general("/p/b", "x", nil), single("/p/c", "", ErrEtcdSkipGroup)}},
+		{"general fails after a change", []DataPatch{general("/p/a", "x", nil), general("/p/b", "x", ErrEtcdSkipGroup)}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			state := &rdState{}
+			tester := NewReactorStateTester(t, state, map[string]string{"/p/a": "0"})
+			var seen string
+			next := SingleDataPatch{Key: util.NewEtcdKey("/p/a"), Func: func(old []byte) ([]byte, bool, error) {
+				seen = string(old)
+				return []byte(seen + "+1"), true, nil
+			}}
+			state.patches = [][]DataPatch{tt.group, {next}}
+			tester.MustApplyPatches()
+			require.Equal(t, "0", seen)
+			require.Equal(t, map[string]string{"/p/a": "0+1"}, tester.KVEntries())
+		})
+	}
+}
+
+// TestDependenciesOnEarlierTxnsOfOneFlush: with room for two compares per
+// Txn, one Tick's two groups go out as two Txns of one flush, the second
+// depending on what the first wrote. A key dependency compares the revision
+// the first Txn wrote and lands at once; a range dependency over keys the
+// first Txn wrote is held back until the state has the first commit (a
+// bound above the snapshot would let through keys others put in between),
+// then lands. Neither is a conflict.
+func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
+	const prefix = "/test/rd-flush"
+	put := func(name string) DataPatch {
+		return SingleDataPatch{Key: util.NewEtcdKey(prefix + name),
+			Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
+	}
+	for _, tt := range []struct {
+		name string
+		dep  DataPatch
+	}{
+		{"key dependency", ReadDependency{Key: util.NewEtcdKey(prefix + "/r/a")}},
+		{"range dependency", ReadRangeDependency{Prefix: prefix + "/r/"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := etcdtest.NewServer(t)
+			ctx := testContext(t)
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*rdState)
+				st.patches = append(st.patches, []DataPatch{put("/r/a"), put("/r/b")}, []DataPatch{put("/x"), tt.dep})
+				return st, ErrReactorFinished
+			})
+			w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
+			require.NoError(t, err)
+			require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "rd-flush"))
+			resp, err := srv.Client(t).Get(ctx, prefix+"/x")
+			require.NoError(t, err)
+			require.Len(t, resp.Kvs, 1)
+			require.Zero(t, testutil.ToFloat64(w.metrics.conflicts.WithLabelValues("rd-flush")), "conflicts")
+			require.Equal(t, float64(2), testutil.ToFloat64(w.metrics.commits.WithLabelValues("rd-flush")), "Txns")
+		})
+	}
+}
+
+// TestRangeDependencyMissesForeignDeletes pins the documented limit: a key
+// deleted inside a depended-on range by a client that is not a worker on the
+// prefix leaves nothing for a ModRevision compare to see, so the group lands
+// on what it read. A key dependency on the same key does notice the delete.
+func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
+	const prefix = "/test/rd-delete"
+	for _, tt := range []struct {
+		name     string
+		dep      DataPatch
+		wantX    string
+		wantRuns int32
+	}{
+		{"range dependency misses it", ReadRangeDependency{Prefix: prefix + "/r/"}, "1", 1},
+		{"key dependency sees it", ReadDependency{Key: util.NewEtcdKey(prefix + "/r/a")}, "0", 2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := etcdtest.NewServer(t)
+			ctx := testContext(t)
+			cli := srv.Client(t)
+			_, err := cli.Put(ctx, prefix+"/r/a", "1")
+			require.NoError(t, err)
+			var runs atomic.Int32
+			count := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+				n := 0
+				for k := range values {
+					if strings.HasPrefix(k.String(), prefix+"/r/") {
+						n++
+					}
+				}
+				if runs.Add(1) == 1 {
+					if _, err := cli.Delete(ctx, prefix+"/r/a"); err != nil {
+						return err
+					}
+				}
+				x := util.NewEtcdKey(prefix + "/x")
+				values[x] = []byte(strconv.Itoa(n))
+				changed[x] = struct{}{}
+				return nil
+			})
+			require.NoError(t, rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{tt.dep, count}))
+			resp, err := cli.Get(ctx, prefix+"/x")
+			require.NoError(t, err)
+			require.Len(t, resp.Kvs, 1)
+			require.Equal(t, tt.wantX, string(resp.Kvs[0].Value))
+			require.Equal(t, tt.wantRuns, runs.Load())
+		})
+	}
+}
