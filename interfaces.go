@@ -63,6 +63,12 @@ type DataPatch interface {
 	// the keys recorded in changedSet after the commit (also when the patch
 	// fails), so a patch must record every key it modifies before it returns,
 	// error or not, and must not keep a reference to the map.
+	//
+	// The values in valueMap are copies owned by the patches: a patch may
+	// edit their bytes in place (and record the key). Neither the worker's
+	// copy of the state nor the ReactorState changes because of it, and a
+	// group that runs again (after a conflict or ErrEtcdTryAgain) starts from
+	// the committed values.
 	Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
 }
 
