@@ -137,6 +137,10 @@ func (r *run) commitBatch(b txnBatch, written revisions) (txnOutcome, error) {
 		return txnOutcome{rev: r.mirror.completeRev}, nil
 	default:
 		if rej := commitRejected(r.w.client, err); rej != nil {
+			if clientClosed(r.w.client) {
+				// The Txn may have been sent: nothing can tell now.
+				rej = fmt.Errorf("%w: %w", rej, ErrCommitUnresolved)
+			}
 			return txnOutcome{}, rej
 		}
 		r.m.unknownCommit.Inc()

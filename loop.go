@@ -94,6 +94,7 @@ func (r *run) close() {
 	}
 	r.cancel()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout))
+	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
 	defer cancel()
 	var err error
 	switch {
