@@ -96,6 +96,12 @@ func (r *run) close() {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout))
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
 	defer cancel()
+	if !r.health.outageSince.IsZero() {
+		// etcd is not answering: waiting for it would delay Run's return
+		// (an outage must end Run within about WithMaxOutage). Without a
+		// session the token goes with its lease, whose keep-alive stops.
+		cancel()
+	}
 	var err error
 	switch {
 	case r.lease != nil:

@@ -90,9 +90,13 @@ func newWatchStream(ctx context.Context, cfg watchConfig) *watchStream {
 	return s
 }
 
-// requestProgressLoop asks for a progress notification every interval, and
-// at once when kicked (after a conflict, to learn when the state has passed
-// the conflicting revision).
+// requestProgressLoop probes the head and asks for a progress notification
+// every interval, and at once when kicked (after a conflict, to learn when
+// the state has passed the conflicting revision). The probe goes first and
+// the progress request waits at most half an interval: while the watch
+// stream reconnects, clientv3 holds a progress request until its context
+// ends, and a probe queued behind it would start the outage (see "Outages"
+// in docs/DESIGN.md) a whole request timeout late.
 func (s *watchStream) requestProgressLoop() {
 	ticker := s.cfg.clock.NewTicker(s.cfg.progressInterval)
 	defer ticker.Stop()
@@ -103,10 +107,10 @@ func (s *watchStream) requestProgressLoop() {
 		case <-ticker.Chan():
 		case <-s.kick:
 		}
-		ctx, cancel := context.WithTimeout(s.base, s.cfg.requestTimeout)
+		s.probeHead()
+		ctx, cancel := context.WithTimeout(s.base, s.cfg.progressInterval/2)
 		_ = s.watcher.RequestProgress(ctx)
 		cancel()
-		s.probeHead()
 	}
 }
 
