@@ -230,6 +230,9 @@ func (r *run) fenced(resp *clientv3.TxnResponse, seq uint64) (txnOutcome, error)
 	if r.session != nil && r.leaseGone() {
 		return txnOutcome{}, fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
 	}
+	if r.lease != nil && r.leaseGone() {
+		return txnOutcome{}, fmt.Errorf("%w: commit token %q vanished with its lease", ErrCommitUnresolved, r.token.key)
+	}
 	return txnOutcome{}, fmt.Errorf("%w: commit token %q was changed or removed by someone else", ErrCommitUnresolved, r.token.key)
 }
 
@@ -255,8 +258,9 @@ func (r *run) fenceFailed(sent time.Time, err error) error {
 	return nil
 }
 
-// leaseGone reports whether etcd no longer has the session's lease (an
-// error counts as gone: the caller is about to give up either way).
+// leaseGone reports whether etcd no longer has the token's lease (the
+// session's or the worker's own; an error counts as gone: the caller is
+// about to give up either way).
 func (r *run) leaseGone() bool {
 	ctx, cancel := r.requestCtx(true)
 	defer cancel()
