@@ -35,7 +35,8 @@ type EtcdWorker struct {
 // NewEtcdWorker returns a worker for the keys under prefix + "/". The prefix
 // is normalized with util.NormalizePrefix. client, reactor and initState must
 // not be nil; the options are validated here and a bad one is reported as an
-// error wrapping ErrInvalidArgument.
+// error wrapping ErrInvalidArgument whose message names the option (for
+// example "WithRequestTimeout").
 func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 	initState ReactorState, opts ...Option,
 ) (*EtcdWorker, error) {
