@@ -126,95 +126,110 @@ func TestPermanentErrorsEndRun(t *testing.T) {
 		{"write revoked: the commit", "w", "commit"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			for _, role := range []string{"r", "w"} { // back from an earlier case
-				_, err := env.root.UserGrantRole(ctx, "reader-writer", role)
-				require.NoError(t, err)
-			}
-			r := &i10Writer{}
-			w, err := NewEtcdWorker(i10UserClient(t, env.srv, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
-			require.NoError(t, err)
-			errc := i10RunAsync(ctx, w, 20*time.Millisecond)
-			// One commit first, so the run has its token and lease.
-			before := r.seen.Load()
-			r.writes.Store(1)
-			require.Eventually(t, func() bool { return r.seen.Load() > before }, 5*time.Second, 10*time.Millisecond)
-
-			// Another client keeps the watch busy: the worker must find out
-			// even though its watch is never silent.
-			busyCtx, stopBusy := context.WithCancel(ctx)
-			defer stopBusy()
-			go func() {
-				for busyCtx.Err() == nil {
-					_, _ = env.root.Put(busyCtx, prefix+"/busy", time.Now().String())
-					time.Sleep(30 * time.Millisecond)
-				}
-			}()
-			start := time.Now()
-			_, err = env.root.UserRevokeRole(ctx, "reader-writer", tc.role)
-			require.NoError(t, err)
-			if tc.role == "w" {
-				r.writes.Store(1)
-			}
-			err = i10Returns(t, errc, start)
-			require.ErrorIs(t, err, ErrEtcdRejected)
-			require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
-			require.Regexp(t, tc.path, err.Error())
-			require.Less(t, time.Since(start), 2*time.Second, "the probe runs every 250ms")
+			i10RevokedCase(ctx, t, env, prefix, tc.role, tc.path, opts)
 		})
 	}
-	t.Run("closed client", func(t *testing.T) {
-		// Default request timeout: a closed client must not make Run wait
-		// for it.
-		for _, whileRunning := range []bool{false, true} {
-			cli := i10UserClient(t, env.srv, "root", "rootpw")
-			w, err := NewEtcdWorker(cli, prefix, &i10Writer{}, newMapState(prefix))
-			require.NoError(t, err)
-			var errc <-chan error
-			if whileRunning {
-				errc = i10RunAsync(ctx, w, 20*time.Millisecond)
-				time.Sleep(100 * time.Millisecond) // fault timing: let it load and watch
-			}
-			start := time.Now()
-			require.NoError(t, cli.Close())
-			if !whileRunning {
-				errc = i10RunAsync(ctx, w, 20*time.Millisecond)
-			}
-			err = i10Returns(t, errc, start)
-			require.ErrorIs(t, err, ErrEtcdRejected, "while running: %v", whileRunning)
-			require.Less(t, time.Since(start), time.Second, "while running: %v", whileRunning)
-		}
-	})
-	t.Run("closed client during a commit", func(t *testing.T) {
-		hold := make(chan struct{})
-		var holding atomic.Bool
-		cfg := etcdtest.ClientConfig(env.srv.Endpoints()...)
-		cfg.Username, cfg.Password = "root", "rootpw"
-		cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
-			req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
-		) error {
-			if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 && holding.CompareAndSwap(false, true) {
-				hold <- struct{}{} // the commit is in flight ...
-				<-hold             // ... until the client is closed
-			}
-			return invoker(ctx, method, req, reply, cc, opts...)
-		})}
-		cli := etcdtest.NewClientFromConfig(t, cfg)
-		r := &i10Writer{}
-		r.writes.Store(1000)
-		w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix))
+	t.Run("closed client", func(t *testing.T) { i10ClosedClientCase(ctx, t, env, prefix) })
+	t.Run("closed client during a commit", func(t *testing.T) { i10ClosedDuringCommitCase(ctx, t, env, prefix) })
+}
+
+// i10RevokedCase runs a worker as reader-writer, lets it commit once, then
+// revokes role and checks that Run ends promptly on the path named by the
+// regexp path.
+func i10RevokedCase(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix, role, path string, opts []Option) {
+	for _, granted := range []string{"r", "w"} { // back from an earlier case
+		_, err := env.root.UserGrantRole(ctx, "reader-writer", granted)
 		require.NoError(t, err)
-		errc := i10RunAsync(ctx, w, 20*time.Millisecond)
-		select {
-		case <-hold:
-		case <-time.After(5 * time.Second):
-			t.Fatal("no commit started")
+	}
+	r := &i10Writer{}
+	w, err := NewEtcdWorker(i10UserClient(t, env.srv, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
+	require.NoError(t, err)
+	errc := i10RunAsync(ctx, w, 20*time.Millisecond)
+	// One commit first, so the run has its token and lease.
+	before := r.seen.Load()
+	r.writes.Store(1)
+	require.Eventually(t, func() bool { return r.seen.Load() > before }, 5*time.Second, 10*time.Millisecond)
+
+	// Another client keeps the watch busy: the worker must find out
+	// even though its watch is never silent.
+	busyCtx, stopBusy := context.WithCancel(ctx)
+	busyDone := make(chan struct{})
+	defer func() { stopBusy(); <-busyDone }()
+	go func() {
+		defer close(busyDone)
+		for busyCtx.Err() == nil {
+			_, _ = env.root.Put(busyCtx, prefix+"/busy", time.Now().String())
+			time.Sleep(30 * time.Millisecond)
+		}
+	}()
+	start := time.Now()
+	_, err = env.root.UserRevokeRole(ctx, "reader-writer", role)
+	require.NoError(t, err)
+	if role == "w" {
+		r.writes.Store(1)
+	}
+	err = i10Returns(t, errc, start)
+	require.ErrorIs(t, err, ErrEtcdRejected)
+	require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
+	require.Regexp(t, path, err.Error())
+	require.Less(t, time.Since(start), 2*time.Second, "the probe runs every 250ms")
+}
+
+// i10ClosedClientCase closes the worker's client before Run and while it
+// runs (default request timeout: Run must not wait for it).
+func i10ClosedClientCase(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix string) {
+	for _, whileRunning := range []bool{false, true} {
+		cli := i10UserClient(t, env.srv, "root", "rootpw")
+		w, err := NewEtcdWorker(cli, prefix, &i10Writer{}, newMapState(prefix))
+		require.NoError(t, err)
+		var errc <-chan error
+		if whileRunning {
+			errc = i10RunAsync(ctx, w, 20*time.Millisecond)
+			time.Sleep(100 * time.Millisecond) // fault timing: let it load and watch
 		}
 		start := time.Now()
 		require.NoError(t, cli.Close())
-		hold <- struct{}{}
+		if !whileRunning {
+			errc = i10RunAsync(ctx, w, 20*time.Millisecond)
+		}
 		err = i10Returns(t, errc, start)
-		require.ErrorIs(t, err, ErrEtcdRejected)
-		require.ErrorIs(t, err, ErrCommitUnresolved, "a commit cut by Close may or may not have landed")
-		require.Less(t, time.Since(start), time.Second)
-	})
+		require.ErrorIs(t, err, ErrEtcdRejected, "while running: %v", whileRunning)
+		require.Less(t, time.Since(start), time.Second, "while running: %v", whileRunning)
+	}
+}
+
+// i10ClosedDuringCommitCase closes the worker's client while a commit Txn
+// is in flight: the outcome is unknown.
+func i10ClosedDuringCommitCase(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix string) {
+	hold := make(chan struct{})
+	var holding atomic.Bool
+	cfg := etcdtest.ClientConfig(env.srv.Endpoints()...)
+	cfg.Username, cfg.Password = "root", "rootpw"
+	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 && holding.CompareAndSwap(false, true) {
+			hold <- struct{}{} // the commit is in flight ...
+			<-hold             // ... until the client is closed
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})}
+	cli := etcdtest.NewClientFromConfig(t, cfg)
+	r := &i10Writer{}
+	r.writes.Store(1000)
+	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix))
+	require.NoError(t, err)
+	errc := i10RunAsync(ctx, w, 20*time.Millisecond)
+	select {
+	case <-hold:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no commit started")
+	}
+	start := time.Now()
+	require.NoError(t, cli.Close())
+	hold <- struct{}{}
+	err = i10Returns(t, errc, start)
+	require.ErrorIs(t, err, ErrEtcdRejected)
+	require.ErrorIs(t, err, ErrCommitUnresolved, "a commit cut by Close may or may not have landed")
+	require.Less(t, time.Since(start), time.Second)
 }
