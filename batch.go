@@ -276,3 +276,21 @@ func (p *packer) fitsWith(g groupWrites, d groupDeps) bool {
 	}
 	return total <= p.l.maxBytes
 }
+
+// revisions are the mod revisions the landed Txns of one flush wrote, which
+// later Txns of the same flush compare against (0 for a deleted key).
+type revisions map[string]int64
+
+// landed records the revisions a landed batch produced.
+func (w revisions) landed(b txnBatch, counterKey string, rev int64) {
+	for _, kw := range b.writes {
+		if kw.value == nil {
+			w[kw.key.String()] = 0
+		} else {
+			w[kw.key.String()] = rev
+		}
+	}
+	if b.hasDelete {
+		w[counterKey] = rev
+	}
+}

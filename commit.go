@@ -147,6 +147,10 @@ func (r *run) commitBatch(b txnBatch, written revisions, snapRev int64) (txnOutc
 		return txnOutcome{rev: r.mirror.completeRev}, nil
 	default:
 		if rej := commitRejected(r.w.client, err); rej != nil {
+			if clientClosed(r.w.client) {
+				// The Txn may have been sent: nothing can tell now.
+				rej = fmt.Errorf("%w: %w", rej, ErrCommitUnresolved)
+			}
 			return txnOutcome{}, rej
 		}
 		r.m.unknownCommit.Inc()
@@ -236,6 +240,9 @@ func (r *run) fenced(resp *clientv3.TxnResponse, seq uint64) (txnOutcome, error)
 	if r.session != nil && r.leaseGone() {
 		return txnOutcome{}, fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
 	}
+	if r.lease != nil && r.leaseGone() {
+		return txnOutcome{}, fmt.Errorf("%w: commit token %q vanished with its lease", ErrCommitUnresolved, r.token.key)
+	}
 	return txnOutcome{}, fmt.Errorf("%w: commit token %q was changed or removed by someone else", ErrCommitUnresolved, r.token.key)
 }
 
@@ -261,41 +268,14 @@ func (r *run) fenceFailed(sent time.Time, err error) error {
 	return nil
 }
 
-// leaseGone reports whether etcd no longer has the session's lease (an
-// error counts as gone: the caller is about to give up either way).
+// leaseGone reports whether etcd no longer has the token's lease (the
+// session's or the worker's own; an error counts as gone: the caller is
+// about to give up either way).
 func (r *run) leaseGone() bool {
 	ctx, cancel := r.requestCtx(true)
 	defer cancel()
 	resp, err := r.w.client.TimeToLive(ctx, r.token.lease)
 	return err != nil || resp.TTL <= 0
-}
-
-// ensureTokenLease grants the token's own lease when the run has none yet
-// (runs without a session), retrying transient errors.
-func (r *run) ensureTokenLease() error {
-	if r.lease == nil {
-		return nil
-	}
-	bo := newBackoff()
-	for {
-		sent := r.now()
-		ctx, cancel := r.requestCtx(false)
-		id, err := r.lease.ensure(ctx, r.ctx)
-		cancel()
-		if err == nil {
-			r.token.lease = id
-			return nil
-		}
-		if stop := r.checkStop(); stop != nil {
-			return stop
-		}
-		if err := r.failed("grant lease", sent, err); err != nil {
-			return err
-		}
-		if err := r.sleep(bo.next(), false); err != nil {
-			return err
-		}
-	}
 }
 
 // elseReads are the Else operations of a commit Txn, by name: what the
@@ -375,20 +355,3 @@ func (r *run) buildTxn(b txnBatch, written revisions, snapRev int64, seq uint64)
 	return t
 }
 
-// revisions are the mod revisions the landed Txns of one flush wrote, which
-// later Txns of the same flush compare against (0 for a deleted key).
-type revisions map[string]int64
-
-// landed records the revisions a landed batch produced.
-func (w revisions) landed(b txnBatch, counterKey string, rev int64) {
-	for _, kw := range b.writes {
-		if kw.value == nil {
-			w[kw.key.String()] = 0
-		} else {
-			w[kw.key.String()] = rev
-		}
-	}
-	if b.hasDelete {
-		w[counterKey] = rev
-	}
-}

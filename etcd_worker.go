@@ -38,7 +38,8 @@ type EtcdWorker struct {
 // NewEtcdWorker returns a worker for the keys under prefix + "/". The prefix
 // is normalized with util.NormalizePrefix. client, reactor and initState must
 // not be nil; the options are validated here and a bad one is reported as an
-// error wrapping ErrInvalidArgument.
+// error wrapping ErrInvalidArgument whose message names the option (for
+// example "WithRequestTimeout").
 func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 	initState ReactorState, opts ...Option,
 ) (*EtcdWorker, error) {
@@ -102,7 +103,8 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 // the load) is younger than the staleness bound (WithMaxStaleness, default
 // 10s); and either the state changed since the last Tick or timerInterval has
 // passed since it. Ticks are also rate limited by a token bucket of rate
-// but over the rate is delayed, not dropped. A timer Tick (no change) also
+// 1/timerInterval and burst 2: a Tick that is due but over the rate is
+// delayed, not dropped. A timer Tick (no change) also
 // waits until the bucket is full, so that timer Ticks never delay the Tick
 // of a change: an idle worker ticks every timerInterval, a change is ticked
 // at once unless changes already come faster than one per timerInterval,
@@ -133,7 +135,21 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 //   - the error of Tick, Update or Patch, wrapped; ErrPanic for a panic in
 //     them;
 //   - ErrEtcdUnavailable when etcd stayed unreachable for longer than
-//     WithMaxOutage (default: no limit);
+//     WithMaxOutage (default: no limit), counted from the send time of the
+//     first request that failed (time spent in Tick or in successful reads
+//     is not an outage); Run returns within about WithMaxOutage of the
+//     outage's start, not after a whole request timeout;
+//   - an error matching ErrEtcdRejected and etcd's own error (for example
+//     errors.Is(err, rpctypes.ErrPermissionDenied)) when etcd rejected a
+//     request in a way retrying cannot heal: permission denied (also a read
+//     right revoked while running, found by the periodic head probe),
+//     authentication failed, invalid argument, a request too large, or a
+//     closed client; a commit cut by closing the client also matches
+//     ErrCommitUnresolved;
+//   - ErrCommitUnresolved when the outcome of a commit cannot be found out
+//     because its commit token vanished (its lease expired during an
+//     outage longer than WithCommitTokenTTL, or someone deleted it); Run
+//     never guesses;
 //   - ErrInvalidArgument for a non-positive timerInterval, ErrWorkerRunning
 //     when the worker is already running.
 //

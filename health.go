@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 )
 
@@ -113,5 +114,35 @@ func (r *run) requestCtx(ignoreCtx bool) (context.Context, context.CancelFunc) {
 	if ignoreCtx {
 		parent = context.WithoutCancel(r.ctx)
 	}
-	return context.WithTimeout(parent, r.health.requestTimeout(r.now(), r.w.opts.requestTimeout))
+	ctx, cancel := context.WithTimeout(parent, r.health.requestTimeout(r.now(), r.w.opts.requestTimeout))
+	return boundToClient(ctx, cancel, r.w.client)
+}
+
+// boundToClient makes ctx (with its cancel) end when client is closed, too:
+// clientv3 retries a request on a closed client until its context ends, so
+// without this every request after Close would last a whole timeout.
+func boundToClient(ctx context.Context, cancel context.CancelFunc, client *clientv3.Client,
+) (context.Context, context.CancelFunc) {
+	cctx := client.Ctx()
+	if cctx == nil {
+		return ctx, cancel
+	}
+	stop := context.AfterFunc(cctx, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// onProbe records a head probe: etcd answered, and if the state has every
+// revision up to the probed one, the state was current when it was sent.
+func (r *run) onProbe(p headProbe) error {
+	if p.err != nil {
+		return r.failed("probe", p.sent, p.err)
+	}
+	r.answered(p.rev)
+	if p.rev <= r.mirror.completeRev {
+		r.health.fresh(p.sent)
+	}
+	return nil
 }

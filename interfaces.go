@@ -69,6 +69,12 @@ type DataPatch interface {
 	// declared with ReadDependency and ReadRangeDependency patches in the
 	// group: a decision that depends on other keys must declare them, or a
 	// concurrent change to them goes unnoticed.
+	//
+	// The values in valueMap are copies owned by the patches: a patch may
+	// edit their bytes in place (and record the key). Neither the worker's
+	// copy of the state nor the ReactorState changes because of it, and a
+	// group that runs again (after a conflict or ErrEtcdTryAgain) starts from
+	// the committed values.
 	Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
 }
 

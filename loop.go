@@ -96,7 +96,14 @@ func (r *run) close() {
 	}
 	r.cancel()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout))
+	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
 	defer cancel()
+	if !r.health.outageSince.IsZero() {
+		// etcd is not answering: waiting for it would delay Run's return
+		// (an outage must end Run within about WithMaxOutage). Without a
+		// session the token goes with its lease, whose keep-alive stops.
+		cancel()
+	}
 	var err error
 	switch {
 	case r.lease != nil:
@@ -309,19 +316,6 @@ func (r *run) onWatch(res watchResult) error {
 		return nil
 	}
 	return r.applyEvents(res.events)
-}
-
-// onProbe records a head probe: etcd answered, and if the state has every
-// revision up to the probed one, the state was current when it was sent.
-func (r *run) onProbe(p headProbe) error {
-	if p.err != nil {
-		return r.failed("probe", p.sent, p.err)
-	}
-	r.answered(p.rev)
-	if p.rev <= r.mirror.completeRev {
-		r.health.fresh(p.sent)
-	}
-	return nil
 }
 
 // applyEvents applies the events of one watch response, in order. A response

@@ -12,7 +12,9 @@ import (
 // = absent) and returns the new one. newValue == nil with changed == true
 // deletes the key; a non-nil empty slice writes an empty value; changed ==
 // false writes nothing. Func may return ErrEtcdIgnore or ErrEtcdTryAgain like
-// any DataPatch, and must be pure: it may run more than once.
+// any DataPatch, and must be pure: it may run more than once. old is a copy
+// of its own: Func may edit it in place and return it (old[0] = 'X'; return
+// old, true, nil writes the edited value), and the state never sees the edit.
 type SingleDataPatch struct {
 	Key  util.EtcdKey
 	Func func(old []byte) (newValue []byte, changed bool, err error)

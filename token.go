@@ -195,3 +195,31 @@ func (l *tokenLease) close(ctx context.Context) error {
 
 // isLeaseNotFound reports whether err says a lease is gone.
 func isLeaseNotFound(err error) bool { return errors.Is(err, rpctypes.ErrLeaseNotFound) }
+
+// ensureTokenLease grants the token's own lease when the run has none yet
+// (runs without a session), retrying transient errors.
+func (r *run) ensureTokenLease() error {
+	if r.lease == nil {
+		return nil
+	}
+	bo := newBackoff()
+	for {
+		sent := r.now()
+		ctx, cancel := r.requestCtx(false)
+		id, err := r.lease.ensure(ctx, r.ctx)
+		cancel()
+		if err == nil {
+			r.token.lease = id
+			return nil
+		}
+		if stop := r.checkStop(); stop != nil {
+			return stop
+		}
+		if err := r.failed("grant lease", sent, err); err != nil {
+			return err
+		}
+		if err := r.sleep(bo.next(), false); err != nil {
+			return err
+		}
+	}
+}

@@ -3,7 +3,6 @@ package orchestrator
 import (
 	"context"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jonboulle/clockwork"
@@ -18,8 +17,8 @@ type watchConfig struct {
 	clock    clockwork.Clock
 	// requestTimeout bounds progress requests and probes.
 	requestTimeout time.Duration
-	// progressInterval is how often progress is requested and, when the
-	// watch has been silent that long, the head probed.
+	// progressInterval is how often progress is requested and the head
+	// probed.
 	progressInterval time.Duration
 }
 
@@ -42,11 +41,8 @@ type watchStream struct {
 	kick chan struct{}
 	wg   sync.WaitGroup
 
-	// probes carries head probe results to the run loop; lastResponse is
-	// when the last watch response was handled (unix nanoseconds of the
-	// clock).
-	probes       chan headProbe
-	lastResponse atomic.Int64
+	// probes carries head probe results to the run loop.
+	probes chan headProbe
 }
 
 // watchResultKind says what one watch response (or its absence) meant.
@@ -86,7 +82,6 @@ func newWatchStream(ctx context.Context, cfg watchConfig) *watchStream {
 		backoff: newBackoff(),
 		probes:  make(chan headProbe, 1),
 	}
-	s.lastResponse.Store(cfg.clock.Now().UnixNano())
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -95,9 +90,13 @@ func newWatchStream(ctx context.Context, cfg watchConfig) *watchStream {
 	return s
 }
 
-// requestProgressLoop asks for a progress notification every interval, and
-// at once when kicked (after a conflict, to learn when the state has passed
-// the conflicting revision).
+// requestProgressLoop probes the head and asks for a progress notification
+// every interval, and at once when kicked (after a conflict, to learn when
+// the state has passed the conflicting revision). The probe goes first and
+// the progress request waits at most half an interval: while the watch
+// stream reconnects, clientv3 holds a progress request until its context
+// ends, and a probe queued behind it would start the outage (see "Outages"
+// in docs/DESIGN.md) a whole request timeout late.
 func (s *watchStream) requestProgressLoop(ctx context.Context) {
 	ticker := s.cfg.clock.NewTicker(s.cfg.progressInterval)
 	defer ticker.Stop()
@@ -108,26 +107,24 @@ func (s *watchStream) requestProgressLoop(ctx context.Context) {
 		case <-ticker.Chan():
 		case <-s.kick:
 		}
-		rctx, cancel := context.WithTimeout(ctx, s.cfg.requestTimeout)
+		s.probeHead(ctx)
+		rctx, cancel := context.WithTimeout(ctx, s.cfg.progressInterval/2)
 		_ = s.watcher.RequestProgress(rctx)
 		cancel()
-		s.probeHead(ctx)
 	}
 }
 
-// probeHead reads the store revision when the watch has been silent for a
-// progress interval, and hands it (or the error) to the run loop. etcd sends
-// no progress notification to a watch whose start revision is ahead of the
-// store revision, and that is where a watch that has seen everything waits.
-// Without the probe an idle worker could never prove its state current, nor
-// notice that etcd stopped answering. See "Progress probe" in
-// docs/DESIGN.md.
+// probeHead reads the store revision and hands it (or the error) to the run
+// loop. etcd sends no progress notification to a watch whose start revision
+// is ahead of the store revision, and that is where a watch that has seen
+// everything waits. Without the probe an idle worker could never prove its
+// state current, nor notice that etcd stopped answering. It runs every
+// progress interval, even while the watch delivers: etcd checks a watch's
+// read permission only when the watch is created, so the probe is also how
+// a worker whose read permission was revoked finds out. See "Progress
+// probe" in docs/DESIGN.md.
 func (s *watchStream) probeHead(ctx context.Context) {
-	clock := s.cfg.clock
-	if clock.Since(time.Unix(0, s.lastResponse.Load())) < s.cfg.progressInterval {
-		return
-	}
-	p := headProbe{sent: clock.Now()}
+	p := headProbe{sent: s.cfg.clock.Now()}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.requestTimeout)
 	resp, err := s.cfg.client.Get(rctx, s.cfg.probeKey, clientv3.WithCountOnly())
 	cancel()
@@ -224,7 +221,6 @@ func (s *watchStream) handle(resp clientv3.WatchResponse, ok bool) watchResult {
 		return watchResult{kind: watchFailed, err: err}
 	}
 	s.backoff.reset()
-	s.lastResponse.Store(s.cfg.clock.Now().UnixNano())
 	if resp.IsProgressNotify() {
 		return watchResult{kind: watchProgress, rev: resp.Header.Revision}
 	}

@@ -1,0 +1,183 @@
+package orchestrator
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// i10KeyLog records every key a ReactorState was told about.
+type i10KeyLog struct {
+	*mapState
+	mu   sync.Mutex
+	keys map[string]struct{}
+}
+
+func (s *i10KeyLog) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	s.mu.Lock()
+	s.keys[key.String()] = struct{}{}
+	s.mu.Unlock()
+	return s.mapState.Update(key, value, isInit)
+}
+
+func (s *i10KeyLog) reserved() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for k := range s.keys {
+		if strings.Contains(k, "__orchestrator") {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// i10Committer is a worker that, round by round, puts <prefix>/k-<i> and
+// deletes <prefix>/k-<i-1> (so it keeps a delete counter and a token), and
+// on demand writes a foreign key.
+type i10Committer struct {
+	prefix  string
+	state   *i10KeyLog
+	w       *EtcdWorker
+	want    atomic.Int64 // rounds asked for
+	seen    atomic.Int64 // rounds seen committed
+	foreign atomic.Value // string: a key to write next, "" none
+	errc    chan error
+}
+
+func i10NewCommitter(t *testing.T, cli *clientv3.Client, prefix string) *i10Committer {
+	c := &i10Committer{prefix: prefix, errc: make(chan error, 1)}
+	c.state = &i10KeyLog{mapState: newMapState(prefix), keys: map[string]struct{}{}}
+	c.foreign.Store("")
+	emitted := int64(0)
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*i10KeyLog)
+		if _, ok := st.values["/k-"+strconv.FormatInt(emitted-1, 10)]; ok && emitted > c.seen.Load() {
+			c.seen.Store(emitted)
+		}
+		if key := c.foreign.Load().(string); key != "" {
+			st.patches = append(st.patches, []DataPatch{SingleDataPatch{Key: util.NewEtcdKey(key),
+				Func: func([]byte) ([]byte, bool, error) { return []byte("forged"), true, nil }}})
+			return st, nil
+		}
+		if emitted < c.want.Load() && emitted == c.seen.Load() {
+			group := []DataPatch{setPatch(st.key("/k-"+strconv.FormatInt(emitted, 10)), []byte("v"))}
+			if emitted > 0 {
+				group = append(group, setPatch(st.key("/k-"+strconv.FormatInt(emitted-1, 10)), nil))
+			}
+			st.patches = append(st.patches, group)
+			emitted++
+		}
+		return st, nil
+	})
+	w, err := NewEtcdWorker(cli, prefix, reactor, c.state)
+	require.NoError(t, err)
+	c.w = w
+	return c
+}
+
+// start runs the worker until ctx is done; rounds asks for n more rounds and
+// waits until they are committed.
+func (c *i10Committer) start(ctx context.Context) {
+	go func() { c.errc <- c.w.Run(ctx, nil, 20*time.Millisecond, c.prefix) }()
+}
+
+func (c *i10Committer) rounds(t *testing.T, n int64) {
+	t.Helper()
+	target := c.want.Add(n)
+	require.Eventually(t, func() bool { return c.seen.Load() >= target }, 10*time.Second, 10*time.Millisecond,
+		"worker on %s did not commit %d rounds", c.prefix, target)
+}
+
+// TestNestedPrefixesHideEachOthersBookkeeping: workers on nested (/r/app and
+// /r/app/b) and sibling (/r/app and /r/apple) prefixes, started in either
+// order and both committing puts and deletes, never show each other's
+// delete counter or commit tokens to their states, and a patch writing the
+// other worker's bookkeeping ends Run with ErrKeyOutsidePrefix, writing
+// nothing.
+func TestNestedPrefixesHideEachOthersBookkeeping(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	n := 0
+	for _, pair := range [][2]string{{"/r/app", "/r/app/b"}, {"/r/app", "/r/apple"}} {
+		for _, innerFirst := range []bool{false, true} {
+			n++
+			root := fmt.Sprintf("/i10/nest-%d", n)
+			name := fmt.Sprintf("%s+%s/inner-first=%v", pair[0], pair[1], innerFirst)
+			t.Run(name, func(t *testing.T) {
+				i10NestedCase(t, cli, root+pair[0], root+pair[1], innerFirst)
+			})
+		}
+	}
+}
+
+func i10NestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix string, innerFirst bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	outer, inner := i10NewCommitter(t, cli, outerPrefix), i10NewCommitter(t, cli, innerPrefix)
+	first, second := outer, inner
+	if innerFirst {
+		first, second = inner, outer
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	first.start(runCtx)
+	first.rounds(t, 3)
+	second.start(runCtx) // loads the first one's bookkeeping (when nested)
+	second.rounds(t, 3)
+	first.rounds(t, 2) // the second one watches the first one's bookkeeping change
+	second.rounds(t, 2)
+
+	// Both workers' bookkeeping exists in etcd...
+	for _, c := range []*i10Committer{outer, inner} {
+		resp, err := cli.Get(ctx, c.prefix+"/__orchestrator/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		require.NoError(t, err)
+		var keys []string
+		for _, kv := range resp.Kvs {
+			keys = append(keys, strings.TrimPrefix(string(kv.Key), c.prefix))
+		}
+		require.Len(t, keys, 2, "delete counter and one token under %s: %v", c.prefix, keys)
+	}
+	// ... and neither state was ever told about any of it.
+	require.Empty(t, outer.state.reserved(), "the outer worker's state saw bookkeeping keys")
+	require.Empty(t, inner.state.reserved(), "the inner worker's state saw bookkeeping keys")
+
+	// Each worker trying to write the other's delete counter fails and
+	// writes nothing.
+	for _, pair := range [][2]*i10Committer{{outer, inner}, {inner, outer}} {
+		c, other := pair[0], pair[1]
+		counter := other.prefix + "/__orchestrator/delete-counter"
+		before, err := cli.Get(ctx, counter)
+		require.NoError(t, err)
+		require.Len(t, before.Kvs, 1)
+		c.foreign.Store(counter)
+		select {
+		case err := <-c.errc:
+			require.ErrorIs(t, err, ErrKeyOutsidePrefix)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("worker on %s did not stop after writing %s", c.prefix, counter)
+		}
+		after, err := cli.Get(ctx, counter)
+		require.NoError(t, err)
+		require.Equal(t, before.Kvs[0].ModRevision, after.Kvs[0].ModRevision, "%s was written", counter)
+		if c == outer {
+			// Restart the outer worker so that the inner one can be tested
+			// while the outer one runs.
+			outer.foreign.Store("")
+			outer.start(runCtx)
+		}
+	}
+	stop()
+	require.ErrorIs(t, <-outer.errc, context.Canceled)
+}

@@ -1,0 +1,51 @@
+package orchestrator
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+)
+
+// TestOptionErrorsNameTheOption: NewEtcdWorker rejects an out-of-range
+// option with ErrInvalidArgument and an error that names the option; values
+// documented as meaning "none" or "no limit" are accepted.
+func TestOptionErrorsNameTheOption(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	for _, tc := range []struct {
+		opt  Option
+		name string // "" = valid
+	}{
+		{WithRequestTimeout(0), "WithRequestTimeout"},
+		{WithRequestTimeout(-time.Second), "WithRequestTimeout"},
+		{WithMaxStaleness(0), "WithMaxStaleness"},
+		{WithShutdownTimeout(-1), "WithShutdownTimeout"},
+		{WithMaxOutage(-1), "WithMaxOutage"},
+		{WithPageSize(0), "WithPageSize"},
+		{WithPageSize(-5), "WithPageSize"},
+		{WithCommitTokenTTL(0), "WithCommitTokenTTL"},
+		{WithTxnLimits(1, 10), "WithTxnLimits"},
+		{WithTxnLimits(DefaultTxnMaxOps, 10), "WithTxnLimits"},
+		{WithTxnLimits(2, DefaultTxnMaxBytes), "WithTxnLimits"},
+		{WithFencingKey("", 0), "WithFencingKey"},
+		{WithFencingKey("/leader", 0), "WithFencingKey"},
+		{WithFencingKey("", 5), "WithFencingKey"},
+		{WithShutdownTimeout(0), ""},
+		{WithMaxOutage(0), ""},
+		{WithCommitTokenTTL(time.Millisecond), ""}, // etcd rounds it up
+		{WithFencingKey("/leader", 5), ""},
+	} {
+		_, err := NewEtcdWorker(cli, "/i10/options", noop, newMapState("/i10/options"), tc.opt)
+		if tc.name == "" {
+			require.NoError(t, err)
+			continue
+		}
+		require.ErrorIs(t, err, ErrInvalidArgument, tc.name)
+		require.Contains(t, err.Error(), tc.name)
+	}
+}

@@ -1,0 +1,140 @@
+package orchestrator
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+)
+
+// TestMaxOutageCountsOnlyFailedRequests: WithMaxOutage counts only time
+// during which etcd failed to answer. A Tick longer than the limit while
+// etcd is healthy is not an outage; a real outage ends Run with
+// ErrEtcdUnavailable about WithMaxOutage after it started, not after a
+// whole request timeout (default 5s), whether the worker is idle or has a
+// commit in flight.
+func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	t.Run("busy tick", func(t *testing.T) {
+		t.Parallel()
+		i10BusyTickIsNoOutage(t, srv)
+	})
+	for i, tc := range []struct {
+		name     string
+		fault    func(p *etcdtest.Proxy)
+		inFlight bool
+	}{
+		{"idle, blackhole", (*etcdtest.Proxy).Blackhole, false},
+		{"idle, pause", (*etcdtest.Proxy).Pause, false},
+		{"commit in flight, blackhole", (*etcdtest.Proxy).Blackhole, true},
+	} {
+		prefix := fmt.Sprintf("/i10/outage-%d", i)
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // mostly waiting: keeps the test short
+			i10OutageEndsRun(t, srv, tc.fault, tc.inFlight, prefix)
+		})
+	}
+}
+
+func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
+	const prefix = "/i10/outage-busy"
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var ticks atomic.Int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
+		if ticks.Add(1) == 3 {
+			time.Sleep(2 * time.Second) // busy in user code, etcd healthy
+		}
+		return st, nil
+	})
+	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), WithMaxOutage(time.Second))
+	require.NoError(t, err)
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	errc := i10RunAsync(runCtx, w, 20*time.Millisecond)
+	deadline := time.After(10 * time.Second)
+	for ticks.Load() < 8 {
+		select {
+		case err := <-errc:
+			t.Fatalf("Run returned after %d ticks: %v", ticks.Load(), err)
+		case <-deadline:
+			t.Fatalf("only %d ticks", ticks.Load())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	stop()
+	require.ErrorIs(t, <-errc, context.Canceled)
+}
+
+func i10OutageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
+	const maxOutage = 3 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	var (
+		armed    atomic.Bool
+		faulted  = make(chan time.Time, 1)
+		ticks    atomic.Int64
+		cfg      = etcdtest.ClientConfig(proxy.Endpoint())
+		cutTxnAt = func() {
+			if armed.CompareAndSwap(true, false) {
+				fault(proxy)
+				faulted <- time.Now()
+			}
+		}
+	)
+	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 {
+			cutTxnAt() // the commit is sent into the outage
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})}
+	cli := etcdtest.NewClientFromConfig(t, cfg)
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		if inFlight || ticks.Load() == 0 {
+			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
+		}
+		ticks.Add(1)
+		return st, nil
+	})
+	// Default request timeout (5s): Run must not wait for it.
+	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), WithMaxOutage(maxOutage))
+	require.NoError(t, err)
+	errc := i10RunAsync(ctx, w, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return ticks.Load() >= 5 }, 10*time.Second, 10*time.Millisecond)
+	var start time.Time
+	if inFlight {
+		armed.Store(true)
+		select {
+		case start = <-faulted:
+		case <-time.After(5 * time.Second):
+			t.Fatal("no commit was sent")
+		}
+	} else {
+		start = time.Now()
+		fault(proxy)
+	}
+	defer proxy.Resume()
+	select {
+	case err := <-errc:
+		took := time.Since(start)
+		t.Logf("Run returned after %v: %v", took, err)
+		require.ErrorIs(t, err, ErrEtcdUnavailable)
+		require.Greater(t, took, maxOutage-500*time.Millisecond, "gave up before the limit")
+		require.Less(t, took, maxOutage+1500*time.Millisecond, "gave up too late")
+	case <-time.After(maxOutage + 5*time.Second):
+		t.Fatal("Run did not return")
+	}
+}

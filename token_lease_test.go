@@ -1,0 +1,207 @@
+package orchestrator
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+)
+
+// i10Tokens returns the commit token keys under prefix, with their leases.
+func i10Tokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]clientv3.LeaseID {
+	t.Helper()
+	resp, err := cli.Get(ctx, prefix+"/__orchestrator/token/", clientv3.WithPrefix())
+	require.NoError(t, err)
+	out := map[string]clientv3.LeaseID{}
+	for _, kv := range resp.Kvs {
+		out[string(kv.Key)] = clientv3.LeaseID(kv.Lease)
+	}
+	return out
+}
+
+// i10OwnCommit is a reactor that puts key once and reports when its state
+// shows it.
+func i10OwnCommit(key string, done chan<- struct{}) Reactor {
+	var emitted, reported bool
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		if !emitted {
+			emitted = true
+			st.patches = append(st.patches, []DataPatch{setPatch(st.key(key), []byte("v"))})
+		} else if _, ok := st.values[key]; ok && !reported {
+			reported = true
+			done <- struct{}{}
+		}
+		return st, nil
+	})
+}
+
+// TestCommitTokensDoNotAccumulate: without a session, every Run's commit
+// token lives on a lease the worker keeps alive. Runs killed without
+// cleanup (their link to etcd is gone before they stop) leave their tokens
+// for at most the lease TTL; a clean stop deletes the token at once.
+func TestCommitTokensDoNotAccumulate(t *testing.T) {
+	const (
+		prefix = "/i10/tokens"
+		runs   = 20
+		ttl    = 2 * time.Second
+	)
+	srv := etcdtest.NewServer(t)
+	direct := srv.Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	t.Run("clean stop", func(t *testing.T) {
+		done := make(chan struct{}, 1)
+		w, err := NewEtcdWorker(direct, prefix+"-clean", i10OwnCommit("/k", done), newMapState(prefix+"-clean"))
+		require.NoError(t, err)
+		runCtx, stop := context.WithCancel(ctx)
+		errc := i10RunAsync(runCtx, w, 20*time.Millisecond)
+		<-done
+		require.Len(t, i10Tokens(ctx, t, direct, prefix+"-clean"), 1)
+		stop()
+		require.ErrorIs(t, <-errc, context.Canceled)
+		require.Empty(t, i10Tokens(ctx, t, direct, prefix+"-clean"), "a clean stop must delete the token")
+	})
+
+	t.Run("killed runs", func(t *testing.T) {
+		proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+		runCtx, stop := context.WithCancel(ctx)
+		defer stop()
+		var wg sync.WaitGroup
+		done := make(chan struct{}, runs)
+		errs := make(chan error, runs)
+		for i := range runs {
+			cli := etcdtest.NewClient(t, proxy.Endpoint())
+			w, err := NewEtcdWorker(cli, prefix, i10OwnCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
+				WithCommitTokenTTL(ttl))
+			require.NoError(t, err)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs <- w.Run(runCtx, nil, 50*time.Millisecond, "killed")
+			}()
+		}
+		for range runs {
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("not every run committed")
+			}
+		}
+		require.Len(t, i10Tokens(ctx, t, direct, prefix), runs)
+		// Kill: the link goes first, so no cleanup reaches etcd.
+		proxy.Blackhole()
+		proxy.Close()
+		killed := time.Now()
+		stop()
+		wg.Wait()
+		for range runs {
+			require.ErrorIs(t, <-errs, context.Canceled)
+		}
+		require.LessOrEqual(t, len(i10Tokens(ctx, t, direct, prefix)), runs)
+		require.Eventually(t, func() bool { return len(i10Tokens(ctx, t, direct, prefix)) == 0 },
+			ttl+5*time.Second, 50*time.Millisecond, "tokens of killed runs must expire with their lease")
+		t.Logf("tokens gone %v after the kill (TTL %v)", time.Since(killed), ttl)
+	})
+}
+
+// TestCommitTokenLeaseLoss: when the token's lease is gone while a commit's
+// outcome is unknown, nothing can tell whether it landed: Run returns
+// ErrCommitUnresolved and never re-runs the group. When it is gone with
+// nothing in flight, the next commit is rejected whole and lands once on a
+// new lease.
+func TestCommitTokenLeaseLoss(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	direct := srv.Client(t)
+	for _, inFlight := range []bool{true, false} {
+		t.Run(fmt.Sprintf("in flight=%v", inFlight), func(t *testing.T) {
+			i10LeaseLossCase(t, srv, direct, inFlight)
+		})
+	}
+}
+
+func i10LeaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, inFlight bool) {
+	prefix := fmt.Sprintf("/i10/lease-loss-%v", inFlight)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	revokeOwn := func() error { // revoke the worker's token lease
+		for _, id := range i10Tokens(ctx, t, direct, prefix) {
+			if _, err := direct.Revoke(ctx, id); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	var armed atomic.Bool
+	cfg := etcdtest.ClientConfig(srv.Endpoints()...)
+	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		tr, ok := req.(*etcdserverpb.TxnRequest)
+		if !ok || len(tr.Compare) < 2 || !armed.CompareAndSwap(true, false) {
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}
+		if err := invoker(ctx, method, req, reply, cc, opts...); err != nil {
+			return err
+		}
+		// The commit landed; its answer is lost, and the token's lease
+		// expires during the outage.
+		if err := revokeOwn(); err != nil {
+			return err
+		}
+		return status.Error(codes.Unavailable, "injected: answer lost")
+	})}
+	cli := etcdtest.NewClientFromConfig(t, cfg)
+
+	var runs, ticks atomic.Int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		switch ticks.Add(1) {
+		case 1: // a first commit, so the run has a token and a lease
+			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
+		case 2:
+			if inFlight {
+				armed.Store(true)
+			} else if err := revokeOwn(); err != nil {
+				return st, err
+			}
+			st.patches = append(st.patches, []DataPatch{SingleDataPatch{Key: st.key("/n"),
+				Func: func(old []byte) ([]byte, bool, error) {
+					runs.Add(1)
+					return []byte(strconv.FormatInt(mustInt(t, old)+1, 10)), true, nil
+				}}})
+		default:
+			return st, ErrReactorFinished
+		}
+		return st, nil
+	})
+	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), WithRequestTimeout(time.Second))
+	require.NoError(t, err)
+	start := time.Now()
+	err = w.Run(ctx, nil, 20*time.Millisecond, "lease-loss")
+	t.Logf("Run returned after %v: %v", time.Since(start), err)
+	resp, gerr := direct.Get(ctx, prefix+"/n")
+	require.NoError(t, gerr)
+	require.Len(t, resp.Kvs, 1)
+	require.Equal(t, "2", string(resp.Kvs[0].Value), "the group must land exactly once")
+	if inFlight {
+		require.ErrorIs(t, err, ErrCommitUnresolved)
+		require.EqualValues(t, 1, runs.Load(), "an unresolved group must not be re-run")
+		return
+	}
+	require.NoError(t, err)
+	require.Empty(t, i10Tokens(ctx, t, direct, prefix), "the new lease is revoked when Run returns")
+}
