@@ -354,4 +354,3 @@ func (r *run) buildTxn(b txnBatch, written revisions, snapRev int64, seq uint64)
 	}
 	return t
 }
-
