@@ -356,22 +356,34 @@ func BenchmarkScale(b *testing.B) {
 	fmt.Printf("setup: %d keys written in %v (%.0f keys/s; fsync off)\n", n, dur(setup), float64(n)/setup.Seconds())
 
 	for b.Loop() {
+		start := time.Now()
 		var rows []scaleRow
 		loadN, streamN := scaleLoadRows(ctx, b, admin, big, n, &rows)
+		scaleProgress(start, "load")
 		if n != scaleSmallKeys {
 			loadS, _ := scaleLoadRows(ctx, b, admin, small, scaleSmallKeys, &rows)
+			scaleProgress(start, "load of the small prefix")
 			rows = append(rows, scaleRow{
 				what:     fmt.Sprintf("linearity: first Tick %dk / %dk keys (linear = %.1f)", n/1000, scaleSmallKeys/1000, float64(n)/scaleSmallKeys),
 				measured: dur(loadN), baseline: dur(loadS), ratio: ratioOf(loadN, loadS),
 			})
 		}
 		rows = append(rows, scaleFallbackRows(ctx, b, srv, admin, big, n)...)
+		scaleProgress(start, "fallback")
 		rows = append(rows, scaleReloadRows(ctx, b, srv, admin, big, n, streamN)...)
+		scaleProgress(start, "reload")
 		rows = append(rows, scaleMemoryRows(ctx, b, admin, big, n)...)
+		scaleProgress(start, "memory")
 		rows = append(rows, scaleCommitRow(ctx, b, admin, tiny, big, n))
 		rows = append(rows, scaleLagRow(ctx, b, admin, big, n))
 		printScaleTable(n, rows)
 	}
+}
+
+// scaleProgress notes on stderr which part of the benchmark is done (the
+// table comes at the end; a 1M-key run takes many minutes).
+func scaleProgress(start time.Time, part string) {
+	fmt.Fprintf(os.Stderr, "scale: %s done after %v\n", part, time.Since(start).Round(time.Second))
 }
 
 func printScaleTable(n int, rows []scaleRow) {
