@@ -1,6 +1,7 @@
 package orchestrator
 
 import (
+	"context"
 	"errors"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -103,8 +104,11 @@ func (r *run) readPrefix(fn func(kv *mvccpb.KeyValue) error) (int64, error) {
 		idleTimeout: r.health.requestTimeout(r.now(), r.w.opts.requestTimeout),
 		support:     &r.w.streamSupport,
 	}
+	ctx, cancel := context.WithCancel(r.ctx)
+	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
+	defer cancel()
 	n := 0
-	rev, err := readRange(r.ctx, r.w.client, key, end, cfg, func(kv *mvccpb.KeyValue) error {
+	rev, err := readRange(ctx, r.w.client, key, end, cfg, func(kv *mvccpb.KeyValue) error {
 		if n&1023 == 0 { // data arrived: etcd answers (checked now and then, it is per key)
 			r.answered(0)
 			r.lastData = r.now()
