@@ -58,6 +58,10 @@ func (r *run) load() error {
 	start := r.now()
 	var counterRev int64
 	keys := 0
+	first := m.len() == 0 // nothing to diff against: every key is new
+	if first && r.w.streamSupport.useStream(r.now()) {
+		r.sizeMirror() // the paged fallback sizes it from its first page
+	}
 	m.beginSweep()
 	rev, err := r.readPrefix(func(kv *mvccpb.KeyValue) error {
 		c, visible := m.apply(kv, false)
@@ -68,12 +72,17 @@ func (r *run) load() error {
 			return nil
 		}
 		keys++
-		if m.visit(c.key, c.modRev) {
+		if first {
+			return r.updateFrom(c, kvEntry{}, false, true)
+		}
+		prev, had := m.entry(c.key)
+		if had && prev.modRev == c.modRev {
+			m.visit(c.key, prev)
 			return nil
 		}
-		return r.update(c, true)
+		return r.updateFrom(c, prev, had, true)
 	})
-	vanished := m.endSweep(err == nil)
+	vanished := m.endSweep(err == nil, keys)
 	if err != nil {
 		return err
 	}
@@ -91,6 +100,20 @@ func (r *run) load() error {
 	return nil
 }
 
+// sizeMirror sizes the empty mirror for the keys under the prefix, from one
+// count-only read: a map filled without a size grows by doubling, which
+// costs time during the load and leaves up to half its slots empty
+// afterwards. An error only means no size hint. (A streamed range carries
+// no count; the paged fallback's first page does, see readConfig.sizeHint.)
+func (r *run) sizeMirror() {
+	ctx, cancel := r.requestCtx(false)
+	defer cancel()
+	resp, err := r.w.client.Get(ctx, r.mirror.watchKey, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err == nil {
+		r.mirror.reserve(int(resp.Count))
+	}
+}
+
 // readPrefix reads every key under the prefix at one revision (see
 // readRange: a streaming range, or pinned pages on servers without one),
 // calling fn for each; an error of fn is returned as a userError. Every key
@@ -103,6 +126,7 @@ func (r *run) readPrefix(fn func(kv *mvccpb.KeyValue) error) (int64, error) {
 		minPageKeys: r.w.opts.pageSize,
 		idleTimeout: r.health.requestTimeout(r.now(), r.w.opts.requestTimeout),
 		support:     &r.w.streamSupport,
+		sizeHint:    func(keys int64) { r.mirror.reserve(int(keys)) },
 	}
 	ctx, cancel := context.WithCancel(r.ctx)
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)

@@ -347,6 +347,11 @@ func (r *run) applyEvents(events []*clientv3.Event) error {
 // update tells the state about one change and records it in the mirror.
 func (r *run) update(c keyChange, isInit bool) error {
 	prev, hadPrev := r.mirror.entry(c.key)
+	return r.updateFrom(c, prev, hadPrev, isInit)
+}
+
+// updateFrom is update for a key whose entry before c is known.
+func (r *run) updateFrom(c keyChange, prev kvEntry, hadPrev, isInit bool) error {
 	r.mirror.set(c)
 	_, err := guard("ReactorState.Update", func() (struct{}, error) {
 		return struct{}{}, r.state.Update(c.key, c.value, isInit)

@@ -17,7 +17,8 @@ import (
 const reservedDir = "/__orchestrator/"
 
 // kvEntry is one key as the state has been told it: its value and the mod
-// revision that wrote it.
+// revision that wrote it. In the mirror's map modRev also carries the sweep
+// mark (markBit); entry and value return it without.
 type kvEntry struct {
 	value  []byte
 	modRev int64
@@ -25,8 +26,8 @@ type kvEntry struct {
 
 // unsyncedRev marks an entry the state did not take (its Update failed), so
 // that a later load, which passes every key whose revision differs, passes it
-// again.
-const unsyncedRev = -1
+// again. No key has mod revision 0.
+const unsyncedRev = 0
 
 // keyChange is one change of a user-visible key: value == nil deletes it.
 type keyChange struct {
@@ -61,14 +62,17 @@ type mirror struct {
 	completeRev int64
 	counterRev  int64
 
-	// sweeping is true during a load: entries the load visits are marked
-	// (visitedBit in modRev), and endSweep reports the others as vanished.
-	// It costs no memory beyond the entries themselves.
-	sweeping bool
+	// mark is the sweep mark of the current load (0 or markBit): every
+	// entry a load visits or writes carries it, so that the entries with
+	// the other mark are the ones the load did not find (see endSweep).
+	// Flipping it starts a load without touching any entry, and it costs no
+	// memory beyond the entries themselves.
+	mark int64
 }
 
-// visitedBit marks an entry a load visited. Revisions never reach it.
-const visitedBit = int64(1) << 62
+// markBit holds an entry's sweep mark in its stored mod revision. Revisions
+// never reach it.
+const markBit = int64(1) << 62
 
 func newMirror(prefix util.EtcdPrefix) *mirror {
 	return &mirror{
@@ -119,11 +123,7 @@ func (m *mirror) set(c keyChange) {
 		}
 		return
 	}
-	rev := c.modRev
-	if m.sweeping {
-		rev |= visitedBit
-	}
-	m.entries[c.key] = kvEntry{value: c.value, modRev: rev}
+	m.entries[c.key] = kvEntry{value: c.value, modRev: c.modRev | m.mark}
 	if m.values != nil {
 		m.values[c.key] = bytes.Clone(c.value)
 	}
@@ -135,40 +135,43 @@ func (m *mirror) set(c keyChange) {
 func (m *mirror) forget(c keyChange, prev kvEntry, hadPrev bool) {
 	switch {
 	case c.value != nil:
-		m.entries[c.key] = kvEntry{value: c.value, modRev: unsyncedRev}
+		m.entries[c.key] = kvEntry{value: c.value, modRev: unsyncedRev | m.mark}
 	case hadPrev:
-		m.entries[c.key] = kvEntry{value: prev.value, modRev: unsyncedRev}
+		m.entries[c.key] = kvEntry{value: prev.value, modRev: unsyncedRev | m.mark}
 	}
 }
 
-// beginSweep starts a load: see sweeping.
-func (m *mirror) beginSweep() { m.sweeping = true }
+// beginSweep starts a load: from now on an entry carries the new mark only
+// once the load found it (visit or set).
+func (m *mirror) beginSweep() { m.mark ^= markBit }
 
-// visit marks key as present at modRev in the load, and reports whether
-// the mirror already has it at that revision (nothing to tell the state).
-func (m *mirror) visit(key util.EtcdKey, modRev int64) bool {
-	e, ok := m.entries[key]
-	if !ok || e.modRev != modRev {
-		return false
-	}
-	e.modRev |= visitedBit
-	m.entries[key] = e
-	return true
+// visit records that a load found key unchanged at prev (its entry): the
+// entry takes the load's mark.
+func (m *mirror) visit(key util.EtcdKey, prev kvEntry) {
+	prev.modRev |= m.mark
+	m.entries[key] = prev
 }
 
-// endSweep ends a load. When complete, it returns the keys the load did not
-// visit (they vanished); either way it clears the marks.
-func (m *mirror) endSweep(complete bool) []util.EtcdKey {
-	m.sweeping = false
+// endSweep ends a load that found found keys. When it completed, it returns
+// the keys it did not find (they vanished): none when every entry was found,
+// which needs no look at the entries. When it failed, it gives every entry
+// the load's mark, so that the next load, which flips the mark, starts with
+// none found.
+func (m *mirror) endSweep(complete bool, found int) []util.EtcdKey {
+	if complete && found == len(m.entries) {
+		return nil
+	}
 	var vanished []util.EtcdKey
 	for k, e := range m.entries {
-		switch {
-		case e.modRev&visitedBit != 0:
-			e.modRev &^= visitedBit
-			m.entries[k] = e
-		case complete:
-			vanished = append(vanished, k)
+		if e.modRev&markBit == m.mark {
+			continue
 		}
+		if complete {
+			vanished = append(vanished, k)
+			continue
+		}
+		e.modRev ^= markBit
+		m.entries[k] = e
 	}
 	return vanished
 }
@@ -176,6 +179,7 @@ func (m *mirror) endSweep(complete bool) []util.EtcdKey {
 // entry returns the committed entry of key.
 func (m *mirror) entry(key util.EtcdKey) (kvEntry, bool) {
 	e, ok := m.entries[key]
+	e.modRev &^= markBit
 	return e, ok
 }
 
@@ -183,6 +187,13 @@ func (m *mirror) entry(key util.EtcdKey) (kvEntry, bool) {
 func (m *mirror) value(key util.EtcdKey) ([]byte, bool) {
 	e, ok := m.entries[key]
 	return e.value, ok
+}
+
+// reserve sizes an empty mirror for n keys.
+func (m *mirror) reserve(n int) {
+	if len(m.entries) == 0 && n > 0 {
+		m.entries = make(map[util.EtcdKey]kvEntry, n)
+	}
 }
 
 // len is the number of visible keys.

@@ -67,6 +67,10 @@ type readConfig struct {
 	// support remembers a codes.Unimplemented answer across reads; nil:
 	// every read tries the stream first.
 	support *streamSupport
+	// sizeHint, when set, gets the number of keys in the range before fn
+	// sees the first key, when the read learns it (the unary fallback's
+	// first page counts the range; the stream does not).
+	sizeHint func(keys int64)
 }
 
 // streamSupport remembers that the server answered RangeStream with
@@ -204,7 +208,7 @@ func readPaged(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 	if recvLimit <= 0 {
 		recvLimit = math.MaxInt32
 	}
-	p := rangePager{kv: kv, end: end, rev: cfg.rev, idle: cfg.idleTimeout, next: key, limit: minPage}
+	p := rangePager{kv: kv, end: end, rev: cfg.rev, idle: cfg.idleTimeout, next: key, limit: minPage, sizeHint: cfg.sizeHint}
 	first, err := p.page(ctx, fn)
 	if err != nil {
 		return 0, err
@@ -242,6 +246,7 @@ type rangePager struct {
 	more      bool
 	sized     bool  // the first page was read
 	count     int64 // keys in the range at the revision, from the first page
+	sizeHint  func(keys int64)
 }
 
 // pageStats describes one page.
@@ -274,6 +279,9 @@ func (p *rangePager) page(ctx context.Context, fn func(kv *mvccpb.KeyValue) erro
 			p.sized, p.count = true, resp.Count
 			if p.rev == 0 {
 				p.rev = resp.Header.Revision
+			}
+			if p.sizeHint != nil {
+				p.sizeHint(resp.Count)
 			}
 		}
 		var st pageStats
