@@ -183,3 +183,57 @@ func TestReview12SameRoleWorkersKeepTheirGauges(t *testing.T) {
 	bcancel()
 	require.True(t, IsCleanStop(recvErr(ctx, t, bdone)))
 }
+
+// review12SlowReactor runs a worker whose Tick takes 150ms (30 timer
+// intervals) while etcd moves on, and waits until the state caught up with
+// the last put (the test fails if it does not within 10s). It returns the
+// largest Lag() seen meanwhile.
+func review12SlowReactor(t *testing.T) int64 {
+	const prefix = "/test/r12-lag"
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	reactor := ReactorFunc(func(c context.Context, s ReactorState) (ReactorState, error) {
+		select {
+		case <-time.After(150 * time.Millisecond):
+		case <-c.Done():
+		}
+		return s, nil
+	})
+	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix))
+	require.NoError(t, err)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := runAsync(runCtx, w, nil, behaviourTick, "lag")
+	require.NoError(t, w.WaitSynced(ctx))
+	var last, maxLag int64
+	for i := range 40 {
+		resp, err := cli.Put(ctx, fmt.Sprintf("%s/k%d", prefix, i), "v")
+		require.NoError(t, err)
+		last = resp.Header.Revision
+		time.Sleep(10 * time.Millisecond) // etcd moves on during the slow Ticks
+		maxLag = max(maxLag, w.Status().Lag())
+	}
+	waitWithin(t, 10*time.Second, "the state caught up", nil, func() bool {
+		s := w.Status()
+		maxLag = max(maxLag, s.Lag())
+		return s.AppliedRevision >= last
+	})
+	cancel()
+	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+	return maxLag
+}
+
+// TestReview12SlowReactorStillSeesNewState: a Tick slower than the timer
+// interval must not starve the watch: the state keeps moving on.
+func TestReview12SlowReactorStillSeesNewState(t *testing.T) {
+	review12SlowReactor(t)
+}
+
+// TestReview12LagShowsASlowReactorsBacklog: while Tick is slow and etcd
+// moves on, Status shows the worker behind (Lag() > 0) at some point.
+func TestReview12LagShowsASlowReactorsBacklog(t *testing.T) {
+	t.Skip("known bug: Status.HeadRevision only moves when the run loop consumes a watch response, " +
+		"so Lag() stays 0 while a slow Tick leaves responses queued (the worker is behind but reports no lag)")
+	require.Positive(t, review12SlowReactor(t))
+}
