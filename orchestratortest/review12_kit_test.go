@@ -27,7 +27,8 @@ func TestReview12ParallelServersRunWorkers(t *testing.T) {
 			n := 0
 			w, err := orchestrator.NewEtcdWorker(cli, "/p", orchestrator.ReactorFunc(
 				func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
-					if n++; n == 3 {
+					n++
+					if n == 3 {
 						return s, orchestrator.ErrReactorFinished
 					}
 					return s, nil
