@@ -172,6 +172,9 @@ func (w *EtcdWorker) Run(ctx context.Context, session *concurrency.Session,
 	r := w.newRun(ctx, session, timerInterval, role)
 	defer r.close() //nolint:contextcheck // the run carries Run's ctx
 	err := r.loop() //nolint:contextcheck // the run carries Run's ctx
+	if err != nil && ctx.Err() == nil {
+		err = &runFailure{err: err} // not a stop, even if err matches a ctx error
+	}
 	if err != nil {
 		r.log.Info("etcd worker stopped", zap.Error(err))
 	} else {

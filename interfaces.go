@@ -2,6 +2,7 @@ package orchestrator
 
 import (
 	"context"
+	"strings"
 
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -99,8 +100,11 @@ type ScopedState interface {
 }
 
 // InScope reports whether key lies under workerPrefix + "/", where a worker
-// on workerPrefix sees it. It helps implement ScopedState.
+// on workerPrefix sees it: not in a worker's reserved area (a path segment
+// "__orchestrator" below the prefix), whose keys never reach a state. It
+// helps implement ScopedState.
 func InScope(workerPrefix util.EtcdPrefix, key string) bool {
 	dir := workerPrefix.String() + "/"
-	return len(key) > len(dir) && key[:len(dir)] == dir
+	return len(key) > len(dir) && key[:len(dir)] == dir &&
+		!strings.Contains(key[len(dir)-1:], reservedDir)
 }

@@ -122,8 +122,7 @@ func (r *run) close() {
 	r.mirror.dropValueMap()
 }
 
-// loop is the body of Run: load, then watch, tick and commit until a
-// reason to return.
+// loop is the body of Run: load, then watch, tick and commit until it must return.
 func (r *run) loop() error {
 	r.publishStatus()
 	if err := r.loadWithRetry(); err != nil {
@@ -140,6 +139,9 @@ func (r *run) loop() error {
 		now := r.now()
 		r.restartWatchIfDue(now)
 		wake, acted, err := r.step(now)
+		if acted && err == nil {
+			err = r.poll() // a slow Tick must not starve the watch
+		}
 		if err != nil || r.finishing && len(r.pending.groups) == 0 {
 			return err
 		}

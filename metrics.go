@@ -2,6 +2,7 @@ package orchestrator
 
 import (
 	"errors"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -142,13 +143,15 @@ type roleMetrics struct {
 
 	// forget removes the role's gauge series that describe a running worker
 	// (lag, last Tick, applied revision), so that they do not stay at stale
-	// values after Run returns. state_keys stays: the worker keeps its state
+	// values after Run returns (once no other running worker of the same
+	// registerer has the same role). state_keys stays: the worker keeps its state
 	// across runs.
 	forget func()
 }
 
 func (m *metrics) forRole(role string) *roleMetrics {
 	l := prometheus.Labels{"role": role}
+	liveRuns.join(m.revision, role)
 	return &roleMetrics{
 		txnBytes:        m.txnBytes.With(l),
 		txnDuration:     m.txnDuration.With(l),
@@ -166,9 +169,47 @@ func (m *metrics) forRole(role string) *roleMetrics {
 		lastTick:        m.lastTick.With(l),
 		appliedRevision: m.revision.With(l),
 		forget: func() {
-			for _, g := range []*prometheus.GaugeVec{m.revisionLag, m.lastTick, m.revision} {
-				g.Delete(l)
+			if liveRuns.leave(m.revision, role) {
+				for _, g := range []*prometheus.GaugeVec{m.revisionLag, m.lastTick, m.revision} {
+					g.Delete(l)
+				}
 			}
 		},
 	}
+}
+
+// liveRuns counts the running workers per role of each shared set of
+// collectors (keyed by its applied_revision vector), so that a Run that
+// returns removes the live gauges only when no other Run with the same role
+// still publishes them: a deleted series would detach the other Run's
+// gauges, which then never reappear.
+var liveRuns = runCounter{n: map[runKey]int{}}
+
+type runKey struct {
+	vec  *prometheus.GaugeVec
+	role string
+}
+
+type runCounter struct {
+	mu sync.Mutex
+	n  map[runKey]int
+}
+
+func (c *runCounter) join(vec *prometheus.GaugeVec, role string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.n[runKey{vec, role}]++
+}
+
+// leave reports whether the last Run of role left.
+func (c *runCounter) leave(vec *prometheus.GaugeVec, role string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k := runKey{vec, role}
+	c.n[k]--
+	if c.n[k] > 0 {
+		return false
+	}
+	delete(c.n, k)
+	return true
 }

@@ -119,16 +119,26 @@ func (w *EtcdWorker) Ready() error {
 // IsCleanStop reports whether an error returned by Run means that Run ended
 // the way its caller asked: nil (the reactor finished), or ctx cancelled or
 // past its deadline with no commit left unresolved. Any other error,
-// including ErrCommitUnresolved after ctx ended, is a failure to look at.
+// including ErrCommitUnresolved after ctx ended and a context error of the
+// reactor's own returned while Run's ctx was alive, is a failure to look at.
 func IsCleanStop(err error) bool {
 	if err == nil {
 		return true
 	}
-	if errors.Is(err, ErrCommitUnresolved) {
+	var failed *runFailure
+	if errors.Is(err, ErrCommitUnresolved) || errors.As(err, &failed) {
 		return false
 	}
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
+
+// runFailure marks an error with which Run ended while its ctx was still
+// alive: a failure even when it matches context.Canceled or
+// DeadlineExceeded (a Tick that timed out on a context of its own).
+type runFailure struct{ err error }
+
+func (f *runFailure) Error() string { return f.err.Error() }
+func (f *runFailure) Unwrap() error { return f.err }
 
 // publishStatus publishes where the run stands.
 func (r *run) publishStatus() {

@@ -254,3 +254,31 @@ func (r *run) watchConfig() watchConfig {
 		progressInterval: interval,
 	}
 }
+
+// maxPolled bounds how many ready deliveries poll handles at once.
+const maxPolled = 1024
+
+// poll handles what the watch and the probes have already delivered,
+// without blocking. The loop calls it after acting (a Tick, a commit): a
+// reactor slower than the timer interval is admitted again at once, and
+// without poll the loop would never reach wait, so the state would never
+// move on.
+func (r *run) poll() error {
+	for range maxPolled {
+		var err error
+		select {
+		case resp, ok := <-r.watch.ch:
+			err = r.onWatch(r.watch.handle(resp, ok))
+		case ch := <-r.watch.opened:
+			r.watch.established(ch)
+		case p := <-r.watch.probes:
+			err = r.onProbe(p)
+		default:
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -33,6 +33,9 @@ func NewDoc[T any](key string, opts ...Option) *Doc[T] {
 // CheckScope implements orchestrator.ScopedState: the document's key must
 // lie under the worker's prefix + "/".
 func (d *Doc[T]) CheckScope(workerPrefix util.EtcdPrefix) error {
+	if d == nil {
+		return fmt.Errorf("jsonstate: nil Doc: %w", orchestrator.ErrInvalidArgument)
+	}
 	if !orchestrator.InScope(workerPrefix, d.key.String()) {
 		return fmt.Errorf("%w: document key %q is not under worker prefix %q", ErrOutOfScope, d.key.String(), workerPrefix.String())
 	}

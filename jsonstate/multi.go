@@ -1,6 +1,8 @@
 package jsonstate
 
 import (
+	"fmt"
+
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -26,7 +28,10 @@ var _ orchestrator.ReactorState = Multi(nil)
 // CheckScope implements orchestrator.ScopedState: every part that is scoped
 // must lie under the worker's prefix.
 func (m Multi) CheckScope(workerPrefix util.EtcdPrefix) error {
-	for _, s := range m {
+	for i, s := range m {
+		if s == nil {
+			return fmt.Errorf("jsonstate: part %d of Multi is nil: %w", i, orchestrator.ErrInvalidArgument)
+		}
 		if sc, ok := s.(orchestrator.ScopedState); ok {
 			if err := sc.CheckScope(workerPrefix); err != nil {
 				return err

@@ -54,8 +54,12 @@ func (s *State[T]) Prefix() string { return s.prefix }
 // must lie under the worker's prefix + "/" (the state's prefix is under the
 // worker's, or the other way round).
 func (s *State[T]) CheckScope(workerPrefix util.EtcdPrefix) error {
+	if s == nil {
+		return fmt.Errorf("jsonstate: nil State: %w", orchestrator.ErrInvalidArgument)
+	}
 	workerDir := workerPrefix.String() + "/"
-	if !strings.HasPrefix(s.dir, workerDir) && !strings.HasPrefix(workerDir, s.dir) {
+	// s.dir ends with "/": InScope also rules out a reserved area.
+	if !orchestrator.InScope(workerPrefix, s.dir) && !strings.HasPrefix(workerDir, s.dir) {
 		return fmt.Errorf("%w: state prefix %q is not under worker prefix %q", ErrOutOfScope, s.prefix, workerPrefix.String())
 	}
 	return nil

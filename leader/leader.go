@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/util"
 )
 
 // Defaults for the fields of Worker left zero.
@@ -50,8 +52,10 @@ type Term struct {
 // Worker is what a term runs: the arguments of orchestrator.NewEtcdWorker
 // and EtcdWorker.Run.
 type Worker struct {
-	// Prefix is the worker's etcd prefix. Keep the election prefix outside
-	// of it, or the state sees the election keys.
+	// Prefix is the worker's etcd prefix. It must not overlap the election
+	// prefix (neither under the other), or the term ends Run with an error
+	// matching orchestrator.ErrInvalidArgument: the state would see the
+	// election keys, or the worker's keys would block later campaigns.
 	Prefix string
 	// Reactor and State must be new for every term.
 	Reactor orchestrator.Reactor
@@ -252,6 +256,9 @@ func (c *campaigner) buildWorker(ctx context.Context, term Term) (*orchestrator.
 	if err != nil {
 		return nil, spec, err
 	}
+	if err := checkOverlap(c.prefix, spec.Prefix); err != nil {
+		return nil, spec, err
+	}
 	if spec.TimerInterval == 0 {
 		spec.TimerInterval = DefaultTimerInterval
 	}
@@ -261,6 +268,20 @@ func (c *campaigner) buildWorker(ctx context.Context, term Term) (*orchestrator.
 	opts := append(slices.Clip(spec.Options), orchestrator.WithFencingKey(term.Key, term.Rev))
 	w, err := orchestrator.NewEtcdWorker(c.client, spec.Prefix, spec.Reactor, spec.State, opts...)
 	return w, spec, err
+}
+
+// checkOverlap returns an error when the election's keys (electionPrefix +
+// "/") and the worker's keys (its prefix + "/") overlap: the state would see
+// the election keys, or the worker's keys, older than any later candidate's
+// key, would keep every later campaign waiting for them to be deleted.
+func checkOverlap(electionPrefix, workerPrefix string) error {
+	electionDir := electionPrefix + "/"
+	workerDir := util.NormalizePrefix(workerPrefix).String() + "/"
+	if strings.HasPrefix(electionDir, workerDir) || strings.HasPrefix(workerDir, electionDir) {
+		return fmt.Errorf("leader: election prefix %q and worker prefix %q overlap: %w",
+			electionPrefix, workerPrefix, orchestrator.ErrInvalidArgument)
+	}
+	return nil
 }
 
 // callNewWorker calls newWorker, turning a panic into an error.

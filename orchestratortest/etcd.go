@@ -17,6 +17,10 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
+// ErrClosed is returned by Etcd.NewClient, Compact and RevokeLease after
+// Close.
+var ErrClosed = errors.New("orchestratortest: etcd closed")
+
 // Etcd is a running embedded etcd: one member, or several started by
 // StartCluster. Its methods are safe for concurrent use.
 type Etcd struct {
@@ -28,6 +32,7 @@ type Etcd struct {
 
 	mu      sync.Mutex
 	clients []*clientv3.Client // closed by Close, before the members
+	closed  bool               // Close has begun: no new clients
 
 	closeOnce sync.Once
 	closeErr  error
@@ -94,9 +99,10 @@ func start(ctx context.Context, size int, opts []Option) (e *Etcd, err error) {
 		}
 		e.ownDir = true
 	}
+	started := e // the returns below set e to nil on error
 	defer func() {
 		if err != nil {
-			_ = e.Close()
+			_ = started.Close()
 		}
 	}()
 	if size == 1 {
@@ -154,7 +160,11 @@ func (e *Etcd) Client() *clientv3.Client { return e.client }
 // NewClient returns a new client connected to every endpoint, with a no-op
 // logger and DefaultDialTimeout, for code that should not share a client
 // (one per simulated process). It is closed by Close, before the server.
+// After Close it returns an error matching ErrClosed.
 func (e *Etcd) NewClient() (*clientv3.Client, error) {
+	if e.isClosed() { // fail fast: dialling stopped members would take DialTimeout
+		return nil, fmt.Errorf("orchestratortest: new client: %w", ErrClosed)
+	}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   e.Endpoints(),
 		DialTimeout: DefaultDialTimeout,
@@ -164,8 +174,12 @@ func (e *Etcd) NewClient() (*clientv3.Client, error) {
 		return nil, fmt.Errorf("orchestratortest: new client: %w", err)
 	}
 	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		_ = cli.Close()
+		return nil, fmt.Errorf("orchestratortest: new client: %w", ErrClosed)
+	}
 	e.clients = append(e.clients, cli)
-	e.mu.Unlock()
 	return cli, nil
 }
 
@@ -174,6 +188,9 @@ func (e *Etcd) NewClient() (*clientv3.Client, error) {
 // "mvcc: required revision has been compacted", which orchestrator workers
 // must survive. Compacting twice at the same revision is not an error.
 func (e *Etcd) Compact(ctx context.Context) (int64, error) {
+	if e.isClosed() {
+		return 0, fmt.Errorf("orchestratortest: compact: %w", ErrClosed)
+	}
 	resp, err := e.client.Get(ctx, "\x00", clientv3.WithCountOnly())
 	if err != nil {
 		return 0, fmt.Errorf("orchestratortest: read revision: %w", err)
@@ -191,11 +208,21 @@ func (e *Etcd) Compact(ctx context.Context) (int64, error) {
 // concurrency.Session's Lease()). A lease that does not exist any more is not
 // an error.
 func (e *Etcd) RevokeLease(ctx context.Context, id clientv3.LeaseID) error {
+	if e.isClosed() {
+		return fmt.Errorf("orchestratortest: revoke lease %x: %w", int64(id), ErrClosed)
+	}
 	_, err := e.client.Revoke(ctx, id)
 	if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return fmt.Errorf("orchestratortest: revoke lease %x: %w", int64(id), err)
 	}
 	return nil
+}
+
+// isClosed reports whether Close has begun.
+func (e *Etcd) isClosed() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.closed
 }
 
 // Close closes every client made by the kit, stops the members and removes
@@ -207,6 +234,7 @@ func (e *Etcd) Close() error {
 		e.mu.Lock()
 		clients := e.clients
 		e.clients = nil
+		e.closed = true
 		e.mu.Unlock()
 		for _, cli := range clients {
 			_ = cli.Close() // a client the caller closed already reports it; nothing to do
