@@ -27,6 +27,8 @@ type EtcdWorker struct {
 
 	running atomic.Bool
 	board   *statusBoard
+	// headSeen is the newest store revision a head probe saw (see Status).
+	headSeen atomic.Int64
 	// streamSupport remembers a server without a streaming range.
 	streamSupport streamSupport
 

@@ -23,7 +23,10 @@ type Status struct {
 	Synced bool
 	// AppliedRevision is the revision the state is known complete up to.
 	AppliedRevision int64
-	// HeadRevision is the newest revision etcd reported to the worker.
+	// HeadRevision is the newest revision etcd reported to the worker: in
+	// watch responses, commits, and a head probe every progress interval
+	// (WithMaxStaleness/4, at most 2s), which also counts while a slow Tick
+	// keeps the worker from reading its watch.
 	HeadRevision int64
 	// LastTick is when Reactor.Tick last started (zero: never).
 	LastTick time.Time
@@ -78,6 +81,7 @@ func (w *EtcdWorker) Status() Status {
 	s, _ := w.board.get()
 	if s.Running {
 		s.Fresh = w.opts.clock.Since(s.LastFresh) <= w.opts.maxStaleness
+		s.HeadRevision = max(s.HeadRevision, w.headSeen.Load())
 	}
 	return s
 }

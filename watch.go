@@ -3,6 +3,7 @@ package orchestrator
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jonboulle/clockwork"
@@ -14,7 +15,10 @@ type watchConfig struct {
 	client   *clientv3.Client
 	key      string // the watched prefix: prefix + "/"
 	probeKey string // a key read count-only to learn the store revision
-	clock    clockwork.Clock
+	// head, when set, gets the newest store revision a probe saw, at once:
+	// Status reads it while a slow Tick keeps the loop from the probes.
+	head  *atomic.Int64
+	clock clockwork.Clock
 	// requestTimeout bounds progress requests and probes.
 	requestTimeout time.Duration
 	// progressInterval is how often progress is requested and the head
@@ -135,6 +139,9 @@ func (s *watchStream) probeHead(ctx context.Context) {
 		p.err = err
 	} else {
 		p.rev = resp.Header.Revision
+		if h := s.cfg.head; h != nil {
+			storeMax(h, p.rev)
+		}
 	}
 	select { // keep only the newest probe
 	case <-s.probes:
@@ -249,6 +256,7 @@ func (r *run) watchConfig() watchConfig {
 		client:           r.w.client,
 		key:              r.mirror.watchKey,
 		probeKey:         r.mirror.counterKey,
+		head:             &r.w.headSeen,
 		clock:            o.clock,
 		requestTimeout:   timeout,
 		progressInterval: interval,
@@ -281,4 +289,14 @@ func (r *run) poll() error {
 		}
 	}
 	return nil
+}
+
+// storeMax stores v in a unless a holds more.
+func storeMax(a *atomic.Int64, v int64) {
+	for {
+		old := a.Load()
+		if old >= v || a.CompareAndSwap(old, v) {
+			return
+		}
+	}
 }
