@@ -29,6 +29,7 @@ bench:
 ## ORCHESTRATOR_SCALE_KEYS keys (default 1M; one embedded etcd, fsync off).
 bench-scale:
 	ORCHESTRATOR_SCALE_KEYS=$(ORCHESTRATOR_SCALE_KEYS) $(GO) test -run='^$$' -bench='^BenchmarkScale$$' -benchtime=1x -count=1 -timeout=60m .
+	ORCHESTRATOR_SCALE_KEYS=$(ORCHESTRATOR_SCALE_KEYS) $(GO) test -run='^$$' -bench='^BenchmarkWatchApplyEvents$$' -benchmem -count=1 -timeout=30m .
 
 ## cover: coverage of every package.
 cover:
