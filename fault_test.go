@@ -529,8 +529,11 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 		snaps.add(s.(*hookState).mapState)
 		return s, ErrReactorFinished
 	})
+	// Pages: no RangeStream, and a receive limit the whole prefix exceeds.
 	noStream := &rpcCounter{noStream: true}
-	w, err := NewEtcdWorker(env.client(t, noStream.dialOptions()...), prefix, reactor, state,
+	cfg := faultClientConfig(noStream.dialOptions(), env.proxy.Endpoint())
+	cfg.MaxCallRecvMsgSize = 256
+	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
 		faultOptions(env.reg, faultLogger(t), WithPageSize(2))...)
 	require.NoError(t, err)
 	require.NoError(t, w.Run(ctx, nil, faultInterval, "paged"))

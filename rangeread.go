@@ -191,12 +191,16 @@ func callRangeFn(fn func(kv *mvccpb.KeyValue) error, item *mvccpb.KeyValue) erro
 	return nil
 }
 
-// readPaged is the unary fallback: Ranges pinned at one revision. The first
-// page (minPageKeys keys) pins the revision and sizes the range; the rest is
-// read in one response when its estimated size fits the receive limit,
-// otherwise in pages of max(minPageKeys, Count/rangePagesPerRead) keys,
-// fewer when that many would not fit. A response over the limit halves the
-// page and retries it.
+// readPaged is the unary fallback: Ranges pinned at one revision. When the
+// receive limit is not known (cfg.maxRecvBytes 0: the client's, which
+// clientv3 does not expose, by default 2 GiB), it first reads the whole range
+// in one response, as the original worker did: one request, one count. Only
+// when that response is over the limit, or when the limit is known, it
+// pages: the first page (minPageKeys keys) pins the revision and sizes the
+// range; the rest is read in one response when its estimated size fits the
+// receive limit, otherwise in pages of max(minPageKeys,
+// Count/rangePagesPerRead) keys, fewer when that many would not fit. A
+// response over the limit halves the page and retries it.
 func readPaged(ctx context.Context, kv clientv3.KV, key, end string, cfg readConfig,
 	fn func(kv *mvccpb.KeyValue) error,
 ) (int64, error) {
@@ -205,22 +209,25 @@ func readPaged(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 		minPage = defaultRangePageKeys
 	}
 	recvLimit := int64(cfg.maxRecvBytes)
+	first := minPage
 	if recvLimit <= 0 {
 		recvLimit = math.MaxInt32
+		first = 0 // everything at once, unless it is over the limit
 	}
-	p := rangePager{kv: kv, end: end, rev: cfg.rev, idle: cfg.idleTimeout, next: key, limit: minPage, sizeHint: cfg.sizeHint}
-	first, err := p.page(ctx, fn)
+	p := rangePager{kv: kv, end: end, rev: cfg.rev, idle: cfg.idleTimeout, next: key,
+		limit: first, pageLimit: minPage, sizeHint: cfg.sizeHint}
+	sizing, err := p.page(ctx, fn)
 	if err != nil {
 		return 0, err
 	}
 	if !p.more {
 		return p.rev, nil
 	}
-	perKey := float64(first.bytes) / float64(max(first.keys, 1)) * rangeSizeMargin
+	perKey := float64(sizing.bytes) / float64(max(sizing.keys, 1)) * rangeSizeMargin
 	byBytes := int64(float64(recvLimit) / 2 / max(perKey, 1))
 	p.pageLimit = max(1, min(max(minPage, p.count/rangePagesPerRead), byBytes))
 	p.limit = p.pageLimit
-	if float64(p.count-first.keys)*perKey <= float64(recvLimit) {
+	if float64(p.count-sizing.keys)*perKey <= float64(recvLimit) {
 		p.limit = 0 // all the rest in one response
 	}
 	for p.more {
