@@ -292,16 +292,23 @@ func (p *rangePager) page(ctx context.Context, fn func(kv *mvccpb.KeyValue) erro
 			}
 		}
 		var st pageStats
-		for _, item := range resp.Kvs {
+		var last []byte
+		if n := len(resp.Kvs); n > 0 {
+			last = resp.Kvs[n-1].Key
+		}
+		for i, item := range resp.Kvs {
 			st.keys++
 			st.bytes += int64(len(item.Key) + len(item.Value))
 			if err := callRangeFn(fn, item); err != nil {
 				return st, err
 			}
+			// A whole-range response holds every key: let each go once
+			// fn has it, so the collector does not keep marking them.
+			resp.Kvs[i] = nil
 		}
-		p.more = resp.More && len(resp.Kvs) > 0
+		p.more = resp.More && st.keys > 0
 		if p.more {
-			p.next = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+			p.next = string(last) + "\x00"
 		}
 		return st, nil
 	}
