@@ -7,7 +7,7 @@
 // ReactorState (the model), and the EtcdWorker does the rest:
 //
 //	+------------------------- etcd: keys under prefix + "/" -------------------------+
-//	      |  1. Watch: paged load pinned at one revision,              ^
+//	      |  1. Watch: streamed load pinned at one revision,           ^
 //	      |     then a watch from that revision + 1                    |
 //	      v                                                            |
 //	  2. Update: ReactorState.Update(key, value, isInit),              |
