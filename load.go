@@ -59,11 +59,8 @@ func (r *run) load() error {
 	var counterRev int64
 	keys := 0
 	first := m.len() == 0 // nothing to diff against: every key is new
-	if first && r.w.streamSupport.useStream(r.now()) {
-		r.sizeMirror() // the paged fallback sizes it from its first page
-	}
 	m.beginSweep()
-	rev, err := r.readPrefix(func(kv *mvccpb.KeyValue) error {
+	rev, err := r.readPrefix(first, func(kv *mvccpb.KeyValue) error {
 		c, visible := m.apply(kv, false)
 		if !visible {
 			if string(kv.Key) == m.counterKey {
@@ -100,33 +97,25 @@ func (r *run) load() error {
 	return nil
 }
 
-// sizeMirror sizes the empty mirror for the keys under the prefix, from one
-// count-only read: a map filled without a size grows by doubling, which
-// costs time during the load and leaves up to half its slots empty
-// afterwards. An error only means no size hint. (A streamed range carries
-// no count; the paged fallback's first page does, see readConfig.sizeHint.)
-func (r *run) sizeMirror() {
-	ctx, cancel := r.requestCtx(false)
-	defer cancel()
-	resp, err := r.w.client.Get(ctx, r.mirror.watchKey, clientv3.WithPrefix(), clientv3.WithCountOnly())
-	if err == nil {
-		r.mirror.reserve(int(resp.Count))
-	}
-}
-
 // readPrefix reads every key under the prefix at one revision (see
 // readRange: a streaming range, or pinned pages on servers without one),
 // calling fn for each; an error of fn is returned as a userError. Every key
 // that arrives counts as an answer of etcd, so a long read that succeeds
 // chunk by chunk is never an outage; a read that stalls fails after the
 // request timeout (bounded by the outage limit) without data.
-func (r *run) readPrefix(fn func(kv *mvccpb.KeyValue) error) (int64, error) {
+//
+// With sizeMirror, the read tells the mirror how many keys to expect before
+// the first one: a map filled without a size grows by doubling, which costs
+// time during the load.
+func (r *run) readPrefix(sizeMirror bool, fn func(kv *mvccpb.KeyValue) error) (int64, error) {
 	key, end := r.mirror.watchKey, clientv3.GetPrefixRangeEnd(r.mirror.watchKey)
 	cfg := readConfig{
 		minPageKeys: r.w.opts.pageSize,
 		idleTimeout: r.health.requestTimeout(r.now(), r.w.opts.requestTimeout),
 		support:     &r.w.streamSupport,
-		sizeHint:    func(keys int64) { r.mirror.reserve(int(keys)) },
+	}
+	if sizeMirror {
+		cfg.sizeHint = func(keys int64) { r.mirror.reserve(int(keys)) }
 	}
 	ctx, cancel := context.WithCancel(r.ctx)
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)

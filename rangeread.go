@@ -68,8 +68,9 @@ type readConfig struct {
 	// every read tries the stream first.
 	support *streamSupport
 	// sizeHint, when set, gets the number of keys in the range before fn
-	// sees the first key, when the read learns it (the unary fallback's
-	// first page counts the range; the stream does not).
+	// sees the first key: from the unary fallback's first response, or,
+	// once the server has answered a stream, from one count-only read
+	// (the stream carries no count).
 	sizeHint func(keys int64)
 }
 
@@ -159,10 +160,15 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 		for range stream {
 		}
 	}()
+	sized := cfg.sizeHint == nil
 	for resp := range stream {
 		wd.pause()
 		if err := resp.Err(); err != nil {
 			return 0, delivered, wd.err(err)
+		}
+		if !sized { // the server streams: size the caller's map once
+			sized = true
+			streamSizeHint(ctx, kv, key, end, cfg.sizeHint)
 		}
 		for _, item := range resp.Kvs {
 			delivered = true
@@ -179,6 +185,16 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 		wd.resume()
 	}
 	return 0, delivered, wd.err(errRangeStreamTruncated)
+}
+
+// streamSizeHint tells hint how many keys the range holds, from one
+// count-only read (a stream carries no count). It is only a hint: an error
+// gives none.
+func streamSizeHint(ctx context.Context, kv clientv3.KV, key, end string, hint func(keys int64)) {
+	resp, err := kv.Get(ctx, key, clientv3.WithRange(end), clientv3.WithCountOnly())
+	if err == nil {
+		hint(resp.Count)
+	}
 }
 
 func callRangeFn(fn func(kv *mvccpb.KeyValue) error, item *mvccpb.KeyValue) error {
