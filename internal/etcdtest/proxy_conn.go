@@ -46,6 +46,7 @@ func (pr *proxyPair) close() {
 		_ = c.Close()
 	}
 }
+
 func (p *Proxy) serve() {
 	defer p.wg.Done()
 	for {
