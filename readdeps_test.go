@@ -211,6 +211,13 @@ func TestKeyDependencyReRunsOnChange(t *testing.T) {
 func rdRunOnce(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string, group []DataPatch,
 	opts ...Option) error {
 	t.Helper()
+	return rdOnceWorker(t, cli, prefix, group, opts...).Run(ctx, nil, 10*time.Millisecond, "rd")
+}
+
+// rdOnceWorker returns a worker that queues group on its first Tick and
+// finishes once it is committed.
+func rdOnceWorker(t *testing.T, cli *clientv3.Client, prefix string, group []DataPatch, opts ...Option) *EtcdWorker {
+	t.Helper()
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*rdState)
 		st.patches = append(st.patches, group)
@@ -218,7 +225,7 @@ func rdRunOnce(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix s
 	})
 	w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{}, opts...)
 	require.NoError(t, err)
-	return w.Run(ctx, nil, 10*time.Millisecond, "rd")
+	return w
 }
 
 // TestDependenciesCountAgainstTheOpLimit: with an op limit of 8 the worker

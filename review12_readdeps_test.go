@@ -147,13 +147,7 @@ func TestReview12OpEstimateMatchesTheServer(t *testing.T) {
 func rdRunOnceSession(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string,
 	session *concurrency.Session, group []DataPatch, opts ...Option) error {
 	t.Helper()
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*rdState)
-		st.patches = append(st.patches, group)
-		return st, ErrReactorFinished
-	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{}, opts...)
-	require.NoError(t, err)
+	w := rdOnceWorker(t, cli, prefix, group, opts...)
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	return w.Run(rctx, session, 10*time.Millisecond, "rd")
