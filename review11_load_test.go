@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
@@ -54,6 +56,19 @@ func (r *logReactor) snapshot() (map[string]string, []updateRecord) {
 func (r *logReactor) equals(want map[string]string) bool {
 	got, _ := r.snapshot()
 	return fmt.Sprint(got) == fmt.Sprint(want)
+}
+
+// visibleSnapshot is etcdSnapshot without the reserved keys of nested
+// prefixes either.
+func visibleSnapshot(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]string {
+	t.Helper()
+	out := etcdSnapshot(ctx, t, cli, prefix)
+	for k := range out {
+		if strings.Contains(k, reservedMarker) {
+			delete(out, k)
+		}
+	}
+	return out
 }
 
 // updatedKeys returns the sorted relative keys of updates, requiring each
@@ -180,4 +195,127 @@ func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
 			require.True(t, st.has("/k50", ""), "an empty value reaches the state")
 		})
 	}
+}
+
+// reloadWorker starts a worker on prefix through proxy with a logReactor.
+func reloadWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, counter *rpcCounter,
+	recvLimit int, st *recordingState, opts ...Option,
+) (*logReactor, <-chan error) {
+	t.Helper()
+	cfg := etcdtest.ClientConfig(proxy.Endpoint())
+	cfg.DialOptions = counter.dialOptions()
+	cfg.MaxCallRecvMsgSize = recvLimit
+	reactor := &logReactor{}
+	opts = append([]Option{WithMaxStaleness(500 * time.Millisecond)}, opts...)
+	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), st.prefix, reactor, st, opts...)
+	require.NoError(t, err)
+	return reactor, runAsync(ctx, w, nil, 10*time.Millisecond, "reload")
+}
+
+// TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed: three
+// compactions in a row while the worker is cut off, with a key deleted,
+// re-created, and deleted and re-created again between two loads, a changed
+// key, new empty keys, reserved keys of a nested prefix and a bump of the
+// worker's delete counter: each reload tells exactly the changed keys, with
+// isInit; afterwards a commit writing an unchanged key and deleting one
+// succeeds (no sweep mark or stale counter revision in its compares).
+func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T) {
+	const prefix = "/test/r11reload"
+	srv := etcdtest.NewServer(t)
+	admin := srv.Client(t)
+	ctx := testContext(t)
+	for _, k := range []string{"/stable", "/c", "/x", "/k1"} {
+		mustPutKV(ctx, t, admin, prefix+k, "s")
+	}
+	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st := newRecordingState(prefix)
+	reactor, done := reloadWorker(runCtx, t, proxy, &rpcCounter{}, 0, st)
+	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
+	_, log := reactor.snapshot()
+	seen := len(log)
+	for round := 1; round <= 3; round++ {
+		proxy.Pause()
+		switch round {
+		case 1, 3:
+			_, err := admin.Delete(ctx, prefix+"/x")
+			require.NoError(t, err)
+			if round == 3 {
+				mustPutKV(ctx, t, admin, prefix+"/x", "s")
+			}
+		case 2:
+			mustPutKV(ctx, t, admin, prefix+"/x", "s")
+		}
+		mustPutKV(ctx, t, admin, prefix+"/c", fmt.Sprint(round))
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/n%d", prefix, round), "")
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/sub%s/token/%d", prefix, reservedDir, round), "t")
+		mustPutKV(ctx, t, admin, prefix+reservedDir+"delete-counter", "")
+		_, err := etcdtest.Compact(ctx, admin)
+		require.NoError(t, err)
+		proxy.Resume()
+		waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
+		_, log = reactor.snapshot()
+		require.Equal(t, []string{"/c", fmt.Sprintf("/n%d", round), "/x"}, updatedKeys(t, log[seen:]), "round %d", round)
+		seen = len(log)
+	}
+
+	var once sync.Once
+	reactor.mu.Lock()
+	reactor.act = func(st *recordingState) {
+		once.Do(func() { st.group(st.appendTo("/stable", "x"), deletePatch(st.key("/k1"))) })
+	}
+	reactor.mu.Unlock()
+	waitUntil(ctx, t, "the commit", func() bool {
+		snap := visibleSnapshot(ctx, t, admin, prefix)
+		_, has := snap["/k1"]
+		return snap["/stable"] == "sx" && !has && reactor.equals(snap)
+	})
+	cancel()
+	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+}
+
+// TestFallbackPagesUnderATinyReceiveLimitRestartAfterACompactionBetweenPages:
+// on a server without RangeStream and a client whose receive limit is far
+// below the prefix, the load pages; a compaction between two pages makes it
+// start over, and the state ends equal to etcd with every key told with
+// isInit, nothing torn.
+func TestFallbackPagesUnderATinyReceiveLimitRestartAfterACompactionBetweenPages(t *testing.T) {
+	const prefix = "/test/r11fallback"
+	srv := etcdtest.NewServer(t)
+	admin := srv.Client(t)
+	ctx := testContext(t)
+	big := string(make([]byte, 1000))
+	for i := range 100 {
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%03d", prefix, i), big)
+	}
+	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st := newRecordingState(prefix)
+	compacted := false
+	st.onUpdate = func(rel string, _ []byte, _ bool) error {
+		if !compacted && len(st.log) == 15 {
+			compacted = true
+			_, err := admin.Delete(ctx, prefix+"/k099")
+			require.NoError(t, err)
+			mustPutKV(ctx, t, admin, prefix+"/k000", "changed")
+			_, err = etcdtest.Compact(ctx, admin)
+			require.NoError(t, err)
+		}
+		return nil
+	}
+	counter := &rpcCounter{noStream: true}
+	reactor, done := reloadWorker(runCtx, t, proxy, counter, 16<<10, st, WithPageSize(10))
+	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+	_, log := reactor.snapshot()
+	for _, u := range log {
+		require.True(t, u.isInit, "%s", u.rel)
+	}
+	// 15 keys of the cut load, then all 99 again except those unchanged.
+	require.Len(t, log, 15+99-14, "the retry tells only what the cut load did not")
+	_, _, ranges := counter.counts()
+	require.Greater(t, ranges, 10, "the fallback paged")
+	cancel()
+	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
 }
