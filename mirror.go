@@ -154,9 +154,11 @@ func (m *mirror) visit(key util.EtcdKey, prev kvEntry) {
 
 // endSweep ends a load that found found keys. When it completed, it returns
 // the keys it did not find (they vanished): none when every entry was found,
-// which needs no look at the entries. When it failed, it gives every entry
-// the load's mark, so that the next load, which flips the mark, starts with
-// none found.
+// which needs no look at the entries. Either way it gives every entry the
+// load's mark, so that the next load, which flips the mark, starts with none
+// found: after a failed load, and after a vanished key's Update failed
+// (the keys not deleted yet stay, and the next load must find them vanished
+// again).
 func (m *mirror) endSweep(complete bool, found int) []util.EtcdKey {
 	if complete && found == len(m.entries) {
 		return nil
@@ -168,7 +170,6 @@ func (m *mirror) endSweep(complete bool, found int) []util.EtcdKey {
 		}
 		if complete {
 			vanished = append(vanished, k)
-			continue
 		}
 		e.modRev ^= markBit
 		m.entries[k] = e
