@@ -156,7 +156,10 @@ func rdRunOnceSession(ctx context.Context, t *testing.T, cli *clientv3.Client, p
 // TestReview12RangeDependencyRacesAForeignCreator: while another client keeps
 // creating keys in the range, a group that counts the range and writes the
 // count must only land with the count of the snapshot it ran on: at the
-// commit's revision the range holds exactly count keys.
+// commit's revision the range holds exactly count keys. The creator pauses
+// between keys: a writer that creates keys in the range back to back can
+// starve a range dependency for as long as it writes (optimistic
+// concurrency; see "Read dependencies" in docs/DESIGN.md).
 func TestReview12RangeDependencyRacesAForeignCreator(t *testing.T) {
 	const prefix = "/test/r12-race"
 	srv := etcdtest.NewServer(t)
@@ -176,6 +179,7 @@ func TestReview12RangeDependencyRacesAForeignCreator(t *testing.T) {
 				creator <- err
 				return
 			}
+			time.Sleep(5 * time.Millisecond) // fault timing: a steady, not saturating, writer
 		}
 	}()
 	count := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
