@@ -143,23 +143,6 @@ func scaleClient(b *testing.B, endpoint string, legacy bool) *clientv3.Client {
 
 // Raw reads a user could write, each into a map[string][]byte.
 
-func rawStream(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
-	stream, err := cli.GetStream(ctx, prefix+"/", clientv3.WithPrefix())
-	if err != nil {
-		b.Fatal(err)
-	}
-	m := map[string][]byte{}
-	for resp := range stream {
-		if err := resp.Err(); err != nil {
-			b.Fatal(err)
-		}
-		for _, kv := range resp.Kvs {
-			m[string(kv.Key)] = kv.Value
-		}
-	}
-	return m
-}
-
 // readerInto reads prefix with the package's range reader into a map.
 func readerInto(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
 	m := map[string][]byte{}
@@ -415,7 +398,7 @@ func scaleLoadRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 		reps = 3
 	}
 	ds := timeReads(reps,
-		timed(b, n, func() int { return len(rawStream(ctx, b, cli, prefix)) }),
+		timed(b, n, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawPages(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
 		func() time.Duration { return firstTick(ctx, b, cli, prefix, n) },

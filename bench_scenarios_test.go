@@ -548,8 +548,9 @@ func firstTickWorker(tb testing.TB, cli *clientv3.Client, prefix string, state R
 
 // rawStreamGet reads every key under prefix + "/" into a map with one
 // streaming range (etcd 3.7's RangeStream, pinned at one revision, no count):
-// the fastest way to load a prefix by hand.
-func rawStreamGet(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) int {
+// the fastest way to load a prefix by hand. BenchmarkScale uses it too
+// (RawStreamForBench).
+func rawStreamGet(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) map[string][]byte {
 	tb.Helper()
 	key := prefix + "/"
 	stream, err := cli.GetStream(ctx, key, clientv3.WithRange(clientv3.GetPrefixRangeEnd(key)))
@@ -565,7 +566,7 @@ func rawStreamGet(ctx context.Context, tb testing.TB, cli *clientv3.Client, pref
 			values[string(kv.Key)] = kv.Value
 		}
 	}
-	return len(values)
+	return values
 }
 
 func median(ds []time.Duration) time.Duration {
@@ -588,7 +589,7 @@ func benchLoadScenarios(ctx context.Context, b *testing.B, srv *etcdtest.Server,
 	for range benchLoadReps {
 		runtime.GC()
 		start := time.Now()
-		if n := rawStreamGet(ctx, b, cli, big); n != benchLoadKeys {
+		if n := len(rawStreamGet(ctx, b, cli, big)); n != benchLoadKeys {
 			b.Fatalf("raw get read %d keys, want %d", n, benchLoadKeys)
 		}
 		rawLoads = append(rawLoads, time.Since(start))
