@@ -99,6 +99,22 @@ type ScopedState interface {
 	CheckScope(workerPrefix util.EtcdPrefix) error
 }
 
+// SizedState is an optional interface of a ReactorState that is cheaper to
+// fill when it knows its size in advance, such as one that keeps its keys in
+// a map it can make with a capacity: a map filled one key at a time grows by
+// doubling, which at a million keys costs a noticeable part of the load.
+//
+// Before a load fills an empty state (the first load of a worker, and a
+// reload after every key the state held vanished) the worker calls
+// ExpectKeys once with the number of keys under its prefix at the revision
+// it loads, on the goroutine that calls Update, before the load's first
+// Update. It is a hint: the number includes the worker's own bookkeeping
+// keys, and an etcd that cannot count cheaply gives none. A panic in it ends
+// Run with an error wrapping ErrPanic.
+type SizedState interface {
+	ExpectKeys(n int)
+}
+
 // InScope reports whether key lies under workerPrefix + "/", where a worker
 // on workerPrefix sees it: not in a worker's reserved area (a path segment
 // "__orchestrator" below the prefix), whose keys never reach a state. It

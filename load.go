@@ -58,9 +58,8 @@ func (r *run) load() error {
 	start := r.now()
 	var counterRev int64
 	keys := 0
-	first := m.len() == 0 // nothing to diff against: every key is new
-	m.beginSweep()
-	rev, err := r.readPrefix(first, func(kv *mvccpb.KeyValue) error {
+	walk := m.walk()
+	rev, err := r.readPrefix(m.empty(), func(kv *mvccpb.KeyValue) error {
 		c, visible := m.apply(kv, false)
 		if !visible {
 			if string(kv.Key) == m.counterKey {
@@ -69,17 +68,14 @@ func (r *run) load() error {
 			return nil
 		}
 		keys++
-		if first {
-			return r.updateFrom(c, kvEntry{}, false, true)
-		}
-		prev, had := m.entry(c.key)
+		prev, had := walk.find(c.key)
 		if had && prev.modRev == c.modRev {
-			m.visit(c.key, prev)
-			return nil
+			return nil // unchanged
 		}
-		return r.updateFrom(c, prev, had, true)
+		c.created = !had
+		return r.update(c, true)
 	})
-	vanished := m.endSweep(err == nil, keys)
+	vanished := walk.finish(err == nil)
 	if err != nil {
 		return err
 	}
@@ -104,9 +100,10 @@ func (r *run) load() error {
 // chunk by chunk is never an outage; a read that stalls fails after the
 // request timeout (bounded by the outage limit) without data.
 //
-// With sizeMirror, the read tells the mirror how many keys to expect before
-// the first one: a map filled without a size grows by doubling, which costs
-// time during the load.
+// With sizeMirror (the mirror is empty: so is the state), the read tells the
+// mirror and a SizedState how many keys to expect before the first one: a
+// map filled without a size grows by doubling, which costs time during the
+// load.
 func (r *run) readPrefix(sizeMirror bool, fn func(kv *mvccpb.KeyValue) error) (int64, error) {
 	key, end := r.mirror.watchKey, clientv3.GetPrefixRangeEnd(r.mirror.watchKey)
 	cfg := readConfig{
@@ -115,7 +112,7 @@ func (r *run) readPrefix(sizeMirror bool, fn func(kv *mvccpb.KeyValue) error) (i
 		support:     &r.w.streamSupport,
 	}
 	if sizeMirror {
-		cfg.sizeHint = func(keys int64) { r.mirror.reserve(int(keys)) }
+		cfg.sizeHint = r.expectKeys
 	}
 	ctx, cancel := context.WithCancel(r.ctx)
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
@@ -138,4 +135,19 @@ func (r *run) readPrefix(sizeMirror bool, fn func(kv *mvccpb.KeyValue) error) (i
 	}
 	r.answered(rev)
 	return rev, nil
+}
+
+// expectKeys sizes the empty mirror for keys keys and passes the number on
+// to a SizedState.
+func (r *run) expectKeys(keys int64) error {
+	r.mirror.reserve(int(keys))
+	ss, ok := r.state.(SizedState)
+	if !ok {
+		return nil
+	}
+	_, err := guard("SizedState.ExpectKeys", func() (struct{}, error) {
+		ss.ExpectKeys(int(keys))
+		return struct{}{}, nil
+	})
+	return err
 }

@@ -346,23 +346,19 @@ func (r *run) applyEvents(events []*clientv3.Event) error {
 	return nil
 }
 
-// update tells the state about one change and records it in the mirror.
+// update tells the state about one change and, when the state took it,
+// records it in the mirror. When the state did not, the mirror keeps the key
+// so that the next load passes it again (mirror.forget).
 func (r *run) update(c keyChange, isInit bool) error {
-	prev, hadPrev := r.mirror.entry(c.key)
-	return r.updateFrom(c, prev, hadPrev, isInit)
-}
-
-// updateFrom is update for a key whose entry before c is known.
-func (r *run) updateFrom(c keyChange, prev kvEntry, hadPrev, isInit bool) error {
-	r.mirror.set(c)
 	_, err := guard("ReactorState.Update", func() (struct{}, error) {
 		return struct{}{}, r.state.Update(c.key, c.value, isInit)
 	})
 	if err != nil {
-		r.mirror.forget(c, prev, hadPrev)
+		r.mirror.forget(c)
 		r.log.Error("ReactorState.Update failed", zap.String("key", c.key.String()), zap.Error(err))
 		return fmt.Errorf("orchestrator: ReactorState.Update(%q): %w", c.key.String(), err)
 	}
+	r.mirror.set(c)
 	r.gate.changedState()
 	return nil
 }

@@ -2,6 +2,7 @@ package orchestrator
 
 import (
 	"bytes"
+	"slices"
 	"strings"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -17,11 +18,17 @@ import (
 const reservedDir = "/__orchestrator/"
 
 // kvEntry is one key as the state has been told it: its value and the mod
-// revision that wrote it. In the mirror's map modRev also carries the sweep
-// mark (markBit); entry and value return it without.
+// revision that wrote it. In the mirror's overlay a nil value is a
+// tombstone: the key was deleted.
 type kvEntry struct {
 	value  []byte
 	modRev int64
+}
+
+// baseEntry is an entry of the mirror's sorted base.
+type baseEntry struct {
+	key util.EtcdKey
+	kvEntry
 }
 
 // unsyncedRev marks an entry the state did not take (its Update failed), so
@@ -34,6 +41,9 @@ type keyChange struct {
 	key    util.EtcdKey
 	value  []byte
 	modRev int64
+	// created: the mirror does not hold key (a put that created it; etcd
+	// counts its version from 1).
+	created bool
 }
 
 // mirror is the worker's copy of what its ReactorState has been told: every
@@ -41,44 +51,54 @@ type keyChange struct {
 // revisions that say how complete that copy is. It outlives a Run, so that a
 // second Run only tells the state what changed.
 //
-// Invariants: entries holds no reserved key; every entry's value is non-nil
-// (an empty value is a zero-length slice); completeRev >= eventRev.
+// The entries live in two parts. base is a slice sorted by key: a load that
+// finds the mirror empty appends to it as etcd sends the keys, in key order,
+// which costs no hashing and 48 bytes a key. over is a map of every change
+// since: an entry, or a tombstone for a deleted key; a key in over hides
+// its base entry. A watch event costs one map write, whatever the size of
+// base. When over has grown to half of base, the two are merged into a new
+// base (compact), so a lookup (a binary search of base when over lacks the
+// key) and the memory stay bounded. A reload walks base and over in key
+// order beside the keys it reads (mirrorWalk), which finds the vanished
+// keys without a second copy of the entries.
+//
+// Invariants: base is sorted by key with no key twice; no reserved key is
+// held; a held entry's value is non-nil (an empty value is a zero-length
+// slice); count is the number of held keys; completeRev >= eventRev.
 type mirror struct {
 	watchKey   string // prefix + "/"
 	counterKey string // the worker's own delete counter
 
-	entries map[util.EtcdKey]kvEntry
+	base  []baseEntry
+	over  map[util.EtcdKey]kvEntry
+	count int
+	// walking: a mirrorWalk is under way; compact waits for its end.
+	walking bool
+
 	// values holds every committed value for general DataPatches (see
 	// valueMap); nil until one needs it. Its slices are copies owned by the
-	// patches, never shared with entries or the state: a patch may edit them
-	// in place.
+	// patches, never shared with the entries or the state: a patch may edit
+	// them in place.
 	values map[util.EtcdKey][]byte
 
-	// eventRev: every event up to it is in entries (from the watch or a
-	// load). completeRev: entries is known complete up to it (eventRev, or a
-	// progress notification past it). counterRev: mod revision of the delete
-	// counter (0: absent).
+	// eventRev: every event up to it is in the entries (from the watch or a
+	// load). completeRev: the entries are known complete up to it
+	// (eventRev, or a progress notification past it). counterRev: mod
+	// revision of the delete counter (0: absent).
 	eventRev    int64
 	completeRev int64
 	counterRev  int64
-
-	// mark is the sweep mark of the current load (0 or markBit): every
-	// entry a load visits or writes carries it, so that the entries with
-	// the other mark are the ones the load did not find (see endSweep).
-	// Flipping it starts a load without touching any entry, and it costs no
-	// memory beyond the entries themselves.
-	mark int64
 }
 
-// markBit holds an entry's sweep mark in its stored mod revision. Revisions
-// never reach it.
-const markBit = int64(1) << 62
+// compactMinOver is the size over may reach, whatever the size of base,
+// before compact merges it.
+const compactMinOver = 1024
 
 func newMirror(prefix util.EtcdPrefix) *mirror {
 	return &mirror{
 		watchKey:   prefix.String() + "/",
 		counterKey: prefix.String() + reservedDir + "delete-counter",
-		entries:    make(map[util.EtcdKey]kvEntry),
+		over:       make(map[util.EtcdKey]kvEntry),
 	}
 }
 
@@ -93,7 +113,8 @@ func (m *mirror) isReserved(key []byte) bool {
 // for a delete event). It returns the change to tell the state, or false
 // when the key is bookkeeping: those are filtered here, and the worker's own
 // delete counter moves counterRev. Empty values become non-nil zero-length
-// slices (etcd delivers them as nil).
+// slices (etcd delivers them as nil). A put at version 1 is marked created;
+// a load decides that itself.
 func (m *mirror) apply(kv *mvccpb.KeyValue, deleted bool) (keyChange, bool) {
 	if m.isReserved(kv.Key) {
 		if string(kv.Key) == m.counterKey {
@@ -110,124 +131,282 @@ func (m *mirror) apply(kv *mvccpb.KeyValue, deleted bool) (keyChange, bool) {
 		if c.value == nil {
 			c.value = []byte{}
 		}
+		c.created = kv.Version == 1
 	}
 	return c, true
 }
 
-// set records a change the state took.
+// set records a change the state took. A deletion leaves a tombstone in
+// over (whether base holds the key is not looked up: that would cost a
+// binary search per event); compact drops it.
 func (m *mirror) set(c keyChange) {
 	if c.value == nil {
-		delete(m.entries, c.key)
+		m.over[c.key] = kvEntry{}
+		m.count--
 		if m.values != nil {
 			delete(m.values, c.key)
 		}
 		return
 	}
-	m.entries[c.key] = kvEntry{value: c.value, modRev: c.modRev | m.mark}
+	e := kvEntry{value: c.value, modRev: c.modRev}
+	if m.appendable(c.key) {
+		m.base = append(m.base, baseEntry{key: c.key, kvEntry: e})
+	} else {
+		m.over[c.key] = e
+	}
+	if c.created {
+		m.count++
+	}
 	if m.values != nil {
 		m.values[c.key] = bytes.Clone(c.value)
 	}
 }
 
-// forget records that the state did not take c: the key stays (or comes
-// back) with an impossible revision and the value the state may hold, so
-// that the next load passes it again. prev is the entry before c.
-func (m *mirror) forget(c keyChange, prev kvEntry, hadPrev bool) {
-	switch {
-	case c.value != nil:
-		m.entries[c.key] = kvEntry{value: c.value, modRev: unsyncedRev | m.mark}
-	case hadPrev:
-		m.entries[c.key] = kvEntry{value: prev.value, modRev: unsyncedRev | m.mark}
-	}
+// appendable reports whether key can go to the end of base: over is empty
+// and key sorts after every key of base (so neither holds it).
+func (m *mirror) appendable(key util.EtcdKey) bool {
+	return len(m.over) == 0 && (len(m.base) == 0 || key.String() > m.base[len(m.base)-1].key.String())
 }
 
-// beginSweep starts a load: from now on an entry carries the new mark only
-// once the load found it (visit or set).
-func (m *mirror) beginSweep() { m.mark ^= markBit }
-
-// visit records that a load found key unchanged at prev (its entry): the
-// entry takes the load's mark.
-func (m *mirror) visit(key util.EtcdKey, prev kvEntry) {
-	prev.modRev |= m.mark
-	m.entries[key] = prev
-}
-
-// endSweep ends a load that found found keys. When it completed, it returns
-// the keys it did not find (they vanished): none when every entry was found,
-// which needs no look at the entries. Either way it gives every entry the
-// load's mark, so that the next load, which flips the mark, starts with none
-// found: after a failed load, and after a vanished key's Update failed
-// (the keys not deleted yet stay, and the next load must find them vanished
-// again).
-func (m *mirror) endSweep(complete bool, found int) []util.EtcdKey {
-	if complete && found == len(m.entries) {
-		return nil
-	}
-	var vanished []util.EtcdKey
-	for k, e := range m.entries {
-		if e.modRev&markBit == m.mark {
-			continue
+// forget records that the state did not take c (c was not set): the key
+// stays (or comes back) with an impossible revision and the value the state
+// may hold, so that the next load passes it again.
+func (m *mirror) forget(c keyChange) {
+	if c.value != nil {
+		m.over[c.key] = kvEntry{value: c.value, modRev: unsyncedRev}
+		if c.created {
+			m.count++
 		}
-		if complete {
-			vanished = append(vanished, k)
-		}
-		e.modRev ^= markBit
-		m.entries[k] = e
+		return
 	}
-	return vanished
+	if prev, ok := m.entry(c.key); ok {
+		m.over[c.key] = kvEntry{value: prev.value, modRev: unsyncedRev}
+	}
 }
 
 // entry returns the committed entry of key.
 func (m *mirror) entry(key util.EtcdKey) (kvEntry, bool) {
-	e, ok := m.entries[key]
-	e.modRev &^= markBit
-	return e, ok
+	if e, ok := m.over[key]; ok {
+		return e, e.value != nil
+	}
+	if i, ok := m.search(key); ok {
+		return m.base[i].kvEntry, true
+	}
+	return kvEntry{}, false
+}
+
+// search finds key in base.
+func (m *mirror) search(key util.EtcdKey) (int, bool) {
+	return slices.BinarySearchFunc(m.base, key.String(), func(e baseEntry, k string) int {
+		return strings.Compare(e.key.String(), k)
+	})
 }
 
 // value returns the committed value of key.
 func (m *mirror) value(key util.EtcdKey) ([]byte, bool) {
-	e, ok := m.entries[key]
+	e, ok := m.entry(key)
 	return e.value, ok
+}
+
+// each calls fn for every held key, in no particular order.
+func (m *mirror) each(fn func(key util.EtcdKey, e kvEntry)) {
+	for _, b := range m.base {
+		if len(m.over) > 0 {
+			if _, hidden := m.over[b.key]; hidden {
+				continue
+			}
+		}
+		fn(b.key, b.kvEntry)
+	}
+	for k, e := range m.over {
+		if e.value != nil {
+			fn(k, e)
+		}
+	}
+}
+
+// overKeys returns the keys of over, sorted.
+func (m *mirror) overKeys() []util.EtcdKey {
+	keys := make([]util.EtcdKey, 0, len(m.over))
+	for k := range m.over {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b util.EtcdKey) int { return strings.Compare(a.String(), b.String()) })
+	return keys
+}
+
+// settle compacts the mirror when over has grown to half of base. It is
+// called between loads and watch responses, never during a walk.
+func (m *mirror) settle() {
+	if !m.walking && len(m.over) > compactMinOver && len(m.over) > len(m.base)/2 {
+		m.compact()
+	}
+}
+
+// compact merges over into a new base and empties over.
+func (m *mirror) compact() {
+	keys := m.overKeys()
+	base := make([]baseEntry, 0, m.count)
+	i := 0
+	for _, k := range keys {
+		for ; i < len(m.base) && m.base[i].key.String() < k.String(); i++ {
+			base = append(base, m.base[i])
+		}
+		if i < len(m.base) && m.base[i].key == k {
+			i++ // hidden by over
+		}
+		if e := m.over[k]; e.value != nil {
+			base = append(base, baseEntry{key: k, kvEntry: e})
+		}
+	}
+	m.base = append(base, m.base[i:]...)
+	m.over = make(map[util.EtcdKey]kvEntry)
 }
 
 // reserve sizes an empty mirror for n keys.
 func (m *mirror) reserve(n int) {
-	if len(m.entries) == 0 && n > 0 {
-		m.entries = make(map[util.EtcdKey]kvEntry, n)
+	if m.empty() && n > 0 {
+		m.base = make([]baseEntry, 0, n)
 	}
 }
 
+// empty reports whether the mirror holds no entry and no tombstone: a load
+// then has nothing to compare with.
+func (m *mirror) empty() bool { return len(m.base) == 0 && len(m.over) == 0 }
+
 // len is the number of visible keys.
-func (m *mirror) len() int { return len(m.entries) }
+func (m *mirror) len() int { return m.count }
 
 // valueMap returns the map of every committed value for general
 // DataPatches, building it on first use (once per worker, not per commit).
 func (m *mirror) valueMap() map[util.EtcdKey][]byte {
 	if m.values == nil {
-		m.values = make(map[util.EtcdKey][]byte, len(m.entries))
-		for k, e := range m.entries {
-			m.values[k] = bytes.Clone(e.value)
-		}
+		m.values = make(map[util.EtcdKey][]byte, m.count)
+		m.each(func(k util.EtcdKey, e kvEntry) { m.values[k] = bytes.Clone(e.value) })
 	}
 	return m.values
 }
 
-// dropValueMap forgets the value map; it is rebuilt from entries when next
-// needed. A patch that broke the DataPatch contract (changed keys it did not
-// record) may have left it out of step.
+// dropValueMap forgets the value map; it is rebuilt from the entries when
+// next needed. A patch that broke the DataPatch contract (changed keys it
+// did not record) may have left it out of step.
 func (m *mirror) dropValueMap() { m.values = nil }
 
-// eventsApplied records that every event up to rev is in entries.
+// mirrorWalk compares the keys of a load, which arrive in key order, with
+// the mirror: find returns the mirror's entry of each, and every key the
+// mirror holds between two found keys vanished. The walk reads the base and
+// the overlay keys as they were when it began (set appends the load's own
+// keys to base, or writes them to over, but only keys the walk passed).
+type mirrorWalk struct {
+	m        *mirror
+	baseLen  int            // base[:baseLen] is walked
+	base     int            // next entry of base
+	over     []util.EtcdKey // the keys of over when the walk began, sorted
+	next     int            // next of over
+	vanished []util.EtcdKey
+}
+
+// walk starts a walk; finish ends it.
+func (m *mirror) walk() *mirrorWalk {
+	m.walking = true
+	return &mirrorWalk{m: m, baseLen: len(m.base), over: m.overKeys()}
+}
+
+// peek returns the smallest key the walk has not passed and whether the
+// mirror holds it (false: a tombstone), and which parts it is in.
+func (w *mirrorWalk) peek() (key util.EtcdKey, inBase, inOver, more bool) {
+	inBase, inOver = w.base < w.baseLen, w.next < len(w.over)
+	switch {
+	case inBase && inOver:
+		b, o := w.m.base[w.base].key, w.over[w.next]
+		switch c := strings.Compare(b.String(), o.String()); {
+		case c < 0:
+			return b, true, false, true
+		case c > 0:
+			return o, false, true, true
+		}
+		return o, true, true, true
+	case inBase:
+		return w.m.base[w.base].key, true, false, true
+	case inOver:
+		return w.over[w.next], false, true, true
+	}
+	return util.EtcdKey{}, false, false, false
+}
+
+// entryOf returns the mirror's entry of a peeked key.
+func (w *mirrorWalk) entryOf(inOver bool) (kvEntry, bool) {
+	if inOver {
+		e := w.m.over[w.over[w.next]]
+		return e, e.value != nil
+	}
+	return w.m.base[w.base].kvEntry, true
+}
+
+func (w *mirrorWalk) advance(inBase, inOver bool) {
+	if inBase {
+		w.base++
+	}
+	if inOver {
+		w.next++
+	}
+}
+
+// find returns the mirror's entry of key, which sorts after every key
+// found before, and records the held keys it passes as vanished.
+func (w *mirrorWalk) find(key util.EtcdKey) (kvEntry, bool) {
+	for {
+		k, inBase, inOver, more := w.peek()
+		if !more {
+			return kvEntry{}, false
+		}
+		c := strings.Compare(k.String(), key.String())
+		if c > 0 {
+			return kvEntry{}, false
+		}
+		e, held := w.entryOf(inOver)
+		w.advance(inBase, inOver)
+		if c == 0 {
+			return e, held
+		}
+		if held {
+			w.vanished = append(w.vanished, k)
+		}
+	}
+}
+
+// finish ends the walk. When the load completed, it returns the held keys
+// the load did not find: they vanished.
+func (w *mirrorWalk) finish(complete bool) []util.EtcdKey {
+	w.m.walking = false
+	if !complete {
+		return nil
+	}
+	for {
+		k, inBase, inOver, more := w.peek()
+		if !more {
+			return w.vanished
+		}
+		if _, held := w.entryOf(inOver); held {
+			w.vanished = append(w.vanished, k)
+		}
+		w.advance(inBase, inOver)
+	}
+}
+
+// eventsApplied records that every event up to rev is in the entries.
 func (m *mirror) eventsApplied(rev int64) {
 	m.eventRev = max(m.eventRev, rev)
 	m.completeRev = max(m.completeRev, m.eventRev)
+	m.settle()
 }
 
-// loaded records a load at rev: entries is exactly etcd at rev.
+// loaded records a load at rev: the entries are exactly etcd at rev.
 func (m *mirror) loaded(rev, counterRev int64) {
 	m.eventRev = rev
 	m.counterRev = counterRev
 	m.completeRev = max(m.completeRev, rev)
+	m.settle()
 }
 
 // progressed records that etcd has no event the mirror lacks up to rev.

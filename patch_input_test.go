@@ -230,9 +230,7 @@ func i10CheckMirror(ctx context.Context, cli *clientv3.Client, st *mapState, m *
 		return fmt.Errorf("state %v, etcd %v", got, etcd)
 	}
 	mirrored := map[string]string{}
-	for k, e := range m.entries {
-		mirrored[k.String()] = string(e.value)
-	}
+	m.each(func(k util.EtcdKey, e kvEntry) { mirrored[k.String()] = string(e.value) })
 	if fmt.Sprint(mirrored) != fmt.Sprint(etcd) {
 		return fmt.Errorf("mirror %v, etcd %v", mirrored, etcd)
 	}

@@ -70,8 +70,9 @@ type readConfig struct {
 	// sizeHint, when set, gets the number of keys in the range before fn
 	// sees the first key: from the unary fallback's first response, or,
 	// once the server has answered a stream, from one count-only read
-	// (the stream carries no count).
-	sizeHint func(keys int64)
+	// (the stream carries no count). An error from it stops the read like
+	// one of fn.
+	sizeHint func(keys int64) error
 }
 
 // streamSupport remembers that the server answered RangeStream with
@@ -168,7 +169,9 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 		}
 		if !sized { // the server streams: size the caller's map once
 			sized = true
-			streamSizeHint(ctx, kv, key, end, cfg.sizeHint)
+			if err := streamSizeHint(ctx, kv, key, end, cfg.sizeHint); err != nil {
+				return 0, false, err
+			}
 		}
 		for _, item := range resp.Kvs {
 			delivered = true
@@ -188,13 +191,17 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 }
 
 // streamSizeHint tells hint how many keys the range holds, from one
-// count-only read (a stream carries no count). It is only a hint: an error
-// gives none.
-func streamSizeHint(ctx context.Context, kv clientv3.KV, key, end string, hint func(keys int64)) {
+// count-only read (a stream carries no count). It is only a hint: a failed
+// read gives none. An error of hint is returned as a rangeCallbackError.
+func streamSizeHint(ctx context.Context, kv clientv3.KV, key, end string, hint func(keys int64) error) error {
 	resp, err := kv.Get(ctx, key, clientv3.WithRange(end), clientv3.WithCountOnly())
-	if err == nil {
-		hint(resp.Count)
+	if err != nil {
+		return nil
 	}
+	if err := hint(resp.Count); err != nil {
+		return rangeCallbackError{err}
+	}
+	return nil
 }
 
 func callRangeFn(fn func(kv *mvccpb.KeyValue) error, item *mvccpb.KeyValue) error {
@@ -269,7 +276,7 @@ type rangePager struct {
 	more      bool
 	sized     bool  // the first page was read
 	count     int64 // keys in the range at the revision, from the first page
-	sizeHint  func(keys int64)
+	sizeHint  func(keys int64) error
 }
 
 // pageStats describes one page.
@@ -304,7 +311,9 @@ func (p *rangePager) page(ctx context.Context, fn func(kv *mvccpb.KeyValue) erro
 				p.rev = resp.Header.Revision
 			}
 			if p.sizeHint != nil {
-				p.sizeHint(resp.Count)
+				if err := p.sizeHint(resp.Count); err != nil {
+					return pageStats{}, rangeCallbackError{err}
+				}
 			}
 		}
 		var st pageStats

@@ -43,7 +43,12 @@ func NewReactorStateTester(t testing.TB, state ReactorState, initKVEntries map[s
 }
 
 func (r *ReactorStateTester) set(key util.EtcdKey, value []byte) {
-	r.mirror.set(keyChange{key: key, value: value})
+	_, held := r.mirror.entry(key)
+	if value == nil && !held {
+		return
+	}
+	r.mirror.set(keyChange{key: key, value: value, created: !held})
+	r.mirror.settle()
 }
 
 // Update feeds one change to the state (value == nil deletes the key) and
@@ -116,8 +121,6 @@ func (r *ReactorStateTester) MustApplyPatches() {
 // KVEntries returns a copy of the key-value map the state should mirror.
 func (r *ReactorStateTester) KVEntries() map[string]string {
 	out := make(map[string]string, r.mirror.len())
-	for k, e := range r.mirror.entries {
-		out[k.String()] = string(e.value)
-	}
+	r.mirror.each(func(k util.EtcdKey, e kvEntry) { out[k.String()] = string(e.value) })
 	return out
 }
