@@ -34,7 +34,8 @@ import (
 
 // BenchmarkScale measures the worker against raw etcd reads at scale: a
 // prefix of ORCHESTRATOR_SCALE_KEYS keys (default 1,000,000) with 100-byte
-// values, on one embedded etcd (fsync off, 8 GiB backend quota). It uses
+// values, on one etcd (fsync off, 8 GiB backend quota; in its own process
+// unless ORCHESTRATOR_SCALE_ETCD=embedded, see bench_etcdproc_test.go). It uses
 // the public API only and prints one table. It runs only when selected
 // explicitly (-bench=BenchmarkScale, make bench-scale).
 
@@ -66,13 +67,28 @@ func scaleKeys(b *testing.B) int {
 	return n
 }
 
-// scaleState is a plain map-based ReactorState, what a user would write.
+// scaleState is a plain map-based ReactorState, what a user would write;
+// made by newSizedScaleState, it also sizes its map when the worker tells it
+// how many keys to expect (orchestrator.SizedState).
 type scaleState struct {
 	values  map[string][]byte
 	patches [][]orchestrator.DataPatch
+	sized   bool
 }
 
 func newScaleState() *scaleState { return &scaleState{values: map[string][]byte{}} }
+
+func newSizedScaleState() *scaleState {
+	return &scaleState{values: map[string][]byte{}, sized: true}
+}
+
+// ExpectKeys implements orchestrator.SizedState for a sized state; a plain
+// one ignores it.
+func (s *scaleState) ExpectKeys(n int) {
+	if s.sized && len(s.values) == 0 {
+		s.values = make(map[string][]byte, n)
+	}
+}
 
 func (s *scaleState) Update(key util.EtcdKey, value []byte, _ bool) error {
 	if value == nil {
@@ -180,6 +196,29 @@ func rawPages(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix st
 	}
 }
 
+// rawSizedStream counts the range, then streams it into a map of that
+// size.
+func rawSizedStream(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
+	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		b.Fatal(err)
+	}
+	stream, err := cli.GetStream(ctx, prefix+"/", clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision))
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := make(map[string][]byte, resp.Count)
+	for resp := range stream {
+		if err := resp.Err(); err != nil {
+			b.Fatal(err)
+		}
+		for _, kv := range resp.Kvs {
+			m[string(kv.Key)] = kv.Value
+		}
+	}
+	return m
+}
+
 func rawUnpaged(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
 	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())
 	if err != nil {
@@ -206,13 +245,15 @@ func timed(b *testing.B, n int, read func() int) func() time.Duration {
 
 // timeReads runs each read reps times, round-robin (so that noise from
 // other processes spreads evenly), after one untimed warm-up read, and
-// returns the median duration of each.
-func timeReads(reps int, reads ...func() time.Duration) []time.Duration {
+// returns the median duration of each. settle runs before each read: it
+// collects the garbage of the reads before, in the benchmark process and in
+// the etcd process.
+func timeReads(settle func(), reps int, reads ...func() time.Duration) []time.Duration {
 	reads[0]()
 	ds := make([][]time.Duration, len(reads))
 	for range reps {
 		for i, read := range reads {
-			runtime.GC()
+			settle()
 			ds[i] = append(ds[i], read())
 		}
 	}
@@ -220,6 +261,7 @@ func timeReads(reps int, reads ...func() time.Duration) []time.Duration {
 	for i := range ds {
 		medians[i] = medianDuration(ds[i])
 	}
+	fmt.Fprintf(os.Stderr, "scale: samples %v\n", ds) // for a look at the spread
 	return medians
 }
 
@@ -286,14 +328,14 @@ func (rw *runningWorker) wait(ctx context.Context, c <-chan struct{}, what strin
 
 // firstTick returns the time from Run to the first Tick of a worker on
 // prefix that holds n keys.
-func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) time.Duration {
+func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, state *scaleState) time.Duration {
 	runtime.GC()
 	ticked := make(chan struct{})
 	var once sync.Once
 	var at time.Time
 	var got int
 	start := time.Now()
-	rw := startWorker(ctx, b, cli, prefix, time.Second, newScaleState(), func(s *scaleState) {
+	rw := startWorker(ctx, b, cli, prefix, time.Second, state, func(s *scaleState) {
 		once.Do(func() {
 			at, got = time.Now(), len(s.values)
 			close(ticked)
@@ -329,14 +371,21 @@ func BenchmarkScale(b *testing.B) {
 	n := scaleKeys(b)
 	ctx, cancel := context.WithTimeout(context.Background(), 55*time.Minute)
 	defer cancel()
-	srv := etcdtest.NewServer(b, etcdtest.WithQuotaBackendBytes(8<<30))
-	admin := scaleClient(b, srv.Endpoints()[0], false)
-	big, small, tiny := "/scale/big", "/scale/small", "/scale/tiny"
+	mode := scaleEtcdMode(b)
+	var endpoint string
+	settle := runtime.GC // before each timed read: no garbage of the one before
+	if mode == "embedded" {
+		endpoint = etcdtest.NewServer(b, etcdtest.WithQuotaBackendBytes(scaleQuotaBytes)).Endpoints()[0]
+	} else {
+		var collect func()
+		endpoint, collect = startScaleEtcdProcess(b)
+		settle = func() { collect(); runtime.GC() }
+	}
+	admin := scaleClient(b, endpoint, false)
+	big, small100k, tiny := "/scale/big", "/scale/small", "/scale/tiny"
 	setup := scalePopulate(ctx, b, admin, big, n)
 	if n != scaleSmallKeys {
-		scalePopulate(ctx, b, admin, small, scaleSmallKeys)
-	} else {
-		small = big
+		scalePopulate(ctx, b, admin, small100k, scaleSmallKeys)
 	}
 	scalePopulate(ctx, b, admin, tiny, scaleCommitKeys)
 	fmt.Printf("setup: %d keys written in %v (%.0f keys/s; fsync off)\n", n, dur(setup), float64(n)/setup.Seconds())
@@ -344,31 +393,46 @@ func BenchmarkScale(b *testing.B) {
 	for b.Loop() {
 		start := time.Now()
 		var rows []scaleRow
-		loadN, streamN := scaleLoadRows(ctx, b, admin, big, n, &rows)
+		// The small prefix first: each size is measured in a process that
+		// has not yet held a larger state (after the 1M-key reads the
+		// collector and the scavenger are still returning their memory).
+		var small []scaleRow
+		var loadS scaleLoad
+		if n != scaleSmallKeys {
+			loadS = scaleLoadRows(ctx, b, settle, admin, small100k, scaleSmallKeys, &small)
+			scaleProgress(start, "load of the small prefix")
+		}
+		loadN := scaleLoadRows(ctx, b, settle, admin, big, n, &rows)
 		scaleProgress(start, "load")
 		if n != scaleSmallKeys {
-			loadS, streamS := scaleLoadRows(ctx, b, admin, small, scaleSmallKeys, &rows)
-			scaleProgress(start, "load of the small prefix")
-			linear := float64(n) / scaleSmallKeys
-			rows = append(rows, scaleRow{
-				what:     fmt.Sprintf("linearity: first Tick %dk / %dk keys (linear = %.1f)", n/1000, scaleSmallKeys/1000, linear),
-				measured: dur(loadN), baseline: dur(loadS), ratio: ratioOf(loadN, loadS),
-			}, scaleRow{
-				// The same for the raw stream shows what the embedded
-				// server (and the collector scanning its index) adds.
-				what:     fmt.Sprintf("  the same for raw GetStream (linear = %.1f)", linear),
-				measured: dur(streamN), baseline: dur(streamS), ratio: ratioOf(streamN, streamS),
-			})
+			rows = append(rows, small...)
+			rows = append(rows, scaleLinearityRows(n, loadN, loadS)...)
 		}
-		rows = append(rows, scaleFallbackRows(ctx, b, srv, admin, big, n)...)
+		rows = append(rows, scaleFallbackRows(ctx, b, settle, endpoint, admin, big, n)...)
 		scaleProgress(start, "fallback")
-		rows = append(rows, scaleReloadRows(ctx, b, srv, admin, big, n, streamN)...)
+		rows = append(rows, scaleReloadRows(ctx, b, endpoint, admin, big, n, loadN.stream)...)
 		scaleProgress(start, "reload")
 		rows = append(rows, scaleMemoryRows(ctx, b, admin, big, n)...)
 		scaleProgress(start, "memory")
 		rows = append(rows, scaleCommitRow(ctx, b, admin, tiny, big, n))
 		rows = append(rows, scaleLagRow(ctx, b, admin, big, n))
-		printScaleTable(n, rows)
+		printScaleTable(n, mode, rows)
+	}
+}
+
+// scaleLinearityRows: load time at n keys over load time at
+// scaleSmallKeys, for the worker and for the raw reads.
+func scaleLinearityRows(n int, big, small scaleLoad) []scaleRow {
+	linear := float64(n) / scaleSmallKeys
+	row := func(what string, a, b time.Duration) scaleRow {
+		return scaleRow{what: what, measured: dur(a), baseline: dur(b), ratio: ratioOf(a, b)}
+	}
+	return []scaleRow{
+		row(fmt.Sprintf("linearity (linear = %.1f): first Tick %dk / %dk keys, SizedState", linear, n/1000, scaleSmallKeys/1000),
+			big.sizedWorker, small.sizedWorker),
+		row("  the same, plain map state", big.worker, small.worker),
+		row("  the same for the fastest raw read", big.fastest, small.fastest),
+		row("  the same for raw GetStream into map", big.stream, small.stream),
 	}
 }
 
@@ -378,10 +442,10 @@ func scaleProgress(start time.Time, part string) {
 	fmt.Fprintf(os.Stderr, "scale: %s done after %v\n", part, time.Since(start).Round(time.Second))
 }
 
-func printScaleTable(n int, rows []scaleRow) {
+func printScaleTable(n int, mode string, rows []scaleRow) {
 	var sb strings.Builder
 	tw := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "BenchmarkScale: %d keys, %d B values, GOMAXPROCS=%d\n", n, scaleValueSize, runtime.GOMAXPROCS(0))
+	fmt.Fprintf(tw, "BenchmarkScale: %d keys, %d B values, GOMAXPROCS=%d, etcd %s\n", n, scaleValueSize, runtime.GOMAXPROCS(0), mode)
 	fmt.Fprintln(tw, "row\tmeasured\tbaseline\tratio")
 	for _, r := range rows {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", r.what, r.measured, r.baseline, r.ratio)
@@ -390,47 +454,57 @@ func printScaleTable(n int, rows []scaleRow) {
 	fmt.Print(sb.String())
 }
 
-// scaleLoadRows: the worker's first Tick and three raw reads of prefix (n
-// keys); returns the first Tick and the raw stream times.
-func scaleLoadRows(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, rows *[]scaleRow) (time.Duration, time.Duration) {
-	reps := 5
+// scaleLoadRows: the worker's first Tick, with a plain and with a sized
+// state, and four raw reads of prefix (n keys).
+func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *clientv3.Client, prefix string, n int, rows *[]scaleRow) scaleLoad {
+	reps := 9 // small reads are short and noisy
 	if n > 300_000 {
 		reps = 3
 	}
-	ds := timeReads(reps,
+	ds := timeReads(settle, reps,
 		timed(b, n, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, prefix)) }),
+		timed(b, n, func() int { return len(rawSizedStream(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawPages(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
-		func() time.Duration { return firstTick(ctx, b, cli, prefix, n) },
+		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newScaleState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newSizedScaleState()) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, cli, prefix)) }),
 	)
-	stream, pages, unpaged, worker, reader := ds[0], ds[1], ds[2], ds[3], ds[4]
-	fastest := min(stream, pages, unpaged)
+	stream, sizedStream, pages, unpaged, worker, sizedWorker, reader := ds[0], ds[1], ds[2], ds[3], ds[4], ds[5], ds[6]
+	fastest := min(stream, sizedStream, pages, unpaged)
 	k := fmt.Sprintf("%dk keys", n/1000)
 	*rows = append(*rows,
-		scaleRow{"load " + k + ": worker Run -> first Tick", dur(worker), "fastest raw " + dur(fastest), ratioOf(worker, fastest)},
+		scaleRow{"load " + k + ": worker Run -> first Tick, plain map state", dur(worker), "fastest raw " + dur(fastest), ratioOf(worker, fastest)},
+		scaleRow{"load " + k + ": worker Run -> first Tick, SizedState", dur(sizedWorker), "fastest raw " + dur(fastest), ratioOf(sizedWorker, fastest)},
 		scaleRow{"load " + k + ": readRange (the worker's reader) into map", dur(reader), "fastest raw", ratioOf(reader, fastest)},
 		scaleRow{"load " + k + ": raw GetStream into map", dur(stream), "fastest raw", ratioOf(stream, fastest)},
+		scaleRow{"load " + k + ": raw count + GetStream into sized map", dur(sizedStream), "fastest raw", ratioOf(sizedStream, fastest)},
 		scaleRow{"load " + k + ": raw pinned 10k-key pages into map", dur(pages), "fastest raw", ratioOf(pages, fastest)},
 		scaleRow{"load " + k + ": raw unpaged Get into map", dur(unpaged), "fastest raw", ratioOf(unpaged, fastest)},
 	)
-	return worker, stream
+	return scaleLoad{worker: worker, sizedWorker: sizedWorker, stream: stream, fastest: fastest}
 }
+
+// scaleLoad holds the load times of one prefix that later rows refer to.
+type scaleLoad struct{ worker, sizedWorker, stream, fastest time.Duration }
 
 // scaleFallbackRows: first Tick of a worker whose client has no RangeStream
 // (etcd < 3.7) against one raw unpaged Get.
-func scaleFallbackRows(ctx context.Context, b *testing.B, srv *etcdtest.Server, cli *clientv3.Client, prefix string, n int) []scaleRow {
-	legacy := scaleClient(b, srv.Endpoints()[0], true)
-	ds := timeReads(3,
+func scaleFallbackRows(ctx context.Context, b *testing.B, settle func(), endpoint string, cli *clientv3.Client, prefix string, n int) []scaleRow {
+	legacy := scaleClient(b, endpoint, true)
+	ds := timeReads(settle, 3,
 		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
-		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n) },
+		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newSizedScaleState()) },
+		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newScaleState()) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, legacy, prefix)) }),
 	)
-	unpaged, worker, reader := ds[0], ds[1], ds[2]
+	unpaged, sized, plain, reader := ds[0], ds[1], ds[2], ds[3]
 	k := fmt.Sprintf("%dk keys", n/1000)
+	base := "raw unpaged Get " + dur(unpaged)
 	return []scaleRow{
-		{"fallback (no RangeStream) " + k + ": worker first Tick", dur(worker), "raw unpaged Get " + dur(unpaged), ratioOf(worker, unpaged)},
-		{"fallback (no RangeStream) " + k + ": readRange into map", dur(reader), "raw unpaged Get " + dur(unpaged), ratioOf(reader, unpaged)},
+		{"fallback (no RangeStream) " + k + ": worker first Tick, SizedState", dur(sized), base, ratioOf(sized, unpaged)},
+		{"fallback (no RangeStream) " + k + ": worker first Tick, plain map state", dur(plain), base, ratioOf(plain, unpaged)},
+		{"fallback (no RangeStream) " + k + ": readRange into map", dur(reader), base, ratioOf(reader, unpaged)},
 	}
 }
 
@@ -438,8 +512,8 @@ func scaleFallbackRows(ctx context.Context, b *testing.B, srv *etcdtest.Server, 
 // is written and the history compacted beyond the worker's watch revision,
 // the connection comes back: the time from the reconnection to the Tick
 // that sees the key (a full reload), against a raw streaming read.
-func scaleReloadRows(ctx context.Context, b *testing.B, srv *etcdtest.Server, admin *clientv3.Client, prefix string, n int, stream time.Duration) []scaleRow {
-	proxy := etcdtest.NewProxy(b, srv.Endpoints()[0])
+func scaleReloadRows(ctx context.Context, b *testing.B, endpoint string, admin *clientv3.Client, prefix string, n int, stream time.Duration) []scaleRow {
+	proxy := etcdtest.NewProxy(b, endpoint)
 	pcli := scaleClient(b, proxy.Endpoint(), false)
 	probe := prefix + "/zz-reload"
 	ready, seen := make(chan struct{}), make(chan struct{})
