@@ -109,8 +109,8 @@ type ScopedState interface {
 // ExpectKeys once with the number of keys under its prefix at the revision
 // it loads, on the goroutine that calls Update, before the load's first
 // Update. It is a hint: the number includes the worker's own bookkeeping
-// keys, and an etcd that cannot count cheaply gives none. A panic in it ends
-// Run with an error wrapping ErrPanic.
+// keys, and when the count cannot be read the call is skipped. A panic in it
+// ends Run with an error wrapping ErrPanic.
 type SizedState interface {
 	ExpectKeys(n int)
 }
