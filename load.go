@@ -58,8 +58,9 @@ func (r *run) load() error {
 	start := r.now()
 	var counterRev int64
 	keys := 0
+	first := m.empty()
 	walk := m.walk()
-	rev, err := r.readPrefix(m.empty(), func(kv *mvccpb.KeyValue) error {
+	rev, err := r.readPrefix(first, func(kv *mvccpb.KeyValue) error {
 		c, visible := m.apply(kv, false)
 		if !visible {
 			if string(kv.Key) == m.counterKey {
@@ -142,9 +143,10 @@ func (r *run) readPrefix(sizeMirror bool, fn func(kv *mvccpb.KeyValue) error) (i
 func (r *run) expectKeys(keys int64) error {
 	r.mirror.reserve(int(keys))
 	ss, ok := r.state.(SizedState)
-	if !ok {
+	if !ok || r.mirror.hinted {
 		return nil
 	}
+	r.mirror.hinted = true
 	_, err := guard("SizedState.ExpectKeys", func() (struct{}, error) {
 		ss.ExpectKeys(int(keys))
 		return struct{}{}, nil

@@ -74,6 +74,9 @@ type mirror struct {
 	count int
 	// walking: a mirrorWalk is under way; compact waits for its end.
 	walking bool
+	// hinted: the state was told how many keys to expect since the mirror
+	// last held a key (a retried load does not tell it again).
+	hinted bool
 
 	// values holds every committed value for general DataPatches (see
 	// valueMap); nil until one needs it. Its slices are copies owned by the
@@ -149,6 +152,7 @@ func (m *mirror) set(c keyChange) {
 		return
 	}
 	e := kvEntry{value: c.value, modRev: c.modRev}
+	m.hinted = false
 	if m.appendable(c.key) {
 		m.base = append(m.base, baseEntry{key: c.key, kvEntry: e})
 	} else {
@@ -270,9 +274,25 @@ func (m *mirror) reserve(n int) {
 	}
 }
 
-// empty reports whether the mirror holds no entry and no tombstone: a load
-// then has nothing to compare with.
-func (m *mirror) empty() bool { return len(m.base) == 0 && len(m.over) == 0 }
+// empty reports whether the mirror holds no key: a load then has nothing to
+// compare with. When every key it held was deleted, it drops their
+// tombstones and the stale base, so that the load starts from nothing (and
+// appends to the base). It must not be called during a walk.
+func (m *mirror) empty() bool {
+	if len(m.base) == 0 && len(m.over) == 0 {
+		return true
+	}
+	if m.count != 0 {
+		return false
+	}
+	held := false // count is kept exact; the entries decide all the same
+	m.each(func(util.EtcdKey, kvEntry) { held = true })
+	if held {
+		return false
+	}
+	m.base, m.over = nil, make(map[util.EtcdKey]kvEntry)
+	return true
+}
 
 // len is the number of visible keys.
 func (m *mirror) len() int { return m.count }

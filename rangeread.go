@@ -128,8 +128,9 @@ func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 ) (int64, error) {
 	if cfg.support.useStream(time.Now()) {
 		rev, delivered, err := readStream(ctx, kv, key, end, cfg, fn)
-		if status.Code(err) != codes.Unimplemented {
-			return rev, err
+		var ce rangeCallbackError
+		if status.Code(err) != codes.Unimplemented || errors.As(err, &ce) {
+			return rev, err // the callback's error is never the server's answer
 		}
 		cfg.support.markUnimplemented(time.Now())
 		if delivered {
@@ -146,9 +147,10 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 ) (rev int64, delivered bool, err error) {
 	ctx, wd := newIdleWatchdog(ctx, cfg.idleTimeout)
 	defer wd.stop()
+	hint := countForHint(ctx, kv, key, end, cfg)
 	opts := []clientv3.OpOption{clientv3.WithRange(end)}
-	if cfg.rev > 0 {
-		opts = append(opts, clientv3.WithRev(cfg.rev))
+	if hint.rev > 0 {
+		opts = append(opts, clientv3.WithRev(hint.rev))
 	}
 	stream, err := kv.GetStream(ctx, key, opts...)
 	if err != nil {
@@ -161,17 +163,13 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 		for range stream {
 		}
 	}()
-	sized := cfg.sizeHint == nil
 	for resp := range stream {
 		wd.pause()
 		if err := resp.Err(); err != nil {
 			return 0, delivered, wd.err(err)
 		}
-		if !sized { // the server streams: size the caller's map once
-			sized = true
-			if err := streamSizeHint(ctx, kv, key, end, cfg.sizeHint); err != nil {
-				return 0, false, err
-			}
+		if err := hint.give(cfg.sizeHint); err != nil { // the server streams
+			return 0, false, err
 		}
 		for _, item := range resp.Kvs {
 			delivered = true
@@ -180,8 +178,8 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 			}
 		}
 		if resp.Header != nil { // the final chunk
-			if cfg.rev > 0 {
-				return cfg.rev, delivered, nil
+			if hint.rev > 0 {
+				return hint.rev, delivered, nil
 			}
 			return resp.Header.Revision, delivered, nil
 		}
@@ -190,15 +188,48 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 	return 0, delivered, wd.err(errRangeStreamTruncated)
 }
 
-// streamSizeHint tells hint how many keys the range holds, from one
-// count-only read (a stream carries no count). It is only a hint: a failed
-// read gives none. An error of hint is returned as a rangeCallbackError.
-func streamSizeHint(ctx context.Context, kv clientv3.KV, key, end string, hint func(keys int64) error) error {
-	resp, err := kv.Get(ctx, key, clientv3.WithRange(end), clientv3.WithCountOnly())
+// streamHint is the size of a streamed range, counted before the stream (a
+// stream carries no count), and the revision both are read at.
+type streamHint struct {
+	rev     int64 // cfg.rev, or the count's revision; 0: the latest
+	keys    int64
+	counted bool // keys is known and not given yet
+}
+
+// countForHint counts the range when cfg wants a size hint, at cfg.rev or
+// else at the latest revision, which the stream is then pinned at, so that
+// the hint is the number of keys the read delivers. It is only a hint: a
+// failed count gives none and leaves the stream unpinned.
+func countForHint(ctx context.Context, kv clientv3.KV, key, end string, cfg readConfig) streamHint {
+	h := streamHint{rev: cfg.rev}
+	if cfg.sizeHint == nil {
+		return h
+	}
+	opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithCountOnly()}
+	if cfg.rev > 0 {
+		opts = append(opts, clientv3.WithRev(cfg.rev))
+	}
+	resp, err := kv.Get(ctx, key, opts...)
 	if err != nil {
+		return h
+	}
+	if h.rev == 0 {
+		h.rev = resp.Header.Revision
+	}
+	h.keys, h.counted = resp.Count, true
+	return h
+}
+
+// give passes the count to hint once, when the server has answered the
+// stream (a server without one answers Unimplemented, and the fallback
+// gives its own count). An error of hint is returned as a
+// rangeCallbackError.
+func (h *streamHint) give(hint func(keys int64) error) error {
+	if !h.counted {
 		return nil
 	}
-	if err := hint(resp.Count); err != nil {
+	h.counted = false
+	if err := hint(h.keys); err != nil {
 		return rangeCallbackError{err}
 	}
 	return nil

@@ -377,6 +377,24 @@ func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
 	}
 }
 
+// TestReadRangeNeverTakesACallbackErrorForTheServers: a callback (a user's
+// Update) failing with a gRPC Unimplemented status ends the read with that
+// error; it does not make the reader fall back, nor remember the server as
+// one without a stream.
+func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
+	errUser := status.Error(codes.Unimplemented, "the user's own Unimplemented")
+	env := newRangeTestEnv(t, 64<<10, 200, 100, false, 0)
+	ctx := rangeTestContext(t)
+	support := &streamSupport{}
+	_, _, err := env.read(ctx, readConfig{support: support}, func(int) error { return errUser })
+	require.ErrorIs(t, err, errUser)
+	var ce rangeCallbackError
+	require.ErrorAs(t, err, &ce)
+	require.True(t, support.useStream(time.Now()), "the server streams")
+	_, _, ranges := env.counter.counts()
+	require.Zero(t, ranges, "no fallback read")
+}
+
 func TestReadRangeFailsWithDeadlineExceededWhenEtcdGoesSilent(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
