@@ -393,24 +393,21 @@ func BenchmarkScale(b *testing.B) {
 	for b.Loop() {
 		start := time.Now()
 		var rows []scaleRow
-		// The small prefix first: each size is measured in a process that
-		// has not yet held a larger state (after the 1M-key reads the
-		// collector and the scavenger are still returning their memory).
 		var small []scaleRow
-		var loadS scaleLoad
 		if n != scaleSmallKeys {
-			loadS = scaleLoadRows(ctx, b, settle, admin, small100k, scaleSmallKeys, &small)
+			scaleLoadRows(ctx, b, settle, admin, small100k, scaleSmallKeys, &small)
 			scaleProgress(start, "load of the small prefix")
 		}
-		loadN := scaleLoadRows(ctx, b, settle, admin, big, n, &rows)
+		streamN := scaleLoadRows(ctx, b, settle, admin, big, n, &rows)
 		scaleProgress(start, "load")
 		if n != scaleSmallKeys {
 			rows = append(rows, small...)
-			rows = append(rows, scaleLinearityRows(n, loadN, loadS)...)
+			rows = append(rows, scaleLinearityRows(ctx, b, settle, admin, big, small100k, n)...)
+			scaleProgress(start, "linearity")
 		}
 		rows = append(rows, scaleFallbackRows(ctx, b, settle, endpoint, admin, big, n)...)
 		scaleProgress(start, "fallback")
-		rows = append(rows, scaleReloadRows(ctx, b, endpoint, admin, big, n, loadN.stream)...)
+		rows = append(rows, scaleReloadRows(ctx, b, endpoint, admin, big, n, streamN)...)
 		scaleProgress(start, "reload")
 		rows = append(rows, scaleMemoryRows(ctx, b, admin, big, n)...)
 		scaleProgress(start, "memory")
@@ -421,18 +418,30 @@ func BenchmarkScale(b *testing.B) {
 }
 
 // scaleLinearityRows: load time at n keys over load time at
-// scaleSmallKeys, for the worker and for the raw reads.
-func scaleLinearityRows(n int, big, small scaleLoad) []scaleRow {
-	linear := float64(n) / scaleSmallKeys
+// scaleSmallKeys, for the worker and for the fastest raw read. The two sizes
+// alternate in the same rounds, so that a machine that slows down during
+// the benchmark (this VM does, by up to a third over minutes) slows both.
+func scaleLinearityRows(ctx context.Context, b *testing.B, settle func(), cli *clientv3.Client, big, small string, n int) []scaleRow {
+	ns := scaleSmallKeys
+	ds := timeReads(settle, 5,
+		func() time.Duration { return firstTick(ctx, b, cli, big, n, newSizedScaleState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newSizedScaleState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, big, n, newScaleState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newScaleState()) },
+		timed(b, n, func() int { return len(rawSizedStream(ctx, b, cli, big)) }),
+		timed(b, ns, func() int { return len(rawSizedStream(ctx, b, cli, small)) }),
+		timed(b, n, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, big)) }),
+		timed(b, ns, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, small)) }),
+	)
 	row := func(what string, a, b time.Duration) scaleRow {
 		return scaleRow{what: what, measured: dur(a), baseline: dur(b), ratio: ratioOf(a, b)}
 	}
 	return []scaleRow{
-		row(fmt.Sprintf("linearity (linear = %.1f): first Tick %dk / %dk keys, SizedState", linear, n/1000, scaleSmallKeys/1000),
-			big.sizedWorker, small.sizedWorker),
-		row("  the same, plain map state", big.worker, small.worker),
-		row("  the same for the fastest raw read", big.fastest, small.fastest),
-		row("  the same for raw GetStream into map", big.stream, small.stream),
+		row(fmt.Sprintf("linearity (linear = %.1f, sizes alternating, median of 5): first Tick %dk / %dk keys, SizedState",
+			float64(n)/float64(ns), n/1000, ns/1000), ds[0], ds[1]),
+		row("  the same, plain map state", ds[2], ds[3]),
+		row("  the same for raw count + GetStream into sized map", ds[4], ds[5]),
+		row("  the same for raw GetStream into map", ds[6], ds[7]),
 	}
 }
 
@@ -455,8 +464,9 @@ func printScaleTable(n int, mode string, rows []scaleRow) {
 }
 
 // scaleLoadRows: the worker's first Tick, with a plain and with a sized
-// state, and four raw reads of prefix (n keys).
-func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *clientv3.Client, prefix string, n int, rows *[]scaleRow) scaleLoad {
+// state, and four raw reads of prefix (n keys); returns the raw stream's
+// time.
+func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *clientv3.Client, prefix string, n int, rows *[]scaleRow) time.Duration {
 	reps := 9 // small reads are short and noisy
 	if n > 300_000 {
 		reps = 3
@@ -482,11 +492,8 @@ func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *client
 		scaleRow{"load " + k + ": raw pinned 10k-key pages into map", dur(pages), "fastest raw", ratioOf(pages, fastest)},
 		scaleRow{"load " + k + ": raw unpaged Get into map", dur(unpaged), "fastest raw", ratioOf(unpaged, fastest)},
 	)
-	return scaleLoad{worker: worker, sizedWorker: sizedWorker, stream: stream, fastest: fastest}
+	return stream
 }
-
-// scaleLoad holds the load times of one prefix that later rows refer to.
-type scaleLoad struct{ worker, sizedWorker, stream, fastest time.Duration }
 
 // scaleFallbackRows: first Tick of a worker whose client has no RangeStream
 // (etcd < 3.7) against one raw unpaged Get.
