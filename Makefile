@@ -26,7 +26,7 @@ bench:
 	$(GO) test -run='^$$' -bench='^BenchmarkScenarios$$' -benchtime=1x -count=1 -timeout=30m .
 
 ## bench-scale: BenchmarkScale, the worker against raw etcd reads at
-## ORCHESTRATOR_SCALE_KEYS keys (default 1M; one embedded etcd, fsync off).
+## ORCHESTRATOR_SCALE_KEYS keys (default 1M; one etcd in its own process, fsync off).
 bench-scale:
 	ORCHESTRATOR_SCALE_KEYS=$(ORCHESTRATOR_SCALE_KEYS) $(GO) test -run='^$$' -bench='^BenchmarkScale$$' -benchtime=1x -count=1 -timeout=60m .
 	ORCHESTRATOR_SCALE_KEYS=$(ORCHESTRATOR_SCALE_KEYS) $(GO) test -run='^$$' -bench='^BenchmarkWatchApplyEvents$$' -benchmem -count=1 -timeout=30m .
