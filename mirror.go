@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"slices"
 	"strings"
+	"unsafe"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 
@@ -128,7 +129,7 @@ func (m *mirror) apply(kv *mvccpb.KeyValue, deleted bool) (keyChange, bool) {
 		}
 		return keyChange{}, false
 	}
-	c := keyChange{key: util.NewEtcdKeyFromBytes(kv.Key), modRev: kv.ModRevision}
+	c := keyChange{key: ownedKey(kv.Key), modRev: kv.ModRevision}
 	if !deleted {
 		c.value = kv.Value
 		if c.value == nil {
@@ -137,6 +138,15 @@ func (m *mirror) apply(kv *mvccpb.KeyValue, deleted bool) (keyChange, bool) {
 		c.created = kv.Version == 1
 	}
 	return c, true
+}
+
+// ownedKey returns the key b holds without copying it. It is only for the
+// keys of etcd's responses: each is decoded into a slice of its own that
+// nothing else holds or changes (their values are shared with the state the
+// same way), so the string stays what it is and keeps just that slice alive.
+// At a million keys the copy would cost an allocation a key during the load.
+func ownedKey(b []byte) util.EtcdKey {
+	return util.NewEtcdKey(unsafe.String(unsafe.SliceData(b), len(b)))
 }
 
 // set records a change the state took. A deletion leaves a tombstone in
