@@ -279,7 +279,7 @@ func (m *mirror) compact() {
 
 // reserve sizes an empty mirror for n keys.
 func (m *mirror) reserve(n int) {
-	if m.empty() && n > 0 {
+	if len(m.base) == 0 && len(m.over) == 0 && n > 0 { // not empty(): it may run during a walk
 		m.base = make([]baseEntry, 0, n)
 	}
 }
