@@ -22,6 +22,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -472,4 +473,15 @@ func mustInt(t testing.TB, b []byte) int64 {
 	n, err := strconv.ParseInt(string(b), 10, 64)
 	require.NoError(t, err)
 	return n
+}
+
+// reloadByCompaction cuts the worker off, writes through admin with fn, compacts
+// and lets it back: its watch finds its revision compacted and reloads.
+func reloadByCompaction(ctx context.Context, t testing.TB, proxy *etcdtest.Proxy, admin *clientv3.Client, fn func()) {
+	t.Helper()
+	proxy.Pause()
+	fn()
+	_, err := etcdtest.Compact(ctx, admin)
+	require.NoError(t, err)
+	proxy.Resume()
 }

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
@@ -87,17 +86,6 @@ func (r *retainingSnapshotter) Tick(ctx context.Context, st ReactorState) (React
 // prefix), so that the key slices fall in many allocation size classes.
 func variedKey(prefix string, i int) string {
 	return fmt.Sprintf("%s/k%04d-%s", prefix, i, strings.Repeat(string(rune('a'+i%26)), (i*37)%300))
-}
-
-// reloadByCompaction cuts the worker off, writes through admin with fn, compacts
-// and lets it back: its watch finds its revision compacted and reloads.
-func reloadByCompaction(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, admin *clientv3.Client, fn func()) {
-	t.Helper()
-	proxy.Pause()
-	fn()
-	_, err := etcdtest.Compact(ctx, admin)
-	require.NoError(t, err)
-	proxy.Resume()
 }
 
 // TestReviewFinalRetainedKeysNeverChange. Invariant (commit "Keys from

@@ -49,13 +49,11 @@ func TestReviewMirrorSizedStateHintAfterEveryKeyVanished(t *testing.T) {
 	expected, _ := state.calls()
 	require.Len(t, expected, 1, "one hint for the first load")
 
-	proxy.Pause()
-	for i := range 5 {
-		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/new%d", prefix, i), "y")
-	}
-	_, err = etcdtest.Compact(ctx, admin)
-	require.NoError(t, err)
-	proxy.Resume()
+	reloadByCompaction(ctx, t, proxy, admin, func() {
+		for i := range 5 {
+			mustPutKV(ctx, t, admin, fmt.Sprintf("%s/new%d", prefix, i), "y")
+		}
+	})
 	waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 	cancel()
 	require.True(t, IsCleanStop(recvErr(ctx, t, done)))

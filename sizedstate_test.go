@@ -78,11 +78,7 @@ func TestSizedStateExpectsKeysBeforeTheFirstLoad(t *testing.T) {
 			require.LessOrEqual(t, expected[0], keys+4, "the hint counts the prefix, bookkeeping included")
 			require.Equal(t, []int{0}, updates, "the hint comes before the first Update")
 
-			proxy.Pause()
-			mustPutKV(ctx, t, admin, prefix+"/new", "x")
-			_, err = etcdtest.Compact(ctx, admin)
-			require.NoError(t, err)
-			proxy.Resume()
+			reloadByCompaction(ctx, t, proxy, admin, func() { mustPutKV(ctx, t, admin, prefix+"/new", "x") })
 			waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 			cancel()
 			require.True(t, IsCleanStop(recvErr(ctx, t, done)))
