@@ -26,9 +26,10 @@ type txnLimits struct {
 // compare and a get. So max(compares, then, else) is keys + 2 (+1 with
 // fencing). It fails when the limits leave no room for one key.
 func newTxnLimits(o *options, prefix string) (txnLimits, error) {
-	counterKey := len(prefix) + len(reservedDir) + len("delete-counter")
+	ks := newKeyspace(util.NormalizePrefix(prefix))
+	counterKey := len(ks.counterKey)
 	l := txnLimits{maxOps: o.txnMaxOps, maxBytes: o.txnMaxBytes, overheadOps: 2}
-	l.overheadBytes = 3*tokenKeyLen(prefix) + tokenValueMaxLen + counterKey
+	l.overheadBytes = 3*ks.tokenKeyLen() + tokenValueMaxLen + counterKey
 	l.deleteBytes = counterKey
 	if o.hasFencing {
 		l.overheadOps++

@@ -32,13 +32,17 @@ func newMicroRun(tb testing.TB, state ReactorState, n int, value func(int) []byt
 		tb.Fatal(err)
 	}
 	r := w.newRun(context.Background(), nil, time.Second, "micro")
-	tb.Cleanup(r.close)
+	src := r.src
 	for i := 0; i < n; i++ {
-		if err := r.update(keyChange{key: microKey(i), value: value(i), modRev: int64(i + 1)}, true); err != nil {
-			tb.Fatal(err)
-		}
+		c := keyChange{key: microKey(i), value: value(i), modRev: int64(i + 1), created: true}
+		src.copy.set(c)
+		src.changes.record(c.key, true, true)
 	}
-	r.mirror.loaded(int64(n), 0)
+	src.copy.loaded(int64(n), nil)
+	src.loaded = true
+	if _, _, err := r.catchUp(nil); err != nil {
+		tb.Fatal(err)
+	}
 	return r
 }
 
@@ -69,14 +73,19 @@ func benchWatchApply(b *testing.B, keys int) {
 			Value: benchValue(i),
 		}}
 	}
-	rev := r.mirror.eventRev
+	f := &follower{s: r.src}
+	rev := r.src.copy.eventRev
 	b.ReportAllocs()
 	for b.Loop() {
 		for _, ev := range events {
 			rev++
 			ev.Kv.ModRevision = rev
 		}
-		if err := r.applyEvents(events); err != nil {
+		f.s.mu.Lock()
+		f.applyEvents(events)
+		f.s.changes.prune(f.s.floor())
+		f.s.mu.Unlock()
+		if _, _, err := r.catchUp(nil); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -94,7 +103,11 @@ func BenchmarkPatchViewFlush(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		view := newPatchView(r.mirror)
+		cv, err := r.commitView(groups)
+		if err != nil {
+			b.Fatal(err)
+		}
+		view := newPatchView(cv)
 		for _, g := range groups {
 			writes, err := view.applyGroup(g)
 			if err != nil || len(writes) != 1 {

@@ -31,24 +31,29 @@ func (r *run) commitPending(now time.Time) error {
 	p := &r.pending
 	switch {
 	case res.tryAgain:
-		p.tryAgain, p.tryAgainRev, p.tryAgainUntil = true, r.mirror.completeRev, now.Add(r.interval)
-		r.log.Debug("patch asked to try again", zap.Int64("revision", r.mirror.completeRev))
+		p.tryAgain, p.tryAgainRev, p.tryAgainUntil = true, r.view.completeRev, now.Add(r.interval)
+		r.log.Debug("patch asked to try again", zap.Int64("revision", r.view.completeRev))
 	case res.done < len(p.groups):
 		p.groups = p.groups[res.done:]
 		p.tryAgain = false
 		p.retryAtRev = res.retryAtRev
-		r.watch.requestProgress()
+		r.src.requestProgress()
 	default:
 		*p = pendingPatches{}
 	}
 	return nil
 }
 
-// flush commits groups: every group is run first (a group that fails or
-// cannot fit ends the flush before anything is sent), then the Txns go out
-// in order until one does not land.
+// flush commits groups: the state first catches up with the Source, which
+// also gives the values the groups read at that revision (commitView); every
+// group is run (a group that fails or cannot fit ends the flush before
+// anything is sent), then the Txns go out in order until one does not land.
 func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
-	view := newPatchView(r.mirror)
+	cv, err := r.commitView(groups)
+	if err != nil {
+		return flushResult{}, err
+	}
+	view := newPatchView(cv)
 	defer view.reset()
 	writes := make([]groupWrites, len(groups))
 	deps := make([]groupDeps, len(groups))
@@ -58,7 +63,7 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 			if view.values != nil {
 				// A patch may have edited values in place before it
 				// asked to try again: the retry starts from fresh copies.
-				r.mirror.dropValueMap()
+				r.view.dropValues()
 			}
 			return flushResult{tryAgain: true}, nil
 		}
@@ -72,14 +77,13 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 	}
 	var res flushResult
 	written := make(revisions)
-	snapRev := r.mirror.completeRev // the snapshot the groups ran on
 	for _, b := range packTxnsDeps(writes, deps, r.w.limits) {
 		if len(b.writes) > 0 {
 			if rangeWritten(b, written, r.token.key) {
 				res.retryAtRev = res.barrierRev // re-run once the state has it
 				return res, nil
 			}
-			out, err := r.commitBatch(b, written, snapRev)
+			out, err := r.commitBatch(b, written, cv)
 			if err != nil {
 				return flushResult{}, err
 			}
@@ -95,15 +99,28 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 	return res, nil
 }
 
+// commitView catches the state up with the Source and returns what groups
+// read, at the revision the state then has.
+func (r *run) commitView(groups [][]DataPatch) (*commitView, error) {
+	req := flushKeys(groups)
+	req.values = req.values && r.view.values == nil
+	b, _, err := r.catchUp(&req)
+	if err != nil {
+		return nil, err
+	}
+	return &commitView{ks: r.ks, rev: r.view.completeRev, counterRev: r.view.counterRev,
+		entries: b.entries, values: r.view.values, committed: r.view.committed}, nil
+}
+
 // checkGroup returns an error when a group writes or depends on a key it may
 // not, or can never fit a Txn.
 func (r *run) checkGroup(gw groupWrites, gd groupDeps) error {
 	for _, kw := range gw {
-		if err := r.mirror.writable(kw.key); err != nil {
+		if err := r.ks.writable(kw.key); err != nil {
 			return err
 		}
 	}
-	if err := r.mirror.dependable(gd); err != nil {
+	if err := r.ks.dependable(gd); err != nil {
 		return err
 	}
 	return checkGroupFitsDeps(gw, gd, r.w.limits)
@@ -117,9 +134,9 @@ type txnOutcome struct {
 }
 
 // commitBatch sends one batch as a compare-and-swap Txn and finds out its
-// outcome, resolving an unknown one through the commit token. snapRev is the
-// revision of the snapshot the batch's groups ran on.
-func (r *run) commitBatch(b txnBatch, written revisions, snapRev int64) (txnOutcome, error) {
+// outcome, resolving an unknown one through the commit token. cv is what the
+// batch's groups ran on.
+func (r *run) commitBatch(b txnBatch, written revisions, cv *commitView) (txnOutcome, error) {
 	if err := r.ensureTokenLease(); err != nil {
 		return txnOutcome{}, err
 	}
@@ -127,7 +144,7 @@ func (r *run) commitBatch(b txnBatch, written revisions, snapRev int64) (txnOutc
 		return txnOutcome{}, err // stopping: start no new Txn
 	}
 	seq := r.token.seq + 1
-	txn := r.buildTxn(b, written, snapRev, seq)
+	txn := r.buildTxn(b, written, cv, seq)
 	start := r.now()
 	ctx, cancel := r.requestCtx(true) // once sent, a Txn runs to its outcome
 	resp, err := r.w.client.Txn(ctx).If(txn.compares...).Then(txn.writes...).Else(txn.reads.ops...).Commit()
@@ -144,7 +161,7 @@ func (r *run) commitBatch(b txnBatch, written revisions, snapRev int64) (txnOutc
 		r.log.Warn("commit token lease expired, granting a new one", zap.Error(err))
 		r.lease.expired()
 		r.token.rev = 0
-		return txnOutcome{rev: r.mirror.completeRev}, nil
+		return txnOutcome{rev: r.view.completeRev}, nil
 	default:
 		if rej := commitRejected(r.w.client, err); rej != nil {
 			if clientClosed(r.w.client) {
@@ -160,7 +177,7 @@ func (r *run) commitBatch(b txnBatch, written revisions, snapRev int64) (txnOutc
 		out, err = r.resolve(seq)
 	}
 	if err == nil && out.landed {
-		written.landed(b, r.mirror.counterKey, out.rev)
+		written.landed(b, r.ks.counterKey, out.rev)
 		r.m.commits.Inc()
 	}
 	return out, err
@@ -310,10 +327,10 @@ type commitTxn struct {
 }
 
 // buildTxn builds the Txn of batch b writing token sequence seq. written
-// holds the revisions earlier Txns of the same flush wrote; snapRev is the
-// revision of the snapshot the groups ran on (for range dependencies).
-func (r *run) buildTxn(b txnBatch, written revisions, snapRev int64, seq uint64) commitTxn {
-	m, o := r.mirror, &r.w.opts
+// holds the revisions earlier Txns of the same flush wrote; cv is what the
+// groups ran on (its revision bounds range dependencies).
+func (r *run) buildTxn(b txnBatch, written revisions, cv *commitView, seq uint64) commitTxn {
+	m, o := cv, &r.w.opts
 	t := commitTxn{
 		compares: make([]clientv3.Cmp, 0, b.compares()+3),
 		writes:   make([]clientv3.Op, 0, len(b.writes)+2),
@@ -333,18 +350,19 @@ func (r *run) buildTxn(b txnBatch, written revisions, snapRev int64, seq uint64)
 		}
 		t.size += writeSize(kw)
 	}
-	deps, size := depCompares(b, m, written, snapRev)
+	deps, size := depCompares(b, m, written, cv.rev)
 	t.compares = append(t.compares, deps...)
 	t.size += size
-	counterRev, ok := written[m.counterKey]
+	counterKey := r.ks.counterKey
+	counterRev, ok := written[counterKey]
 	if !ok {
 		counterRev = m.counterRev
 	}
 	t.compares = append(t.compares, r.token.compare(),
-		clientv3.Compare(clientv3.ModRevision(m.counterKey), "=", counterRev))
+		clientv3.Compare(clientv3.ModRevision(counterKey), "=", counterRev))
 	t.writes = append(t.writes, r.token.put(seq))
 	if b.hasDelete {
-		t.writes = append(t.writes, clientv3.OpPut(m.counterKey, ""))
+		t.writes = append(t.writes, clientv3.OpPut(counterKey, ""))
 	}
 	t.reads = elseReads{ops: []clientv3.Op{r.token.get()}, tokenAt: 0, fencingAt: -1}
 	if o.hasFencing {

@@ -19,6 +19,7 @@ import (
 type EtcdWorker struct {
 	client  *clientv3.Client
 	prefix  util.EtcdPrefix
+	ks      keyspace
 	reactor Reactor
 	state   ReactorState
 	opts    options
@@ -27,14 +28,13 @@ type EtcdWorker struct {
 
 	running atomic.Bool
 	board   *statusBoard
-	// headSeen is the newest store revision a head probe saw (see Status).
-	headSeen atomic.Int64
-	// streamSupport remembers a server without a streaming range.
-	streamSupport streamSupport
 
-	// mirror is what the state has been told. It is kept across runs so
-	// that a second Run only tells the state what changed.
-	mirror *mirror
+	// src is the Source the worker follows: WithSource's, or one of its
+	// own. cur and view are where the state stands in it; they are kept
+	// across runs so that a second Run only tells the state what changed.
+	src  *Source
+	cur  *cursor
+	view view
 }
 
 // NewEtcdWorker returns a worker for the keys under prefix + "/". The prefix
@@ -72,22 +72,41 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 	if err != nil {
 		return nil, err
 	}
-	w := &EtcdWorker{
-		client:  client,
-		prefix:  p,
-		reactor: reactor,
-		state:   initState,
-		opts:    o,
-		limits:  limits,
-		mirror:  newMirror(p),
-		board:   newStatusBoard(),
+	src := o.source
+	if src != nil {
+		if err := src.checkWorkerPrefix(p); err != nil {
+			return nil, err
+		}
+	} else {
+		src, err = newSource(client, p, sourceOptions{
+			logger:            o.logger,
+			requestTimeout:    o.requestTimeout,
+			pageSize:          o.pageSize,
+			metricsRegisterer: o.metricsRegisterer,
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
 	m, err := newMetrics(o.metricsRegisterer)
 	if err != nil {
 		return nil, fmt.Errorf("orchestrator: register metrics: %w", err)
 	}
-	w.metrics = m
-	return w, nil
+	ks := newKeyspace(p)
+	return &EtcdWorker{
+		client:  client,
+		prefix:  p,
+		ks:      ks,
+		reactor: reactor,
+		state:   initState,
+		opts:    o,
+		limits:  limits,
+		metrics: m,
+		board:   newStatusBoard(),
+		src:     src,
+		cur:     newCursor(ks),
+		view:    view{keys: -1},
+	}, nil
 }
 
 // Run loads the state, then watches the prefix, ticks the reactor and

@@ -502,10 +502,12 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	ctx := testContext(t)
 	const prefix = "/fault/paged"
 	putNumbered(ctx, t, env.direct, prefix, 10)
-	inner := newMapState(prefix)
+	state := newMapState(prefix)
 	var hooked atomic.Int32
-	state := &hookState{mapState: inner, onUpdate: func(key string, isInit bool) {
-		if !isInit || key != prefix+"/k00" || !hooked.CompareAndSwap(0, 1) {
+	// Pages: no RangeStream, and a receive limit the whole prefix exceeds.
+	noStream := &rpcCounter{noStream: true}
+	noStream.afterRange = func(n int) {
+		if n != 2 || !hooked.CompareAndSwap(0, 1) {
 			return
 		}
 		// Between the first and the second page: change the prefix and
@@ -521,16 +523,14 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 			_, err = etcdtest.Compact(ctx, env.direct)
 		}
 		if err != nil {
-			panic(err) // becomes an ErrPanic from Run
+			t.Error(err)
 		}
-	}}
+	}
 	snaps := newTickSnapshots()
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		snaps.add(s.(*hookState).mapState)
+		snaps.add(s.(*mapState))
 		return s, ErrReactorFinished
 	})
-	// Pages: no RangeStream, and a receive limit the whole prefix exceeds.
-	noStream := &rpcCounter{noStream: true}
 	cfg := faultClientConfig(noStream.dialOptions(), env.proxy.Endpoint())
 	cfg.MaxCallRecvMsgSize = 256
 	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,

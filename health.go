@@ -20,6 +20,21 @@ type health struct {
 	lastFresh   time.Time // newest proof that the state is current
 	headRev     int64     // newest revision etcd reported anywhere
 	outageSince time.Time // send time of the first failed request; zero: none
+	// external is the start of an outage someone else saw: the Source's
+	// (its reads are the worker's reads); zero: none.
+	external time.Time
+}
+
+// since is when the outage began: the earlier of the worker's own and the
+// Source's; zero without one.
+func (h *health) since() time.Time {
+	switch {
+	case h.outageSince.IsZero():
+		return h.external
+	case h.external.IsZero() || h.outageSince.Before(h.external):
+		return h.outageSince
+	}
+	return h.external
 }
 
 // answered records a successful answer from etcd at revision rev (0: none).
@@ -54,10 +69,11 @@ func (h *health) fresh(t time.Time) {
 // outageDeadline is when the outage becomes too long; zero without a limit
 // or an outage.
 func (h *health) outageDeadline() time.Time {
-	if h.maxOutage <= 0 || h.outageSince.IsZero() {
+	since := h.since()
+	if h.maxOutage <= 0 || since.IsZero() {
 		return time.Time{}
 	}
-	return h.outageSince.Add(h.maxOutage)
+	return since.Add(h.maxOutage)
 }
 
 // tooLong reports whether the outage has lasted longer than the limit.
@@ -132,17 +148,4 @@ func boundToClient(ctx context.Context, cancel context.CancelFunc, client *clien
 		stop()
 		cancel()
 	}
-}
-
-// onProbe records a head probe: etcd answered, and if the state has every
-// revision up to the probed one, the state was current when it was sent.
-func (r *run) onProbe(p headProbe) error {
-	if p.err != nil {
-		return r.failed("probe", p.sent, p.err)
-	}
-	r.answered(p.rev)
-	if p.rev <= r.mirror.completeRev {
-		r.health.fresh(p.sent)
-	}
-	return nil
 }

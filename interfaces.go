@@ -2,7 +2,6 @@ package orchestrator
 
 import (
 	"context"
-	"strings"
 
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -120,7 +119,5 @@ type SizedState interface {
 // "__orchestrator" below the prefix), whose keys never reach a state. It
 // helps implement ScopedState.
 func InScope(workerPrefix util.EtcdPrefix, key string) bool {
-	dir := workerPrefix.String() + "/"
-	return len(key) > len(dir) && key[:len(dir)] == dir &&
-		!strings.Contains(key[len(dir)-1:], reservedDir)
+	return newKeyspace(workerPrefix).visible(key)
 }

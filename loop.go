@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 )
@@ -17,10 +16,13 @@ import (
 // slowTickThreshold is how long a Tick may take before it is logged as slow.
 const slowTickThreshold = time.Second
 
-// run is the state of one Run call. Its parts own their invariants: the
-// mirror (what the state has been told), the watch, the commit token, the
-// tick gate and the health record; the run connects them and acts on what
-// they report.
+// run is the state of one Run call: the loop of one worker. It follows its
+// Source (catch-ups into the state), ticks the reactor through the tick
+// gate, keeps the read-your-writes barrier and the pending patches, and
+// hands those to the committer's flush (commit.go). Its parts own their
+// invariants: the cursor and view (where the state stands in the Source),
+// the commit token, the tick gate and the health record; the run connects
+// them and acts on what they report.
 type run struct {
 	w        *EtcdWorker
 	ctx      context.Context
@@ -30,19 +32,21 @@ type run struct {
 	log      *zap.Logger
 	m        *roleMetrics
 	state    ReactorState
-	mirror   *mirror
+	ks       keyspace
 
-	watch  *watchStream
+	src    *Source
+	cur    *cursor
+	view   *view // the worker's: it outlives the run
 	token  *commitToken
 	lease  *tokenLease // nil with a session
 	gate   *tickGate
 	health health
 
-	barrierRev int64 // revision of the worker's last commit
-	pending    pendingPatches
-	finishing  bool
-	synced     bool      // the initial load is done
-	lastData   time.Time // when the load in progress last received data
+	barrierRev  int64 // revision of the worker's last commit
+	pending     pendingPatches
+	finishing   bool
+	synced      bool  // the first snapshot is in the state
+	reloadsSeen int64 // the Source's reloads when the state last caught up
 }
 
 // pendingPatches are the groups of the last Tick not committed yet, and
@@ -66,11 +70,14 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 		session:  session,
 		interval: interval,
 		state:    w.state,
-		mirror:   w.mirror,
+		ks:       w.ks,
+		src:      w.src,
+		cur:      w.cur,
+		view:     &w.view,
 		m:        w.metrics.forRole(strings.ToValidUTF8(role, "\uFFFD")), // label values must be UTF-8
 		gate:     newTickGate(interval),
 		health:   health{maxOutage: w.opts.maxOutage},
-		token:    &commitToken{key: w.prefix.String() + reservedDir + "token/" + randomID()},
+		token:    &commitToken{key: w.ks.tokenKey(randomID())},
 	}
 	r.log = w.opts.logger.With(zap.String("role", role), zap.String("prefix", w.prefix.String()))
 	if session != nil {
@@ -78,7 +85,19 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 	} else {
 		r.lease = newTokenLease(w.client, w.opts.tokenTTL)
 	}
+	r.cur.progressInterval, r.cur.maxOutage = progressInterval(&w.opts), w.opts.maxOutage
 	return r
+}
+
+// progressInterval is how often a worker with options o wants its Source to
+// probe the head and ask for progress: often enough for its staleness bound
+// and its outage limit.
+func progressInterval(o *options) time.Duration {
+	interval := o.maxStaleness / 4
+	if o.maxOutage > 0 {
+		interval = min(interval, o.maxOutage/4)
+	}
+	return min(max(interval, 50*time.Millisecond), 2*time.Second)
 }
 
 // randomID returns tokenIDLen hex digits.
@@ -88,17 +107,16 @@ func randomID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// close releases what the run holds: the watch and its goroutines, and the
-// commit token (revoking its lease deletes it; best effort).
+// close releases what the run holds: its place in the Source (the last
+// worker stops the Source's watch) and the commit token (revoking its lease
+// deletes it; best effort).
 func (r *run) close() {
-	if r.watch != nil {
-		r.watch.close()
-	}
+	r.src.detach(r.cur)
 	r.cancel()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout))
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
 	defer cancel()
-	if !r.health.outageSince.IsZero() {
+	if !r.health.since().IsZero() {
 		// etcd is not answering: waiting for it would delay Run's return
 		// (an outage must end Run within about WithMaxOutage). Without a
 		// session the token goes with its lease, whose keep-alive stops.
@@ -115,32 +133,43 @@ func (r *run) close() {
 		r.log.Debug("could not remove the commit token", zap.String("key", r.token.key), zap.Error(err))
 	}
 	r.w.state = r.state
+	// A patch that failed may have left changes it did not record in the
+	// value map; the next Run builds it again if needed.
+	r.view.dropValues()
 	r.w.board.publish(Status{})
 	r.m.forget()
-	// A patch that failed may have left changes it did not record in the
-	// value map; the next Run rebuilds it if needed.
-	r.mirror.dropValueMap()
 }
 
-// loop is the body of Run: load, then watch, tick and commit until it must return.
+// loop is the body of Run: join the Source, take a first snapshot, then
+// follow, tick and commit until it must return.
 func (r *run) loop() error {
 	r.publishStatus()
-	if err := r.loadWithRetry(); err != nil {
-		return err
+	r.src.attach(r.cur)
+	for !r.synced {
+		if err := r.checkStop(); err != nil {
+			return err
+		}
+		_, ok, err := r.catchUp(nil)
+		if err != nil {
+			return err
+		}
+		if ok {
+			r.synced = true
+			break
+		}
+		if err := r.wait(r.now().Add(r.interval)); err != nil {
+			return err
+		}
 	}
-	r.synced = true
-	r.watch = newWatchStream(r.ctx, r.watchConfig())
-	r.watch.start(r.mirror.eventRev + 1)
 	for {
 		r.publishStatus()
 		if err := r.checkStop(); err != nil {
 			return err
 		}
 		now := r.now()
-		r.restartWatchIfDue(now)
 		wake, acted, err := r.step(now)
 		if acted && err == nil {
-			err = r.poll() // a slow Tick must not starve the watch
+			err = r.poll() // a slow Tick must not keep the state from moving on
 		}
 		if err != nil || r.finishing && len(r.pending.groups) == 0 {
 			return err
@@ -148,28 +177,17 @@ func (r *run) loop() error {
 		if acted {
 			continue
 		}
-		if r.watch.idle() {
-			wake = earliest(wake, r.watch.retryAt)
-		}
 		if err := r.wait(wake); err != nil {
 			return err
 		}
 	}
 }
 
-// restartWatchIfDue opens a new watch when none is open and its back-off
-// has passed, and reports whether it did. The watch resumes after the last
-// applied event (eventRev + 1), never at a revision a progress notification
-// or a probe moved past: those prove completeness, not delivery.
-func (r *run) restartWatchIfDue(now time.Time) bool {
-	return r.watch.startIfDue(now, r.mirror.eventRev+1)
-}
-
 // step commits pending patches or ticks, whichever is due. It reports
 // whether it did something, and otherwise when to look again.
 func (r *run) step(now time.Time) (wake time.Time, acted bool, err error) {
 	wake = now.Add(r.interval)
-	if r.mirror.completeRev < r.barrierRev {
+	if r.view.completeRev < r.barrierRev {
 		return wake, false, nil // the state lacks the worker's own last commit
 	}
 	if len(r.pending.groups) > 0 {
@@ -195,7 +213,7 @@ func (r *run) step(now time.Time) (wake time.Time, acted bool, err error) {
 // otherwise the time to look again (zero: when the state moves).
 func (r *run) readyToCommit(now time.Time) (bool, time.Time) {
 	p := &r.pending
-	rev := r.mirror.completeRev
+	rev := r.view.completeRev
 	if rev < p.retryAtRev {
 		return false, time.Time{}
 	}
@@ -224,7 +242,7 @@ func (r *run) checkStop() error {
 	default:
 	}
 	if r.health.tooLong(r.now()) {
-		return fmt.Errorf("%w: etcd has not answered since %v", ErrEtcdUnavailable, r.health.outageSince)
+		return fmt.Errorf("%w: etcd has not answered since %v", ErrEtcdUnavailable, r.health.since())
 	}
 	return nil
 }
@@ -266,8 +284,8 @@ func (r *run) sleep(d time.Duration, ignoreCtx bool) error {
 	}
 }
 
-// wait blocks until the watch or a probe delivers something, the wake time
-// comes, the outage limit passes, or Run must stop; it acts on what came.
+// wait blocks until the Source has news, the wake time comes, the outage
+// limit passes, or Run must stop; it acts on what came.
 func (r *run) wait(wake time.Time) error {
 	wake = earliest(wake, r.health.outageDeadline())
 	d := max(wake.Sub(r.now()), time.Millisecond)
@@ -278,101 +296,42 @@ func (r *run) wait(wake time.Time) error {
 		return r.ctxErr()
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
-	case resp, ok := <-r.watch.ch:
-		return r.onWatch(r.watch.handle(resp, ok))
-	case ch := <-r.watch.opened:
-		r.watch.established(ch)
-		return nil
-	case p := <-r.watch.probes:
-		return r.onProbe(p)
+	case <-r.cur.notify:
+		if !r.synced {
+			return nil // the first snapshot is taken by loop
+		}
+		_, _, err := r.catchUp(nil)
+		return err
 	case <-timer.Chan():
 		return nil
 	}
 }
 
-// onWatch acts on what one watch response meant. See "Snapshot and
-// barrier" in docs/DESIGN.md.
-func (r *run) onWatch(res watchResult) error {
-	switch res.kind {
-	case watchFailed:
-		if r.ctx.Err() != nil {
-			return nil // the watch ended because Run is stopping
-		}
-		return r.failed("watch", r.now(), res.err)
-	case watchCompacted:
-		r.m.reloads.Inc()
-		r.log.Warn("watch revision compacted, reloading the state",
-			zap.Int64("revision", r.mirror.eventRev+1), zap.Int64("compactRevision", res.rev))
-		if err := r.loadWithRetry(); err != nil {
-			return err
-		}
-		r.watch.start(r.mirror.eventRev + 1)
+// poll catches up when the Source has news, without blocking. The loop
+// calls it after acting (a Tick, a commit): a reactor slower than the timer
+// interval is admitted again at once, and without poll the loop would never
+// reach wait, so the state would never move on.
+func (r *run) poll() error {
+	select {
+	case <-r.cur.notify:
+		_, _, err := r.catchUp(nil)
+		return err
+	default:
 		return nil
 	}
-	r.answered(res.rev)
-	r.health.fresh(r.now())
-	if res.kind == watchProgress {
-		// Every event up to the header revision has been delivered. This
-		// only moves the barrier; events are never dropped because of it.
-		r.mirror.progressed(res.rev)
-		return nil
-	}
-	return r.applyEvents(res.events)
-}
-
-// applyEvents applies the events of one watch response, in order. A response
-// holds every event of the revisions it covers, so after it the state is a
-// snapshot at its last revision. Events at or below eventRev were applied
-// already (a replay) and are skipped.
-func (r *run) applyEvents(events []*clientv3.Event) error {
-	if len(events) == 0 {
-		return nil
-	}
-	from := r.mirror.eventRev
-	for _, ev := range events {
-		if ev.Kv.ModRevision <= from {
-			continue
-		}
-		c, visible := r.mirror.apply(ev.Kv, ev.Type == clientv3.EventTypeDelete)
-		if !visible {
-			continue
-		}
-		if err := r.update(c, false); err != nil {
-			return err
-		}
-	}
-	r.mirror.eventsApplied(events[len(events)-1].Kv.ModRevision)
-	r.m.stateKeys.Set(float64(r.mirror.len()))
-	return nil
-}
-
-// update tells the state about one change and, when the state took it,
-// records it in the mirror. When the state did not, the mirror keeps the key
-// so that the next load passes it again (mirror.forget).
-func (r *run) update(c keyChange, isInit bool) error {
-	_, err := guard("ReactorState.Update", func() (struct{}, error) {
-		return struct{}{}, r.state.Update(c.key, c.value, isInit)
-	})
-	if err != nil {
-		r.mirror.forget(c)
-		r.log.Error("ReactorState.Update failed", zap.String("key", c.key.String()), zap.Error(err))
-		return fmt.Errorf("orchestrator: ReactorState.Update(%q): %w", c.key.String(), err)
-	}
-	r.mirror.set(c)
-	r.gate.changedState()
-	return nil
 }
 
 // tick calls the reactor once and collects its patches.
 func (r *run) tick(start time.Time) error {
 	r.m.ticks.Inc()
 	r.m.lastTick.Set(float64(start.UnixNano()) / 1e9)
-	r.m.revisionLag.Set(float64(max(r.health.headRev-r.mirror.completeRev, 0)))
+	r.m.revisionLag.Set(float64(max(r.health.headRev-r.view.completeRev, 0)))
+	r.m.sourceLag.Set(float64(max(r.src.copyRev()-r.view.completeRev, 0)))
 	next, err := guard("Reactor.Tick", func() (ReactorState, error) { return r.w.reactor.Tick(r.ctx, r.state) })
 	elapsed := r.now().Sub(start)
 	r.m.tickDuration.Observe(elapsed.Seconds())
 	if elapsed > slowTickThreshold {
-		r.log.Warn("reactor Tick is slow", zap.Duration("duration", elapsed), zap.Int64("revision", r.mirror.completeRev))
+		r.log.Warn("reactor Tick is slow", zap.Duration("duration", elapsed), zap.Int64("revision", r.view.completeRev))
 	}
 	finished := errors.Is(err, ErrReactorFinished)
 	if err != nil && !finished {

@@ -41,6 +41,13 @@ type metrics struct {
 	unknownCommit *prometheus.CounterVec
 	lastTick      *prometheus.GaugeVec
 	revision      *prometheus.GaugeVec
+	sourceLag     *prometheus.GaugeVec
+
+	// Of a Source, labelled by its prefix.
+	sourceKeys     *prometheus.GaugeVec
+	sourceReloads  *prometheus.CounterVec
+	sourceRetries  *prometheus.CounterVec
+	sourceWatchLag *prometheus.GaugeVec
 }
 
 // newMetrics makes the collectors and registers them with reg; with a nil reg
@@ -73,6 +80,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			"Unix time when Reactor.Tick last started; absent while the worker is not running."),
 		revision: gauge(rg, "applied_revision",
 			"Revision the state is known complete up to; absent while the worker is not running."),
+		sourceLag: gauge(rg, "source_lag_revisions",
+			"Revisions between the worker's Source's copy and the state shown to the last Tick."),
+		sourceKeys: sourceVec(rg, gaugeVec, "source_keys", "Keys in the Source's copy."),
+		sourceReloads: sourceVec(rg, counterVec, "source_reloads_total",
+			"Reloads of the Source's copy after a compacted watch revision."),
+		sourceRetries: sourceVec(rg, counterVec, "source_retries_total",
+			"Retried reads of the Source (loads, watches, probes) after an error."),
+		sourceWatchLag: sourceVec(rg, gaugeVec, "source_watch_lag_revisions",
+			"Revisions between the newest revision etcd reported to the Source and its copy."),
 	}
 	if rg.err != nil {
 		rg.rollback()
@@ -81,8 +97,23 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-// roleLabels are the labels of every metric.
+// roleLabels are the labels of a worker's metrics.
 var roleLabels = []string{"role"}
+
+// gaugeVec and counterVec make a Source's collectors, labelled by its prefix.
+func gaugeVec(name, help string) *prometheus.GaugeVec {
+	return prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: MetricsNamespace, Name: name, Help: help},
+		[]string{"source"})
+}
+
+func counterVec(name, help string) *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: MetricsNamespace, Name: name, Help: help},
+		[]string{"source"})
+}
+
+func sourceVec[C prometheus.Collector](rg *registrar, mk func(name, help string) C, name, help string) C {
+	return register(rg, mk(name, help))
+}
 
 func counter(rg *registrar, name, help string) *prometheus.CounterVec {
 	return register(rg, prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -140,6 +171,7 @@ type roleMetrics struct {
 	commits, conflicts, retries, patches, outages, reloads prometheus.Counter
 	ticks, unknownCommit                                   prometheus.Counter
 	stateKeys, revisionLag, lastTick, appliedRevision      prometheus.Gauge
+	sourceLag                                              prometheus.Gauge
 
 	// forget removes the role's gauge series that describe a running worker
 	// (lag, last Tick, applied revision), so that they do not stay at stale
@@ -168,9 +200,10 @@ func (m *metrics) forRole(role string) *roleMetrics {
 		revisionLag:     m.revisionLag.With(l),
 		lastTick:        m.lastTick.With(l),
 		appliedRevision: m.revision.With(l),
+		sourceLag:       m.sourceLag.With(l),
 		forget: func() {
 			if liveRuns.leave(m.revision, role) {
-				for _, g := range []*prometheus.GaugeVec{m.revisionLag, m.lastTick, m.revision} {
+				for _, g := range []*prometheus.GaugeVec{m.revisionLag, m.lastTick, m.revision, m.sourceLag} {
 					g.Delete(l)
 				}
 			}

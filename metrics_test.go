@@ -49,6 +49,13 @@ func requireLabelledByRole(t testing.TB, reg prometheus.Gatherer, roles []string
 	require.NotEmpty(t, families)
 	for _, f := range families {
 		require.True(t, strings.HasPrefix(f.GetName(), MetricsNamespace+"_"), f.GetName())
+		if strings.HasPrefix(f.GetName(), MetricsNamespace+"_source_") && f.GetName() != MetricsNamespace+"_source_lag_revisions" {
+			for _, m := range f.GetMetric() { // a Source's metrics are labelled by its prefix
+				require.Len(t, m.GetLabel(), 1, f.GetName())
+				require.Equal(t, "source", m.GetLabel()[0].GetName(), f.GetName())
+			}
+			continue
+		}
 		for _, m := range f.GetMetric() {
 			require.Len(t, m.GetLabel(), 1, f.GetName())
 			require.Contains(t, roles, metricRole(m), f.GetName())

@@ -11,13 +11,6 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// reservedDir is the path segment the worker keeps for its own keys (the
-// delete counter and the commit tokens). A key under the prefix whose path
-// holds it at any depth belongs to some worker's bookkeeping — the worker's
-// own, or that of a worker on a nested prefix — so it never reaches a
-// ReactorState and patches may not write it.
-const reservedDir = "/__orchestrator/"
-
 // kvEntry is one key as the state has been told it: its value and the mod
 // revision that wrote it. In the mirror's overlay a nil value is a
 // tombstone: the key was deleted.
@@ -67,8 +60,7 @@ type keyChange struct {
 // held; a held entry's value is non-nil (an empty value is a zero-length
 // slice); count is the number of held keys; completeRev >= eventRev.
 type mirror struct {
-	watchKey   string // prefix + "/"
-	counterKey string // the worker's own delete counter
+	keyspace // the prefix whose keys the mirror holds
 
 	base  []baseEntry
 	over  map[util.EtcdKey]kvEntry
@@ -88,10 +80,12 @@ type mirror struct {
 	// eventRev: every event up to it is in the entries (from the watch or a
 	// load). completeRev: the entries are known complete up to it
 	// (eventRev, or a progress notification past it). counterRev: mod
-	// revision of the delete counter (0: absent).
+	// revision of the delete counter (0: absent); counters: that of every
+	// delete counter under the prefix (nested prefixes' too).
 	eventRev    int64
 	completeRev int64
 	counterRev  int64
+	counters    map[string]int64
 }
 
 // compactMinOver is the size over may reach, whatever the size of base,
@@ -100,17 +94,9 @@ const compactMinOver = 1024
 
 func newMirror(prefix util.EtcdPrefix) *mirror {
 	return &mirror{
-		watchKey:   prefix.String() + "/",
-		counterKey: prefix.String() + reservedDir + "delete-counter",
-		over:       make(map[util.EtcdKey]kvEntry),
+		keyspace: newKeyspace(prefix),
+		over:     make(map[util.EtcdKey]kvEntry),
 	}
-}
-
-// isReserved reports whether key, which lies under the prefix, is
-// bookkeeping of this worker or of a worker on a nested prefix.
-func (m *mirror) isReserved(key []byte) bool {
-	rest := key[min(len(m.watchKey)-1, len(key)):]
-	return bytes.Contains(rest, []byte(reservedDir))
 }
 
 // apply takes one key from etcd (a loaded key, or a watch event; deleted
@@ -121,11 +107,8 @@ func (m *mirror) isReserved(key []byte) bool {
 // a load decides that itself.
 func (m *mirror) apply(kv *mvccpb.KeyValue, deleted bool) (keyChange, bool) {
 	if m.isReserved(kv.Key) {
-		if string(kv.Key) == m.counterKey {
-			m.counterRev = kv.ModRevision
-			if deleted {
-				m.counterRev = 0
-			}
+		if isCounter(kv.Key) {
+			m.setCounter(string(kv.Key), kv.ModRevision, deleted)
 		}
 		return keyChange{}, false
 	}
@@ -138,6 +121,23 @@ func (m *mirror) apply(kv *mvccpb.KeyValue, deleted bool) (keyChange, bool) {
 		c.created = kv.Version == 1
 	}
 	return c, true
+}
+
+// setCounter records the mod revision of a delete counter (of the prefix's
+// workers, or of a nested prefix's).
+func (m *mirror) setCounter(key string, rev int64, deleted bool) {
+	if deleted {
+		rev = 0
+		delete(m.counters, key)
+	} else {
+		if m.counters == nil {
+			m.counters = make(map[string]int64)
+		}
+		m.counters[key] = rev
+	}
+	if key == m.counterKey {
+		m.counterRev = rev
+	}
 }
 
 // ownedKey returns the key b holds without copying it. It is only for the
@@ -431,25 +431,15 @@ func (m *mirror) eventsApplied(rev int64) {
 	m.settle()
 }
 
-// loaded records a load at rev: the entries are exactly etcd at rev.
-func (m *mirror) loaded(rev, counterRev int64) {
+// loaded records a load at rev: the entries are exactly etcd at rev, and
+// counters are the delete counters it found.
+func (m *mirror) loaded(rev int64, counters map[string]int64) {
 	m.eventRev = rev
-	m.counterRev = counterRev
+	m.counters = counters
+	m.counterRev = counters[m.counterKey]
 	m.completeRev = max(m.completeRev, rev)
 	m.settle()
 }
 
 // progressed records that etcd has no event the mirror lacks up to rev.
 func (m *mirror) progressed(rev int64) { m.completeRev = max(m.completeRev, rev) }
-
-// writable returns an error when a patch may not write key.
-func (m *mirror) writable(key util.EtcdKey) error {
-	s := key.String()
-	if !strings.HasPrefix(s, m.watchKey) {
-		return errKeyOutside(s, "is not under "+m.watchKey)
-	}
-	if m.isReserved([]byte(s)) {
-		return errKeyOutside(s, "is in a worker's reserved area "+reservedDir)
-	}
-	return nil
-}

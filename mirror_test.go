@@ -238,7 +238,7 @@ func (h *mirrorModel) load(rng *rand.Rand, step int) {
 		delete(h.want, k.String())
 	}
 	require.ElementsMatch(h.t, wantVanished, got)
-	h.m.loaded(h.rev, 0)
+	h.m.loaded(h.rev, nil)
 }
 
 func (h *mirrorModel) check() {

@@ -59,6 +59,7 @@ type options struct {
 	pageSize          int
 	tokenTTL          time.Duration
 	metricsRegisterer prometheus.Registerer
+	source            *Source // nil: a Source of the worker's own
 }
 
 func defaultOptions() options {

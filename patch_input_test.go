@@ -186,7 +186,7 @@ func i10RunEditCase(t *testing.T, direct *clientv3.Client, prefix, kind string, 
 			st.patches = tc.groups(st, kind, &in, direct)
 			return st, nil
 		}
-		checkErr = i10CheckMirror(ctx, direct, st, w.mirror, prefix)
+		checkErr = i10CheckMirror(ctx, direct, st, w.src.copy, w.view.values, prefix)
 		return st, ErrReactorFinished
 	})
 	state := newMapState(prefix)
@@ -211,7 +211,7 @@ func i10RunEditCase(t *testing.T, direct *clientv3.Client, prefix, kind string, 
 // i10CheckMirror compares the state and the worker's mirror (entries and
 // the value map of general patches, if built) with etcd. It runs inside
 // Tick, on Run's goroutine.
-func i10CheckMirror(ctx context.Context, cli *clientv3.Client, st *mapState, m *mirror, prefix string) error {
+func i10CheckMirror(ctx context.Context, cli *clientv3.Client, st *mapState, m *mirror, values map[util.EtcdKey][]byte, prefix string) error {
 	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())
 	if err != nil {
 		return err
@@ -234,9 +234,9 @@ func i10CheckMirror(ctx context.Context, cli *clientv3.Client, st *mapState, m *
 	if fmt.Sprint(mirrored) != fmt.Sprint(etcd) {
 		return fmt.Errorf("mirror %v, etcd %v", mirrored, etcd)
 	}
-	if m.values != nil {
+	if values != nil {
 		live := map[string]string{}
-		for k, v := range m.values {
+		for k, v := range values {
 			live[k.String()] = string(v)
 		}
 		if fmt.Sprint(live) != fmt.Sprint(etcd) {

@@ -32,6 +32,9 @@ const rangeTestPrefix = "/rangeread/"
 // server before etcd 3.7.
 type rpcCounter struct {
 	noStream bool
+	// afterRange, when set, runs after each unary Range with the number of
+	// Ranges so far (the hook of a test that changes etcd between pages).
+	afterRange func(n int)
 
 	mu            sync.Mutex
 	streams       int   // RangeStream calls
@@ -81,7 +84,11 @@ func (c *rpcCounter) unary(ctx context.Context, method string, req, reply any, c
 		if err == nil {
 			c.rangeResponse = append(c.rangeResponse, proto.Size(reply.(*pb.RangeResponse)))
 		}
+		n := c.ranges
 		c.mu.Unlock()
+		if c.afterRange != nil {
+			c.afterRange(n)
+		}
 	}
 	return err
 }

@@ -134,29 +134,11 @@ func depKeySize(k util.EtcdKey) int { return len(k.String()) }
 // depRangeSize is what a range dependency costs: a compare on the range.
 func depRangeSize(prefix string) int { return len(prefix) + len(clientv3.GetPrefixRangeEnd(prefix)) }
 
-// dependable returns an error when a group may not depend on d.
-func (m *mirror) dependable(d groupDeps) error {
-	for _, k := range d.keys {
-		if err := m.writable(k); err != nil {
-			return err
-		}
-	}
-	for _, p := range d.prefixes {
-		if !strings.HasPrefix(p, m.watchKey) {
-			return errKeyOutside(p, "(range dependency) is not under "+m.watchKey)
-		}
-		if m.isReserved([]byte(p)) {
-			return errKeyOutside(p, "(range dependency) is in a worker's reserved area "+reservedDir)
-		}
-	}
-	return nil
-}
-
 // depCompares are the compares of the dependencies of batch b: each key
 // still has the revision the patches saw (written by an earlier Txn of this
 // flush, else the mirror's; 0 when absent), and no key of a range was put
 // after snapRev, the revision of the snapshot the patches ran on.
-func depCompares(b txnBatch, m *mirror, written revisions, snapRev int64) ([]clientv3.Cmp, int) {
+func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64) ([]clientv3.Cmp, int) {
 	cmps := make([]clientv3.Cmp, 0, len(b.depKeys)+len(b.prefixes))
 	size := 0
 	for _, k := range b.depKeys {

@@ -81,7 +81,7 @@ func (w *EtcdWorker) Status() Status {
 	s, _ := w.board.get()
 	if s.Running {
 		s.Fresh = w.opts.clock.Since(s.LastFresh) <= w.opts.maxStaleness
-		s.HeadRevision = max(s.HeadRevision, w.headSeen.Load())
+		s.HeadRevision = max(s.HeadRevision, w.src.headSeen.Load())
 	}
 	return s
 }
@@ -149,12 +149,12 @@ func (r *run) publishStatus() {
 	r.w.board.publish(Status{
 		Running:         true,
 		Synced:          r.synced,
-		AppliedRevision: r.mirror.completeRev,
-		HeadRevision:    max(r.health.headRev, r.mirror.completeRev),
+		AppliedRevision: r.view.completeRev,
+		HeadRevision:    max(r.health.headRev, r.view.completeRev),
 		LastTick:        r.gate.lastTick,
 		LastFresh:       r.health.lastFresh,
-		Unreachable:     !r.health.outageSince.IsZero(),
-		OutageSince:     r.health.outageSince,
+		Unreachable:     !r.health.since().IsZero(),
+		OutageSince:     r.health.since(),
 	})
-	r.m.appliedRevision.Set(float64(r.mirror.completeRev))
+	r.m.appliedRevision.Set(float64(r.view.completeRev))
 }

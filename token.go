@@ -19,11 +19,6 @@ const tokenValueMaxLen = 20
 // tokenIDLen is the length of the random part of a token key.
 const tokenIDLen = 16
 
-// tokenKeyLen is the length of a commit token key under prefix.
-func tokenKeyLen(prefix string) int {
-	return len(prefix) + len(reservedDir) + len("token/") + tokenIDLen
-}
-
 // commitToken is the key one Run writes with every commit: its value is the
 // sequence number of the last commit that landed. A commit Txn compares the
 // token's mod revision with the one the worker last saw, so at most one Txn

@@ -20,10 +20,11 @@ type watchConfig struct {
 	head  *atomic.Int64
 	clock clockwork.Clock
 	// requestTimeout bounds progress requests and probes.
-	requestTimeout time.Duration
+	requestTimeout func() time.Duration
 	// progressInterval is how often progress is requested and the head
-	// probed.
-	progressInterval time.Duration
+	// probed; it is asked again before each wait (the workers on a Source
+	// may come and go).
+	progressInterval func() time.Duration
 }
 
 // watchStream owns the worker's watch on its prefix: a watcher of its own
@@ -102,17 +103,19 @@ func newWatchStream(ctx context.Context, cfg watchConfig) *watchStream {
 // ends, and a probe queued behind it would start the outage (see "Outages"
 // in docs/DESIGN.md) a whole request timeout late.
 func (s *watchStream) requestProgressLoop(ctx context.Context) {
-	ticker := s.cfg.clock.NewTicker(s.cfg.progressInterval)
-	defer ticker.Stop()
 	for {
+		interval := s.cfg.progressInterval()
+		timer := s.cfg.clock.NewTimer(interval)
 		select {
 		case <-ctx.Done():
+			timer.Stop()
 			return
-		case <-ticker.Chan():
+		case <-timer.Chan():
 		case <-s.kick:
+			timer.Stop()
 		}
 		s.probeHead(ctx)
-		rctx, cancel := context.WithTimeout(ctx, s.cfg.progressInterval/2)
+		rctx, cancel := context.WithTimeout(ctx, interval/2)
 		_ = s.watcher.RequestProgress(rctx)
 		cancel()
 	}
@@ -129,7 +132,7 @@ func (s *watchStream) requestProgressLoop(ctx context.Context) {
 // probe" in docs/DESIGN.md.
 func (s *watchStream) probeHead(ctx context.Context) {
 	p := headProbe{sent: s.cfg.clock.Now()}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.requestTimeout)
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.requestTimeout())
 	resp, err := s.cfg.client.Get(rctx, s.cfg.probeKey, clientv3.WithCountOnly())
 	cancel()
 	if ctx.Err() != nil {
@@ -238,57 +241,6 @@ func (s *watchStream) handle(resp clientv3.WatchResponse, ok bool) watchResult {
 func (s *watchStream) retryLater() {
 	s.closeWatch()
 	s.retryAt = s.cfg.clock.Now().Add(s.backoff.next())
-}
-
-// watchConfig is the configuration of the run's watch.
-func (r *run) watchConfig() watchConfig {
-	o := &r.w.opts
-	interval := o.maxStaleness / 4
-	if o.maxOutage > 0 {
-		interval = min(interval, o.maxOutage/4)
-	}
-	interval = min(max(interval, 50*time.Millisecond), 2*time.Second)
-	timeout := o.requestTimeout
-	if o.maxOutage > 0 {
-		timeout = min(timeout, o.maxOutage)
-	}
-	return watchConfig{
-		client:           r.w.client,
-		key:              r.mirror.watchKey,
-		probeKey:         r.mirror.counterKey,
-		head:             &r.w.headSeen,
-		clock:            o.clock,
-		requestTimeout:   timeout,
-		progressInterval: interval,
-	}
-}
-
-// maxPolled bounds how many ready deliveries poll handles at once.
-const maxPolled = 1024
-
-// poll handles what the watch and the probes have already delivered,
-// without blocking. The loop calls it after acting (a Tick, a commit): a
-// reactor slower than the timer interval is admitted again at once, and
-// without poll the loop would never reach wait, so the state would never
-// move on.
-func (r *run) poll() error {
-	for range maxPolled {
-		var err error
-		select {
-		case resp, ok := <-r.watch.ch:
-			err = r.onWatch(r.watch.handle(resp, ok))
-		case ch := <-r.watch.opened:
-			r.watch.established(ch)
-		case p := <-r.watch.probes:
-			err = r.onProbe(p)
-		default:
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // storeMax stores v in a unless a holds more.

@@ -1,0 +1,400 @@
+package orchestrator
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// follower is the part of a Source that talks to etcd while workers run on
+// it: it loads the prefix, watches it, probes the head, and keeps the copy
+// and its change log up to date. It never runs user code and never waits
+// for a worker, so the watch is always drained. It reports through the
+// Source (the copy under mu, the health under hmu) and signals the workers.
+type follower struct {
+	s      *Source
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	clock  clockwork.Clock
+	log    *zap.Logger
+
+	settings atomic.Pointer[followerSettings]
+	kick     chan struct{} // a worker asks for a progress notification
+	watch    *watchStream
+	health   health    // owned by the follower's goroutine
+	lastData time.Time // when the load in progress last received data
+}
+
+func startFollower(s *Source) *follower {
+	ctx, cancel := context.WithCancel(context.Background())
+	f := &follower{s: s, ctx: ctx, cancel: cancel, clock: clockwork.NewRealClock(), log: s.log,
+		kick: make(chan struct{}, 1)}
+	f.settings.Store(&followerSettings{progressInterval: time.Second})
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		f.run()
+	}()
+	return f
+}
+
+// configure takes the attached workers' settings.
+func (f *follower) configure(fs followerSettings) {
+	if fs.progressInterval <= 0 {
+		fs.progressInterval = time.Second
+	}
+	f.settings.Store(&fs)
+}
+
+// stop ends the follower and joins its goroutines.
+func (f *follower) stop() {
+	f.cancel()
+	f.wg.Wait()
+}
+
+func (f *follower) now() time.Time { return f.clock.Now() }
+
+// run loads the prefix, then follows the watch until stopped or etcd
+// rejects the Source's reads for good.
+func (f *follower) run() {
+	defer func() {
+		if f.watch != nil {
+			f.watch.close()
+		}
+	}()
+	if err := f.loadWithRetry(); err != nil {
+		f.fail(err)
+		return
+	}
+	f.watch = newWatchStream(f.ctx, f.watchConfig())
+	f.watch.start(f.eventRev() + 1)
+	for {
+		wake := f.now().Add(f.settings.Load().progressInterval)
+		if f.watch.idle() {
+			wake = earliest(wake, f.watch.retryAt)
+		}
+		if err := f.wait(wake); err != nil {
+			f.fail(err)
+			return
+		}
+		if f.ctx.Err() != nil {
+			return
+		}
+		f.watch.startIfDue(f.now(), f.eventRev()+1)
+	}
+}
+
+// eventRev is the revision every event of the copy is known up to. Only
+// the follower writes it, so it reads it without the lock.
+func (f *follower) eventRev() int64 { return f.s.copy.eventRev }
+
+// wait blocks until the watch or a probe delivers something or wake comes,
+// and acts on it.
+func (f *follower) wait(wake time.Time) error {
+	timer := f.clock.NewTimer(max(wake.Sub(f.now()), time.Millisecond))
+	defer timer.Stop()
+	select {
+	case <-f.ctx.Done():
+		return nil
+	case resp, ok := <-f.watch.ch:
+		return f.onWatch(f.watch.handle(resp, ok))
+	case ch := <-f.watch.opened:
+		f.watch.established(ch)
+	case p := <-f.watch.probes:
+		return f.onProbe(p)
+	case <-f.kick:
+		f.watch.requestProgress()
+	case <-timer.Chan():
+	}
+	return nil
+}
+
+// fail records a permanent rejection: every worker's Run ends with it.
+func (f *follower) fail(err error) {
+	if err == nil || f.ctx.Err() != nil {
+		return
+	}
+	f.log.Error("etcd rejected the source's reads", zap.Error(err))
+	f.s.hmu.Lock()
+	f.s.health.fatal = err
+	f.s.hmu.Unlock()
+	f.s.signal()
+}
+
+// publishHealth tells the workers where the follower stands with etcd.
+func (f *follower) publishHealth() {
+	f.s.hmu.Lock()
+	changed := f.s.health.outageSince != f.health.outageSince
+	f.s.health.outageSince = f.health.outageSince
+	f.s.health.headRev = max(f.s.health.headRev, f.health.headRev)
+	f.s.hmu.Unlock()
+	if changed {
+		f.s.signal()
+	}
+}
+
+// answered records a successful answer of etcd at rev (0: none).
+func (f *follower) answered(rev int64) {
+	if f.health.answered(rev) {
+		f.log.Info("etcd answers the source again")
+	}
+	f.publishHealth()
+}
+
+// failed records a read sent at sent that failed: a rejection that
+// retrying cannot heal is returned, anything else is an outage to retry
+// through.
+func (f *follower) failed(request string, sent time.Time, err error) error {
+	if rej := rejected(f.s.client, request, err); rej != nil {
+		return rej
+	}
+	f.s.metrics.sourceRetries.With(f.s.label).Inc()
+	if f.health.failed(sent) {
+		f.log.Warn("etcd request of the source failed, retrying", zap.String("request", request), zap.Error(err))
+	} else {
+		f.log.Debug("etcd request of the source failed again", zap.String("request", request), zap.Error(err))
+	}
+	f.publishHealth()
+	return nil
+}
+
+// onWatch acts on what one watch response meant.
+func (f *follower) onWatch(res watchResult) error {
+	switch res.kind {
+	case watchFailed:
+		if f.ctx.Err() != nil {
+			return nil
+		}
+		return f.failed("watch", f.now(), res.err)
+	case watchCompacted:
+		f.s.metrics.sourceReloads.With(f.s.label).Inc()
+		f.log.Warn("watch revision compacted, reloading the source",
+			zap.Int64("revision", f.eventRev()+1), zap.Int64("compactRevision", res.rev))
+		if err := f.loadWithRetry(); err != nil {
+			return err
+		}
+		f.watch.start(f.eventRev() + 1)
+		return nil
+	}
+
+	f.answered(res.rev)
+	f.s.mu.Lock()
+	if res.kind == watchProgress {
+		// Every event up to the header revision has been delivered. This
+		// only moves the barrier; events are never dropped because of it.
+		f.s.copy.progressed(res.rev)
+		f.s.rev.Store(f.s.copy.completeRev)
+	} else {
+		f.applyEvents(res.events)
+	}
+	f.s.freshAt = f.now()
+	f.s.changes.prune(f.s.floor())
+	f.s.mu.Unlock()
+	f.s.metrics.sourceWatchLag.With(f.s.label).Set(float64(max(f.health.headRev-f.eventRev(), 0)))
+	f.s.signal()
+	return nil
+}
+
+// applyEvents applies the events of one watch response to the copy, in
+// order, under mu. A response holds every event of the revisions it covers,
+// so afterwards the copy is a snapshot at its last revision. Events at or
+// below eventRev were applied already (a replay) and are skipped.
+func (f *follower) applyEvents(events []*clientv3.Event) {
+	if len(events) == 0 {
+		return
+	}
+	m := f.s.copy
+	from := m.eventRev
+	for _, ev := range events {
+		if ev.Kv.ModRevision <= from {
+			continue
+		}
+		c, visible := m.apply(ev.Kv, ev.Type == clientv3.EventTypeDelete)
+		if !visible {
+			continue
+		}
+		m.set(c)
+		f.s.changes.record(c.key, c.created, false)
+	}
+	m.eventsApplied(events[len(events)-1].Kv.ModRevision)
+	f.s.rev.Store(m.completeRev)
+	f.s.metrics.sourceKeys.With(f.s.label).Set(float64(m.len()))
+}
+
+// onProbe records a head probe: etcd answered, and if the copy has every
+// revision up to the probed one, it was current when the probe was sent.
+func (f *follower) onProbe(p headProbe) error {
+	if p.err != nil {
+		return f.failed("probe", p.sent, p.err)
+	}
+	f.answered(p.rev)
+	f.s.mu.Lock()
+	fresh := p.rev <= f.s.copy.completeRev
+	if fresh && p.sent.After(f.s.freshAt) {
+		f.s.freshAt = p.sent
+	}
+	f.s.mu.Unlock()
+	if fresh {
+		f.s.signal()
+	}
+	return nil
+}
+
+// watchConfig is the configuration of the Source's watch.
+func (f *follower) watchConfig() watchConfig {
+	return watchConfig{
+		client:   f.s.client,
+		key:      f.s.ks.watchKey,
+		probeKey: f.s.ks.counterKey,
+		head:     &f.s.headSeen,
+		clock:    f.clock,
+		requestTimeout: func() time.Duration {
+			t := f.s.opts.requestTimeout
+			if mo := f.settings.Load().maxOutage; mo > 0 {
+				t = min(t, mo)
+			}
+			return t
+		},
+		progressInterval: func() time.Duration { return f.settings.Load().progressInterval },
+	}
+}
+
+// requestTimeout bounds a read sent at now: the Source's timeout, but never
+// past the point where its failure would make the outage too long for the
+// strictest worker.
+func (f *follower) requestTimeout(now time.Time) time.Duration {
+	h := f.health
+	h.maxOutage = f.settings.Load().maxOutage
+	return h.requestTimeout(now, f.s.opts.requestTimeout)
+}
+
+// loadWithRetry loads the whole prefix (see load), retrying transient etcd
+// errors with back-off until it succeeds, the follower stops or etcd
+// rejects the read for good.
+func (f *follower) loadWithRetry() error {
+	bo := newBackoff()
+	for {
+		f.lastData = f.now()
+		err := f.load()
+		if err == nil || f.ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, rpctypes.ErrCompacted) {
+			continue // the pinned revision was compacted during the read: start over
+		}
+		// The outage began when etcd last sent data, not when the read began.
+		if err := f.failed("load", f.lastData, err); err != nil {
+			return err
+		}
+		select {
+		case <-f.ctx.Done():
+			return nil
+		case <-f.clock.After(bo.next()):
+		}
+	}
+}
+
+// load reads every key under the prefix at one revision into the copy,
+// holding mu: the workers never see a copy that is half loaded. Keys that
+// differ from the copy (new, changed, vanished) are recorded as changes of
+// the load, so every worker is told the difference with isInit = true.
+// Unchanged keys (same mod revision) are not. See "Reload diff" in
+// docs/DESIGN.md.
+func (f *follower) load() error {
+	s := f.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.copy
+	start := f.now()
+	counters := make(map[string]int64)
+	keys := 0
+	first := m.empty()
+	walk := m.walk()
+	rev, err := f.readPrefix(first, func(kv *mvccpb.KeyValue) {
+		c, visible := m.apply(kv, false)
+		if !visible {
+			if isCounter(kv.Key) {
+				counters[string(kv.Key)] = kv.ModRevision
+			}
+			return
+		}
+		keys++
+		prev, had := walk.find(c.key)
+		if had && prev.modRev == c.modRev {
+			return // unchanged
+		}
+		c.created = !had
+		m.set(c)
+		s.changes.record(c.key, c.created, true)
+	})
+	vanished := walk.finish(err == nil)
+	if err != nil {
+		return err
+	}
+	for _, k := range vanished {
+		m.set(keyChange{key: k})
+		s.changes.record(k, false, true)
+	}
+	m.loaded(rev, counters)
+	if s.loaded {
+		s.reloads++ // a reload within one activation: after a compaction
+	}
+	s.rev.Store(m.completeRev)
+	s.loaded = true
+	s.freshAt = f.now()
+	s.changes.prune(s.floor())
+	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))
+	f.log.Info("source loaded", zap.Int64("revision", rev), zap.Int("keys", keys),
+		zap.Duration("duration", f.now().Sub(start)))
+	defer s.signal()
+	return nil
+}
+
+// readPrefix reads every key under the prefix at one revision (see
+// readRange: a streaming range, or pinned pages on servers without one),
+// calling fn for each. Every key that arrives counts as an answer of etcd,
+// so a long read that succeeds chunk by chunk is never an outage; a read
+// that stalls fails after the request timeout (bounded by the outage limit)
+// without data. With sizeCopy (the copy is empty), the fallback's first
+// response sizes the copy.
+func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int64, error) {
+	key := f.s.ks.watchKey
+	cfg := readConfig{
+		minPageKeys: f.s.opts.pageSize,
+		idleTimeout: f.requestTimeout(f.now()),
+		support:     &f.s.streamSupport,
+	}
+	if sizeCopy {
+		cfg.sizeHint = func(keys int64) error {
+			f.s.copy.reserve(int(keys))
+			return nil
+		}
+	}
+	ctx, cancel := context.WithCancel(f.ctx)
+	ctx, cancel = boundToClient(ctx, cancel, f.s.client)
+	defer cancel()
+	n := 0
+	rev, err := readRange(ctx, f.s.client, key, clientv3.GetPrefixRangeEnd(key), cfg, func(kv *mvccpb.KeyValue) error {
+		if n&1023 == 0 { // data arrived: etcd answers (checked now and then, it is per key)
+			f.health.answered(0)
+			f.lastData = f.now()
+		}
+		n++
+		fn(kv)
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	f.answered(rev)
+	return rev, nil
+}

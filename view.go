@@ -1,0 +1,115 @@
+package orchestrator
+
+import (
+	"bytes"
+
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// view is where a worker's state stands in its Source: the revisions it is
+// complete up to, the revision of its delete counter, and, once a general
+// DataPatch needed it, a map of every value (copies, owned by the patches)
+// with their mod revisions. The keys themselves live in the Source's copy.
+type view struct {
+	// eventRev: every event up to it is in the state. completeRev: the
+	// state is known complete up to it (a progress notification may move it
+	// past eventRev). counterRev: mod revision of the worker's delete counter
+	// at completeRev (0: absent).
+	eventRev, completeRev, counterRev int64
+	// keys is how many keys the state holds (-1: not counted, for a worker
+	// on a prefix under its Source's).
+	keys int
+
+	// values is the map general DataPatches mutate (copies owned by the
+	// patches; a flush puts back what it changed); committed holds the
+	// committed entries of the same keys (the Source's slices, never given
+	// to a patch). Both are nil until a general DataPatch needs them.
+	values    map[util.EtcdKey][]byte
+	committed map[util.EtcdKey]kvEntry
+}
+
+// set keeps the value map in step with a change the state took.
+func (v *view) set(c keyChange) {
+	if v.values == nil {
+		return
+	}
+	if c.value == nil {
+		delete(v.values, c.key)
+		delete(v.committed, c.key)
+		return
+	}
+	v.values[c.key] = bytes.Clone(c.value)
+	v.committed[c.key] = kvEntry{value: c.value, modRev: c.modRev}
+}
+
+// dropValues forgets the value map; the next flush that needs it builds it
+// again from the Source. A patch that broke the DataPatch contract (changed
+// keys it did not record) may have left it out of step.
+func (v *view) dropValues() { v.values, v.committed = nil, nil }
+
+// commitView is what one flush runs on: the values and mod revisions of the
+// worker's keys at one revision (rev), taken from the Source together with
+// the catch-up that moved the state to rev. It holds the keys the flush's
+// SingleDataPatches and ReadDependencies name, and the worker's value map
+// when a general DataPatch needs every key.
+type commitView struct {
+	ks         keyspace
+	rev        int64
+	counterRev int64
+	entries    map[util.EtcdKey]kvEntry // value nil: absent
+	values     map[util.EtcdKey][]byte  // the view's value map, or nil
+	committed  map[util.EtcdKey]kvEntry // the view's committed entries, or nil
+}
+
+// entry returns the committed value and mod revision of key at rev.
+func (v *commitView) entry(key util.EtcdKey) (kvEntry, bool) {
+	if e, ok := v.entries[key]; ok {
+		return e, e.value != nil
+	}
+	if v.committed != nil {
+		e, ok := v.committed[key]
+		return e, ok
+	}
+	return kvEntry{}, false
+}
+
+func (v *commitView) value(key util.EtcdKey) ([]byte, bool) {
+	e, ok := v.entry(key)
+	return e.value, ok
+}
+
+// valueMap returns the value map for general DataPatches: the flush asked
+// for it before running them (see flushKeys).
+func (v *commitView) valueMap() map[util.EtcdKey][]byte {
+	if v.values == nil { // not asked for: a bug; no value is better than a wrong one
+		v.values, v.committed = make(map[util.EtcdKey][]byte), make(map[util.EtcdKey]kvEntry)
+	}
+	return v.values
+}
+
+// flushKeys returns what a flush of groups reads: the keys of its
+// SingleDataPatches and ReadDependencies, and whether a general DataPatch
+// needs the value map.
+func flushKeys(groups [][]DataPatch) flushRequest {
+	var req flushRequest
+	for _, group := range groups {
+		for _, p := range group {
+			switch dp := p.(type) {
+			case ReadDependency:
+				req.keys = append(req.keys, dp.Key)
+			case *ReadDependency:
+				if dp != nil {
+					req.keys = append(req.keys, dp.Key)
+				}
+			case ReadRangeDependency, *ReadRangeDependency:
+			default:
+				if sp, ok := asSingle(p); ok {
+					req.keys = append(req.keys, sp.Key)
+				} else if !isNil(p) {
+					req.values = true
+				}
+			}
+		}
+	}
+	return req
+}
