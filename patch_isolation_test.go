@@ -475,3 +475,28 @@ func TestSingleDataPatchPatchGivesACopy(t *testing.T) {
 		})
 	}
 }
+
+// TestReactorStateTesterTryAgainKeepsValueMap: a flush aborted by
+// ErrEtcdTryAgain undoes what its patches changed in the value map (an
+// in-place edit included) instead of dropping the map, which would cost a
+// copy of the whole state at the next general patch.
+func TestReactorStateTesterTryAgainKeepsValueMap(t *testing.T) {
+	st := newMapState("/iso")
+	tester := NewReactorStateTester(t, st, map[string]string{"/iso/k": "original"})
+	in := isoInputs{}
+	isoApply(t, tester, st, [][]DataPatch{
+		isoEditGroup("general", st.key("/k"), isoTryAgain, isoFirstX, in, "edit /k"),
+		{isoAppend(st.key("/k"), "!", in, "append /k")},
+	})
+	before := tester.mirror.values
+	require.NotNil(t, before)
+	st.patches = [][]DataPatch{isoEditGroup("general", st.key("/k"), isoTryAgain, isoFirstX, in, "edit /k again")}
+	tryAgain, err := tester.ApplyPatches()
+	require.NoError(t, err)
+	require.True(t, tryAgain)
+	require.Equal(t, fmt.Sprintf("%p", before), fmt.Sprintf("%p", tester.mirror.values), "the value map was dropped")
+	require.NoError(t, isoValueMapErr(tester.mirror))
+	require.Equal(t, map[string]string{"/iso/k": "original!"}, tester.KVEntries())
+	in.requireSaw(t, "edit /k", "original")
+	in.requireSaw(t, "edit /k again", "original!")
+}
