@@ -33,6 +33,7 @@ type run struct {
 	mirror   *mirror
 
 	watch  *watchStream
+	fence  *fenceCheck // nil without a fencing key
 	token  *commitToken
 	lease  *tokenLease // nil with a session
 	gate   *tickGate
@@ -94,6 +95,7 @@ func (r *run) close() {
 	if r.watch != nil {
 		r.watch.close()
 	}
+	r.fence.close()
 	r.cancel()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout))
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
@@ -125,6 +127,7 @@ func (r *run) close() {
 // loop is the body of Run: load, then watch, tick and commit until it must return.
 func (r *run) loop() error {
 	r.publishStatus()
+	r.fence = r.startFenceCheck()
 	if err := r.loadWithRetry(); err != nil {
 		return err
 	}
@@ -221,6 +224,8 @@ func (r *run) checkStop() error {
 		return r.ctxErr()
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
+	case <-r.fence.done():
+		return r.fence.result()
 	default:
 	}
 	if r.health.tooLong(r.now()) {
@@ -247,20 +252,23 @@ func (r *run) ctxErr() error {
 	return fmt.Errorf("orchestrator: worker stopped: %w", err)
 }
 
-// sleep waits for d. With ignoreCtx it waits through a done ctx (a commit
-// must be resolved first), never through a lost session.
+// sleep waits for d. With ignoreCtx it waits through a done ctx and a lost
+// fencing key (a commit must be resolved first), never through a lost
+// session.
 func (r *run) sleep(d time.Duration, ignoreCtx bool) error {
 	timer := r.w.opts.clock.NewTimer(d)
 	defer timer.Stop()
-	done := r.ctx.Done()
+	done, fence := r.ctx.Done(), r.fence.done()
 	if ignoreCtx {
-		done = nil
+		done, fence = nil, nil
 	}
 	select {
 	case <-done:
 		return r.ctxErr()
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
+	case <-fence:
+		return r.fence.result()
 	case <-timer.Chan():
 		return nil
 	}
@@ -278,6 +286,8 @@ func (r *run) wait(wake time.Time) error {
 		return r.ctxErr()
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
+	case <-r.fence.done():
+		return r.fence.result()
 	case resp, ok := <-r.watch.ch:
 		return r.onWatch(r.watch.handle(resp, ok))
 	case ch := <-r.watch.opened:
@@ -363,8 +373,12 @@ func (r *run) update(c keyChange, isInit bool) error {
 	return nil
 }
 
-// tick calls the reactor once and collects its patches.
+// tick calls the reactor once and collects its patches. It never calls it
+// once the fencing check found the key lost.
 func (r *run) tick(start time.Time) error {
+	if err := r.fence.result(); err != nil {
+		return err
+	}
 	r.m.ticks.Inc()
 	r.m.lastTick.Set(float64(start.UnixNano()) / 1e9)
 	r.m.revisionLag.Set(float64(max(r.health.headRev-r.mirror.completeRev, 0)))
