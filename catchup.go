@@ -38,7 +38,7 @@ type catchUp struct {
 
 	// For a flush: the entries of the keys asked for (value nil: absent),
 	// and the value map when one was asked for.
-	entries map[util.EtcdKey]kvEntry
+	entries   map[util.EtcdKey]kvEntry
 	values    map[util.EtcdKey][]byte
 	committed map[util.EtcdKey]kvEntry
 }

@@ -60,11 +60,8 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 	for i, group := range groups {
 		gw, gd, err := view.applyGroupDeps(group)
 		if errors.Is(err, ErrEtcdTryAgain) {
-			if view.values != nil {
-				// A patch may have edited values in place before it
-				// asked to try again: the retry starts from fresh copies.
-				r.view.dropValues()
-			}
+			// What the patches changed is undone (view.reset): the value
+			// map is kept, not rebuilt from the whole state.
 			return flushResult{tryAgain: true}, nil
 		}
 		if err == nil {

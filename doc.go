@@ -50,7 +50,8 @@
 //     exponential back-off and re-runs patches on newer state.
 //   - With WithFencingKey every commit also requires the fencing key (for
 //     example a concurrency.Election key) to exist with its create revision:
-//     a deposed leader cannot write.
+//     a deposed leader cannot write. Run also reads the key periodically and
+//     returns ErrNotOwner soon after it is lost, even if it never commits.
 //   - Nothing global: logger, clock and metrics registerer are options.
 //     Every goroutine Run starts has ended when Run returns.
 //

@@ -17,7 +17,8 @@ var (
 	ErrEtcdTryAgain = errors.New("orchestrator: try again")
 
 	// ErrEtcdIgnore is returned by a DataPatch (or a SingleDataPatch's Func) to
-	// skip that one patch; the other patches of its group still apply.
+	// skip that one patch: what it changed, in place or not, is undone and no
+	// other patch sees it; the other patches of its group still apply.
 	ErrEtcdIgnore = errors.New("orchestrator: ignore patch")
 
 	// ErrEtcdSkipGroup is returned by a DataPatch (or a SingleDataPatch's

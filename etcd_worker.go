@@ -149,7 +149,11 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 //     resolved first; if etcd cannot tell within WithShutdownTimeout the
 //     error also matches ErrCommitUnresolved);
 //   - ErrEtcdSessionDone when session is non-nil and its lease is gone;
-//   - ErrNotOwner when the fencing key (WithFencingKey) is gone;
+//   - ErrNotOwner when the fencing key (WithFencingKey) is gone, learnt
+//     from a failed commit compare or from the fencing check, which reads
+//     the key every progress interval: within about that interval of the
+//     loss whether the worker commits or not, and no Tick runs once the
+//     loss was seen;
 //   - ErrEtcdTxnOpsExceed / ErrEtcdTxnSizeExceed when one group alone does
 //     not fit a Txn (nothing of that commit is written);
 //   - ErrKeyOutsidePrefix when a patch writes a key outside prefix + "/";

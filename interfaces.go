@@ -75,6 +75,13 @@ type DataPatch interface {
 	// copy of the state nor the ReactorState changes because of it, and a
 	// group that runs again (after a conflict or ErrEtcdTryAgain) starts from
 	// the committed values.
+	//
+	// A patch never changes what another patch, a retry or a later flush
+	// sees, unless its change is accepted: the keys it recorded are put back
+	// when it returns an error (ErrEtcdIgnore, ErrEtcdSkipGroup and
+	// ErrEtcdTryAgain included), when its group is skipped and when the
+	// group's Txn does not land; and a value it puts into valueMap is copied
+	// when it returns, so it may keep and reuse that slice.
 	Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error
 }
 

@@ -36,7 +36,8 @@ type run struct {
 
 	src    *Source
 	cur    *cursor
-	view   *view // the worker's: it outlives the run
+	view   *view       // the worker's: it outlives the run
+	fence  *fenceCheck // nil without a fencing key
 	token  *commitToken
 	lease  *tokenLease // nil with a session
 	gate   *tickGate
@@ -112,6 +113,7 @@ func randomID() string {
 // deletes it; best effort).
 func (r *run) close() {
 	r.src.detach(r.cur)
+	r.fence.close()
 	r.cancel()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout))
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
@@ -144,6 +146,7 @@ func (r *run) close() {
 // follow, tick and commit until it must return.
 func (r *run) loop() error {
 	r.publishStatus()
+	r.fence = r.startFenceCheck()
 	r.src.attach(r.cur)
 	for !r.synced {
 		if err := r.checkStop(); err != nil {
@@ -239,6 +242,8 @@ func (r *run) checkStop() error {
 		return r.ctxErr()
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
+	case <-r.fence.done():
+		return r.fence.result()
 	default:
 	}
 	if r.health.tooLong(r.now()) {
@@ -265,20 +270,23 @@ func (r *run) ctxErr() error {
 	return fmt.Errorf("orchestrator: worker stopped: %w", err)
 }
 
-// sleep waits for d. With ignoreCtx it waits through a done ctx (a commit
-// must be resolved first), never through a lost session.
+// sleep waits for d. With ignoreCtx it waits through a done ctx and a lost
+// fencing key (a commit must be resolved first), never through a lost
+// session.
 func (r *run) sleep(d time.Duration, ignoreCtx bool) error {
 	timer := r.w.opts.clock.NewTimer(d)
 	defer timer.Stop()
-	done := r.ctx.Done()
+	done, fence := r.ctx.Done(), r.fence.done()
 	if ignoreCtx {
-		done = nil
+		done, fence = nil, nil
 	}
 	select {
 	case <-done:
 		return r.ctxErr()
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
+	case <-fence:
+		return r.fence.result()
 	case <-timer.Chan():
 		return nil
 	}
@@ -296,6 +304,8 @@ func (r *run) wait(wake time.Time) error {
 		return r.ctxErr()
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
+	case <-r.fence.done():
+		return r.fence.result()
 	case <-r.cur.notify:
 		if !r.synced {
 			return nil // the first snapshot is taken by loop
@@ -321,8 +331,12 @@ func (r *run) poll() error {
 	}
 }
 
-// tick calls the reactor once and collects its patches.
+// tick calls the reactor once and collects its patches. It never calls it
+// once the fencing check found the key lost.
 func (r *run) tick(start time.Time) error {
+	if err := r.fence.result(); err != nil {
+		return err
+	}
 	r.m.ticks.Inc()
 	r.m.lastTick.Set(float64(start.UnixNano()) / 1e9)
 	r.m.revisionLag.Set(float64(max(r.health.headRev-r.view.completeRev, 0)))

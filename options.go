@@ -134,8 +134,14 @@ func WithTxnLimits(maxOps, maxBytes int) Option {
 
 // WithFencingKey makes every commit also require that key exists with the
 // given create revision, for example concurrency.Election's Key() and Rev().
-// When it does not, nothing is written and Run returns ErrNotOwner. Default:
-// no fencing.
+// When it does not, nothing is written and Run returns ErrNotOwner. Run also
+// reads the key when it starts and then every progress interval (a quarter of
+// WithMaxStaleness, or of WithMaxOutage if smaller, kept between 50ms and
+// 2s), so a worker that commits nothing returns ErrNotOwner within about that
+// interval of the loss too, and never ticks after it saw the loss. An etcd
+// error on that read is no loss; one that retrying cannot heal, such as
+// permission denied, ends Run as any other rejection (ErrEtcdRejected).
+// Default: no fencing.
 func WithFencingKey(key string, createRevision int64) Option {
 	return optionFunc(func(o *options) {
 		o.fencingKey = key

@@ -15,6 +15,10 @@ import (
 // any DataPatch, and must be pure: it may run more than once. old is a copy
 // of its own: Func may edit it in place and return it (old[0] = 'X'; return
 // old, true, nil writes the edited value), and the state never sees the edit.
+// An edit Func does not report (changed == false, or an error) is seen by
+// nothing: not by the patches after it, a retry or a later flush, wherever
+// the patch runs (with or without a general DataPatch before it, or called
+// directly by a wrapping DataPatch).
 type SingleDataPatch struct {
 	Key  util.EtcdKey
 	Func func(old []byte) (newValue []byte, changed bool, err error)
@@ -22,7 +26,8 @@ type SingleDataPatch struct {
 
 // Patch implements DataPatch.
 func (p SingleDataPatch) Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util.EtcdKey]struct{}) error {
-	newValue, changed, err := p.apply(valueMap[p.Key])
+	old := valueMap[p.Key]
+	newValue, changed, err := p.apply(optValue{value: old, present: old != nil}.clone().value)
 	if err != nil || !changed {
 		return err
 	}
@@ -71,16 +76,20 @@ type groupWrites []keyWrite
 
 // patchView runs patch groups on a copy-on-write view of the mirror: it
 // remembers the value of every key the flush touched, and nothing else; the
-// state is never cloned. A SingleDataPatch runs on that record alone. Any
-// other DataPatch needs the whole value map: the view then uses the mirror's
-// value map (built on first use), which patches mutate in place and reset
-// puts back.
+// state is never cloned. A SingleDataPatch runs on that record alone (and
+// keeps the value map, once built, in step with what it accepts). Any other
+// DataPatch needs the whole value map: the view then uses the mirror's value
+// map (built on first use), which patches mutate in place and reset puts
+// back.
 //
 // Patches own what they are given: every value handed to a patch is a copy
-// made when the patch reaches it, and every value taken back from the value
-// map is copied again, so no patch can change the mirror, the state or an
-// earlier patch's result by editing bytes in place. See "Copy on first
-// touch" in docs/DESIGN.md.
+// made when the patch reaches it (a SingleDataPatch's old is never a slice
+// of the value map), and every value a general DataPatch leaves in the value
+// map is copied twice, once for the record and once back into the map, so
+// that the map never holds a slice a patch put there. No patch can change
+// the mirror, the state, an earlier patch's result or what a later patch, a
+// retry or a later flush sees by editing bytes in place, unless its change
+// is accepted. See "Copy on first touch" in docs/DESIGN.md.
 type patchView struct {
 	mirror committedValues
 	values map[util.EtcdKey][]byte // the mirror's value map; nil until needed
@@ -218,12 +227,17 @@ func (v *patchView) applyGroupDeps(group []DataPatch) (groupWrites, groupDeps, e
 // applyPatch runs one patch of the current group and accepts what it
 // changed. When it fails, what it changed is undone and its error returned.
 func (v *patchView) applyPatch(p DataPatch) error {
-	if sp, ok := asSingle(p); ok && v.values == nil {
-		// Fast path: one key, no live map to keep in step.
+	if sp, ok := asSingle(p); ok {
+		// One key: Func gets a copy of its own, never the live map's slice,
+		// so an edit it does not report stays with it.
 		old := v.current(sp.Key).clone().value
 		newValue, changed, err := callSingle(sp, old)
 		if err == nil && changed {
-			v.accept(sp.Key, optValue{value: newValue, present: newValue != nil})
+			after := optValue{value: newValue, present: newValue != nil}
+			v.accept(sp.Key, after)
+			if v.values != nil {
+				v.setLive(sp.Key, after)
+			}
 		}
 		return err
 	}
@@ -238,7 +252,12 @@ func (v *patchView) applyPatch(p DataPatch) error {
 		return err
 	}
 	for key := range changed {
-		v.accept(key, v.live(key))
+		// The map gets a copy too: the patch may hold the slice it put
+		// there (and put it again on a retry), and a later patch may edit
+		// the map's slice in place.
+		after := v.live(key)
+		v.accept(key, after)
+		v.setLive(key, after)
 	}
 	return nil
 }

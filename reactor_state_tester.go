@@ -11,9 +11,11 @@ import (
 // reactors and states. It keeps the key-value map the state should mirror,
 // feeds changes to the state and applies the state's patches with the same
 // rules as the worker: each group atomically, ErrEtcdIgnore skips one patch,
-// no-op writes are dropped, patches get copies of the values, and a patch
-// returning ErrEtcdTryAgain aborts the whole flush (no group of it is
-// applied). It reports failures through testing.TB alone.
+// no-op writes are dropped, patches get copies of the values (an edit a
+// patch does not report is seen by nothing), the state gets values of its
+// own, never a slice a patch returned or put, and a patch returning
+// ErrEtcdTryAgain aborts the whole flush (no group of it is applied). It
+// reports failures through testing.TB alone.
 type ReactorStateTester struct {
 	t      testing.TB
 	state  ReactorState
@@ -83,8 +85,7 @@ func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
 	for _, group := range r.state.GetPatches() {
 		writes, err := view.applyGroup(group)
 		if errors.Is(err, ErrEtcdTryAgain) {
-			r.mirror.dropValueMap()
-			return true, nil
+			return true, nil // view.reset undoes what the patches changed
 		}
 		if err != nil {
 			return false, err
@@ -94,10 +95,13 @@ func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
 	view.reset()
 	for _, writes := range all {
 		for _, w := range writes {
-			if err := r.state.Update(w.key, w.value, false); err != nil {
+			// The worker's state gets etcd's bytes: never the slice a
+			// SingleDataPatch's Func returned (and may reuse).
+			value := optValue{value: w.value, present: w.value != nil}.clone().value
+			if err := r.state.Update(w.key, value, false); err != nil {
 				return false, err
 			}
-			r.set(w.key, w.value)
+			r.set(w.key, value)
 		}
 	}
 	return false, nil

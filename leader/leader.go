@@ -97,7 +97,8 @@ type NewWorkerFunc func(ctx context.Context, term Term) (Worker, error)
 // Each campaign uses a new concurrency.Session on client, with the TTL set by
 // WithSessionTTL. After ctx is done, Run still resigns and revokes the
 // session's lease, which takes at most a few seconds plus the TTL when etcd
-// does not answer.
+// does not answer, whether it leads or campaigns (the campaign follows
+// concurrency.Election's protocol, but no request of it outlives ctx).
 func Run(ctx context.Context, client *clientv3.Client, electionPrefix, candidate string,
 	newWorker NewWorkerFunc, opts ...Option) error {
 	o := newOptions(opts)
@@ -175,9 +176,8 @@ func (c *campaigner) campaign(ctx context.Context) (*concurrency.Session, *concu
 		c.revoke(ctx, lease.ID)
 		return nil, nil, fmt.Errorf("new session: %w", err)
 	}
-	election := concurrency.NewElection(session, c.prefix)
 	campaignCtx, stop := cancelOnClose(ctx, session.Done())
-	err = election.Campaign(campaignCtx, c.candidate)
+	election, err := c.elect(campaignCtx, session)
 	stop()
 	if err == nil {
 		err = c.checkElectionKey(ctx, election)
@@ -187,6 +187,75 @@ func (c *campaigner) campaign(ctx context.Context) (*concurrency.Session, *concu
 		return nil, nil, fmt.Errorf("campaign: %w", err)
 	}
 	return session, election, nil
+}
+
+// elect is concurrency.Election.Campaign without its clean-up, which resigns
+// on client.Ctx() when ctx ends and so waits for as long as etcd does not
+// answer. Every request here ends with ctx; on error the caller closes the
+// session, whose lease revocation (bounded by the TTL) deletes the key.
+func (c *campaigner) elect(ctx context.Context, session *concurrency.Session) (*concurrency.Election, error) {
+	dir := c.prefix + "/" // as concurrency.NewElection
+	key := fmt.Sprintf("%s%x", dir, session.Lease())
+	resp, err := c.client.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, c.candidate, clientv3.WithLease(session.Lease()))).
+		Else(clientv3.OpGet(key)).Commit()
+	if err != nil {
+		return nil, err
+	}
+	rev := resp.Header.Revision
+	if !resp.Succeeded { // the lease is new, so the key is ours: a retried Txn
+		kvs := resp.Responses[0].GetResponseRange().GetKvs()
+		if len(kvs) == 0 {
+			return nil, errElectionKeyLost
+		}
+		rev = kvs[0].CreateRevision
+	}
+	if err := c.waitDeletes(ctx, dir, rev-1); err != nil {
+		return nil, err
+	}
+	return concurrency.ResumeElection(session, dir, key, rev), nil
+}
+
+// waitDeletes waits until no key under dir created at or before maxRev is
+// left: the candidates ahead of this one.
+func (c *campaigner) waitDeletes(ctx context.Context, dir string, maxRev int64) error {
+	opts := append(clientv3.WithLastCreate(), clientv3.WithMaxCreateRev(maxRev))
+	for {
+		resp, err := c.client.Get(ctx, dir, opts...)
+		if err != nil {
+			return err
+		}
+		if len(resp.Kvs) == 0 {
+			return nil
+		}
+		if err := c.waitDelete(ctx, string(resp.Kvs[0].Key), resp.Header.Revision); err != nil {
+			return err
+		}
+	}
+}
+
+// errWatchLost says that the watch of a key ahead ended without an error.
+var errWatchLost = errors.New("leader: watch lost while waiting for a delete")
+
+// waitDelete waits until key is deleted after revision rev.
+func (c *campaigner) waitDelete(ctx context.Context, key string, rev int64) error {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for wr := range c.client.Watch(wctx, key, clientv3.WithRev(rev)) {
+		if err := wr.Err(); err != nil {
+			return err
+		}
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypeDelete {
+				return nil
+			}
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return errWatchLost
 }
 
 // errElectionKeyLost says that the election was won with a key that was
