@@ -81,7 +81,9 @@ func (w *EtcdWorker) Status() Status {
 	s, _ := w.board.get()
 	if s.Running {
 		s.Fresh = w.opts.clock.Since(s.LastFresh) <= w.opts.maxStaleness
-		s.HeadRevision = max(s.HeadRevision, w.src.headSeen.Load())
+		// The Source follows etcd while a slow Tick keeps the worker busy:
+		// its probes and its copy say how far etcd has moved on.
+		s.HeadRevision = max(s.HeadRevision, w.src.headSeen.Load(), w.src.copyRev())
 	}
 	return s
 }

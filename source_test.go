@@ -1,0 +1,433 @@
+package orchestrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// mustNewSource returns a Source on prefix.
+func mustNewSource(t testing.TB, cli *clientv3.Client, prefix string, opts ...SourceOption) *Source {
+	t.Helper()
+	src, err := NewSource(cli, prefix, opts...)
+	require.NoError(t, err)
+	return src
+}
+
+// sourceFollowing reports whether src has a follower (a watch) running.
+func sourceFollowing(src *Source) bool {
+	src.lifeMu.Lock()
+	defer src.lifeMu.Unlock()
+	return src.fol != nil
+}
+
+func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	src := mustNewSource(t, cli, "/sp")
+	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	cases := []struct {
+		prefix string
+		ok     bool
+	}{
+		{"/sp", true}, {"sp/", true}, {"/sp/sub", true}, {"/sp/a/b", true},
+		{"/other", false}, {"/spx", false}, {"/s", false}, {"/", false},
+		{"/sp/__orchestrator", false}, {"/sp/x/__orchestrator/y", false},
+	}
+	for _, c := range cases {
+		t.Run(c.prefix, func(t *testing.T) {
+			_, err := NewEtcdWorker(cli, c.prefix, noop, newMapState(c.prefix), WithSource(src))
+			if c.ok {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, ErrInvalidArgument)
+			require.Contains(t, err.Error(), `"/sp"`, "the error names the Source's prefix")
+			require.Contains(t, err.Error(), util.NormalizePrefix(c.prefix).String(), "the error names the worker's prefix")
+		})
+	}
+	_, err := NewSource(nil, "/sp")
+	require.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = NewSource(cli, "/sp", WithSourceRequestTimeout(0))
+	require.ErrorIs(t, err, ErrInvalidArgument)
+	require.False(t, sourceFollowing(src), "a Source starts nothing by itself")
+}
+
+// TestSourceBankAllWorkersOnOneSource: six bank workers share one Source
+// behind a fault proxy (each commits through its own client), through cuts
+// and a compaction during an outage. Every Tick checks the invariants, and
+// etcd ends with the exact totals; the Source reloads once per compaction.
+func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	b := newBankWorld("/source/bank", 6, 8)
+	src := mustNewSource(t, env.client(t), b.prefix, WithSourceMetrics(env.reg),
+		WithSourceRequestTimeout(faultRequestTimeout))
+	ws := make([]*EtcdWorker, b.workers)
+	for i := range ws {
+		ws[i] = b.newWorker(t, env.client(t), i, faultOptions(env.reg, faultLogger(t), WithSource(src))...)
+	}
+	g := startWorkerGroup(t, 3*time.Minute, "bank", ws)
+	b.waitProgress(t, g, 20, "before the outage")
+
+	env.proxy.Pause()
+	externalBankWrites(ctx, t, env.direct, b, 0)
+	_, err := etcdtest.Compact(ctx, env.direct)
+	require.NoError(t, err)
+	env.proxy.Resume()
+	waitWithin(t, faultProgressTimeout, "the source reloads", g.failed, func() bool {
+		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1
+	})
+	b.waitProgress(t, g, 20, "after the outage")
+	b.finish(t, g, env.direct)
+	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_source_reloads_total"), "one reload for all workers")
+	require.False(t, sourceFollowing(src), "the last worker stopped the Source")
+}
+
+// TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix: a worker on a prefix
+// under its Source's sees only its keys, writes only there, and its commits
+// reach the worker on the Source's whole prefix.
+func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	mustPutKV(ctx, t, cli, "/sub/a", "1")
+	mustPutKV(ctx, t, cli, "/sub/in/b", "2")
+	mustPutKV(ctx, t, cli, "/sub/inx/c", "3")
+	src := mustNewSource(t, cli, "/sub")
+
+	var innerSaw atomic.Pointer[map[string]string]
+	inner := newMapState("/sub/in")
+	innerWorker := mustNewEtcdWorker(t, cli, "/sub/in", ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		snap := map[string]string{}
+		for k, v := range st.values {
+			snap[k] = string(v)
+		}
+		innerSaw.Store(&snap)
+		if _, ok := st.values["/n"]; !ok {
+			st.patches = [][]DataPatch{{setKey("/sub/in/n", []byte("x"))}}
+		}
+		return st, nil
+	}), inner, WithSource(src))
+	outer := newMapState("/sub")
+	outerWorker := mustNewEtcdWorker(t, cli, "/sub", ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		return s, nil
+	}), outer, WithSource(src))
+
+	g := startWorkerGroup(t, time.Minute, "sub", []*EtcdWorker{innerWorker, outerWorker})
+	waitUntil(ctx, t, "the inner worker's commit", func() bool {
+		snap := innerSaw.Load()
+		return snap != nil && (*snap)["/n"] == "x"
+	})
+	snap := *innerSaw.Load()
+	require.Equal(t, map[string]string{"/b": "2", "/n": "x"}, snap, "the inner worker sees only its prefix")
+	waitUntil(ctx, t, "the outer worker sees the inner commit", func() bool {
+		return outerWorker.Status().AppliedRevision >= innerWorker.Status().AppliedRevision
+	})
+
+	// A write outside the inner prefix is an error of the inner worker only.
+	bad := mustNewEtcdWorker(t, cli, "/sub/in", ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		st.patches = [][]DataPatch{{setKey("/sub/a", []byte("no"))}}
+		return st, nil
+	}), newMapState("/sub/in"), WithSource(src))
+	require.ErrorIs(t, runWithin(t, bad, 10*time.Second, "bad"), ErrKeyOutsidePrefix)
+	require.NoError(t, g.failed(), "the other workers go on")
+	resp, err := cli.Get(ctx, "/sub/a")
+	require.NoError(t, err)
+	require.Equal(t, "1", string(resp.Kvs[0].Value))
+	g.cancel()
+	g.wait(t, 10*time.Second)
+}
+
+// TestSourceStuckWorkerDoesNotDelayTheOthers: one worker is stuck in Tick
+// while 3,000 writes to 30 keys arrive. The other worker ticks on the newest
+// write; the Source's change log stays bounded by the keys; released, the
+// stuck worker catches up in one step, each key told once, and its next Tick
+// sees the newest write.
+func TestSourceStuckWorkerDoesNotDelayTheOthers(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix, keys, writes = "/stuck", 30, 3000
+	src := mustNewSource(t, cli, prefix)
+
+	release := make(chan struct{})
+	var stuckIn atomic.Bool
+	var stuckTicks atomic.Int32
+	stuckState := newMapState(prefix)
+	var lastStuck atomic.Value
+	stuck := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(ctx context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		lastStuck.Store(string(st.values["/k0"]))
+		if stuckTicks.Add(1) == 1 {
+			stuckIn.Store(true)
+			if err := blockUntil(ctx, release); err != nil {
+				return nil, err
+			}
+		}
+		return st, nil
+	}), stuckState, WithSource(src))
+	var lastFast atomic.Value
+	fast := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		lastFast.Store(string(s.(*mapState).values["/k0"]))
+		return s, nil
+	}), newMapState(prefix), WithSource(src))
+	g := startWorkerGroup(t, time.Minute, "stuck", []*EtcdWorker{stuck, fast})
+	waitUntil(ctx, t, "the stuck Tick", stuckIn.Load)
+
+	updatesBefore := stuckState.updates + stuckState.inits // the stuck worker is in Tick: no race
+	maxLog := 0
+	for i := range writes {
+		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i%keys), fmt.Sprint(i))
+		if i%100 == 0 {
+			src.mu.RLock()
+			maxLog = max(maxLog, len(src.changes.log))
+			src.mu.RUnlock()
+		}
+	}
+	newest := fmt.Sprint(writes - keys)
+	start := time.Now()
+	waitUntil(ctx, t, "the fast worker sees the newest write", func() bool { return lastFast.Load() == newest })
+	t.Logf("the free worker saw the newest write %v after it", time.Since(start))
+	require.LessOrEqual(t, maxLog, 2*keys+compactMinOver+1, "the change log grows with keys, not events")
+
+	close(release)
+	waitUntil(ctx, t, "the stuck worker's newest Tick", func() bool { return lastStuck.Load() == newest })
+	g.cancel()
+	g.wait(t, 10*time.Second)
+	told := stuckState.updates + stuckState.inits - updatesBefore
+	require.LessOrEqual(t, told, 2*keys, "the stuck worker is told each key once or twice, not every event (%d)", told)
+}
+
+// TestSourceLateJoinTakesTheSharedCopy: a worker that starts while the
+// Source runs gets a snapshot of one revision from the shared copy, all with
+// isInit, without reading the prefix from etcd again.
+func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+	const prefix = "/late"
+	admin := srv.Client(t)
+	for i := range 50 {
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%02d", prefix, i), fmt.Sprint(i))
+	}
+	counter := &rpcCounter{}
+	srcCli := etcdtest.NewClientFromConfig(t, faultClientConfig(counter.dialOptions(), srv.Endpoints()[0]))
+	src := mustNewSource(t, srcCli, prefix)
+	first := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		return s, nil
+	}), newMapState(prefix), WithSource(src))
+	g := startWorkerGroup(t, time.Minute, "late", []*EtcdWorker{first})
+	require.NoError(t, first.WaitSynced(ctx))
+	mustPutKV(ctx, t, admin, prefix+"/k00", "changed")
+	_, err := admin.Delete(ctx, prefix+"/k01")
+	require.NoError(t, err)
+	waitUntil(ctx, t, "the first worker's state", func() bool {
+		return first.Status().AppliedRevision >= srv.Revision()
+	})
+	streams, _, ranges := counter.counts()
+
+	lateState := newMapState(prefix)
+	var saw atomic.Pointer[map[string]string]
+	late := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		snap := map[string]string{}
+		for k, v := range st.values {
+			snap[k] = string(v)
+		}
+		saw.Store(&snap)
+		return st, ErrReactorFinished
+	}), lateState, WithSource(src))
+	require.NoError(t, runWithin(t, late, 10*time.Second, "late"))
+	require.Equal(t, etcdSnapshot(ctx, t, admin, prefix), *saw.Load())
+	require.Equal(t, 49, lateState.inits)
+	require.Zero(t, lateState.updates, "a late join is a load: isInit = true")
+	s2, _, r2 := counter.counts()
+	require.Equal(t, streams, s2, "no read of the prefix for a late join")
+	require.Equal(t, ranges, r2, "no read of the prefix for a late join")
+	g.cancel()
+	g.wait(t, 10*time.Second)
+}
+
+// TestSourceErrorOfOneWorkerEndsOnlyItsRun: an error, a panic or a lost
+// fencing key of one worker ends only its Run.
+func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix = "/srcerr"
+	src := mustNewSource(t, cli, prefix)
+	var ticks atomic.Int64
+	survivor := mustNewEtcdWorker(t, cli, prefix, counterReactor(&ticks), newMapState(prefix), WithSource(src))
+	g := startWorkerGroup(t, time.Minute, "survivor", []*EtcdWorker{survivor})
+	require.NoError(t, survivor.WaitSynced(ctx))
+
+	boom := errors.New("boom")
+	fencing, err := cli.Put(ctx, "/srcerr-fence", "x")
+	require.NoError(t, err)
+	cases := map[string]struct {
+		tick func() error
+		opts []Option
+		want error
+	}{
+		"error": {tick: func() error { return boom }, want: boom},
+		"panic": {tick: func() error { panic("boom") }, want: ErrPanic},
+		"fencing key lost": {tick: func() error {
+			_, err := cli.Delete(ctx, "/srcerr-fence")
+			return err
+		}, opts: []Option{WithFencingKey("/srcerr-fence", fencing.Header.Revision)}, want: ErrNotOwner},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			w := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				return s, c.tick()
+			}), newMapState(prefix), append(c.opts, WithSource(src))...)
+			require.ErrorIs(t, runWithin(t, w, 20*time.Second, name), c.want)
+			before := ticks.Load()
+			waitUntil(ctx, t, "the other worker goes on", func() bool { return ticks.Load() > before+2 })
+			require.NoError(t, g.failed())
+		})
+	}
+	g.cancel()
+	g.wait(t, 10*time.Second)
+}
+
+// TestSourceLastWorkerLeavesAndTheSourceServesAgain: when the last worker
+// returns, the Source holds no watch and no goroutine; a later worker starts
+// it again and is told what changed in between.
+func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix = "/srcagain"
+	mustPutKV(ctx, t, cli, prefix+"/a", "1")
+	mustPutKV(ctx, t, cli, prefix+"/b", "1")
+	src := mustNewSource(t, cli, prefix)
+	state := newMapState(prefix)
+	w := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		return s, ErrReactorFinished
+	}), state, WithSource(src))
+	other := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		return s, ErrReactorFinished
+	}), newMapState(prefix), WithSource(src))
+	require.NoError(t, runWithin(t, w, 10*time.Second, "first"))
+	require.NoError(t, runWithin(t, other, 10*time.Second, "other"))
+	require.False(t, sourceFollowing(src))
+	require.Equal(t, 2, state.inits)
+
+	mustPutKV(ctx, t, cli, prefix+"/a", "2")
+	_, err := cli.Delete(ctx, prefix+"/b")
+	require.NoError(t, err)
+	mustPutKV(ctx, t, cli, prefix+"/c", "3")
+	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
+	require.False(t, sourceFollowing(src))
+	require.Equal(t, map[string][]byte{"/a": []byte("2"), "/c": []byte("3")}, state.values)
+	require.Equal(t, 2+3, state.inits, "the second Run is told the three changes only, as a load")
+}
+
+// TestSourceOutageCountsForEveryWorker: a Source cut off from etcd is an
+// outage of its workers: each one's WithMaxOutage applies.
+func TestSourceOutageCountsForEveryWorker(t *testing.T) {
+	env := newFaultEnv(t)
+	const prefix = "/srcout"
+	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(time.Second))
+	ws := []*EtcdWorker{
+		mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			return s, nil
+		}), newMapState(prefix), WithSource(src), WithMaxOutage(2*time.Second)),
+		mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			return s, nil
+		}), newMapState(prefix), WithSource(src), WithMaxOutage(3*time.Second)),
+	}
+	ctx := testContext(t)
+	g := startWorkerGroup(t, time.Minute, "out", ws)
+	for _, w := range ws {
+		require.NoError(t, w.WaitSynced(ctx))
+	}
+	env.proxy.Blackhole()
+	start := time.Now()
+	errs := g.wait(t, 20*time.Second)
+	elapsed := time.Since(start)
+	for name, err := range errs {
+		require.ErrorIs(t, err, ErrEtcdUnavailable, name)
+	}
+	require.Less(t, elapsed, 8*time.Second, "each worker's outage limit applies to the Source")
+	env.proxy.Resume()
+}
+
+// TestSourceEightWorkersHoldOneWatch: eight workers on one Source hold one
+// watcher on the server.
+func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix = "/srcwatch"
+	watchers := func() float64 {
+		mfs, err := prometheus.DefaultGatherer.Gather()
+		require.NoError(t, err)
+		for _, mf := range mfs {
+			if mf.GetName() == "etcd_debugging_mvcc_watcher_total" {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		return 0
+	}
+	before := watchers()
+	src := mustNewSource(t, cli, prefix)
+	ws := make([]*EtcdWorker, 8)
+	for i := range ws {
+		ws[i] = mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			return s, nil
+		}), newMapState(prefix), WithSource(src))
+	}
+	g := startWorkerGroup(t, time.Minute, "watch", ws)
+	for _, w := range ws {
+		require.NoError(t, w.WaitSynced(ctx))
+	}
+	require.Equal(t, before+1, watchers(), "one watch for eight workers")
+	g.cancel()
+	g.wait(t, 10*time.Second)
+	waitUntil(ctx, t, "the watch released", func() bool { return watchers() == before })
+}
+
+// TestChangeLogFoldsChangesAndPrunes is a unit test of the change log.
+func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
+	l := newChangeLog()
+	k := func(s string) util.EtcdKey { return util.NewEtcdKey(s) }
+	l.record(k("/a"), false, false) // 1
+	l.record(k("/b"), true, false)  // 2: created
+	l.record(k("/a"), false, false) // 3
+	since := func(from uint64) []string {
+		var out []string
+		l.since(from, func(key util.EtcdKey, rec changeRecord) {
+			out = append(out, fmt.Sprintf("%s@%d/%d", key.String(), rec.seq, rec.born))
+		})
+		return out
+	}
+	require.Equal(t, []string{"/b@2/2", "/a@3/0"}, since(0), "each key once, newest change, in order")
+	require.Equal(t, []string{"/a@3/0"}, since(2))
+	require.Empty(t, since(3))
+	l.prune(2)
+	require.True(t, l.complete(2))
+	require.False(t, l.complete(1), "pruned positions cannot catch up from the log")
+	require.Equal(t, []string{"/a@3/0"}, since(2))
+	l.prune(3)
+	require.Empty(t, l.log)
+	require.Empty(t, l.changes)
+	for i := range 10 * compactMinOver {
+		l.record(k("/hot"), false, false)
+		l.prune(uint64(i)) // a cursor one change behind
+	}
+	require.LessOrEqual(t, len(l.log), 2+compactMinOver, "stale entries are dropped")
+}
