@@ -30,7 +30,7 @@ type watchRun struct {
 	*run
 	f      *follower
 	watch  *watchStream
-	mirror *view    // the run's view (eventRev, completeRev)
+	mirror *view   // the run's view (eventRev, completeRev)
 	health *health // the follower's
 }
 
@@ -477,5 +477,3 @@ func requireReplaySkipped(ctx context.Context, t *testing.T, r *watchRun, st *re
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("last")}}, st.log[before:])
 	require.Equal(t, etcdSnapshot(ctx, t, writer, prefix), stateSnapshot(st))
 }
-
-
