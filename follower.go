@@ -29,15 +29,20 @@ type follower struct {
 
 	settings atomic.Pointer[followerSettings]
 	kick     chan struct{} // a worker asks for a progress notification
-	watch    *watchStream
-	health   health    // owned by the follower's goroutine
-	lastData time.Time // when the load in progress last received data
+	// clientDone is closed when the Source's client is closed (nil: never).
+	clientDone <-chan struct{}
+	watch      *watchStream
+	health     health    // owned by the follower's goroutine
+	lastData   time.Time // when the load in progress last received data
 }
 
 func startFollower(s *Source) *follower {
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &follower{s: s, ctx: ctx, cancel: cancel, clock: clockwork.NewRealClock(), log: s.log,
 		kick: make(chan struct{}, 1)}
+	if cctx := s.client.Ctx(); cctx != nil {
+		f.clientDone = cctx.Done()
+	}
 	f.settings.Store(&followerSettings{progressInterval: time.Second})
 	f.wg.Add(1)
 	go func() {
@@ -105,6 +110,9 @@ func (f *follower) wait(wake time.Time) error {
 	select {
 	case <-f.ctx.Done():
 		return nil
+	case <-f.clientDone:
+		// A closed client never heals; its watch may take a while to say so.
+		return rejected(f.s.client, "watch", context.Canceled)
 	case resp, ok := <-f.watch.ch:
 		return f.onWatch(f.watch.handle(resp, ok))
 	case ch := <-f.watch.opened:

@@ -8,9 +8,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
@@ -366,39 +367,77 @@ func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 	env.proxy.Resume()
 }
 
-// TestSourceEightWorkersHoldOneWatch: eight workers on one Source hold one
-// watcher on the server.
+// watchCreates counts the watches a client asks etcd to create.
+type watchCreates struct{ n atomic.Int64 }
+
+func (w *watchCreates) dialOptions() []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc,
+		cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption,
+	) (grpc.ClientStream, error) {
+		cs, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil || method != pb.Watch_Watch_FullMethodName {
+			return cs, err
+		}
+		return &countingWatchStream{ClientStream: cs, w: w}, nil
+	})}
+}
+
+type countingWatchStream struct {
+	grpc.ClientStream
+	w *watchCreates
+}
+
+func (s *countingWatchStream) SendMsg(m any) error {
+	if req, ok := m.(*pb.WatchRequest); ok && req.GetCreateRequest() != nil {
+		s.w.n.Add(1)
+	}
+	return s.ClientStream.SendMsg(m)
+}
+
+// TestSourceEightWorkersHoldOneWatch: eight workers on one Source ask etcd
+// for one watch; eight lone workers for eight.
 func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
 	ctx := testContext(t)
-	const prefix = "/srcwatch"
-	watchers := func() float64 {
-		mfs, err := prometheus.DefaultGatherer.Gather()
-		require.NoError(t, err)
-		for _, mf := range mfs {
-			if mf.GetName() == "etcd_debugging_mvcc_watcher_total" {
-				return mf.GetMetric()[0].GetGauge().GetValue()
+	for _, shared := range []bool{true, false} {
+		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
+			prefix := fmt.Sprintf("/srcwatch-%v", shared)
+			creates := &watchCreates{}
+			cli := etcdtest.NewClientFromConfig(t, faultClientConfig(creates.dialOptions(), srv.Endpoints()[0]))
+			src := mustNewSource(t, cli, prefix)
+			ws := make([]*EtcdWorker, 8)
+			for i := range ws {
+				var opts []Option
+				if shared {
+					opts = append(opts, WithSource(src))
+				}
+				ws[i] = mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+					return s, nil
+				}), newMapState(prefix), opts...)
 			}
-		}
-		return 0
+			g := startWorkerGroup(t, time.Minute, "watch", ws)
+			for _, w := range ws {
+				require.NoError(t, w.WaitSynced(ctx))
+			}
+			want := int64(8)
+			if shared {
+				want = 1
+			}
+			waitUntil(ctx, t, "the watches", func() bool { return creates.n.Load() >= want })
+			mustPutKV(ctx, t, cli, prefix+"/k", "v")
+			waitUntil(ctx, t, "every worker sees the put", func() bool {
+				for _, w := range ws {
+					if w.Status().AppliedRevision < srv.Revision() {
+						return false
+					}
+				}
+				return true
+			})
+			require.Equal(t, want, creates.n.Load(), "watches asked of etcd")
+			g.cancel()
+			g.wait(t, 10*time.Second)
+		})
 	}
-	before := watchers()
-	src := mustNewSource(t, cli, prefix)
-	ws := make([]*EtcdWorker, 8)
-	for i := range ws {
-		ws[i] = mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-			return s, nil
-		}), newMapState(prefix), WithSource(src))
-	}
-	g := startWorkerGroup(t, time.Minute, "watch", ws)
-	for _, w := range ws {
-		require.NoError(t, w.WaitSynced(ctx))
-	}
-	require.Equal(t, before+1, watchers(), "one watch for eight workers")
-	g.cancel()
-	g.wait(t, 10*time.Second)
-	waitUntil(ctx, t, "the watch released", func() bool { return watchers() == before })
 }
 
 // TestChangeLogFoldsChangesAndPrunes is a unit test of the change log.
