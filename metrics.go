@@ -40,7 +40,7 @@ type metrics struct {
 	ticks         *prometheus.CounterVec
 	unknownCommit *prometheus.CounterVec
 	lastTick      *prometheus.GaugeVec
-	revision      *prometheus.GaugeVec
+	revision      *liveGaugeVec
 	sourceLag     *prometheus.GaugeVec
 
 	// Of a Source, labelled by its prefix.
@@ -78,8 +78,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			"Commit Txns whose outcome was unknown and had to be resolved."),
 		lastTick: gauge(rg, "last_tick_timestamp_seconds",
 			"Unix time when Reactor.Tick last started; absent while the worker is not running."),
-		revision: gauge(rg, "applied_revision",
-			"Revision the state is known complete up to; absent while the worker is not running."),
+		revision: register(rg, &liveGaugeVec{
+			GaugeVec: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: MetricsNamespace, Name: "applied_revision",
+				Help: "Revision the state is known complete up to; absent while the worker is not running."}, roleLabels),
+			runs: map[string]int{},
+		}),
 		sourceLag: gauge(rg, "source_lag_revisions",
 			"Revisions between the worker's Source's copy and the state shown to the last Tick."),
 		sourceKeys: sourceVec(rg, gaugeVec, "source_keys", "Keys in the Source's copy."),
@@ -183,7 +186,7 @@ type roleMetrics struct {
 
 func (m *metrics) forRole(role string) *roleMetrics {
 	l := prometheus.Labels{"role": role}
-	liveRuns.join(m.revision, role)
+	m.revision.join(role)
 	return &roleMetrics{
 		txnBytes:        m.txnBytes.With(l),
 		txnDuration:     m.txnDuration.With(l),
@@ -202,8 +205,8 @@ func (m *metrics) forRole(role string) *roleMetrics {
 		appliedRevision: m.revision.With(l),
 		sourceLag:       m.sourceLag.With(l),
 		forget: func() {
-			if liveRuns.leave(m.revision, role) {
-				for _, g := range []*prometheus.GaugeVec{m.revisionLag, m.lastTick, m.revision, m.sourceLag} {
+			if m.revision.leave(role) {
+				for _, g := range []*prometheus.GaugeVec{m.revisionLag, m.lastTick, m.revision.GaugeVec, m.sourceLag} {
 					g.Delete(l)
 				}
 			}
@@ -211,38 +214,31 @@ func (m *metrics) forRole(role string) *roleMetrics {
 	}
 }
 
-// liveRuns counts the running workers per role of each shared set of
-// collectors (keyed by its applied_revision vector), so that a Run that
-// returns removes the live gauges only when no other Run with the same role
-// still publishes them: a deleted series would detach the other Run's
-// gauges, which then never reappear.
-var liveRuns = runCounter{n: map[runKey]int{}}
-
-type runKey struct {
-	vec  *prometheus.GaugeVec
-	role string
+// liveGaugeVec is the applied_revision gauge with a count of the running
+// workers of each role that publish it. The workers of one registerer share
+// it (see register), so a Run that returns removes the live gauges only when
+// no other Run with the same role still publishes them: a deleted series
+// would detach the other Run's gauges, which then never reappear.
+type liveGaugeVec struct {
+	*prometheus.GaugeVec
+	mu   sync.Mutex
+	runs map[string]int
 }
 
-type runCounter struct {
-	mu sync.Mutex
-	n  map[runKey]int
-}
-
-func (c *runCounter) join(vec *prometheus.GaugeVec, role string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.n[runKey{vec, role}]++
+func (v *liveGaugeVec) join(role string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.runs[role]++
 }
 
 // leave reports whether the last Run of role left.
-func (c *runCounter) leave(vec *prometheus.GaugeVec, role string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	k := runKey{vec, role}
-	c.n[k]--
-	if c.n[k] > 0 {
+func (v *liveGaugeVec) leave(role string) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.runs[role]--
+	if v.runs[role] > 0 {
 		return false
 	}
-	delete(c.n, k)
+	delete(v.runs, role)
 	return true
 }

@@ -51,7 +51,7 @@ type options struct {
 	fencingKey        string
 	fencingRev        int64
 	hasFencing        bool
-	clock             clockwork.Clock
+	clock             clockwork.Clock // the real clock; a field so that unit tests may set it
 	maxOutage         time.Duration
 	maxStaleness      time.Duration
 	requestTimeout    time.Duration
@@ -147,16 +147,6 @@ func WithFencingKey(key string, createRevision int64) Option {
 		o.fencingKey = key
 		o.fencingRev = createRevision
 		o.hasFencing = true
-	})
-}
-
-// WithClock sets the clock used for ticks, back-off and staleness. Default:
-// the real clock. Meant for tests.
-func WithClock(c clockwork.Clock) Option {
-	return optionFunc(func(o *options) {
-		if c != nil {
-			o.clock = c
-		}
 	})
 }
 
