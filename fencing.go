@@ -42,10 +42,7 @@ func (r *run) startFenceCheck() *fenceCheck {
 	if !o.hasFencing {
 		return nil
 	}
-	timeout := o.requestTimeout
-	if o.maxOutage > 0 {
-		timeout = min(timeout, o.maxOutage)
-	}
+	timeout := (&health{maxOutage: o.maxOutage}).requestTimeout(r.now(), o.requestTimeout)
 	ctx, stop := context.WithCancel(r.ctx)
 	f := &fenceCheck{
 		client: r.w.client, key: o.fencingKey, rev: o.fencingRev, clock: o.clock,

@@ -265,12 +265,9 @@ func (f *follower) watchConfig() watchConfig {
 		probeKey: f.s.ks.counterKey,
 		head:     &f.s.headSeen,
 		clock:    f.clock,
-		requestTimeout: func() time.Duration {
-			t := f.s.opts.requestTimeout
-			if mo := f.settings.Load().maxOutage; mo > 0 {
-				t = min(t, mo)
-			}
-			return t
+		requestTimeout: func() time.Duration { // no outage in progress: the probe starts one
+			h := health{maxOutage: f.settings.Load().maxOutage}
+			return h.requestTimeout(f.now(), f.s.opts.requestTimeout)
 		},
 		progressInterval: func() time.Duration { return f.settings.Load().progressInterval },
 	}

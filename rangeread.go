@@ -31,9 +31,6 @@ import (
 // small multiple of the range.
 
 const (
-	// defaultRangePageKeys is the smallest page of the unary fallback and
-	// the size of its first, sizing page.
-	defaultRangePageKeys = 10_000
 	// rangePagesPerRead bounds the number of pages of the unary fallback
 	// (when the receive limit allows): each page's Range counts the keys
 	// left, so N keys cost about N * rangePagesPerRead / 2 index steps.
@@ -57,7 +54,7 @@ type readConfig struct {
 	// math.MaxInt32. Only the unary fallback needs it.
 	maxRecvBytes int
 	// minPageKeys is the smallest page of the unary fallback
-	// (0: defaultRangePageKeys).
+	// (0: DefaultPageSize).
 	minPageKeys int
 	// idleTimeout ends the read with an error wrapping
 	// context.DeadlineExceeded when etcd sends nothing for that long
@@ -263,7 +260,7 @@ func readPaged(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 ) (int64, error) {
 	minPage := int64(cfg.minPageKeys)
 	if minPage <= 0 {
-		minPage = defaultRangePageKeys
+		minPage = DefaultPageSize
 	}
 	recvLimit := int64(cfg.maxRecvBytes)
 	first := minPage
