@@ -317,11 +317,6 @@ func (m *mirror) valueMap() map[util.EtcdKey][]byte {
 	return m.values
 }
 
-// dropValueMap forgets the value map; it is rebuilt from the entries when
-// next needed. A patch that broke the DataPatch contract (changed keys it
-// did not record) may have left it out of step.
-func (m *mirror) dropValueMap() { m.values = nil }
-
 // mirrorWalk compares the keys of a load, which arrive in key order, with
 // the mirror: find returns the mirror's entry of each, and every key the
 // mirror holds between two found keys vanished. The walk reads the base and

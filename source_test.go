@@ -294,7 +294,7 @@ func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 			w := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				return s, c.tick()
 			}), newMapState(prefix), append(c.opts, WithSource(src))...)
-			require.ErrorIs(t, runWithin(t, w, 20*time.Second, name), c.want)
+			require.ErrorIs(t, runWithin(t, w, 20*time.Second, name), c.want) //nolint:contextcheck // runWithin bounds its own context
 			before := ticks.Load()
 			waitUntil(ctx, t, "the other worker goes on", func() bool { return ticks.Load() > before+2 })
 			require.NoError(t, g.failed())
@@ -443,7 +443,7 @@ func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 // TestChangeLogFoldsChangesAndPrunes is a unit test of the change log.
 func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 	l := newChangeLog()
-	k := func(s string) util.EtcdKey { return util.NewEtcdKey(s) }
+	k := util.NewEtcdKey
 	l.record(k("/a"), false, false) // 1
 	l.record(k("/b"), true, false)  // 2: created
 	l.record(k("/a"), false, false) // 3

@@ -36,7 +36,7 @@ type watchRun struct {
 
 // newWatchRun returns a watchRun of a worker on cli; the watch is not
 // opened.
-func newWatchRun(t testing.TB, ctx context.Context, cli *clientv3.Client, prefix string, st ReactorState) *watchRun {
+func newWatchRun(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, st ReactorState) *watchRun {
 	t.Helper()
 	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 	w, err := NewEtcdWorker(cli, prefix, noop, st)
@@ -44,12 +44,12 @@ func newWatchRun(t testing.TB, ctx context.Context, cli *clientv3.Client, prefix
 	r := w.newRun(ctx, nil, behaviourTick, "unit")
 	f := &follower{s: r.src, ctx: r.ctx, clock: clockwork.NewRealClock(), log: zap.NewNop(), kick: make(chan struct{}, 1)}
 	f.configure(followerSettings{progressInterval: progressInterval(&w.opts)})
-	f.watch = newWatchStream(r.ctx, f.watchConfig())
+	f.watch = newWatchStream(r.ctx, f.watchConfig()) //nolint:contextcheck // the run's ctx bounds the watch
 	r.src.lifeMu.Lock()
 	r.src.attached[r.cur] = struct{}{} // as attach does, without a follower of its own
 	r.src.publishCursors()
 	r.src.lifeMu.Unlock()
-	t.Cleanup(func() {
+	t.Cleanup(func() { //nolint:contextcheck // cleanup after the test's ctx
 		f.watch.close()
 		r.close()
 	})
@@ -61,7 +61,7 @@ func newWatchRun(t testing.TB, ctx context.Context, cli *clientv3.Client, prefix
 func unitWatchRun(t testing.TB, prefix string, st ReactorState, loadedRev int64) *watchRun {
 	t.Helper()
 	srv := etcdtest.NewServer(t)
-	r := newWatchRun(t, testContext(t), srv.Client(t), prefix, st)
+	r := newWatchRun(testContext(t), t, srv.Client(t), prefix, st)
 	r.src.copy.loaded(loadedRev, nil)
 	r.src.loaded = true
 	r.caughtUp(t)
@@ -390,7 +390,7 @@ func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	put("/k", "loaded")
 
 	st := newRecordingState(prefix)
-	r := newWatchRun(t, ctx, srv.Client(t), prefix, st)
+	r := newWatchRun(ctx, t, srv.Client(t), prefix, st)
 	require.NoError(t, r.load())
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("loaded"), isInit: true}}, st.log)
 

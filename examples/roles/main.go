@@ -190,7 +190,7 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 		return false, err
 	}
 	defer env.Close()
-	cli := env.Cluster.Client
+	cli := env.Client
 	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
 	defer cancel()
 	if _, err := cli.Delete(ctx, cfg.prefix+"/", clientv3.WithPrefix()); err != nil {
