@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
@@ -469,4 +470,25 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 		l.prune(uint64(i)) // a cursor one change behind
 	}
 	require.LessOrEqual(t, len(l.log), 2+compactMinOver, "stale entries are dropped")
+}
+
+// TestSourcePermissionDeniedEndsEveryWorker: a Source whose reads etcd
+// rejects for good (its user has no rights on the prefix) ends the Run of
+// every worker on it with that error, though the workers' own clients may
+// read and write.
+func TestSourcePermissionDeniedEndsEveryWorker(t *testing.T) {
+	const prefix = "/srcauth"
+	env := i10NewAuthEnv(t, prefix)
+	src := mustNewSource(t, i10UserClient(t, env.srv, "nobody", "pw"), prefix)
+	cli := i10UserClient(t, env.srv, "reader-writer", "pw")
+	ws := make([]*EtcdWorker, 3)
+	for i := range ws {
+		ws[i] = mustNewEtcdWorker(t, cli, prefix, &i10Writer{}, newMapState(prefix), WithSource(src))
+	}
+	g := startWorkerGroup(t, time.Minute, "auth", ws)
+	for name, err := range g.wait(t, 20*time.Second) {
+		require.ErrorIs(t, err, ErrEtcdRejected, name)
+		require.ErrorIs(t, err, rpctypes.ErrPermissionDenied, name)
+	}
+	require.False(t, sourceFollowing(src))
 }
