@@ -41,7 +41,7 @@ import (
 const (
 	srcWorkers   = 8
 	srcKeys      = 100_000
-	srcRounds    = 3
+	srcRounds    = 5
 	srcHotKeys   = 1_000
 	srcEvents    = 40_000
 	srcEventSize = 1024
@@ -416,7 +416,7 @@ func srcStuckTrial(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 	heap0 := scaleHeap()
 	putAt := srcWrite(ctx, b, cli, prefix, final)
 	wait(freeSaw, "the free worker to see the last write")
-	res := stuckTrial{freeLag: max(free.seenAt().Sub(putAt), 0)}
+	res := stuckTrial{freeLag: free.seenAt().Sub(putAt)}
 	res.growth = int64(scaleHeap()) - int64(heap0)
 	if stuck {
 		released := time.Now()
@@ -448,7 +448,13 @@ func srcStuckRows(ctx context.Context, b *testing.B, cli *clientv3.Client, prefi
 		return fmt.Sprintf("%.1f, %.1f", float64(ts[0].growth)/(1<<20), float64(ts[1].growth)/(1<<20))
 	}
 	lag := func(ts []stuckTrial, f func(stuckTrial) time.Duration) string {
-		return dur(f(ts[0])) + " / " + dur(f(ts[1]))
+		d := func(d time.Duration) string {
+			if d < 0 {
+				return "<0" // seen before the Put returned
+			}
+			return dur(d)
+		}
+		return d(f(ts[0])) + " / " + d(f(ts[1]))
 	}
 	gS, gF := mib(stuck), mib(free)
 	events := fmt.Sprintf("%d puts of %d B to %d keys", srcEvents, srcEventSize, srcHotKeys)
