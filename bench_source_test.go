@@ -138,6 +138,7 @@ func waitWatchers(ctx context.Context, b *testing.B, want float64) {
 // the last first Tick, and the heap and watchers they added.
 type fanOut struct {
 	took     time.Duration
+	cpu      time.Duration // of this process (with the embedded etcd); -1: unknown
 	heap     int64
 	watchers float64
 }
@@ -178,7 +179,7 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 	heap0, watch0 := scaleHeap(), watcherTotal(b)
 	rctx, stop := context.WithCancel(ctx)
 	g, gctx := errgroup.WithContext(rctx)
-	start := time.Now()
+	cpu0, start := processCPU(), time.Now()
 	for _, w := range workers {
 		g.Go(func() error { return w.Run(gctx, nil, time.Second, "bench-source") })
 	}
@@ -190,7 +191,10 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 		stop()
 		b.Fatalf("waiting for the first Ticks: %v (worker: %v)", ctx.Err(), g.Wait())
 	}
-	res := fanOut{took: time.Duration(last.Load() - start.UnixNano())}
+	res := fanOut{took: time.Duration(last.Load() - start.UnixNano()), cpu: -1}
+	if cpu0 >= 0 {
+		res.cpu = processCPU() - cpu0
+	}
 	// The watches open after the load, asynchronously: the most counted.
 	for deadline := time.Now().Add(300 * time.Millisecond); time.Now().Before(deadline); {
 		res.watchers = max(res.watchers, watcherTotal(b)-watch0)
@@ -223,14 +227,20 @@ func srcFanOutRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 		slices.Sort(hs)
 		return float64(hs[len(hs)/2]) / srcKeys
 	}
+	cpu := func(fs []fanOut) time.Duration {
+		return medianDuration(each(fs, func(f fanOut) time.Duration { return f.cpu }))
+	}
 	watchers := func(fs []fanOut) float64 { return slices.Max(each(fs, func(f fanOut) float64 { return f.watchers })) }
 	t1, tS, tL := took(lone), took(shared), took(lones)
 	h1, hS, hL := perKey(lone), perKey(shared), perKey(lones)
+	c1, cS, cL := cpu(lone), cpu(shared), cpu(lones)
 	k := fmt.Sprintf("%dk keys", srcKeys/1000)
 	return []srcRow{
 		{fmt.Sprintf("1. Runs -> every first Tick, %d workers on one Source / one lone worker, %s, median of %d", srcWorkers, k, srcRounds),
 			dur(tS), dur(t1), ratioOf(tS, t1), "<= 1.3x"},
 		{fmt.Sprintf("   today: %d lone workers / one lone worker", srcWorkers), dur(tL), dur(t1), ratioOf(tL, t1), "(was 4.3x)"},
+		{"   CPU time of the process (workers + embedded etcd) meanwhile: on one Source / one lone", dur(cS), dur(c1), ratioOf(cS, c1), "report"},
+		{"   the same: lone workers / one lone", dur(cL), dur(c1), ratioOf(cL, c1), "report"},
 		{fmt.Sprintf("2. heap held per key, %d workers on one Source / one lone worker", srcWorkers),
 			fmt.Sprintf("%.0f B", hS), fmt.Sprintf("%.0f B", h1), fmt.Sprintf("%.2f", hS/h1), "<= 1.3x"},
 		{fmt.Sprintf("   today: %d lone workers / one lone worker", srcWorkers),
@@ -238,6 +248,25 @@ func srcFanOutRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 		{fmt.Sprintf("3. server watchers (%s), %d workers on one Source / %d lone workers", srcWatchers, srcWorkers, srcWorkers),
 			fmt.Sprintf("%.0f", watchers(shared)), fmt.Sprintf("%.0f", watchers(lones)), "", "1 / 8"},
 	}
+}
+
+// processCPU is the user + system CPU time of this process so far, from
+// /proc/self/stat (-1 where unknown: not Linux).
+func processCPU() time.Duration {
+	b, err := os.ReadFile("/proc/self/stat")
+	i := strings.LastIndexByte(string(b), ')')
+	if err != nil || i < 0 {
+		return -1
+	}
+	f := strings.Fields(string(b[i+1:])) // from the state, field 3
+	if len(f) < 13 {
+		return -1
+	}
+	var utime, stime int64
+	if _, err := fmt.Sscan(f[11]+" "+f[12], &utime, &stime); err != nil {
+		return -1
+	}
+	return time.Duration(utime+stime) * (time.Second / 100) // USER_HZ
 }
 
 func each[T, U any](ts []T, fn func(T) U) []U {
