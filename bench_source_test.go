@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"runtime"
 	"slices"
@@ -138,6 +139,7 @@ func waitWatchers(ctx context.Context, b *testing.B, want float64) {
 // the last first Tick, and the heap and watchers they added.
 type fanOut struct {
 	took     time.Duration
+	spread   time.Duration // from the first worker's first Tick to the last's
 	cpu      time.Duration // of this process (with the embedded etcd); -1: unknown
 	heap     int64
 	watchers float64
@@ -156,7 +158,8 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 		opts = append(opts, orchestrator.WithSource(src))
 	}
 	var ticked sync.WaitGroup
-	var last atomic.Int64
+	var first, last atomic.Int64
+	first.Store(math.MaxInt64)
 	workers := make([]*orchestrator.EtcdWorker, n)
 	for i := range workers {
 		var once sync.Once
@@ -165,6 +168,8 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 			once.Do(func() {
 				now := time.Now().UnixNano()
 				for old := last.Load(); old < now && !last.CompareAndSwap(old, now); old = last.Load() {
+				}
+				for old := first.Load(); old > now && !first.CompareAndSwap(old, now); old = first.Load() {
 				}
 				ticked.Done()
 			})
@@ -191,7 +196,7 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 		stop()
 		b.Fatalf("waiting for the first Ticks: %v (worker: %v)", ctx.Err(), g.Wait())
 	}
-	res := fanOut{took: time.Duration(last.Load() - start.UnixNano()), cpu: -1}
+	res := fanOut{took: time.Duration(last.Load() - start.UnixNano()), spread: time.Duration(last.Load() - first.Load()), cpu: -1}
 	if cpu0 >= 0 {
 		res.cpu = processCPU() - cpu0
 	}
@@ -232,12 +237,14 @@ func srcFanOutRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 	}
 	watchers := func(fs []fanOut) float64 { return slices.Max(each(fs, func(f fanOut) float64 { return f.watchers })) }
 	t1, tS, tL := took(lone), took(shared), took(lones)
+	spread := medianDuration(each(shared, func(f fanOut) time.Duration { return f.spread }))
 	h1, hS, hL := perKey(lone), perKey(shared), perKey(lones)
 	c1, cS, cL := cpu(lone), cpu(shared), cpu(lones)
 	k := fmt.Sprintf("%dk keys", srcKeys/1000)
 	return []srcRow{
 		{fmt.Sprintf("1. Runs -> every first Tick, %d workers on one Source / one lone worker, %s, median of %d", srcWorkers, k, srcRounds),
 			dur(tS), dur(t1), ratioOf(tS, t1), "<= 1.3x"},
+		{"   on one Source: first worker's first Tick -> the last one's (the other catch-ups); ratio (lone + that) / lone", dur(spread), dur(t1), ratioOf(spread+t1, t1), "report"},
 		{fmt.Sprintf("   today: %d lone workers / one lone worker", srcWorkers), dur(tL), dur(t1), ratioOf(tL, t1), "(was 4.3x)"},
 		{"   CPU time of the process (workers + embedded etcd) meanwhile: on one Source / one lone", dur(cS), dur(c1), ratioOf(cS, c1), "report"},
 		{"   the same: lone workers / one lone", dur(cL), dur(c1), ratioOf(cL, c1), "report"},
