@@ -20,10 +20,12 @@ tools:
 		$(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
 
 ## bench: micro-benchmarks, then the scenario table against etcd STM and raw Txns
-## (one embedded etcd with fsync on; ORCHESTRATOR_BENCH_WINDOW=3s sets each window).
+## (one embedded etcd with fsync on; ORCHESTRATOR_BENCH_WINDOW=3s sets each window),
+## then the shared Source table (workers on one Source against lone workers).
 bench:
-	$(GO) test -run='^$$' -bench=. -skip='^BenchmarkScenarios$$' -benchmem -count=1 -timeout=30m ./...
+	$(GO) test -run='^$$' -bench=. -skip='^Benchmark(Scenarios|Source)$$' -benchmem -count=1 -timeout=30m ./...
 	$(GO) test -run='^$$' -bench='^BenchmarkScenarios$$' -benchtime=1x -count=1 -timeout=30m .
+	$(GO) test -run='^$$' -bench='^BenchmarkSource$$' -benchtime=1x -count=1 -timeout=30m .
 
 ## bench-scale: BenchmarkScale, the worker against raw etcd reads at
 ## ORCHESTRATOR_SCALE_KEYS keys (default 1M; one etcd in its own process, fsync off).

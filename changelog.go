@@ -68,8 +68,7 @@ func (l *changeLog) prune(floor uint64) {
 	l.floor = max(l.floor, floor)
 	if floor == l.seq {
 		if len(l.log) > 0 {
-			clear(l.changes)
-			l.log = l.log[:0]
+			l.reset()
 		}
 		return
 	}
@@ -90,6 +89,17 @@ func (l *changeLog) prune(floor uint64) {
 	}
 	clear(l.log[len(kept):])
 	l.log = kept
+}
+
+// reset drops every record. After a burst (a reload's diff, a stuck
+// worker) it gives the memory back: a cleared map keeps its buckets.
+func (l *changeLog) reset() {
+	if cap(l.log) > compactMinOver {
+		l.changes, l.log = make(map[util.EtcdKey]changeRecord), nil
+		return
+	}
+	clear(l.changes)
+	l.log = l.log[:0]
 }
 
 // since calls fn for the newest change of every key that changed after

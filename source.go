@@ -303,11 +303,14 @@ func (s *Source) signal() {
 	}
 }
 
+// noPosition is the floor when no worker holds a position.
+const noPosition = uint64(1<<64 - 1)
+
 // floor is the smallest position of a worker that may catch up from the
 // change log: the changes up to it can go. The follower calls it holding
 // mu, so that a position a worker takes under mu is always seen.
 func (s *Source) floor() uint64 {
-	floor := uint64(1<<64 - 1)
+	floor := noPosition
 	for _, c := range *s.running.Load() {
 		if c.positioned.Load() {
 			floor = min(floor, c.seq.Load())
