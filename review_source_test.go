@@ -13,7 +13,11 @@ import (
 	"weak"
 
 	"github.com/stretchr/testify/require"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
@@ -223,4 +227,108 @@ func TestReviewADroppedWorkerReleasesItsPosition(t *testing.T) {
 	})
 	g.cancel()
 	g.wait(t, 10*time.Second)
+}
+
+// pageFailer makes a client answer RangeStream Unimplemented (so loads read
+// pinned pages) and, while armed, fail every page of a load after the first
+// with codes.Aborted (a transient error the Source retries; clientv3 itself would retry Unavailable and DeadlineExceeded).
+type pageFailer struct {
+	watchKey string
+	armed    atomic.Bool
+	failed   atomic.Int32
+}
+
+func (p *pageFailer) dialOptions() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+			method string, streamer grpc.Streamer, opts ...grpc.CallOption,
+		) (grpc.ClientStream, error) {
+			if method == pb.KV_RangeStream_FullMethodName {
+				return nil, status.Error(codes.Unimplemented, "unknown method RangeStream for service etcdserverpb.KV")
+			}
+			return streamer(ctx, desc, cc, method, opts...)
+		}),
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn,
+			invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+		) error {
+			if r, ok := req.(*pb.RangeRequest); ok && method == pb.KV_Range_FullMethodName &&
+				p.armed.Load() && len(r.RangeEnd) > 0 && string(r.Key) != p.watchKey {
+				p.failed.Add(1)
+				return status.Error(codes.Aborted, "review: page aborted")
+			}
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}),
+	}
+}
+
+// TestReviewAReloadThatFailsMidWayIsNeverSeenTorn: a compaction makes the
+// Source reload; the reload's first page arrives, the next ones fail for a
+// while (the Source retries). A worker must never see a state that mixes
+// the reload's revision (the first page) with the old one (the rest): every
+// Tick sees the bank's total.
+func TestReviewAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix, accounts, total = "/rv-torn", 10, 1000
+	for i := range accounts {
+		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/a%d", prefix, i), fmt.Sprint(total/accounts))
+	}
+	pf := &pageFailer{watchKey: prefix + "/"}
+	cfg := faultClientConfig(pf.dialOptions(), env.proxy.Endpoint())
+	cfg.MaxCallRecvMsgSize = 256 // the whole prefix does not fit one response: pages
+	src := mustNewSource(t, etcdtest.NewClientFromConfig(t, cfg), prefix, WithSourcePageSize(2),
+		WithSourceRequestTimeout(faultRequestTimeout), WithSourceMetrics(env.reg), WithSourceLogger(faultLogger(t)))
+	var ticks, torn atomic.Int64
+	var tornSaw atomic.Pointer[map[string]string]
+	w := mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		sum := int64(0)
+		for rel := range st.values {
+			sum += st.int(rel)
+		}
+		ticks.Add(1)
+		if sum != total {
+			if torn.Add(1) == 1 {
+				snap := map[string]string{}
+				for k, v := range st.values {
+					snap[k] = string(v)
+				}
+				tornSaw.Store(&snap)
+			}
+		}
+		return st, nil
+	}), newMapState(prefix), WithSource(src), WithLogger(faultLogger(t)))
+	g := startWorkerGroup(t, time.Minute, "torn", []*EtcdWorker{w})
+	require.NoError(t, w.WaitSynced(ctx))
+	waitGrown(t, g, &ticks, 2, "ticks before the outage")
+
+	env.proxy.Pause()
+	// A transfer from the first account (first page) to the last one.
+	_, err := env.direct.Txn(ctx).Then(
+		clientv3.OpPut(prefix+"/a0", fmt.Sprint(total/accounts-50)),
+		clientv3.OpPut(prefix+"/a9", fmt.Sprint(total/accounts+50)),
+	).Commit()
+	require.NoError(t, err)
+	mustPutKV(ctx, t, env.direct, "/rv-torn-elsewhere", "x") // the compaction must pass the transfer
+	_, err = etcdtest.Compact(ctx, env.direct)
+	require.NoError(t, err)
+	pf.armed.Store(true)
+	env.proxy.Resume()
+	waitWithin(t, 20*time.Second, "the reload's second page fails", g.failed, func() bool {
+		return pf.failed.Load() >= 1 })
+	// Let the Source retry a few times with the first page applied.
+	seen := ticks.Load()
+	waitWithin(t, 10*time.Second, "the worker ticks while the reload retries", g.failed, func() bool {
+		return ticks.Load() > seen+5 || torn.Load() > 0
+	})
+	pf.armed.Store(false)
+	waitWithin(t, 20*time.Second, "the reload completes", g.failed, func() bool {
+		return w.Status().AppliedRevision >= env.srv.Revision()
+	})
+	g.cancel()
+	g.wait(t, 10*time.Second)
+	if snap := tornSaw.Load(); snap != nil {
+		t.Logf("a Tick saw a torn state: %v", *snap)
+	}
+	require.Zero(t, torn.Load(), "Ticks that saw a state mixing two revisions")
 }
