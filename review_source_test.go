@@ -315,7 +315,8 @@ func TestReviewAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 	pf.armed.Store(true)
 	env.proxy.Resume()
 	waitWithin(t, 20*time.Second, "the reload's second page fails", g.failed, func() bool {
-		return pf.failed.Load() >= 1 })
+		return pf.failed.Load() >= 1
+	})
 	// Let the Source retry a few times with the first page applied.
 	seen := ticks.Load()
 	waitWithin(t, 10*time.Second, "the worker ticks while the reload retries", g.failed, func() bool {
