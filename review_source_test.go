@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -332,4 +333,169 @@ func TestReviewAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 		t.Logf("a Tick saw a torn state: %v", *snap)
 	}
 	require.Zero(t, torn.Load(), "Ticks that saw a state mixing two revisions")
+}
+
+// consistencyReactor checks, at every Tick of a mapState, the invariant of
+// churnWrites: /x and /y hold the same i, and the /t keys are exactly
+// /t/<i-2>../t/<i>. It finishes after ticks Ticks when ticks > 0.
+func consistencyReactor(v *violationRecorder, ticks int) Reactor {
+	n := 0
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		if err := churnInvariant(st.values); err != nil {
+			v.record(err)
+		}
+		n++
+		if ticks > 0 && n >= ticks {
+			n = 0
+			return st, ErrReactorFinished
+		}
+		return st, nil
+	})
+}
+
+func churnInvariant(values map[string][]byte) error {
+	x, y := string(values["/x"]), string(values["/y"])
+	if x != y {
+		return fmt.Errorf("torn: /x=%q /y=%q", x, y)
+	}
+	if x == "" {
+		return nil
+	}
+	var i int
+	if _, err := fmt.Sscan(x, &i); err != nil {
+		return err
+	}
+	want := map[string]bool{}
+	for j := max(i-2, 0); j <= i; j++ {
+		want[fmt.Sprintf("/t/%d", j)] = true
+	}
+	got := 0
+	for k := range values {
+		if len(k) > 3 && k[:3] == "/t/" {
+			if !want[k] {
+				return fmt.Errorf("at /x=%d: unexpected key %s (a missed delete)", i, k)
+			}
+			got++
+		}
+	}
+	if got != len(want) {
+		return fmt.Errorf("at /x=%d: %d /t keys, want %d", i, got, len(want))
+	}
+	return nil
+}
+
+// churnWrite is round i of churnWrites: one Txn puts /x and /y to i, creates
+// /t/i and deletes /t/<i-3>.
+func churnWrite(ctx context.Context, cli *clientv3.Client, prefix string, i int) error {
+	ops := []clientv3.Op{
+		clientv3.OpPut(prefix+"/x", fmt.Sprint(i)), clientv3.OpPut(prefix+"/y", fmt.Sprint(i)),
+		clientv3.OpPut(fmt.Sprintf("%s/t/%d", prefix, i), "v"),
+	}
+	if i >= 3 {
+		ops = append(ops, clientv3.OpDelete(fmt.Sprintf("%s/t/%d", prefix, i-3)))
+	}
+	_, err := cli.Txn(ctx).Then(ops...).Commit()
+	return err
+}
+
+// TestReviewWorkersJoinAndLeaveWhileWritesFlow: eight workers on one
+// Source run and return over and over (each keeps its state between Runs,
+// some start fresh), with different intervals, while a writer changes the
+// prefix and deletes keys. Every Tick sees a consistent snapshot with no
+// missed delete; afterwards every state equals etcd, and once the last
+// Run returned, no goroutine is left.
+func TestReviewWorkersJoinAndLeaveWhileWritesFlow(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix, workers = "/rv-churn", 8
+	src := mustNewSource(t, cli, prefix)
+	var v violationRecorder
+	g := newWorkerGroup(t, time.Minute)
+	stop := make(chan struct{})
+	var round atomic.Int64
+	g.run("writer", func(ctx context.Context) error {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			default:
+			}
+			if err := churnWrite(ctx, cli, prefix, i); err != nil {
+				return err
+			}
+			round.Store(int64(i))
+		}
+	})
+	states := make([]*mapState, workers)
+	ws := make([]*EtcdWorker, workers)
+	for i := range workers {
+		states[i] = newMapState(prefix)
+		ws[i] = mustNewEtcdWorker(t, cli, prefix, consistencyReactor(&v, 3+i), states[i], WithSource(src))
+		w, id := ws[i], i
+		g.run(fmt.Sprintf("churn-%d", i), func(ctx context.Context) error {
+			interval := time.Duration(1+id) * time.Millisecond
+			for ctx.Err() == nil {
+				select {
+				case <-stop:
+					return nil
+				default:
+				}
+				if err := w.Run(ctx, nil, interval, fmt.Sprintf("churn-%d", id)); err != nil && ctx.Err() == nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	waitWithin(t, 30*time.Second, "rounds of writes", g.failed, func() bool { return round.Load() >= 1500 })
+	close(stop)
+	for name, err := range g.wait(t, 20*time.Second) {
+		require.NoError(t, err, name)
+	}
+	v.requireNone(t)
+	require.False(t, sourceFollowing(src), "the last worker stopped the Source")
+	want := etcdSnapshot(ctx, t, cli, prefix)
+	for i, w := range ws {
+		w.reactor = finishReactor()
+		require.NoError(t, runWithin(t, w, 10*time.Second, "final"))
+		require.Equal(t, want, stateSnapshotMap(states[i]), "worker %d's state equals etcd", i)
+	}
+	require.False(t, sourceFollowing(src))
+	requireNoPackageGoroutines(t)
+}
+
+// requireNoPackageGoroutines waits (bounded) until no goroutine but the
+// caller's runs code of this package (the embedded server's and the
+// clients' goroutines are not the package's).
+func requireNoPackageGoroutines(t testing.TB) {
+	t.Helper()
+	var left []string
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		buf := make([]byte, 1<<22)
+		buf = buf[:runtime.Stack(buf, true)]
+		left = left[:0]
+		for i, g := range strings.Split(string(buf), "\n\n") {
+			if i > 0 && strings.Contains(g, "github.com/etcdworker/orchestrator.") && !strings.Contains(g, "orchestrator.TestMain") {
+				left = append(left, g)
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(pollInterval)
+	}
+	require.Empty(t, left, "goroutines of the package left after the last Run returned")
+}
+
+func stateSnapshotMap(st *mapState) map[string]string {
+	out := map[string]string{}
+	for k, v := range st.values {
+		out[k] = string(v)
+	}
+	return out
 }
