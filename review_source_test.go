@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
 )
 
 // failSwitch makes a recordingState's Update fail on one relative key while
@@ -498,4 +500,114 @@ func stateSnapshotMap(st *mapState) map[string]string {
 		out[k] = string(v)
 	}
 	return out
+}
+
+// grantPatch is a general DataPatch that takes one slot of a quota: it
+// sums the integers under rangePrefix and, below limit, adds one to own.
+// With scribble it first edits own's bytes in place (allowed: the values
+// are the patch's copies), then decides.
+func grantPatch(rangePrefix string, own util.EtcdKey, limit int64, scribble bool) DataPatch {
+	return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+		var sum int64
+		for k, v := range vm {
+			if strings.HasPrefix(k.String(), rangePrefix) {
+				n, err := strconv.ParseInt(string(v), 10, 64)
+				if err != nil {
+					return fmt.Errorf("grant: %s=%q: %w", k.String(), v, err)
+				}
+				sum += n
+			}
+		}
+		n, _ := strconv.ParseInt(string(vm[own]), 10, 64)
+		if scribble {
+			if v := vm[own]; len(v) > 0 {
+				cs[own] = struct{}{}
+				for i := range v {
+					v[i] = 'X'
+				}
+			}
+		}
+		if sum >= limit {
+			return ErrEtcdIgnore
+		}
+		cs[own] = struct{}{}
+		vm[own] = []byte(strconv.FormatInt(n+1, 10))
+		return nil
+	})
+}
+
+// TestReviewQuotaWithGeneralPatchesAndRangeDependencyOnOneSource: workers
+// on one Source (on its prefix and on the sub-prefix of the quota) take
+// slots of a quota of 60 with general DataPatches guarded by a
+// ReadRangeDependency on the slots; intervals differ, one Tick is slow, one
+// worker is fenced, some patches scribble on their values. Exactly 60 slots
+// are taken, no Tick ever sees more, and every state ends equal to etcd.
+func TestReviewQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	admin := srv.Client(t)
+	ctx := testContext(t)
+	const prefix, limit, workers = "/rv-quota", 60, 6
+	slots := prefix + "/r/"
+	src := mustNewSource(t, admin, prefix)
+	fence, err := admin.Put(ctx, "/rv-quota-fence", "x")
+	require.NoError(t, err)
+	var v violationRecorder
+	ws := make([]*EtcdWorker, workers)
+	states := make([]*mapState, workers)
+	for i := range workers {
+		wp := prefix
+		if i%2 == 1 {
+			wp = prefix + "/r" // a worker on the Source's sub-prefix
+		}
+		st := newMapState(wp)
+		states[i] = st
+		own := util.NewEtcdKey(fmt.Sprintf("%sw%d", slots, i))
+		id := i
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*mapState)
+			var sum int64
+			for k := range st.values {
+				if strings.HasPrefix(st.prefix+k, slots) {
+					sum += st.int(k)
+				}
+			}
+			if sum > limit {
+				v.record(fmt.Errorf("worker %d saw %d slots taken", id, sum))
+			}
+			if sum >= limit {
+				return st, ErrReactorFinished
+			}
+			if id == 2 && sum%10 == 5 {
+				time.Sleep(300 * time.Millisecond) // a slow Tick
+			}
+			st.patches = append(st.patches, []DataPatch{ReadRangeDependency{Prefix: slots}, grantPatch(slots, own, limit, id%3 == 0)})
+			return st, nil
+		})
+		opts := []Option{WithSource(src)}
+		if i == 4 {
+			opts = append(opts, WithFencingKey("/rv-quota-fence", fence.Header.Revision))
+		}
+		ws[i] = mustNewEtcdWorker(t, srv.Client(t), wp, reactor, st, opts...)
+	}
+	g := newWorkerGroup(t, time.Minute)
+	for i, w := range ws {
+		g.run(fmt.Sprintf("quota-%d", i), func(ctx context.Context) error {
+			return w.Run(ctx, nil, time.Duration(1+3*i)*time.Millisecond, fmt.Sprintf("quota-%d", i))
+		})
+	}
+	for name, err := range g.wait(t, 50*time.Second) {
+		require.NoError(t, err, name)
+	}
+	v.requireNone(t)
+	all := etcdSnapshot(ctx, t, admin, prefix)
+	var total int64
+	for k, val := range all {
+		n, err := strconv.ParseInt(val, 10, 64)
+		require.NoError(t, err, "%s=%q", k, val)
+		total += n
+	}
+	require.EqualValues(t, limit, total, "slots taken: %v", all)
+	for i, st := range states {
+		require.Equal(t, etcdSnapshot(ctx, t, admin, st.prefix), stateSnapshotMap(st), "worker %d's state", i)
+	}
 }
