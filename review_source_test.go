@@ -611,3 +611,75 @@ func TestReviewQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T
 		require.Equal(t, etcdSnapshot(ctx, t, admin, st.prefix), stateSnapshotMap(st), "worker %d's state", i)
 	}
 }
+
+// strictState is a mapState that records a violation when it is told to
+// delete a key it does not hold (a lone worker never does that: it only
+// passes deletes of keys it told the state).
+type strictState struct {
+	*mapState
+	v *violationRecorder
+}
+
+func (s *strictState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	rel := strings.TrimPrefix(key.String(), s.prefix)
+	if _, held := s.values[rel]; value == nil && !held {
+		s.v.record(fmt.Errorf("delete of %s, which the state does not hold (isInit=%v)", rel, isInit))
+	}
+	return s.mapState.Update(key, value, isInit)
+}
+
+// TestReviewNoDeleteOfAKeyTheStateNeverHeld: /k is deleted (the worker is
+// told), then, while the worker is busy in Tick, created again and deleted
+// again. Its next catch-up must not tell it to delete /k, which it does not
+// hold. Another worker on the Source is stuck, so the change log keeps it.
+func TestReviewNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix = "/rv-spurious"
+	mustPutKV(ctx, t, cli, prefix+"/k", "1")
+	mustPutKV(ctx, t, cli, prefix+"/other", "1")
+	src := mustNewSource(t, cli, prefix)
+	release := make(chan struct{})
+	var stuckIn atomic.Bool
+	stuck := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(ctx context.Context, s ReactorState) (ReactorState, error) {
+		stuckIn.Store(true)
+		if err := blockUntil(ctx, release); err != nil {
+			return nil, err
+		}
+		return s, nil
+	}), newMapState(prefix), WithSource(src))
+	var v violationRecorder
+	st := &strictState{mapState: newMapState(prefix), v: &v}
+	var hold atomic.Bool
+	var inTick atomic.Bool
+	unhold := make(chan struct{})
+	w := mustNewEtcdWorker(t, cli, prefix, ReactorFunc(func(ctx context.Context, s ReactorState) (ReactorState, error) {
+		if hold.Load() {
+			inTick.Store(true)
+			if err := blockUntil(ctx, unhold); err != nil {
+				return nil, err
+			}
+			hold.Store(false)
+		}
+		return s, nil
+	}), st, WithSource(src))
+	g := startWorkerGroup(t, time.Minute, "spurious", []*EtcdWorker{stuck, w})
+	waitUntil(ctx, t, "the stuck Tick", stuckIn.Load)
+	require.NoError(t, w.WaitSynced(ctx))
+	_, err := cli.Delete(ctx, prefix+"/k")
+	require.NoError(t, err)
+	waitUntil(ctx, t, "the worker has the delete", func() bool { return w.Status().AppliedRevision >= srv.Revision() })
+	hold.Store(true)
+	waitUntil(ctx, t, "the worker is in Tick", inTick.Load)
+	mustPutKV(ctx, t, cli, prefix+"/k", "2")
+	_, err = cli.Delete(ctx, prefix+"/k")
+	require.NoError(t, err)
+	waitUntil(ctx, t, "the Source has both", func() bool { return src.copyRev() >= srv.Revision() })
+	close(unhold)
+	waitUntil(ctx, t, "the worker caught up", func() bool { return w.Status().AppliedRevision >= srv.Revision() })
+	close(release)
+	g.cancel()
+	g.wait(t, 10*time.Second)
+	v.requireNone(t)
+}
