@@ -683,3 +683,61 @@ func TestReviewNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	g.wait(t, 10*time.Second)
 	v.requireNone(t)
 }
+
+// TestReviewAClosedSourceClientEndsEveryWorker: the Source's own client is
+// closed while workers (each committing through a client of its own) run
+// on it: every Run ends with ErrEtcdRejected, the Source stops.
+func TestReviewAClosedSourceClientEndsEveryWorker(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+	const prefix = "/rv-closed"
+	srcCli := etcdtest.NewClientFromConfig(t, etcdtest.ClientConfig(srv.Endpoints()...))
+	src := mustNewSource(t, srcCli, prefix)
+	ws := make([]*EtcdWorker, 3)
+	for i := range ws {
+		var queued atomic.Int64
+		ws[i] = mustNewEtcdWorker(t, srv.Client(t), prefix, counterReactor(&queued), newMapState(prefix), WithSource(src))
+	}
+	g := startWorkerGroup(t, time.Minute, "closed", ws)
+	for _, w := range ws {
+		require.NoError(t, w.WaitSynced(ctx))
+	}
+	require.NoError(t, srcCli.Close())
+	for name, err := range g.wait(t, 10*time.Second) {
+		require.ErrorIs(t, err, ErrEtcdRejected, name)
+	}
+	require.False(t, sourceFollowing(src))
+}
+
+// TestReviewLateJoinerStatusAndWaitSynced: a worker that joins a running
+// Source is Synced after WaitSynced, at the copy's revision (which includes
+// a write made just before it joined), and Ready.
+func TestReviewLateJoinerStatusAndWaitSynced(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	ctx := testContext(t)
+	const prefix = "/rv-latestatus"
+	src := mustNewSource(t, cli, prefix)
+	first := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
+	g := startWorkerGroup(t, time.Minute, "first", []*EtcdWorker{first})
+	require.NoError(t, first.WaitSynced(ctx))
+	mustPutKV(ctx, t, cli, prefix+"/a", "1")
+	rev := srv.Revision()
+	waitUntil(ctx, t, "the Source has the write", func() bool { return src.copyRev() >= rev })
+	late := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
+	require.False(t, late.Status().Synced)
+	lateCtx, stopLate := context.WithCancel(ctx)
+	defer stopLate()
+	done := runAsync(lateCtx, late, nil, behaviourTick, "late")
+	require.NoError(t, late.WaitSynced(ctx))
+	s := late.Status()
+	require.True(t, s.Synced)
+	require.GreaterOrEqual(t, s.AppliedRevision, rev)
+	waitUntil(ctx, t, "the late worker is ready", func() bool { return late.Ready() == nil })
+	g.cancel()
+	g.wait(t, 10*time.Second)
+	require.True(t, sourceFollowing(src), "the late worker still runs the Source")
+	stopLate()
+	require.ErrorIs(t, recvErr(ctx, t, done), context.Canceled)
+	require.False(t, sourceFollowing(src))
+}
