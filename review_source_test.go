@@ -741,3 +741,64 @@ func TestReviewLateJoinerStatusAndWaitSynced(t *testing.T) {
 	require.ErrorIs(t, recvErr(ctx, t, done), context.Canceled)
 	require.False(t, sourceFollowing(src))
 }
+
+// slowState is a mapState whose Update blocks while gate is closed.
+type slowState struct {
+	*mapState
+	blocked atomic.Bool
+	gate    chan struct{}
+	ctx     context.Context
+}
+
+func (s *slowState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	if s.blocked.Load() {
+		s.blocked.Store(false)
+		if err := blockUntil(s.ctx, s.gate); err != nil {
+			return err
+		}
+	}
+	return s.mapState.Update(key, value, isInit)
+}
+
+// TestReviewCompactionWhileAWorkerIsStuckInUpdate: one worker is stuck in
+// Update while the Source reloads after a compaction (keys changed and
+// deleted meanwhile) and another worker commits; the other ticks on, and
+// the stuck one, released, ends equal to etcd.
+func TestReviewCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix = "/rv-stuckupd"
+	for i := range 20 {
+		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/k%02d", prefix, i), "0")
+	}
+	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(faultRequestTimeout), WithSourceMetrics(env.reg))
+	slow := &slowState{mapState: newMapState(prefix), gate: make(chan struct{}), ctx: ctx}
+	stuck := mustNewEtcdWorker(t, env.direct, prefix, idleReactor(), slow, WithSource(src))
+	var queued atomic.Int64
+	busy := mustNewEtcdWorker(t, env.direct, prefix, counterReactor(&queued), newMapState(prefix), WithSource(src))
+	g := startWorkerGroup(t, time.Minute, "stuckupd", []*EtcdWorker{stuck, busy})
+	require.NoError(t, stuck.WaitSynced(ctx))
+	require.NoError(t, busy.WaitSynced(ctx))
+	slow.blocked.Store(true)
+	mustPutKV(ctx, t, env.direct, prefix+"/k00", "trigger")
+	waitUntil(ctx, t, "the stuck Update", func() bool { return !slow.blocked.Load() })
+	reloadByCompaction(ctx, t, env.proxy, env.direct, func() {
+		for i := 1; i < 10; i++ {
+			_, err := env.direct.Delete(ctx, fmt.Sprintf("%s/k%02d", prefix, i))
+			require.NoError(t, err)
+		}
+		mustPutKV(ctx, t, env.direct, prefix+"/k15", "changed")
+		mustPutKV(ctx, t, env.direct, prefix+"/new", "1")
+	})
+	waitWithin(t, 20*time.Second, "the Source reloads", g.failed, func() bool {
+		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1
+	})
+	waitGrown(t, g, &queued, 20, "the busy worker ticks and commits while the other is stuck")
+	close(slow.gate)
+	waitWithin(t, 20*time.Second, "the stuck worker catches up", g.failed, func() bool {
+		return stuck.Status().AppliedRevision >= env.srv.Revision()
+	})
+	g.cancel()
+	g.wait(t, 10*time.Second)
+	require.Equal(t, etcdSnapshot(ctx, t, env.direct, prefix), stateSnapshotMap(slow.mapState))
+}
