@@ -36,7 +36,7 @@ func newMicroRun(tb testing.TB, state ReactorState, n int, value func(int) []byt
 	for i := 0; i < n; i++ {
 		c := keyChange{key: microKey(i), value: value(i), modRev: int64(i + 1), created: true}
 		src.copy.set(c)
-		src.changes.record(c.key, true, true)
+		src.changes.record(c.key, changeCreate, true)
 	}
 	src.copy.loaded(int64(n), nil)
 	src.loaded = true
@@ -83,7 +83,7 @@ func benchWatchApply(b *testing.B, keys int) {
 		}
 		f.s.mu.Lock()
 		f.applyEvents(events)
-		f.s.changes.prune(f.s.floor())
+		f.s.prune()
 		f.s.mu.Unlock()
 		if _, _, err := r.catchUp(nil); err != nil {
 			b.Fatal(err)
@@ -103,9 +103,9 @@ func BenchmarkPatchViewFlush(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		cv, err := r.commitView(groups)
-		if err != nil {
-			b.Fatal(err)
+		cv, ok, err := r.commitView(groups)
+		if err != nil || !ok {
+			b.Fatal(err, ok)
 		}
 		view := newPatchView(cv)
 		for _, g := range groups {

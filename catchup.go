@@ -88,6 +88,9 @@ func (s *Source) collect(c *cursor, req *flushRequest) (catchUp, bool) {
 		c.seq.Store(b.seq)
 		c.positioned.Store(true)
 	}
+	// From now on the state may hold any key created up to b.seq, even if
+	// telling it fails half way.
+	c.told.Store(max(c.told.Load(), b.seq))
 	if req != nil {
 		b.entries = make(map[util.EtcdKey]kvEntry, len(req.keys))
 		for _, k := range req.keys {
@@ -117,7 +120,7 @@ func (s *Source) changesSince(c *cursor, from uint64, deletesOnly bool) []change
 		switch {
 		case held && !deletesOnly:
 			out = append(out, change{keyChange: keyChange{key: key, value: e.value, modRev: e.modRev}, init: rec.init})
-		case !held && (rec.born == 0 || rec.born <= from):
+		case !held && rec.mayHold(from, c.told.Load()):
 			out = append(out, change{keyChange: keyChange{key: key}, init: rec.init || deletesOnly})
 		}
 	})

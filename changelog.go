@@ -11,7 +11,7 @@ import (
 // up from its position to the copy's newest revision. Its size is bounded by
 // the number of keys, not by the number of events: each key has one record
 // (the newest change), and log entries made stale by a newer change of the
-// same key are dropped when they pass half the log. Records every cursor has
+// same key are dropped once there are more than compactMinOver of them. Records every cursor has
 // passed are dropped as well. See "Catching up" in docs/DESIGN.md.
 //
 // Positions are change sequences, not revisions: a reload passes its
@@ -22,17 +22,39 @@ type changeLog struct {
 	changes map[util.EtcdKey]changeRecord // the newest change of each key
 	log     []logEntry                    // every change, in sequence order; some stale
 	floor   uint64                        // changes up to it were pruned
+	sweepAt int                           // sweep dead records when changes pass it
 }
 
-// changeRecord is the newest change of one key.
+// changeRecord is the newest change of one key, and what the key's life
+// since the record began says about who may hold it.
 type changeRecord struct {
 	seq uint64
-	// born: the sequence of the change that created the key, if that is
-	// still in the log (0: the key existed before). A worker whose position
-	// is before it never saw the key, so a delete is not passed to it.
-	born uint64
-	// init: the change came from a load (Update's isInit).
-	init bool
+	// existed: the key was held when the record began (its first change
+	// was no creation). born: the first change of the record that created
+	// the key (0: none). died: the first that deleted it (0: none). See
+	// mayHold.
+	existed    bool
+	born, died uint64
+	deleted    bool // the newest change deletes the key
+	init       bool // the newest change came from a load (Update's isInit)
+}
+
+// changeKind is what a change did to its key.
+type changeKind int
+
+const (
+	changePut    changeKind = iota // a put of a held key
+	changeCreate                   // a put that created the key
+	changeDelete                   // a delete
+)
+
+// mayHold reports whether a state at position pos, which was told (perhaps
+// in part) the changes up to told, may hold the key: it held the key at pos
+// (the key existed and had not died by then), or it may have been told a
+// creation. A delete is passed only to such a state: a key created and
+// deleted after everything a state was told is never told at all.
+func (r changeRecord) mayHold(pos, told uint64) bool {
+	return r.existed && (r.died == 0 || r.died > pos) || r.born != 0 && r.born <= told
 }
 
 type logEntry struct {
@@ -41,29 +63,58 @@ type logEntry struct {
 }
 
 func newChangeLog() changeLog {
-	return changeLog{changes: make(map[util.EtcdKey]changeRecord)}
+	return changeLog{changes: make(map[util.EtcdKey]changeRecord), sweepAt: compactMinOver}
 }
 
-// record notes a change of key: created (a put that created it), from a
-// load (init). It returns its sequence.
-func (l *changeLog) record(key util.EtcdKey, created, init bool) uint64 {
+// record notes a change of key, of kind k, from a load (init) or not. It
+// returns its sequence.
+func (l *changeLog) record(key util.EtcdKey, k changeKind, init bool) uint64 {
 	l.seq++
 	rec, had := l.changes[key]
 	if !had {
-		rec.born = 0
-		if created {
-			rec.born = l.seq
-		}
+		rec = changeRecord{existed: k != changeCreate}
 	}
-	rec.seq, rec.init = l.seq, init
+	if k == changeCreate && rec.born == 0 {
+		rec.born = l.seq
+	}
+	if k == changeDelete && rec.died == 0 {
+		rec.died = l.seq
+	}
+	rec.seq, rec.init, rec.deleted = l.seq, init, k == changeDelete
 	l.changes[key] = rec
 	l.log = append(l.log, logEntry{key: key, seq: l.seq})
 	return l.seq
 }
 
+// cursorPos is where one cursor stands: its position and the most it was
+// told (see changeRecord.mayHold).
+type cursorPos struct{ pos, told uint64 }
+
+// neededBy reports whether some cursor still needs the record of a deleted
+// key: it has not passed the delete, and its state may hold the key.
+func (r changeRecord) neededBy(cursors []cursorPos) bool {
+	for _, c := range cursors {
+		if c.pos < r.seq && r.mayHold(c.pos, c.told) {
+			return true
+		}
+	}
+	return false
+}
+
 // prune drops what every cursor has passed (floor: the smallest position
-// of a cursor) and the stale entries of the log once they are half of it.
-func (l *changeLog) prune(floor uint64) {
+// of a cursor), the records of deleted keys that no cursor needs (see
+// neededBy), and the stale entries of the log once they are half of it.
+// Records are so bounded by the keys some cursor may hold, whatever the
+// number of short-lived keys.
+func (l *changeLog) prune(floor uint64, cursors []cursorPos) {
+	if len(l.changes) > l.sweepAt {
+		for k, rec := range l.changes {
+			if rec.deleted && !rec.neededBy(cursors) {
+				delete(l.changes, k)
+			}
+		}
+		l.sweepAt = max(2*len(l.changes), compactMinOver)
+	}
 	floor = min(floor, l.seq)
 	l.floor = max(l.floor, floor)
 	if floor == l.seq {
@@ -72,7 +123,7 @@ func (l *changeLog) prune(floor uint64) {
 		}
 		return
 	}
-	if len(l.log) <= 2*len(l.changes)+compactMinOver && (len(l.log) == 0 || l.log[0].seq > floor) {
+	if len(l.log) <= len(l.changes)+compactMinOver && (len(l.log) == 0 || l.log[0].seq > floor) {
 		return
 	}
 	kept := l.log[:0]
@@ -94,6 +145,7 @@ func (l *changeLog) prune(floor uint64) {
 // reset drops every record. After a burst (a reload's diff, a stuck
 // worker) it gives the memory back: a cleared map keeps its buckets.
 func (l *changeLog) reset() {
+	l.sweepAt = compactMinOver
 	if cap(l.log) > compactMinOver {
 		l.changes, l.log = make(map[util.EtcdKey]changeRecord), nil
 		return

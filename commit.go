@@ -49,9 +49,12 @@ func (r *run) commitPending(now time.Time) error {
 // group is run (a group that fails or cannot fit ends the flush before
 // anything is sent), then the Txns go out in order until one does not land.
 func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
-	cv, err := r.commitView(groups)
+	cv, ok, err := r.commitView(groups)
 	if err != nil {
 		return flushResult{}, err
+	}
+	if !ok { // the Source is (re)loading: try again on its next snapshot
+		return flushResult{tryAgain: true}, nil
 	}
 	view := newPatchView(cv)
 	defer view.reset()
@@ -98,15 +101,17 @@ func (r *run) flush(groups [][]DataPatch) (flushResult, error) {
 
 // commitView catches the state up with the Source and returns what groups
 // read, at the revision the state then has.
-func (r *run) commitView(groups [][]DataPatch) (*commitView, error) {
+// It reports false while the Source has no snapshot to give (a reload is
+// under way).
+func (r *run) commitView(groups [][]DataPatch) (*commitView, bool, error) {
 	req := flushKeys(groups)
 	req.values = req.values && r.view.values == nil
-	b, _, err := r.catchUp(&req)
-	if err != nil {
-		return nil, err
+	b, ok, err := r.catchUp(&req)
+	if err != nil || !ok {
+		return nil, false, err
 	}
 	return &commitView{ks: r.ks, rev: r.view.completeRev, counterRev: r.view.counterRev,
-		entries: b.entries, values: r.view.values, committed: r.view.committed}, nil
+		entries: b.entries, values: r.view.values, committed: r.view.committed}, true, nil
 }
 
 // checkGroup returns an error when a group writes or depends on a key it may

@@ -104,7 +104,7 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 		metrics: m,
 		board:   newStatusBoard(),
 		src:     src,
-		cur:     newCursor(ks),
+		cur:     src.newCursor(ks),
 		view:    view{keys: -1},
 	}, nil
 }

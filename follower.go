@@ -205,7 +205,7 @@ func (f *follower) onWatch(res watchResult) error {
 		f.applyEvents(res.events)
 	}
 	f.s.freshAt = f.now()
-	f.s.changes.prune(f.s.floor())
+	f.s.prune()
 	f.s.mu.Unlock()
 	f.s.metrics.sourceWatchLag.With(f.s.label).Set(float64(max(f.health.headRev-f.eventRev(), 0)))
 	f.s.signal()
@@ -231,7 +231,7 @@ func (f *follower) applyEvents(events []*clientv3.Event) {
 			continue
 		}
 		m.set(c)
-		f.s.changes.record(c.key, c.created, false)
+		f.s.changes.record(c.key, c.kind(), false)
 	}
 	m.eventsApplied(events[len(events)-1].Kv.ModRevision)
 	f.s.rev.Store(m.completeRev)
@@ -318,6 +318,9 @@ func (f *follower) load() error {
 	s := f.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// Until this load completes the copy is no snapshot: a load that fails
+	// half way leaves it torn, and no worker may catch up from it.
+	s.loaded = false
 	m := s.copy
 	start := f.now()
 	counters := make(map[string]int64)
@@ -327,7 +330,8 @@ func (f *follower) load() error {
 	// none (a first load), every worker takes the whole copy, and records
 	// would only be pruned at the end of the load (at 100k keys they cost
 	// about half of its CPU, and the emptied map kept its memory).
-	record := s.floor() != noPosition
+	floor, _ := s.positions()
+	record := floor != noPosition
 	walk := m.walk()
 	rev, err := f.readPrefix(first, func(kv *mvccpb.KeyValue) {
 		c, visible := m.apply(kv, false)
@@ -345,7 +349,7 @@ func (f *follower) load() error {
 		c.created = !had
 		m.set(c)
 		if record {
-			s.changes.record(c.key, c.created, true)
+			s.changes.record(c.key, c.kind(), true)
 		}
 	})
 	vanished := walk.finish(err == nil)
@@ -355,17 +359,18 @@ func (f *follower) load() error {
 	for _, k := range vanished {
 		m.set(keyChange{key: k})
 		if record {
-			s.changes.record(k, false, true)
+			s.changes.record(k, changeDelete, true)
 		}
 	}
 	m.loaded(rev, counters)
-	if s.loaded {
+	if s.loadedOnce {
 		s.reloads++ // a reload within one activation: after a compaction
 	}
+	s.loadedOnce = true
 	s.rev.Store(m.completeRev)
 	s.loaded = true
 	s.freshAt = f.now()
-	s.changes.prune(s.floor())
+	s.prune()
 	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))
 	f.log.Info("source loaded", zap.Int64("revision", rev), zap.Int("keys", keys),
 		zap.Duration("duration", f.now().Sub(start)))

@@ -148,6 +148,11 @@ func (r *run) loop() error {
 	r.publishStatus()
 	r.fence = r.startFenceCheck()
 	r.src.attach(r.cur)
+	// The first snapshot must be proven current after Run began, as a load
+	// would be: a Source that already runs has its copy, which may not hold
+	// a write that ended just before; a probe asked for now proves it.
+	start := r.now()
+	r.src.requestProgress()
 	for !r.synced {
 		if err := r.checkStop(); err != nil {
 			return err
@@ -156,7 +161,7 @@ func (r *run) loop() error {
 		if err != nil {
 			return err
 		}
-		if ok {
+		if ok && !r.health.lastFresh.Before(start) {
 			r.synced = true
 			break
 		}

@@ -140,6 +140,17 @@ func (m *mirror) setCounter(key string, rev int64, deleted bool) {
 	}
 }
 
+// kind is what c does to its key, for the change log.
+func (c keyChange) kind() changeKind {
+	switch {
+	case c.value == nil:
+		return changeDelete
+	case c.created:
+		return changeCreate
+	}
+	return changePut
+}
+
 // ownedKey returns the key b holds without copying it. It is only for the
 // keys of etcd's responses: each is decoded into a slice of its own that
 // nothing else holds or changes (their values are shared with the state the

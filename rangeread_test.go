@@ -40,6 +40,7 @@ type rpcCounter struct {
 	streams       int   // RangeStream calls
 	chunks        []int // encoded size of each RangeStream message
 	ranges        int   // unary Range calls
+	rangeReads    int   // of them, reads of a range (not of one key, not a count)
 	rangeResponse []int // encoded size of each Range response
 }
 
@@ -84,6 +85,9 @@ func (c *rpcCounter) unary(ctx context.Context, method string, req, reply any, c
 		if err == nil {
 			c.rangeResponse = append(c.rangeResponse, proto.Size(reply.(*pb.RangeResponse)))
 		}
+		if rr := req.(*pb.RangeRequest); len(rr.RangeEnd) > 0 && !rr.CountOnly {
+			c.rangeReads++
+		}
 		n := c.ranges
 		c.mu.Unlock()
 		if c.afterRange != nil {
@@ -106,6 +110,13 @@ func (s *countingStream) RecvMsg(m any) error {
 		s.c.mu.Unlock()
 	}
 	return err
+}
+
+// reads counts the RangeStream calls and the unary reads of a range.
+func (c *rpcCounter) reads() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.streams + c.rangeReads
 }
 
 func (c *rpcCounter) counts() (streams, chunks, ranges int) {

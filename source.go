@@ -51,8 +51,9 @@ type Source struct {
 	mu      sync.RWMutex
 	copy    *mirror
 	changes changeLog
-	// loaded: the copy is a snapshot of etcd of the current activation.
-	loaded bool
+	// loaded: the copy is a snapshot of etcd of the current activation (no
+	// load is half done). loadedOnce: a load of the activation completed.
+	loaded, loadedOnce bool
 	// reloads counts the loads after the first of an activation.
 	reloads int64
 	// freshAt is the newest proof that the copy was current (at completeRev).
@@ -74,7 +75,8 @@ type Source struct {
 	// parkMu guards parked: the cursors of workers that stopped, held
 	// weakly. It is never held while waiting for anything.
 	parkMu sync.Mutex
-	parked map[*cursor]weak.Pointer[cursor]
+	parked map[uint64]weak.Pointer[cursor] // by cursor id: the map holds no cursor
+	ids    atomic.Uint64
 }
 
 // sourceHealth is what the Source's follower reports about etcd to its
@@ -182,7 +184,7 @@ func newSource(client *clientv3.Client, p util.EtcdPrefix, o sourceOptions) (*So
 		copy:     newMirror(p),
 		changes:  newChangeLog(),
 		attached: make(map[*cursor]struct{}),
-		parked:   make(map[*cursor]weak.Pointer[cursor]),
+		parked:   make(map[uint64]weak.Pointer[cursor]),
 	}
 	s.running.Store(&[]*cursor{})
 	return s, nil
@@ -219,8 +221,12 @@ type cursor struct {
 	ks     keyspace
 	notify chan struct{} // a signal: the Source has news
 	// seq is the position the worker reached; floor holds the changes after
-	// it for the worker (atomic: the follower reads it to prune).
-	seq atomic.Uint64
+	// it for the worker (atomic: the follower reads it to prune). told is
+	// the most the worker's state was told, perhaps in part (a catch-up
+	// that failed): the state may hold a key created up to it.
+	seq  atomic.Uint64
+	told atomic.Uint64
+	id   uint64 // its key among the Source's parked cursors
 	// positioned: the worker has a position (it was given a snapshot).
 	positioned atomic.Bool
 	// full: the next catch-up passes every key from resume on (a first
@@ -233,8 +239,8 @@ type cursor struct {
 	maxOutage        time.Duration
 }
 
-func newCursor(ks keyspace) *cursor {
-	return &cursor{ks: ks, notify: make(chan struct{}, 1), full: true}
+func (s *Source) newCursor(ks keyspace) *cursor {
+	return &cursor{ks: ks, notify: make(chan struct{}, 1), full: true, id: s.ids.Add(1)}
 }
 
 // attach registers c as running and starts the follower if it is the
@@ -245,14 +251,14 @@ func (s *Source) attach(c *cursor) {
 	s.attached[c] = struct{}{}
 	s.publishCursors() // before it leaves parked: the floor always sees it
 	s.parkMu.Lock()
-	delete(s.parked, c)
+	delete(s.parked, c.id)
 	s.parkMu.Unlock()
 	if s.fol == nil {
 		s.hmu.Lock()
 		s.health = sourceHealth{}
 		s.hmu.Unlock()
 		s.mu.Lock()
-		s.loaded = false
+		s.loaded, s.loadedOnce = false, false
 		s.mu.Unlock()
 		s.fol = startFollower(s)
 	}
@@ -267,7 +273,7 @@ func (s *Source) detach(c *cursor) {
 	defer s.lifeMu.Unlock()
 	if c.positioned.Load() {
 		s.parkMu.Lock()
-		s.parked[c] = weak.Make(c)
+		s.parked[c.id] = weak.Make(c)
 		s.parkMu.Unlock()
 	}
 	delete(s.attached, c)
@@ -306,27 +312,36 @@ func (s *Source) signal() {
 // noPosition is the floor when no worker holds a position.
 const noPosition = uint64(1<<64 - 1)
 
-// floor is the smallest position of a worker that may catch up from the
-// change log: the changes up to it can go. The follower calls it holding
-// mu, so that a position a worker takes under mu is always seen.
-func (s *Source) floor() uint64 {
-	floor := noPosition
-	for _, c := range *s.running.Load() {
+// positions returns the smallest position of a worker that may catch up
+// from the change log (the changes up to it can go) and where each such
+// worker stands. The follower calls it holding mu, so that a position a
+// worker takes under mu is always seen.
+func (s *Source) positions() (floor uint64, cursors []cursorPos) {
+	floor = noPosition
+	see := func(c *cursor) {
 		if c.positioned.Load() {
-			floor = min(floor, c.seq.Load())
+			pos := c.seq.Load()
+			floor = min(floor, pos)
+			cursors = append(cursors, cursorPos{pos: pos, told: c.told.Load()})
 		}
+	}
+	for _, c := range *s.running.Load() {
+		see(c)
 	}
 	s.parkMu.Lock()
 	defer s.parkMu.Unlock()
-	for k, wp := range s.parked {
+	for id, wp := range s.parked {
 		if c := wp.Value(); c != nil {
-			floor = min(floor, c.seq.Load())
+			see(c)
 		} else {
-			delete(s.parked, k) // its worker is gone
+			delete(s.parked, id) // its worker is gone
 		}
 	}
-	return floor
+	return floor, cursors
 }
+
+// prune drops from the change log what no worker needs; mu is held.
+func (s *Source) prune() { s.changes.prune(s.positions()) }
 
 // followerSettings are what the attached workers ask of the follower.
 type followerSettings struct {
