@@ -1,6 +1,7 @@
 // Package etcdtest is the test harness shared by the library's tests and
-// benchmarks: embedded etcd servers and clusters on 127.0.0.1, a
-// fault-injecting TCP proxy, and small client helpers.
+// benchmarks: embedded etcd servers and clusters on 127.0.0.1, etcd servers
+// of other releases as processes of their own (ServerBinary, StartProcess),
+// a fault-injecting TCP proxy, and small client helpers.
 //
 // Everything is bound to loopback ports, keeps its data in t.TempDir(), logs
 // nothing by default and is torn down by t.Cleanup. Non-test programs should
