@@ -124,6 +124,7 @@ func (r *run) readPrefix(sizeMirror bool, fn func(kv *mvccpb.KeyValue) error) (i
 	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
 	defer cancel()
 	n := 0
+	path := r.w.streamSupport.readPath()
 	rev, err := readRange(ctx, r.w.client, key, end, cfg, func(kv *mvccpb.KeyValue) error {
 		if n&1023 == 0 { // data arrived: etcd answers (checked now and then, it is per key)
 			r.answered(0)
@@ -132,6 +133,9 @@ func (r *run) readPrefix(sizeMirror bool, fn func(kv *mvccpb.KeyValue) error) (i
 		n++
 		return fn(kv)
 	})
+	if now := r.w.streamSupport.readPath(); now != path {
+		r.logReadPath(path, now)
+	}
 	var ce rangeCallbackError
 	if errors.As(err, &ce) {
 		return 0, userError(ce)
@@ -157,4 +161,31 @@ func (r *run) expectKeys(keys int64) error {
 		return struct{}{}, nil
 	})
 	return err
+}
+
+// logReadPath reports, at Info, that the reads of the prefix changed path
+// from was to now: a fall back from the streaming range (with the server's
+// version), or the stream again after a fallback.
+func (r *run) logReadPath(was, now ReadPath) {
+	switch {
+	case now == ReadPathFallback:
+		r.log.Info("etcd has no streaming range (RangeStream): reading the prefix with unary ranges pinned at one revision",
+			zap.String("serverVersion", r.serverVersion()))
+	case was == ReadPathFallback:
+		r.log.Info("etcd streams ranges (RangeStream) again: reading the prefix with it")
+	}
+}
+
+// serverVersion asks etcd for its version (Maintenance.Status), endpoint by
+// endpoint, bounded by one request timeout in all; "unknown" when none
+// answers.
+func (r *run) serverVersion() string {
+	ctx, cancel := r.requestCtx(false)
+	defer cancel()
+	for _, ep := range r.w.client.Endpoints() {
+		if resp, err := r.w.client.Status(ctx, ep); err == nil {
+			return resp.Version
+		}
+	}
+	return "unknown"
 }
