@@ -33,8 +33,9 @@ func WithMaxRequestBytes(n uint) ServerOption { return embedetcd.WithMaxRequestB
 // NOSPACE alarm and makes writes fail.
 func WithQuotaBackendBytes(n int64) ServerOption { return embedetcd.WithQuotaBackendBytes(n) }
 
-// WithLogger sends the server's logs to lg (default: discarded, etcd is very
-// chatty). zaptest.NewLogger(t) is handy when debugging.
+// WithLogger sends the server's logs to lg (default: only those that end the
+// process, on standard error; etcd is very chatty). zaptest.NewLogger(t) is
+// handy when debugging.
 func WithLogger(lg *zap.Logger) ServerOption { return embedetcd.WithLogger(lg) }
 
 // WithTiming sets the raft heartbeat interval and election timeout in
