@@ -127,7 +127,7 @@ func buildServer(version string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), ServerBuildTimeout)
 	defer cancel()
 	bin := filepath.Join(dir, name)
-	cmd := exec.CommandContext(ctx, "go", "build", "-buildvcs=false", "-o", bin, ".")
+	cmd := exec.CommandContext(ctx, "go", "build", "-buildvcs=false", "-ldflags=-s -w", "-o", bin, ".")
 	cmd.Dir = src
 	cmd.Env = append(os.Environ(), "GOWORK=off")
 	start := time.Now()
