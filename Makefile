@@ -4,12 +4,21 @@ GOBIN ?= $(shell $(GO) env GOPATH)/bin
 DURATION ?= 10m
 FUZZTIME ?= 30s
 ORCHESTRATOR_SCALE_KEYS ?= 1000000
+SERVERS ?= all
 
-.PHONY: test lint bench bench-scale cover soak fuzz vuln tools
+.PHONY: test test-servers lint bench bench-scale cover soak fuzz vuln tools
 
 ## test: the full test suite with the race detector (what CI runs).
 test:
 	$(GO) test -race -count=1 ./...
+
+## test-servers: the server matrix: the tests that depend on the etcd server
+## against etcd 3.4, 3.5, 3.6 and 3.7, each a process of its own built from
+## internal/servers (SERVERS=3.5,3.7 picks releases), then the load figures of
+## each release (BenchmarkServerLoad, without the race detector).
+test-servers:
+	ORCHESTRATOR_SERVERS=$(SERVERS) $(GO) test -race -count=1 -timeout=20m -run='^(TestServerMatrix|TestProcessServers)$$' . ./leader ./internal/etcdtest
+	ORCHESTRATOR_SERVERS=$(SERVERS) $(GO) test -count=1 -run='^$$' -bench='^BenchmarkServerLoad$$' -benchtime=1x -timeout=10m .
 
 ## lint: golangci-lint with the repo's .golangci.yml.
 lint: tools

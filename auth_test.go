@@ -24,15 +24,23 @@ const i10Prompt = 5 * time.Second
 // users "reader-writer" (roles "r" and "w": read, and write, on the
 // prefixes granted) and "nobody" (no rights).
 type i10AuthEnv struct {
-	srv  *etcdtest.Server
+	srv  etcdtest.Target
 	root *clientv3.Client
 }
 
+// i10NewAuthEnv starts an embedded server and sets it up as i10SetUpAuth
+// does.
 func i10NewAuthEnv(t *testing.T, prefixes ...string) *i10AuthEnv {
 	t.Helper()
-	srv := etcdtest.NewServer(t, etcdtest.WithEmbedConfig(func(cfg *embed.Config) {
+	return i10SetUpAuth(t, etcdtest.NewServer(t, etcdtest.WithEmbedConfig(func(cfg *embed.Config) {
 		cfg.BcryptCost = 4 // the minimum: the test authenticates often
-	}))
+	})), prefixes...)
+}
+
+// i10SetUpAuth adds the users and roles of i10AuthEnv to srv, granted on
+// prefixes, and enables authentication.
+func i10SetUpAuth(t *testing.T, srv etcdtest.Target, prefixes ...string) *i10AuthEnv {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	cli := srv.Client(t)
@@ -54,7 +62,7 @@ func i10NewAuthEnv(t *testing.T, prefixes ...string) *i10AuthEnv {
 	return &i10AuthEnv{srv: srv, root: i10UserClient(t, srv, "root", "rootpw")}
 }
 
-func i10UserClient(t *testing.T, srv *etcdtest.Server, user, password string) *clientv3.Client {
+func i10UserClient(t *testing.T, srv etcdtest.Target, user, password string) *clientv3.Client {
 	t.Helper()
 	cfg := etcdtest.ClientConfig(srv.Endpoints()...)
 	cfg.Username, cfg.Password = user, password
@@ -109,8 +117,17 @@ func TestPermanentErrorsEndRun(t *testing.T) {
 	env := i10NewAuthEnv(t, prefix)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	opts := []Option{WithMaxStaleness(time.Second), WithRequestTimeout(2 * time.Second)}
+	i10PermissionDenied(ctx, t, env, prefix)
+	t.Run("closed client", func(t *testing.T) { i10ClosedClientCase(ctx, t, env, prefix) })
+	t.Run("closed client during a commit", func(t *testing.T) { i10ClosedDuringCommitCase(ctx, t, env, prefix) })
+}
 
+// i10PermissionDenied runs a worker without rights, and workers whose read
+// or write right is revoked while they run: each Run ends promptly with an
+// error matching ErrEtcdRejected and rpctypes.ErrPermissionDenied, on the
+// path that met the rejection.
+func i10PermissionDenied(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix string) {
+	opts := []Option{WithMaxStaleness(time.Second), WithRequestTimeout(2 * time.Second)}
 	t.Run("no rights: the load", func(t *testing.T) {
 		w, err := NewEtcdWorker(i10UserClient(t, env.srv, "nobody", "pw"), prefix, &i10Writer{}, newMapState(prefix), opts...)
 		require.NoError(t, err)
@@ -129,8 +146,6 @@ func TestPermanentErrorsEndRun(t *testing.T) {
 			i10RevokedCase(ctx, t, env, prefix, tc.role, tc.path, opts)
 		})
 	}
-	t.Run("closed client", func(t *testing.T) { i10ClosedClientCase(ctx, t, env, prefix) })
-	t.Run("closed client during a commit", func(t *testing.T) { i10ClosedDuringCommitCase(ctx, t, env, prefix) })
 }
 
 // i10RevokedCase runs a worker as reader-writer, lets it commit once, then

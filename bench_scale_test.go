@@ -219,18 +219,6 @@ func rawSizedStream(ctx context.Context, b *testing.B, cli *clientv3.Client, pre
 	return m
 }
 
-func rawUnpaged(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
-	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())
-	if err != nil {
-		b.Fatal(err)
-	}
-	m := make(map[string][]byte, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		m[string(kv.Key)] = kv.Value
-	}
-	return m
-}
-
 // timed wraps a read returning its key count into one returning its
 // duration, failing unless it read n keys.
 func timed(b *testing.B, n int, read func() int) func() time.Duration {
@@ -475,7 +463,7 @@ func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *client
 		timed(b, n, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawSizedStream(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawPages(ctx, b, cli, prefix)) }),
-		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
+		timed(b, n, func() int { return len(orchestrator.RawUnpagedForBench(ctx, b, cli, prefix)) }),
 		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newScaleState()) },
 		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newSizedScaleState()) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, cli, prefix)) }),
@@ -500,7 +488,7 @@ func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *client
 func scaleFallbackRows(ctx context.Context, b *testing.B, settle func(), endpoint string, cli *clientv3.Client, prefix string, n int) []scaleRow {
 	legacy := scaleClient(b, endpoint, true)
 	ds := timeReads(settle, 3,
-		timed(b, n, func() int { return len(rawUnpaged(ctx, b, cli, prefix)) }),
+		timed(b, n, func() int { return len(orchestrator.RawUnpagedForBench(ctx, b, cli, prefix)) }),
 		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newSizedScaleState()) },
 		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newScaleState()) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, legacy, prefix)) }),

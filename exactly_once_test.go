@@ -517,7 +517,12 @@ func (f *txnFaultInjector) dialOption() grpc.DialOption {
 // fence landed, or failed, and its answer was lost). In every case the
 // group lands exactly once and Run goes on.
 func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	scriptedUnknownOutcomes(t, etcdtest.NewServer(t))
+}
+
+// scriptedUnknownOutcomes runs TestExactlyOnceScriptedUnknownOutcomes
+// against srv.
+func scriptedUnknownOutcomes(t *testing.T, srv etcdtest.Target) {
 	direct := srv.Client(t)
 	cases := []struct {
 		name    string

@@ -19,3 +19,9 @@ func ReadPrefixForBench(ctx context.Context, kv clientv3.KV, prefix string, fn f
 func RawStreamForBench(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) map[string][]byte {
 	return rawStreamGet(ctx, tb, cli, prefix)
 }
+
+// RawUnpagedForBench exposes rawUnpagedGet, the raw unpaged read of
+// prefix + "/" into a map, to the external test package's benchmarks.
+func RawUnpagedForBench(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) map[string][]byte {
+	return rawUnpagedGet(ctx, tb, cli, prefix)
+}

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"strconv"
@@ -69,15 +70,21 @@ func faultClient(t testing.TB, extra []grpc.DialOption, endpoints ...string) *cl
 // faultEnv is one etcd server, a proxy in front of it for the workers, a
 // direct client that bypasses the proxy, and a metrics registry.
 type faultEnv struct {
-	srv    *etcdtest.Server
+	srv    etcdtest.Target
 	proxy  *etcdtest.Proxy
 	direct *clientv3.Client
 	reg    *prometheus.Registry
 }
 
+// newFaultEnv is newFaultEnvOn a new embedded server.
 func newFaultEnv(t testing.TB) *faultEnv {
 	t.Helper()
-	srv := etcdtest.NewServer(t)
+	return newFaultEnvOn(t, etcdtest.NewServer(t))
+}
+
+// newFaultEnvOn puts a proxy in front of srv.
+func newFaultEnvOn(t testing.TB, srv etcdtest.Target) *faultEnv {
+	t.Helper()
 	return &faultEnv{
 		srv:    srv,
 		proxy:  etcdtest.NewProxy(t, srv.Endpoints()[0]),
@@ -297,22 +304,44 @@ func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client,
 }
 
 // TestFaultBankProxyCuts: six bank workers reach etcd through one proxy that
-// is cut three times for 1-2s. They must keep every invariant in every Tick,
-// make progress after each cut, and leave exact totals in etcd.
+// is cut three times for 1-2s (see bankOutages).
 func TestFaultBankProxyCuts(t *testing.T) {
-	env := newFaultEnv(t)
-	b := newBankWorld("/fault/bank-cuts", 6, 8)
-	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
+	bankOutages(t, newFaultEnv(t), "/fault/bank-cuts", (*etcdtest.Proxy).Pause,
+		time.Second, 1500*time.Millisecond, 2*time.Second)
+}
 
-	b.waitProgress(t, g, 20, "before the cuts")
-	for i, d := range []time.Duration{time.Second, 1500 * time.Millisecond, 2 * time.Second} {
-		env.proxy.Pause()
+// bankOutages runs six bank workers and an observer through env's proxy,
+// and for each of outages applies fault to the proxy for that long, then
+// resumes it. The workers must keep every invariant in every Tick, make
+// progress after each outage and leave exact totals in etcd, and the
+// observer's last Tick must see exactly what etcd holds.
+func bankOutages(t *testing.T, env *faultEnv, prefix string, fault func(*etcdtest.Proxy), outages ...time.Duration) {
+	b := newBankWorld(prefix, 6, 8)
+	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
+	snaps := newTickSnapshots()
+	og := startWorkerGroup(t, 3*time.Minute, "observer", []*EtcdWorker{mustNewEtcdWorker(t, env.client(t), prefix,
+		snaps.reactor(), newMapState(prefix), faultOptions(env.reg, faultLogger(t))...)})
+
+	b.waitProgress(t, g, 20, "before the outages")
+	for i, d := range outages {
+		fault(env.proxy)
 		time.Sleep(d) // the outage itself
 		env.proxy.Resume()
-		b.waitProgress(t, g, 20, fmt.Sprintf("after cut %d (%v)", i+1, d))
+		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d (%v)", i+1, d))
 	}
 	b.finish(t, g, env.direct)
-	require.Positive(t, metricSum(t, env.reg, "orchestrator_outages_total"), "the cuts were not noticed")
+	kvs, rev := userKVs(testContext(t), t, env.direct, prefix, 0)
+	want := make(map[string]string, len(kvs))
+	for k, kv := range kvs {
+		want[k] = kv.value
+	}
+	waitWithin(t, faultProgressTimeout, fmt.Sprintf("the observer's state is etcd's at revision %d", rev), og.failed, func() bool {
+		last, ok := snaps.last()
+		return ok && maps.Equal(last.values, want)
+	})
+	og.cancel()
+	require.ErrorIs(t, og.wait(t, 10*time.Second)["observer-0"], context.Canceled)
+	require.Positive(t, metricSum(t, env.reg, "orchestrator_outages_total"), "the outages were not noticed")
 	t.Logf("groups emitted: %d, conflicts: %v, unknown outcomes: %v", b.emitted.Load(),
 		metricSum(t, env.reg, "orchestrator_conflicts_total"), metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
 }

@@ -402,6 +402,7 @@ func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int6
 	ctx, cancel = boundToClient(ctx, cancel, f.s.client)
 	defer cancel()
 	n := 0
+	path := f.s.streamSupport.readPath()
 	rev, err := readRange(ctx, f.s.client, key, clientv3.GetPrefixRangeEnd(key), cfg, func(kv *mvccpb.KeyValue) error {
 		if n&1023 == 0 { // data arrived: etcd answers (checked now and then, it is per key)
 			f.health.answered(0)
@@ -411,9 +412,39 @@ func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int6
 		fn(kv)
 		return nil
 	})
+	if now := f.s.streamSupport.readPath(); now != path {
+		f.logReadPath(ctx, path, now)
+	}
 	if err != nil {
 		return 0, err
 	}
 	f.answered(rev)
 	return rev, nil
+}
+
+// logReadPath reports, at Info, that the reads of the prefix changed path
+// from was to now: a fall back from the streaming range (with the server's
+// version), or the stream again after a fallback.
+func (f *follower) logReadPath(ctx context.Context, was, now ReadPath) {
+	switch {
+	case now == ReadPathFallback:
+		f.log.Info("etcd has no streaming range (RangeStream): reading the prefix with unary ranges pinned at one revision",
+			zap.String("serverVersion", f.serverVersion(ctx)))
+	case was == ReadPathFallback:
+		f.log.Info("etcd streams ranges (RangeStream) again: reading the prefix with it")
+	}
+}
+
+// serverVersion asks etcd for its version (Maintenance.Status), endpoint by
+// endpoint, bounded by one request timeout in all; "unknown" when none
+// answers.
+func (f *follower) serverVersion(ctx context.Context) string {
+	ctx, cancel := context.WithTimeout(ctx, f.requestTimeout(f.now()))
+	defer cancel()
+	for _, ep := range f.s.client.Endpoints() {
+		if resp, err := f.s.client.Status(ctx, ep); err == nil {
+			return resp.Version
+		}
+	}
+	return "unknown"
 }

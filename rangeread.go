@@ -77,10 +77,33 @@ type readConfig struct {
 
 // streamSupport remembers that the server answered RangeStream with
 // codes.Unimplemented, so that reads in the next streamRetryInterval go
-// straight to the unary fallback. It is safe for concurrent use; the zero
-// value assumes the stream is supported.
+// straight to the unary fallback, and which path the last read took. It is
+// safe for concurrent use; the zero value assumes the stream is supported.
 type streamSupport struct {
 	unimplementedAt atomic.Int64 // unix nanoseconds; 0: never
+	path            atomic.Int32 // the last read's path: pathNone, pathStream or pathFallback
+}
+
+// Values of streamSupport.path.
+const (
+	pathNone int32 = iota
+	pathStream
+	pathFallback
+)
+
+// readPath returns the path of the last read (ReadPathNone: none yet, or
+// a nil streamSupport).
+func (s *streamSupport) readPath() ReadPath {
+	if s == nil {
+		return ReadPathNone
+	}
+	switch s.path.Load() {
+	case pathStream:
+		return ReadPathStream
+	case pathFallback:
+		return ReadPathFallback
+	}
+	return ReadPathNone
 }
 
 // useStream reports whether the next read should try the stream.
@@ -95,6 +118,7 @@ func (s *streamSupport) useStream(now time.Time) bool {
 func (s *streamSupport) markUnimplemented(now time.Time) {
 	if s != nil {
 		s.unimplementedAt.Store(now.UnixNano())
+		s.path.Store(pathFallback)
 	}
 }
 
@@ -130,6 +154,9 @@ func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 		rev, delivered, err := readStream(ctx, kv, key, end, cfg, fn)
 		var ce rangeCallbackError
 		if status.Code(err) != codes.Unimplemented || errors.As(err, &ce) {
+			if err == nil && cfg.support != nil {
+				cfg.support.path.Store(pathStream)
+			}
 			return rev, err // the callback's error is never the server's answer
 		}
 		cfg.support.markUnimplemented(time.Now())

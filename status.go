@@ -40,7 +40,28 @@ type Status struct {
 	// since OutageSince.
 	Unreachable bool
 	OutageSince time.Time
+	// ReadPath is how the worker's last read of the whole prefix (the
+	// initial load, a reload after a compaction) went: etcd 3.7's streaming
+	// range, or the fallback of servers without it.
+	ReadPath ReadPath
 }
+
+// ReadPath is how a worker reads the whole prefix: the initial load and the
+// reload after a compaction.
+type ReadPath string
+
+const (
+	// ReadPathNone means the worker has not read the prefix yet.
+	ReadPathNone ReadPath = ""
+	// ReadPathStream is etcd 3.7's streaming range (RangeStream): one
+	// request pinned at one revision, answered in chunks.
+	ReadPathStream ReadPath = "stream"
+	// ReadPathFallback is unary ranges pinned at one revision, for servers
+	// that answer RangeStream Unimplemented (etcd before 3.7, the gRPC
+	// proxy): the whole prefix in one response, or pages when it exceeds
+	// the client's receive limit.
+	ReadPathFallback ReadPath = "fallback"
+)
 
 // Lag is how many revisions the state is behind the newest revision etcd
 // reported to the worker.
@@ -80,6 +101,7 @@ func (b *statusBoard) get() (Status, <-chan struct{}) {
 func (w *EtcdWorker) Status() Status {
 	s, _ := w.board.get()
 	if s.Running {
+		s.ReadPath = w.src.streamSupport.readPath()
 		s.Fresh = w.opts.clock.Since(s.LastFresh) <= w.opts.maxStaleness
 		// The Source follows etcd while a slow Tick keeps the worker busy:
 		// its probes and its copy say how far etcd has moved on.

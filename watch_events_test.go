@@ -182,11 +182,15 @@ func TestProgressNotifyNeverSkipsEvents(t *testing.T) {
 // writes sees every put of the key, once, in order, and its Ticks never see
 // the value go back.
 func TestProgressNotifyWorkerSeesEveryPut(t *testing.T) {
+	everyPutSeen(t, etcdtest.NewServer(t))
+}
+
+// everyPutSeen runs TestProgressNotifyWorkerSeesEveryPut against srv.
+func everyPutSeen(t *testing.T, srv etcdtest.Target) {
 	const (
 		prefix = "/test/notify/e2e"
 		puts   = 150
 	)
-	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)
 	writer := srv.Client(t)
 	mustPutKV(ctx, t, writer, prefix+"/k", "0")

@@ -38,11 +38,26 @@ func testContext(t *testing.T) (context.Context, context.CancelFunc) {
 // the latest when the test function returns, before etcd stops).
 func startRunTest(t *testing.T) (etcd *orchestratortest.Etcd, ctx, runCtx context.Context, stop context.CancelFunc) {
 	t.Helper()
-	ctx, _ = testContext(t)
 	etcd = orchestratortest.StartEtcdServer(t)
+	ctx, runCtx, stop = runContexts(t)
+	return etcd, ctx, runCtx, stop
+}
+
+// runContexts returns the test's context and runCtx, a child of it for the
+// candidates that stop cancels (at the latest when the test function
+// returns, before etcd stops).
+func runContexts(t *testing.T) (ctx, runCtx context.Context, stop context.CancelFunc) {
+	t.Helper()
+	ctx, _ = testContext(t)
 	runCtx, stop = context.WithCancel(ctx)
 	t.Cleanup(stop)
-	return etcd, ctx, runCtx, stop
+	return ctx, runCtx, stop
+}
+
+// clientMaker makes the clients of candidates: an orchestratortest.Etcd,
+// or processClients.
+type clientMaker interface {
+	NewClient() (*clientv3.Client, error)
 }
 
 // patchesOnly is a ReactorState that ignores etcd's content and only queues
@@ -149,7 +164,7 @@ func nextTerm(ctx context.Context, t *testing.T, elected <-chan leader.Term) lea
 
 // runCandidates starts one leader.Run per name, each with its own client,
 // and returns a function that waits for them and returns their errors.
-func runCandidates(ctx context.Context, t *testing.T, etcd *orchestratortest.Etcd,
+func runCandidates(ctx context.Context, t *testing.T, etcd clientMaker,
 	newWorker leader.NewWorkerFunc, names []string, opts ...leader.Option) func() []error {
 	t.Helper()
 	errs := make([]error, len(names))

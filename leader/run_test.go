@@ -15,8 +15,16 @@ import (
 )
 
 func TestFailoverFencesOffTheDeposedLeader(t *testing.T) {
-	etcd, ctx, runCtx, stop := startRunTest(t)
-	cli := etcd.Client()
+	etcd := orchestratortest.StartEtcdServer(t)
+	failoverFencesOff(t, etcd.Client(), etcd)
+}
+
+// failoverFencesOff runs three candidates on clients from etcd and makes
+// three leaders in a row crash (their session lease revoked through cli): a
+// follower takes over each time, terms grow, every group lands whole and
+// once, and no term writes after its lease was revoked.
+func failoverFencesOff(t *testing.T, cli *clientv3.Client, etcd clientMaker) {
+	ctx, runCtx, stop := runContexts(t)
 	elected := make(chan leader.Term, 16)
 	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a", "b", "c"},
 		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))

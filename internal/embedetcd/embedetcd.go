@@ -144,6 +144,10 @@ func applyOptions(cfg *embed.Config, opts Options) {
 	cfg.SocketOpts.ReuseAddress = true
 	cfg.Logger = "zap"
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(opts.Logger)
+	// etcd 3.6's NewConfig left this at 0, which logs every request as slow.
+	if cfg.WarningUnaryRequestDuration == 0 {
+		cfg.WarningUnaryRequestDuration = embed.DefaultWarningUnaryRequestDuration
+	}
 	if opts.Configure != nil {
 		opts.Configure(cfg)
 	}

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/goleak"
 )
 
@@ -43,6 +44,16 @@ func TestStartCompactClose(t *testing.T) {
 	case <-s.Stopped():
 	default:
 		t.Fatal("not stopped after Close")
+	}
+}
+
+func TestConfigWarnsOnlyOfSlowRequests(t *testing.T) {
+	cfg, err := Config(Member{Dir: t.TempDir(), ClientURL: "http://127.0.0.1:1", PeerURL: "http://127.0.0.1:2"}, ResolveOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.WarningUnaryRequestDuration; got != embed.DefaultWarningUnaryRequestDuration {
+		t.Fatalf("WarningUnaryRequestDuration %v, want %v", got, embed.DefaultWarningUnaryRequestDuration)
 	}
 }
 

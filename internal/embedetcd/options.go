@@ -1,10 +1,12 @@
 package embedetcd
 
 import (
+	"os"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // Default timing used for embedded members. They are much shorter than
@@ -25,7 +27,7 @@ type Options struct {
 	MaxRequestBytes uint
 	// QuotaBackendBytes is etcd's --quota-backend-bytes (0 keeps etcd's default).
 	QuotaBackendBytes int64
-	// Logger receives the server's logs; nil means zap.NewNop().
+	// Logger receives the server's logs; nil means FatalLogger().
 	Logger *zap.Logger
 	// TickMs is the raft heartbeat interval in milliseconds.
 	TickMs uint
@@ -58,7 +60,7 @@ func ResolveOptions(opts ...Option) Options {
 		}
 	}
 	if o.Logger == nil {
-		o.Logger = zap.NewNop()
+		o.Logger = FatalLogger()
 	}
 	return o
 }
@@ -73,7 +75,15 @@ func WithMaxRequestBytes(n uint) Option { return func(o *Options) { o.MaxRequest
 // NOSPACE alarm.
 func WithQuotaBackendBytes(n int64) Option { return func(o *Options) { o.QuotaBackendBytes = n } }
 
-// WithLogger sends the server's logs to lg (default: discarded).
+// FatalLogger discards every log of a server but those that end the
+// process (zap's Fatal calls os.Exit(1) even on a no-op logger): they go to
+// standard error, so that a test binary that etcd ends says why.
+func FatalLogger() *zap.Logger {
+	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
+	return zap.New(zapcore.NewCore(enc, zapcore.Lock(os.Stderr), zapcore.DPanicLevel))
+}
+
+// WithLogger sends the server's logs to lg (default: FatalLogger()).
 func WithLogger(lg *zap.Logger) Option { return func(o *Options) { o.Logger = lg } }
 
 // WithTiming sets the raft heartbeat interval and election timeout in

@@ -1,6 +1,7 @@
 // Package etcdtest is the test harness shared by the library's tests and
-// benchmarks: embedded etcd servers and clusters on 127.0.0.1, a
-// fault-injecting TCP proxy, and small client helpers.
+// benchmarks: embedded etcd servers and clusters on 127.0.0.1, etcd servers
+// of other releases as processes of their own (ServerBinary, StartProcess),
+// a fault-injecting TCP proxy, and small client helpers.
 //
 // Everything is bound to loopback ports, keeps its data in t.TempDir(), logs
 // nothing by default and is torn down by t.Cleanup. Non-test programs should
@@ -32,8 +33,9 @@ func WithMaxRequestBytes(n uint) ServerOption { return embedetcd.WithMaxRequestB
 // NOSPACE alarm and makes writes fail.
 func WithQuotaBackendBytes(n int64) ServerOption { return embedetcd.WithQuotaBackendBytes(n) }
 
-// WithLogger sends the server's logs to lg (default: discarded, etcd is very
-// chatty). zaptest.NewLogger(t) is handy when debugging.
+// WithLogger sends the server's logs to lg (default: only those that end the
+// process, on standard error; etcd is very chatty). zaptest.NewLogger(t) is
+// handy when debugging.
 func WithLogger(lg *zap.Logger) ServerOption { return embedetcd.WithLogger(lg) }
 
 // WithTiming sets the raft heartbeat interval and election timeout in
