@@ -55,7 +55,9 @@ func serverCases() []serverCase {
 		{name: "exactly once: dropped answers", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
 			scriptedUnknownOutcomes(t, srv)
 		}},
-		// The shared-Source slow-worker case goes here.
+		{name: "shared Source: a stuck worker", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
+			stuckWorkerOnSource(t, srv)
+		}},
 	}
 }
 

@@ -159,7 +159,12 @@ func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 // stuck worker catches up in one step, each key told once, and its next Tick
 // sees the newest write.
 func TestSourceStuckWorkerDoesNotDelayTheOthers(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	stuckWorkerOnSource(t, etcdtest.NewServer(t))
+}
+
+// stuckWorkerOnSource is TestSourceStuckWorkerDoesNotDelayTheOthers against
+// srv (also run by the server matrix).
+func stuckWorkerOnSource(t *testing.T, srv etcdtest.Target) {
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	const prefix, keys, writes = "/stuck", 30, 3000
