@@ -24,8 +24,8 @@ import (
 // returned together with ErrReactorFinished are committed, then Run returns
 // nil. A final Tick's append and delete must both be in etcd afterwards.
 func TestEtcdWorkerFinished(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	finish := map[string]func() error{
 		"plain":            func() error { return ErrReactorFinished },
 		"pingcap Trace":    func() error { return pingcaperrors.Trace(ErrReactorFinished) },
@@ -63,8 +63,8 @@ func TestEtcdWorkerFinished(t *testing.T) {
 // group is a put) and checks that a patch whose key another writer changed
 // concurrently is re-run on the new value: the final value reflects both.
 func TestEtcdWorkerCover(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 
 	t.Run("same group", func(t *testing.T) {
 		ctx := testContext(t)
@@ -120,8 +120,8 @@ func TestEtcdWorkerCover(t *testing.T) {
 // false, the current value again, deleting an absent key, a change undone
 // within the group) send no Txn, so etcd's revision does not move.
 func TestEtcdWorkerEmptyTxn(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/emptytxn"
 	mustPutKV(ctx, t, cli, prefix+"/key1", "v")
@@ -158,9 +158,9 @@ func TestEtcdWorkerEmptyTxn(t *testing.T) {
 		}
 		return st, nil
 	})
-	before := srv.Revision()
+	before := headRevision(ctx, t, cli)
 	require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix)))
-	require.Equal(t, before, srv.Revision(), "a flush of no-op patches moved etcd's revision")
+	require.Empty(t, writesSince(ctx, t, cli, before, prefix), "a flush of no-op patches wrote")
 	require.Equal(t, int64(3*9), runs.Load(), "every no-op patch must have run once per Tick")
 	require.Equal(t, map[string]string{"/key1": "v", "/key2": ""}, etcdSnapshot(ctx, t, cli, prefix))
 }
@@ -171,8 +171,8 @@ func TestEtcdWorkerEmptyTxn(t *testing.T) {
 // the watch; a delete reaches it as nil. A patch returning []byte{} writes an
 // empty value; nil with changed = true deletes.
 func TestEtcdWorkerEmptyOrNil(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/emptyornil"
 	mustPutKV(ctx, t, cli, prefix+"/init", "")
@@ -234,8 +234,8 @@ func TestEtcdWorkerEmptyOrNil(t *testing.T) {
 // and by another client, is tracked by the state through every step, and a
 // patch on the recreated key sees the new value.
 func TestEtcdWorkerModifyAfterDelete(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/modafterdel"
 	mustPutKV(ctx, t, cli, prefix+"/k", "orig")
@@ -287,8 +287,8 @@ func TestEtcdWorkerModifyAfterDelete(t *testing.T) {
 // aborts the whole commit — nothing of it is written, no Tick runs in
 // between — and is re-run until the state moves on; then it commits.
 func TestEtcdWorkerRetryableError(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/retry"
 
@@ -338,8 +338,8 @@ func TestEtcdWorkerRetryableError(t *testing.T) {
 // the patch returning it — including what it changed before failing — and
 // the other patches of its group still commit.
 func TestEtcdWorkerIgnoreError(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/ignore"
 
@@ -427,7 +427,8 @@ func deleteCounterCases() []deleteCounterCase {
 // key, fail and re-run, even when B does not write the deleted key (it only
 // read it). B's patch blocks on its first run until A's delete landed.
 func TestEtcdWorkerDeleteCounter(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 
 	cases := deleteCounterCases()
 	for i, tc := range cases {
@@ -480,8 +481,8 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 // ErrKeyOutsidePrefix that names the key; nothing of that commit (not even
 // the valid group before it) is written.
 func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	// The prefix is given un-normalized: the worker's area is "/test/out/".
 	const prefix = "test/out/"
 	t.Run("keys under the normalized prefix", func(t *testing.T) {
@@ -517,11 +518,11 @@ func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
 				// The final commit fails: Run must report it, not return nil.
 				return st, ErrReactorFinished
 			})
-			before := srv.Revision()
+			before := headRevision(ctx, t, cli)
 			err := runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix))
 			require.ErrorIs(t, err, ErrKeyOutsidePrefix)
 			require.ErrorContains(t, err, bad)
-			require.Equal(t, before, srv.Revision(), "something of the rejected commit was written")
+			require.Empty(t, writesSince(ctx, t, cli, before, prefix, bad), "something of the rejected commit was written")
 		})
 	}
 }
@@ -572,8 +573,8 @@ func runTwiceReactor(phase *atomic.Int64, ticked chan struct{}) Reactor {
 // reloads what changed in between (also deletions, with isInit = true),
 // ends up with the same state as a fresh worker and commits normally.
 func TestEtcdWorkerRunTwice(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/runtwice"
 	for k, v := range map[string]string{"/a": "1", "/b": "2", "/c": "3"} {
@@ -626,8 +627,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 // rate with integer Duration division and ticked once, never again).
 func TestEtcdWorkerLongTimerInterval(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx, cancel := context.WithTimeout(testContext(t), 15*time.Second)
 	defer cancel()
 	const interval = 2 * time.Second
@@ -655,8 +655,8 @@ func TestEtcdWorkerLongTimerInterval(t *testing.T) {
 // worker nor on the watch of the writing one. recordingState fails Update for
 // them; this test makes sure both kinds exist while workers watch.
 func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/reserved"
 	mustPutKV(ctx, t, cli, prefix+"/x", "1")
@@ -707,8 +707,8 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 // TestNewEtcdWorkerInvalidArgument: nil client, reactor or state (also a
 // typed nil) is an error matching ErrInvalidArgument, never a panic.
 func TestNewEtcdWorkerInvalidArgument(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	okReactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 	okState := newRecordingState("/p")
 	cases := []struct {
@@ -760,8 +760,8 @@ func waitStarted(ctx context.Context, t *testing.T, started chan struct{}) {
 // bad timerInterval, ctx cancelled (before and during Run), ctx deadline, and
 // a session whose lease is revoked.
 func TestEtcdWorkerRunStops(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	newWorker := func(t *testing.T, reactor Reactor) *EtcdWorker {
 		w, err := NewEtcdWorker(cli, "/test/stops/"+t.Name(), reactor, newRecordingState("/test/stops/"+t.Name()))
 		require.NoError(t, err)
@@ -780,7 +780,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 	})
 
 	runStopsOnContext(t, newWorker)
-	runStopsOnSession(t, srv, cli, newWorker)
+	runStopsOnSession(t, cli, newWorker)
 }
 
 // runStopsOnContext: Run ends with ctx's error, cause included.
@@ -843,10 +843,10 @@ func runStopsOnContext(t *testing.T, newWorker stopsWorker) {
 
 // runStopsOnSession: Run ends with ErrEtcdSessionDone when the session's
 // lease is revoked, busy or idle.
-func runStopsOnSession(t *testing.T, srv *etcdtest.Server, cli *clientv3.Client, newWorker stopsWorker) {
+func runStopsOnSession(t *testing.T, cli *clientv3.Client, newWorker stopsWorker) {
 	t.Run("session lease revoked", func(t *testing.T) {
 		ctx := testContext(t)
-		sess, err := concurrency.NewSession(srv.Client(t), concurrency.WithTTL(5))
+		sess, err := concurrency.NewSession(sharedClient(t), concurrency.WithTTL(5))
 		require.NoError(t, err)
 		defer func() { _ = sess.Close() }()
 		started := make(chan struct{})
@@ -861,7 +861,7 @@ func runStopsOnSession(t *testing.T, srv *etcdtest.Server, cli *clientv3.Client,
 		// No commit after the revoke: the worker must notice the session
 		// itself, not through a failing commit.
 		ctx := testContext(t)
-		sess, err := concurrency.NewSession(srv.Client(t), concurrency.WithTTL(2))
+		sess, err := concurrency.NewSession(sharedClient(t), concurrency.WithTTL(2))
 		require.NoError(t, err)
 		defer func() { _ = sess.Close() }()
 		started := make(chan struct{})
@@ -921,8 +921,8 @@ func maxSingleValue(t *testing.T, cli *clientv3.Client, prefix, rel string, dele
 // key or byte more makes Run return ErrEtcdTxnOpsExceed /
 // ErrEtcdTxnSizeExceed with nothing written (etcd's revision does not move).
 func TestEtcdWorkerTxnLimits(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 
 	cases := []struct {
 		name    string
@@ -963,15 +963,15 @@ func TestEtcdWorkerTxnLimits(t *testing.T) {
 				when(always, func(_ context.Context, st *recordingState) error { emit(st); return nil }),
 				when(always, nil),
 			)
-			before := srv.Revision()
+			before := headRevision(ctx, t, cli)
 			err := runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix))
 			if tc.wantErr == nil {
 				require.NoError(t, err)
-				require.Greater(t, srv.Revision(), before)
+				require.NotEmpty(t, writesSince(ctx, t, cli, before, prefix))
 				return
 			}
 			require.ErrorIs(t, err, tc.wantErr)
-			require.Equal(t, before, srv.Revision(), "something of the oversized group was written")
+			require.Empty(t, writesSince(ctx, t, cli, before, prefix), "something of the oversized group was written")
 			require.Equal(t, map[string]string{"/victim": "x"}, etcdSnapshot(ctx, t, cli, prefix))
 		})
 	}
@@ -1069,8 +1069,8 @@ func (s *panickyPatchesState) GetPatches() [][]DataPatch {
 // also when the user wrapped it with github.com/pingcap/errors. Nothing of a
 // commit whose patch failed is written.
 func TestEtcdWorkerUserError(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	wraps := map[string]func(error) error{
 		"plain":             func(err error) error { return err },
 		"fmt wrapped":       func(err error) error { return fmt.Errorf("in callback: %w", err) },
@@ -1092,12 +1092,12 @@ func TestEtcdWorkerUserError(t *testing.T) {
 					mustPutKV(ctx, t, cli, prefix+k, v)
 				}
 				fail := func() error { return wrap(errUserBoom) }
-				before := srv.Revision()
+				before := headRevision(ctx, t, cli)
 				err := runWorker(ctx, t, cli, prefix, site.reactor(fail), site.state(prefix, fail))
 				require.ErrorIs(t, err, errUserBoom)
 				require.NotErrorIs(t, err, ErrPanic)
 				if site.name != "Update on watch" {
-					require.Equal(t, before, srv.Revision(), "the failed commit wrote something")
+					require.Empty(t, writesSince(ctx, t, cli, before, prefix), "the failed commit wrote something")
 				}
 			})
 		}
@@ -1107,8 +1107,8 @@ func TestEtcdWorkerUserError(t *testing.T) {
 // TestEtcdWorkerPanic: a panic in Tick, Update, Patch or GetPatches ends Run
 // with an error matching ErrPanic; the process survives (the test goes on).
 func TestEtcdWorkerPanic(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	for i, site := range userFailureSites() {
 		for j, value := range []any{"a string", errUserBoom, 42} {
 			prefix := fmt.Sprintf("/test/panic/%d-%d", i, j)
@@ -1132,8 +1132,8 @@ func TestEtcdWorkerPanic(t *testing.T) {
 // produced (no self-conflict, so every patch runs exactly once), and a key
 // rewritten by groups in several Txns ends up with all their changes.
 func TestEtcdWorkerMultiTxnFlush(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const (
 		prefix    = "/test/multitxn"

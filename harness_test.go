@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -484,4 +485,51 @@ func reloadByCompaction(ctx context.Context, t testing.TB, proxy *etcdtest.Proxy
 	_, err := etcdtest.Compact(ctx, admin)
 	require.NoError(t, err)
 	proxy.Resume()
+}
+
+// sharedClient returns a new client of the package's shared etcd server
+// (etcdtest.Shared), closed by t.Cleanup. Tests that inject a fault (a proxy,
+// compaction, server limits, auth) start their own server instead.
+func sharedClient(t testing.TB) *clientv3.Client {
+	t.Helper()
+	return etcdtest.SharedClient(t)
+}
+
+// headRevision returns etcd's current revision.
+func headRevision(ctx context.Context, t testing.TB, cli *clientv3.Client) int64 {
+	t.Helper()
+	resp, err := cli.Get(ctx, "\x00", clientv3.WithCountOnly())
+	require.NoError(t, err)
+	return resp.Header.Revision
+}
+
+// writesSince returns the keys under prefix + "/", or equal to one of keys,
+// that were put or deleted after revision rev (from headRevision). It reads
+// etcd's history, so that it also holds on the shared server, whose revision
+// moves with the writes of the other tests; the history must not be
+// compacted past rev.
+func writesSince(ctx context.Context, t testing.TB, cli *clientv3.Client, rev int64, prefix string, keys ...string) []string {
+	t.Helper()
+	now := headRevision(ctx, t, cli)
+	if now <= rev {
+		return nil
+	}
+	area := util.NormalizePrefix(prefix).String() + "/"
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var out []string
+	for resp := range cli.Watch(wctx, "\x00", clientv3.WithFromKey(), clientv3.WithRev(rev+1)) {
+		require.NoError(t, resp.Err())
+		for _, ev := range resp.Events {
+			k := string(ev.Kv.Key)
+			if strings.HasPrefix(k, area) || slices.Contains(keys, k) {
+				out = append(out, k)
+			}
+			if ev.Kv.ModRevision >= now {
+				return out
+			}
+		}
+	}
+	t.Fatalf("reading the history after revision %d: %v", rev, ctx.Err())
+	return nil
 }
