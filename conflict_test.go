@@ -85,11 +85,12 @@ func casIncrement(ctx context.Context, cli *clientv3.Client, key string, delta i
 // worker waited for its state to pass the conflicting revision), and the
 // final value holds both writes.
 func TestConflictRerunsPatchOnNewerState(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix = "/test/conflict/once"
 		role   = "conflict-once"
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	mustPutKV(ctx, t, cli, prefix+"/n", "0")
@@ -134,13 +135,14 @@ func TestConflictRerunsPatchOnNewerState(t *testing.T) {
 // retried without waiting would conflict over and over on the same state.
 // Every increment lands exactly once.
 func TestConflictsBoundedByExternalWrites(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix         = "/test/conflict/stream"
 		role           = "conflict-stream"
 		externalWrites = 40
 		spacing        = 3 * time.Millisecond
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	mustPutKV(ctx, t, cli, prefix+"/n", "0")

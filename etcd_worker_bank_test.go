@@ -153,13 +153,14 @@ func bankAdd(i int, delta int64) DataPatch {
 // holds exactly one log entry per transfer, and replaying the log gives
 // exactly etcd's balances (so every transfer landed exactly once).
 func TestEtcdWorkerBank(t *testing.T) {
+	t.Parallel()
 	const (
 		accounts  = 25
 		workers   = 10
 		runs      = 2
 		transfers = 15 // per run
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	for i := 0; i < accounts; i++ {

@@ -227,11 +227,12 @@ func checkLin(t testing.TB, history []porcupine.Operation) porcupine.CheckResult
 // histories with a lost increment, a stale read or a read-your-writes
 // violation are rejected.
 func TestEtcdWorkerLinearizability(t *testing.T) {
+	t.Parallel()
 	const (
 		workers = 5
 		ops     = 60 // Ticks per worker; every other one increments
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	start := time.Now()
 	now := func() int64 { return int64(time.Since(start)) }

@@ -19,12 +19,13 @@ import (
 // delta to its own key and /sum in one group. A torn snapshot, a lost or a
 // doubled increment breaks the assertion or the final totals.
 func TestSum(t *testing.T) {
+	t.Parallel()
 	const (
 		workers = 6
 		rounds  = 30
 		prefix  = "/test/sum"
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	g, gctx := errgroup.WithContext(ctx)
 	for i := 0; i < workers; i++ {

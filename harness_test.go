@@ -533,3 +533,12 @@ func writesSince(ctx context.Context, t testing.TB, cli *clientv3.Client, rev in
 	t.Fatalf("reading the history after revision %d: %v", rev, ctx.Err())
 	return nil
 }
+
+// clearPrefix deletes every key under prefix + "/", reserved ones included:
+// the subtests of a table that share their parent's prefix on the shared
+// server start each from an empty prefix, as on a server of their own.
+func clearPrefix(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string) {
+	t.Helper()
+	_, err := cli.Delete(ctx, util.NormalizePrefix(prefix).String()+"/", clientv3.WithPrefix())
+	require.NoError(t, err)
+}

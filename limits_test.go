@@ -179,7 +179,8 @@ func limFence(t testing.TB, cli *clientv3.Client, key string) (string, int64) {
 // TestLimitsServerDefaultsAreTheLimits checks the premise of the tests below:
 // a default server takes a Txn of exactly 128 compares and refuses 129.
 func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	cmps := func(n int) []clientv3.Cmp {
@@ -201,6 +202,7 @@ func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
 // and one key more fails with ErrEtcdTxnOpsExceed writing nothing; with and
 // without fencing, with and without deletes.
 func TestLimitsOpsDefaultServer(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	fenceKey, fenceRev := limFence(t, cli, "/limfence/owner")
@@ -267,6 +269,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 // ErrEtcdTxnSizeExceed writing nothing. The worst case for protobuf framing,
 // a group at both the op and the byte limit, commits too.
 func TestLimitsBytesDefaultServer(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	fenceKey, fenceRev := limFence(t, cli, "/limfence/"+strings.Repeat("f", 300))
@@ -328,6 +331,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 // key more is refused before anything is sent, and many small groups are
 // packed into exactly as many Txns as the limit requires.
 func TestLimitsMatchingServer(t *testing.T) {
+	t.Parallel()
 	const serverOps = 16
 	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
 	cli := srv.Client(t)
@@ -468,6 +472,7 @@ func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client
 // server's gets its Txn refused by etcd; Run must return the matching error
 // promptly (not retry forever), having written nothing.
 func TestLimitsServerLowerThanWorker(t *testing.T) {
+	t.Parallel()
 	const serverOps = 16
 	opsSrv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
 	opsCli := opsSrv.Client(t)

@@ -107,7 +107,8 @@ func (c *i10Committer) rounds(t *testing.T, n int64) {
 // other worker's bookkeeping ends Run with ErrKeyOutsidePrefix, writing
 // nothing.
 func TestNestedPrefixesHideEachOthersBookkeeping(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	n := 0
 	for _, pair := range [][2]string{{"/r/app", "/r/app/b"}, {"/r/app", "/r/apple"}} {

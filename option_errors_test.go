@@ -14,7 +14,8 @@ import (
 // option with ErrInvalidArgument and an error that names the option; values
 // documented as meaning "none" or "no limit" are accepted.
 func TestOptionErrorsNameTheOption(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 	for _, tc := range []struct {

@@ -149,12 +149,13 @@ var i10PatchCases = []i10PatchCase{{
 // ErrEtcdTryAgain of a later group, after a conflict) starts from the
 // committed values, not from its own aborted edit.
 func TestPatchesMayEditTheirInput(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	direct := srv.Client(t)
 	for ci, tc := range i10PatchCases {
 		for _, kind := range []string{"single", "general"} {
 			t.Run(tc.name+"/"+kind, func(t *testing.T) {
-				prefix := fmt.Sprintf("/i10/edit-%d-%s", ci, kind)
+				prefix := fmt.Sprintf("/test/edit-%d-%s", ci, kind)
 				i10RunEditCase(t, direct, prefix, kind, tc)
 			})
 		}

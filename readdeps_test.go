@@ -111,7 +111,7 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 		attempts = 3
 		capacity = 2
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	_, err := cli.Put(ctx, prefix+"/capacity", strconv.Itoa(capacity))
@@ -149,6 +149,7 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 // makes the others' range compare fail; they re-run on the new state and
 // exactly the capacity is reserved.
 func TestRangeDependencyPreventsOversell(t *testing.T) {
+	t.Parallel()
 	t.Run("without dependency oversells", func(t *testing.T) {
 		require.Greater(t, rdRunReservations(t, "/test/rd-unsafe", false), 2)
 	})
@@ -163,6 +164,7 @@ func TestRangeDependencyPreventsOversell(t *testing.T) {
 // and B ends with A's new value. Without the dependency B keeps the stale
 // value (a key only read is not compared).
 func TestKeyDependencyReRunsOnChange(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		name     string
 		withDeps bool
@@ -174,9 +176,10 @@ func TestKeyDependencyReRunsOnChange(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			const prefix = "/test/rd-key"
-			srv := etcdtest.NewServer(t)
+			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
 			cli := srv.Client(t)
+			clearPrefix(ctx, t, cli, prefix)
 			_, err := cli.Put(ctx, prefix+"/a", "1")
 			require.NoError(t, err)
 			keyA, keyB := util.NewEtcdKey(prefix+"/a"), util.NewEtcdKey(prefix+"/b")
@@ -234,6 +237,7 @@ func rdOnceWorker(t *testing.T, cli *clientv3.Client, prefix string, group []Dat
 // ErrEtcdTxnOpsExceed and writes nothing. A key both written and depended on,
 // or a dependency declared twice, takes one compare.
 func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-limit"
 	k := func(name string) util.EtcdKey { return util.NewEtcdKey(prefix + "/" + name) }
 	put := func(name string) DataPatch {
@@ -258,8 +262,9 @@ func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
 				ReadRangeDependency{Prefix: prefix + "/s/"}}, ErrEtcdTxnOpsExceed},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.NewServer(t)
+			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
+			clearPrefix(ctx, t, srv.Client(t), prefix)
 			err := rdRunOnce(ctx, t, srv.Client(t), prefix, tt.group, WithTxnLimits(8, DefaultTxnMaxBytes))
 			resp, gerr := srv.Client(t).Get(ctx, prefix+"/w", clientv3.WithPrefix(), clientv3.WithCountOnly())
 			require.NoError(t, gerr)
@@ -278,8 +283,9 @@ func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
 // outside the prefix or in the reserved area ends Run with
 // ErrKeyOutsidePrefix before anything is written.
 func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-outside"
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	put := SingleDataPatch{Key: util.NewEtcdKey(prefix + "/w"),
 		Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
 	for _, d := range []DataPatch{
@@ -304,6 +310,7 @@ func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
 // are dropped, a batch splits exactly when the compares exceed the limit,
 // and the byte count is exactly what the batch's compares and ops cost.
 func TestPackTxnsCountsDependencies(t *testing.T) {
+	t.Parallel()
 	l := txnLimits{maxOps: 8, maxBytes: 1 << 20, overheadOps: 2} // 6 compares per Txn
 	w := func(i int) groupWrites { return groupWrites{{key: rdKey(i), value: []byte("v")}} }
 	d := func(prefixes []string, keys ...int) groupDeps {
@@ -373,6 +380,7 @@ func rdKey(i int) util.EtcdKey { return util.NewEtcdKey(fmt.Sprintf("/b/k%02d", 
 // what the group's earlier patches changed (on the single-key fast path and
 // on the value map alike); the next group sees the committed values.
 func TestSkipGroupUndoesTheWholeGroup(t *testing.T) {
+	t.Parallel()
 	single := func(key string, value string, err error) DataPatch {
 		return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) {
 			return []byte(value), err == nil, err
@@ -417,6 +425,7 @@ func TestSkipGroupUndoesTheWholeGroup(t *testing.T) {
 // bound above the snapshot would let through keys others put in between),
 // then lands. Neither is a conflict.
 func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-flush"
 	put := func(name string) DataPatch {
 		return SingleDataPatch{Key: util.NewEtcdKey(prefix + name),
@@ -430,8 +439,9 @@ func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
 		{"range dependency", ReadRangeDependency{Prefix: prefix + "/r/"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.NewServer(t)
+			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
+			clearPrefix(ctx, t, srv.Client(t), prefix)
 			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*rdState)
 				st.patches = append(st.patches, []DataPatch{put("/r/a"), put("/r/b")}, []DataPatch{put("/x"), tt.dep})
@@ -454,6 +464,7 @@ func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
 // prefix leaves nothing for a ModRevision compare to see, so the group lands
 // on what it read. A key dependency on the same key does notice the delete.
 func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-delete"
 	for _, tt := range []struct {
 		name     string
@@ -465,9 +476,10 @@ func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
 		{"key dependency sees it", ReadDependency{Key: util.NewEtcdKey(prefix + "/r/a")}, "0", 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.NewServer(t)
+			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
 			cli := srv.Client(t)
+			clearPrefix(ctx, t, cli, prefix)
 			_, err := cli.Put(ctx, prefix+"/r/a", "1")
 			require.NoError(t, err)
 			var runs atomic.Int32

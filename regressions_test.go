@@ -17,11 +17,12 @@ import (
 // A role that is not valid UTF-8 must not panic inside Run (prometheus label
 // validation in metrics.forRole, called from newRun outside any recover).
 func TestRunRoleInvalidUTF8(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	ctx, cancel := context.WithTimeout(testContext(t), 5*time.Second)
 	defer cancel()
-	st := newMapState("/review/role")
-	w, err := NewEtcdWorker(srv.Client(t), "/review/role", ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+	st := newMapState("/test/role")
+	w, err := NewEtcdWorker(srv.Client(t), "/test/role", ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		return s, ErrReactorFinished
 	}), st)
 	require.NoError(t, err)
@@ -38,8 +39,9 @@ func TestRunRoleInvalidUTF8(t *testing.T) {
 // changedSet) must not leave its value behind for a second Run of the same
 // worker: the live value map is rebuilt from what etcd has.
 func TestRunAfterPanickingPatchUsesCommittedValues(t *testing.T) {
-	const prefix = "/review/phantom"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/phantom"
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	_, err := cli.Put(ctx, prefix+"/k", "5")
@@ -92,8 +94,9 @@ func (s *failingState) Update(key util.EtcdKey, value []byte, isInit bool) error
 // An Update error ends Run; a second Run of the same worker must pass that
 // key to the state again (the load does not skip it as already known).
 func TestRunAfterUpdateErrorResendsKey(t *testing.T) {
-	const prefix = "/review/upderr"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/upderr"
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	st := &failingState{mapState: newMapState(prefix), failKey: prefix + "/x"}
@@ -125,11 +128,12 @@ func TestRunAfterUpdateErrorResendsKey(t *testing.T) {
 // Tick returning (nil, ErrReactorFinished): Run returns nil after committing
 // the returned patches (there are none).
 func TestRunFinishedWithNilState(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
-	w, err := NewEtcdWorker(srv.Client(t), "/review/nilstate", ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
+	w, err := NewEtcdWorker(srv.Client(t), "/test/nilstate", ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
 		return nil, ErrReactorFinished
-	}), newMapState("/review/nilstate"))
+	}), newMapState("/test/nilstate"))
 	require.NoError(t, err)
 	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "nil"))
 }
@@ -140,6 +144,7 @@ func TestRunFinishedWithNilState(t *testing.T) {
 // outcome and resolve loops on it. Transient errors (an expired auth token
 // that the client refreshes, no leader, too many requests) stay retryable.
 func TestClassifyTxnError(t *testing.T) {
+	t.Parallel()
 	fatal := []error{rpctypes.ErrPermissionDenied, rpctypes.ErrUserEmpty, rpctypes.ErrAuthFailed,
 		rpctypes.ErrTooManyOps, rpctypes.ErrRequestTooLarge, rpctypes.ErrLeaseNotFound}
 	for _, e := range fatal {

@@ -25,8 +25,9 @@ func r12Put(key string) DataPatch {
 // that is absent when its patch runs; another client creates it before the
 // commit. The commit must fail and the group re-run and see the key.
 func TestReview12AbsentKeyDependencyCatchesACreate(t *testing.T) {
-	const prefix = "/test/r12-absent"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/rd-absent"
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	var runs atomic.Int32
@@ -54,8 +55,9 @@ func TestReview12AbsentKeyDependencyCatchesACreate(t *testing.T) {
 // TestReview12DependencyOnlyGroupsWriteNothing: groups made of dependencies
 // only (key, range, both) send no Txn and do not fail Run.
 func TestReview12DependencyOnlyGroupsWriteNothing(t *testing.T) {
-	const prefix = "/test/r12-deponly"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/rd-deponly"
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*rdState)
@@ -76,8 +78,9 @@ func TestReview12DependencyOnlyGroupsWriteNothing(t *testing.T) {
 // delete counter). Repeated commits of one worker, with and without a session,
 // must land without livelock, deletes included.
 func TestReview12RangeOverTheWholePrefixLands(t *testing.T) {
-	const prefix = "/test/r12-whole"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/rd-whole"
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	for _, withSession := range []bool{false, true} {
@@ -118,11 +121,12 @@ func TestReview12RangeOverTheWholePrefixLands(t *testing.T) {
 // either lands or fails with ErrEtcdTxnOpsExceed before sending: never does
 // etcd reject the Txn as too large.
 func TestReview12OpEstimateMatchesTheServer(t *testing.T) {
-	const prefix, limit = "/test/r12-ops", 8
+	t.Parallel()
+	const prefix, limit = "/test/rd-ops", 8
 	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(limit))
 	ctx := testContext(t)
 	cli := srv.Client(t)
-	fence, err := cli.Put(ctx, "/test/r12-fence", "x")
+	fence, err := cli.Put(ctx, "/test/rd-ops-fence", "x")
 	require.NoError(t, err)
 	session, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
 	require.NoError(t, err)
@@ -135,7 +139,7 @@ func TestReview12OpEstimateMatchesTheServer(t *testing.T) {
 			group = append(group, ReadDependency{Key: util.NewEtcdKey(fmt.Sprintf("%s/d%d", prefix, i))})
 		}
 		err := rdRunOnceSession(ctx, t, cli, prefix, session, group,
-			WithTxnLimits(limit, DefaultTxnMaxBytes), WithFencingKey("/test/r12-fence", fence.Header.Revision))
+			WithTxnLimits(limit, DefaultTxnMaxBytes), WithFencingKey("/test/rd-ops-fence", fence.Header.Revision))
 		if err != nil {
 			require.ErrorIs(t, err, ErrEtcdTxnOpsExceed, "n=%d", n)
 			require.NotContains(t, err.Error(), "too many operations", "n=%d", n)
@@ -161,14 +165,18 @@ func rdRunOnceSession(ctx context.Context, t *testing.T, cli *clientv3.Client, p
 // starve a range dependency for as long as it writes (optimistic
 // concurrency; see "Read dependencies" in docs/DESIGN.md).
 func TestReview12RangeDependencyRacesAForeignCreator(t *testing.T) {
-	const prefix = "/test/r12-race"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/rd-race"
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
-	stop := make(chan struct{})
+	stop, started := make(chan struct{}), make(chan struct{})
 	creator := make(chan error, 1)
 	go func() {
 		for i := 0; ; i++ {
+			if i == 1 {
+				close(started)
+			}
 			select {
 			case <-stop:
 				creator <- nil
@@ -193,7 +201,7 @@ func TestReview12RangeDependencyRacesAForeignCreator(t *testing.T) {
 		values[x], changed[x] = []byte(fmt.Sprint(n)), struct{}{}
 		return nil
 	})
-	time.Sleep(50 * time.Millisecond) // let the creator start
+	awaitSignal(ctx, t, started, "the creator's first key")
 	err := rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{ReadRangeDependency{Prefix: prefix + "/r/"}, count})
 	close(stop)
 	require.NoError(t, <-creator)
@@ -211,7 +219,8 @@ func TestReview12RangeDependencyRacesAForeignCreator(t *testing.T) {
 // applies a group with dependencies (writing nothing for them) and drops a
 // group whose patch returns ErrEtcdSkipGroup.
 func TestReview12TesterHonoursSkipAndDependencies(t *testing.T) {
-	const prefix = "/test/r12-tester"
+	t.Parallel()
+	const prefix = "/test/rd-tester"
 	st := &rdState{}
 	tester := NewReactorStateTester(t, st, map[string]string{prefix + "/cap": "1"})
 	skip := rdPatch(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error { return ErrEtcdSkipGroup })
