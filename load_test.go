@@ -52,6 +52,7 @@ func loadTestWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, co
 // (RangeStream answered Unimplemented, as etcd before 3.7 does); the
 // fallback is remembered, so the reload does not try the stream again.
 func TestLoadAndReloadOnBothReadPaths(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			const prefix = "/test/readpaths"

@@ -61,10 +61,11 @@ func requireLabelledByRole(t testing.TB, reg prometheus.Gatherer, roles []string
 // checks that every metric exists per role and moved consistently with what
 // landed in etcd.
 func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/metrics"
 	roles := []string{"alpha", "beta"}
 	reg := prometheus.NewRegistry()
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 
 	var stop atomic.Bool
@@ -129,6 +130,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 // compacts meanwhile, and checks that the reload after the compacted watch
 // is counted and the state size gauge follows.
 func TestMetricsReloadAfterCompaction(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix = "/test/metrics-reload"
 		role   = "reloader"
@@ -178,6 +180,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 // WithMetrics(nil)) a worker registers nothing anywhere, not even in the
 // default registry.
 func TestMetricsNilRegisterer(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/metrics-nil"
 	hasOrchestratorMetrics := func() bool {
 		families, err := prometheus.DefaultGatherer.Gather()
@@ -191,7 +194,7 @@ func TestMetricsNilRegisterer(t *testing.T) {
 	}
 	require.False(t, hasOrchestratorMetrics())
 
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	for _, opts := range [][]Option{nil, {WithMetrics(nil)}} {
 		ticks := 0
@@ -218,6 +221,7 @@ func TestMetricsNilRegisterer(t *testing.T) {
 // incompatible collector under one of the worker's names makes
 // NewEtcdWorker fail with an error instead of panicking.
 func TestMetricsRegistrationConflict(t *testing.T) {
+	t.Parallel()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: MetricsNamespace, Name: "commits_total", Help: "not the worker's",

@@ -21,7 +21,8 @@ import (
 // whole request timeout (default 5s), whether the worker is idle or has a
 // commit in flight.
 func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	t.Run("busy tick", func(t *testing.T) {
 		t.Parallel()
 		i10BusyTickIsNoOutage(t, srv)
@@ -35,7 +36,7 @@ func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 		{"idle, pause", (*etcdtest.Proxy).Pause, false},
 		{"commit in flight, blackhole", (*etcdtest.Proxy).Blackhole, true},
 	} {
-		prefix := fmt.Sprintf("/i10/outage-%d", i)
+		prefix := fmt.Sprintf("/test/outage-%d", i)
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel() // mostly waiting: keeps the test short
 			i10OutageEndsRun(t, srv, tc.fault, tc.inFlight, prefix)
@@ -44,7 +45,7 @@ func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 }
 
 func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
-	const prefix = "/i10/outage-busy"
+	const prefix = "/test/outage-busy"
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	var ticks atomic.Int64

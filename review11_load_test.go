@@ -92,8 +92,9 @@ func updatedKeys(t *testing.T, updates []updateRecord) []string {
 // must still report every key that vanished, not only the refused one (the
 // others must not keep a sweep mark that makes them look found).
 func TestRetryAfterAFailedVanishedUpdateReportsEveryVanishedKey(t *testing.T) {
-	const prefix = "/test/r11vanish"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/vanish"
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	for i := range 10 {
@@ -130,9 +131,10 @@ func TestRetryAfterAFailedVanishedUpdateReportsEveryVanishedKey(t *testing.T) {
 // equals etcd, and the second load tells only the keys that differ from
 // what the first one managed to tell (the refused key again).
 func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
+	t.Parallel()
 	for _, refuse := range []bool{false, true} {
 		t.Run(fmt.Sprintf("refuse=%v", refuse), func(t *testing.T) {
-			const prefix = "/test/r11midload"
+			const prefix = "/test/midload"
 			srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(8<<10))
 			cli := srv.Client(t)
 			ctx := testContext(t)
@@ -221,7 +223,8 @@ func reloadWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, coun
 // isInit; afterwards a commit writing an unchanged key and deleting one
 // succeeds (no sweep mark or stale counter revision in its compares).
 func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T) {
-	const prefix = "/test/r11reload"
+	t.Parallel()
+	const prefix = "/test/reload"
 	srv := etcdtest.NewServer(t)
 	admin := srv.Client(t)
 	ctx := testContext(t)
@@ -282,7 +285,8 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 // start over, and the state ends equal to etcd with every key told with
 // isInit, nothing torn.
 func TestFallbackPagesUnderATinyReceiveLimitRestartAfterACompactionBetweenPages(t *testing.T) {
-	const prefix = "/test/r11fallback"
+	t.Parallel()
+	const prefix = "/test/fallback"
 	srv := etcdtest.NewServer(t)
 	admin := srv.Client(t)
 	ctx := testContext(t)

@@ -24,8 +24,9 @@ func review12Idle() Reactor {
 // WaitSynced while the worker commits, across a stop and a second Run; a
 // WaitSynced begun while no Run is active returns once the next Run loaded.
 func TestReview12StatusIsRaceFreeAcrossRuns(t *testing.T) {
-	const prefix = "/test/r12-status"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/status-across-runs"
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	var queued atomic.Int64
@@ -78,8 +79,9 @@ func TestReview12StatusIsRaceFreeAcrossRuns(t *testing.T) {
 // (internal) deadline while Run's ctx is alive is a failure, not a
 // requested stop.
 func TestReview12TickOwnDeadlineIsNotACleanStop(t *testing.T) {
-	const prefix = "/test/r12-tick-deadline"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/tick-deadline"
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	reactor := ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
@@ -97,8 +99,9 @@ func TestReview12TickOwnDeadlineIsNotACleanStop(t *testing.T) {
 // the initial load against an unreachable etcd, inside a blocked Tick and
 // inside a blocked patch all end Run with a clean stop.
 func TestReview12CleanStopOnEveryCancelPoint(t *testing.T) {
-	const prefix = "/test/r12-cancel"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/cancel"
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	points := []string{"before Run", "during load", "in Tick", "in patch"}
 	for _, point := range points {
@@ -137,7 +140,7 @@ func TestReview12CleanStopOnEveryCancelPoint(t *testing.T) {
 			done := runAsync(runCtx, w, nil, behaviourTick, "r12")
 			switch point {
 			case "during load":
-				time.Sleep(300 * time.Millisecond) // a load attempt timed out at least once
+				waitUntil(ctx, t, "a load attempt timed out", func() bool { return w.Status().Unreachable })
 				cancel()
 			case "in Tick", "in patch":
 				awaitSignal(ctx, t, entered, "blocked")
@@ -155,13 +158,14 @@ func TestReview12CleanStopOnEveryCancelPoint(t *testing.T) {
 // on one registry; when one stops, the other (still running) keeps
 // publishing orchestrator_applied_revision.
 func TestReview12SameRoleWorkersKeepTheirGauges(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	reg := prometheus.NewRegistry()
-	a, err := NewEtcdWorker(cli, "/test/r12-a", review12Idle(), newMapState("/test/r12-a"), WithMetrics(reg))
+	a, err := NewEtcdWorker(cli, "/test/same-role-a", review12Idle(), newMapState("/test/same-role-a"), WithMetrics(reg))
 	require.NoError(t, err)
-	b, err := NewEtcdWorker(cli, "/test/r12-b", review12Idle(), newMapState("/test/r12-b"), WithMetrics(reg))
+	b, err := NewEtcdWorker(cli, "/test/same-role-b", review12Idle(), newMapState("/test/same-role-b"), WithMetrics(reg))
 	require.NoError(t, err)
 	actx, acancel := context.WithCancel(ctx)
 	defer acancel()
@@ -173,7 +177,7 @@ func TestReview12SameRoleWorkersKeepTheirGauges(t *testing.T) {
 	require.NoError(t, b.WaitSynced(ctx))
 	acancel()
 	require.True(t, IsCleanStop(recvErr(ctx, t, adone)))
-	resp, err := cli.Put(ctx, "/test/r12-b/k", "v")
+	resp, err := cli.Put(ctx, "/test/same-role-b/k", "v")
 	require.NoError(t, err)
 	waitUntil(ctx, t, "b applied the put", func() bool { return b.Status().AppliedRevision >= resp.Header.Revision })
 	waitWithin(t, 2*time.Second, "b's applied revision gauge", nil, func() bool {
@@ -188,9 +192,8 @@ func TestReview12SameRoleWorkersKeepTheirGauges(t *testing.T) {
 // intervals) while etcd moves on, and waits until the state caught up with
 // the last put (the test fails if it does not within 10s). It returns the
 // largest Lag() seen meanwhile.
-func review12SlowReactor(t *testing.T, opts ...Option) int64 {
-	const prefix = "/test/r12-lag"
-	srv := etcdtest.NewServer(t)
+func review12SlowReactor(t *testing.T, prefix string, opts ...Option) int64 {
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	reactor := ReactorFunc(func(c context.Context, s ReactorState) (ReactorState, error) {
@@ -227,7 +230,8 @@ func review12SlowReactor(t *testing.T, opts ...Option) int64 {
 // TestReview12SlowReactorStillSeesNewState: a Tick slower than the timer
 // interval must not starve the watch: the state keeps moving on.
 func TestReview12SlowReactorStillSeesNewState(t *testing.T) {
-	review12SlowReactor(t)
+	t.Parallel()
+	review12SlowReactor(t, "/test/lag-sees-new-state")
 }
 
 // TestReview12LagShowsASlowReactorsBacklog: while Tick is slow and etcd
@@ -235,5 +239,6 @@ func TestReview12SlowReactorStillSeesNewState(t *testing.T) {
 // head probe (every 100ms here) reports the store revision while the loop
 // is busy.
 func TestReview12LagShowsASlowReactorsBacklog(t *testing.T) {
-	require.Positive(t, review12SlowReactor(t, WithMaxStaleness(400*time.Millisecond)))
+	t.Parallel()
+	require.Positive(t, review12SlowReactor(t, "/test/lag-backlog", WithMaxStaleness(400*time.Millisecond)))
 }

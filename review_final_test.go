@@ -94,10 +94,11 @@ func variedKey(prefix string, i int) string {
 // loads, reloads (streaming and paged fallback) and watch responses arrive
 // afterwards; so are the value slices shared with the state.
 func TestReviewFinalRetainedKeysNeverChange(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			t.Parallel() // each has its own etcd; mostly waits for reconnections
-			prefix := "/test/rfkeys"
+			prefix := "/test/retained-keys"
 			srv := etcdtest.NewServer(t)
 			admin := srv.Client(t)
 			ctx := testContext(t)

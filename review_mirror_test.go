@@ -25,7 +25,8 @@ import (
 // never compacted), m.empty() is false and the reload gives no hint. Only a
 // state that lost more than 1024 keys at once gets one.
 func TestReviewMirrorSizedStateHintAfterEveryKeyVanished(t *testing.T) {
-	const prefix = "/test/rvsizedvanish"
+	t.Parallel()
+	const prefix = "/test/sizedvanish"
 	srv := etcdtest.NewServer(t)
 	admin := srv.Client(t)
 	ctx := testContext(t)
@@ -87,8 +88,9 @@ func (c *countRace) unary(ctx context.Context, method string, req, reply any, cc
 // load (pinned at the stream's revision) does not hold it: the hint is 6
 // while the load passes 5 keys.
 func TestReviewMirrorSizedStateHintCountsTheLoadedRevision(t *testing.T) {
-	const prefix = "/test/rvsizedrev"
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	const prefix = "/test/sizedrev"
+	srv := etcdtest.Shared(t)
 	admin := srv.Client(t)
 	ctx := testContext(t)
 	for i := range 5 {
@@ -160,7 +162,8 @@ func (c *compactAfterFirstChunk) stream(ctx context.Context, desc *grpc.StreamDe
 // arrived is retried with the mirror still empty: the state hears the hint
 // twice for one load.
 func TestReviewMirrorSizedStateHintOncePerLoad(t *testing.T) {
-	const prefix = "/test/rvhintonce"
+	t.Parallel()
+	const prefix = "/test/hintonce"
 	srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(64<<10))
 	admin := srv.Client(t)
 	ctx := testContext(t)

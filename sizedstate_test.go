@@ -51,6 +51,7 @@ func (s *sizedSnapshotter) Tick(ctx context.Context, st ReactorState) (ReactorSt
 // streaming path and on the fallback; neither the reload after a compaction
 // of a state that holds keys nor a second Run of the worker calls it again.
 func TestSizedStateExpectsKeysBeforeTheFirstLoad(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			const prefix, keys = "/test/sized", 40
@@ -98,8 +99,9 @@ func TestSizedStateExpectsKeysBeforeTheFirstLoad(t *testing.T) {
 // TestSizedStatePanicEndsRun: a panic in ExpectKeys ends Run with ErrPanic
 // before the state gets any Update.
 func TestSizedStatePanicEndsRun(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/sizedpanic"
-	cli := etcdtest.NewServer(t).Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix), panics: true}

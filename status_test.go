@@ -18,8 +18,9 @@ import (
 // Tick, and ask whether the worker is ready; the live gauges follow and are
 // removed when Run returns.
 func TestStatusReportsReadinessAndProgress(t *testing.T) {
+	t.Parallel()
 	const prefix, role = "/test/status", "status"
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
@@ -73,8 +74,9 @@ func TestStatusReportsReadinessAndProgress(t *testing.T) {
 // TestReadyReportsAnOutage: while etcd does not answer, Ready says so and
 // Status shows when the outage started; once etcd answers, Ready is nil.
 func TestReadyReportsAnOutage(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/status-outage"
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	ctx := testContext(t)
 	w, err := NewEtcdWorker(etcdtest.NewClient(t, proxy.Endpoint()), prefix,
@@ -99,6 +101,7 @@ func TestReadyReportsAnOutage(t *testing.T) {
 
 // TestIsCleanStop tells a requested stop from a failure.
 func TestIsCleanStop(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		err  error
 		want bool

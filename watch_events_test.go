@@ -26,7 +26,7 @@ import (
 // drives the watch handling by hand; the real watch is never opened.
 func unitWatchRun(t testing.TB, prefix string, st ReactorState, loadedRev int64) *run {
 	t.Helper()
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 	w, err := NewEtcdWorker(srv.Client(t), prefix, noop, st)
 	require.NoError(t, err)
@@ -60,6 +60,7 @@ func watchResp(header int64, events ...*clientv3.Event) clientv3.WatchResponse {
 // revisions below 100 that arrive after it are still applied; appliedRev
 // never goes backwards, and an older notification does not lower it.
 func TestProgressNotifyNeverSkipsEvents(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/notify/unit"
 	st := newRecordingState(prefix)
 	r := unitWatchRun(t, prefix, st, 40)
@@ -108,11 +109,12 @@ func TestProgressNotifyNeverSkipsEvents(t *testing.T) {
 // writes sees every put of the key, once, in order, and its Ticks never see
 // the value go back.
 func TestProgressNotifyWorkerSeesEveryPut(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix = "/test/notify/e2e"
 		puts   = 150
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	writer := srv.Client(t)
 	mustPutKV(ctx, t, writer, prefix+"/k", "0")
@@ -181,6 +183,7 @@ func TestProgressNotifyWorkerSeesEveryPut(t *testing.T) {
 // applied (a replay) are skipped, once each, while new events of the same
 // response apply; several events of one revision (one Txn) all apply.
 func TestWatchDedupsByModRevisionNotHeader(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/dedup"
 	st := newRecordingState(prefix)
 	r := unitWatchRun(t, prefix, st, 9)
@@ -253,8 +256,9 @@ func receiveUntil(t testing.TB, r *run, what string, done func(clientv3.WatchRes
 // from the last header revision would) replays that revision's event, and the
 // worker skips it: no Update, eventRev unchanged, no Tick made due.
 func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/resume"
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	writer := srv.Client(t)
 	put := func(rel, value string) int64 {
