@@ -7,9 +7,13 @@ ORCHESTRATOR_SCALE_KEYS ?= 1000000
 
 .PHONY: test lint bench bench-scale cover soak fuzz vuln tools
 
-## test: the full test suite with the race detector (what CI runs).
+## test: the full test suite with the race detector (what CI runs). Most
+## tests wait on etcd rather than burn CPU, so more of them run at once than
+## the default -parallel (GOMAXPROCS). ORCHESTRATOR_ETCD_STARTS=FILE counts
+## the embedded etcd members started (one line each).
+TEST_PARALLEL ?= 8
 test:
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout=10m -parallel=$(TEST_PARALLEL) ./...
 
 ## lint: golangci-lint with the repo's .golangci.yml.
 lint: tools
@@ -33,7 +37,7 @@ bench-scale:
 
 ## cover: coverage of every package.
 cover:
-	$(GO) test -count=1 -coverprofile=coverage.out ./...
+	$(GO) test -count=1 -timeout=10m -parallel=$(TEST_PARALLEL) -coverprofile=coverage.out ./...
 	$(GO) tool cover -func=coverage.out | tail -n 1
 
 ## soak: the fault suite with random faults for DURATION (e.g. make soak DURATION=10m).

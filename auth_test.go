@@ -185,7 +185,7 @@ func i10ClosedClientCase(ctx context.Context, t *testing.T, env *i10AuthEnv, pre
 		var errc <-chan error
 		if whileRunning {
 			errc = i10RunAsync(ctx, w, 20*time.Millisecond)
-			time.Sleep(100 * time.Millisecond) // fault timing: let it load and watch
+			time.Sleep(100 * time.Millisecond) // fault timing: close while it loads and starts its watch
 		}
 		start := time.Now()
 		require.NoError(t, cli.Close())

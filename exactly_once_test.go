@@ -297,6 +297,7 @@ func observedLogger(t testing.TB) (*zap.Logger, *observer.ObservedLogs) {
 // the groups it emitted. The workers make progress after each fault, and
 // both resolution outcomes (landed, not landed) occur.
 func TestExactlyOnceCommitCuts(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	probe := newTxnProbe()
@@ -337,6 +338,7 @@ func TestExactlyOnceCommitCuts(t *testing.T) {
 // to the Tick), and linearizable reads by a direct client. porcupine must
 // find the history linearizable for a counter.
 func TestLinearizableCounter(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	probe := newTxnProbe()
@@ -517,6 +519,7 @@ func (f *txnFaultInjector) dialOption() grpc.DialOption {
 // fence landed, or failed, and its answer was lost). In every case the
 // group lands exactly once and Run goes on.
 func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	direct := srv.Client(t)
 	cases := []struct {

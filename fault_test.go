@@ -301,6 +301,7 @@ func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client,
 // is cut three times for 1-2s. They must keep every invariant in every Tick,
 // make progress after each cut, and leave exact totals in etcd.
 func TestFaultBankProxyCuts(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	b := newBankWorld("/fault/bank-cuts", 6, 8)
 	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
@@ -323,6 +324,7 @@ func TestFaultBankProxyCuts(t *testing.T) {
 // past the workers' revision. After the outage every worker must reload
 // (not exit) and go on with all invariants intact.
 func TestFaultBankCompactionDuringOutage(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	b := newBankWorld("/fault/bank-compact", 6, 8)
@@ -394,6 +396,7 @@ func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client,
 // member behind its proxy) while the leader is stopped and restarted,
 // twice.
 func TestFaultBankLeaderRestart(t *testing.T) {
+	t.Parallel()
 	c := etcdtest.NewCluster(t, 3)
 	reg := prometheus.NewRegistry()
 	b := newBankWorld("/fault/bank-leader", 6, 8)
@@ -427,6 +430,7 @@ func putNumbered(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix
 // Tick after the reload sees exactly etcd's contents (deleted keys gone,
 // empty values empty, reserved keys invisible).
 func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/reload"
@@ -498,6 +502,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 // client answers RangeStream Unimplemented itself (compaction during a
 // streamed read is TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead).
 func TestFaultCompactionBetweenLoadPages(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/paged"
@@ -652,6 +657,7 @@ func requireStateEqualsEtcd(ctx context.Context, t testing.TB, cli *clientv3.Cli
 // blackhole longer than the cap ends Run with ErrEtcdUnavailable, not much
 // later than the cap — for a worker that keeps writing and an idle one.
 func TestFaultMaxOutage(t *testing.T) {
+	t.Parallel()
 	const maxOutage = 2 * time.Second
 	for _, writing := range []bool{true, false} {
 		name := map[bool]string{true: "writing", false: "idle"}[writing]
@@ -713,6 +719,7 @@ func TestFaultMaxOutage(t *testing.T) {
 // than WithMaxStaleness, its idle timer Ticks stop (the state cannot be
 // shown as current); they resume after the cut.
 func TestFaultStalenessStopsIdleTicks(t *testing.T) {
+	t.Parallel()
 	const (
 		maxStaleness = 500 * time.Millisecond
 		interval     = 50 * time.Millisecond
@@ -781,6 +788,7 @@ func shutdownCases() []shutdownCase {
 // versa); if etcd stays unreachable for the shutdown timeout, the error also
 // matches ErrCommitUnresolved.
 func TestFaultShutdownDuringCommit(t *testing.T) {
+	t.Parallel()
 	const delay = 300 * time.Millisecond
 	cases := shutdownCases()
 	for i, tc := range cases {
@@ -853,6 +861,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 // TestFaultSlowTickWarns: a Tick slower than a second is logged as a
 // warning; the worker goes on.
 func TestFaultSlowTickWarns(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	core, logs := observer.New(zapcore.WarnLevel)
 	const prefix = "/fault/slow"
@@ -879,6 +888,7 @@ func TestFaultSlowTickWarns(t *testing.T) {
 // after the resolution, the patch panics. Run returns an ErrPanic error and
 // the panicking re-run wrote nothing.
 func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
+	t.Parallel()
 	const delay = 200 * time.Millisecond
 	env := newFaultEnv(t)
 	ctx := testContext(t)
@@ -930,6 +940,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 // was cut and restored (clientv3 resumes the watch at the last revision +
 // 1).
 func TestFaultIdleWorkerStaysFresh(t *testing.T) {
+	t.Parallel()
 	const (
 		maxStaleness = 300 * time.Millisecond
 		maxOutage    = 2 * time.Second

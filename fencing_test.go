@@ -103,6 +103,7 @@ func (f *fenceFixture) lastWrite(ctx context.Context, t testing.TB, direct *clie
 // unfenced control shows the deposed leader can still write, so the check
 // has teeth.
 func TestFencing(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	direct := srv.Client(t)
 	deposers := []struct {
@@ -174,6 +175,7 @@ func TestFencing(t *testing.T) {
 // session notices (its keep-alive) — and no write lands after the
 // revocation.
 func TestSessionRevoked(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	direct := srv.Client(t)
 	const bound = 5 * time.Second

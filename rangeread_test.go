@@ -187,6 +187,7 @@ func (env *rangeTestEnv) read(ctx context.Context, cfg readConfig, hook func(i i
 }
 
 func TestReadRangeStreamsKeysInChunksOfTheServerRequestLimit(t *testing.T) {
+	t.Parallel()
 	const limit = 64 << 10
 	env := newRangeTestEnv(t, limit, 2000, 1000, false, 0)
 	ctx := rangeTestContext(t)
@@ -209,6 +210,7 @@ func TestReadRangeStreamsKeysInChunksOfTheServerRequestLimit(t *testing.T) {
 }
 
 func TestReadRangeSeesOneRevisionWhileKeysChangeDuringTheRead(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
@@ -237,6 +239,7 @@ func TestReadRangeSeesOneRevisionWhileKeysChangeDuringTheRead(t *testing.T) {
 }
 
 func TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
@@ -262,6 +265,7 @@ func TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead(t *
 }
 
 func TestReadRangeOfAnEmptyPrefixReturnsTheCurrentRevision(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 0, 0, noStream, 0)
@@ -277,6 +281,7 @@ func TestReadRangeOfAnEmptyPrefixReturnsTheCurrentRevision(t *testing.T) {
 }
 
 func TestReadRangePassesAnEmptyValueAsANonNilSlice(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 3, 10, noStream, 0)
@@ -292,6 +297,7 @@ func TestReadRangePassesAnEmptyValueAsANonNilSlice(t *testing.T) {
 }
 
 func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 50, 10, noStream, 0)
@@ -308,6 +314,7 @@ func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
 }
 
 func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
+	t.Parallel()
 	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, 0)
 	ctx := rangeTestContext(t)
 	support := &streamSupport{}
@@ -326,6 +333,7 @@ func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
 }
 
 func TestReadRangePagesWhenTheRangeExceedsTheReceiveLimit(t *testing.T) {
+	t.Parallel()
 	const recvLimit = 32 << 10
 	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, recvLimit) // ~120 KB in all
 	ctx := rangeTestContext(t)
@@ -340,6 +348,7 @@ func TestReadRangePagesWhenTheRangeExceedsTheReceiveLimit(t *testing.T) {
 }
 
 func TestReadRangeShrinksPagesThatExceedTheReceiveLimit(t *testing.T) {
+	t.Parallel()
 	// Underestimated: the first page's keys are small, the rest large.
 	const recvLimit = 64 << 10
 	env := newRangeTestEnv(t, 1<<20, 20, 10, true, recvLimit)
@@ -358,6 +367,7 @@ func TestReadRangeShrinksPagesThatExceedTheReceiveLimit(t *testing.T) {
 }
 
 func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
+	t.Parallel()
 	errUser := errors.New("user says no")
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
@@ -382,6 +392,7 @@ func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
 // error; it does not make the reader fall back, nor remember the server as
 // one without a stream.
 func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
+	t.Parallel()
 	errUser := status.Error(codes.Unimplemented, "the user's own Unimplemented")
 	env := newRangeTestEnv(t, 64<<10, 200, 100, false, 0)
 	ctx := rangeTestContext(t)
@@ -396,6 +407,7 @@ func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
 }
 
 func TestReadRangeFailsWithDeadlineExceededWhenEtcdGoesSilent(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	cli := etcdtest.NewClient(t, proxy.Endpoint())

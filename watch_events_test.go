@@ -258,7 +258,7 @@ func receiveUntil(t testing.TB, r *run, what string, done func(clientv3.WatchRes
 func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/resume"
-	srv := etcdtest.Shared(t)
+	srv := etcdtest.NewServer(t) // counts revisions: no other writer
 	ctx := testContext(t)
 	writer := srv.Client(t)
 	put := func(rel, value string) int64 {
