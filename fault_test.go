@@ -29,7 +29,6 @@ import (
 	grpcbackoff "google.golang.org/grpc/backoff"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
-	"github.com/etcdworker/orchestrator/util"
 )
 
 const (
@@ -549,17 +548,6 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	requireStateEqualsEtcd(ctx, t, env.direct, prefix, first.values)
 	require.NotContains(t, first.values, prefix+"/k07")
 	require.Equal(t, "changed", first.values[prefix+"/k03"])
-}
-
-// hookState is a mapState that calls onUpdate before each Update.
-type hookState struct {
-	*mapState
-	onUpdate func(key string, isInit bool)
-}
-
-func (s *hookState) Update(key util.EtcdKey, value []byte, isInit bool) error {
-	s.onUpdate(key.String(), isInit)
-	return s.mapState.Update(key, value, isInit)
 }
 
 // tickSnapshot is the state one Tick saw: full keys to values.

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -541,4 +542,33 @@ func clearPrefix(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix
 	t.Helper()
 	_, err := cli.Delete(ctx, util.NormalizePrefix(prefix).String()+"/", clientv3.WithPrefix())
 	require.NoError(t, err)
+}
+
+// visibleSnapshot is etcdSnapshot without the reserved keys of nested
+// prefixes either.
+func visibleSnapshot(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]string {
+	t.Helper()
+	out := etcdSnapshot(ctx, t, cli, prefix)
+	for k := range out {
+		if strings.Contains(k, reservedMarker) {
+			delete(out, k)
+		}
+	}
+	return out
+}
+
+// updatedKeys returns the sorted relative keys of updates, requiring each
+// to be an initial update and to appear once.
+func updatedKeys(t *testing.T, updates []updateRecord) []string {
+	t.Helper()
+	seen := map[string]bool{}
+	keys := []string{}
+	for _, u := range updates {
+		require.True(t, u.isInit, "update of %s during a load has isInit", u.rel)
+		require.False(t, seen[u.rel], "%s told twice in one load", u.rel)
+		seen[u.rel] = true
+		keys = append(keys, u.rel)
+	}
+	sort.Strings(keys)
+	return keys
 }

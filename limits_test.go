@@ -27,19 +27,6 @@ import (
 // as a deadline error instead of the expected one.
 const limRunTimeout = 30 * time.Second
 
-// limReactor queues its groups in the first Tick and finishes: Run commits
-// them and returns nil, or returns the commit's error.
-type limReactor struct {
-	groups [][]DataPatch
-}
-
-func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
-	st := s.(*mapState)
-	st.patches = append(st.patches, r.groups...)
-	r.groups = nil
-	return st, ErrReactorFinished
-}
-
 // limWorker returns a worker on prefix with a limReactor whose groups the
 // caller sets before running it.
 func limWorker(t testing.TB, cli *clientv3.Client, prefix string, opts ...Option) (*EtcdWorker, *limReactor) {

@@ -25,7 +25,7 @@ func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 	srv := etcdtest.Shared(t)
 	t.Run("busy tick", func(t *testing.T) {
 		t.Parallel()
-		i10BusyTickIsNoOutage(t, srv)
+		busyTickIsNoOutage(t, srv)
 	})
 	for i, tc := range []struct {
 		name     string
@@ -39,12 +39,12 @@ func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 		prefix := fmt.Sprintf("/test/outage-%d", i)
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel() // mostly waiting: keeps the test short
-			i10OutageEndsRun(t, srv, tc.fault, tc.inFlight, prefix)
+			outageEndsRun(t, srv, tc.fault, tc.inFlight, prefix)
 		})
 	}
 }
 
-func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
+func busyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 	const prefix = "/test/outage-busy"
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -61,7 +61,7 @@ func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 	require.NoError(t, err)
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
-	errc := i10RunAsync(runCtx, w, 20*time.Millisecond)
+	errc := runAsync(runCtx, w, nil, 20*time.Millisecond, "run")
 	deadline := time.After(10 * time.Second)
 	for ticks.Load() < 8 {
 		select {
@@ -76,7 +76,7 @@ func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 	require.ErrorIs(t, <-errc, context.Canceled)
 }
 
-func i10OutageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
+func outageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
 	const maxOutage = 3 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -113,7 +113,7 @@ func i10OutageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.P
 	// Default request timeout (5s): Run must not wait for it.
 	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), WithMaxOutage(maxOutage))
 	require.NoError(t, err)
-	errc := i10RunAsync(ctx, w, 20*time.Millisecond)
+	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 	require.Eventually(t, func() bool { return ticks.Load() >= 5 }, 10*time.Second, 10*time.Millisecond)
 	var start time.Time
 	if inFlight {

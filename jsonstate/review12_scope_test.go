@@ -11,9 +11,9 @@ import (
 	"github.com/etcdworker/orchestrator/jsonstate"
 )
 
-// TestReview12ScopeEdgesOfPrefixes: root, empty and slash-terminated worker
+// TestScopeEdgesOfPrefixes: root, empty and slash-terminated worker
 // prefixes, siblings sharing a name prefix, and the reserved area.
-func TestReview12ScopeEdgesOfPrefixes(t *testing.T) {
+func TestScopeEdgesOfPrefixes(t *testing.T) {
 	cli := &clientv3.Client{}
 	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 		return s, nil
@@ -53,9 +53,9 @@ func TestReview12ScopeEdgesOfPrefixes(t *testing.T) {
 	}
 }
 
-// TestReview12MultiWithNilPartDoesNotPanic: a Multi holding a typed nil
+// TestMultiWithNilPartDoesNotPanic: a Multi holding a typed nil
 // State is bad input; NewEtcdWorker must return an error, not panic.
-func TestReview12MultiWithNilPartDoesNotPanic(t *testing.T) {
+func TestMultiWithNilPartDoesNotPanic(t *testing.T) {
 	cli := &clientv3.Client{}
 	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 		return s, nil

@@ -14,10 +14,10 @@ import (
 	"github.com/etcdworker/orchestrator/orchestratortest"
 )
 
-// TestReview12CancelWhileCampaigningLeavesNoLease: a candidate waiting behind
+// TestCancelWhileCampaigningLeavesNoLease: a candidate waiting behind
 // a leader returns ctx's error promptly when ctx ends, and leaves neither an
 // election key nor a lease behind.
-func TestReview12CancelWhileCampaigningLeavesNoLease(t *testing.T) {
+func TestCancelWhileCampaigningLeavesNoLease(t *testing.T) {
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 4)
@@ -47,11 +47,11 @@ func TestReview12CancelWhileCampaigningLeavesNoLease(t *testing.T) {
 	require.ErrorIs(t, waitLeader()[0], context.Canceled)
 }
 
-// TestReview12RapidRevokesFenceEveryTerm: the leader's lease is revoked as
+// TestRapidRevokesFenceEveryTerm: the leader's lease is revoked as
 // soon as each term starts, many times in a row, while it commits. No group
 // lands twice or in part (counter == log keys), and no term writes after its
 // revocation.
-func TestReview12RapidRevokesFenceEveryTerm(t *testing.T) {
+func TestRapidRevokesFenceEveryTerm(t *testing.T) {
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 32)
@@ -79,18 +79,18 @@ func TestReview12RapidRevokesFenceEveryTerm(t *testing.T) {
 	}
 }
 
-// TestReview12OverlappingPrefixesAreRejected: an election prefix inside the
+// TestOverlappingPrefixesAreRejected: an election prefix inside the
 // worker's prefix puts the election keys in the worker's state; a worker
 // prefix inside the election prefix makes the worker's keys block every
 // later campaign (a candidate waits for all older keys under the election
 // prefix to go). Both are invalid arguments, reported when the term starts.
-func TestReview12OverlappingPrefixesAreRejected(t *testing.T) {
+func TestOverlappingPrefixesAreRejected(t *testing.T) {
 	etcd := orchestratortest.StartEtcdServer(t)
 	for _, tt := range []struct{ name, election, worker string }{
-		{"election inside the worker prefix", "/r12/data/election", "/r12/data"},
-		{"worker inside the election prefix", "/r12/election", "/r12/election/data"},
-		{"same prefix", "/r12/same", "/r12/same/"},
-		{"root worker prefix", "/r12/e", "/"},
+		{"election inside the worker prefix", "/test/data/election", "/test/data"},
+		{"worker inside the election prefix", "/test/election", "/test/election/data"},
+		{"same prefix", "/test/same", "/test/same/"},
+		{"root worker prefix", "/test/e", "/"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -109,9 +109,9 @@ func TestReview12OverlappingPrefixesAreRejected(t *testing.T) {
 	// Siblings that merely share a name prefix do not overlap.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	err := leader.Run(ctx, etcd.Client(), "/r12/app-election", "c",
+	err := leader.Run(ctx, etcd.Client(), "/test/app-election", "c",
 		func(context.Context, leader.Term) (leader.Worker, error) {
-			return leader.Worker{Prefix: "/r12/app", State: &patchesOnly{}, TimerInterval: tickInterval,
+			return leader.Worker{Prefix: "/test/app", State: &patchesOnly{}, TimerInterval: tickInterval,
 				Reactor: orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 					return s, orchestrator.ErrReactorFinished
 				})}, nil

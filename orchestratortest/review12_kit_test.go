@@ -16,9 +16,9 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// TestReview12ParallelServersRunWorkers: several parallel tests each start
+// TestParallelServersRunWorkers: several parallel tests each start
 // their own server and run a worker on it; nothing is shared, nothing leaks.
-func TestReview12ParallelServersRunWorkers(t *testing.T) {
+func TestParallelServersRunWorkers(t *testing.T) {
 	for i := range 3 {
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
 			t.Parallel()
@@ -44,9 +44,9 @@ type nopState struct{}
 func (nopState) Update(_ util.EtcdKey, _ []byte, _ bool) error { return nil }
 func (nopState) GetPatches() [][]orchestrator.DataPatch        { return nil }
 
-// TestReview12CloseIsIdempotentAndConcurrent: Close may be called from
+// TestCloseIsIdempotentAndConcurrent: Close may be called from
 // several goroutines and again later; each returns the same result.
-func TestReview12CloseIsIdempotentAndConcurrent(t *testing.T) {
+func TestCloseIsIdempotentAndConcurrent(t *testing.T) {
 	e, err := orchestratortest.Start(testContext(t))
 	require.NoError(t, err)
 	var wg sync.WaitGroup
@@ -58,9 +58,9 @@ func TestReview12CloseIsIdempotentAndConcurrent(t *testing.T) {
 	require.NoError(t, e.Close())
 }
 
-// TestReview12UseAfterCloseFailsCleanly: NewClient, Compact and RevokeLease
+// TestUseAfterCloseFailsCleanly: NewClient, Compact and RevokeLease
 // on a closed Etcd return errors; none hangs, panics or leaks a client.
-func TestReview12UseAfterCloseFailsCleanly(t *testing.T) {
+func TestUseAfterCloseFailsCleanly(t *testing.T) {
 	ctx := testContext(t)
 	e, err := orchestratortest.Start(ctx)
 	require.NoError(t, err)
@@ -77,9 +77,9 @@ func TestReview12UseAfterCloseFailsCleanly(t *testing.T) {
 	require.Less(t, time.Since(start), 3*time.Second)
 }
 
-// TestReview12StartWithDoneContextLeavesNothing: Start with a cancelled ctx
+// TestStartWithDoneContextLeavesNothing: Start with a cancelled ctx
 // fails, and leaves neither a server nor a temporary directory.
-func TestReview12StartWithDoneContextLeavesNothing(t *testing.T) {
+func TestStartWithDoneContextLeavesNothing(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()

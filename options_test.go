@@ -41,7 +41,7 @@ func TestOptionErrorsNameTheOption(t *testing.T) {
 		{WithCommitTokenTTL(time.Millisecond), ""}, // etcd rounds it up
 		{WithFencingKey("/leader", 5), ""},
 	} {
-		_, err := NewEtcdWorker(cli, "/i10/options", noop, newMapState("/i10/options"), tc.opt)
+		_, err := NewEtcdWorker(cli, "/test/options", noop, newMapState("/test/options"), tc.opt)
 		if tc.name == "" {
 			require.NoError(t, err)
 			continue

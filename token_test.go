@@ -19,8 +19,8 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
-// i10Tokens returns the commit token keys under prefix, with their leases.
-func i10Tokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]clientv3.LeaseID {
+// commitTokens returns the commit token keys under prefix, with their leases.
+func commitTokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]clientv3.LeaseID {
 	t.Helper()
 	resp, err := cli.Get(ctx, prefix+"/__orchestrator/token/", clientv3.WithPrefix())
 	require.NoError(t, err)
@@ -31,9 +31,9 @@ func i10Tokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix s
 	return out
 }
 
-// i10OwnCommit is a reactor that puts key once and reports when its state
+// ownCommit is a reactor that puts key once and reports when its state
 // shows it.
-func i10OwnCommit(key string, done chan<- struct{}) Reactor {
+func ownCommit(key string, done chan<- struct{}) Reactor {
 	var emitted, reported bool
 	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*mapState)
@@ -66,15 +66,15 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 
 	t.Run("clean stop", func(t *testing.T) {
 		done := make(chan struct{}, 1)
-		w, err := NewEtcdWorker(direct, prefix+"-clean", i10OwnCommit("/k", done), newMapState(prefix+"-clean"))
+		w, err := NewEtcdWorker(direct, prefix+"-clean", ownCommit("/k", done), newMapState(prefix+"-clean"))
 		require.NoError(t, err)
 		runCtx, stop := context.WithCancel(ctx)
-		errc := i10RunAsync(runCtx, w, 20*time.Millisecond)
+		errc := runAsync(runCtx, w, nil, 20*time.Millisecond, "run")
 		<-done
-		require.Len(t, i10Tokens(ctx, t, direct, prefix+"-clean"), 1)
+		require.Len(t, commitTokens(ctx, t, direct, prefix+"-clean"), 1)
 		stop()
 		require.ErrorIs(t, <-errc, context.Canceled)
-		require.Empty(t, i10Tokens(ctx, t, direct, prefix+"-clean"), "a clean stop must delete the token")
+		require.Empty(t, commitTokens(ctx, t, direct, prefix+"-clean"), "a clean stop must delete the token")
 	})
 
 	t.Run("killed runs", func(t *testing.T) {
@@ -86,7 +86,7 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		errs := make(chan error, runs)
 		for i := range runs {
 			cli := etcdtest.NewClient(t, proxy.Endpoint())
-			w, err := NewEtcdWorker(cli, prefix, i10OwnCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
+			w, err := NewEtcdWorker(cli, prefix, ownCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
 				WithCommitTokenTTL(ttl))
 			require.NoError(t, err)
 			wg.Add(1)
@@ -102,7 +102,7 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 				t.Fatal("not every run committed")
 			}
 		}
-		require.Len(t, i10Tokens(ctx, t, direct, prefix), runs)
+		require.Len(t, commitTokens(ctx, t, direct, prefix), runs)
 		// Kill: the link goes first, so no cleanup reaches etcd.
 		proxy.Blackhole()
 		proxy.Close()
@@ -116,8 +116,8 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		// was deleted by a cleanup that should not have reached etcd.
 		stopped := time.Since(killed)
 		require.Less(t, stopped, ttl/2, "the killed runs took long to stop")
-		require.Len(t, i10Tokens(ctx, t, direct, prefix), runs, "the killed runs' tokens outlive them (stopped in %v)", stopped)
-		require.Eventually(t, func() bool { return len(i10Tokens(ctx, t, direct, prefix)) == 0 },
+		require.Len(t, commitTokens(ctx, t, direct, prefix), runs, "the killed runs' tokens outlive them (stopped in %v)", stopped)
+		require.Eventually(t, func() bool { return len(commitTokens(ctx, t, direct, prefix)) == 0 },
 			ttl+5*time.Second, 50*time.Millisecond, "tokens of killed runs must expire with their lease")
 		t.Logf("tokens gone %v after the kill (TTL %v)", time.Since(killed), ttl)
 	})
@@ -134,17 +134,17 @@ func TestCommitTokenLeaseLoss(t *testing.T) {
 	direct := srv.Client(t)
 	for _, inFlight := range []bool{true, false} {
 		t.Run(fmt.Sprintf("in flight=%v", inFlight), func(t *testing.T) {
-			i10LeaseLossCase(t, srv, direct, inFlight)
+			leaseLossCase(t, srv, direct, inFlight)
 		})
 	}
 }
 
-func i10LeaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, inFlight bool) {
+func leaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, inFlight bool) {
 	prefix := fmt.Sprintf("/test/lease-loss-%v", inFlight)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	revokeOwn := func() error { // revoke the worker's token lease
-		for _, id := range i10Tokens(ctx, t, direct, prefix) {
+		for _, id := range commitTokens(ctx, t, direct, prefix) {
 			if _, err := direct.Revoke(ctx, id); err != nil {
 				return err
 			}
@@ -209,5 +209,5 @@ func i10LeaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Clien
 		return
 	}
 	require.NoError(t, err)
-	require.Empty(t, i10Tokens(ctx, t, direct, prefix), "the new lease is revoked when Run returns")
+	require.Empty(t, commitTokens(ctx, t, direct, prefix), "the new lease is revoked when Run returns")
 }
