@@ -39,6 +39,7 @@ type ledger struct {
 // the end etcd must hold the same total and exactly one counted transfer per
 // Tick that asked for one.
 func TestStateWithEtcdWorker(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix   = "/jsonstate-test"
 		accounts = 5
@@ -46,7 +47,7 @@ func TestStateWithEtcdWorker(t *testing.T) {
 		workers  = 3
 		rounds   = 20
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	for i := range accounts {
@@ -108,8 +109,9 @@ func TestStateWithEtcdWorker(t *testing.T) {
 // stops Run with an error naming the key; under SkipInvalid the reactor sees
 // it in Errors and can repair it.
 func TestDecodeErrorWithEtcdWorker(t *testing.T) {
+	t.Parallel()
 	const prefix = "/jsonstate-decode"
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	_, err := cli.Put(ctx, prefix+"/nodes/good", `{"addr":"good"}`)
