@@ -335,8 +335,7 @@ func TestEtcdWorkerDeleteCounter(t *testing.T) {
 				}),
 				when(always, nil),
 			)
-			wB, err := NewEtcdWorker(cliB, prefix, reactorB, newRecordingState(prefix))
-			require.NoError(t, err)
+			wB := mustNewEtcdWorker(t, cliB, prefix, reactorB, newRecordingState(prefix))
 			doneB := runAsync(ctx, wB, nil, behaviourTick, "B")
 
 			awaitSignal(ctx, t, entered, "B's patch never ran")
@@ -428,8 +427,7 @@ func txnOpsGroup(n int, withDelete bool) func(st *recordingState) {
 // maxSingleValue is the largest value the key prefix+rel may have in a group
 // of its own.
 func maxSingleValue(t *testing.T, cli *clientv3.Client, prefix, rel string, deletes bool) int {
-	w, err := NewEtcdWorker(cli, prefix, newStepReactor(), newRecordingState(prefix))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, newStepReactor(), newRecordingState(prefix))
 	n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
 	if deletes {
 		n -= w.limits.deleteBytes
@@ -652,8 +650,7 @@ func TestConflictRerunsPatchOnNewerState(t *testing.T) {
 		when(func(st *recordingState) bool { return st.has("/n", "11") }, nil),
 	)
 	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(cli, prefix, reactor, newRecordingState(prefix), WithMetrics(reg))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newRecordingState(prefix), WithMetrics(reg))
 	done := runAsync(ctx, w, nil, behaviourTick, role)
 
 	awaitSignal(ctx, t, entered, "the worker never ran its patch")
@@ -720,8 +717,7 @@ func TestConflictsBoundedByExternalWrites(t *testing.T) {
 		return st, nil
 	})
 	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(cli, prefix, reactor, newRecordingState(prefix), WithMetrics(reg))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newRecordingState(prefix), WithMetrics(reg))
 	done := runAsync(ctx, w, nil, behaviourTick, role)
 
 	awaitSignal(ctx, t, entered, "the worker never ran its patch")

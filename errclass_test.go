@@ -115,9 +115,8 @@ func TestPermanentErrorsEndRun(t *testing.T) {
 	opts := []Option{WithMaxStaleness(time.Second), WithRequestTimeout(2 * time.Second)}
 
 	t.Run("no rights: the load", func(t *testing.T) {
-		w, err := NewEtcdWorker(userClient(t, env.srv, "nobody", "pw"), prefix, &incrWriter{}, newMapState(prefix), opts...)
-		require.NoError(t, err)
-		err = returnsPromptly(t, runAsync(ctx, w, nil, 20*time.Millisecond, "run"), time.Now())
+		w := mustNewEtcdWorker(t, userClient(t, env.srv, "nobody", "pw"), prefix, &incrWriter{}, newMapState(prefix), opts...)
+		err := returnsPromptly(t, runAsync(ctx, w, nil, 20*time.Millisecond, "run"), time.Now())
 		require.ErrorIs(t, err, ErrEtcdRejected)
 		require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
 		require.Contains(t, err.Error(), "load")
@@ -145,8 +144,7 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 		require.NoError(t, err)
 	}
 	r := &incrWriter{}
-	w, err := NewEtcdWorker(userClient(t, env.srv, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, userClient(t, env.srv, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
 	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 	// One commit first, so the run has its token and lease.
 	before := r.seen.Load()
@@ -166,7 +164,7 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 		}
 	}()
 	start := time.Now()
-	_, err = env.root.UserRevokeRole(ctx, "reader-writer", role)
+	_, err := env.root.UserRevokeRole(ctx, "reader-writer", role)
 	require.NoError(t, err)
 	if role == "w" {
 		r.writes.Store(1)
@@ -183,8 +181,7 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 func closedClientCase(ctx context.Context, t *testing.T, env *authEnv, prefix string) {
 	for _, whileRunning := range []bool{false, true} {
 		cli := userClient(t, env.srv, "root", "rootpw")
-		w, err := NewEtcdWorker(cli, prefix, &incrWriter{}, newMapState(prefix))
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, cli, prefix, &incrWriter{}, newMapState(prefix))
 		var errc <-chan error
 		if whileRunning {
 			errc = runAsync(ctx, w, nil, 20*time.Millisecond, "run")
@@ -195,7 +192,7 @@ func closedClientCase(ctx context.Context, t *testing.T, env *authEnv, prefix st
 		if !whileRunning {
 			errc = runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 		}
-		err = returnsPromptly(t, errc, start)
+		err := returnsPromptly(t, errc, start)
 		require.ErrorIs(t, err, ErrEtcdRejected, "while running: %v", whileRunning)
 		require.Less(t, time.Since(start), time.Second, "while running: %v", whileRunning)
 	}
@@ -220,8 +217,7 @@ func closedDuringCommitCase(ctx context.Context, t *testing.T, env *authEnv, pre
 	cli := etcdtest.NewClientFromConfig(t, cfg)
 	r := &incrWriter{}
 	r.writes.Store(1000)
-	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, r, newMapState(prefix))
 	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 	select {
 	case <-hold:
@@ -231,7 +227,7 @@ func closedDuringCommitCase(ctx context.Context, t *testing.T, env *authEnv, pre
 	start := time.Now()
 	require.NoError(t, cli.Close())
 	hold <- struct{}{}
-	err = returnsPromptly(t, errc, start)
+	err := returnsPromptly(t, errc, start)
 	require.ErrorIs(t, err, ErrEtcdRejected)
 	require.ErrorIs(t, err, ErrCommitUnresolved, "a commit cut by Close may or may not have landed")
 	require.Less(t, time.Since(start), time.Second)

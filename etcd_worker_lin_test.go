@@ -243,8 +243,7 @@ func TestEtcdWorkerLinearizability(t *testing.T) {
 		st := &linState{markerRel: fmt.Sprintf("/marker/%d", i)}
 		lw := &linWorker{id: i, ops: ops, now: now, state: st}
 		ws[i] = lw
-		w, err := NewEtcdWorker(srv.Client(t), linPrefix, lw, st)
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, srv.Client(t), linPrefix, lw, st)
 		g.Go(func() error { return w.Run(gctx, nil, behaviourTick, fmt.Sprintf("lin-%d", i)) })
 	}
 	require.NoError(t, g.Wait())

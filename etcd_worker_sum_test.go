@@ -50,8 +50,7 @@ func TestSum(t *testing.T) {
 			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/"+id), delta), incrPatch(st.key("/sum"), delta)})
 			return st, nil
 		})
-		w, err := NewEtcdWorker(cli, prefix, reactor, state)
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, cli, prefix, reactor, state)
 		g.Go(func() error { return w.Run(gctx, nil, 5*time.Millisecond, "sum-"+id) })
 	}
 	require.NoError(t, g.Wait())

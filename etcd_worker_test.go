@@ -194,8 +194,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 	var phase atomic.Int64
 	reactor := runTwiceReactor(&phase, ticked)
 	st := newRecordingState(prefix)
-	w, err := NewEtcdWorker(cli, prefix, reactor, st)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, st)
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -210,7 +209,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 	require.ErrorIs(t, recvErr(ctx, t, first), context.Canceled)
 
 	// Changes while the worker is stopped.
-	_, err = cli.Delete(ctx, prefix+"/b")
+	_, err := cli.Delete(ctx, prefix+"/b")
 	require.NoError(t, err)
 	mustPutKV(ctx, t, cli, prefix+"/c", "30")
 	mustPutKV(ctx, t, cli, prefix+"/e", "5")
@@ -247,8 +246,7 @@ func TestEtcdWorkerLongTimerInterval(t *testing.T) {
 		}
 		return s, nil
 	})
-	w, err := NewEtcdWorker(cli, "/test/longinterval", reactor, newRecordingState("/test/longinterval"))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, "/test/longinterval", reactor, newRecordingState("/test/longinterval"))
 	require.NoError(t, w.Run(ctx, nil, interval, "long"))
 	require.Len(t, times, 3)
 	for i := 1; i < len(times); i++ {
@@ -285,8 +283,7 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 			return blockUntil(ctx, loaded)
 		}),
 	)
-	w1, err := NewEtcdWorker(cli, prefix, r1, st1)
-	require.NoError(t, err)
+	w1 := mustNewEtcdWorker(t, cli, prefix, r1, st1)
 	done1 := runAsync(ctx, w1, nil, behaviourTick, "w1")
 
 	waitUntil(ctx, t, "worker 1's commit", func() bool {
@@ -371,8 +368,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 	t.Parallel()
 	cli := sharedClient(t)
 	newWorker := func(t *testing.T, reactor Reactor) *EtcdWorker {
-		w, err := NewEtcdWorker(cli, "/test/stops/"+t.Name(), reactor, newRecordingState("/test/stops/"+t.Name()))
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, cli, "/test/stops/"+t.Name(), reactor, newRecordingState("/test/stops/"+t.Name()))
 		return w
 	}
 	t.Run("non-positive timerInterval", func(t *testing.T) {
@@ -680,8 +676,7 @@ func TestRunAfterPanickingPatchUsesCommittedValues(t *testing.T) {
 			return ms, ErrReactorFinished
 		}
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, st)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, st)
 	run = 1
 	err = w.Run(ctx, nil, 10*time.Millisecond, "phantom")
 	require.ErrorIs(t, err, ErrPanic)
@@ -717,9 +712,8 @@ func TestRunAfterUpdateErrorResendsKey(t *testing.T) {
 		}
 		return s, nil
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, st)
-	require.NoError(t, err)
-	err = w.Run(ctx, nil, 10*time.Millisecond, "upderr")
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, st)
+	err := w.Run(ctx, nil, 10*time.Millisecond, "upderr")
 	require.ErrorContains(t, err, "transient update failure")
 	run = 2
 	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "upderr"))

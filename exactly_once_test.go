@@ -562,8 +562,7 @@ func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
 				}
 				return st, nil
 			})
-			w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), faultOptions(reg, lg)...)
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), faultOptions(reg, lg)...)
 			require.NoError(t, w.Run(ctx, nil, faultInterval, "scripted"))
 
 			resp, err := direct.Get(ctx, prefix+"/n")

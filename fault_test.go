@@ -446,8 +446,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		}
 		return st, nil
 	})
-	w, err := NewEtcdWorker(env.client(t), prefix, reactor, state, faultOptions(env.reg, faultLogger(t))...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, state, faultOptions(env.reg, faultLogger(t))...)
 	g := newWorkerGroup(t, time.Minute)
 	g.runWorker("reload", w)
 
@@ -471,7 +470,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		_, err := env.direct.Do(ctx, op)
 		require.NoError(t, err)
 	}
-	_, err = env.direct.Put(ctx, prefix+"/k05", "again")
+	_, err := env.direct.Put(ctx, prefix+"/k05", "again")
 	require.NoError(t, err)
 	_, err = env.direct.Delete(ctx, prefix+"/k06")
 	require.NoError(t, err)
@@ -537,9 +536,8 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	noStream := &rpcCounter{noStream: true}
 	cfg := faultClientConfig(noStream.dialOptions(), env.proxy.Endpoint())
 	cfg.MaxCallRecvMsgSize = 256
-	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
 		faultOptions(env.reg, faultLogger(t), WithPageSize(2))...)
-	require.NoError(t, err)
 	require.NoError(t, w.Run(ctx, nil, faultInterval, "paged"))
 	require.EqualValues(t, 1, hooked.Load())
 	first, ok := snaps.last()
@@ -665,9 +663,8 @@ func TestFaultMaxOutage(t *testing.T) {
 				}
 				return st, nil
 			})
-			w, err := NewEtcdWorker(env.client(t), prefix, reactor, state,
+			w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, state,
 				faultOptions(env.reg, faultLogger(t), WithMaxOutage(maxOutage), WithRequestTimeout(500*time.Millisecond))...)
-			require.NoError(t, err)
 			g := newWorkerGroup(t, time.Minute)
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, 20*time.Millisecond, name) })
 
@@ -682,7 +679,7 @@ func TestFaultMaxOutage(t *testing.T) {
 			waitTicks(5, "ticks after a short cut")
 			// The worker hears from etcd again (its watch delivers a put)
 			// before the long outage starts.
-			_, err = env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
+			_, err := env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
 			require.NoError(t, err)
 			waitWithin(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
 				return ping.Load() == "after the cut"
@@ -717,9 +714,8 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	const prefix = "/fault/stale"
 	snaps := newTickSnapshots()
 	reactor := snaps.reactor()
-	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
+	w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness))...)
-	require.NoError(t, err)
 	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "stale") })
 
@@ -788,9 +784,8 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			var emitted atomic.Int64
 			reactor := counterReactor(&emitted)
 			const shutdownTimeout = 2 * time.Second
-			w, err := NewEtcdWorker(env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
+			w := mustNewEtcdWorker(t, env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
 				faultOptions(env.reg, faultLogger(t), WithShutdownTimeout(shutdownTimeout))...)
-			require.NoError(t, err)
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
 			done := runAsync(runCtx, w, nil, faultInterval, "shutdown")
@@ -862,8 +857,7 @@ func TestFaultSlowTickWarns(t *testing.T) {
 		}
 		return s, ErrReactorFinished
 	})
-	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), WithLogger(zap.New(core)))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, newMapState(prefix), WithLogger(zap.New(core)))
 	require.NoError(t, w.Run(testContext(t), nil, faultInterval, "slow"))
 	slow := logs.FilterMessage("reactor Tick is slow").All()
 	require.Len(t, slow, 1)
@@ -942,9 +936,8 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	const prefix = "/fault/idle"
 	snaps := newTickSnapshots()
 	reactor := snaps.reactor()
-	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
+	w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness), WithMaxOutage(maxOutage))...)
-	require.NoError(t, err)
 	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "idle") })
 

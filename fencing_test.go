@@ -66,8 +66,7 @@ func (f *fenceFixture) worker(t testing.TB, reg prometheus.Registerer, fenced bo
 		opts = append(opts, WithFencingKey(f.election.Key(), f.election.Rev()))
 	}
 	cli := faultClient(t, nil, f.proxy.Endpoint())
-	w, err := NewEtcdWorker(cli, f.prefix, reactor, state, opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, f.prefix, reactor, state, opts...)
 	return w
 }
 
@@ -203,8 +202,7 @@ func TestSessionRevoked(t *testing.T) {
 				}
 				return ms, nil
 			})
-			w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), faultOptions(prometheus.NewRegistry(), faultLogger(t))...)
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), faultOptions(prometheus.NewRegistry(), faultLogger(t))...)
 			g := newWorkerGroup(t, time.Minute)
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, s, faultInterval, tc.name) })
 			waitWithin(t, faultProgressTimeout, "ticks", g.failed, func() bool { return ticks.Load() >= 5 })

@@ -116,8 +116,7 @@ func runWorker(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix s
 	reactor Reactor, state ReactorState, opts ...Option,
 ) error {
 	t.Helper()
-	w, err := NewEtcdWorker(cli, prefix, reactor, state, opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, state, opts...)
 	return w.Run(ctx, nil, behaviourTick, t.Name())
 }
 

@@ -32,8 +32,7 @@ const limRunTimeout = 30 * time.Second
 func limWorker(t testing.TB, cli *clientv3.Client, prefix string, opts ...Option) (*EtcdWorker, *limReactor) {
 	t.Helper()
 	r := &limReactor{}
-	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix), opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, r, newMapState(prefix), opts...)
 	return w, r
 }
 

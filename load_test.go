@@ -30,8 +30,7 @@ func proxiedWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, cou
 	cfg.DialOptions = counter.dialOptions()
 	cfg.MaxCallRecvMsgSize = recvLimit
 	opts = append([]Option{WithMaxStaleness(500 * time.Millisecond)}, opts...)
-	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, st, opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, st, opts...)
 	return runAsync(ctx, w, nil, 10*time.Millisecond, "load")
 }
 
@@ -100,8 +99,7 @@ func TestRetryAfterAFailedVanishedUpdateReportsEveryVanishedKey(t *testing.T) {
 		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i), "v")
 	}
 	st := newRecordingState(prefix)
-	w, err := NewEtcdWorker(cli, prefix, finishAtOnce, st)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, finishAtOnce, st)
 	require.NoError(t, runWithin(t, w, 5*time.Second, "first"))
 	require.Len(t, st.values, 10)
 
@@ -142,8 +140,7 @@ func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
 				mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%02d", prefix, i), big)
 			}
 			st := newRecordingState(prefix)
-			w, err := NewEtcdWorker(cli, prefix, finishAtOnce, st)
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, cli, prefix, finishAtOnce, st)
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
 			refused := errors.New("refused")
@@ -156,7 +153,7 @@ func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
 				}
 				return nil
 			}
-			err = w.Run(runCtx, nil, behaviourTick, "cut")
+			err := w.Run(runCtx, nil, behaviourTick, "cut")
 			if refuse {
 				require.ErrorIs(t, err, refused)
 			} else {
@@ -339,9 +336,8 @@ func TestRetainedKeysNeverChange(t *testing.T) {
 			cfg.DialOptions = (&rpcCounter{noStream: noStream}).dialOptions()
 			state := &retainingState{recordingState: newRecordingState(prefix)}
 			reactor := &retainingSnapshotter{}
-			w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
+			w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
 				WithPageSize(7), WithMaxStaleness(500*time.Millisecond))
-			require.NoError(t, err)
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
 			done := runAsync(runCtx, w, nil, 5*time.Millisecond, "rfkeys")

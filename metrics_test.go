@@ -207,8 +207,7 @@ func TestMetricsNilRegisterer(t *testing.T) {
 			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 			return st, nil
 		})
-		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), opts...)
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, newMapState(prefix), opts...)
 		require.NoError(t, w.Run(ctx, nil, time.Millisecond, "nil-registerer"))
 	}
 	resp, err := srv.Client(t).Get(ctx, prefix+"/n", clientv3.WithCountOnly())
@@ -238,7 +237,6 @@ func TestMetricsRegistrationConflict(t *testing.T) {
 	// The same collectors twice are fine: the second worker reuses them.
 	ok := prometheus.NewRegistry()
 	for range 2 {
-		_, err := NewEtcdWorker(cli, "/p", reactor, newMapState("/p"), WithMetrics(ok))
-		require.NoError(t, err)
+		mustNewEtcdWorker(t, cli, "/p", reactor, newMapState("/p"), WithMetrics(ok))
 	}
 }

@@ -54,8 +54,7 @@ func newCommitter(t *testing.T, cli *clientv3.Client, prefix string) *committer 
 		}
 		return st, nil
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, c.state)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, c.state)
 	c.w = w
 	return c
 }

@@ -117,8 +117,7 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 			done++
 			return st, nil
 		})
-		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{})
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, &rdState{})
 		g.Go(func() error { return w.Run(gctx, nil, 5*time.Millisecond, "reserve") })
 	}
 	require.NoError(t, g.Wait())
@@ -214,8 +213,7 @@ func rdOnceWorker(t *testing.T, cli *clientv3.Client, prefix string, group []Dat
 		st.patches = append(st.patches, group)
 		return st, ErrReactorFinished
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{}, opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, &rdState{}, opts...)
 	return w
 }
 
@@ -435,8 +433,7 @@ func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
 				st.patches = append(st.patches, []DataPatch{put("/r/a"), put("/r/b")}, []DataPatch{put("/x"), tt.dep})
 				return st, ErrReactorFinished
 			})
-			w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
 			require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "rd-flush"))
 			resp, err := srv.Client(t).Get(ctx, prefix+"/x")
 			require.NoError(t, err)
@@ -548,8 +545,7 @@ func TestDependencyOnlyGroupsWriteNothing(t *testing.T) {
 			[]DataPatch{&ReadDependency{Key: util.NewEtcdKey(prefix + "/a")}, &ReadRangeDependency{Prefix: prefix + "/"}})
 		return st, ErrReactorFinished
 	})
-	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{})
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, &rdState{})
 	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "deponly"))
 	require.Zero(t, testutil.ToFloat64(w.metrics.commits.WithLabelValues("deponly")))
 }

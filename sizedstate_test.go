@@ -36,9 +36,8 @@ func TestSizedStateExpectsKeysBeforeTheFirstLoad(t *testing.T) {
 			cfg.DialOptions = (&rpcCounter{noStream: noStream}).dialOptions()
 			state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 			reactor := &sizedSnapshotter{}
-			w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
+			w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
 				WithPageSize(7), WithMaxStaleness(500*time.Millisecond))
-			require.NoError(t, err)
 
 			runCtx, cancel := context.WithCancel(ctx)
 			done := runAsync(runCtx, w, nil, 10*time.Millisecond, "sized")
@@ -75,9 +74,8 @@ func TestSizedStatePanicEndsRun(t *testing.T) {
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix), panics: true}
-	w, err := NewEtcdWorker(cli, prefix, &sizedSnapshotter{}, state)
-	require.NoError(t, err)
-	err = recvErr(ctx, t, runAsync(ctx, w, nil, 10*time.Millisecond, "sized"))
+	w := mustNewEtcdWorker(t, cli, prefix, &sizedSnapshotter{}, state)
+	err := recvErr(ctx, t, runAsync(ctx, w, nil, 10*time.Millisecond, "sized"))
 	require.ErrorIs(t, err, ErrPanic)
 	require.ErrorContains(t, err, "SizedState.ExpectKeys")
 	require.Empty(t, state.log, "no Update after the failed hint")
@@ -102,15 +100,14 @@ func TestSizedStateHintAfterEveryKeyVanished(t *testing.T) {
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 	reactor := &sizedSnapshotter{}
-	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, etcdtest.ClientConfig(proxy.Endpoint())), prefix,
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, etcdtest.ClientConfig(proxy.Endpoint())), prefix,
 		reactor, state, WithMaxStaleness(500*time.Millisecond))
-	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "rv")
 	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 
-	_, err = admin.Delete(ctx, prefix+"/", clientv3.WithPrefix())
+	_, err := admin.Delete(ctx, prefix+"/", clientv3.WithPrefix())
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the emptied state", func() bool { return reactor.equals(map[string]string{}) })
 	expected, _ := state.calls()
@@ -168,8 +165,7 @@ func TestSizedStateHintCountsTheLoadedRevision(t *testing.T) {
 	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(race.unary)}
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 	reactor := &sizedSnapshotter{}
-	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "rv")
@@ -264,8 +260,7 @@ func TestSizedStateHintOncePerLoad(t *testing.T) {
 		grpc.WithInitialWindowSize(64 << 10), grpc.WithInitialConnWindowSize(64 << 10)}
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 	reactor := &sizedSnapshotter{}
-	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "rv")

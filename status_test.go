@@ -133,8 +133,7 @@ func TestStatusIsRaceFreeAcrossRuns(t *testing.T) {
 	ctx := testContext(t)
 	var queued atomic.Int64
 	st := newMapState(prefix)
-	w, err := NewEtcdWorker(cli, prefix, counterReactor(&queued), st)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, counterReactor(&queued), st)
 
 	stop := make(chan struct{})
 	var readers sync.WaitGroup
@@ -189,9 +188,8 @@ func TestTickOwnDeadlineIsNotACleanStop(t *testing.T) {
 	reactor := ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
 		return nil, fmt.Errorf("call to a backend: %w", context.DeadlineExceeded)
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix))
-	require.NoError(t, err)
-	err = w.Run(ctx, nil, behaviourTick, "status")
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix))
+	err := w.Run(ctx, nil, behaviourTick, "status")
 	require.Error(t, err)
 	require.NoError(t, ctx.Err(), "Run's ctx is alive")
 	require.False(t, IsCleanStop(err), "Run failed on its own: %v", err)
@@ -231,8 +229,7 @@ func TestCleanStopOnEveryCancelPoint(t *testing.T) {
 				}
 				return s, nil
 			})
-			w, err := NewEtcdWorker(cli, prefix, reactor, st, WithRequestTimeout(200*time.Millisecond))
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, st, WithRequestTimeout(200*time.Millisecond))
 			switch point {
 			case "before Run":
 				cancel()
@@ -248,7 +245,7 @@ func TestCleanStopOnEveryCancelPoint(t *testing.T) {
 				awaitSignal(ctx, t, entered, "blocked")
 				cancel()
 			}
-			err = recvErr(ctx, t, done)
+			err := recvErr(ctx, t, done)
 			require.True(t, IsCleanStop(err), "%s: %v", point, err)
 			require.True(t, errors.Is(err, context.Canceled) || err == nil, "%s: %v", point, err)
 			proxy.Resume()
@@ -265,10 +262,8 @@ func TestSameRoleWorkersKeepTheirGauges(t *testing.T) {
 	cli := srv.Client(t)
 	ctx := testContext(t)
 	reg := prometheus.NewRegistry()
-	a, err := NewEtcdWorker(cli, "/test/same-role-a", idleReactor(), newMapState("/test/same-role-a"), WithMetrics(reg))
-	require.NoError(t, err)
-	b, err := NewEtcdWorker(cli, "/test/same-role-b", idleReactor(), newMapState("/test/same-role-b"), WithMetrics(reg))
-	require.NoError(t, err)
+	a := mustNewEtcdWorker(t, cli, "/test/same-role-a", idleReactor(), newMapState("/test/same-role-a"), WithMetrics(reg))
+	b := mustNewEtcdWorker(t, cli, "/test/same-role-b", idleReactor(), newMapState("/test/same-role-b"), WithMetrics(reg))
 	actx, acancel := context.WithCancel(ctx)
 	defer acancel()
 	bctx, bcancel := context.WithCancel(ctx)
@@ -305,8 +300,7 @@ func runSlowReactor(t *testing.T, prefix string, opts ...Option) int64 {
 		}
 		return s, nil
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), opts...)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := runAsync(runCtx, w, nil, behaviourTick, "lag")

@@ -66,8 +66,7 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 
 	t.Run("clean stop", func(t *testing.T) {
 		done := make(chan struct{}, 1)
-		w, err := NewEtcdWorker(direct, prefix+"-clean", ownCommit("/k", done), newMapState(prefix+"-clean"))
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, direct, prefix+"-clean", ownCommit("/k", done), newMapState(prefix+"-clean"))
 		runCtx, stop := context.WithCancel(ctx)
 		errc := runAsync(runCtx, w, nil, 20*time.Millisecond, "run")
 		<-done
@@ -86,9 +85,8 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		errs := make(chan error, runs)
 		for i := range runs {
 			cli := etcdtest.NewClient(t, proxy.Endpoint())
-			w, err := NewEtcdWorker(cli, prefix, ownCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
+			w := mustNewEtcdWorker(t, cli, prefix, ownCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
 				WithCommitTokenTTL(ttl))
-			require.NoError(t, err)
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -194,10 +192,9 @@ func leaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, 
 		}
 		return st, nil
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), WithRequestTimeout(time.Second))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), WithRequestTimeout(time.Second))
 	start := time.Now()
-	err = w.Run(ctx, nil, 20*time.Millisecond, "lease-loss")
+	err := w.Run(ctx, nil, 20*time.Millisecond, "lease-loss")
 	t.Logf("Run returned after %v: %v", time.Since(start), err)
 	resp, gerr := direct.Get(ctx, prefix+"/n")
 	require.NoError(t, gerr)
