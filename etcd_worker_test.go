@@ -314,7 +314,7 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 func TestNewEtcdWorkerInvalidArgument(t *testing.T) {
 	t.Parallel()
 	cli := sharedClient(t)
-	okReactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	okReactor := idleReactor()
 	okState := newRecordingState("/p")
 	cases := []struct {
 		name    string
@@ -555,7 +555,7 @@ func userFailureSites() []userFailureSite {
 		{
 			name: "GetPatches",
 			reactor: func(func() error) Reactor {
-				return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+				return idleReactor()
 			},
 			state: func(prefix string, fail func() error) ReactorState {
 				return &panickyPatchesState{recordingState: newRecordingState(prefix), fail: fail}
@@ -634,9 +634,7 @@ func TestRunRoleInvalidUTF8(t *testing.T) {
 	ctx, cancel := context.WithTimeout(testContext(t), 5*time.Second)
 	defer cancel()
 	st := newMapState("/test/role")
-	w, err := NewEtcdWorker(srv.Client(t), "/test/role", ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		return s, ErrReactorFinished
-	}), st)
+	w, err := NewEtcdWorker(srv.Client(t), "/test/role", finishAtOnce, st)
 	require.NoError(t, err)
 	var panicked any
 	func() {

@@ -144,7 +144,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.NoError(t, err)
 
 	w, err := NewEtcdWorker(etcdtest.NewClient(t, proxy.Endpoint()), prefix,
-		ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil }),
+		idleReactor(),
 		newMapState(prefix), WithMetrics(reg))
 	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)
@@ -228,7 +228,7 @@ func TestMetricsRegistrationConflict(t *testing.T) {
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"127.0.0.1:1"}, DialTimeout: time.Second})
 	require.NoError(t, err)
 	defer func() { require.NoError(t, cli.Close()) }()
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	reactor := idleReactor()
 
 	_, err = NewEtcdWorker(cli, "/p", reactor, newMapState("/p"), WithMetrics(reg))
 	require.Error(t, err)

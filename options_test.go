@@ -1,7 +1,6 @@
 package orchestrator
 
 import (
-	"context"
 	"testing"
 	"time"
 
@@ -17,7 +16,7 @@ func TestOptionErrorsNameTheOption(t *testing.T) {
 	t.Parallel()
 	srv := etcdtest.Shared(t)
 	cli := srv.Client(t)
-	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	noop := idleReactor()
 	for _, tc := range []struct {
 		opt  Option
 		name string // "" = valid

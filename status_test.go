@@ -28,9 +28,7 @@ func TestStatusReportsReadinessAndProgress(t *testing.T) {
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
 	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		return s, nil
-	}), newMapState(prefix), WithMetrics(reg))
+	w, err := NewEtcdWorker(cli, prefix, idleReactor(), newMapState(prefix), WithMetrics(reg))
 	require.NoError(t, err)
 	require.ErrorIs(t, w.Ready(), ErrNotReady, "a worker that is not running is not ready")
 	require.False(t, w.Status().Running)
@@ -83,7 +81,7 @@ func TestReadyReportsAnOutage(t *testing.T) {
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	ctx := testContext(t)
 	w, err := NewEtcdWorker(etcdtest.NewClient(t, proxy.Endpoint()), prefix,
-		ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil }),
+		idleReactor(),
 		newMapState(prefix), WithMaxStaleness(400*time.Millisecond), WithRequestTimeout(300*time.Millisecond))
 	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)

@@ -27,7 +27,7 @@ import (
 func unitWatchRun(t testing.TB, prefix string, st ReactorState, loadedRev int64) *run {
 	t.Helper()
 	srv := etcdtest.Shared(t)
-	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	noop := idleReactor()
 	w := mustNewEtcdWorker(t, srv.Client(t), prefix, noop, st)
 	r := w.newRun(testContext(t), nil, behaviourTick, "unit")
 	r.watch = newWatchStream(r.ctx, r.watchConfig())
@@ -269,7 +269,7 @@ func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	put("/k", "loaded")
 
 	st := newRecordingState(prefix)
-	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	noop := idleReactor()
 	w := mustNewEtcdWorker(t, srv.Client(t), prefix, noop, st)
 	r := w.newRun(ctx, nil, behaviourTick, "resume")
 	r.watch = newWatchStream(r.ctx, r.watchConfig())
