@@ -149,7 +149,7 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 	// One commit first, so the run has its token and lease.
 	before := r.seen.Load()
 	r.writes.Store(1)
-	require.Eventually(t, func() bool { return r.seen.Load() > before }, 5*time.Second, 10*time.Millisecond)
+	waitWithin(t, 5*time.Second, "the first commit seen", nil, func() bool { return r.seen.Load() > before })
 
 	// Another client keeps the watch busy: the worker must find out
 	// even though its watch is never silent.

@@ -68,8 +68,8 @@ func (c *committer) start(ctx context.Context) {
 func (c *committer) rounds(t *testing.T, n int64) {
 	t.Helper()
 	target := c.want.Add(n)
-	require.Eventually(t, func() bool { return c.seen.Load() >= target }, 10*time.Second, 10*time.Millisecond,
-		"worker on %s did not commit %d rounds", c.prefix, target)
+	waitWithin(t, 10*time.Second, fmt.Sprintf("worker on %s committing %d rounds", c.prefix, target), nil,
+		func() bool { return c.seen.Load() >= target })
 }
 
 // TestNestedPrefixesHideEachOthersBookkeeping: workers on nested (/r/app and

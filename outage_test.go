@@ -114,7 +114,7 @@ func outageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Prox
 	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), WithMaxOutage(maxOutage))
 	require.NoError(t, err)
 	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
-	require.Eventually(t, func() bool { return ticks.Load() >= 5 }, 10*time.Second, 10*time.Millisecond)
+	waitWithin(t, 10*time.Second, "five ticks", nil, func() bool { return ticks.Load() >= 5 })
 	var start time.Time
 	if inFlight {
 		armed.Store(true)

@@ -115,8 +115,8 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		stopped := time.Since(killed)
 		require.Less(t, stopped, ttl/2, "the killed runs took long to stop")
 		require.Len(t, commitTokens(ctx, t, direct, prefix), runs, "the killed runs' tokens outlive them (stopped in %v)", stopped)
-		require.Eventually(t, func() bool { return len(commitTokens(ctx, t, direct, prefix)) == 0 },
-			ttl+5*time.Second, 50*time.Millisecond, "tokens of killed runs must expire with their lease")
+		waitWithin(t, ttl+5*time.Second, "the tokens of killed runs expiring with their lease", nil,
+			func() bool { return len(commitTokens(ctx, t, direct, prefix)) == 0 })
 		t.Logf("tokens gone %v after the kill (TTL %v)", time.Since(killed), ttl)
 	})
 }
