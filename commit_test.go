@@ -309,14 +309,13 @@ func deleteCounterCases() []deleteCounterCase {
 // read it). B's patch blocks on its first run until A's delete landed.
 func TestEtcdWorkerDeleteCounter(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
 
 	cases := deleteCounterCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := testContext(t)
 			prefix := fmt.Sprintf("/test/deletecounter/%d", i)
-			cliA, cliB := srv.Client(t), srv.Client(t)
+			cliA, cliB := sharedClient(t), sharedClient(t)
 			mustPutKV(ctx, t, cliA, prefix+"/x", "1")
 
 			entered, release := make(chan struct{}), make(chan struct{})

@@ -630,11 +630,10 @@ func TestEtcdWorkerPanic(t *testing.T) {
 // validation in metrics.forRole, called from newRun outside any recover).
 func TestRunRoleInvalidUTF8(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
 	ctx, cancel := context.WithTimeout(testContext(t), 5*time.Second)
 	defer cancel()
 	st := newMapState("/test/role")
-	w, err := NewEtcdWorker(srv.Client(t), "/test/role", finishAtOnce, st)
+	w, err := NewEtcdWorker(sharedClient(t), "/test/role", finishAtOnce, st)
 	require.NoError(t, err)
 	var panicked any
 	func() {
@@ -651,9 +650,8 @@ func TestRunRoleInvalidUTF8(t *testing.T) {
 func TestRunAfterPanickingPatchUsesCommittedValues(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/phantom"
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	_, err := cli.Put(ctx, prefix+"/k", "5")
 	require.NoError(t, err)
 
@@ -690,9 +688,8 @@ func TestRunAfterPanickingPatchUsesCommittedValues(t *testing.T) {
 func TestRunAfterUpdateErrorResendsKey(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/upderr"
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	st := &failingState{mapState: newMapState(prefix), failKey: prefix + "/x"}
 	ticks := 0
 	var sawX bool
@@ -722,9 +719,8 @@ func TestRunAfterUpdateErrorResendsKey(t *testing.T) {
 // the returned patches (there are none).
 func TestRunFinishedWithNilState(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
-	w, err := NewEtcdWorker(srv.Client(t), "/test/nilstate", ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
+	w, err := NewEtcdWorker(sharedClient(t), "/test/nilstate", ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
 		return nil, ErrReactorFinished
 	}), newMapState("/test/nilstate"))
 	require.NoError(t, err)

@@ -166,8 +166,7 @@ func limFence(t testing.TB, cli *clientv3.Client, key string) (string, int64) {
 // a default server takes a Txn of exactly 128 compares and refuses 129.
 func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	cmps := func(n int) []clientv3.Cmp {
 		out := make([]clientv3.Cmp, n)

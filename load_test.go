@@ -92,8 +92,7 @@ func TestLoadAndReloadOnBothReadPaths(t *testing.T) {
 func TestRetryAfterAFailedVanishedUpdateReportsEveryVanishedKey(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/vanish"
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	for i := range 10 {
 		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i), "v")

@@ -65,7 +65,6 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 	const prefix = "/test/metrics"
 	roles := []string{"alpha", "beta"}
 	reg := prometheus.NewRegistry()
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 
 	var stop atomic.Bool
@@ -82,7 +81,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/counter"), 1)})
 			return st, nil
 		})
-		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, state, WithMetrics(reg))
+		w, err := NewEtcdWorker(sharedClient(t), prefix, reactor, state, WithMetrics(reg))
 		require.NoError(t, err, "a second worker on the same registry")
 		g.Go(func() error { return w.Run(gctx, nil, time.Millisecond, role) })
 	}
@@ -100,7 +99,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 	stop.Store(true)
 	require.NoError(t, g.Wait())
 
-	resp, err := srv.Client(t).Get(ctx, prefix+"/counter")
+	resp, err := sharedClient(t).Get(ctx, prefix+"/counter")
 	require.NoError(t, err)
 	require.Len(t, resp.Kvs, 1)
 	counter := mustInt(t, resp.Kvs[0].Value)
@@ -194,7 +193,6 @@ func TestMetricsNilRegisterer(t *testing.T) {
 	}
 	require.False(t, hasOrchestratorMetrics())
 
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	for _, opts := range [][]Option{nil, {WithMetrics(nil)}} {
 		ticks := 0
@@ -207,10 +205,10 @@ func TestMetricsNilRegisterer(t *testing.T) {
 			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 			return st, nil
 		})
-		w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, newMapState(prefix), opts...)
+		w := mustNewEtcdWorker(t, sharedClient(t), prefix, reactor, newMapState(prefix), opts...)
 		require.NoError(t, w.Run(ctx, nil, time.Millisecond, "nil-registerer"))
 	}
-	resp, err := srv.Client(t).Get(ctx, prefix+"/n", clientv3.WithCountOnly())
+	resp, err := sharedClient(t).Get(ctx, prefix+"/n", clientv3.WithCountOnly())
 	require.NoError(t, err)
 	require.EqualValues(t, 1, resp.Count)
 	require.False(t, hasOrchestratorMetrics())

@@ -12,7 +12,6 @@ import (
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -80,8 +79,7 @@ func (c *committer) rounds(t *testing.T, n int64) {
 // nothing.
 func TestNestedPrefixesHideEachOthersBookkeeping(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	n := 0
 	for _, pair := range [][2]string{{"/r/app", "/r/app/b"}, {"/r/app", "/r/apple"}} {
 		for _, innerFirst := range []bool{false, true} {

@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // TestOptionErrorsNameTheOption: NewEtcdWorker rejects an out-of-range
@@ -14,8 +12,7 @@ import (
 // documented as meaning "none" or "no limit" are accepted.
 func TestOptionErrorsNameTheOption(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	noop := idleReactor()
 	for _, tc := range []struct {
 		opt  Option

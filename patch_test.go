@@ -13,7 +13,6 @@ import (
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -705,8 +704,7 @@ var patchCases = []patchCase{{
 // committed values, not from its own aborted edit.
 func TestPatchesMayEditTheirInput(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	direct := srv.Client(t)
+	direct := sharedClient(t)
 	for ci, tc := range patchCases {
 		for _, kind := range []string{"single", "general"} {
 			t.Run(tc.name+"/"+kind, func(t *testing.T) {

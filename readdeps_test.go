@@ -248,11 +248,10 @@ func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
 				ReadRangeDependency{Prefix: prefix + "/s/"}}, ErrEtcdTxnOpsExceed},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
-			clearPrefix(ctx, t, srv.Client(t), prefix)
-			err := rdRunOnce(ctx, t, srv.Client(t), prefix, tt.group, WithTxnLimits(8, DefaultTxnMaxBytes))
-			resp, gerr := srv.Client(t).Get(ctx, prefix+"/w", clientv3.WithPrefix(), clientv3.WithCountOnly())
+			clearPrefix(ctx, t, sharedClient(t), prefix)
+			err := rdRunOnce(ctx, t, sharedClient(t), prefix, tt.group, WithTxnLimits(8, DefaultTxnMaxBytes))
+			resp, gerr := sharedClient(t).Get(ctx, prefix+"/w", clientv3.WithPrefix(), clientv3.WithCountOnly())
 			require.NoError(t, gerr)
 			if tt.wantErr != nil {
 				require.ErrorIs(t, err, tt.wantErr)
@@ -271,7 +270,6 @@ func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
 func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/rd-outside"
-	srv := etcdtest.Shared(t)
 	put := SingleDataPatch{Key: util.NewEtcdKey(prefix + "/w"),
 		Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
 	for _, d := range []DataPatch{
@@ -282,9 +280,9 @@ func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
 		&ReadRangeDependency{Prefix: "/elsewhere/"},
 	} {
 		ctx := testContext(t)
-		err := rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{d, put})
+		err := rdRunOnce(ctx, t, sharedClient(t), prefix, []DataPatch{d, put})
 		require.ErrorIs(t, err, ErrKeyOutsidePrefix, "%#v", d)
-		resp, gerr := srv.Client(t).Get(ctx, prefix+"/w")
+		resp, gerr := sharedClient(t).Get(ctx, prefix+"/w")
 		require.NoError(t, gerr)
 		require.Empty(t, resp.Kvs)
 	}
@@ -425,17 +423,16 @@ func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
 		{"range dependency", ReadRangeDependency{Prefix: prefix + "/r/"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
-			clearPrefix(ctx, t, srv.Client(t), prefix)
+			clearPrefix(ctx, t, sharedClient(t), prefix)
 			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*rdState)
 				st.patches = append(st.patches, []DataPatch{put("/r/a"), put("/r/b")}, []DataPatch{put("/x"), tt.dep})
 				return st, ErrReactorFinished
 			})
-			w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
+			w := mustNewEtcdWorker(t, sharedClient(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
 			require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "rd-flush"))
-			resp, err := srv.Client(t).Get(ctx, prefix+"/x")
+			resp, err := sharedClient(t).Get(ctx, prefix+"/x")
 			require.NoError(t, err)
 			require.Len(t, resp.Kvs, 1)
 			require.Zero(t, testutil.ToFloat64(w.metrics.conflicts.WithLabelValues("rd-flush")), "conflicts")
@@ -505,9 +502,8 @@ func rdPut(key string) DataPatch {
 func TestAbsentKeyDependencyCatchesACreate(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/rd-absent"
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	var runs atomic.Int32
 	dep := util.NewEtcdKey(prefix + "/flag")
 	decide := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
@@ -535,7 +531,6 @@ func TestAbsentKeyDependencyCatchesACreate(t *testing.T) {
 func TestDependencyOnlyGroupsWriteNothing(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/rd-deponly"
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*rdState)
@@ -545,7 +540,7 @@ func TestDependencyOnlyGroupsWriteNothing(t *testing.T) {
 			[]DataPatch{&ReadDependency{Key: util.NewEtcdKey(prefix + "/a")}, &ReadRangeDependency{Prefix: prefix + "/"}})
 		return st, ErrReactorFinished
 	})
-	w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, &rdState{})
+	w := mustNewEtcdWorker(t, sharedClient(t), prefix, reactor, &rdState{})
 	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "deponly"))
 	require.Zero(t, testutil.ToFloat64(w.metrics.commits.WithLabelValues("deponly")))
 }
@@ -557,9 +552,8 @@ func TestDependencyOnlyGroupsWriteNothing(t *testing.T) {
 func TestRangeOverTheWholePrefixLands(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/rd-whole"
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	for _, withSession := range []bool{false, true} {
 		t.Run(fmt.Sprintf("session=%v", withSession), func(t *testing.T) {
 			rounds := 0

@@ -126,8 +126,7 @@ func TestIsCleanStop(t *testing.T) {
 func TestStatusIsRaceFreeAcrossRuns(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/status-across-runs"
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	var queued atomic.Int64
 	st := newMapState(prefix)
@@ -180,8 +179,7 @@ func TestStatusIsRaceFreeAcrossRuns(t *testing.T) {
 func TestTickOwnDeadlineIsNotACleanStop(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/tick-deadline"
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	reactor := ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
 		return nil, fmt.Errorf("call to a backend: %w", context.DeadlineExceeded)
@@ -256,8 +254,7 @@ func TestCleanStopOnEveryCancelPoint(t *testing.T) {
 // publishing orchestrator_applied_revision.
 func TestSameRoleWorkersKeepTheirGauges(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	reg := prometheus.NewRegistry()
 	a := mustNewEtcdWorker(t, cli, "/test/same-role-a", idleReactor(), newMapState("/test/same-role-a"), WithMetrics(reg))
@@ -288,8 +285,7 @@ func TestSameRoleWorkersKeepTheirGauges(t *testing.T) {
 // the last put (the test fails if it does not within 10s). It returns the
 // largest Lag() seen meanwhile.
 func runSlowReactor(t *testing.T, prefix string, opts ...Option) int64 {
-	srv := etcdtest.Shared(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	reactor := ReactorFunc(func(c context.Context, s ReactorState) (ReactorState, error) {
 		select {

@@ -26,9 +26,8 @@ import (
 // drives the watch handling by hand; the real watch is never opened.
 func unitWatchRun(t testing.TB, prefix string, st ReactorState, loadedRev int64) *run {
 	t.Helper()
-	srv := etcdtest.Shared(t)
 	noop := idleReactor()
-	w := mustNewEtcdWorker(t, srv.Client(t), prefix, noop, st)
+	w := mustNewEtcdWorker(t, sharedClient(t), prefix, noop, st)
 	r := w.newRun(testContext(t), nil, behaviourTick, "unit")
 	r.watch = newWatchStream(r.ctx, r.watchConfig())
 	t.Cleanup(r.close)
