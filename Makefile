@@ -11,7 +11,7 @@ ORCHESTRATOR_SCALE_KEYS ?= 1000000
 ## tests wait on etcd rather than burn CPU, so more of them run at once than
 ## the default -parallel (GOMAXPROCS). ORCHESTRATOR_ETCD_STARTS=FILE counts
 ## the embedded etcd members started (one line each).
-TEST_PARALLEL ?= 8
+TEST_PARALLEL ?= 4
 test:
 	$(GO) test -race -count=1 -timeout=10m -parallel=$(TEST_PARALLEL) ./...
 

@@ -60,8 +60,7 @@ func newAuthEnv(t *testing.T, prefixes ...string) *authEnv {
 	srv := etcdtest.NewServer(t, etcdtest.WithEmbedConfig(func(cfg *embed.Config) {
 		cfg.BcryptCost = 4 // the minimum: the test authenticates often
 	}))
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 10*time.Second)
 	cli := srv.Client(t)
 	must := func(_ any, err error) { t.Helper(); require.NoError(t, err) }
 	must(cli.UserAdd(ctx, "root", "rootpw"))
@@ -110,8 +109,7 @@ func returnsPromptly(t *testing.T, errc <-chan error, since time.Time) error {
 func TestPermanentErrorsEndRun(t *testing.T) {
 	const prefix = "/test/auth"
 	env := newAuthEnv(t, prefix)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 30*time.Second)
 	opts := []Option{WithMaxStaleness(time.Second), WithRequestTimeout(2 * time.Second)}
 
 	t.Run("no rights: the load", func(t *testing.T) {

@@ -260,8 +260,7 @@ func (b *bankWorld) finish(t testing.TB, g *workerGroup, cli *clientv3.Client) {
 // requireEtcd checks the invariants and totals on etcd's contents.
 func (b *bankWorld) requireEtcd(t testing.TB, cli *clientv3.Client) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 10*time.Second)
 	require.NoError(t, b.checkEtcd(ctx, t, cli), "etcd's final contents")
 	require.Positive(t, b.emitted.Load())
 }

@@ -122,7 +122,7 @@ func TestFencing(t *testing.T) {
 		{name: "session closed", ttl: 60, depose: func(_ context.Context, t testing.TB, f *fenceFixture) {
 			require.NoError(t, f.session.Close())
 		}},
-		{name: "session expired while cut off", ttl: 1, depose: func(_ context.Context, t testing.TB, f *fenceFixture) {
+		{name: "session expired while cut off", ttl: 2, depose: func(_ context.Context, t testing.TB, f *fenceFixture) {
 			f.proxy.Pause()
 			rev := f.deletedRev(t) // the lease expired
 			f.deleted <- rev

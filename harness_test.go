@@ -42,7 +42,13 @@ const pollInterval = 5 * time.Millisecond
 // test ends.
 func testContext(t testing.TB) context.Context {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	return contextWithin(t, testTimeout)
+}
+
+// contextWithin returns a context that ends after d, or when the test ends.
+func contextWithin(t testing.TB, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
 }
@@ -60,8 +66,7 @@ func waitUntil(ctx context.Context, t testing.TB, what string, cond func() bool)
 // soon as failed (if not nil) reports an error.
 func waitWithin(t testing.TB, timeout time.Duration, what string, failed func() error, cond func() bool) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
+	ctx := contextWithin(t, timeout)
 	waitUnlessFailed(ctx, t, what, failed, cond)
 }
 

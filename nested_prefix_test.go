@@ -94,8 +94,7 @@ func TestNestedPrefixesHideEachOthersBookkeeping(t *testing.T) {
 }
 
 func nestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix string, innerFirst bool) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 30*time.Second)
 	outer, inner := newCommitter(t, cli, outerPrefix), newCommitter(t, cli, innerPrefix)
 	first, second := outer, inner
 	if innerFirst {

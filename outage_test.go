@@ -46,8 +46,7 @@ func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 
 func busyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 	const prefix = "/test/outage-busy"
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 20*time.Second)
 	var ticks atomic.Int64
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*mapState)
@@ -78,8 +77,7 @@ func busyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 
 func outageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
 	const maxOutage = 3 * time.Second
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 20*time.Second)
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	var (
 		armed    atomic.Bool

@@ -719,8 +719,7 @@ func TestPatchesMayEditTheirInput(t *testing.T) {
 // Tick leaves tc's groups, the second checks the mirror and the state
 // against etcd and finishes.
 func runEditCase(t *testing.T, direct *clientv3.Client, prefix, kind string, tc patchCase) {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 20*time.Second)
 	_, err := direct.Put(ctx, prefix+"/a", "abc")
 	require.NoError(t, err)
 	_, err = direct.Put(ctx, prefix+"/b", "k2")

@@ -61,8 +61,7 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 	)
 	srv := etcdtest.Shared(t)
 	direct := srv.Client(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 30*time.Second)
 
 	t.Run("clean stop", func(t *testing.T) {
 		done := make(chan struct{}, 1)
@@ -139,8 +138,7 @@ func TestCommitTokenLeaseLoss(t *testing.T) {
 
 func leaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, inFlight bool) {
 	prefix := fmt.Sprintf("/test/lease-loss-%v", inFlight)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 20*time.Second)
 	revokeOwn := func() error { // revoke the worker's token lease
 		for _, id := range commitTokens(ctx, t, direct, prefix) {
 			if _, err := direct.Revoke(ctx, id); err != nil {
