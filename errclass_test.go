@@ -158,7 +158,7 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 		defer close(busyDone)
 		for busyCtx.Err() == nil {
 			_, _ = env.root.Put(busyCtx, prefix+"/busy", time.Now().String())
-			time.Sleep(30 * time.Millisecond)
+			time.Sleep(30 * time.Millisecond) // fault timing: a steady writer keeps the watch busy
 		}
 	}()
 	start := time.Now()

@@ -350,7 +350,7 @@ func TestLinearizableCounter(t *testing.T) {
 			if err := c.directRead(ctx, env.direct); err != nil && ctx.Err() == nil {
 				return err
 			}
-			time.Sleep(50 * time.Millisecond)
+			time.Sleep(50 * time.Millisecond) // fault timing: a reader, not a busy loop
 		}
 		return nil
 	})
@@ -364,7 +364,7 @@ func TestLinearizableCounter(t *testing.T) {
 		{"response lost", func() { commitFaults[1].inject(t, env.proxy, probe) }},
 		{"cut", func() {
 			env.proxy.Pause()
-			time.Sleep(time.Second)
+			time.Sleep(time.Second) // fault timing: the cut
 			env.proxy.Resume()
 		}},
 		{"compaction during an outage", func() {

@@ -673,7 +673,7 @@ func TestFaultMaxOutage(t *testing.T) {
 			waitTicks(5, "ticks before the faults")
 			// Shorter than the cap: survived.
 			env.proxy.Pause()
-			time.Sleep(maxOutage / 3)
+			time.Sleep(maxOutage / 3) // fault timing: a cut shorter than the cap
 			env.proxy.Resume()
 			waitTicks(5, "ticks after a short cut")
 			// The worker hears from etcd again (its watch delivers a put)
@@ -721,7 +721,7 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	waitWithin(t, 10*time.Second, "idle ticks", g.failed, func() bool { return snaps.count() >= 5 })
 	cutAt := time.Now()
 	env.proxy.Pause()
-	time.Sleep(cut)
+	time.Sleep(cut) // fault timing: the cut
 	resumeAt := time.Now()
 	env.proxy.Resume()
 	waitWithin(t, faultProgressTimeout, "ticks after the cut", g.failed, func() bool {
@@ -802,7 +802,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			cancelAt := time.Now()
 			cancel()
 			if tc.resume > 0 {
-				time.Sleep(tc.resume)
+				time.Sleep(tc.resume) // fault timing: the outage after the cancel
 				env.proxy.SetDelay(0)
 				env.proxy.Resume()
 			}
@@ -898,7 +898,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 	sleepUntil(t0.Add(delay / 2)) // the request is still in the proxy
 	env.proxy.Pause()
 	env.proxy.SetDelay(0)
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond) // fault timing: the cut
 	env.proxy.Resume()
 	select {
 	case err = <-done:
@@ -944,7 +944,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	requireTicking := func(d time.Duration, what string) {
 		t.Helper()
 		from := time.Now()
-		time.Sleep(d)
+		time.Sleep(d) // the observation window
 		require.NoError(t, g.failed(), what)
 		prev := from
 		for _, at := range snaps.times() {
@@ -959,7 +959,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	requireTicking(maxOutage+500*time.Millisecond, "idle etcd")
 
 	env.proxy.Pause()
-	time.Sleep(maxOutage / 2)
+	time.Sleep(maxOutage / 2) // fault timing: the cut
 	env.proxy.Resume()
 	waitWithin(t, 10*time.Second, "ticks after the cut", g.failed, func() bool {
 		ts := snaps.times()

@@ -113,7 +113,7 @@ func TestServerThroughProxyPauseResume(t *testing.T) {
 		_, err := cli.Put(ctx, "k", "v2")
 		done <- err
 	}()
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(100 * time.Millisecond) // fault timing: the put is stalled in the proxy
 	p.Resume()
 	if err := <-done; err != nil {
 		t.Fatalf("put across blackhole+resume: %v", err)
