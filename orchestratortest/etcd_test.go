@@ -26,6 +26,7 @@ func testContext(t *testing.T) context.Context {
 }
 
 func TestStartEtcdReturnsAReadyClient(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	cli := orchestratortest.StartEtcd(t)
 	_, err := cli.Put(ctx, "/k", "v")
@@ -37,6 +38,7 @@ func TestStartEtcdReturnsAReadyClient(t *testing.T) {
 }
 
 func TestServerLimitsAreApplied(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	cli := orchestratortest.StartEtcd(t,
 		orchestratortest.WithMaxTxnOps(2), orchestratortest.WithMaxRequestBytes(4096))
@@ -52,6 +54,7 @@ func TestServerLimitsAreApplied(t *testing.T) {
 }
 
 func TestInvalidArguments(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	tests := []struct {
 		name string
@@ -73,6 +76,7 @@ func TestInvalidArguments(t *testing.T) {
 }
 
 func TestCompactMakesOldRevisionsUnreadable(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	e := orchestratortest.StartEtcdServer(t)
 	cli := e.Client()
@@ -93,6 +97,7 @@ func TestCompactMakesOldRevisionsUnreadable(t *testing.T) {
 }
 
 func TestRevokeLeaseDeletesItsKeys(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	e := orchestratortest.StartEtcdServer(t)
 	other, err := e.NewClient() // closed by the kit
@@ -110,6 +115,7 @@ func TestRevokeLeaseDeletesItsKeys(t *testing.T) {
 }
 
 func TestCloseRemovesItsTemporaryDirectoryButNotAGivenOne(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	given := t.TempDir()
 	for _, dir := range []string{"", given} {
@@ -128,6 +134,7 @@ func TestCloseRemovesItsTemporaryDirectoryButNotAGivenOne(t *testing.T) {
 }
 
 func TestClusterServesFromEveryMember(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	e := orchestratortest.StartEtcdCluster(t, 3)
 	eps := e.Endpoints()
@@ -147,6 +154,7 @@ func TestClusterServesFromEveryMember(t *testing.T) {
 // TestParallelServersRunWorkers: several parallel tests each start
 // their own server and run a worker on it; nothing is shared, nothing leaks.
 func TestParallelServersRunWorkers(t *testing.T) {
+	t.Parallel()
 	for i := range 3 {
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
 			t.Parallel()
@@ -176,6 +184,7 @@ func (nopState) GetPatches() [][]orchestrator.DataPatch { return nil }
 // TestCloseIsIdempotentAndConcurrent: Close may be called from
 // several goroutines and again later; each returns the same result.
 func TestCloseIsIdempotentAndConcurrent(t *testing.T) {
+	t.Parallel()
 	e, err := orchestratortest.Start(testContext(t))
 	require.NoError(t, err)
 	var wg sync.WaitGroup
@@ -190,6 +199,7 @@ func TestCloseIsIdempotentAndConcurrent(t *testing.T) {
 // TestUseAfterCloseFailsCleanly: NewClient, Compact and RevokeLease
 // on a closed Etcd return errors; none hangs, panics or leaks a client.
 func TestUseAfterCloseFailsCleanly(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	e, err := orchestratortest.Start(ctx)
 	require.NoError(t, err)
@@ -209,6 +219,7 @@ func TestUseAfterCloseFailsCleanly(t *testing.T) {
 // TestStartWithDoneContextLeavesNothing: Start with a cancelled ctx
 // fails, and leaves neither a server nor a temporary directory.
 func TestStartWithDoneContextLeavesNothing(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
