@@ -331,15 +331,11 @@ func TestRetainedKeysNeverChange(t *testing.T) {
 				mustPutKV(ctx, t, admin, variedKey(prefix, i), strings.Repeat("v", i%50))
 			}
 			proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
-			cfg := etcdtest.ClientConfig(proxy.Endpoint())
-			cfg.DialOptions = (&rpcCounter{noStream: noStream}).dialOptions()
 			state := &retainingState{recordingState: newRecordingState(prefix)}
 			reactor := &retainingSnapshotter{}
-			w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
-				WithPageSize(7), WithMaxStaleness(500*time.Millisecond))
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
-			done := runAsync(runCtx, w, nil, 5*time.Millisecond, "rfkeys")
+			done := proxiedWorker(runCtx, t, proxy, &rpcCounter{noStream: noStream}, 0, prefix, reactor, state, WithPageSize(7))
 			synced := func(what string) {
 				waitUntil(ctx, t, what, func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 			}
