@@ -147,7 +147,9 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 	// One commit first, so the run has its token and lease.
 	before := r.seen.Load()
 	r.writes.Store(1)
-	waitWithin(t, 5*time.Second, "the first commit seen", nil, func() bool { return r.seen.Load() > before })
+	firstCtx, cancelFirst := context.WithTimeout(ctx, 5*time.Second)
+	defer cancelFirst()
+	waitUntil(firstCtx, t, "the first commit seen", func() bool { return r.seen.Load() > before })
 
 	// Another client keeps the watch busy: the worker must find out
 	// even though its watch is never silent.

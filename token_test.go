@@ -114,7 +114,9 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		stopped := time.Since(killed)
 		require.Less(t, stopped, ttl/2, "the killed runs took long to stop")
 		require.Len(t, commitTokens(ctx, t, direct, prefix), runs, "the killed runs' tokens outlive them (stopped in %v)", stopped)
-		waitWithin(t, ttl+5*time.Second, "the tokens of killed runs expiring with their lease", nil,
+		expiry, cancelExpiry := context.WithTimeout(ctx, ttl+5*time.Second)
+		defer cancelExpiry()
+		waitUntil(expiry, t, "the tokens of killed runs expiring with their lease",
 			func() bool { return len(commitTokens(ctx, t, direct, prefix)) == 0 })
 		t.Logf("tokens gone %v after the kill (TTL %v)", time.Since(killed), ttl)
 	})
