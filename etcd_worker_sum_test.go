@@ -22,7 +22,7 @@ func TestSum(t *testing.T) {
 	t.Parallel()
 	const (
 		workers = 6
-		rounds  = 30
+		cycles  = 30
 		prefix  = "/test/sum"
 	)
 	srv := etcdtest.Shared(t)
@@ -42,7 +42,7 @@ func TestSum(t *testing.T) {
 			if got := st.int("/sum"); got != sum {
 				return nil, fmt.Errorf("torn snapshot: /sum = %d, Σ = %d", got, sum)
 			}
-			if done == rounds {
+			if done == cycles {
 				return st, ErrReactorFinished
 			}
 			done++
@@ -66,7 +66,7 @@ func TestSum(t *testing.T) {
 	}
 	var want int64
 	for i := 0; i < workers; i++ {
-		v := int64(rounds * (i + 1))
+		v := int64(cycles * (i + 1))
 		require.Equal(t, v, got[prefix+"/"+strconv.Itoa(i)], "worker %d", i)
 		want += v
 	}

@@ -307,19 +307,19 @@ func TestExactlyOnceCommitCuts(t *testing.T) {
 		faultOptions(env.reg, lg), 3*time.Minute)
 
 	c.waitProgress(t, g, 10, "before the faults")
-	for round := 1; ; round++ {
+	for cycle := 1; ; cycle++ {
 		for _, f := range commitFaults {
 			before := c.emitted.Load()
 			f.inject(t, env.proxy, probe)
-			c.waitProgress(t, g, 5, fmt.Sprintf("round %d, after %s", round, f.name))
-			t.Logf("round %d, %s: groups %d -> %d", round, f.name, before, c.emitted.Load())
+			c.waitProgress(t, g, 5, fmt.Sprintf("cycle %d, after %s", cycle, f.name))
+			t.Logf("cycle %d, %s: groups %d -> %d", cycle, f.name, before, c.emitted.Load())
 		}
 		landed, notLanded := resolutionLogs(logs)
 		if landed > 0 && notLanded > 0 {
 			break
 		}
-		require.Less(t, round, 4, "after %d rounds of faults: %d unknown outcomes resolved as landed, %d as not landed; want both",
-			round, landed, notLanded)
+		require.Less(t, cycle, 4, "after %d cycles of faults: %d unknown outcomes resolved as landed, %d as not landed; want both",
+			cycle, landed, notLanded)
 	}
 	c.finish(ctx, t, g, env.direct)
 

@@ -329,9 +329,9 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
 
 	b.waitProgress(t, g, 20, "before the outage")
-	for round := range 2 {
+	for cycle := range 2 {
 		env.proxy.Pause()
-		externalBankWrites(ctx, t, env.direct, b, round)
+		externalBankWrites(ctx, t, env.direct, b, cycle)
 		_, err := etcdtest.Compact(ctx, env.direct)
 		require.NoError(t, err)
 		reloads := metricSum(t, env.reg, "orchestrator_reloads_total")
@@ -339,7 +339,7 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 		waitWithin(t, faultProgressTimeout, "every worker reloads", g.failed, func() bool {
 			return metricSum(t, env.reg, "orchestrator_reloads_total") >= reloads+float64(b.workers)
 		})
-		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", round+1))
+		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", cycle+1))
 	}
 	b.finish(t, g, env.direct)
 	noise, _ := userKVs(ctx, t, env.direct, b.prefix+"/noise", 0)
@@ -348,7 +348,7 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 
 // externalBankWrites moves money between two accounts in one CAS Txn and
 // puts and deletes unrelated keys under the bank's prefix, through cli.
-func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client, b *bankWorld, round int) {
+func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client, b *bankWorld, cycle int) {
 	t.Helper()
 	for {
 		a, c := b.prefix+bankAccount(0), b.prefix+bankAccount(1)
@@ -379,14 +379,14 @@ func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client,
 		}
 	}
 	for i := range 4 {
-		_, err := cli.Put(ctx, fmt.Sprintf("%s/noise/%d-%d", b.prefix, round, i), "x")
+		_, err := cli.Put(ctx, fmt.Sprintf("%s/noise/%d-%d", b.prefix, cycle, i), "x")
 		require.NoError(t, err)
 	}
-	_, err := cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-0", b.prefix, round))
+	_, err := cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-0", b.prefix, cycle))
 	require.NoError(t, err)
-	_, err = cli.Put(ctx, fmt.Sprintf("%s/noise/%d-1", b.prefix, round), "")
+	_, err = cli.Put(ctx, fmt.Sprintf("%s/noise/%d-1", b.prefix, cycle), "")
 	require.NoError(t, err)
-	_, err = cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-2", b.prefix, round))
+	_, err = cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-2", b.prefix, cycle))
 	require.NoError(t, err)
 }
 
@@ -402,12 +402,12 @@ func TestFaultBankLeaderRestart(t *testing.T) {
 	g := startBank(t, b, func(int) *clientv3.Client { return faultClient(t, nil, c.Endpoints()...) }, reg, faultLogger(t), 3*time.Minute)
 
 	b.waitProgress(t, g, 20, "before the leader stops")
-	for round := range 2 {
+	for cycle := range 2 {
 		lead := c.Leader(t)
 		c.StopMember(t, lead)
-		b.waitProgress(t, g, 20, fmt.Sprintf("round %d: after stopping leader m%d", round+1, lead))
+		b.waitProgress(t, g, 20, fmt.Sprintf("cycle %d: after stopping leader m%d", cycle+1, lead))
 		c.RestartMember(t, lead)
-		b.waitProgress(t, g, 20, fmt.Sprintf("round %d: after restarting m%d", round+1, lead))
+		b.waitProgress(t, g, 20, fmt.Sprintf("cycle %d: after restarting m%d", cycle+1, lead))
 	}
 	b.finish(t, g, direct)
 }

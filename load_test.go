@@ -220,28 +220,28 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
 	_, log := reactor.snapshot()
 	seen := len(log)
-	for round := 1; round <= 3; round++ {
+	for cycle := 1; cycle <= 3; cycle++ {
 		proxy.Pause()
-		switch round {
+		switch cycle {
 		case 1, 3:
 			_, err := admin.Delete(ctx, prefix+"/x")
 			require.NoError(t, err)
-			if round == 3 {
+			if cycle == 3 {
 				mustPutKV(ctx, t, admin, prefix+"/x", "s")
 			}
 		case 2:
 			mustPutKV(ctx, t, admin, prefix+"/x", "s")
 		}
-		mustPutKV(ctx, t, admin, prefix+"/c", fmt.Sprint(round))
-		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/n%d", prefix, round), "")
-		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/sub%s/token/%d", prefix, reservedDir, round), "t")
+		mustPutKV(ctx, t, admin, prefix+"/c", fmt.Sprint(cycle))
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/n%d", prefix, cycle), "")
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/sub%s/token/%d", prefix, reservedDir, cycle), "t")
 		mustPutKV(ctx, t, admin, prefix+reservedDir+"delete-counter", "")
 		_, err := etcdtest.Compact(ctx, admin)
 		require.NoError(t, err)
 		proxy.Resume()
 		waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
 		_, log = reactor.snapshot()
-		require.Equal(t, []string{"/c", fmt.Sprintf("/n%d", round), "/x"}, updatedKeys(t, log[seen:]), "round %d", round)
+		require.Equal(t, []string{"/c", fmt.Sprintf("/n%d", cycle), "/x"}, updatedKeys(t, log[seen:]), "cycle %d", cycle)
 		seen = len(log)
 	}
 
@@ -326,7 +326,7 @@ func TestRetainedKeysNeverChange(t *testing.T) {
 			prefix := "/test/retained-keys"
 			srv := etcdtest.NewServer(t)
 			admin := srv.Client(t)
-			ctx := contextWithin(t, 3*time.Minute) // 4 rounds of rewrites and reloads: slow on a busy machine
+			ctx := contextWithin(t, 3*time.Minute) // 4 cycles of rewrites and reloads: slow on a busy machine
 			for i := range 200 {
 				mustPutKV(ctx, t, admin, variedKey(prefix, i), strings.Repeat("v", i%50))
 			}
@@ -340,28 +340,28 @@ func TestRetainedKeysNeverChange(t *testing.T) {
 				waitUntil(ctx, t, what, func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 			}
 			synced("the loaded state")
-			for round := range 4 {
+			for cycle := range 4 {
 				// watch: rewrite, delete and create keys of every length
-				for i := round; i < 200; i += 3 {
-					mustPutKV(ctx, t, admin, variedKey(prefix, i), fmt.Sprintf("r%d-%d", round, i))
+				for i := cycle; i < 200; i += 3 {
+					mustPutKV(ctx, t, admin, variedKey(prefix, i), fmt.Sprintf("r%d-%d", cycle, i))
 				}
-				for i := round + 1; i < 200; i += 5 {
+				for i := cycle + 1; i < 200; i += 5 {
 					_, err := admin.Delete(ctx, variedKey(prefix, i))
 					require.NoError(t, err)
 				}
-				synced(fmt.Sprintf("round %d watched", round))
+				synced(fmt.Sprintf("cycle %d watched", cycle))
 				// reload with differences
 				reloadByCompaction(ctx, t, proxy, admin, func() {
-					for i := round + 1; i < 200; i += 5 {
-						mustPutKV(ctx, t, admin, variedKey(prefix, i), fmt.Sprintf("back%d", round))
+					for i := cycle + 1; i < 200; i += 5 {
+						mustPutKV(ctx, t, admin, variedKey(prefix, i), fmt.Sprintf("back%d", cycle))
 					}
-					for i := 200 + round*50; i < 250+round*50; i++ {
+					for i := 200 + cycle*50; i < 250+cycle*50; i++ {
 						mustPutKV(ctx, t, admin, variedKey(prefix, i), "new")
 					}
 				})
-				synced(fmt.Sprintf("round %d reloaded", round))
+				synced(fmt.Sprintf("cycle %d reloaded", cycle))
 				runtime.GC()
-				require.Empty(t, state.corrupted(), "round %d", round)
+				require.Empty(t, state.corrupted(), "cycle %d", cycle)
 			}
 			cancel()
 			require.True(t, IsCleanStop(recvErr(ctx, t, done)))

@@ -15,15 +15,15 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// committer is a worker that, round by round, puts <prefix>/k-<i> and
+// committer is a worker that, cycle by cycle, puts <prefix>/k-<i> and
 // deletes <prefix>/k-<i-1> (so it keeps a delete counter and a token), and
 // on demand writes a foreign key.
 type committer struct {
 	prefix  string
 	state   *keyLog
 	w       *EtcdWorker
-	want    atomic.Int64 // rounds asked for
-	seen    atomic.Int64 // rounds seen committed
+	want    atomic.Int64 // cycles asked for
+	seen    atomic.Int64 // cycles seen committed
 	foreign atomic.Value // string: a key to write next, "" none
 	errc    chan error
 }
@@ -58,16 +58,16 @@ func newCommitter(t *testing.T, cli *clientv3.Client, prefix string) *committer 
 	return c
 }
 
-// start runs the worker until ctx is done; rounds asks for n more rounds and
+// start runs the worker until ctx is done; cycles asks for n more cycles and
 // waits until they are committed.
 func (c *committer) start(ctx context.Context) {
 	go func() { c.errc <- c.w.Run(ctx, nil, 20*time.Millisecond, c.prefix) }()
 }
 
-func (c *committer) rounds(t *testing.T, n int64) {
+func (c *committer) cycles(t *testing.T, n int64) {
 	t.Helper()
 	target := c.want.Add(n)
-	waitWithin(t, 10*time.Second, fmt.Sprintf("worker on %s committing %d rounds", c.prefix, target), nil,
+	waitWithin(t, 10*time.Second, fmt.Sprintf("worker on %s committing %d cycles", c.prefix, target), nil,
 		func() bool { return c.seen.Load() >= target })
 }
 
@@ -103,11 +103,11 @@ func nestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix str
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	first.start(runCtx)
-	first.rounds(t, 3)
+	first.cycles(t, 3)
 	second.start(runCtx) // loads the first one's bookkeeping (when nested)
-	second.rounds(t, 3)
-	first.rounds(t, 2) // the second one watches the first one's bookkeeping change
-	second.rounds(t, 2)
+	second.cycles(t, 3)
+	first.cycles(t, 2) // the second one watches the first one's bookkeeping change
+	second.cycles(t, 2)
 
 	// Both workers' bookkeeping exists in etcd...
 	for _, c := range []*committer{outer, inner} {

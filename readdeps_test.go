@@ -556,19 +556,19 @@ func TestRangeOverTheWholePrefixLands(t *testing.T) {
 	cli := sharedClient(t)
 	for _, withSession := range []bool{false, true} {
 		t.Run(fmt.Sprintf("session=%v", withSession), func(t *testing.T) {
-			rounds := 0
+			cycles := 0
 			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*rdState)
-				if rounds == 6 {
+				if cycles == 6 {
 					return st, ErrReactorFinished
 				}
-				k := fmt.Sprintf("%s/k%d", prefix, rounds%2)
+				k := fmt.Sprintf("%s/k%d", prefix, cycles%2)
 				p := rdPut(k)
-				if rounds%3 == 2 {
+				if cycles%3 == 2 {
 					p = deletePatch(util.NewEtcdKey(k))
 				}
 				st.patches = append(st.patches, []DataPatch{ReadRangeDependency{Prefix: prefix + "/"}, p})
-				rounds++
+				cycles++
 				return st, nil
 			})
 			w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{})

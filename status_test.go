@@ -157,10 +157,10 @@ func TestStatusIsRaceFreeAcrossRuns(t *testing.T) {
 
 	synced := make(chan error, 1)
 	go func() { synced <- w.WaitSynced(ctx) }() // before any Run
-	for round := range 2 {
+	for cycle := range 2 {
 		runCtx, cancel := context.WithCancel(ctx)
 		done := runAsync(runCtx, w, nil, behaviourTick, "status")
-		if round == 0 {
+		if cycle == 0 {
 			require.NoError(t, recvErr(ctx, t, synced))
 		}
 		require.NoError(t, w.WaitSynced(ctx))
@@ -168,7 +168,7 @@ func TestStatusIsRaceFreeAcrossRuns(t *testing.T) {
 		waitUntil(ctx, t, "commits", func() bool { return w.Status().AppliedRevision > 0 && queued.Load() > base+5 })
 		cancel()
 		err := recvErr(ctx, t, done)
-		require.True(t, IsCleanStop(err), "round %d: %v", round, err)
+		require.True(t, IsCleanStop(err), "cycle %d: %v", cycle, err)
 		require.Equal(t, Status{}, w.Status(), "a stopped worker reports the zero Status")
 	}
 }

@@ -45,7 +45,7 @@ func TestStateWithEtcdWorker(t *testing.T) {
 		accounts = 5
 		initial  = 100
 		workers  = 3
-		rounds   = 20
+		cycles   = 20
 	)
 	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
@@ -70,7 +70,7 @@ func TestStateWithEtcdWorker(t *testing.T) {
 			if accts.Len() != accounts || sum != accounts*initial {
 				return nil, fmt.Errorf("torn snapshot: %d accounts, sum %d", accts.Len(), sum)
 			}
-			if done == rounds {
+			if done == cycles {
 				return jsonstate.Multi{accts, book}, orchestrator.ErrReactorFinished
 			}
 			from, to := strconv.Itoa((w+done)%accounts), strconv.Itoa((w+2*done+1)%accounts)
@@ -102,7 +102,7 @@ func TestStateWithEtcdWorker(t *testing.T) {
 	resp, err = cli.Get(ctx, prefix+"/ledger")
 	require.NoError(t, err)
 	require.Len(t, resp.Kvs, 1)
-	require.JSONEq(t, mustJSON(t, ledger{Transfers: workers * rounds}), string(resp.Kvs[0].Value))
+	require.JSONEq(t, mustJSON(t, ledger{Transfers: workers * cycles}), string(resp.Kvs[0].Value))
 }
 
 // TestDecodeErrorWithEtcdWorker: under the default policy a broken document

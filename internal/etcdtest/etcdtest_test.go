@@ -276,7 +276,7 @@ func TestSharedServerIsOneAndRefusesCompaction(t *testing.T) {
 	t.Parallel()
 	srv := Shared(t)
 	if Shared(t) != srv {
-		t.Fatal("two shared servers in one round")
+		t.Fatal("two shared servers in one cycle")
 	}
 	ctx := ctxT(t, 10*time.Second)
 	cli := SharedClient(t)

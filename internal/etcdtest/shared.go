@@ -21,15 +21,15 @@ import (
 // in parallel; a test that needs server options, compaction, an alarm or
 // auth starts its own with NewServer.
 //
-// With -count=N each round of the tests gets a fresh server (a test name
-// seen again with a new testing.T starts the next round; the testing package
-// finishes a round before it begins the next), so that no test finds keys
+// With -count=N each repetition of the tests gets a fresh server (a test
+// name seen again with a new testing.T starts the next repetition; the
+// testing package finishes one before it begins the next), so that no test finds keys
 // its previous run left.
 var shared struct {
 	mu      sync.Mutex
 	srv     *Server
 	retired []*Server
-	seen    map[string]testing.TB // test name -> its T in the current round
+	seen    map[string]testing.TB // test name -> its T in the current repetition
 	dir     string
 }
 
@@ -72,7 +72,7 @@ func startShared() (*Server, error) {
 		}
 		shared.dir = dir
 	}
-	dir, err := os.MkdirTemp(shared.dir, "round-")
+	dir, err := os.MkdirTemp(shared.dir, "count-")
 	if err != nil {
 		return nil, err
 	}
