@@ -8,9 +8,13 @@ SERVERS ?= all
 
 .PHONY: test test-servers lint bench bench-scale cover soak fuzz vuln tools
 
-## test: the full test suite with the race detector (what CI runs).
+## test: the full test suite with the race detector (what CI runs). Most
+## tests wait on etcd rather than burn CPU, so more of them run at once than
+## the default -parallel (GOMAXPROCS). ORCHESTRATOR_ETCD_STARTS=FILE counts
+## the embedded etcd members started (one line each).
+TEST_PARALLEL ?= 4
 test:
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout=10m -parallel=$(TEST_PARALLEL) ./...
 
 ## test-servers: the server matrix: the tests that depend on the etcd server
 ## against etcd 3.4, 3.5, 3.6 and 3.7, each a process of its own built from
@@ -44,7 +48,7 @@ bench-scale:
 
 ## cover: coverage of every package.
 cover:
-	$(GO) test -count=1 -coverprofile=coverage.out ./...
+	$(GO) test -count=1 -timeout=10m -parallel=$(TEST_PARALLEL) -coverprofile=coverage.out ./...
 	$(GO) tool cover -func=coverage.out | tail -n 1
 
 ## soak: the fault suite with random faults for DURATION (e.g. make soak DURATION=10m).

@@ -153,7 +153,8 @@ func bankAdd(i int, delta int64) DataPatch {
 // holds exactly one log entry per transfer, and replaying the log gives
 // exactly etcd's balances (so every transfer landed exactly once).
 func TestEtcdWorkerBank(t *testing.T) {
-	runBank(t, etcdtest.NewServer(t))
+	t.Parallel()
+	runBank(t, etcdtest.Shared(t))
 }
 
 // runBank runs TestEtcdWorkerBank against srv.

@@ -227,11 +227,12 @@ func checkLin(t testing.TB, history []porcupine.Operation) porcupine.CheckResult
 // histories with a lost increment, a stale read or a read-your-writes
 // violation are rejected.
 func TestEtcdWorkerLinearizability(t *testing.T) {
+	t.Parallel()
 	const (
 		workers = 5
 		ops     = 60 // Ticks per worker; every other one increments
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	start := time.Now()
 	now := func() int64 { return int64(time.Since(start)) }
@@ -242,8 +243,7 @@ func TestEtcdWorkerLinearizability(t *testing.T) {
 		st := &linState{markerRel: fmt.Sprintf("/marker/%d", i)}
 		lw := &linWorker{id: i, ops: ops, now: now, state: st}
 		ws[i] = lw
-		w, err := NewEtcdWorker(srv.Client(t), linPrefix, lw, st)
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, srv.Client(t), linPrefix, lw, st)
 		g.Go(func() error { return w.Run(gctx, nil, behaviourTick, fmt.Sprintf("lin-%d", i)) })
 	}
 	require.NoError(t, g.Wait())

@@ -19,12 +19,13 @@ import (
 // delta to its own key and /sum in one group. A torn snapshot, a lost or a
 // doubled increment breaks the assertion or the final totals.
 func TestSum(t *testing.T) {
+	t.Parallel()
 	const (
 		workers = 6
-		rounds  = 30
+		cycles  = 30
 		prefix  = "/test/sum"
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	g, gctx := errgroup.WithContext(ctx)
 	for i := 0; i < workers; i++ {
@@ -41,7 +42,7 @@ func TestSum(t *testing.T) {
 			if got := st.int("/sum"); got != sum {
 				return nil, fmt.Errorf("torn snapshot: /sum = %d, Σ = %d", got, sum)
 			}
-			if done == rounds {
+			if done == cycles {
 				return st, ErrReactorFinished
 			}
 			done++
@@ -49,8 +50,7 @@ func TestSum(t *testing.T) {
 			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/"+id), delta), incrPatch(st.key("/sum"), delta)})
 			return st, nil
 		})
-		w, err := NewEtcdWorker(cli, prefix, reactor, state)
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, cli, prefix, reactor, state)
 		g.Go(func() error { return w.Run(gctx, nil, 5*time.Millisecond, "sum-"+id) })
 	}
 	require.NoError(t, g.Wait())
@@ -66,7 +66,7 @@ func TestSum(t *testing.T) {
 	}
 	var want int64
 	for i := 0; i < workers; i++ {
-		v := int64(rounds * (i + 1))
+		v := int64(cycles * (i + 1))
 		require.Equal(t, v, got[prefix+"/"+strconv.Itoa(i)], "worker %d", i)
 		want += v
 	}

@@ -1,12 +1,9 @@
 package orchestrator
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -20,159 +17,14 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// TestEtcdWorkerFinished ports the original TestFinished: the patches
-// returned together with ErrReactorFinished are committed, then Run returns
-// nil. A final Tick's append and delete must both be in etcd afterwards.
-func TestEtcdWorkerFinished(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	finish := map[string]func() error{
-		"plain":            func() error { return ErrReactorFinished },
-		"pingcap Trace":    func() error { return pingcaperrors.Trace(ErrReactorFinished) },
-		"pingcap Annotate": func() error { return pingcaperrors.Annotate(ErrReactorFinished, "done") },
-		"fmt wrapped":      func() error { return fmt.Errorf("reactor done: %w", ErrReactorFinished) },
-	}
-	for name, finErr := range finish {
-		t.Run(name, func(t *testing.T) {
-			ctx := testContext(t)
-			prefix := "/test/finished/" + strings.ReplaceAll(name, " ", "-")
-			ticks := 0
-			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-				st := s.(*recordingState)
-				if ticks < 2 {
-					// Tick 2 must see tick 1's commit.
-					if want := strings.Repeat("abc", ticks); string(st.values["/key1"]) != want {
-						return st, fmt.Errorf("tick %d: key1 = %q, want %q", ticks, st.values["/key1"], want)
-					}
-					ticks++
-					st.group(st.appendTo("/key1", "abc"), st.appendTo("/key2", "123"))
-					return st, nil
-				}
-				st.group(st.appendTo("/key1", "fin"), deletePatch(st.key("/key2")))
-				return st, finErr()
-			})
-			st := newRecordingState(prefix)
-			require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, st))
-			require.Equal(t, map[string]string{"/key1": "abcabcfin"}, etcdSnapshot(ctx, t, cli, prefix))
-		})
-	}
-}
-
-// TestEtcdWorkerCover ports the original TestCover (several patches of one
-// group on the same key compose in order, a delete followed by a put in one
-// group is a put) and checks that a patch whose key another writer changed
-// concurrently is re-run on the new value: the final value reflects both.
-func TestEtcdWorkerCover(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-
-	t.Run("same group", func(t *testing.T) {
-		ctx := testContext(t)
-		const prefix = "/test/cover/group"
-		ticks := 0
-		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-			st := s.(*recordingState)
-			if ticks < 2 {
-				ticks++
-				st.group(st.appendTo("/key1", "abc"), st.appendTo("/key2", "123"),
-					st.appendTo("/key1", "cba"), st.appendTo("/key2", "321"))
-				return st, nil
-			}
-			st.group(st.appendTo("/key1", "fin"), st.appendTo("/key1", "fin"),
-				deletePatch(st.key("/key2")), st.appendTo("/key2", "fin"))
-			return st, ErrReactorFinished
-		})
-		require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix)))
-		require.Equal(t, map[string]string{"/key1": "abccbaabccbafinfin", "/key2": "fin"},
-			etcdSnapshot(ctx, t, cli, prefix))
-	})
-
-	t.Run("concurrent writer", func(t *testing.T) {
-		ctx := testContext(t)
-		const prefix = "/test/cover/concurrent"
-		mustPutKV(ctx, t, cli, prefix+"/key", "base")
-		var calls atomic.Int64
-		var seen []string // values the Func ran on, in order (worker goroutine only)
-		reactor := newStepReactor(
-			when(func(st *recordingState) bool { return st.has("/key", "base") }, func(ctx context.Context, st *recordingState) error {
-				st.group(SingleDataPatch{Key: st.key("/key"), Func: func(old []byte) ([]byte, bool, error) {
-					seen = append(seen, string(old))
-					if calls.Add(1) == 1 {
-						// Another writer changes the key after the worker
-						// read it and before it commits.
-						if _, err := cli.Put(ctx, prefix+"/key", string(old)+"+ext"); err != nil {
-							return nil, false, err
-						}
-					}
-					return []byte(string(old) + "+w"), true, nil
-				}})
-				return nil
-			}),
-			when(func(st *recordingState) bool { return st.has("/key", "base+ext+w") }, nil),
-		)
-		require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix)))
-		require.Equal(t, map[string]string{"/key": "base+ext+w"}, etcdSnapshot(ctx, t, cli, prefix))
-		require.Equal(t, []string{"base", "base+ext"}, seen, "the patch must re-run exactly on the new value")
-	})
-}
-
-// TestEtcdWorkerEmptyTxn: Ticks whose patches are all no-ops (changed =
-// false, the current value again, deleting an absent key, a change undone
-// within the group) send no Txn, so etcd's revision does not move.
-func TestEtcdWorkerEmptyTxn(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	ctx := testContext(t)
-	const prefix = "/test/emptytxn"
-	mustPutKV(ctx, t, cli, prefix+"/key1", "v")
-	mustPutKV(ctx, t, cli, prefix+"/key2", "")
-
-	var runs atomic.Int64
-	noops := func(st *recordingState) {
-		count := func(p DataPatch) DataPatch {
-			return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
-				runs.Add(1)
-				return p.Patch(vm, cs)
-			})
-		}
-		st.group(
-			count(SingleDataPatch{Key: st.key("/key1"), Func: func([]byte) ([]byte, bool, error) { return []byte("x"), false, nil }}),
-			count(setPatch(st.key("/key1"), []byte("v"))),
-			count(setPatch(st.key("/key2"), []byte{})),
-			count(deletePatch(st.key("/absent"))),
-		)
-		st.group(count(setPatch(st.key("/key1"), []byte("changed"))), count(setPatch(st.key("/key1"), []byte("v"))))
-		st.group(count(setPatch(st.key("/new"), []byte("x"))), count(deletePatch(st.key("/new"))))
-		st.group(count(patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
-			cs[st.key("/key1")] = struct{}{} // touched, value unchanged
-			return nil
-		})))
-	}
-	ticks := 0
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*recordingState)
-		ticks++
-		noops(st)
-		if ticks == 3 {
-			return st, ErrReactorFinished
-		}
-		return st, nil
-	})
-	before := srv.Revision()
-	require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix)))
-	require.Equal(t, before, srv.Revision(), "a flush of no-op patches moved etcd's revision")
-	require.Equal(t, int64(3*9), runs.Load(), "every no-op patch must have run once per Tick")
-	require.Equal(t, map[string]string{"/key1": "v", "/key2": ""}, etcdSnapshot(ctx, t, cli, prefix))
-}
-
 // TestEtcdWorkerEmptyOrNil: an empty value and a deleted key are different
 // things, both ways. A put of []byte{} (by etcd clients and by patches)
 // reaches Update as a non-nil zero-length slice, at the initial load and on
 // the watch; a delete reaches it as nil. A patch returning []byte{} writes an
 // empty value; nil with changed = true deletes.
 func TestEtcdWorkerEmptyOrNil(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/emptyornil"
 	mustPutKV(ctx, t, cli, prefix+"/init", "")
@@ -234,8 +86,8 @@ func TestEtcdWorkerEmptyOrNil(t *testing.T) {
 // and by another client, is tracked by the state through every step, and a
 // patch on the recreated key sees the new value.
 func TestEtcdWorkerModifyAfterDelete(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/modafterdel"
 	mustPutKV(ctx, t, cli, prefix+"/k", "orig")
@@ -281,249 +133,6 @@ func TestEtcdWorkerModifyAfterDelete(t *testing.T) {
 	}
 	require.Equal(t, []string{"orig", "<deleted>", "re1", "<deleted>", "re2", "re2+w"}, got)
 	require.Equal(t, map[string]string{"/k": "re2+w"}, etcdSnapshot(ctx, t, cli, prefix))
-}
-
-// TestEtcdWorkerRetryableError: a patch returning ErrEtcdTryAgain (wrapped)
-// aborts the whole commit — nothing of it is written, no Tick runs in
-// between — and is re-run until the state moves on; then it commits.
-func TestEtcdWorkerRetryableError(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	ctx := testContext(t)
-	const prefix = "/test/retry"
-
-	var attempts atomic.Int64
-	var landedOn atomic.Value
-	reactor := newStepReactor(
-		when(always, func(_ context.Context, st *recordingState) error {
-			st.group(setPatch(st.key("/other"), []byte("1")))
-			st.group(patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
-				attempts.Add(1)
-				trigger, ok := vm[st.key("/trigger")]
-				if !ok {
-					return fmt.Errorf("trigger not there yet: %w", ErrEtcdTryAgain)
-				}
-				landedOn.Store(string(trigger))
-				vm[st.key("/target")] = []byte("done:" + string(trigger))
-				cs[st.key("/target")] = struct{}{}
-				return nil
-			}))
-			return nil
-		}),
-		when(func(st *recordingState) bool { return st.has("/target", "done:go") }, nil),
-	)
-	w, err := NewEtcdWorker(cli, prefix, reactor, newRecordingState(prefix))
-	require.NoError(t, err)
-	done := runAsync(ctx, w, nil, behaviourTick, "retry")
-
-	waitUntil(ctx, t, "three attempts", func() bool {
-		select {
-		case err := <-done:
-			t.Fatalf("Run returned while the patch asked to try again: %v", err)
-		default:
-		}
-		return attempts.Load() >= 3
-	})
-	require.Equal(t, int64(1), reactor.ticks.Load(), "Tick ran while patches were pending")
-	require.Empty(t, etcdSnapshot(ctx, t, cli, prefix), "a commit aborted by ErrEtcdTryAgain wrote something")
-
-	mustPutKV(ctx, t, cli, prefix+"/trigger", "go")
-	require.NoError(t, recvErr(ctx, t, done))
-	require.Equal(t, "go", landedOn.Load())
-	require.Equal(t, map[string]string{"/other": "1", "/trigger": "go", "/target": "done:go"},
-		etcdSnapshot(ctx, t, cli, prefix))
-}
-
-// TestEtcdWorkerIgnoreError: ErrEtcdIgnore (plain or wrapped) skips only
-// the patch returning it — including what it changed before failing — and
-// the other patches of its group still commit.
-func TestEtcdWorkerIgnoreError(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	ctx := testContext(t)
-	const prefix = "/test/ignore"
-
-	reactor := newStepReactor(
-		when(always, func(_ context.Context, st *recordingState) error {
-			st.group(
-				setPatch(st.key("/a"), []byte("1")),
-				patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
-					vm[st.key("/b")] = []byte("2")
-					cs[st.key("/b")] = struct{}{}
-					vm[st.key("/a")] = []byte("bad")
-					cs[st.key("/a")] = struct{}{}
-					return fmt.Errorf("skip me: %w", ErrEtcdIgnore)
-				}),
-				setPatch(st.key("/c"), []byte("3")),
-				SingleDataPatch{Key: st.key("/a"), Func: func([]byte) ([]byte, bool, error) {
-					return []byte("bad2"), true, pingcaperrors.Trace(ErrEtcdIgnore)
-				}},
-				st.appendTo("/a", "+"),
-			)
-			st.group(SingleDataPatch{Key: st.key("/d"), Func: func([]byte) ([]byte, bool, error) {
-				return nil, false, ErrEtcdIgnore
-			}})
-			return nil
-		}),
-		when(func(st *recordingState) bool { return !st.absent("/c") }, nil),
-	)
-	st := newRecordingState(prefix)
-	require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, st))
-	require.Equal(t, map[string]string{"/a": "1+", "/c": "3"}, etcdSnapshot(ctx, t, cli, prefix))
-	require.Equal(t, map[string]string{"/a": "1+", "/c": "3"}, stateSnapshot(st))
-}
-
-// deleteCounterCase is one case of TestEtcdWorkerDeleteCounter.
-type deleteCounterCase struct {
-	name string
-	// patch builds B's patch; it reports each run to calls.
-	patch func(st *recordingState, firstRun func() error) DataPatch
-	want  map[string]string
-}
-
-// deleteCounterCases returns the cases of TestEtcdWorkerDeleteCounter.
-func deleteCounterCases() []deleteCounterCase {
-	return []deleteCounterCase{
-		{
-			name: "reader of the deleted key",
-			patch: func(st *recordingState, firstRun func() error) DataPatch {
-				return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
-					if err := firstRun(); err != nil {
-						return err
-					}
-					y := "absent"
-					if x, ok := vm[st.key("/x")]; ok {
-						y = "x=" + string(x)
-					}
-					vm[st.key("/y")] = []byte(y)
-					cs[st.key("/y")] = struct{}{}
-					return nil
-				})
-			},
-			want: map[string]string{"/y": "absent"},
-		},
-		{
-			// The original TestModifyAfterDelete: modify the key if it
-			// exists. After the delete it must not be resurrected.
-			name: "modifier of the deleted key",
-			patch: func(st *recordingState, firstRun func() error) DataPatch {
-				return SingleDataPatch{Key: st.key("/x"), Func: func(old []byte) ([]byte, bool, error) {
-					if err := firstRun(); err != nil {
-						return nil, false, err
-					}
-					if old == nil {
-						return nil, false, nil
-					}
-					return []byte("modified"), true, nil
-				}}
-			},
-			want: map[string]string{},
-		},
-	}
-}
-
-// TestEtcdWorkerDeleteCounter: a delete committed by worker A makes a
-// concurrent commit of worker B, prepared on a snapshot that still had the
-// key, fail and re-run, even when B does not write the deleted key (it only
-// read it). B's patch blocks on its first run until A's delete landed.
-func TestEtcdWorkerDeleteCounter(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-
-	cases := deleteCounterCases()
-	for i, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			ctx := testContext(t)
-			prefix := fmt.Sprintf("/test/deletecounter/%d", i)
-			cliA, cliB := srv.Client(t), srv.Client(t)
-			mustPutKV(ctx, t, cliA, prefix+"/x", "1")
-
-			entered, release := make(chan struct{}), make(chan struct{})
-			var runs atomic.Int64
-			firstRun := func() error {
-				if runs.Add(1) > 1 {
-					return nil
-				}
-				close(entered)
-				return blockUntil(ctx, release)
-			}
-			reactorB := newStepReactor(
-				when(func(st *recordingState) bool { return st.has("/x", "1") }, func(_ context.Context, st *recordingState) error {
-					st.group(tc.patch(st, firstRun))
-					return nil
-				}),
-				when(always, nil),
-			)
-			wB, err := NewEtcdWorker(cliB, prefix, reactorB, newRecordingState(prefix))
-			require.NoError(t, err)
-			doneB := runAsync(ctx, wB, nil, behaviourTick, "B")
-
-			awaitSignal(ctx, t, entered, "B's patch never ran")
-			reactorA := newStepReactor(
-				when(func(st *recordingState) bool { return st.has("/x", "1") }, func(_ context.Context, st *recordingState) error {
-					st.group(deletePatch(st.key("/x")))
-					return nil
-				}),
-				when(func(st *recordingState) bool { return st.absent("/x") }, nil),
-			)
-			require.NoError(t, runWorker(ctx, t, cliA, prefix, reactorA, newRecordingState(prefix)))
-			close(release)
-
-			require.NoError(t, recvErr(ctx, t, doneB))
-			require.GreaterOrEqual(t, runs.Load(), int64(2), "B's commit was not re-run after A's delete")
-			require.Equal(t, tc.want, etcdSnapshot(ctx, t, cliA, prefix))
-		})
-	}
-}
-
-// TestEtcdWorkerKeyOutsidePrefix: a patch writing a key outside prefix + "/"
-// or into the reserved area makes Run return an error matching
-// ErrKeyOutsidePrefix that names the key; nothing of that commit (not even
-// the valid group before it) is written.
-func TestEtcdWorkerKeyOutsidePrefix(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	// The prefix is given un-normalized: the worker's area is "/test/out/".
-	const prefix = "test/out/"
-	t.Run("keys under the normalized prefix", func(t *testing.T) {
-		ctx := testContext(t)
-		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-			st := s.(*recordingState)
-			st.group(SingleDataPatch{Key: util.NewEtcdKey("/test/out/ok"), Func: func([]byte) ([]byte, bool, error) {
-				return []byte("1"), true, nil
-			}})
-			return st, ErrReactorFinished
-		})
-		require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix)))
-		require.Equal(t, map[string]string{"/ok": "1"}, etcdSnapshot(ctx, t, cli, "/test/out"))
-	})
-	for _, bad := range []string{
-		"/other/key",
-		"/test/out",
-		"/test/outx/key",
-		"/test",
-		"/test/out/__orchestrator/delete-counter",
-		"/test/out/__orchestrator/token/0123456789abcdef",
-		"/test/out/__orchestrator/",
-		"test/out/relative",
-	} {
-		t.Run(bad, func(t *testing.T) {
-			ctx := testContext(t)
-			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-				st := s.(*recordingState)
-				st.group(setPatch(st.key("/new"), []byte("1")))
-				st.group(setPatch(st.key("/new2"), []byte("2")), SingleDataPatch{Key: util.NewEtcdKey(bad), Func: func([]byte) ([]byte, bool, error) {
-					return []byte("x"), true, nil
-				}})
-				// The final commit fails: Run must report it, not return nil.
-				return st, ErrReactorFinished
-			})
-			before := srv.Revision()
-			err := runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix))
-			require.ErrorIs(t, err, ErrKeyOutsidePrefix)
-			require.ErrorContains(t, err, bad)
-			require.Equal(t, before, srv.Revision(), "something of the rejected commit was written")
-		})
-	}
 }
 
 // runTwiceReactor is the reactor of TestEtcdWorkerRunTwice. In phase 0 it
@@ -572,8 +181,8 @@ func runTwiceReactor(phase *atomic.Int64, ticked chan struct{}) Reactor {
 // reloads what changed in between (also deletions, with isInit = true),
 // ends up with the same state as a fresh worker and commits normally.
 func TestEtcdWorkerRunTwice(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/runtwice"
 	for k, v := range map[string]string{"/a": "1", "/b": "2", "/c": "3"} {
@@ -585,8 +194,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 	var phase atomic.Int64
 	reactor := runTwiceReactor(&phase, ticked)
 	st := newRecordingState(prefix)
-	w, err := NewEtcdWorker(cli, prefix, reactor, st)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, st)
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -601,7 +209,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 	require.ErrorIs(t, recvErr(ctx, t, first), context.Canceled)
 
 	// Changes while the worker is stopped.
-	_, err = cli.Delete(ctx, prefix+"/b")
+	_, err := cli.Delete(ctx, prefix+"/b")
 	require.NoError(t, err)
 	mustPutKV(ctx, t, cli, prefix+"/c", "30")
 	mustPutKV(ctx, t, cli, prefix+"/e", "5")
@@ -626,8 +234,7 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 // rate with integer Duration division and ticked once, never again).
 func TestEtcdWorkerLongTimerInterval(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx, cancel := context.WithTimeout(testContext(t), 15*time.Second)
 	defer cancel()
 	const interval = 2 * time.Second
@@ -639,8 +246,7 @@ func TestEtcdWorkerLongTimerInterval(t *testing.T) {
 		}
 		return s, nil
 	})
-	w, err := NewEtcdWorker(cli, "/test/longinterval", reactor, newRecordingState("/test/longinterval"))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, "/test/longinterval", reactor, newRecordingState("/test/longinterval"))
 	require.NoError(t, w.Run(ctx, nil, interval, "long"))
 	require.Len(t, times, 3)
 	for i := 1; i < len(times); i++ {
@@ -655,8 +261,8 @@ func TestEtcdWorkerLongTimerInterval(t *testing.T) {
 // worker nor on the watch of the writing one. recordingState fails Update for
 // them; this test makes sure both kinds exist while workers watch.
 func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/reserved"
 	mustPutKV(ctx, t, cli, prefix+"/x", "1")
@@ -677,8 +283,7 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 			return blockUntil(ctx, loaded)
 		}),
 	)
-	w1, err := NewEtcdWorker(cli, prefix, r1, st1)
-	require.NoError(t, err)
+	w1 := mustNewEtcdWorker(t, cli, prefix, r1, st1)
 	done1 := runAsync(ctx, w1, nil, behaviourTick, "w1")
 
 	waitUntil(ctx, t, "worker 1's commit", func() bool {
@@ -707,9 +312,9 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 // TestNewEtcdWorkerInvalidArgument: nil client, reactor or state (also a
 // typed nil) is an error matching ErrInvalidArgument, never a panic.
 func TestNewEtcdWorkerInvalidArgument(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	okReactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	t.Parallel()
+	cli := sharedClient(t)
+	okReactor := idleReactor()
 	okState := newRecordingState("/p")
 	cases := []struct {
 		name    string
@@ -760,11 +365,10 @@ func waitStarted(ctx context.Context, t *testing.T, started chan struct{}) {
 // bad timerInterval, ctx cancelled (before and during Run), ctx deadline, and
 // a session whose lease is revoked.
 func TestEtcdWorkerRunStops(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	newWorker := func(t *testing.T, reactor Reactor) *EtcdWorker {
-		w, err := NewEtcdWorker(cli, "/test/stops/"+t.Name(), reactor, newRecordingState("/test/stops/"+t.Name()))
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, cli, "/test/stops/"+t.Name(), reactor, newRecordingState("/test/stops/"+t.Name()))
 		return w
 	}
 	t.Run("non-positive timerInterval", func(t *testing.T) {
@@ -780,7 +384,7 @@ func TestEtcdWorkerRunStops(t *testing.T) {
 	})
 
 	runStopsOnContext(t, newWorker)
-	runStopsOnSession(t, srv, cli, newWorker)
+	runStopsOnSession(t, cli, newWorker)
 }
 
 // runStopsOnContext: Run ends with ctx's error, cause included.
@@ -843,10 +447,10 @@ func runStopsOnContext(t *testing.T, newWorker stopsWorker) {
 
 // runStopsOnSession: Run ends with ErrEtcdSessionDone when the session's
 // lease is revoked, busy or idle.
-func runStopsOnSession(t *testing.T, srv *etcdtest.Server, cli *clientv3.Client, newWorker stopsWorker) {
+func runStopsOnSession(t *testing.T, cli *clientv3.Client, newWorker stopsWorker) {
 	t.Run("session lease revoked", func(t *testing.T) {
 		ctx := testContext(t)
-		sess, err := concurrency.NewSession(srv.Client(t), concurrency.WithTTL(5))
+		sess, err := concurrency.NewSession(sharedClient(t), concurrency.WithTTL(5))
 		require.NoError(t, err)
 		defer func() { _ = sess.Close() }()
 		started := make(chan struct{})
@@ -861,7 +465,7 @@ func runStopsOnSession(t *testing.T, srv *etcdtest.Server, cli *clientv3.Client,
 		// No commit after the revoke: the worker must notice the session
 		// itself, not through a failing commit.
 		ctx := testContext(t)
-		sess, err := concurrency.NewSession(srv.Client(t), concurrency.WithTTL(2))
+		sess, err := concurrency.NewSession(sharedClient(t), concurrency.WithTTL(2))
 		require.NoError(t, err)
 		defer func() { _ = sess.Close() }()
 		started := make(chan struct{})
@@ -885,96 +489,6 @@ func runStopsOnSession(t *testing.T, srv *etcdtest.Server, cli *clientv3.Client,
 		require.NoError(t, etcdtest.RevokeLease(ctx, cli, sess.Lease()))
 		require.ErrorIs(t, recvErr(ctx, t, done), ErrEtcdSessionDone)
 	})
-}
-
-// txnOpsGroup writes n keys (the last one a delete of an existing key when
-// withDelete) in one group.
-func txnOpsGroup(n int, withDelete bool) func(st *recordingState) {
-	return func(st *recordingState) {
-		var g []DataPatch
-		for i := 0; i < n; i++ {
-			rel := fmt.Sprintf("/k%03d", i)
-			if withDelete && i == n-1 {
-				g = append(g, deletePatch(st.key("/victim")))
-				continue
-			}
-			g = append(g, setPatch(st.key(rel), []byte("v")))
-		}
-		st.group(g...)
-	}
-}
-
-// maxSingleValue is the largest value the key prefix+rel may have in a group
-// of its own.
-func maxSingleValue(t *testing.T, cli *clientv3.Client, prefix, rel string, deletes bool) int {
-	w, err := NewEtcdWorker(cli, prefix, newStepReactor(), newRecordingState(prefix))
-	require.NoError(t, err)
-	n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
-	if deletes {
-		n -= w.limits.deleteBytes
-	}
-	return n
-}
-
-// TestEtcdWorkerTxnLimits: a group exactly at the default op or byte limit
-// is accepted by the worker and by an etcd server with default limits; one
-// key or byte more makes Run return ErrEtcdTxnOpsExceed /
-// ErrEtcdTxnSizeExceed with nothing written (etcd's revision does not move).
-func TestEtcdWorkerTxnLimits(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-
-	cases := []struct {
-		name    string
-		group   func(t *testing.T, prefix string) func(st *recordingState)
-		wantErr error
-	}{
-		{"ops at the limit", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-2, false) }, nil},
-		{"ops at the limit with a delete", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-2, true) }, nil},
-		{"ops over the limit", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-1, false) }, ErrEtcdTxnOpsExceed},
-		{"ops over the limit with a delete", func(*testing.T, string) func(*recordingState) { return txnOpsGroup(DefaultTxnMaxOps-1, true) }, ErrEtcdTxnOpsExceed},
-		{"bytes at the limit", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxSingleValue(t, cli, prefix, "/big", false)
-			return func(st *recordingState) { st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n))) }
-		}, nil},
-		{"bytes over the limit", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxSingleValue(t, cli, prefix, "/big", false) + 1
-			return func(st *recordingState) { st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n))) }
-		}, ErrEtcdTxnSizeExceed},
-		{"bytes over the limit in two keys", func(t *testing.T, prefix string) func(*recordingState) {
-			n := maxSingleValue(t, cli, prefix, "/big", false)
-			return func(st *recordingState) {
-				st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), n/2)), setPatch(st.key("/big2"), bytes.Repeat([]byte("b"), n/2+1)))
-			}
-		}, ErrEtcdTxnSizeExceed},
-		{"far over the byte limit", func(*testing.T, string) func(*recordingState) {
-			return func(st *recordingState) {
-				st.group(setPatch(st.key("/big"), bytes.Repeat([]byte("b"), 2*DefaultTxnMaxBytes)))
-			}
-		}, ErrEtcdTxnSizeExceed},
-	}
-	for i, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			ctx := testContext(t)
-			prefix := fmt.Sprintf("/test/limits/%d", i)
-			mustPutKV(ctx, t, cli, prefix+"/victim", "x")
-			emit := tc.group(t, prefix)
-			reactor := newStepReactor(
-				when(always, func(_ context.Context, st *recordingState) error { emit(st); return nil }),
-				when(always, nil),
-			)
-			before := srv.Revision()
-			err := runWorker(ctx, t, cli, prefix, reactor, newRecordingState(prefix))
-			if tc.wantErr == nil {
-				require.NoError(t, err)
-				require.Greater(t, srv.Revision(), before)
-				return
-			}
-			require.ErrorIs(t, err, tc.wantErr)
-			require.Equal(t, before, srv.Revision(), "something of the oversized group was written")
-			require.Equal(t, map[string]string{"/victim": "x"}, etcdSnapshot(ctx, t, cli, prefix))
-		})
-	}
 }
 
 // errUserBoom is the error the user callbacks return in the error tests.
@@ -1041,7 +555,7 @@ func userFailureSites() []userFailureSite {
 		{
 			name: "GetPatches",
 			reactor: func(func() error) Reactor {
-				return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+				return idleReactor()
 			},
 			state: func(prefix string, fail func() error) ReactorState {
 				return &panickyPatchesState{recordingState: newRecordingState(prefix), fail: fail}
@@ -1050,27 +564,13 @@ func userFailureSites() []userFailureSite {
 	}
 }
 
-// panickyPatchesState calls fail from GetPatches (which has no error
-// return: only a panic can come out of it).
-type panickyPatchesState struct {
-	*recordingState
-	fail func() error
-}
-
-func (s *panickyPatchesState) GetPatches() [][]DataPatch {
-	if err := s.fail(); err != nil {
-		panic(err)
-	}
-	return nil
-}
-
 // TestEtcdWorkerUserError: an error from Tick, Update (at load and on the
 // watch) or Patch ends Run with that error, wrapped: errors.Is finds it,
 // also when the user wrapped it with github.com/pingcap/errors. Nothing of a
 // commit whose patch failed is written.
 func TestEtcdWorkerUserError(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	wraps := map[string]func(error) error{
 		"plain":             func(err error) error { return err },
 		"fmt wrapped":       func(err error) error { return fmt.Errorf("in callback: %w", err) },
@@ -1092,12 +592,12 @@ func TestEtcdWorkerUserError(t *testing.T) {
 					mustPutKV(ctx, t, cli, prefix+k, v)
 				}
 				fail := func() error { return wrap(errUserBoom) }
-				before := srv.Revision()
+				before := headRevision(ctx, t, cli)
 				err := runWorker(ctx, t, cli, prefix, site.reactor(fail), site.state(prefix, fail))
 				require.ErrorIs(t, err, errUserBoom)
 				require.NotErrorIs(t, err, ErrPanic)
 				if site.name != "Update on watch" {
-					require.Equal(t, before, srv.Revision(), "the failed commit wrote something")
+					require.Empty(t, writesSince(ctx, t, cli, before, prefix), "the failed commit wrote something")
 				}
 			})
 		}
@@ -1107,8 +607,8 @@ func TestEtcdWorkerUserError(t *testing.T) {
 // TestEtcdWorkerPanic: a panic in Tick, Update, Patch or GetPatches ends Run
 // with an error matching ErrPanic; the process survives (the test goes on).
 func TestEtcdWorkerPanic(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	for i, site := range userFailureSites() {
 		for j, value := range []any{"a string", errUserBoom, 42} {
 			prefix := fmt.Sprintf("/test/panic/%d-%d", i, j)
@@ -1126,63 +626,103 @@ func TestEtcdWorkerPanic(t *testing.T) {
 	}
 }
 
-// TestEtcdWorkerMultiTxnFlush: one Tick's groups that do not fit one Txn are
-// committed in several, in order, never split, each applied once: later
-// Txns compare against the revisions the earlier ones of the same flush
-// produced (no self-conflict, so every patch runs exactly once), and a key
-// rewritten by groups in several Txns ends up with all their changes.
-func TestEtcdWorkerMultiTxnFlush(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	ctx := testContext(t)
-	const (
-		prefix    = "/test/multitxn"
-		bigGroups = 5
-		bigKeys   = 100 // with the worker's own ops, one big group per Txn
-		small     = 10
-	)
-	runs := map[string]int{} // patch name -> runs (worker goroutine only)
-	counted := func(name string, st *recordingState, rel, suffix string) DataPatch {
-		p := st.appendTo(rel, suffix)
-		return patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
-			runs[name]++
-			return p.Patch(vm, cs)
-		})
-	}
-	reactor := newStepReactor(
-		when(always, func(_ context.Context, st *recordingState) error {
-			for g := 0; g < bigGroups; g++ {
-				// A big group: its own keys plus the shared one.
-				group := []DataPatch{counted(fmt.Sprintf("big%d/shared", g), st, "/shared", strconv.Itoa(g))}
-				for k := 0; k < bigKeys; k++ {
-					group = append(group, counted(fmt.Sprintf("big%d/%d", g, k), st, fmt.Sprintf("/k%d-%03d", g, k), "v"))
-				}
-				st.group(group...)
-				// Small groups after it rewrite the shared key again.
-				for s := 0; s < small; s++ {
-					st.group(counted(fmt.Sprintf("small%d/%d", g, s), st, "/shared", "."))
-				}
-			}
-			return nil
-		}),
-		when(func(st *recordingState) bool { return !st.absent("/shared") }, nil),
-	)
-	st := newRecordingState(prefix)
-	require.NoError(t, runWorker(ctx, t, cli, prefix, reactor, st))
+// A role that is not valid UTF-8 must not panic inside Run (prometheus label
+// validation in metrics.forRole, called from newRun outside any recover).
+func TestRunRoleInvalidUTF8(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(testContext(t), 5*time.Second)
+	defer cancel()
+	st := newMapState("/test/role")
+	w, err := NewEtcdWorker(sharedClient(t), "/test/role", finishAtOnce, st)
+	require.NoError(t, err)
+	var panicked any
+	func() {
+		defer func() { panicked = recover() }()
+		err = w.Run(ctx, nil, 10*time.Millisecond, "bad\xffrole")
+	}()
+	require.Nil(t, panicked, "Run panicked on a user-supplied role: %v", panicked)
+	require.NoError(t, err)
+}
 
-	shared := ""
-	want := map[string]string{}
-	for g := 0; g < bigGroups; g++ {
-		shared += strconv.Itoa(g) + strings.Repeat(".", small)
-		for k := 0; k < bigKeys; k++ {
-			want[fmt.Sprintf("/k%d-%03d", g, k)] = "v"
+// A patch that panics after writing valueMap (before recording the key in
+// changedSet) must not leave its value behind for a second Run of the same
+// worker: the live value map is rebuilt from what etcd has.
+func TestRunAfterPanickingPatchUsesCommittedValues(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/phantom"
+	ctx := testContext(t)
+	cli := sharedClient(t)
+	_, err := cli.Put(ctx, prefix+"/k", "5")
+	require.NoError(t, err)
+
+	st := newMapState(prefix)
+	run := 0
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		ms := s.(*mapState)
+		switch run {
+		case 1:
+			bad := patchFunc(func(vm map[util.EtcdKey][]byte, _ map[util.EtcdKey]struct{}) error {
+				vm[ms.key("/k")] = []byte("100")
+				panic("boom")
+			})
+			ms.patches = append(ms.patches, []DataPatch{bad})
+			return ms, nil
+		default:
+			ms.patches = append(ms.patches, []DataPatch{incrPatch(ms.key("/k"), 1)})
+			return ms, ErrReactorFinished
 		}
-	}
-	want["/shared"] = shared
-	require.Equal(t, want, etcdSnapshot(ctx, t, cli, prefix))
-	require.Equal(t, want, stateSnapshot(st), "the Tick after the flush must see all of it")
-	require.Len(t, runs, bigGroups*(1+bigKeys+small))
-	for name, n := range runs {
-		require.Equal(t, 1, n, "patch %s ran %d times: the flush conflicted with itself", name, n)
-	}
+	})
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, st)
+	run = 1
+	err = w.Run(ctx, nil, 10*time.Millisecond, "phantom")
+	require.ErrorIs(t, err, ErrPanic)
+	run = 2
+	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "phantom"))
+	resp, err := cli.Get(ctx, prefix+"/k")
+	require.NoError(t, err)
+	require.Equal(t, "6", string(resp.Kvs[0].Value), "5 + 1 expected")
+}
+
+// An Update error ends Run; a second Run of the same worker must pass that
+// key to the state again (the load does not skip it as already known).
+func TestRunAfterUpdateErrorResendsKey(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/upderr"
+	ctx := testContext(t)
+	cli := sharedClient(t)
+	st := &failingState{mapState: newMapState(prefix), failKey: prefix + "/x"}
+	ticks := 0
+	var sawX bool
+	run := 1
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		ticks++
+		if run == 1 && ticks == 1 {
+			if _, err := cli.Put(ctx, prefix+"/x", "1"); err != nil {
+				return nil, err
+			}
+		}
+		if run == 2 {
+			_, sawX = st.values["/x"]
+			return s, ErrReactorFinished
+		}
+		return s, nil
+	})
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, st)
+	err := w.Run(ctx, nil, 10*time.Millisecond, "upderr")
+	require.ErrorContains(t, err, "transient update failure")
+	run = 2
+	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "upderr"))
+	require.True(t, sawX, "state never learned /x after the re-run")
+}
+
+// Tick returning (nil, ErrReactorFinished): Run returns nil after committing
+// the returned patches (there are none).
+func TestRunFinishedWithNilState(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	w, err := NewEtcdWorker(sharedClient(t), "/test/nilstate", ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) {
+		return nil, ErrReactorFinished
+	}), newMapState("/test/nilstate"))
+	require.NoError(t, err)
+	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "nil"))
 }

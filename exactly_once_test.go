@@ -297,6 +297,7 @@ func observedLogger(t testing.TB) (*zap.Logger, *observer.ObservedLogs) {
 // the groups it emitted. The workers make progress after each fault, and
 // both resolution outcomes (landed, not landed) occur.
 func TestExactlyOnceCommitCuts(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	probe := newTxnProbe()
@@ -306,19 +307,19 @@ func TestExactlyOnceCommitCuts(t *testing.T) {
 		faultOptions(env.reg, lg), 3*time.Minute)
 
 	c.waitProgress(t, g, 10, "before the faults")
-	for round := 1; ; round++ {
+	for cycle := 1; ; cycle++ {
 		for _, f := range commitFaults {
 			before := c.emitted.Load()
 			f.inject(t, env.proxy, probe)
-			c.waitProgress(t, g, 5, fmt.Sprintf("round %d, after %s", round, f.name))
-			t.Logf("round %d, %s: groups %d -> %d", round, f.name, before, c.emitted.Load())
+			c.waitProgress(t, g, 5, fmt.Sprintf("cycle %d, after %s", cycle, f.name))
+			t.Logf("cycle %d, %s: groups %d -> %d", cycle, f.name, before, c.emitted.Load())
 		}
 		landed, notLanded := resolutionLogs(logs)
 		if landed > 0 && notLanded > 0 {
 			break
 		}
-		require.Less(t, round, 4, "after %d rounds of faults: %d unknown outcomes resolved as landed, %d as not landed; want both",
-			round, landed, notLanded)
+		require.Less(t, cycle, 4, "after %d cycles of faults: %d unknown outcomes resolved as landed, %d as not landed; want both",
+			cycle, landed, notLanded)
 	}
 	c.finish(ctx, t, g, env.direct)
 
@@ -337,6 +338,7 @@ func TestExactlyOnceCommitCuts(t *testing.T) {
 // to the Tick), and linearizable reads by a direct client. porcupine must
 // find the history linearizable for a counter.
 func TestLinearizableCounter(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	probe := newTxnProbe()
@@ -348,7 +350,7 @@ func TestLinearizableCounter(t *testing.T) {
 			if err := c.directRead(ctx, env.direct); err != nil && ctx.Err() == nil {
 				return err
 			}
-			time.Sleep(50 * time.Millisecond)
+			time.Sleep(50 * time.Millisecond) // fault timing: a reader, not a busy loop
 		}
 		return nil
 	})
@@ -362,7 +364,7 @@ func TestLinearizableCounter(t *testing.T) {
 		{"response lost", func() { commitFaults[1].inject(t, env.proxy, probe) }},
 		{"cut", func() {
 			env.proxy.Pause()
-			time.Sleep(time.Second)
+			time.Sleep(time.Second) // fault timing: the cut
 			env.proxy.Resume()
 		}},
 		{"compaction during an outage", func() {
@@ -517,6 +519,7 @@ func (f *txnFaultInjector) dialOption() grpc.DialOption {
 // fence landed, or failed, and its answer was lost). In every case the
 // group lands exactly once and Run goes on.
 func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
+	t.Parallel()
 	scriptedUnknownOutcomes(t, etcdtest.NewServer(t))
 }
 
@@ -564,8 +567,7 @@ func scriptedUnknownOutcomes(t *testing.T, srv etcdtest.Target) {
 				}
 				return st, nil
 			})
-			w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), faultOptions(reg, lg)...)
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), faultOptions(reg, lg)...)
 			require.NoError(t, w.Run(ctx, nil, faultInterval, "scripted"))
 
 			resp, err := direct.Get(ctx, prefix+"/n")

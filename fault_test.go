@@ -267,8 +267,7 @@ func (b *bankWorld) finish(t testing.TB, g *workerGroup, cli *clientv3.Client) {
 // requireEtcd checks the invariants and totals on etcd's contents.
 func (b *bankWorld) requireEtcd(t testing.TB, cli *clientv3.Client) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 10*time.Second)
 	require.NoError(t, b.checkEtcd(ctx, t, cli), "etcd's final contents")
 	require.Positive(t, b.emitted.Load())
 }
@@ -306,6 +305,7 @@ func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client,
 // TestFaultBankProxyCuts: six bank workers reach etcd through one proxy that
 // is cut three times for 1-2s (see bankOutages).
 func TestFaultBankProxyCuts(t *testing.T) {
+	t.Parallel()
 	bankOutages(t, newFaultEnv(t), "/fault/bank-cuts", (*etcdtest.Proxy).Pause,
 		time.Second, 1500*time.Millisecond, 2*time.Second)
 }
@@ -351,15 +351,16 @@ func bankOutages(t *testing.T, env *faultEnv, prefix string, fault func(*etcdtes
 // past the workers' revision. After the outage every worker must reload
 // (not exit) and go on with all invariants intact.
 func TestFaultBankCompactionDuringOutage(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	b := newBankWorld("/fault/bank-compact", 6, 8)
 	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
 
 	b.waitProgress(t, g, 20, "before the outage")
-	for round := range 2 {
+	for cycle := range 2 {
 		env.proxy.Pause()
-		externalBankWrites(ctx, t, env.direct, b, round)
+		externalBankWrites(ctx, t, env.direct, b, cycle)
 		_, err := etcdtest.Compact(ctx, env.direct)
 		require.NoError(t, err)
 		reloads := metricSum(t, env.reg, "orchestrator_reloads_total")
@@ -367,7 +368,7 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 		waitWithin(t, faultProgressTimeout, "every worker reloads", g.failed, func() bool {
 			return metricSum(t, env.reg, "orchestrator_reloads_total") >= reloads+float64(b.workers)
 		})
-		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", round+1))
+		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", cycle+1))
 	}
 	b.finish(t, g, env.direct)
 	noise, _ := userKVs(ctx, t, env.direct, b.prefix+"/noise", 0)
@@ -376,7 +377,7 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 
 // externalBankWrites moves money between two accounts in one CAS Txn and
 // puts and deletes unrelated keys under the bank's prefix, through cli.
-func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client, b *bankWorld, round int) {
+func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client, b *bankWorld, cycle int) {
 	t.Helper()
 	for {
 		a, c := b.prefix+bankAccount(0), b.prefix+bankAccount(1)
@@ -407,14 +408,14 @@ func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client,
 		}
 	}
 	for i := range 4 {
-		_, err := cli.Put(ctx, fmt.Sprintf("%s/noise/%d-%d", b.prefix, round, i), "x")
+		_, err := cli.Put(ctx, fmt.Sprintf("%s/noise/%d-%d", b.prefix, cycle, i), "x")
 		require.NoError(t, err)
 	}
-	_, err := cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-0", b.prefix, round))
+	_, err := cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-0", b.prefix, cycle))
 	require.NoError(t, err)
-	_, err = cli.Put(ctx, fmt.Sprintf("%s/noise/%d-1", b.prefix, round), "")
+	_, err = cli.Put(ctx, fmt.Sprintf("%s/noise/%d-1", b.prefix, cycle), "")
 	require.NoError(t, err)
-	_, err = cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-2", b.prefix, round))
+	_, err = cli.Delete(ctx, fmt.Sprintf("%s/noise/%d-2", b.prefix, cycle))
 	require.NoError(t, err)
 }
 
@@ -422,6 +423,7 @@ func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client,
 // member behind its proxy) while the leader is stopped and restarted,
 // twice.
 func TestFaultBankLeaderRestart(t *testing.T) {
+	t.Parallel()
 	c := etcdtest.NewCluster(t, 3)
 	reg := prometheus.NewRegistry()
 	b := newBankWorld("/fault/bank-leader", 6, 8)
@@ -429,12 +431,12 @@ func TestFaultBankLeaderRestart(t *testing.T) {
 	g := startBank(t, b, func(int) *clientv3.Client { return faultClient(t, nil, c.Endpoints()...) }, reg, faultLogger(t), 3*time.Minute)
 
 	b.waitProgress(t, g, 20, "before the leader stops")
-	for round := range 2 {
+	for cycle := range 2 {
 		lead := c.Leader(t)
 		c.StopMember(t, lead)
-		b.waitProgress(t, g, 20, fmt.Sprintf("round %d: after stopping leader m%d", round+1, lead))
+		b.waitProgress(t, g, 20, fmt.Sprintf("cycle %d: after stopping leader m%d", cycle+1, lead))
 		c.RestartMember(t, lead)
-		b.waitProgress(t, g, 20, fmt.Sprintf("round %d: after restarting m%d", round+1, lead))
+		b.waitProgress(t, g, 20, fmt.Sprintf("cycle %d: after restarting m%d", cycle+1, lead))
 	}
 	b.finish(t, g, direct)
 }
@@ -455,6 +457,7 @@ func putNumbered(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix
 // Tick after the reload sees exactly etcd's contents (deleted keys gone,
 // empty values empty, reserved keys invisible).
 func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/reload"
@@ -471,8 +474,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		}
 		return st, nil
 	})
-	w, err := NewEtcdWorker(env.client(t), prefix, reactor, state, faultOptions(env.reg, faultLogger(t))...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, state, faultOptions(env.reg, faultLogger(t))...)
 	g := newWorkerGroup(t, time.Minute)
 	g.runWorker("reload", w)
 
@@ -496,7 +498,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		_, err := env.direct.Do(ctx, op)
 		require.NoError(t, err)
 	}
-	_, err = env.direct.Put(ctx, prefix+"/k05", "again")
+	_, err := env.direct.Put(ctx, prefix+"/k05", "again")
 	require.NoError(t, err)
 	_, err = env.direct.Delete(ctx, prefix+"/k06")
 	require.NoError(t, err)
@@ -526,6 +528,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 // client answers RangeStream Unimplemented itself (compaction during a
 // streamed read is TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead).
 func TestFaultCompactionBetweenLoadPages(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/fault/paged"
@@ -561,9 +564,8 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	})
 	cfg := faultClientConfig(noStream.dialOptions(), env.proxy.Endpoint())
 	cfg.MaxCallRecvMsgSize = 256
-	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
 		faultOptions(env.reg, faultLogger(t), WithPageSize(2))...)
-	require.NoError(t, err)
 	require.NoError(t, w.Run(ctx, nil, faultInterval, "paged"))
 	require.EqualValues(t, 1, hooked.Load())
 	first, ok := snaps.last()
@@ -669,6 +671,7 @@ func requireStateEqualsEtcd(ctx context.Context, t testing.TB, cli *clientv3.Cli
 // blackhole longer than the cap ends Run with ErrEtcdUnavailable, not much
 // later than the cap — for a worker that keeps writing and an idle one.
 func TestFaultMaxOutage(t *testing.T) {
+	t.Parallel()
 	const maxOutage = 2 * time.Second
 	for _, writing := range []bool{true, false} {
 		name := map[bool]string{true: "writing", false: "idle"}[writing]
@@ -688,9 +691,8 @@ func TestFaultMaxOutage(t *testing.T) {
 				}
 				return st, nil
 			})
-			w, err := NewEtcdWorker(env.client(t), prefix, reactor, state,
+			w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, state,
 				faultOptions(env.reg, faultLogger(t), WithMaxOutage(maxOutage), WithRequestTimeout(500*time.Millisecond))...)
-			require.NoError(t, err)
 			g := newWorkerGroup(t, time.Minute)
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, 20*time.Millisecond, name) })
 
@@ -700,12 +702,12 @@ func TestFaultMaxOutage(t *testing.T) {
 			waitTicks(5, "ticks before the faults")
 			// Shorter than the cap: survived.
 			env.proxy.Pause()
-			time.Sleep(maxOutage / 3)
+			time.Sleep(maxOutage / 3) // fault timing: a cut shorter than the cap
 			env.proxy.Resume()
 			waitTicks(5, "ticks after a short cut")
 			// The worker hears from etcd again (its watch delivers a put)
 			// before the long outage starts.
-			_, err = env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
+			_, err := env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
 			require.NoError(t, err)
 			waitWithin(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
 				return ping.Load() == "after the cut"
@@ -730,6 +732,7 @@ func TestFaultMaxOutage(t *testing.T) {
 // than WithMaxStaleness, its idle timer Ticks stop (the state cannot be
 // shown as current); they resume after the cut.
 func TestFaultStalenessStopsIdleTicks(t *testing.T) {
+	t.Parallel()
 	const (
 		maxStaleness = 500 * time.Millisecond
 		interval     = 50 * time.Millisecond
@@ -739,16 +742,15 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	const prefix = "/fault/stale"
 	snaps := newTickSnapshots()
 	reactor := snaps.reactor()
-	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
+	w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness))...)
-	require.NoError(t, err)
 	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "stale") })
 
 	waitWithin(t, 10*time.Second, "idle ticks", g.failed, func() bool { return snaps.count() >= 5 })
 	cutAt := time.Now()
 	env.proxy.Pause()
-	time.Sleep(cut)
+	time.Sleep(cut) // fault timing: the cut
 	resumeAt := time.Now()
 	env.proxy.Resume()
 	waitWithin(t, faultProgressTimeout, "ticks after the cut", g.failed, func() bool {
@@ -798,6 +800,7 @@ func shutdownCases() []shutdownCase {
 // versa); if etcd stays unreachable for the shutdown timeout, the error also
 // matches ErrCommitUnresolved.
 func TestFaultShutdownDuringCommit(t *testing.T) {
+	t.Parallel()
 	const delay = 300 * time.Millisecond
 	cases := shutdownCases()
 	for i, tc := range cases {
@@ -809,9 +812,8 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			var emitted atomic.Int64
 			reactor := counterReactor(&emitted)
 			const shutdownTimeout = 2 * time.Second
-			w, err := NewEtcdWorker(env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
+			w := mustNewEtcdWorker(t, env.client(t, probe.dialOption()), prefix, reactor, newMapState(prefix),
 				faultOptions(env.reg, faultLogger(t), WithShutdownTimeout(shutdownTimeout))...)
-			require.NoError(t, err)
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
 			done := runAsync(runCtx, w, nil, faultInterval, "shutdown")
@@ -829,7 +831,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			cancelAt := time.Now()
 			cancel()
 			if tc.resume > 0 {
-				time.Sleep(tc.resume)
+				time.Sleep(tc.resume) // fault timing: the outage after the cancel
 				env.proxy.SetDelay(0)
 				env.proxy.Resume()
 			}
@@ -870,6 +872,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 // TestFaultSlowTickWarns: a Tick slower than a second is logged as a
 // warning; the worker goes on.
 func TestFaultSlowTickWarns(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	core, logs := observer.New(zapcore.WarnLevel)
 	const prefix = "/fault/slow"
@@ -882,8 +885,7 @@ func TestFaultSlowTickWarns(t *testing.T) {
 		}
 		return s, ErrReactorFinished
 	})
-	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), WithLogger(zap.New(core)))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, newMapState(prefix), WithLogger(zap.New(core)))
 	require.NoError(t, w.Run(testContext(t), nil, faultInterval, "slow"))
 	slow := logs.FilterMessage("reactor Tick is slow").All()
 	require.Len(t, slow, 1)
@@ -896,6 +898,7 @@ func TestFaultSlowTickWarns(t *testing.T) {
 // after the resolution, the patch panics. Run returns an ErrPanic error and
 // the panicking re-run wrote nothing.
 func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
+	t.Parallel()
 	const delay = 200 * time.Millisecond
 	env := newFaultEnv(t)
 	ctx := testContext(t)
@@ -924,7 +927,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 	sleepUntil(t0.Add(delay / 2)) // the request is still in the proxy
 	env.proxy.Pause()
 	env.proxy.SetDelay(0)
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond) // fault timing: the cut
 	env.proxy.Resume()
 	select {
 	case err = <-done:
@@ -947,6 +950,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 // was cut and restored (clientv3 resumes the watch at the last revision +
 // 1).
 func TestFaultIdleWorkerStaysFresh(t *testing.T) {
+	t.Parallel()
 	const (
 		maxStaleness = 300 * time.Millisecond
 		maxOutage    = 2 * time.Second
@@ -960,9 +964,8 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	const prefix = "/fault/idle"
 	snaps := newTickSnapshots()
 	reactor := snaps.reactor()
-	w, err := NewEtcdWorker(env.client(t), prefix, reactor, newMapState(prefix),
+	w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithMaxStaleness(maxStaleness), WithMaxOutage(maxOutage))...)
-	require.NoError(t, err)
 	g := newWorkerGroup(t, time.Minute)
 	g.run("worker", func(ctx context.Context) error { return w.Run(ctx, nil, interval, "idle") })
 
@@ -970,7 +973,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	requireTicking := func(d time.Duration, what string) {
 		t.Helper()
 		from := time.Now()
-		time.Sleep(d)
+		time.Sleep(d) // the observation window
 		require.NoError(t, g.failed(), what)
 		prev := from
 		for _, at := range snaps.times() {
@@ -985,7 +988,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 	requireTicking(maxOutage+500*time.Millisecond, "idle etcd")
 
 	env.proxy.Pause()
-	time.Sleep(maxOutage / 2)
+	time.Sleep(maxOutage / 2) // fault timing: the cut
 	env.proxy.Resume()
 	waitWithin(t, 10*time.Second, "ticks after the cut", g.failed, func() bool {
 		ts := snaps.times()

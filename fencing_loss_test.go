@@ -24,7 +24,7 @@ func TestFencingLossEndsIdleRun(t *testing.T) {
 		staleness = 2 * time.Second // progress interval: 500ms
 		bound     = 3 * time.Second
 	)
-	env := i10NewAuthEnv(t, prefix, "/fencing-loss/owner")
+	env := newAuthEnv(t, prefix, "/fencing-loss/owner")
 	for _, tc := range []struct {
 		name   string
 		user   string // "" for root
@@ -51,7 +51,7 @@ func TestFencingLossEndsIdleRun(t *testing.T) {
 			require.NoError(t, err)
 			cli := env.root
 			if tc.user != "" {
-				cli = i10UserClient(t, env.srv, tc.user, "pw")
+				cli = userClient(t, env.srv, tc.user, "pw")
 			}
 			var ticks atomic.Int64
 			idle := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {

@@ -66,8 +66,7 @@ func (f *fenceFixture) worker(t testing.TB, reg prometheus.Registerer, fenced bo
 		opts = append(opts, WithFencingKey(f.election.Key(), f.election.Rev()))
 	}
 	cli := faultClient(t, nil, f.proxy.Endpoint())
-	w, err := NewEtcdWorker(cli, f.prefix, reactor, state, opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, f.prefix, reactor, state, opts...)
 	return w
 }
 
@@ -103,6 +102,7 @@ func (f *fenceFixture) lastWrite(ctx context.Context, t testing.TB, direct *clie
 // unfenced control shows the deposed leader can still write, so the check
 // has teeth.
 func TestFencing(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	direct := srv.Client(t)
 	deposers := []struct {
@@ -122,7 +122,7 @@ func TestFencing(t *testing.T) {
 		{name: "session closed", ttl: 60, depose: func(_ context.Context, t testing.TB, f *fenceFixture) {
 			require.NoError(t, f.session.Close())
 		}},
-		{name: "session expired while cut off", ttl: 1, depose: func(_ context.Context, t testing.TB, f *fenceFixture) {
+		{name: "session expired while cut off", ttl: 2, depose: func(_ context.Context, t testing.TB, f *fenceFixture) {
 			f.proxy.Pause()
 			rev := f.deletedRev(t) // the lease expired
 			f.deleted <- rev
@@ -174,6 +174,7 @@ func TestFencing(t *testing.T) {
 // session notices (its keep-alive) — and no write lands after the
 // revocation.
 func TestSessionRevoked(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	direct := srv.Client(t)
 	const bound = 5 * time.Second
@@ -201,8 +202,7 @@ func TestSessionRevoked(t *testing.T) {
 				}
 				return ms, nil
 			})
-			w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), faultOptions(prometheus.NewRegistry(), faultLogger(t))...)
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), faultOptions(prometheus.NewRegistry(), faultLogger(t))...)
 			g := newWorkerGroup(t, time.Minute)
 			g.run("worker", func(ctx context.Context) error { return w.Run(ctx, s, faultInterval, tc.name) })
 			waitWithin(t, faultProgressTimeout, "ticks", g.failed, func() bool { return ticks.Load() >= 5 })

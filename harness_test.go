@@ -9,6 +9,8 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -40,7 +42,13 @@ const pollInterval = 5 * time.Millisecond
 // test ends.
 func testContext(t testing.TB) context.Context {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	return contextWithin(t, testTimeout)
+}
+
+// contextWithin returns a context that ends after d, or when the test ends.
+func contextWithin(t testing.TB, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
 }
@@ -58,8 +66,7 @@ func waitUntil(ctx context.Context, t testing.TB, what string, cond func() bool)
 // soon as failed (if not nil) reports an error.
 func waitWithin(t testing.TB, timeout time.Duration, what string, failed func() error, cond func() bool) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
+	ctx := contextWithin(t, timeout)
 	waitUnlessFailed(ctx, t, what, failed, cond)
 }
 
@@ -114,8 +121,7 @@ func runWorker(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix s
 	reactor Reactor, state ReactorState, opts ...Option,
 ) error {
 	t.Helper()
-	w, err := NewEtcdWorker(cli, prefix, reactor, state, opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, state, opts...)
 	return w.Run(ctx, nil, behaviourTick, t.Name())
 }
 
@@ -484,4 +490,89 @@ func reloadByCompaction(ctx context.Context, t testing.TB, proxy *etcdtest.Proxy
 	_, err := etcdtest.Compact(ctx, admin)
 	require.NoError(t, err)
 	proxy.Resume()
+}
+
+// sharedClient returns a new client of the package's shared etcd server
+// (etcdtest.Shared), closed by t.Cleanup. Tests that inject a fault (a proxy,
+// compaction, server limits, auth) start their own server instead.
+func sharedClient(t testing.TB) *clientv3.Client {
+	t.Helper()
+	return etcdtest.SharedClient(t)
+}
+
+// headRevision returns etcd's current revision.
+func headRevision(ctx context.Context, t testing.TB, cli *clientv3.Client) int64 {
+	t.Helper()
+	resp, err := cli.Get(ctx, "\x00", clientv3.WithCountOnly())
+	require.NoError(t, err)
+	return resp.Header.Revision
+}
+
+// writesSince returns the keys under prefix + "/", or equal to one of keys,
+// that were put or deleted after revision rev (from headRevision). It reads
+// etcd's history, so that it also holds on the shared server, whose revision
+// moves with the writes of the other tests; the history must not be
+// compacted past rev.
+func writesSince(ctx context.Context, t testing.TB, cli *clientv3.Client, rev int64, prefix string, keys ...string) []string {
+	t.Helper()
+	now := headRevision(ctx, t, cli)
+	if now <= rev {
+		return nil
+	}
+	area := util.NormalizePrefix(prefix).String() + "/"
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var out []string
+	for resp := range cli.Watch(wctx, "\x00", clientv3.WithFromKey(), clientv3.WithRev(rev+1)) {
+		require.NoError(t, resp.Err())
+		for _, ev := range resp.Events {
+			k := string(ev.Kv.Key)
+			if strings.HasPrefix(k, area) || slices.Contains(keys, k) {
+				out = append(out, k)
+			}
+			if ev.Kv.ModRevision >= now {
+				return out
+			}
+		}
+	}
+	t.Fatalf("reading the history after revision %d: %v", rev, ctx.Err())
+	return nil
+}
+
+// clearPrefix deletes every key under prefix + "/", reserved ones included:
+// the subtests of a table that share their parent's prefix on the shared
+// server start each from an empty prefix, as on a server of their own.
+func clearPrefix(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string) {
+	t.Helper()
+	_, err := cli.Delete(ctx, util.NormalizePrefix(prefix).String()+"/", clientv3.WithPrefix())
+	require.NoError(t, err)
+}
+
+// visibleSnapshot is etcdSnapshot without the reserved keys of nested
+// prefixes either.
+func visibleSnapshot(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]string {
+	t.Helper()
+	out := etcdSnapshot(ctx, t, cli, prefix)
+	for k := range out {
+		if strings.Contains(k, reservedMarker) {
+			delete(out, k)
+		}
+	}
+	return out
+}
+
+// updatedKeys returns the sorted relative keys of updates, requiring each
+// to be an initial update and to appear once.
+func updatedKeys(t *testing.T, updates []updateRecord) []string {
+	t.Helper()
+	seen := map[string]bool{}
+	keys := []string{}
+	for _, u := range updates {
+		require.True(t, u.isInit, "update of %s during a load has isInit", u.rel)
+		require.False(t, seen[u.rel], "%s told twice in one load", u.rel)
+		seen[u.rel] = true
+		keys = append(keys, u.rel)
+	}
+	sort.Strings(keys)
+	return keys
 }

@@ -27,26 +27,12 @@ import (
 // as a deadline error instead of the expected one.
 const limRunTimeout = 30 * time.Second
 
-// limReactor queues its groups in the first Tick and finishes: Run commits
-// them and returns nil, or returns the commit's error.
-type limReactor struct {
-	groups [][]DataPatch
-}
-
-func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
-	st := s.(*mapState)
-	st.patches = append(st.patches, r.groups...)
-	r.groups = nil
-	return st, ErrReactorFinished
-}
-
 // limWorker returns a worker on prefix with a limReactor whose groups the
 // caller sets before running it.
 func limWorker(t testing.TB, cli *clientv3.Client, prefix string, opts ...Option) (*EtcdWorker, *limReactor) {
 	t.Helper()
 	r := &limReactor{}
-	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix), opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, r, newMapState(prefix), opts...)
 	return w, r
 }
 
@@ -179,8 +165,8 @@ func limFence(t testing.TB, cli *clientv3.Client, key string) (string, int64) {
 // TestLimitsServerDefaultsAreTheLimits checks the premise of the tests below:
 // a default server takes a Txn of exactly 128 compares and refuses 129.
 func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	cmps := func(n int) []clientv3.Cmp {
 		out := make([]clientv3.Cmp, n)
@@ -201,6 +187,7 @@ func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
 // and one key more fails with ErrEtcdTxnOpsExceed writing nothing; with and
 // without fencing, with and without deletes.
 func TestLimitsOpsDefaultServer(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	fenceKey, fenceRev := limFence(t, cli, "/limfence/owner")
@@ -267,6 +254,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 // ErrEtcdTxnSizeExceed writing nothing. The worst case for protobuf framing,
 // a group at both the op and the byte limit, commits too.
 func TestLimitsBytesDefaultServer(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	fenceKey, fenceRev := limFence(t, cli, "/limfence/"+strings.Repeat("f", 300))
@@ -328,6 +316,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 // key more is refused before anything is sent, and many small groups are
 // packed into exactly as many Txns as the limit requires.
 func TestLimitsMatchingServer(t *testing.T) {
+	t.Parallel()
 	const serverOps = 16
 	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
 	cli := srv.Client(t)
@@ -468,6 +457,7 @@ func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client
 // server's gets its Txn refused by etcd; Run must return the matching error
 // promptly (not retry forever), having written nothing.
 func TestLimitsServerLowerThanWorker(t *testing.T) {
+	t.Parallel()
 	const serverOps = 16
 	opsSrv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
 	opsCli := opsSrv.Client(t)

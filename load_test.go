@@ -1,9 +1,17 @@
 package orchestrator
 
+// The load and reload paths (load.go, rangeread.go and the sweep marks of
+// mirror.go) against a real embedded etcd.
+
 import (
 	"context"
+	"errors"
 	"fmt"
+	"runtime"
+	"sort"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,27 +19,6 @@ import (
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
-
-// tickSnapshotter is a reactor that publishes a copy of the state each Tick
-// sees, for another goroutine to compare with etcd.
-type tickSnapshotter struct {
-	mu   sync.Mutex
-	last map[string]string
-}
-
-func (s *tickSnapshotter) Tick(_ context.Context, st ReactorState) (ReactorState, error) {
-	snap := stateSnapshot(st.(*recordingState))
-	s.mu.Lock()
-	s.last = snap
-	s.mu.Unlock()
-	return st, nil
-}
-
-func (s *tickSnapshotter) equals(want map[string]string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return fmt.Sprint(s.last) == fmt.Sprint(want)
-}
 
 // loadTestWorker starts a worker on prefix whose client goes through proxy
 // and counter, and returns it, its reactor and its result channel.
@@ -48,6 +35,21 @@ func loadTestWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, co
 	return w, reactor, runAsync(ctx, w, nil, 10*time.Millisecond, "load")
 }
 
+// proxiedWorker runs a worker on prefix through proxy and counter, with a
+// client receive limit of recvLimit (0: gRPC's default) and
+// WithMaxStaleness(500ms) before opts, and returns its result channel.
+func proxiedWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, counter *rpcCounter, recvLimit int,
+	prefix string, reactor Reactor, st ReactorState, opts ...Option,
+) <-chan error {
+	t.Helper()
+	cfg := etcdtest.ClientConfig(proxy.Endpoint())
+	cfg.DialOptions = counter.dialOptions()
+	cfg.MaxCallRecvMsgSize = recvLimit
+	opts = append([]Option{WithMaxStaleness(500 * time.Millisecond)}, opts...)
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, st, opts...)
+	return runAsync(ctx, w, nil, 10*time.Millisecond, "load")
+}
+
 // fallbackLog is the start of the message a worker logs when it falls back
 // from the streaming range.
 const fallbackLog = "etcd has no streaming range (RangeStream)"
@@ -61,6 +63,7 @@ const fallbackLog = "etcd has no streaming range (RangeStream)"
 // server's version. TestServerMatrix runs the same against real servers
 // before 3.7.
 func TestLoadAndReloadOnBothReadPaths(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			want := ReadPathStream
@@ -122,4 +125,296 @@ func loadAndReload(t *testing.T, target etcdtest.Target, counter *rpcCounter, wa
 	cancel()
 	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
 	require.Equal(t, Status{}, w.Status(), "a stopped worker reports the zero Status")
+}
+
+// TestRetryAfterAFailedVanishedUpdateReportsEveryVanishedKey: when the state
+// refuses the Update(nil) of one vanished key, the load fails; the next Run
+// must still report every key that vanished, not only the refused one (the
+// others must not keep a sweep mark that makes them look found).
+func TestRetryAfterAFailedVanishedUpdateReportsEveryVanishedKey(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/vanish"
+	cli := sharedClient(t)
+	ctx := testContext(t)
+	for i := range 10 {
+		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i), "v")
+	}
+	st := newRecordingState(prefix)
+	w := mustNewEtcdWorker(t, cli, prefix, finishAtOnce, st)
+	require.NoError(t, runWithin(t, w, 5*time.Second, "first"))
+	require.Len(t, st.values, 10)
+
+	for i := 1; i <= 5; i++ {
+		_, err := cli.Delete(ctx, fmt.Sprintf("%s/k%d", prefix, i))
+		require.NoError(t, err)
+	}
+	refused := errors.New("refused")
+	st.onUpdate = func(_ string, value []byte, _ bool) error {
+		if value == nil {
+			return refused
+		}
+		return nil
+	}
+	require.ErrorIs(t, runWithin(t, w, 5*time.Second, "refusing"), refused)
+
+	st.onUpdate = nil
+	st.log = nil
+	require.NoError(t, runWithin(t, w, 5*time.Second, "retry"))
+	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshot(st))
+}
+
+// TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference: a Run that ends
+// in the middle of its load (cancelled, or its state refusing an Update),
+// then changes in etcd, then a second Run on the same worker: the state
+// equals etcd, and the second load tells only the keys that differ from
+// what the first one managed to tell (the refused key again).
+func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
+	t.Parallel()
+	for _, refuse := range []bool{false, true} {
+		t.Run(fmt.Sprintf("refuse=%v", refuse), func(t *testing.T) {
+			const prefix = "/test/midload"
+			srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(8<<10))
+			cli := srv.Client(t)
+			ctx := testContext(t)
+			big := string(make([]byte, 1000))
+			for i := range 40 {
+				mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%02d", prefix, i), big)
+			}
+			st := newRecordingState(prefix)
+			w := mustNewEtcdWorker(t, cli, prefix, finishAtOnce, st)
+			runCtx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			refused := errors.New("refused")
+			st.onUpdate = func(string, []byte, bool) error {
+				if len(st.log) == 20 {
+					if refuse {
+						return refused
+					}
+					cancel()
+				}
+				return nil
+			}
+			err := w.Run(runCtx, nil, behaviourTick, "cut")
+			if refuse {
+				require.ErrorIs(t, err, refused)
+			} else {
+				require.True(t, IsCleanStop(err), "%v", err)
+			}
+			told := stateSnapshot(st)
+			// Cancelling stops the read at the next chunk: keys already
+			// received may still be told (all of them on a fast machine).
+			require.GreaterOrEqual(t, len(told), 20)
+
+			_, err = cli.Delete(ctx, prefix+"/k05")
+			require.NoError(t, err)
+			_, err = cli.Delete(ctx, prefix+"/k35")
+			require.NoError(t, err)
+			mustPutKV(ctx, t, cli, prefix+"/k06", "w")
+			mustPutKV(ctx, t, cli, prefix+"/k36", "w")
+			mustPutKV(ctx, t, cli, prefix+"/k50", "")
+			st.onUpdate, st.log = nil, nil
+			require.NoError(t, runWithin(t, w, 5*time.Second, "second"))
+			now := etcdSnapshot(ctx, t, cli, prefix)
+			require.Equal(t, now, stateSnapshot(st))
+			want := []string{"/k05", "/k06", "/k50"}
+			if refuse {
+				want = append(want, "/k19")
+			}
+			for k := range told {
+				if _, ok := now[k]; !ok && k != "/k05" {
+					want = append(want, k)
+				}
+			}
+			for k, v := range now {
+				if _, ok := told[k]; !ok && k != "/k50" || ok && told[k] != v && k != "/k06" {
+					want = append(want, k)
+				}
+			}
+			sort.Strings(want)
+			require.Equal(t, want, updatedKeys(t, st.log))
+			require.True(t, st.has("/k50", ""), "an empty value reaches the state")
+		})
+	}
+}
+
+// TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed: three
+// compactions in a row while the worker is cut off, with a key deleted,
+// re-created, and deleted and re-created again between two loads, a changed
+// key, new empty keys, reserved keys of a nested prefix and a bump of the
+// worker's delete counter: each reload tells exactly the changed keys, with
+// isInit; afterwards a commit writing an unchanged key and deleting one
+// succeeds (no sweep mark or stale counter revision in its compares).
+func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/reload"
+	srv := etcdtest.NewServer(t)
+	admin := srv.Client(t)
+	ctx := testContext(t)
+	for _, k := range []string{"/stable", "/c", "/x", "/k1"} {
+		mustPutKV(ctx, t, admin, prefix+k, "s")
+	}
+	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st := newRecordingState(prefix)
+	reactor := &logReactor{}
+	done := proxiedWorker(runCtx, t, proxy, &rpcCounter{}, 0, prefix, reactor, st)
+	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
+	_, log := reactor.snapshot()
+	seen := len(log)
+	for cycle := 1; cycle <= 3; cycle++ {
+		proxy.Pause()
+		switch cycle {
+		case 1, 3:
+			_, err := admin.Delete(ctx, prefix+"/x")
+			require.NoError(t, err)
+			if cycle == 3 {
+				mustPutKV(ctx, t, admin, prefix+"/x", "s")
+			}
+		case 2:
+			mustPutKV(ctx, t, admin, prefix+"/x", "s")
+		}
+		mustPutKV(ctx, t, admin, prefix+"/c", fmt.Sprint(cycle))
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/n%d", prefix, cycle), "")
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/sub%s/token/%d", prefix, reservedDir, cycle), "t")
+		mustPutKV(ctx, t, admin, prefix+reservedDir+"delete-counter", "")
+		_, err := etcdtest.Compact(ctx, admin)
+		require.NoError(t, err)
+		proxy.Resume()
+		waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
+		_, log = reactor.snapshot()
+		require.Equal(t, []string{"/c", fmt.Sprintf("/n%d", cycle), "/x"}, updatedKeys(t, log[seen:]), "cycle %d", cycle)
+		seen = len(log)
+	}
+
+	var once sync.Once
+	reactor.mu.Lock()
+	reactor.act = func(st *recordingState) {
+		once.Do(func() { st.group(st.appendTo("/stable", "x"), deletePatch(st.key("/k1"))) })
+	}
+	reactor.mu.Unlock()
+	waitUntil(ctx, t, "the commit", func() bool {
+		snap := visibleSnapshot(ctx, t, admin, prefix)
+		_, has := snap["/k1"]
+		return snap["/stable"] == "sx" && !has && reactor.equals(snap)
+	})
+	cancel()
+	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+}
+
+// TestFallbackPagesUnderATinyReceiveLimitRestartAfterACompactionBetweenPages:
+// on a server without RangeStream and a client whose receive limit is far
+// below the prefix, the load pages; a compaction between two pages makes it
+// start over, and the state ends equal to etcd with every key told with
+// isInit, nothing torn.
+func TestFallbackPagesUnderATinyReceiveLimitRestartAfterACompactionBetweenPages(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/fallback"
+	srv := etcdtest.NewServer(t)
+	admin := srv.Client(t)
+	ctx := testContext(t)
+	big := string(make([]byte, 1000))
+	for i := range 100 {
+		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%03d", prefix, i), big)
+	}
+	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st := newRecordingState(prefix)
+	counter := &rpcCounter{noStream: true}
+	var compacted atomic.Bool
+	counter.afterRange = func(n int) {
+		if n != 2 || !compacted.CompareAndSwap(false, true) {
+			return
+		}
+		_, err := admin.Delete(ctx, prefix+"/k099")
+		if err == nil {
+			_, err = admin.Put(ctx, prefix+"/k000", "changed")
+		}
+		if err == nil {
+			_, err = etcdtest.Compact(ctx, admin)
+		}
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	reactor := &logReactor{}
+	done := proxiedWorker(runCtx, t, proxy, counter, 16<<10, prefix, reactor, st, WithPageSize(10))
+	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+	_, log := reactor.snapshot()
+	for _, u := range log {
+		require.True(t, u.isInit, "%s", u.rel)
+	}
+	// The cut load is never told: the Source loads again and the state
+	// gets the 99 keys of the complete load, once each.
+	require.True(t, compacted.Load())
+	require.Len(t, log, 99, "the state is told the complete load only")
+	_, _, ranges := counter.counts()
+	require.Greater(t, ranges, 10, "the fallback paged")
+	cancel()
+	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+}
+
+// variedKey is a key of length that varies with i (1 to ~300 bytes past the
+// prefix), so that the key slices fall in many allocation size classes.
+func variedKey(prefix string, i int) string {
+	return fmt.Sprintf("%s/k%04d-%s", prefix, i, strings.Repeat(string(rune('a'+i%26)), (i*37)%300))
+}
+
+// TestRetainedKeysNeverChange. Invariant (commit "Keys from
+// etcd's responses are not copied"): a key string given to
+// ReactorState.Update is immutable, it reads the same forever, whatever
+// loads, reloads (streaming and paged fallback) and watch responses arrive
+// afterwards; so are the value slices shared with the state.
+func TestRetainedKeysNeverChange(t *testing.T) {
+	t.Parallel()
+	for _, noStream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
+			t.Parallel() // each has its own etcd; mostly waits for reconnections
+			prefix := "/test/retained-keys"
+			srv := etcdtest.NewServer(t)
+			admin := srv.Client(t)
+			ctx := contextWithin(t, 3*time.Minute) // 4 cycles of rewrites and reloads: slow on a busy machine
+			for i := range 200 {
+				mustPutKV(ctx, t, admin, variedKey(prefix, i), strings.Repeat("v", i%50))
+			}
+			proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+			state := &retainingState{recordingState: newRecordingState(prefix)}
+			reactor := &retainingSnapshotter{}
+			runCtx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			done := proxiedWorker(runCtx, t, proxy, &rpcCounter{noStream: noStream}, 0, prefix, reactor, state, WithPageSize(7))
+			synced := func(what string) {
+				waitUntil(ctx, t, what, func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+			}
+			synced("the loaded state")
+			for cycle := range 4 {
+				// watch: rewrite, delete and create keys of every length
+				for i := cycle; i < 200; i += 3 {
+					mustPutKV(ctx, t, admin, variedKey(prefix, i), fmt.Sprintf("r%d-%d", cycle, i))
+				}
+				for i := cycle + 1; i < 200; i += 5 {
+					_, err := admin.Delete(ctx, variedKey(prefix, i))
+					require.NoError(t, err)
+				}
+				synced(fmt.Sprintf("cycle %d watched", cycle))
+				// reload with differences
+				reloadByCompaction(ctx, t, proxy, admin, func() {
+					for i := cycle + 1; i < 200; i += 5 {
+						mustPutKV(ctx, t, admin, variedKey(prefix, i), fmt.Sprintf("back%d", cycle))
+					}
+					for i := 200 + cycle*50; i < 250+cycle*50; i++ {
+						mustPutKV(ctx, t, admin, variedKey(prefix, i), "new")
+					}
+				})
+				synced(fmt.Sprintf("cycle %d reloaded", cycle))
+				runtime.GC()
+				require.Empty(t, state.corrupted(), "cycle %d", cycle)
+			}
+			cancel()
+			require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+			runtime.GC()
+			require.Empty(t, state.corrupted())
+		})
+	}
 }

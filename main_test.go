@@ -3,9 +3,12 @@ package orchestrator
 import (
 	"testing"
 
-	"go.uber.org/goleak"
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
+// TestMain runs the tests against one shared etcd (etcdtest.Shared) for the
+// tests that inject no fault, then stops it and checks for leaked
+// goroutines.
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	etcdtest.Main(m)
 }

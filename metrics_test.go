@@ -68,10 +68,10 @@ func requireLabelledByRole(t testing.TB, reg prometheus.Gatherer, roles []string
 // checks that every metric exists per role and moved consistently with what
 // landed in etcd.
 func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/metrics"
 	roles := []string{"alpha", "beta"}
 	reg := prometheus.NewRegistry()
-	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)
 
 	var stop atomic.Bool
@@ -88,7 +88,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/counter"), 1)})
 			return st, nil
 		})
-		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, state, WithMetrics(reg))
+		w, err := NewEtcdWorker(sharedClient(t), prefix, reactor, state, WithMetrics(reg))
 		require.NoError(t, err, "a second worker on the same registry")
 		g.Go(func() error { return w.Run(gctx, nil, time.Millisecond, role) })
 	}
@@ -106,7 +106,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 	stop.Store(true)
 	require.NoError(t, g.Wait())
 
-	resp, err := srv.Client(t).Get(ctx, prefix+"/counter")
+	resp, err := sharedClient(t).Get(ctx, prefix+"/counter")
 	require.NoError(t, err)
 	require.Len(t, resp.Kvs, 1)
 	counter := mustInt(t, resp.Kvs[0].Value)
@@ -136,6 +136,7 @@ func TestMetricsTwoWorkersShareRegistry(t *testing.T) {
 // compacts meanwhile, and checks that the reload after the compacted watch
 // is counted and the state size gauge follows.
 func TestMetricsReloadAfterCompaction(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix = "/test/metrics-reload"
 		role   = "reloader"
@@ -149,7 +150,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.NoError(t, err)
 
 	w, err := NewEtcdWorker(etcdtest.NewClient(t, proxy.Endpoint()), prefix,
-		ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil }),
+		idleReactor(),
 		newMapState(prefix), WithMetrics(reg))
 	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)
@@ -185,6 +186,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 // WithMetrics(nil)) a worker registers nothing anywhere, not even in the
 // default registry.
 func TestMetricsNilRegisterer(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/metrics-nil"
 	hasOrchestratorMetrics := func() bool {
 		families, err := prometheus.DefaultGatherer.Gather()
@@ -198,7 +200,6 @@ func TestMetricsNilRegisterer(t *testing.T) {
 	}
 	require.False(t, hasOrchestratorMetrics())
 
-	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)
 	for _, opts := range [][]Option{nil, {WithMetrics(nil)}} {
 		ticks := 0
@@ -211,11 +212,10 @@ func TestMetricsNilRegisterer(t *testing.T) {
 			st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
 			return st, nil
 		})
-		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), opts...)
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, sharedClient(t), prefix, reactor, newMapState(prefix), opts...)
 		require.NoError(t, w.Run(ctx, nil, time.Millisecond, "nil-registerer"))
 	}
-	resp, err := srv.Client(t).Get(ctx, prefix+"/n", clientv3.WithCountOnly())
+	resp, err := sharedClient(t).Get(ctx, prefix+"/n", clientv3.WithCountOnly())
 	require.NoError(t, err)
 	require.EqualValues(t, 1, resp.Count)
 	require.False(t, hasOrchestratorMetrics())
@@ -225,6 +225,7 @@ func TestMetricsNilRegisterer(t *testing.T) {
 // incompatible collector under one of the worker's names makes
 // NewEtcdWorker fail with an error instead of panicking.
 func TestMetricsRegistrationConflict(t *testing.T) {
+	t.Parallel()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: MetricsNamespace, Name: "commits_total", Help: "not the worker's",
@@ -232,7 +233,7 @@ func TestMetricsRegistrationConflict(t *testing.T) {
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"127.0.0.1:1"}, DialTimeout: time.Second})
 	require.NoError(t, err)
 	defer func() { require.NoError(t, cli.Close()) }()
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	reactor := idleReactor()
 
 	_, err = NewEtcdWorker(cli, "/p", reactor, newMapState("/p"), WithMetrics(reg))
 	require.Error(t, err)
@@ -241,7 +242,6 @@ func TestMetricsRegistrationConflict(t *testing.T) {
 	// The same collectors twice are fine: the second worker reuses them.
 	ok := prometheus.NewRegistry()
 	for range 2 {
-		_, err := NewEtcdWorker(cli, "/p", reactor, newMapState("/p"), WithMetrics(ok))
-		require.NoError(t, err)
+		mustNewEtcdWorker(t, cli, "/p", reactor, newMapState("/p"), WithMetrics(ok))
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -13,56 +12,29 @@ import (
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// i10KeyLog records every key a ReactorState was told about.
-type i10KeyLog struct {
-	*mapState
-	mu   sync.Mutex
-	keys map[string]struct{}
-}
-
-func (s *i10KeyLog) Update(key util.EtcdKey, value []byte, isInit bool) error {
-	s.mu.Lock()
-	s.keys[key.String()] = struct{}{}
-	s.mu.Unlock()
-	return s.mapState.Update(key, value, isInit)
-}
-
-func (s *i10KeyLog) reserved() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []string
-	for k := range s.keys {
-		if strings.Contains(k, "__orchestrator") {
-			out = append(out, k)
-		}
-	}
-	return out
-}
-
-// i10Committer is a worker that, round by round, puts <prefix>/k-<i> and
+// committer is a worker that, cycle by cycle, puts <prefix>/k-<i> and
 // deletes <prefix>/k-<i-1> (so it keeps a delete counter and a token), and
 // on demand writes a foreign key.
-type i10Committer struct {
+type committer struct {
 	prefix  string
-	state   *i10KeyLog
+	state   *keyLog
 	w       *EtcdWorker
-	want    atomic.Int64 // rounds asked for
-	seen    atomic.Int64 // rounds seen committed
+	want    atomic.Int64 // cycles asked for
+	seen    atomic.Int64 // cycles seen committed
 	foreign atomic.Value // string: a key to write next, "" none
 	errc    chan error
 }
 
-func i10NewCommitter(t *testing.T, cli *clientv3.Client, prefix string) *i10Committer {
-	c := &i10Committer{prefix: prefix, errc: make(chan error, 1)}
-	c.state = &i10KeyLog{mapState: newMapState(prefix), keys: map[string]struct{}{}}
+func newCommitter(t *testing.T, cli *clientv3.Client, prefix string) *committer {
+	c := &committer{prefix: prefix, errc: make(chan error, 1)}
+	c.state = &keyLog{mapState: newMapState(prefix), keys: map[string]struct{}{}}
 	c.foreign.Store("")
 	emitted := int64(0)
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*i10KeyLog)
+		st := s.(*keyLog)
 		if _, ok := st.values["/k-"+strconv.FormatInt(emitted-1, 10)]; ok && emitted > c.seen.Load() {
 			c.seen.Store(emitted)
 		}
@@ -81,23 +53,22 @@ func i10NewCommitter(t *testing.T, cli *clientv3.Client, prefix string) *i10Comm
 		}
 		return st, nil
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, c.state)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, c.state)
 	c.w = w
 	return c
 }
 
-// start runs the worker until ctx is done; rounds asks for n more rounds and
+// start runs the worker until ctx is done; cycles asks for n more cycles and
 // waits until they are committed.
-func (c *i10Committer) start(ctx context.Context) {
+func (c *committer) start(ctx context.Context) {
 	go func() { c.errc <- c.w.Run(ctx, nil, 20*time.Millisecond, c.prefix) }()
 }
 
-func (c *i10Committer) rounds(t *testing.T, n int64) {
+func (c *committer) cycles(t *testing.T, n int64) {
 	t.Helper()
 	target := c.want.Add(n)
-	require.Eventually(t, func() bool { return c.seen.Load() >= target }, 10*time.Second, 10*time.Millisecond,
-		"worker on %s did not commit %d rounds", c.prefix, target)
+	waitWithin(t, 10*time.Second, fmt.Sprintf("worker on %s committing %d cycles", c.prefix, target), nil,
+		func() bool { return c.seen.Load() >= target })
 }
 
 // TestNestedPrefixesHideEachOthersBookkeeping: workers on nested (/r/app and
@@ -107,25 +78,24 @@ func (c *i10Committer) rounds(t *testing.T, n int64) {
 // other worker's bookkeeping ends Run with ErrKeyOutsidePrefix, writing
 // nothing.
 func TestNestedPrefixesHideEachOthersBookkeeping(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	n := 0
 	for _, pair := range [][2]string{{"/r/app", "/r/app/b"}, {"/r/app", "/r/apple"}} {
 		for _, innerFirst := range []bool{false, true} {
 			n++
-			root := fmt.Sprintf("/i10/nest-%d", n)
+			root := fmt.Sprintf("/test/nest-%d", n)
 			name := fmt.Sprintf("%s+%s/inner-first=%v", pair[0], pair[1], innerFirst)
 			t.Run(name, func(t *testing.T) {
-				i10NestedCase(t, cli, root+pair[0], root+pair[1], innerFirst)
+				nestedCase(t, cli, root+pair[0], root+pair[1], innerFirst)
 			})
 		}
 	}
 }
 
-func i10NestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix string, innerFirst bool) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	outer, inner := i10NewCommitter(t, cli, outerPrefix), i10NewCommitter(t, cli, innerPrefix)
+func nestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix string, innerFirst bool) {
+	ctx := contextWithin(t, 30*time.Second)
+	outer, inner := newCommitter(t, cli, outerPrefix), newCommitter(t, cli, innerPrefix)
 	first, second := outer, inner
 	if innerFirst {
 		first, second = inner, outer
@@ -133,14 +103,14 @@ func i10NestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix 
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	first.start(runCtx)
-	first.rounds(t, 3)
+	first.cycles(t, 3)
 	second.start(runCtx) // loads the first one's bookkeeping (when nested)
-	second.rounds(t, 3)
-	first.rounds(t, 2) // the second one watches the first one's bookkeeping change
-	second.rounds(t, 2)
+	second.cycles(t, 3)
+	first.cycles(t, 2) // the second one watches the first one's bookkeeping change
+	second.cycles(t, 2)
 
 	// Both workers' bookkeeping exists in etcd...
-	for _, c := range []*i10Committer{outer, inner} {
+	for _, c := range []*committer{outer, inner} {
 		resp, err := cli.Get(ctx, c.prefix+"/__orchestrator/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
 		require.NoError(t, err)
 		var keys []string
@@ -155,7 +125,7 @@ func i10NestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix 
 
 	// Each worker trying to write the other's delete counter fails and
 	// writes nothing.
-	for _, pair := range [][2]*i10Committer{{outer, inner}, {inner, outer}} {
+	for _, pair := range [][2]*committer{{outer, inner}, {inner, outer}} {
 		c, other := pair[0], pair[1]
 		counter := other.prefix + "/__orchestrator/delete-counter"
 		before, err := cli.Get(ctx, counter)

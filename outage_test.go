@@ -21,10 +21,11 @@ import (
 // whole request timeout (default 5s), whether the worker is idle or has a
 // commit in flight.
 func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	t.Run("busy tick", func(t *testing.T) {
 		t.Parallel()
-		i10BusyTickIsNoOutage(t, srv)
+		busyTickIsNoOutage(t, srv)
 	})
 	for i, tc := range []struct {
 		name     string
@@ -35,18 +36,17 @@ func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 		{"idle, pause", (*etcdtest.Proxy).Pause, false},
 		{"commit in flight, blackhole", (*etcdtest.Proxy).Blackhole, true},
 	} {
-		prefix := fmt.Sprintf("/i10/outage-%d", i)
+		prefix := fmt.Sprintf("/test/outage-%d", i)
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel() // mostly waiting: keeps the test short
-			i10OutageEndsRun(t, srv, tc.fault, tc.inFlight, prefix)
+			outageEndsRun(t, srv, tc.fault, tc.inFlight, prefix)
 		})
 	}
 }
 
-func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
-	const prefix = "/i10/outage-busy"
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+func busyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
+	const prefix = "/test/outage-busy"
+	ctx := contextWithin(t, 20*time.Second)
 	var ticks atomic.Int64
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*mapState)
@@ -60,7 +60,7 @@ func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 	require.NoError(t, err)
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
-	errc := i10RunAsync(runCtx, w, 20*time.Millisecond)
+	errc := runAsync(runCtx, w, nil, 20*time.Millisecond, "run")
 	deadline := time.After(10 * time.Second)
 	for ticks.Load() < 8 {
 		select {
@@ -75,10 +75,9 @@ func i10BusyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 	require.ErrorIs(t, <-errc, context.Canceled)
 }
 
-func i10OutageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
+func outageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
 	const maxOutage = 3 * time.Second
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 20*time.Second)
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	var (
 		armed    atomic.Bool
@@ -112,8 +111,8 @@ func i10OutageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.P
 	// Default request timeout (5s): Run must not wait for it.
 	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), WithMaxOutage(maxOutage))
 	require.NoError(t, err)
-	errc := i10RunAsync(ctx, w, 20*time.Millisecond)
-	require.Eventually(t, func() bool { return ticks.Load() >= 5 }, 10*time.Second, 10*time.Millisecond)
+	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
+	waitWithin(t, 10*time.Second, "five ticks", nil, func() bool { return ticks.Load() >= 5 })
 	var start time.Time
 	if inFlight {
 		armed.Store(true)

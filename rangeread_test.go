@@ -148,7 +148,7 @@ func newRangeTestEnv(t *testing.T, maxRequestBytes uint, n, valueSize int, noStr
 		srv: srv, cli: etcdtest.NewClientFromConfig(t, cfg), admin: srv.Client(t),
 		counter: counter, want: map[string]string{},
 	}
-	ctx := rangeTestContext(t)
+	ctx := contextWithin(t, 30*time.Second)
 	var ops []clientv3.Op
 	batchBytes := 0
 	flush := func() {
@@ -170,13 +170,6 @@ func newRangeTestEnv(t *testing.T, maxRequestBytes uint, n, valueSize int, noStr
 		flush()
 	}
 	return env
-}
-
-func rangeTestContext(t *testing.T) context.Context {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	t.Cleanup(cancel)
-	return ctx
 }
 
 // read reads the test prefix with cfg, collecting values; every key must
@@ -205,9 +198,10 @@ func (env *rangeTestEnv) read(ctx context.Context, cfg readConfig, hook func(i i
 }
 
 func TestReadRangeStreamsKeysInChunksOfTheServerRequestLimit(t *testing.T) {
+	t.Parallel()
 	const limit = 64 << 10
 	env := newRangeTestEnv(t, limit, 2000, 1000, false, 0)
-	ctx := rangeTestContext(t)
+	ctx := contextWithin(t, 30*time.Second)
 	wantRev := env.srv.Revision()
 
 	got, rev, err := env.read(ctx, readConfig{}, nil)
@@ -227,10 +221,11 @@ func TestReadRangeStreamsKeysInChunksOfTheServerRequestLimit(t *testing.T) {
 }
 
 func TestReadRangeSeesOneRevisionWhileKeysChangeDuringTheRead(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
-			ctx := rangeTestContext(t)
+			ctx := contextWithin(t, 30*time.Second)
 			wantRev := env.srv.Revision()
 			last := fmt.Sprintf("%sk%06d", rangeTestPrefix, 1999)
 			cfg := readConfig{minPageKeys: 100}
@@ -255,10 +250,11 @@ func TestReadRangeSeesOneRevisionWhileKeysChangeDuringTheRead(t *testing.T) {
 }
 
 func TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
-			ctx := rangeTestContext(t)
+			ctx := contextWithin(t, 30*time.Second)
 			// A known receive limit makes the fallback page instead of
 			// reading everything in one response.
 			cfg := readConfig{minPageKeys: 100, maxRecvBytes: math.MaxInt32}
@@ -280,10 +276,11 @@ func TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead(t *
 }
 
 func TestReadRangeOfAnEmptyPrefixReturnsTheCurrentRevision(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 0, 0, noStream, 0)
-			ctx := rangeTestContext(t)
+			ctx := contextWithin(t, 30*time.Second)
 			_, err := env.admin.Put(ctx, "/elsewhere", "x")
 			require.NoError(t, err)
 			got, rev, err := env.read(ctx, readConfig{}, nil)
@@ -295,10 +292,11 @@ func TestReadRangeOfAnEmptyPrefixReturnsTheCurrentRevision(t *testing.T) {
 }
 
 func TestReadRangePassesAnEmptyValueAsANonNilSlice(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 3, 10, noStream, 0)
-			ctx := rangeTestContext(t)
+			ctx := contextWithin(t, 30*time.Second)
 			_, err := env.admin.Put(ctx, rangeTestPrefix+"empty", "")
 			require.NoError(t, err)
 			env.want[rangeTestPrefix+"empty"] = ""
@@ -310,10 +308,11 @@ func TestReadRangePassesAnEmptyValueAsANonNilSlice(t *testing.T) {
 }
 
 func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
+	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 50, 10, noStream, 0)
-			ctx := rangeTestContext(t)
+			ctx := contextWithin(t, 30*time.Second)
 			at := env.srv.Revision()
 			_, err := env.admin.Delete(ctx, rangeTestPrefix, clientv3.WithPrefix())
 			require.NoError(t, err)
@@ -326,8 +325,9 @@ func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
 }
 
 func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
+	t.Parallel()
 	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, 0)
-	ctx := rangeTestContext(t)
+	ctx := contextWithin(t, 30*time.Second)
 	support := &streamSupport{}
 	cfg := readConfig{minPageKeys: 100, support: support}
 	for range 2 {
@@ -344,9 +344,10 @@ func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
 }
 
 func TestReadRangePagesWhenTheRangeExceedsTheReceiveLimit(t *testing.T) {
+	t.Parallel()
 	const recvLimit = 32 << 10
 	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, recvLimit) // ~120 KB in all
-	ctx := rangeTestContext(t)
+	ctx := contextWithin(t, 30*time.Second)
 	got, _, err := env.read(ctx, readConfig{minPageKeys: 10, maxRecvBytes: recvLimit}, nil)
 	require.NoError(t, err)
 	require.Equal(t, env.want, got)
@@ -358,10 +359,11 @@ func TestReadRangePagesWhenTheRangeExceedsTheReceiveLimit(t *testing.T) {
 }
 
 func TestReadRangeShrinksPagesThatExceedTheReceiveLimit(t *testing.T) {
+	t.Parallel()
 	// Underestimated: the first page's keys are small, the rest large.
 	const recvLimit = 64 << 10
 	env := newRangeTestEnv(t, 1<<20, 20, 10, true, recvLimit)
-	ctx := rangeTestContext(t)
+	ctx := contextWithin(t, 30*time.Second)
 	for i := range 200 {
 		k, v := fmt.Sprintf("%sz%04d", rangeTestPrefix, i), strings.Repeat("x", 1000)
 		_, err := env.admin.Put(ctx, k, v)
@@ -376,11 +378,12 @@ func TestReadRangeShrinksPagesThatExceedTheReceiveLimit(t *testing.T) {
 }
 
 func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
+	t.Parallel()
 	errUser := errors.New("user says no")
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
-			ctx := rangeTestContext(t)
+			ctx := contextWithin(t, 30*time.Second)
 			got, _, err := env.read(ctx, readConfig{minPageKeys: 100}, func(i int) error {
 				if i == 500 {
 					return errUser
@@ -400,9 +403,10 @@ func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
 // error; it does not make the reader fall back, nor remember the server as
 // one without a stream.
 func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
+	t.Parallel()
 	errUser := status.Error(codes.Unimplemented, "the user's own Unimplemented")
 	env := newRangeTestEnv(t, 64<<10, 200, 100, false, 0)
-	ctx := rangeTestContext(t)
+	ctx := contextWithin(t, 30*time.Second)
 	support := &streamSupport{}
 	_, _, err := env.read(ctx, readConfig{support: support}, func(int) error { return errUser })
 	require.ErrorIs(t, err, errUser)
@@ -414,10 +418,11 @@ func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
 }
 
 func TestReadRangeFailsWithDeadlineExceededWhenEtcdGoesSilent(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	cli := etcdtest.NewClient(t, proxy.Endpoint())
-	ctx := rangeTestContext(t)
+	ctx := contextWithin(t, 30*time.Second)
 	_, err := cli.Put(ctx, rangeTestPrefix+"a", "1")
 	require.NoError(t, err)
 	proxy.Blackhole()

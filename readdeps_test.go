@@ -13,24 +13,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
-
-// rdState is a ReactorState that keeps nothing but a patch queue: the
-// read-dependency tests decide in their patches, on the values they are
-// given at commit time.
-type rdState struct{ patches [][]DataPatch }
-
-func (s *rdState) Update(util.EtcdKey, []byte, bool) error { return nil }
-
-func (s *rdState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
-}
 
 // rdPatch adapts a function to DataPatch.
 type rdPatch func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error
@@ -111,7 +99,7 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 		attempts = 3
 		capacity = 2
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	_, err := cli.Put(ctx, prefix+"/capacity", strconv.Itoa(capacity))
@@ -129,8 +117,7 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 			done++
 			return st, nil
 		})
-		w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{})
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, &rdState{})
 		g.Go(func() error { return w.Run(gctx, nil, 5*time.Millisecond, "reserve") })
 	}
 	require.NoError(t, g.Wait())
@@ -149,6 +136,7 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 // makes the others' range compare fail; they re-run on the new state and
 // exactly the capacity is reserved.
 func TestRangeDependencyPreventsOversell(t *testing.T) {
+	t.Parallel()
 	t.Run("without dependency oversells", func(t *testing.T) {
 		require.Greater(t, rdRunReservations(t, "/test/rd-unsafe", false), 2)
 	})
@@ -163,6 +151,7 @@ func TestRangeDependencyPreventsOversell(t *testing.T) {
 // and B ends with A's new value. Without the dependency B keeps the stale
 // value (a key only read is not compared).
 func TestKeyDependencyReRunsOnChange(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		name     string
 		withDeps bool
@@ -174,9 +163,10 @@ func TestKeyDependencyReRunsOnChange(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			const prefix = "/test/rd-key"
-			srv := etcdtest.NewServer(t)
+			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
 			cli := srv.Client(t)
+			clearPrefix(ctx, t, cli, prefix)
 			_, err := cli.Put(ctx, prefix+"/a", "1")
 			require.NoError(t, err)
 			keyA, keyB := util.NewEtcdKey(prefix+"/a"), util.NewEtcdKey(prefix+"/b")
@@ -223,8 +213,7 @@ func rdOnceWorker(t *testing.T, cli *clientv3.Client, prefix string, group []Dat
 		st.patches = append(st.patches, group)
 		return st, ErrReactorFinished
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{}, opts...)
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, &rdState{}, opts...)
 	return w
 }
 
@@ -234,6 +223,7 @@ func rdOnceWorker(t *testing.T, cli *clientv3.Client, prefix string, group []Dat
 // ErrEtcdTxnOpsExceed and writes nothing. A key both written and depended on,
 // or a dependency declared twice, takes one compare.
 func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-limit"
 	k := func(name string) util.EtcdKey { return util.NewEtcdKey(prefix + "/" + name) }
 	put := func(name string) DataPatch {
@@ -258,10 +248,10 @@ func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
 				ReadRangeDependency{Prefix: prefix + "/s/"}}, ErrEtcdTxnOpsExceed},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.NewServer(t)
 			ctx := testContext(t)
-			err := rdRunOnce(ctx, t, srv.Client(t), prefix, tt.group, WithTxnLimits(8, DefaultTxnMaxBytes))
-			resp, gerr := srv.Client(t).Get(ctx, prefix+"/w", clientv3.WithPrefix(), clientv3.WithCountOnly())
+			clearPrefix(ctx, t, sharedClient(t), prefix)
+			err := rdRunOnce(ctx, t, sharedClient(t), prefix, tt.group, WithTxnLimits(8, DefaultTxnMaxBytes))
+			resp, gerr := sharedClient(t).Get(ctx, prefix+"/w", clientv3.WithPrefix(), clientv3.WithCountOnly())
 			require.NoError(t, gerr)
 			if tt.wantErr != nil {
 				require.ErrorIs(t, err, tt.wantErr)
@@ -278,8 +268,8 @@ func TestDependenciesCountAgainstTheOpLimit(t *testing.T) {
 // outside the prefix or in the reserved area ends Run with
 // ErrKeyOutsidePrefix before anything is written.
 func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-outside"
-	srv := etcdtest.NewServer(t)
 	put := SingleDataPatch{Key: util.NewEtcdKey(prefix + "/w"),
 		Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
 	for _, d := range []DataPatch{
@@ -290,9 +280,9 @@ func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
 		&ReadRangeDependency{Prefix: "/elsewhere/"},
 	} {
 		ctx := testContext(t)
-		err := rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{d, put})
+		err := rdRunOnce(ctx, t, sharedClient(t), prefix, []DataPatch{d, put})
 		require.ErrorIs(t, err, ErrKeyOutsidePrefix, "%#v", d)
-		resp, gerr := srv.Client(t).Get(ctx, prefix+"/w")
+		resp, gerr := sharedClient(t).Get(ctx, prefix+"/w")
 		require.NoError(t, gerr)
 		require.Empty(t, resp.Kvs)
 	}
@@ -304,6 +294,7 @@ func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
 // are dropped, a batch splits exactly when the compares exceed the limit,
 // and the byte count is exactly what the batch's compares and ops cost.
 func TestPackTxnsCountsDependencies(t *testing.T) {
+	t.Parallel()
 	l := txnLimits{maxOps: 8, maxBytes: 1 << 20, overheadOps: 2} // 6 compares per Txn
 	w := func(i int) groupWrites { return groupWrites{{key: rdKey(i), value: []byte("v")}} }
 	d := func(prefixes []string, keys ...int) groupDeps {
@@ -373,6 +364,7 @@ func rdKey(i int) util.EtcdKey { return util.NewEtcdKey(fmt.Sprintf("/b/k%02d", 
 // what the group's earlier patches changed (on the single-key fast path and
 // on the value map alike); the next group sees the committed values.
 func TestSkipGroupUndoesTheWholeGroup(t *testing.T) {
+	t.Parallel()
 	single := func(key string, value string, err error) DataPatch {
 		return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) {
 			return []byte(value), err == nil, err
@@ -417,6 +409,7 @@ func TestSkipGroupUndoesTheWholeGroup(t *testing.T) {
 // bound above the snapshot would let through keys others put in between),
 // then lands. Neither is a conflict.
 func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-flush"
 	put := func(name string) DataPatch {
 		return SingleDataPatch{Key: util.NewEtcdKey(prefix + name),
@@ -430,17 +423,16 @@ func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
 		{"range dependency", ReadRangeDependency{Prefix: prefix + "/r/"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.NewServer(t)
 			ctx := testContext(t)
+			clearPrefix(ctx, t, sharedClient(t), prefix)
 			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 				st := s.(*rdState)
 				st.patches = append(st.patches, []DataPatch{put("/r/a"), put("/r/b")}, []DataPatch{put("/x"), tt.dep})
 				return st, ErrReactorFinished
 			})
-			w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
-			require.NoError(t, err)
+			w := mustNewEtcdWorker(t, sharedClient(t), prefix, reactor, &rdState{}, WithTxnLimits(4, DefaultTxnMaxBytes))
 			require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "rd-flush"))
-			resp, err := srv.Client(t).Get(ctx, prefix+"/x")
+			resp, err := sharedClient(t).Get(ctx, prefix+"/x")
 			require.NoError(t, err)
 			require.Len(t, resp.Kvs, 1)
 			require.Zero(t, testutil.ToFloat64(w.metrics.conflicts.WithLabelValues("rd-flush")), "conflicts")
@@ -454,6 +446,7 @@ func TestDependenciesOnEarlierTxnsOfOneFlush(t *testing.T) {
 // prefix leaves nothing for a ModRevision compare to see, so the group lands
 // on what it read. A key dependency on the same key does notice the delete.
 func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/rd-delete"
 	for _, tt := range []struct {
 		name     string
@@ -465,9 +458,10 @@ func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
 		{"key dependency sees it", ReadDependency{Key: util.NewEtcdKey(prefix + "/r/a")}, "0", 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.NewServer(t)
+			srv := etcdtest.Shared(t)
 			ctx := testContext(t)
 			cli := srv.Client(t)
+			clearPrefix(ctx, t, cli, prefix)
 			_, err := cli.Put(ctx, prefix+"/r/a", "1")
 			require.NoError(t, err)
 			var runs atomic.Int32
@@ -496,4 +490,217 @@ func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
 			require.Equal(t, tt.wantRuns, runs.Load())
 		})
 	}
+}
+
+func rdPut(key string) DataPatch {
+	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
+}
+
+// TestAbsentKeyDependencyCatchesACreate: a group depends on a key
+// that is absent when its patch runs; another client creates it before the
+// commit. The commit must fail and the group re-run and see the key.
+func TestAbsentKeyDependencyCatchesACreate(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/rd-absent"
+	ctx := testContext(t)
+	cli := sharedClient(t)
+	var runs atomic.Int32
+	dep := util.NewEtcdKey(prefix + "/flag")
+	decide := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		if runs.Add(1) == 1 {
+			if _, err := cli.Put(ctx, dep.String(), "on"); err != nil {
+				return err
+			}
+		}
+		if _, ok := values[dep]; ok {
+			return ErrEtcdSkipGroup // the flag exists: do nothing
+		}
+		x := util.NewEtcdKey(prefix + "/x")
+		values[x], changed[x] = []byte("written without flag"), struct{}{}
+		return nil
+	})
+	require.NoError(t, rdRunOnce(ctx, t, cli, prefix, []DataPatch{ReadDependency{Key: dep}, decide}))
+	resp, err := cli.Get(ctx, prefix+"/x")
+	require.NoError(t, err)
+	require.Empty(t, resp.Kvs, "the group must not land on a state without the flag")
+	require.Equal(t, int32(2), runs.Load())
+}
+
+// TestDependencyOnlyGroupsWriteNothing: groups made of dependencies
+// only (key, range, both) send no Txn and do not fail Run.
+func TestDependencyOnlyGroupsWriteNothing(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/rd-deponly"
+	ctx := testContext(t)
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*rdState)
+		st.patches = append(st.patches,
+			[]DataPatch{ReadDependency{Key: util.NewEtcdKey(prefix + "/a")}},
+			[]DataPatch{ReadRangeDependency{Prefix: prefix + "/r/"}},
+			[]DataPatch{&ReadDependency{Key: util.NewEtcdKey(prefix + "/a")}, &ReadRangeDependency{Prefix: prefix + "/"}})
+		return st, ErrReactorFinished
+	})
+	w := mustNewEtcdWorker(t, sharedClient(t), prefix, reactor, &rdState{})
+	require.NoError(t, w.Run(ctx, nil, 10*time.Millisecond, "deponly"))
+	require.Zero(t, testutil.ToFloat64(w.metrics.commits.WithLabelValues("deponly")))
+}
+
+// TestRangeOverTheWholePrefixLands: a range dependency on the worker
+// prefix + "/" itself covers the reserved area (the worker's own token and
+// delete counter). Repeated commits of one worker, with and without a session,
+// must land without livelock, deletes included.
+func TestRangeOverTheWholePrefixLands(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/rd-whole"
+	ctx := testContext(t)
+	cli := sharedClient(t)
+	for _, withSession := range []bool{false, true} {
+		t.Run(fmt.Sprintf("session=%v", withSession), func(t *testing.T) {
+			cycles := 0
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*rdState)
+				if cycles == 6 {
+					return st, ErrReactorFinished
+				}
+				k := fmt.Sprintf("%s/k%d", prefix, cycles%2)
+				p := rdPut(k)
+				if cycles%3 == 2 {
+					p = deletePatch(util.NewEtcdKey(k))
+				}
+				st.patches = append(st.patches, []DataPatch{ReadRangeDependency{Prefix: prefix + "/"}, p})
+				cycles++
+				return st, nil
+			})
+			w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{})
+			require.NoError(t, err)
+			var session *concurrency.Session
+			if withSession {
+				session, err = concurrency.NewSession(cli, concurrency.WithTTL(5))
+				require.NoError(t, err)
+				defer session.Close()
+			}
+			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			require.NoError(t, w.Run(rctx, session, 5*time.Millisecond, "whole"))
+		})
+	}
+}
+
+// TestOpEstimateMatchesTheServer: with the server's --max-txn-ops
+// equal to the worker's op limit, a fenced worker bound to a session commits
+// groups with writes, deletes and growing numbers of dependencies. Each
+// either lands or fails with ErrEtcdTxnOpsExceed before sending: never does
+// etcd reject the Txn as too large.
+func TestOpEstimateMatchesTheServer(t *testing.T) {
+	t.Parallel()
+	const prefix, limit = "/test/rd-ops", 8
+	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(limit))
+	ctx := testContext(t)
+	cli := srv.Client(t)
+	fence, err := cli.Put(ctx, "/test/rd-ops-fence", "x")
+	require.NoError(t, err)
+	session, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
+	require.NoError(t, err)
+	defer session.Close()
+	for n := 0; n <= limit; n++ {
+		mustPutKV(ctx, t, cli, prefix+"/gone", "1") // the group deletes it: the delete counter is written too
+		group := []DataPatch{rdPut(fmt.Sprintf("%s/w%d", prefix, n)), deletePatch(util.NewEtcdKey(prefix + "/gone")),
+			ReadRangeDependency{Prefix: prefix + "/r/"}}
+		for i := range n {
+			group = append(group, ReadDependency{Key: util.NewEtcdKey(fmt.Sprintf("%s/d%d", prefix, i))})
+		}
+		err := rdRunOnceSession(ctx, t, cli, prefix, session, group,
+			WithTxnLimits(limit, DefaultTxnMaxBytes), WithFencingKey("/test/rd-ops-fence", fence.Header.Revision))
+		if err != nil {
+			require.ErrorIs(t, err, ErrEtcdTxnOpsExceed, "n=%d", n)
+			require.NotContains(t, err.Error(), "too many operations", "n=%d", n)
+		}
+		t.Logf("n=%d deps: %v", n, err)
+	}
+}
+
+func rdRunOnceSession(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string,
+	session *concurrency.Session, group []DataPatch, opts ...Option) error {
+	t.Helper()
+	w := rdOnceWorker(t, cli, prefix, group, opts...)
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return w.Run(rctx, session, 10*time.Millisecond, "rd")
+}
+
+// TestRangeDependencyRacesAForeignCreator: while another client keeps
+// creating keys in the range, a group that counts the range and writes the
+// count must only land with the count of the snapshot it ran on: at the
+// commit's revision the range holds exactly count keys. The creator pauses
+// between keys: a writer that creates keys in the range back to back can
+// starve a range dependency for as long as it writes (optimistic
+// concurrency; see "Read dependencies" in docs/DESIGN.md).
+func TestRangeDependencyRacesAForeignCreator(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/rd-race"
+	srv := etcdtest.Shared(t)
+	ctx := testContext(t)
+	cli := srv.Client(t)
+	stop, started := make(chan struct{}), make(chan struct{})
+	creator := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			if i == 1 {
+				close(started)
+			}
+			select {
+			case <-stop:
+				creator <- nil
+				return
+			default:
+			}
+			if _, err := cli.Put(ctx, fmt.Sprintf("%s/r/%04d", prefix, i), "x"); err != nil {
+				creator <- err
+				return
+			}
+			time.Sleep(5 * time.Millisecond) // fault timing: a steady, not saturating, writer
+		}
+	}()
+	count := rdPatch(func(values map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
+		n := 0
+		for k := range values {
+			if strings.HasPrefix(k.String(), prefix+"/r/") {
+				n++
+			}
+		}
+		x := util.NewEtcdKey(prefix + "/count")
+		values[x], changed[x] = []byte(fmt.Sprint(n)), struct{}{}
+		return nil
+	})
+	awaitSignal(ctx, t, started, "the creator's first key")
+	err := rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{ReadRangeDependency{Prefix: prefix + "/r/"}, count})
+	close(stop)
+	require.NoError(t, <-creator)
+	require.NoError(t, err)
+	resp, err := cli.Get(ctx, prefix+"/count")
+	require.NoError(t, err)
+	require.Len(t, resp.Kvs, 1)
+	at := resp.Kvs[0].ModRevision
+	rng, err := cli.Get(ctx, prefix+"/r/", clientv3.WithPrefix(), clientv3.WithCountOnly(), clientv3.WithRev(at))
+	require.NoError(t, err)
+	require.Equal(t, fmt.Sprint(rng.Count), string(resp.Kvs[0].Value), "count written at revision %d", at)
+}
+
+// TestTesterHonoursSkipAndDependencies: the ReactorStateTester
+// applies a group with dependencies (writing nothing for them) and drops a
+// group whose patch returns ErrEtcdSkipGroup.
+func TestTesterHonoursSkipAndDependencies(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/rd-tester"
+	st := &rdState{}
+	tester := NewReactorStateTester(t, st, map[string]string{prefix + "/cap": "1"})
+	skip := rdPatch(func(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error { return ErrEtcdSkipGroup })
+	st.patches = [][]DataPatch{
+		{ReadDependency{Key: util.NewEtcdKey(prefix + "/cap")}, ReadRangeDependency{Prefix: prefix + "/r/"}, rdPut(prefix + "/a")},
+		{rdPut(prefix + "/b"), ReadDependency{Key: util.NewEtcdKey(prefix + "/cap")}, skip},
+		{ReadDependency{Key: util.NewEtcdKey(prefix + "/none")}},
+	}
+	_, err := tester.ApplyPatches()
+	require.NoError(t, err)
+	require.Equal(t, map[string]string{prefix + "/cap": "1", prefix + "/a": "v"}, tester.KVEntries())
 }

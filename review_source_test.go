@@ -45,15 +45,7 @@ func (f *failSwitch) onUpdate(rel string, _ []byte, _ bool) error {
 	return nil
 }
 
-func finishReactor() Reactor {
-	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		return s, ErrReactorFinished
-	})
-}
-
-func idleReactor() Reactor {
-	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
-}
+func finishReactor() Reactor { return finishAtOnce }
 
 // TestReviewDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun: one
 // catch-up creates /a and changes /b (one Txn, one revision); Update(/a)

@@ -50,7 +50,7 @@ func serverCases() []serverCase {
 		{name: "permission denied", flags: []string{"-bcrypt-cost=4"}, run: func(t *testing.T, srv *etcdtest.Process, _ string) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			i10PermissionDenied(ctx, t, i10SetUpAuth(t, srv, authPrefix), authPrefix)
+			permissionDenied(ctx, t, setUpAuth(t, srv, authPrefix), authPrefix)
 		}},
 		{name: "exactly once: dropped answers", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
 			scriptedUnknownOutcomes(t, srv)

@@ -492,12 +492,12 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 // read and write.
 func TestSourcePermissionDeniedEndsEveryWorker(t *testing.T) {
 	const prefix = "/srcauth"
-	env := i10NewAuthEnv(t, prefix)
-	src := mustNewSource(t, i10UserClient(t, env.srv, "nobody", "pw"), prefix)
-	cli := i10UserClient(t, env.srv, "reader-writer", "pw")
+	env := newAuthEnv(t, prefix)
+	src := mustNewSource(t, userClient(t, env.srv, "nobody", "pw"), prefix)
+	cli := userClient(t, env.srv, "reader-writer", "pw")
 	ws := make([]*EtcdWorker, 3)
 	for i := range ws {
-		ws[i] = mustNewEtcdWorker(t, cli, prefix, &i10Writer{}, newMapState(prefix), WithSource(src))
+		ws[i] = mustNewEtcdWorker(t, cli, prefix, &incrWriter{}, newMapState(prefix), WithSource(src))
 	}
 	g := startWorkerGroup(t, time.Minute, "auth", ws)
 	for name, err := range g.wait(t, 20*time.Second) {

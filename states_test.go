@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/etcdworker/orchestrator/util"
@@ -227,4 +228,278 @@ func counterReactor(queued *atomic.Int64) Reactor {
 		queued.Add(1)
 		return st, nil
 	})
+}
+
+// rdState is a ReactorState that keeps nothing but a patch queue: the
+// read-dependency tests decide in their patches, on the values they are
+// given at commit time.
+type rdState struct{ patches [][]DataPatch }
+
+func (s *rdState) Update(util.EtcdKey, []byte, bool) error { return nil }
+
+func (s *rdState) GetPatches() [][]DataPatch {
+	p := s.patches
+	s.patches = nil
+	return p
+}
+
+// tickSnapshotter is a reactor that publishes a copy of the state each Tick
+// sees, for another goroutine to compare with etcd.
+type tickSnapshotter struct {
+	mu   sync.Mutex
+	last map[string]string
+}
+
+func (s *tickSnapshotter) Tick(_ context.Context, st ReactorState) (ReactorState, error) {
+	snap := stateSnapshot(st.(*recordingState))
+	s.mu.Lock()
+	s.last = snap
+	s.mu.Unlock()
+	return st, nil
+}
+
+func (s *tickSnapshotter) equals(want map[string]string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return fmt.Sprint(s.last) == fmt.Sprint(want)
+}
+
+// finishAtOnce is a reactor that ends Run at its first Tick, after a load.
+var finishAtOnce = ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+	return s, ErrReactorFinished
+})
+
+// logReactor publishes, at every Tick, the state's values and the updates it
+// has seen so far, for the test goroutine to inspect.
+type logReactor struct {
+	mu     sync.Mutex
+	values map[string]string
+	log    []updateRecord
+	// act, if set, runs at every Tick in the worker's goroutine.
+	act func(st *recordingState)
+}
+
+func (r *logReactor) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
+	st := s.(*recordingState)
+	r.mu.Lock()
+	r.values = stateSnapshot(st)
+	r.log = append([]updateRecord(nil), st.log...)
+	act := r.act
+	r.mu.Unlock()
+	if act != nil {
+		act(st)
+	}
+	return st, nil
+}
+
+func (r *logReactor) snapshot() (map[string]string, []updateRecord) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.values, r.log
+}
+
+func (r *logReactor) equals(want map[string]string) bool {
+	got, _ := r.snapshot()
+	return fmt.Sprint(got) == fmt.Sprint(want)
+}
+
+// retainingState is a SizedState that keeps every key string and value slice
+// it was given by Update (as given: no copy), next to a copy made at the time
+// of the call.
+type retainingState struct {
+	*recordingState
+	mu       sync.Mutex
+	given    []retained
+	expected []int // n of each ExpectKeys
+}
+
+type retained struct {
+	key      util.EtcdKey
+	keyCopy  string
+	value    []byte
+	valueCpy string
+}
+
+func (s *retainingState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	s.mu.Lock()
+	r := retained{key: key, keyCopy: strings.Clone(key.String())}
+	if value != nil {
+		r.value, r.valueCpy = value, string(value)
+	}
+	s.given = append(s.given, r)
+	s.mu.Unlock()
+	return s.recordingState.Update(key, value, isInit)
+}
+
+func (s *retainingState) GetPatches() [][]DataPatch {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.recordingState.GetPatches()
+}
+
+func (s *retainingState) ExpectKeys(n int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expected = append(s.expected, n)
+}
+
+// corrupted returns the retained keys or values that no longer read as they
+// did when Update got them.
+func (s *retainingState) corrupted() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var bad []string
+	for _, r := range s.given {
+		if r.key.String() != r.keyCopy {
+			bad = append(bad, fmt.Sprintf("key %q became %q", r.keyCopy, r.key.String()))
+		}
+		if r.value != nil && string(r.value) != r.valueCpy {
+			bad = append(bad, fmt.Sprintf("value of %q: %q became %q", r.keyCopy, r.valueCpy, r.value))
+		}
+	}
+	return bad
+}
+
+type retainingSnapshotter struct{ tickSnapshotter }
+
+func (r *retainingSnapshotter) Tick(ctx context.Context, st ReactorState) (ReactorState, error) {
+	s := st.(*retainingState)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, err := r.tickSnapshotter.Tick(ctx, s.recordingState)
+	return st, err
+}
+
+// sizedRecordingState is a recordingState that records its ExpectKeys calls
+// and how many Updates it had seen at each.
+type sizedRecordingState struct {
+	*recordingState
+	mu       sync.Mutex
+	expected []int // n of each ExpectKeys call
+	updates  []int // len(log) at each call
+	panics   bool
+}
+
+func (s *sizedRecordingState) ExpectKeys(n int) {
+	if s.panics {
+		panic("ExpectKeys exploded")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expected = append(s.expected, n)
+	s.updates = append(s.updates, len(s.log))
+}
+
+func (s *sizedRecordingState) calls() ([]int, []int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]int(nil), s.expected...), append([]int(nil), s.updates...)
+}
+
+// sizedSnapshotter is tickSnapshotter for a sizedRecordingState.
+type sizedSnapshotter struct{ tickSnapshotter }
+
+func (s *sizedSnapshotter) Tick(ctx context.Context, st ReactorState) (ReactorState, error) {
+	_, err := s.tickSnapshotter.Tick(ctx, st.(*sizedRecordingState).recordingState)
+	return st, err
+}
+
+// panickyPatchesState calls fail from GetPatches (which has no error
+// return: only a panic can come out of it).
+type panickyPatchesState struct {
+	*recordingState
+	fail func() error
+}
+
+func (s *panickyPatchesState) GetPatches() [][]DataPatch {
+	if err := s.fail(); err != nil {
+		panic(err)
+	}
+	return nil
+}
+
+// failingState fails Update for one key once.
+type failingState struct {
+	*mapState
+	failKey string
+	failed  bool
+}
+
+func (s *failingState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	if key.String() == s.failKey && !s.failed {
+		s.failed = true
+		return errors.New("transient update failure")
+	}
+	return s.mapState.Update(key, value, isInit)
+}
+
+// keyLog records every key a ReactorState was told about.
+type keyLog struct {
+	*mapState
+	mu   sync.Mutex
+	keys map[string]struct{}
+}
+
+func (s *keyLog) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	s.mu.Lock()
+	s.keys[key.String()] = struct{}{}
+	s.mu.Unlock()
+	return s.mapState.Update(key, value, isInit)
+}
+
+func (s *keyLog) reserved() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for k := range s.keys {
+		if strings.Contains(k, "__orchestrator") {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// incrWriter is a reactor that commits one increment of /n per Tick, as many
+// times as writes says, and records the value of /n it sees.
+type incrWriter struct {
+	writes atomic.Int64 // increments still to emit
+	seen   atomic.Int64 // value of /n the last Tick saw
+}
+
+func (x *incrWriter) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
+	st := s.(*mapState)
+	x.seen.Store(st.int("/n"))
+	if x.writes.Load() > 0 {
+		x.writes.Add(-1)
+		st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
+	}
+	return st, nil
+}
+
+// limReactor queues its groups in the first Tick and finishes: Run commits
+// them and returns nil, or returns the commit's error.
+type limReactor struct {
+	groups [][]DataPatch
+}
+
+func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
+	st := s.(*mapState)
+	st.patches = append(st.patches, r.groups...)
+	r.groups = nil
+	return st, ErrReactorFinished
+}
+
+func idleReactor() Reactor {
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+}
+
+// hookState is a mapState that calls onUpdate before each Update.
+type hookState struct {
+	*mapState
+	onUpdate func(key string, isInit bool)
+}
+
+func (s *hookState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	s.onUpdate(key.String(), isInit)
+	return s.mapState.Update(key, value, isInit)
 }

@@ -39,14 +39,15 @@ type ledger struct {
 // the end etcd must hold the same total and exactly one counted transfer per
 // Tick that asked for one.
 func TestStateWithEtcdWorker(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix   = "/jsonstate-test"
 		accounts = 5
 		initial  = 100
 		workers  = 3
-		rounds   = 20
+		cycles   = 20
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	for i := range accounts {
@@ -69,7 +70,7 @@ func TestStateWithEtcdWorker(t *testing.T) {
 			if accts.Len() != accounts || sum != accounts*initial {
 				return nil, fmt.Errorf("torn snapshot: %d accounts, sum %d", accts.Len(), sum)
 			}
-			if done == rounds {
+			if done == cycles {
 				return jsonstate.Multi{accts, book}, orchestrator.ErrReactorFinished
 			}
 			from, to := strconv.Itoa((w+done)%accounts), strconv.Itoa((w+2*done+1)%accounts)
@@ -101,15 +102,16 @@ func TestStateWithEtcdWorker(t *testing.T) {
 	resp, err = cli.Get(ctx, prefix+"/ledger")
 	require.NoError(t, err)
 	require.Len(t, resp.Kvs, 1)
-	require.JSONEq(t, mustJSON(t, ledger{Transfers: workers * rounds}), string(resp.Kvs[0].Value))
+	require.JSONEq(t, mustJSON(t, ledger{Transfers: workers * cycles}), string(resp.Kvs[0].Value))
 }
 
 // TestDecodeErrorWithEtcdWorker: under the default policy a broken document
 // stops Run with an error naming the key; under SkipInvalid the reactor sees
 // it in Errors and can repair it.
 func TestDecodeErrorWithEtcdWorker(t *testing.T) {
+	t.Parallel()
 	const prefix = "/jsonstate-decode"
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	cli := srv.Client(t)
 	_, err := cli.Put(ctx, prefix+"/nodes/good", `{"addr":"good"}`)

@@ -3,9 +3,11 @@ package jsonstate_test
 import (
 	"testing"
 
-	"go.uber.org/goleak"
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
+// TestMain runs the tests on one shared etcd (etcdtest.Shared), then checks
+// for leaked goroutines.
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	etcdtest.Main(m)
 }

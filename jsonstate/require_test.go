@@ -28,6 +28,7 @@ type order struct {
 // commits only when the condition holds on the values at commit time, and a
 // failed condition also undoes the group's changes queued before it.
 func TestRequireMakesGroupsConditional(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		name  string
 		build func(orders *jsonstate.State[order], shop *jsonstate.Doc[stock], g *jsonstate.Group[order])
@@ -78,13 +79,14 @@ func TestRequireMakesGroupsConditional(t *testing.T) {
 // capacity bookings exist" (RequireAll). Demand is 9, capacity 4: etcd must
 // end with exactly 4 bookings.
 func TestRequireAllNeverOversellsWithEtcdWorker(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix   = "/jsonstate-require"
 		workers  = 3
 		attempts = 3
 		capacity = 4
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	g, gctx := errgroup.WithContext(ctx)
 	for w := range workers {

@@ -1,10 +1,12 @@
 package jsonstate_test
 
 import (
+	"context"
 	"errors"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/jsonstate"
@@ -76,4 +78,21 @@ func TestMultiUpdateStopsAtTheFirstError(t *testing.T) {
 	m := jsonstate.Multi{jsonstate.New[int]("/a"), jsonstate.NewDoc[int]("/a/doc")}
 	require.NoError(t, m.Update(util.NewEtcdKey("/a/doc"), []byte("7"), true))
 	require.ErrorIs(t, m.Update(util.NewEtcdKey("/a/doc"), []byte("{"), false), jsonstate.ErrDecode)
+}
+
+// TestMultiWithNilPartDoesNotPanic: a Multi holding a typed nil
+// State is bad input; NewEtcdWorker must return an error, not panic.
+func TestMultiWithNilPartDoesNotPanic(t *testing.T) {
+	cli := &clientv3.Client{}
+	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+		return s, nil
+	})
+	var nilState *jsonstate.State[int]
+	var nilDoc *jsonstate.Doc[int]
+	for _, m := range []jsonstate.Multi{{nilState}, {nilDoc}, {nil}} {
+		require.NotPanics(t, func() {
+			_, err := orchestrator.NewEtcdWorker(cli, "/app", reactor, m)
+			require.Error(t, err)
+		})
+	}
 }

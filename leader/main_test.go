@@ -3,9 +3,11 @@ package leader_test
 import (
 	"testing"
 
-	"go.uber.org/goleak"
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
+// TestMain runs the tests, then checks for leaked goroutines (and stops the
+// shared etcd if a test used one).
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	etcdtest.Main(m)
 }

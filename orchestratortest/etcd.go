@@ -24,8 +24,8 @@ var ErrClosed = errors.New("orchestratortest: etcd closed")
 // Etcd is a running embedded etcd: one member, or several started by
 // StartCluster. Its methods are safe for concurrent use.
 type Etcd struct {
-	members []*embedetcd.Server
-	proxies []*etcdtest.Proxy // in front of the members' peer ports
+	server  *embedetcd.Server // one member, or
+	cluster *etcdtest.Cluster // several
 	dir     string            // removed by Close when ownDir
 	ownDir  bool
 	client  *clientv3.Client
@@ -44,6 +44,14 @@ type Etcd struct {
 // through t.Cleanup.
 func Start(ctx context.Context, opts ...Option) (*Etcd, error) {
 	return start(ctx, 1, opts)
+}
+
+// StartCluster starts a size-member etcd cluster on free 127.0.0.1 ports and
+// returns it once every member serves clients. Endpoints lists every member
+// and the kit's clients use all of them. ctx bounds the start only. The
+// caller must Close it.
+func StartCluster(ctx context.Context, size int, opts ...Option) (*Etcd, error) {
+	return start(ctx, size, opts)
 }
 
 // StartEtcd starts a single-member etcd for the test and returns a client
@@ -110,13 +118,13 @@ func start(ctx context.Context, size int, opts []Option) (e *Etcd, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("orchestratortest: start etcd: %w", err)
 		}
-		e.members = []*embedetcd.Server{srv}
+		e.server = srv
 	} else {
-		cl, err := startCluster(ctx, e.dir, size, c.serverOptions())
+		cl, err := etcdtest.StartCluster(ctx, e.dir, size, c.serverOptions()...)
 		if err != nil {
 			return nil, fmt.Errorf("orchestratortest: start etcd cluster: %w", err)
 		}
-		e.members, e.proxies = cl.members, cl.proxies
+		e.cluster = cl
 	}
 	if e.client, err = e.NewClient(); err != nil {
 		return nil, err
@@ -146,11 +154,13 @@ func (c *config) serverOptions() []embedetcd.Option {
 // Endpoints returns the client URLs of every member, e.g.
 // ["http://127.0.0.1:23456"], for clientv3.Config.Endpoints.
 func (e *Etcd) Endpoints() []string {
-	var out []string
-	for _, m := range e.members {
-		out = append(out, m.Endpoints()...)
+	switch {
+	case e.cluster != nil:
+		return e.cluster.Endpoints()
+	case e.server != nil:
+		return e.server.Endpoints()
 	}
-	return out
+	return nil
 }
 
 // Client returns the client created with the server, connected to every
@@ -239,7 +249,12 @@ func (e *Etcd) Close() error {
 		for _, cli := range clients {
 			_ = cli.Close() // a client the caller closed already reports it; nothing to do
 		}
-		cluster{members: e.members, proxies: e.proxies}.close()
+		if e.cluster != nil {
+			e.cluster.Close()
+		}
+		if e.server != nil {
+			e.server.Close()
+		}
 		if e.ownDir {
 			if err := os.RemoveAll(e.dir); err != nil {
 				e.closeErr = fmt.Errorf("orchestratortest: remove data: %w", err)

@@ -2,7 +2,10 @@ package orchestratortest_test
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,6 +15,7 @@ import (
 
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/orchestratortest"
+	"github.com/etcdworker/orchestrator/util"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -22,6 +26,7 @@ func testContext(t *testing.T) context.Context {
 }
 
 func TestStartEtcdReturnsAReadyClient(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	cli := orchestratortest.StartEtcd(t)
 	_, err := cli.Put(ctx, "/k", "v")
@@ -33,6 +38,7 @@ func TestStartEtcdReturnsAReadyClient(t *testing.T) {
 }
 
 func TestServerLimitsAreApplied(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	cli := orchestratortest.StartEtcd(t,
 		orchestratortest.WithMaxTxnOps(2), orchestratortest.WithMaxRequestBytes(4096))
@@ -48,6 +54,7 @@ func TestServerLimitsAreApplied(t *testing.T) {
 }
 
 func TestInvalidArguments(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	tests := []struct {
 		name string
@@ -69,6 +76,7 @@ func TestInvalidArguments(t *testing.T) {
 }
 
 func TestCompactMakesOldRevisionsUnreadable(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	e := orchestratortest.StartEtcdServer(t)
 	cli := e.Client()
@@ -89,6 +97,7 @@ func TestCompactMakesOldRevisionsUnreadable(t *testing.T) {
 }
 
 func TestRevokeLeaseDeletesItsKeys(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	e := orchestratortest.StartEtcdServer(t)
 	other, err := e.NewClient() // closed by the kit
@@ -106,6 +115,7 @@ func TestRevokeLeaseDeletesItsKeys(t *testing.T) {
 }
 
 func TestCloseRemovesItsTemporaryDirectoryButNotAGivenOne(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	given := t.TempDir()
 	for _, dir := range []string{"", given} {
@@ -124,6 +134,7 @@ func TestCloseRemovesItsTemporaryDirectoryButNotAGivenOne(t *testing.T) {
 }
 
 func TestClusterServesFromEveryMember(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	e := orchestratortest.StartEtcdCluster(t, 3)
 	eps := e.Endpoints()
@@ -138,4 +149,89 @@ func TestClusterServesFromEveryMember(t *testing.T) {
 		require.NoError(t, err)
 		require.Len(t, resp.Kvs, 1, "member %s", ep)
 	}
+}
+
+// TestParallelServersRunWorkers: several parallel tests each start
+// their own server and run a worker on it; nothing is shared, nothing leaks.
+func TestParallelServersRunWorkers(t *testing.T) {
+	t.Parallel()
+	for i := range 3 {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			t.Parallel()
+			ctx := testContext(t)
+			cli := orchestratortest.StartEtcd(t)
+			n := 0
+			w, err := orchestrator.NewEtcdWorker(cli, "/p", orchestrator.ReactorFunc(
+				func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+					n++
+					if n == 3 {
+						return s, orchestrator.ErrReactorFinished
+					}
+					return s, nil
+				}), nopState{})
+			require.NoError(t, err)
+			require.NoError(t, w.Run(ctx, nil, 5*time.Millisecond, "kit"))
+		})
+	}
+}
+
+type nopState struct{}
+
+func (nopState) Update(_ util.EtcdKey, _ []byte, _ bool) error { return nil }
+
+func (nopState) GetPatches() [][]orchestrator.DataPatch { return nil }
+
+// TestCloseIsIdempotentAndConcurrent: Close may be called from
+// several goroutines and again later; each returns the same result.
+func TestCloseIsIdempotentAndConcurrent(t *testing.T) {
+	t.Parallel()
+	e, err := orchestratortest.Start(testContext(t))
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() { defer wg.Done(); require.NoError(t, e.Close()) }()
+	}
+	wg.Wait()
+	require.NoError(t, e.Close())
+}
+
+// TestUseAfterCloseFailsCleanly: NewClient, Compact and RevokeLease
+// on a closed Etcd return errors; none hangs, panics or leaks a client.
+func TestUseAfterCloseFailsCleanly(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	e, err := orchestratortest.Start(ctx)
+	require.NoError(t, err)
+	require.NoError(t, e.Close())
+	start := time.Now()
+	cli, err := e.NewClient()
+	if err == nil {
+		_ = cli.Close()
+	}
+	require.ErrorIs(t, err, orchestratortest.ErrClosed, "a client of a closed Etcd is never closed by the kit")
+	_, err = e.Compact(ctx)
+	require.ErrorIs(t, err, orchestratortest.ErrClosed)
+	require.ErrorIs(t, e.RevokeLease(ctx, 1), orchestratortest.ErrClosed)
+	require.Less(t, time.Since(start), 3*time.Second)
+}
+
+// TestStartWithDoneContextLeavesNothing: Start with a cancelled ctx
+// fails, and leaves neither a server nor a temporary directory.
+func TestStartWithDoneContextLeavesNothing(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, size := range []int{1} { // a 3-member cluster takes several seconds to stop
+		sub := filepath.Join(dir, fmt.Sprint(size))
+		e, err := orchestratortest.StartCluster(ctx, size, orchestratortest.WithDir(sub), nil)
+		if e != nil {
+			require.NoError(t, e.Close())
+		}
+		require.Error(t, err, "size %d", size)
+		require.Nil(t, e)
+	}
+	_, err := os.Stat(dir)
+	require.NoError(t, err, "a given dir stays")
 }

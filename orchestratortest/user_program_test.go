@@ -16,6 +16,7 @@ import (
 // controller looks like: a real etcd from the kit, the worker's readiness
 // check, and a clean stop.
 func TestUserControllerWithKitAndReadiness(t *testing.T) {
+	t.Parallel()
 	cli := orchestratortest.StartEtcd(t)
 	stock := jsonstate.New[int]("/shop/stock")
 	restock := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {

@@ -168,6 +168,7 @@ func Launch(m Member, opts ...Option) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	countStart(m)
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("embedetcd: start %s: %w", m.Name, err)

@@ -49,7 +49,11 @@ func NewClientFromConfig(t testing.TB, cfg clientv3.Config) *clientv3.Client {
 // Compact physically compacts the store at its current revision (read with a
 // Get) and returns that revision. Compacting an already compacted revision is
 // not an error.
+// It refuses a client of the shared server.
 func Compact(ctx context.Context, cli *clientv3.Client) (int64, error) {
+	if isShared(cli.Endpoints()) {
+		return 0, errors.New("etcdtest: compacting the shared server; start one with NewServer")
+	}
 	resp, err := cli.Get(ctx, "\x00etcdtest/compact-probe", clientv3.WithCountOnly())
 	if err != nil {
 		return 0, err

@@ -31,7 +31,7 @@ var clusterSeq atomic.Int64
 // Methods may be called from several goroutines, but operations on the same
 // member must not overlap.
 type Cluster struct {
-	t       testing.TB
+	dir     string
 	opts    []ServerOption
 	o       embedetcd.Options
 	members []*Member
@@ -54,62 +54,74 @@ type Member struct {
 }
 
 // NewCluster starts a size-member cluster on 127.0.0.1 with data under
-// t.TempDir(), waits until every member is ready and registers its Close with
-// t.Cleanup. The test fails if the cluster does not come up.
+// t.TempDir() (StartCluster) and registers its Close with t.Cleanup. The
+// test fails if the cluster does not come up.
 func NewCluster(t testing.TB, size int, opts ...ServerOption) *Cluster {
 	t.Helper()
-	if size < 1 {
-		t.Fatalf("etcdtest: cluster size %d", size)
-	}
-	c := &Cluster{t: t, opts: opts, o: embedetcd.ResolveOptions(opts...)}
-	for i := range size {
-		c.members = append(c.members, &Member{
-			c:     c,
-			index: i,
-			name:  fmt.Sprintf("m%d", i),
-			// The proxies are created before any member: their addresses
-			// are the member's advertised URLs for the cluster's lifetime.
-			proxy: NewProxy(t, "127.0.0.1:1"),
-			peer:  NewProxy(t, "127.0.0.1:1"),
-		})
-		// Until the member is launched.
-		c.members[i].proxy.Pause()
-		c.members[i].peer.Pause()
-	}
-	// Registered after the proxies' cleanups, so it runs before them.
-	t.Cleanup(c.Close)
-
-	var lastErr error
-	for range 6 {
-		err := c.launchAll()
-		if err == nil {
-			lastErr = nil
-			break
-		}
-		lastErr = err
-		if !embedetcd.IsAddrInUse(err) {
-			break
-		}
-	}
-	if lastErr != nil {
-		t.Fatalf("etcdtest: start cluster: %v", lastErr)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), c.o.ReadyTimeout)
+	o := embedetcd.ResolveOptions(opts...)
+	ctx, cancel := context.WithTimeout(context.Background(), o.ReadyTimeout+10*time.Second)
 	defer cancel()
-	if err := c.waitReady(ctx, c.members); err != nil {
-		t.Fatalf("etcdtest: cluster not ready: %v", err)
+	c, err := StartCluster(ctx, t.TempDir(), size, opts...)
+	if err != nil {
+		t.Fatalf("etcdtest: %v", err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// StartCluster starts a size-member cluster on 127.0.0.1 with data under dir
+// and returns it once every member is ready (bounded by ctx and the ready
+// timeout). A start that loses a port race is retried with fresh ports. The
+// caller must Close it; on error nothing is left running.
+func StartCluster(ctx context.Context, dir string, size int, opts ...ServerOption) (c *Cluster, err error) {
+	if size < 1 {
+		return nil, fmt.Errorf("etcdtest: cluster size %d", size)
+	}
+	c = &Cluster{dir: dir, opts: opts, o: embedetcd.ResolveOptions(opts...)}
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	for i := range size {
+		// The proxies are created before any member: their addresses are
+		// the member's advertised URLs for the cluster's lifetime.
+		m := &Member{c: c, index: i, name: fmt.Sprintf("m%d", i)}
+		c.members = append(c.members, m)
+		if m.proxy, err = StartProxy("127.0.0.1:1"); err != nil {
+			return nil, err
+		}
+		if m.peer, err = StartProxy("127.0.0.1:1"); err != nil {
+			return nil, err
+		}
+		// Until the member is launched.
+		m.proxy.Pause()
+		m.peer.Pause()
+	}
+	for attempt := range 6 {
+		if err = c.launchAll(attempt); err == nil || !embedetcd.IsAddrInUse(err) {
+			break
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("etcdtest: start cluster: %w", err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, c.o.ReadyTimeout)
+	defer cancel()
+	if err = c.waitReady(rctx, c.members); err != nil {
+		return nil, fmt.Errorf("etcdtest: cluster not ready: %w", err)
 	}
 	for _, m := range c.members {
 		m.id = uint64(m.srv.Etcd().Server.MemberID())
 	}
-	return c
+	return c, nil
 }
 
 // launchAll starts every member with fresh ports and data directories. On
 // error all launched members are closed.
-func (c *Cluster) launchAll() error {
+func (c *Cluster) launchAll(attempt int) error {
 	token := fmt.Sprintf("etcdtest-%d-%d", time.Now().UnixNano(), clusterSeq.Add(1))
-	base := c.t.TempDir()
+	base := filepath.Join(c.dir, fmt.Sprintf("try%d", attempt))
 	var initial []string
 	for _, m := range c.members {
 		initial = append(initial, m.name+"="+m.peer.Endpoint())
@@ -218,8 +230,18 @@ func (c *Cluster) runningCount() int {
 	return n
 }
 
-// Close stops all members. It is idempotent and also run by t.Cleanup.
-func (c *Cluster) Close() { c.stopAll() }
+// Close stops all members, then their proxies. It is idempotent (and run by
+// t.Cleanup for NewCluster); the cluster cannot be restarted afterwards.
+func (c *Cluster) Close() {
+	c.stopAll()
+	for _, m := range c.members {
+		for _, p := range []*Proxy{m.proxy, m.peer} {
+			if p != nil {
+				p.Close()
+			}
+		}
+	}
+}
 
 // Size returns the number of members.
 func (c *Cluster) Size() int { return len(c.members) }

@@ -58,6 +58,7 @@ func eventually(ctx context.Context, t *testing.T, what string, fn func(context.
 }
 
 func TestServerThroughProxyPauseResume(t *testing.T) {
+	t.Parallel()
 	ctx := ctxT(t, 60*time.Second)
 	srv := NewServer(t)
 	p := NewProxy(t, srv.Endpoints()[0])
@@ -113,7 +114,7 @@ func TestServerThroughProxyPauseResume(t *testing.T) {
 		_, err := cli.Put(ctx, "k", "v2")
 		done <- err
 	}()
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(100 * time.Millisecond) // fault timing: the put is stalled in the proxy
 	p.Resume()
 	if err := <-done; err != nil {
 		t.Fatalf("put across blackhole+resume: %v", err)
@@ -133,6 +134,7 @@ func TestServerThroughProxyPauseResume(t *testing.T) {
 }
 
 func TestCompactAll(t *testing.T) {
+	t.Parallel()
 	ctx := ctxT(t, 30*time.Second)
 	srv := NewServer(t)
 	cli := srv.Client(t)
@@ -176,6 +178,7 @@ func TestCompactAll(t *testing.T) {
 }
 
 func TestServerOptions(t *testing.T) {
+	t.Parallel()
 	ctx := ctxT(t, 30*time.Second)
 	srv := NewServer(t, WithMaxTxnOps(2), WithMaxRequestBytes(64<<10))
 	cli := srv.Client(t)
@@ -192,6 +195,7 @@ func TestServerOptions(t *testing.T) {
 }
 
 func TestClusterFailover(t *testing.T) {
+	t.Parallel()
 	ctx := ctxT(t, 90*time.Second)
 	c := NewCluster(t, 3)
 	cli := c.Client(t)
@@ -241,6 +245,7 @@ func TestClusterFailover(t *testing.T) {
 }
 
 func TestClusterPeerPartition(t *testing.T) {
+	t.Parallel()
 	ctx := ctxT(t, 60*time.Second)
 	c := NewCluster(t, 3)
 	cli := c.Client(t)
@@ -265,4 +270,24 @@ func TestClusterPeerPartition(t *testing.T) {
 		_, err := cli.Put(ctx, "k", "3")
 		return err
 	})
+}
+
+func TestSharedServerIsOneAndRefusesCompaction(t *testing.T) {
+	t.Parallel()
+	srv := Shared(t)
+	if Shared(t) != srv {
+		t.Fatal("two shared servers in one cycle")
+	}
+	ctx := ctxT(t, 10*time.Second)
+	cli := SharedClient(t)
+	mustPut(ctx, t, cli, "/shared-test/k", "v")
+	if got := mustGet(ctx, t, srv.Client(t), "/shared-test/k"); got != "v" {
+		t.Fatalf("got %q", got)
+	}
+	if _, err := Compact(ctx, cli); err == nil {
+		t.Fatal("Compact through a client of the shared server succeeded")
+	}
+	if _, err := srv.CompactAll(ctx); err == nil {
+		t.Fatal("CompactAll on the shared server succeeded")
+	}
 }

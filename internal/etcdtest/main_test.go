@@ -1,11 +1,7 @@
 package etcdtest
 
-import (
-	"testing"
-
-	"go.uber.org/goleak"
-)
+import "testing"
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	Main(m)
 }

@@ -69,11 +69,15 @@ func (m *Member) stop() {
 	srv := m.srv
 	m.srv = nil
 	m.c.mu.Unlock()
-	m.proxy.Pause()
 	if srv == nil {
-		m.peer.Pause()
+		for _, p := range []*Proxy{m.proxy, m.peer} {
+			if p != nil { // nil: StartCluster failed before creating it
+				p.Pause()
+			}
+		}
 		return
 	}
+	m.proxy.Pause()
 	closed := make(chan struct{})
 	cut := make(chan struct{})
 	go func() {

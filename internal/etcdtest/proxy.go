@@ -15,6 +15,14 @@ import (
 // to a target address and can inject faults: cutting all connections
 // (Pause), stalling all traffic (Blackhole) and adding latency (SetDelay).
 //
+// go.etcd.io/etcd/pkg/v3/proxy covers stalling and latency, but not what
+// most tests here need: it keeps no registry of its connections, so it cannot
+// cut them (Pause, CutFor: a crashed server's reset, which makes watches fail
+// and reconnect at once); its Close waits until the clients close their idle
+// connections; and its target is fixed, while Cluster re-targets a member's
+// proxy at every restart. Its blackhole drops bytes, which breaks the HTTP/2
+// stream, where Blackhole here holds them like a partition.
+//
 // Each accepted connection is served by a handler goroutine plus a reader and
 // a writer goroutine per direction; Close joins all of them. Half-closes are
 // not propagated: when either side ends, both connections are closed (enough

@@ -10,6 +10,7 @@ package etcdtest
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -59,7 +60,8 @@ const opTimeout = 30 * time.Second
 
 // Server is a single-member etcd cluster embedded in the test process.
 type Server struct {
-	srv *embedetcd.Server
+	srv    *embedetcd.Server
+	shared bool // the binary's shared server (Shared): never compacted nor closed by a test
 }
 
 // NewServer starts a single embedded etcd member with its data in
@@ -93,7 +95,12 @@ func (s *Server) Client(t testing.TB) *clientv3.Client {
 // Close stops the server. It is idempotent and also run by t.Cleanup. Close
 // clients first: etcd waits up to ~6s for open streams (watches, lease
 // keep-alives) before dropping them.
-func (s *Server) Close() { s.srv.Close() }
+func (s *Server) Close() {
+	if s.shared {
+		panic("etcdtest: Close on the shared server; it is stopped by Main")
+	}
+	s.srv.Close()
+}
 
 // Etcd returns the underlying embed.Etcd.
 func (s *Server) Etcd() *embed.Etcd { return s.srv.Etcd() }
@@ -108,6 +115,9 @@ func (s *Server) Revision() int64 { return s.srv.Revision() }
 // error. Compacting an already compacted revision is not an error.
 func (s *Server) Compact(t testing.TB, rev int64) {
 	t.Helper()
+	if s.shared {
+		t.Fatalf("etcdtest: compacting the shared server; start one with NewServer")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
 	if err := s.srv.Compact(ctx, rev); err != nil {
@@ -116,4 +126,10 @@ func (s *Server) Compact(t testing.TB, rev int64) {
 }
 
 // CompactAll physically compacts at the current revision and returns it.
-func (s *Server) CompactAll(ctx context.Context) (int64, error) { return s.srv.CompactAll(ctx) }
+// It refuses the shared server.
+func (s *Server) CompactAll(ctx context.Context) (int64, error) {
+	if s.shared {
+		return 0, errors.New("etcdtest: compacting the shared server; start one with NewServer")
+	}
+	return s.srv.CompactAll(ctx)
+}

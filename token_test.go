@@ -19,8 +19,8 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
-// i10Tokens returns the commit token keys under prefix, with their leases.
-func i10Tokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]clientv3.LeaseID {
+// commitTokens returns the commit token keys under prefix, with their leases.
+func commitTokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]clientv3.LeaseID {
 	t.Helper()
 	resp, err := cli.Get(ctx, prefix+"/__orchestrator/token/", clientv3.WithPrefix())
 	require.NoError(t, err)
@@ -31,9 +31,9 @@ func i10Tokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix s
 	return out
 }
 
-// i10OwnCommit is a reactor that puts key once and reports when its state
+// ownCommit is a reactor that puts key once and reports when its state
 // shows it.
-func i10OwnCommit(key string, done chan<- struct{}) Reactor {
+func ownCommit(key string, done chan<- struct{}) Reactor {
 	var emitted, reported bool
 	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*mapState)
@@ -53,27 +53,26 @@ func i10OwnCommit(key string, done chan<- struct{}) Reactor {
 // cleanup (their link to etcd is gone before they stop) leave their tokens
 // for at most the lease TTL; a clean stop deletes the token at once.
 func TestCommitTokensDoNotAccumulate(t *testing.T) {
+	t.Parallel()
 	const (
-		prefix = "/i10/tokens"
+		prefix = "/test/tokens"
 		runs   = 20
-		ttl    = 2 * time.Second
+		ttl    = 5 * time.Second
 	)
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.Shared(t)
 	direct := srv.Client(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 30*time.Second)
 
 	t.Run("clean stop", func(t *testing.T) {
 		done := make(chan struct{}, 1)
-		w, err := NewEtcdWorker(direct, prefix+"-clean", i10OwnCommit("/k", done), newMapState(prefix+"-clean"))
-		require.NoError(t, err)
+		w := mustNewEtcdWorker(t, direct, prefix+"-clean", ownCommit("/k", done), newMapState(prefix+"-clean"))
 		runCtx, stop := context.WithCancel(ctx)
-		errc := i10RunAsync(runCtx, w, 20*time.Millisecond)
+		errc := runAsync(runCtx, w, nil, 20*time.Millisecond, "run")
 		<-done
-		require.Len(t, i10Tokens(ctx, t, direct, prefix+"-clean"), 1)
+		require.Len(t, commitTokens(ctx, t, direct, prefix+"-clean"), 1)
 		stop()
 		require.ErrorIs(t, <-errc, context.Canceled)
-		require.Empty(t, i10Tokens(ctx, t, direct, prefix+"-clean"), "a clean stop must delete the token")
+		require.Empty(t, commitTokens(ctx, t, direct, prefix+"-clean"), "a clean stop must delete the token")
 	})
 
 	t.Run("killed runs", func(t *testing.T) {
@@ -85,9 +84,8 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		errs := make(chan error, runs)
 		for i := range runs {
 			cli := etcdtest.NewClient(t, proxy.Endpoint())
-			w, err := NewEtcdWorker(cli, prefix, i10OwnCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
+			w := mustNewEtcdWorker(t, cli, prefix, ownCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
 				WithCommitTokenTTL(ttl))
-			require.NoError(t, err)
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -101,7 +99,7 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 				t.Fatal("not every run committed")
 			}
 		}
-		require.Len(t, i10Tokens(ctx, t, direct, prefix), runs)
+		require.Len(t, commitTokens(ctx, t, direct, prefix), runs)
 		// Kill: the link goes first, so no cleanup reaches etcd.
 		proxy.Blackhole()
 		proxy.Close()
@@ -111,9 +109,15 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		for range runs {
 			require.ErrorIs(t, <-errs, context.Canceled)
 		}
-		require.LessOrEqual(t, len(i10Tokens(ctx, t, direct, prefix)), runs)
-		require.Eventually(t, func() bool { return len(i10Tokens(ctx, t, direct, prefix)) == 0 },
-			ttl+5*time.Second, 50*time.Millisecond, "tokens of killed runs must expire with their lease")
+		// The runs stopped well within the lease TTL, so a token missing now
+		// was deleted by a cleanup that should not have reached etcd.
+		stopped := time.Since(killed)
+		require.Less(t, stopped, ttl/2, "the killed runs took long to stop")
+		require.Len(t, commitTokens(ctx, t, direct, prefix), runs, "the killed runs' tokens outlive them (stopped in %v)", stopped)
+		expiry, cancelExpiry := context.WithTimeout(ctx, ttl+5*time.Second)
+		defer cancelExpiry()
+		waitUntil(expiry, t, "the tokens of killed runs expiring with their lease",
+			func() bool { return len(commitTokens(ctx, t, direct, prefix)) == 0 })
 		t.Logf("tokens gone %v after the kill (TTL %v)", time.Since(killed), ttl)
 	})
 }
@@ -124,21 +128,21 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 // nothing in flight, the next commit is rejected whole and lands once on a
 // new lease.
 func TestCommitTokenLeaseLoss(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	srv := etcdtest.Shared(t)
 	direct := srv.Client(t)
 	for _, inFlight := range []bool{true, false} {
 		t.Run(fmt.Sprintf("in flight=%v", inFlight), func(t *testing.T) {
-			i10LeaseLossCase(t, srv, direct, inFlight)
+			leaseLossCase(t, srv, direct, inFlight)
 		})
 	}
 }
 
-func i10LeaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, inFlight bool) {
-	prefix := fmt.Sprintf("/i10/lease-loss-%v", inFlight)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+func leaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, inFlight bool) {
+	prefix := fmt.Sprintf("/test/lease-loss-%v", inFlight)
+	ctx := contextWithin(t, 20*time.Second)
 	revokeOwn := func() error { // revoke the worker's token lease
-		for _, id := range i10Tokens(ctx, t, direct, prefix) {
+		for _, id := range commitTokens(ctx, t, direct, prefix) {
 			if _, err := direct.Revoke(ctx, id); err != nil {
 				return err
 			}
@@ -188,10 +192,9 @@ func i10LeaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Clien
 		}
 		return st, nil
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, newMapState(prefix), WithRequestTimeout(time.Second))
-	require.NoError(t, err)
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), WithRequestTimeout(time.Second))
 	start := time.Now()
-	err = w.Run(ctx, nil, 20*time.Millisecond, "lease-loss")
+	err := w.Run(ctx, nil, 20*time.Millisecond, "lease-loss")
 	t.Logf("Run returned after %v: %v", time.Since(start), err)
 	resp, gerr := direct.Get(ctx, prefix+"/n")
 	require.NoError(t, gerr)
@@ -203,5 +206,5 @@ func i10LeaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Clien
 		return
 	}
 	require.NoError(t, err)
-	require.Empty(t, i10Tokens(ctx, t, direct, prefix), "the new lease is revoked when Run returns")
+	require.Empty(t, commitTokens(ctx, t, direct, prefix), "the new lease is revoked when Run returns")
 }

@@ -1,22 +1,19 @@
 package orchestrator
 
 import (
-	"context"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // TestOptionErrorsNameTheOption: NewEtcdWorker rejects an out-of-range
 // option with ErrInvalidArgument and an error that names the option; values
 // documented as meaning "none" or "no limit" are accepted.
 func TestOptionErrorsNameTheOption(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
-	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
+	t.Parallel()
+	cli := sharedClient(t)
+	noop := idleReactor()
 	for _, tc := range []struct {
 		opt  Option
 		name string // "" = valid
@@ -40,7 +37,7 @@ func TestOptionErrorsNameTheOption(t *testing.T) {
 		{WithCommitTokenTTL(time.Millisecond), ""}, // etcd rounds it up
 		{WithFencingKey("/leader", 5), ""},
 	} {
-		_, err := NewEtcdWorker(cli, "/i10/options", noop, newMapState("/i10/options"), tc.opt)
+		_, err := NewEtcdWorker(cli, "/test/options", noop, newMapState("/test/options"), tc.opt)
 		if tc.name == "" {
 			require.NoError(t, err)
 			continue

@@ -60,8 +60,7 @@ func newWatchRun(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix
 // had ended at revision loadedRev with nothing under the prefix.
 func unitWatchRun(t testing.TB, prefix string, st ReactorState, loadedRev int64) *watchRun {
 	t.Helper()
-	srv := etcdtest.NewServer(t)
-	r := newWatchRun(testContext(t), t, srv.Client(t), prefix, st)
+	r := newWatchRun(testContext(t), t, sharedClient(t), prefix, st)
 	r.src.copy.loaded(loadedRev, nil)
 	r.src.loaded = true
 	r.caughtUp(t)
@@ -134,6 +133,7 @@ func watchResp(header int64, events ...*clientv3.Event) clientv3.WatchResponse {
 // revisions below 100 that arrive after it are still applied; appliedRev
 // never goes backwards, and an older notification does not lower it.
 func TestProgressNotifyNeverSkipsEvents(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/notify/unit"
 	st := newRecordingState(prefix)
 	r := unitWatchRun(t, prefix, st, 40)
@@ -182,7 +182,8 @@ func TestProgressNotifyNeverSkipsEvents(t *testing.T) {
 // writes sees every put of the key, once, in order, and its Ticks never see
 // the value go back.
 func TestProgressNotifyWorkerSeesEveryPut(t *testing.T) {
-	everyPutSeen(t, etcdtest.NewServer(t))
+	t.Parallel()
+	everyPutSeen(t, etcdtest.Shared(t))
 }
 
 // everyPutSeen runs TestProgressNotifyWorkerSeesEveryPut against srv.
@@ -309,6 +310,7 @@ func keysNeverTold(want, got map[string][]string) int {
 // applied (a replay) are skipped, once each, while new events of the same
 // response apply; several events of one revision (one Txn) all apply.
 func TestWatchDedupsByModRevisionNotHeader(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/dedup"
 	st := newRecordingState(prefix)
 	r := unitWatchRun(t, prefix, st, 9)
@@ -381,8 +383,9 @@ func receiveUntil(t testing.TB, r *watchRun, what string, done func(clientv3.Wat
 // from the last header revision would) replays that revision's event, and the
 // worker skips it: no Update, eventRev unchanged, no Tick made due.
 func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/resume"
-	srv := etcdtest.NewServer(t)
+	srv := etcdtest.NewServer(t) // counts revisions: no other writer
 	ctx := testContext(t)
 	writer := srv.Client(t)
 	put := func(rel, value string) int64 {

@@ -2,47 +2,72 @@ package orchestrator
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/stretchr/testify/require"
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"google.golang.org/grpc"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
-// i10Prompt bounds how long Run may take to return after a permanent
-// rejection.
-const i10Prompt = 5 * time.Second
+// TestClassifyTxnError: clientv3 turns etcd server errors into
+// rpctypes.EtcdError, which has no gRPC status, so rejections must be
+// recognised by value; otherwise a permission error is taken for an unknown
+// outcome and resolve loops on it. Transient errors (an expired auth token
+// that the client refreshes, no leader, too many requests) stay retryable.
+func TestClassifyTxnError(t *testing.T) {
+	t.Parallel()
+	fatal := []error{rpctypes.ErrPermissionDenied, rpctypes.ErrUserEmpty, rpctypes.ErrAuthFailed,
+		rpctypes.ErrTooManyOps, rpctypes.ErrRequestTooLarge, rpctypes.ErrLeaseNotFound}
+	for _, e := range fatal {
+		t.Run("fatal "+fmt.Sprint(e), func(t *testing.T) {
+			require.Error(t, commitRejected(nil, e), "%v classified as unknown outcome", e)
+		})
+	}
+	retryable := []error{rpctypes.ErrInvalidAuthToken, rpctypes.ErrNoLeader, rpctypes.ErrTooManyRequests,
+		rpctypes.ErrTimeout, context.DeadlineExceeded, errors.New("connection reset")}
+	for _, e := range retryable {
+		t.Run("retryable "+fmt.Sprint(e), func(t *testing.T) {
+			require.NoError(t, commitRejected(nil, e))
+		})
+	}
+	require.ErrorIs(t, commitRejected(nil, rpctypes.ErrTooManyOps), ErrEtcdTxnOpsExceed)
+	require.ErrorIs(t, commitRejected(nil, rpctypes.ErrRequestTooLarge), ErrEtcdTxnSizeExceed)
+	require.ErrorIs(t, commitRejected(nil, rpctypes.ErrLeaseNotFound), ErrEtcdSessionDone)
+}
 
-// i10AuthEnv is an etcd server with authentication on: a root client and
+// rejectPrompt bounds how long Run may take to return after a permanent
+// rejection.
+const rejectPrompt = 5 * time.Second
+
+// authEnv is an etcd server with authentication on: a root client and
 // users "reader-writer" (roles "r" and "w": read, and write, on the
 // prefixes granted) and "nobody" (no rights).
-type i10AuthEnv struct {
+type authEnv struct {
 	srv  etcdtest.Target
 	root *clientv3.Client
 }
 
-// i10NewAuthEnv starts an embedded server and sets it up as i10SetUpAuth
-// does.
-func i10NewAuthEnv(t *testing.T, prefixes ...string) *i10AuthEnv {
+// newAuthEnv starts an embedded server and sets it up as setUpAuth does.
+func newAuthEnv(t *testing.T, prefixes ...string) *authEnv {
 	t.Helper()
-	return i10SetUpAuth(t, etcdtest.NewServer(t, etcdtest.WithEmbedConfig(func(cfg *embed.Config) {
+	return setUpAuth(t, etcdtest.NewServer(t, etcdtest.WithEmbedConfig(func(cfg *embed.Config) {
 		cfg.BcryptCost = 4 // the minimum: the test authenticates often
 	})), prefixes...)
 }
 
-// i10SetUpAuth adds the users and roles of i10AuthEnv to srv, granted on
+// setUpAuth adds the users and roles of authEnv to srv, granted on
 // prefixes, and enables authentication.
-func i10SetUpAuth(t *testing.T, srv etcdtest.Target, prefixes ...string) *i10AuthEnv {
+func setUpAuth(t *testing.T, srv etcdtest.Target, prefixes ...string) *authEnv {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	ctx := contextWithin(t, 10*time.Second)
 	cli := srv.Client(t)
 	must := func(_ any, err error) { t.Helper(); require.NoError(t, err) }
 	must(cli.UserAdd(ctx, "root", "rootpw"))
@@ -59,52 +84,28 @@ func i10SetUpAuth(t *testing.T, srv etcdtest.Target, prefixes ...string) *i10Aut
 	must(cli.UserGrantRole(ctx, "reader-writer", "r"))
 	must(cli.UserGrantRole(ctx, "reader-writer", "w"))
 	must(cli.AuthEnable(ctx))
-	return &i10AuthEnv{srv: srv, root: i10UserClient(t, srv, "root", "rootpw")}
+	return &authEnv{srv: srv, root: userClient(t, srv, "root", "rootpw")}
 }
 
-func i10UserClient(t *testing.T, srv etcdtest.Target, user, password string) *clientv3.Client {
+func userClient(t *testing.T, srv etcdtest.Target, user, password string) *clientv3.Client {
 	t.Helper()
 	cfg := etcdtest.ClientConfig(srv.Endpoints()...)
 	cfg.Username, cfg.Password = user, password
 	return etcdtest.NewClientFromConfig(t, cfg)
 }
 
-// i10RunAsync starts Run and returns its result channel.
-func i10RunAsync(ctx context.Context, w *EtcdWorker, interval time.Duration) <-chan error {
-	errc := make(chan error, 1)
-	go func() { errc <- w.Run(ctx, nil, interval, "i10") }()
-	return errc
-}
-
-// i10Returns waits for Run's result, failing if it takes longer than
-// i10Prompt after since.
-func i10Returns(t *testing.T, errc <-chan error, since time.Time) error {
+// returnsPromptly waits for Run's result, failing if it takes longer than
+// rejectPrompt after since.
+func returnsPromptly(t *testing.T, errc <-chan error, since time.Time) error {
 	t.Helper()
 	select {
 	case err := <-errc:
 		t.Logf("Run returned after %v: %v", time.Since(since), err)
 		return err
-	case <-time.After(time.Until(since.Add(i10Prompt))):
-		t.Fatalf("Run did not return within %v", i10Prompt)
+	case <-time.After(time.Until(since.Add(rejectPrompt))):
+		t.Fatalf("Run did not return within %v", rejectPrompt)
 		return nil
 	}
-}
-
-// i10Writer is a reactor that commits one increment of /n per Tick, as many
-// times as writes says, and records the value of /n it sees.
-type i10Writer struct {
-	writes atomic.Int64 // increments still to emit
-	seen   atomic.Int64 // value of /n the last Tick saw
-}
-
-func (x *i10Writer) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
-	st := s.(*mapState)
-	x.seen.Store(st.int("/n"))
-	if x.writes.Load() > 0 {
-		x.writes.Add(-1)
-		st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
-	}
-	return st, nil
 }
 
 // TestPermanentErrorsEndRun: rejections that retrying cannot heal end Run
@@ -113,25 +114,23 @@ func (x *i10Writer) Tick(_ context.Context, s ReactorState) (ReactorState, error
 // or the head probe (read right revoked while running), a commit (write
 // right revoked), or a closed client.
 func TestPermanentErrorsEndRun(t *testing.T) {
-	const prefix = "/i10/auth"
-	env := i10NewAuthEnv(t, prefix)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	i10PermissionDenied(ctx, t, env, prefix)
-	t.Run("closed client", func(t *testing.T) { i10ClosedClientCase(ctx, t, env, prefix) })
-	t.Run("closed client during a commit", func(t *testing.T) { i10ClosedDuringCommitCase(ctx, t, env, prefix) })
+	const prefix = "/test/auth"
+	env := newAuthEnv(t, prefix)
+	ctx := contextWithin(t, 30*time.Second)
+	permissionDenied(ctx, t, env, prefix)
+	t.Run("closed client", func(t *testing.T) { closedClientCase(ctx, t, env, prefix) })
+	t.Run("closed client during a commit", func(t *testing.T) { closedDuringCommitCase(ctx, t, env, prefix) })
 }
 
-// i10PermissionDenied runs a worker without rights, and workers whose read
-// or write right is revoked while they run: each Run ends promptly with an
+// permissionDenied runs a worker without rights, and workers whose read or
+// write right is revoked while they run: each Run ends promptly with an
 // error matching ErrEtcdRejected and rpctypes.ErrPermissionDenied, on the
-// path that met the rejection.
-func i10PermissionDenied(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix string) {
+// path that met the rejection (also run by the server matrix).
+func permissionDenied(ctx context.Context, t *testing.T, env *authEnv, prefix string) {
 	opts := []Option{WithMaxStaleness(time.Second), WithRequestTimeout(2 * time.Second)}
 	t.Run("no rights: the load", func(t *testing.T) {
-		w, err := NewEtcdWorker(i10UserClient(t, env.srv, "nobody", "pw"), prefix, &i10Writer{}, newMapState(prefix), opts...)
-		require.NoError(t, err)
-		err = i10Returns(t, i10RunAsync(ctx, w, 20*time.Millisecond), time.Now())
+		w := mustNewEtcdWorker(t, userClient(t, env.srv, "nobody", "pw"), prefix, &incrWriter{}, newMapState(prefix), opts...)
+		err := returnsPromptly(t, runAsync(ctx, w, nil, 20*time.Millisecond, "run"), time.Now())
 		require.ErrorIs(t, err, ErrEtcdRejected)
 		require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
 		require.Contains(t, err.Error(), "load")
@@ -143,27 +142,28 @@ func i10PermissionDenied(ctx context.Context, t *testing.T, env *i10AuthEnv, pre
 		{"write revoked: the commit", "w", "commit"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			i10RevokedCase(ctx, t, env, prefix, tc.role, tc.path, opts)
+			revokedCase(ctx, t, env, prefix, tc.role, tc.path, opts)
 		})
 	}
 }
 
-// i10RevokedCase runs a worker as reader-writer, lets it commit once, then
+// revokedCase runs a worker as reader-writer, lets it commit once, then
 // revokes role and checks that Run ends promptly on the path named by the
 // regexp path.
-func i10RevokedCase(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix, role, path string, opts []Option) {
+func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, path string, opts []Option) {
 	for _, granted := range []string{"r", "w"} { // back from an earlier case
 		_, err := env.root.UserGrantRole(ctx, "reader-writer", granted)
 		require.NoError(t, err)
 	}
-	r := &i10Writer{}
-	w, err := NewEtcdWorker(i10UserClient(t, env.srv, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
-	require.NoError(t, err)
-	errc := i10RunAsync(ctx, w, 20*time.Millisecond)
+	r := &incrWriter{}
+	w := mustNewEtcdWorker(t, userClient(t, env.srv, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
+	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 	// One commit first, so the run has its token and lease.
 	before := r.seen.Load()
 	r.writes.Store(1)
-	require.Eventually(t, func() bool { return r.seen.Load() > before }, 5*time.Second, 10*time.Millisecond)
+	firstCtx, cancelFirst := context.WithTimeout(ctx, 5*time.Second)
+	defer cancelFirst()
+	waitUntil(firstCtx, t, "the first commit seen", func() bool { return r.seen.Load() > before })
 
 	// Another client keeps the watch busy: the worker must find out
 	// even though its watch is never silent.
@@ -174,48 +174,47 @@ func i10RevokedCase(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix, 
 		defer close(busyDone)
 		for busyCtx.Err() == nil {
 			_, _ = env.root.Put(busyCtx, prefix+"/busy", time.Now().String())
-			time.Sleep(30 * time.Millisecond)
+			time.Sleep(30 * time.Millisecond) // fault timing: a steady writer keeps the watch busy
 		}
 	}()
 	start := time.Now()
-	_, err = env.root.UserRevokeRole(ctx, "reader-writer", role)
+	_, err := env.root.UserRevokeRole(ctx, "reader-writer", role)
 	require.NoError(t, err)
 	if role == "w" {
 		r.writes.Store(1)
 	}
-	err = i10Returns(t, errc, start)
+	err = returnsPromptly(t, errc, start)
 	require.ErrorIs(t, err, ErrEtcdRejected)
 	require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
 	require.Regexp(t, path, err.Error())
 	require.Less(t, time.Since(start), 2*time.Second, "the probe runs every 250ms")
 }
 
-// i10ClosedClientCase closes the worker's client before Run and while it
+// closedClientCase closes the worker's client before Run and while it
 // runs (default request timeout: Run must not wait for it).
-func i10ClosedClientCase(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix string) {
+func closedClientCase(ctx context.Context, t *testing.T, env *authEnv, prefix string) {
 	for _, whileRunning := range []bool{false, true} {
-		cli := i10UserClient(t, env.srv, "root", "rootpw")
-		w, err := NewEtcdWorker(cli, prefix, &i10Writer{}, newMapState(prefix))
-		require.NoError(t, err)
+		cli := userClient(t, env.srv, "root", "rootpw")
+		w := mustNewEtcdWorker(t, cli, prefix, &incrWriter{}, newMapState(prefix))
 		var errc <-chan error
 		if whileRunning {
-			errc = i10RunAsync(ctx, w, 20*time.Millisecond)
-			time.Sleep(100 * time.Millisecond) // fault timing: let it load and watch
+			errc = runAsync(ctx, w, nil, 20*time.Millisecond, "run")
+			time.Sleep(100 * time.Millisecond) // fault timing: close while it loads and starts its watch
 		}
 		start := time.Now()
 		require.NoError(t, cli.Close())
 		if !whileRunning {
-			errc = i10RunAsync(ctx, w, 20*time.Millisecond)
+			errc = runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 		}
-		err = i10Returns(t, errc, start)
+		err := returnsPromptly(t, errc, start)
 		require.ErrorIs(t, err, ErrEtcdRejected, "while running: %v", whileRunning)
 		require.Less(t, time.Since(start), time.Second, "while running: %v", whileRunning)
 	}
 }
 
-// i10ClosedDuringCommitCase closes the worker's client while a commit Txn
+// closedDuringCommitCase closes the worker's client while a commit Txn
 // is in flight: the outcome is unknown.
-func i10ClosedDuringCommitCase(ctx context.Context, t *testing.T, env *i10AuthEnv, prefix string) {
+func closedDuringCommitCase(ctx context.Context, t *testing.T, env *authEnv, prefix string) {
 	hold := make(chan struct{})
 	var holding atomic.Bool
 	cfg := etcdtest.ClientConfig(env.srv.Endpoints()...)
@@ -230,11 +229,10 @@ func i10ClosedDuringCommitCase(ctx context.Context, t *testing.T, env *i10AuthEn
 		return invoker(ctx, method, req, reply, cc, opts...)
 	})}
 	cli := etcdtest.NewClientFromConfig(t, cfg)
-	r := &i10Writer{}
+	r := &incrWriter{}
 	r.writes.Store(1000)
-	w, err := NewEtcdWorker(cli, prefix, r, newMapState(prefix))
-	require.NoError(t, err)
-	errc := i10RunAsync(ctx, w, 20*time.Millisecond)
+	w := mustNewEtcdWorker(t, cli, prefix, r, newMapState(prefix))
+	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 	select {
 	case <-hold:
 	case <-time.After(5 * time.Second):
@@ -243,7 +241,7 @@ func i10ClosedDuringCommitCase(ctx context.Context, t *testing.T, env *i10AuthEn
 	start := time.Now()
 	require.NoError(t, cli.Close())
 	hold <- struct{}{}
-	err = i10Returns(t, errc, start)
+	err := returnsPromptly(t, errc, start)
 	require.ErrorIs(t, err, ErrEtcdRejected)
 	require.ErrorIs(t, err, ErrCommitUnresolved, "a commit cut by Close may or may not have landed")
 	require.Less(t, time.Since(start), time.Second)
