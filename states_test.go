@@ -492,14 +492,3 @@ func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, erro
 func idleReactor() Reactor {
 	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 }
-
-// hookState is a mapState that calls onUpdate before each Update.
-type hookState struct {
-	*mapState
-	onUpdate func(key string, isInit bool)
-}
-
-func (s *hookState) Update(key util.EtcdKey, value []byte, isInit bool) error {
-	s.onUpdate(key.String(), isInit)
-	return s.mapState.Update(key, value, isInit)
-}
