@@ -1,6 +1,8 @@
 package orchestrator
 
-// Review of the shared Source: tests against a real embedded etcd.
+// The shared Source under faults, against a real embedded etcd: failed
+// catch-ups and reloads, short-lived keys, dropped workers, workers that
+// come and go, quotas, a closed client, late joins, compaction while stuck.
 
 import (
 	"context"
@@ -32,7 +34,7 @@ type failSwitch struct {
 	fired atomic.Int32
 }
 
-var errReviewUpdate = errors.New("review: update refused")
+var errRefusedUpdate = errors.New("test: update refused")
 
 func (f *failSwitch) arm(rel string) { f.key.Store(&rel) }
 func (f *failSwitch) disarm()        { f.key.Store(nil) }
@@ -40,24 +42,24 @@ func (f *failSwitch) disarm()        { f.key.Store(nil) }
 func (f *failSwitch) onUpdate(rel string, _ []byte, _ bool) error {
 	if k := f.key.Load(); k != nil && *k == rel {
 		f.fired.Add(1)
-		return errReviewUpdate
+		return errRefusedUpdate
 	}
 	return nil
 }
 
 func finishReactor() Reactor { return finishAtOnce }
 
-// TestReviewDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun: one
+// TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun: one
 // catch-up creates /a and changes /b (one Txn, one revision); Update(/a)
 // succeeds, Update(/b) fails and ends Run. /a is then deleted. The next Run
 // must tell the state that /a is gone: the state must end equal to etcd.
-func TestReviewDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T) {
+func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T) {
 	for _, shared := range []bool{false, true} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
 			srv := etcdtest.NewServer(t)
 			cli := srv.Client(t)
 			ctx := testContext(t)
-			prefix := "/rv-del"
+			prefix := "/src-del"
 			mustPutKV(ctx, t, cli, prefix+"/x", "0")
 			mustPutKV(ctx, t, cli, prefix+"/b", "0")
 			var opts []Option
@@ -80,7 +82,7 @@ func TestReviewDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 			fs.arm("/b")
 			_, err := cli.Txn(ctx).Then(clientv3.OpPut(prefix+"/a", "1"), clientv3.OpPut(prefix+"/b", "1")).Commit()
 			require.NoError(t, err)
-			require.ErrorIs(t, recvErr(ctx, t, done), errReviewUpdate)
+			require.ErrorIs(t, recvErr(ctx, t, done), errRefusedUpdate)
 			require.Contains(t, st.values, "/a", "precondition: Update(/a) succeeded before Update(/b) failed")
 			fs.disarm()
 
@@ -94,15 +96,15 @@ func TestReviewDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 	}
 }
 
-// TestReviewDeleteAfterTwoFailedFirstSnapshotsReachesTheState: a first
+// TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState: a first
 // snapshot fails at /k5 (resume there); /k7 is created; the second Run's
 // snapshot tells /k7 and fails at /k9; /k7 is deleted; the third Run must
 // tell the state that /k7 is gone.
-func TestReviewDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
+func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
-	const prefix = "/rv-del2"
+	const prefix = "/src-del2"
 	for _, k := range []string{"/k1", "/k5", "/k9"} {
 		mustPutKV(ctx, t, cli, prefix+k, "0")
 	}
@@ -116,11 +118,11 @@ func TestReviewDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	st.onUpdate = fs.onUpdate
 	w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), st, WithSource(src))
 	fs.arm("/k5")
-	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errReviewUpdate)
+	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errRefusedUpdate)
 	mustPutKV(ctx, t, cli, prefix+"/k7", "7")
 	waitUntil(ctx, t, "the Source has /k7", func() bool { return other.Status().AppliedRevision >= srv.Revision() })
 	fs.arm("/k9")
-	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errReviewUpdate)
+	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errRefusedUpdate)
 	require.Contains(t, st.values, "/k7", "precondition: the second snapshot told /k7")
 	fs.disarm()
 	_, err := cli.Delete(ctx, prefix+"/k7")
@@ -133,15 +135,15 @@ func TestReviewDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	g.wait(t, 10*time.Second)
 }
 
-// TestReviewChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys: while
+// TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys: while
 // one worker is stuck in Tick, 3,000 short-lived keys are created and
 // deleted (at most one key is live at a time). What the Source holds for the
 // stuck worker must be bounded by the keys, not by the events.
-func TestReviewChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testing.T) {
+func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
-	const prefix, n = "/rv-ephemeral", 3000
+	const prefix, n = "/src-ephemeral", 3000
 	src := mustNewSource(t, cli, prefix)
 	release := make(chan struct{})
 	var stuckIn atomic.Bool
@@ -184,15 +186,15 @@ func TestReviewChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testi
 	g.wait(t, 10*time.Second)
 }
 
-// TestReviewADroppedWorkerReleasesItsPosition: a worker that ran on a
+// TestSourceADroppedWorkerReleasesItsPosition: a worker that ran on a
 // Source and was dropped must not be held by the Source ("held weakly: a
 // worker that is dropped releases it"), nor keep the change log from being
 // pruned.
-func TestReviewADroppedWorkerReleasesItsPosition(t *testing.T) {
+func TestSourceADroppedWorkerReleasesItsPosition(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
-	const prefix = "/rv-drop"
+	const prefix = "/src-drop"
 	src := mustNewSource(t, cli, prefix)
 	var cur weak.Pointer[cursor]
 	var wp weak.Pointer[EtcdWorker]
@@ -251,22 +253,22 @@ func (p *pageFailer) dialOptions() []grpc.DialOption {
 			if r, ok := req.(*pb.RangeRequest); ok && method == pb.KV_Range_FullMethodName &&
 				p.armed.Load() && len(r.RangeEnd) > 0 && string(r.Key) != p.watchKey {
 				p.failed.Add(1)
-				return status.Error(codes.Aborted, "review: page aborted")
+				return status.Error(codes.Aborted, "test: page aborted")
 			}
 			return invoker(ctx, method, req, reply, cc, opts...)
 		}),
 	}
 }
 
-// TestReviewAReloadThatFailsMidWayIsNeverSeenTorn: a compaction makes the
+// TestSourceAReloadThatFailsMidWayIsNeverSeenTorn: a compaction makes the
 // Source reload; the reload's first page arrives, the next ones fail for a
 // while (the Source retries). A worker must never see a state that mixes
 // the reload's revision (the first page) with the old one (the rest): every
 // Tick sees the bank's total.
-func TestReviewAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
+func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 	env := newFaultEnv(t)
 	ctx := testContext(t)
-	const prefix, accounts, total = "/rv-torn", 10, 1000
+	const prefix, accounts, total = "/src-torn", 10, 1000
 	for i := range accounts {
 		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/a%d", prefix, i), fmt.Sprint(total/accounts))
 	}
@@ -306,7 +308,7 @@ func TestReviewAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 		clientv3.OpPut(prefix+"/a9", fmt.Sprint(total/accounts+50)),
 	).Commit()
 	require.NoError(t, err)
-	mustPutKV(ctx, t, env.direct, "/rv-torn-elsewhere", "x") // the compaction must pass the transfer
+	mustPutKV(ctx, t, env.direct, "/src-torn-elsewhere", "x") // the compaction must pass the transfer
 	_, err = etcdtest.Compact(ctx, env.direct)
 	require.NoError(t, err)
 	pf.armed.Store(true)
@@ -395,17 +397,17 @@ func churnWrite(ctx context.Context, cli *clientv3.Client, prefix string, i int)
 	return err
 }
 
-// TestReviewWorkersJoinAndLeaveWhileWritesFlow: eight workers on one
+// TestSourceWorkersJoinAndLeaveWhileWritesFlow: eight workers on one
 // Source run and return over and over (each keeps its state between Runs,
 // some start fresh), with different intervals, while a writer changes the
 // prefix and deletes keys. Every Tick sees a consistent snapshot with no
 // missed delete; afterwards every state equals etcd, and once the last
 // Run returned, no goroutine is left.
-func TestReviewWorkersJoinAndLeaveWhileWritesFlow(t *testing.T) {
+func TestSourceWorkersJoinAndLeaveWhileWritesFlow(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
-	const prefix, workers = "/rv-churn", 8
+	const prefix, workers = "/src-churn", 8
 	src := mustNewSource(t, cli, prefix)
 	var v violationRecorder
 	g := newWorkerGroup(t, time.Minute)
@@ -533,20 +535,20 @@ func grantPatch(rangePrefix string, own util.EtcdKey, limit int64, scribble bool
 	})
 }
 
-// TestReviewQuotaWithGeneralPatchesAndRangeDependencyOnOneSource: workers
+// TestSourceQuotaWithGeneralPatchesAndRangeDependencyOnOneSource: workers
 // on one Source (on its prefix and on the sub-prefix of the quota) take
 // slots of a quota of 60 with general DataPatches guarded by a
 // ReadRangeDependency on the slots; intervals differ, one Tick is slow, one
 // worker is fenced, some patches scribble on their values. Exactly 60 slots
 // are taken, no Tick ever sees more, and every state ends equal to etcd.
-func TestReviewQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T) {
+func TestSourceQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	admin := srv.Client(t)
 	ctx := testContext(t)
-	const prefix, limit, workers = "/rv-quota", 60, 6
+	const prefix, limit, workers = "/src-quota", 60, 6
 	slots := prefix + "/r/"
 	src := mustNewSource(t, admin, prefix)
-	fence, err := admin.Put(ctx, "/rv-quota-fence", "x")
+	fence, err := admin.Put(ctx, "/src-quota-fence", "x")
 	require.NoError(t, err)
 	var v violationRecorder
 	ws := make([]*EtcdWorker, workers)
@@ -582,7 +584,7 @@ func TestReviewQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T
 		})
 		opts := []Option{WithSource(src)}
 		if i == 4 {
-			opts = append(opts, WithFencingKey("/rv-quota-fence", fence.Header.Revision))
+			opts = append(opts, WithFencingKey("/src-quota-fence", fence.Header.Revision))
 		}
 		ws[i] = mustNewEtcdWorker(t, srv.Client(t), wp, reactor, st, opts...)
 	}
@@ -625,15 +627,15 @@ func (s *strictState) Update(key util.EtcdKey, value []byte, isInit bool) error 
 	return s.mapState.Update(key, value, isInit)
 }
 
-// TestReviewNoDeleteOfAKeyTheStateNeverHeld: /k is deleted (the worker is
+// TestSourceNoDeleteOfAKeyTheStateNeverHeld: /k is deleted (the worker is
 // told), then, while the worker is busy in Tick, created again and deleted
 // again. Its next catch-up must not tell it to delete /k, which it does not
 // hold. Another worker on the Source is stuck, so the change log keeps it.
-func TestReviewNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
+func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
-	const prefix = "/rv-spurious"
+	const prefix = "/src-spurious"
 	mustPutKV(ctx, t, cli, prefix+"/k", "1")
 	mustPutKV(ctx, t, cli, prefix+"/other", "1")
 	src := mustNewSource(t, cli, prefix)
@@ -681,13 +683,13 @@ func TestReviewNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	v.requireNone(t)
 }
 
-// TestReviewAClosedSourceClientEndsEveryWorker: the Source's own client is
+// TestSourceAClosedSourceClientEndsEveryWorker: the Source's own client is
 // closed while workers (each committing through a client of its own) run
 // on it: every Run ends with ErrEtcdRejected, the Source stops.
-func TestReviewAClosedSourceClientEndsEveryWorker(t *testing.T) {
+func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)
-	const prefix = "/rv-closed"
+	const prefix = "/src-closed"
 	srcCli := etcdtest.NewClientFromConfig(t, etcdtest.ClientConfig(srv.Endpoints()...))
 	src := mustNewSource(t, srcCli, prefix)
 	ws := make([]*EtcdWorker, 3)
@@ -706,14 +708,14 @@ func TestReviewAClosedSourceClientEndsEveryWorker(t *testing.T) {
 	require.False(t, sourceFollowing(src))
 }
 
-// TestReviewLateJoinerStatusAndWaitSynced: a worker that joins a running
+// TestSourceLateJoinerStatusAndWaitSynced: a worker that joins a running
 // Source is Synced after WaitSynced, at the copy's revision (which includes
 // a write made just before it joined), and Ready.
-func TestReviewLateJoinerStatusAndWaitSynced(t *testing.T) {
+func TestSourceLateJoinerStatusAndWaitSynced(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
-	const prefix = "/rv-latestatus"
+	const prefix = "/src-latestatus"
 	src := mustNewSource(t, cli, prefix)
 	first := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
 	g := startWorkerGroup(t, time.Minute, "first", []*EtcdWorker{first})
@@ -757,14 +759,14 @@ func (s *slowState) Update(key util.EtcdKey, value []byte, isInit bool) error {
 	return s.mapState.Update(key, value, isInit)
 }
 
-// TestReviewCompactionWhileAWorkerIsStuckInUpdate: one worker is stuck in
+// TestSourceCompactionWhileAWorkerIsStuckInUpdate: one worker is stuck in
 // Update while the Source reloads after a compaction (keys changed and
 // deleted meanwhile) and another worker commits; the other ticks on, and
 // the stuck one, released, ends equal to etcd.
-func TestReviewCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
+func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 	env := newFaultEnv(t)
 	ctx := testContext(t)
-	const prefix = "/rv-stuckupd"
+	const prefix = "/src-stuckupd"
 	for i := range 20 {
 		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/k%02d", prefix, i), "0")
 	}
