@@ -7,8 +7,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// MetricsNamespace is the namespace of every metric the worker exports.
-const MetricsNamespace = "orchestrator"
+// metricsNamespace is the namespace of every metric the worker exports.
+const metricsNamespace = "orchestrator"
 
 // WithMetrics registers the worker's metrics with reg (all labelled by the
 // role given to Run). Several workers may share one registerer: collectors
@@ -79,7 +79,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		lastTick: gauge(rg, "last_tick_timestamp_seconds",
 			"Unix time when Reactor.Tick last started; absent while the worker is not running."),
 		revision: register(rg, &liveGaugeVec{
-			GaugeVec: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: MetricsNamespace, Name: "applied_revision",
+			GaugeVec: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: metricsNamespace, Name: "applied_revision",
 				Help: "Revision the state is known complete up to; absent while the worker is not running."}, roleLabels),
 			runs: map[string]int{},
 		}),
@@ -105,12 +105,12 @@ var roleLabels = []string{"role"}
 
 // gaugeVec and counterVec make a Source's collectors, labelled by its prefix.
 func gaugeVec(name, help string) *prometheus.GaugeVec {
-	return prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: MetricsNamespace, Name: name, Help: help},
+	return prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: metricsNamespace, Name: name, Help: help},
 		[]string{"source"})
 }
 
 func counterVec(name, help string) *prometheus.CounterVec {
-	return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: MetricsNamespace, Name: name, Help: help},
+	return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: metricsNamespace, Name: name, Help: help},
 		[]string{"source"})
 }
 
@@ -120,17 +120,17 @@ func sourceVec[C prometheus.Collector](rg *registrar, mk func(name, help string)
 
 func counter(rg *registrar, name, help string) *prometheus.CounterVec {
 	return register(rg, prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: MetricsNamespace, Name: name, Help: help}, roleLabels))
+		Namespace: metricsNamespace, Name: name, Help: help}, roleLabels))
 }
 
 func gauge(rg *registrar, name, help string) *prometheus.GaugeVec {
 	return register(rg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Namespace: MetricsNamespace, Name: name, Help: help}, roleLabels))
+		Namespace: metricsNamespace, Name: name, Help: help}, roleLabels))
 }
 
 func histogram(rg *registrar, name, help string, buckets []float64) *prometheus.HistogramVec {
 	return register(rg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: MetricsNamespace, Name: name, Help: help, Buckets: buckets}, roleLabels))
+		Namespace: metricsNamespace, Name: name, Help: help, Buckets: buckets}, roleLabels))
 }
 
 // registrar registers collectors with a registerer (nil: none), remembering

@@ -48,8 +48,8 @@ func requireLabelledByRole(t testing.TB, reg prometheus.Gatherer, roles []string
 	require.NoError(t, err)
 	require.NotEmpty(t, families)
 	for _, f := range families {
-		require.True(t, strings.HasPrefix(f.GetName(), MetricsNamespace+"_"), f.GetName())
-		if strings.HasPrefix(f.GetName(), MetricsNamespace+"_source_") && f.GetName() != MetricsNamespace+"_source_lag_revisions" {
+		require.True(t, strings.HasPrefix(f.GetName(), metricsNamespace+"_"), f.GetName())
+		if strings.HasPrefix(f.GetName(), metricsNamespace+"_source_") && f.GetName() != metricsNamespace+"_source_lag_revisions" {
 			for _, m := range f.GetMetric() { // a Source's metrics are labelled by its prefix
 				require.Len(t, m.GetLabel(), 1, f.GetName())
 				require.Equal(t, "source", m.GetLabel()[0].GetName(), f.GetName())
@@ -192,7 +192,7 @@ func TestMetricsNilRegisterer(t *testing.T) {
 		families, err := prometheus.DefaultGatherer.Gather()
 		require.NoError(t, err)
 		for _, f := range families {
-			if strings.HasPrefix(f.GetName(), MetricsNamespace+"_") {
+			if strings.HasPrefix(f.GetName(), metricsNamespace+"_") {
 				return true
 			}
 		}
@@ -228,7 +228,7 @@ func TestMetricsRegistrationConflict(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Namespace: MetricsNamespace, Name: "commits_total", Help: "not the worker's",
+		Namespace: metricsNamespace, Name: "commits_total", Help: "not the worker's",
 	}, []string{"role"}))
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"127.0.0.1:1"}, DialTimeout: time.Second})
 	require.NoError(t, err)
