@@ -33,6 +33,7 @@ type catchUp struct {
 	reloads                           int64  // the Source's reloads so far
 	eventRev, completeRev, counterRev int64
 	freshAt                           time.Time // the copy was current then
+	provenAt                          time.Time // a read sent then found the copy current
 	keys                              int       // keys in the range; -1: not counted
 	hint                              int       // full: how many keys to expect
 
@@ -70,6 +71,7 @@ func (s *Source) collect(c *cursor, req *flushRequest) (catchUp, bool) {
 		completeRev: m.completeRev,
 		counterRev:  m.counters[c.ks.counterKey],
 		freshAt:     s.freshAt,
+		provenAt:    s.provenAt,
 		keys:        -1,
 		reloads:     s.reloads,
 	}
@@ -94,7 +96,10 @@ func (s *Source) collect(c *cursor, req *flushRequest) (catchUp, bool) {
 	if req != nil {
 		b.entries = make(map[util.EtcdKey]kvEntry, len(req.keys))
 		for _, k := range req.keys {
-			e, _ := m.entry(k)
+			var e kvEntry // absent: a key outside the worker's range is none of its keys
+			if c.ks.visible(k.String()) {
+				e, _ = m.entry(k)
+			}
 			b.entries[k] = e
 		}
 		if req.values {
@@ -149,7 +154,10 @@ func (s *Source) collectAll(c *cursor, b *catchUp) {
 		}
 	}
 	slices.SortFunc(b.over, func(a, b baseEntry) int { return strings.Compare(a.key.String(), b.key.String()) })
-	b.hint = hi - lo + len(b.over)
+	b.hint = -1 // counted by fills, outside the lock
+	if c.ks.prefix == s.ks.prefix && c.resume == "" {
+		b.hint = m.len()
+	}
 	if !c.positioned.Load() {
 		return
 	}
@@ -250,7 +258,10 @@ func (r *run) applyCatchUp(b catchUp) error {
 	if b.full {
 		err := b.fullEntries(func(key util.EtcdKey, e kvEntry) error {
 			if err := r.update(keyChange{key: key, value: e.value, modRev: e.modRev}, true); err != nil {
-				r.cur.resume = key.String() // the next Run goes on from here
+				// The keys before this one are the snapshot at b.seq: the next
+				// Run catches them up from there and goes on from this key.
+				r.cur.resume = key.String()
+				r.cur.seq.Store(b.seq)
 				return err
 			}
 			return nil
@@ -300,6 +311,10 @@ func (r *run) update(c keyChange, isInit bool) error {
 // vanished.
 func (b *catchUp) fills(had int) int {
 	if b.full {
+		if b.hint < 0 {
+			b.hint = 0
+			_ = b.fullEntries(func(util.EtcdKey, kvEntry) error { b.hint++; return nil })
+		}
 		return b.hint
 	}
 	if had != 0 {

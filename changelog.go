@@ -25,19 +25,28 @@ type changeLog struct {
 	sweepAt int                           // sweep dead records when changes pass it
 }
 
-// changeRecord is the newest change of one key, and what the key's life
-// since the record began says about who may hold it.
+// changeRecord is the newest change of one key, and the key's lives since
+// the record began: what tells who may hold it.
 type changeRecord struct {
 	seq uint64
-	// existed: the key was held when the record began (its first change
-	// was no creation). born: the first change of the record that created
-	// the key (0: none). died: the first that deleted it (0: none). See
-	// mayHold.
-	existed    bool
-	born, died uint64
-	deleted    bool // the newest change deletes the key
-	init       bool // the newest change came from a load (Update's isInit)
+	// aliveAtStart: the key was held when the record began. flips are the
+	// sequences at which it was created and deleted since, alternating (the
+	// first is a delete if aliveAtStart). Only the last maxFlips are kept;
+	// for a position before foldedBefore the record answers that the state
+	// may hold the key.
+	aliveAtStart bool
+	flips        []uint64
+	foldedBefore uint64
+	deleted      bool // the newest change deletes the key
+	init         bool // the newest change came from a load (Update's isInit)
 }
+
+// maxFlips bounds the lives a record keeps (a key re-created again and
+// again while a worker lags costs a constant).
+const maxFlips = 8
+
+// alive reports whether the key is held after the record's last flip.
+func (r changeRecord) alive() bool { return r.aliveAtStart != (len(r.flips)%2 == 1) }
 
 // changeKind is what a change did to its key.
 type changeKind int
@@ -49,12 +58,25 @@ const (
 )
 
 // mayHold reports whether a state at position pos, which was told (perhaps
-// in part) the changes up to told, may hold the key: it held the key at pos
-// (the key existed and had not died by then), or it may have been told a
-// creation. A delete is passed only to such a state: a key created and
-// deleted after everything a state was told is never told at all.
+// in part) the changes up to told, may hold the key: the key was held at
+// pos, or it was created after pos and by told. A delete is passed only to
+// such a state: a key created and deleted after everything a state was told
+// is never told at all.
 func (r changeRecord) mayHold(pos, told uint64) bool {
-	return r.existed && (r.died == 0 || r.died > pos) || r.born != 0 && r.born <= told
+	if pos < r.foldedBefore {
+		return true
+	}
+	held := r.aliveAtStart
+	for i, f := range r.flips {
+		creation := (i%2 == 0) != r.aliveAtStart
+		switch {
+		case f <= pos:
+			held = creation
+		case creation && f <= told:
+			return true
+		}
+	}
+	return held
 }
 
 type logEntry struct {
@@ -72,13 +94,14 @@ func (l *changeLog) record(key util.EtcdKey, k changeKind, init bool) uint64 {
 	l.seq++
 	rec, had := l.changes[key]
 	if !had {
-		rec = changeRecord{existed: k != changeCreate}
+		rec = changeRecord{aliveAtStart: k != changeCreate}
 	}
-	if k == changeCreate && rec.born == 0 {
-		rec.born = l.seq
-	}
-	if k == changeDelete && rec.died == 0 {
-		rec.died = l.seq
+	if flip := k == changeCreate && !rec.alive() || k == changeDelete && rec.alive(); flip {
+		if len(rec.flips) == maxFlips { // fold the oldest life
+			rec.flips = append(rec.flips[:0:0], rec.flips[2:]...)
+			rec.foldedBefore = rec.flips[0]
+		}
+		rec.flips = append(rec.flips, l.seq)
 	}
 	rec.seq, rec.init, rec.deleted = l.seq, init, k == changeDelete
 	l.changes[key] = rec

@@ -250,6 +250,9 @@ func (f *follower) onProbe(p headProbe) error {
 	if fresh && p.sent.After(f.s.freshAt) {
 		f.s.freshAt = p.sent
 	}
+	if fresh && p.sent.After(f.s.provenAt) {
+		f.s.provenAt = p.sent
+	}
 	f.s.mu.Unlock()
 	if fresh {
 		f.s.signal()
@@ -370,6 +373,7 @@ func (f *follower) load() error {
 	s.rev.Store(m.completeRev)
 	s.loaded = true
 	s.freshAt = f.now()
+	s.provenAt = start // the read was sent after this
 	s.prune()
 	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))
 	f.log.Info("source loaded", zap.Int64("revision", rev), zap.Int("keys", keys),

@@ -157,11 +157,11 @@ func (r *run) loop() error {
 		if err := r.checkStop(); err != nil {
 			return err
 		}
-		_, ok, err := r.catchUp(nil)
+		b, ok, err := r.catchUp(nil)
 		if err != nil {
 			return err
 		}
-		if ok && !r.health.lastFresh.Before(start) {
+		if ok && !b.provenAt.Before(start) {
 			r.synced = true
 			break
 		}

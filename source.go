@@ -57,7 +57,10 @@ type Source struct {
 	// reloads counts the loads after the first of an activation.
 	reloads int64
 	// freshAt is the newest proof that the copy was current (at completeRev).
-	freshAt time.Time
+	// provenAt is when the newest read was sent that found the copy
+	// current (a probe, a load): every write that ended before it is in the
+	// copy. A watch response proves freshness, not that.
+	freshAt, provenAt time.Time
 
 	// hmu guards what the follower publishes about its contact with etcd.
 	hmu    sync.Mutex

@@ -111,7 +111,7 @@ type failingStrictState struct {
 func (s *failingStrictState) Update(key util.EtcdKey, value []byte, isInit bool) error {
 	rel := strings.TrimPrefix(key.String(), s.prefix)
 	if k := s.fail.Load(); k != nil && *k == rel {
-		return errReviewUpdate
+		return errRefusedUpdate
 	}
 	if _, held := s.values[rel]; value == nil && !held {
 		s.v.record(fmt.Errorf("delete of %s, which the state does not hold (isInit=%v)", rel, isInit))
@@ -153,13 +153,13 @@ func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
 	w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), st, WithSource(src))
 	st.arm("/k5")
-	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errReviewUpdate)
+	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errRefusedUpdate)
 	require.NotContains(t, st.values, "/k7", "precondition: the first snapshot stopped before /k7")
 	del, err := cli.Delete(ctx, prefix+"/k7")
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the Source has the delete", func() bool { return other.Status().AppliedRevision >= del.Header.Revision })
 	st.arm("/k9")
-	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errReviewUpdate)
+	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errRefusedUpdate)
 	require.Contains(t, st.values, "/k5", "precondition: the second snapshot went on from /k5")
 	st.disarm()
 	require.NoError(t, runWithin(t, w, 10*time.Second, "third"))
@@ -187,7 +187,7 @@ func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
 	w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), st, WithSource(src))
 	st.arm("/k5")
-	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errReviewUpdate)
+	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errRefusedUpdate)
 	require.Contains(t, st.values, "/k2", "precondition: keys before /k5 were told")
 	_, err := cli.Delete(ctx, prefix+"/k1")
 	require.NoError(t, err)

@@ -454,17 +454,17 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 	since := func(from uint64) []string {
 		var out []string
 		l.since(from, func(key util.EtcdKey, rec changeRecord) {
-			out = append(out, fmt.Sprintf("%s@%d/%d", key.String(), rec.seq, rec.born))
+			out = append(out, fmt.Sprintf("%s@%d/%v", key.String(), rec.seq, rec.flips))
 		})
 		return out
 	}
-	require.Equal(t, []string{"/b@2/2", "/a@3/0"}, since(0), "each key once, newest change, in order")
-	require.Equal(t, []string{"/a@3/0"}, since(2))
+	require.Equal(t, []string{"/b@2/[2]", "/a@3/[]"}, since(0), "each key once, newest change, in order")
+	require.Equal(t, []string{"/a@3/[]"}, since(2))
 	require.Empty(t, since(3))
 	l.prune(2, []cursorPos{{2, 3}})
 	require.True(t, l.complete(2))
 	require.False(t, l.complete(1), "pruned positions cannot catch up from the log")
-	require.Equal(t, []string{"/a@3/0"}, since(2))
+	require.Equal(t, []string{"/a@3/[]"}, since(2))
 	l.prune(3, []cursorPos{{3, 3}})
 	require.Empty(t, l.log)
 	require.Empty(t, l.changes)
@@ -481,9 +481,11 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 		l.prune(1, []cursorPos{{1, 1}, {l.seq, l.seq}}) // a stuck cursor and one that keeps up
 	}
 	require.LessOrEqual(t, len(l.changes), 2*compactMinOver+2, "records of keys no cursor held are dropped")
-	require.True(t, changeRecord{existed: true, died: 5}.mayHold(4, 4), "held at the position")
-	require.False(t, changeRecord{existed: true, died: 5, born: 7}.mayHold(5, 6), "deleted, told, re-created later")
-	require.True(t, changeRecord{born: 7}.mayHold(3, 7), "created within a catch-up that was told in part")
+	require.True(t, changeRecord{aliveAtStart: true, flips: []uint64{5}}.mayHold(4, 4), "held at the position")
+	require.False(t, changeRecord{aliveAtStart: true, flips: []uint64{5, 7, 8}}.mayHold(5, 6), "deleted, told, re-created later")
+	require.True(t, changeRecord{flips: []uint64{7, 9}}.mayHold(3, 7), "created within a catch-up that was told in part")
+	require.False(t, changeRecord{flips: []uint64{2, 3, 7, 9}}.mayHold(4, 6), "a second life after all the state was told")
+	require.True(t, changeRecord{flips: []uint64{2, 3, 7, 9}, foldedBefore: 2}.mayHold(1, 1), "lives folded away: the safe answer")
 }
 
 // TestSourcePermissionDeniedEndsEveryWorker: a Source whose reads etcd
