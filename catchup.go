@@ -57,9 +57,14 @@ type flushRequest struct {
 }
 
 // collect takes what c needs to catch up, at the copy's newest revision. It
-// reports false while the copy holds no load of the current activation.
+// reports false while the copy holds no load of the current activation, and
+// while the follower holds the lock: a (re)load can take seconds, and a
+// worker must not wait for it (it would not see its ctx end); the follower
+// signals the workers once it has released the lock.
 func (s *Source) collect(c *cursor, req *flushRequest) (catchUp, bool) {
-	s.mu.RLock()
+	if !s.mu.TryRLock() {
+		return catchUp{}, false
+	}
 	defer s.mu.RUnlock()
 	if !s.loaded {
 		return catchUp{}, false

@@ -320,7 +320,13 @@ func (f *follower) loadWithRetry() error {
 func (f *follower) load() error {
 	s := f.s
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	loaded := false
+	defer func() {
+		s.mu.Unlock()
+		if loaded {
+			s.signal() // after the unlock: a worker that found the lock taken tries again
+		}
+	}()
 	// Until this load completes the copy is no snapshot: a load that fails
 	// half way leaves it torn, and no worker may catch up from it.
 	s.loaded = false
@@ -378,7 +384,7 @@ func (f *follower) load() error {
 	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))
 	f.log.Info("source loaded", zap.Int64("revision", rev), zap.Int("keys", keys),
 		zap.Duration("duration", f.now().Sub(start)))
-	defer s.signal()
+	loaded = true
 	return nil
 }
 
