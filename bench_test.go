@@ -103,7 +103,7 @@ func BenchmarkPatchViewFlush(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		cv, err := r.commitView(groups)
+		cv, err := r.commitView(groups, nil)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -909,7 +909,7 @@ func txnOpsGroup(n int, withDelete bool) func(st *recordingState) {
 func maxSingleValue(t *testing.T, cli *clientv3.Client, prefix, rel string, deletes bool) int {
 	w, err := NewEtcdWorker(cli, prefix, newStepReactor(), newRecordingState(prefix))
 	require.NoError(t, err)
-	n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
+	n := w.limits.maxBytes - w.limits.overheadBytes - writeKeyCopies*len(util.NormalizePrefix(prefix).String()+rel)
 	if deletes {
 		n -= w.limits.deleteBytes
 	}
