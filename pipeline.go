@@ -25,14 +25,17 @@ import (
 // docs/DESIGN.md.
 
 // The pause between the sends of two links of a chain (run.spacing). Sent
-// at once, concurrent Txns reach etcd's raft log in any order (about half of
-// the pairs arrive swapped: the server starts a goroutine for each request,
-// and they race to the raft log), and a link that overtakes the one before it
-// fails and must be sent again. A pause of a few hundred microseconds keeps
-// most of them in order on a busy machine and still lets etcd batch them
-// into the raft round after the first one's. The pause doubles (up to
-// maxSpacing) whenever a link overtook the one before it and shrinks by an
-// eighth after each chain that arrived in order.
+// at once, concurrent Txns reach etcd's raft log in any order: the server
+// runs a goroutine for each request, and on a busy server the newest one
+// often runs first (about half of the pairs sent back to back arrived
+// swapped in the benchmark). A link that overtakes the one before it fails
+// and is sent again, which costs a round trip. The pause lets the server
+// take a link before the next arrives; a timer shorter than a millisecond
+// often fires about a millisecond late when the process is idle, which in
+// the benchmark kept about one link in twelve from overtaking while still
+// letting etcd batch the rest of a chain into one raft round. The pause
+// doubles (up to maxSpacing) whenever a link overtook the one before it and
+// shrinks by an eighth after each chain that arrived in order.
 const (
 	initialSpacing = 200 * time.Microsecond
 	minSpacing     = 50 * time.Microsecond
@@ -221,12 +224,14 @@ func (c *chain) send(b *txnBatch) {
 	cmp := t.compareRev(t.rev)
 	if n := len(c.window); n > 0 {
 		cmp = t.compareValue(c.window[n-1].value)
+	}
+	l.txn = r.buildTxn(b, c.written, c.cv, cmp, l.value)
+	if len(c.window) > 0 {
 		c.chained = true
 		if wait := r.spacing - clock.Since(c.lastSent); wait > 0 {
 			clock.Sleep(wait) // let etcd take the link before it first
 		}
 	}
-	l.txn = r.buildTxn(b, c.written, c.cv, cmp, l.value)
 	for _, kw := range b.writes {
 		c.busy[kw.key] = struct{}{}
 	}
