@@ -215,10 +215,11 @@ func WithCommitTokenTTL(d time.Duration) Option {
 // groups were emitted, and a Txn never lands when an earlier one of the
 // same flush did not: each compares the commit token with the value the one
 // before it writes. A Txn that writes or depends on a key an earlier Txn in
-// flight writes waits for that one's answer. 1 sends them one at a time.
-// Default: DefaultPipelineDepth (4); etcd batches concurrent Txns into one
-// raft round and one fsync, which is where the gain comes from, and a depth
-// beyond 4 to 8 gains little more.
+// flight writes waits for that one's answer. 1 sends them one at a time; a
+// depth below 1 makes NewEtcdWorker fail with ErrInvalidArgument. Default:
+// DefaultPipelineDepth (4): etcd batches concurrent Txns into fewer raft
+// rounds and fsyncs, which is where the gain comes from; depths from 2 to 8
+// measured alike (see "Pipelined commits" in docs/DESIGN.md).
 func WithPipelineDepth(n int) Option {
 	return optionFunc(func(o *options) { o.pipelineDepth = n })
 }

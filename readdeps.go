@@ -42,7 +42,9 @@ func (ReadDependency) Patch(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) 
 // read by etcd for every Txn that carries the dependency, so keep it small.
 // Keys of workers' bookkeeping inside the range (for a range that covers the
 // reserved area) count like any other key: any commit of such a worker is a
-// change. Prefix must lie under the worker's prefix + "/" and not inside the
+// change. A group with a range dependency re-runs after a conflict only once
+// the state has the conflicting revision: the failed Txn does not read the
+// range back. Prefix must lie under the worker's prefix + "/" and not inside the
 // reserved area, or Run returns ErrKeyOutsidePrefix. See ReadDependency for
 // where the decision belongs, and "Read dependencies" in docs/DESIGN.md.
 type ReadRangeDependency struct {
