@@ -460,3 +460,66 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 	require.Equal(t, []string{"0", "0"}, stateSaw, "the re-run did not wait for the state")
 	require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_conflicts_total"))
 }
+
+// TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote: one flush of three Txns
+// (two keys at most each). The first lands; the second conflicts on a key
+// another client changed; the third, which rewrites a key the first wrote,
+// went out only once the first answered, and fails behind the second. The
+// worker's Source is stalled, so its state has neither the first Txn nor
+// the other client's write. The remaining groups re-run at once: on the
+// value the second Txn's Else read back, and on what the first Txn wrote,
+// so the third group's patch runs once more only, not twice (a re-run on
+// the stale state would conflict again).
+func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix = "/test/conflict/at-once-chain"
+	src, err := NewSource(env.client(t), prefix)
+	require.NoError(t, err)
+
+	var aRuns int
+	entered, release := make(chan struct{}), make(chan struct{})
+	reactor := newStepReactor(
+		when(always, func(_ context.Context, st *recordingState) error {
+			incrA := incrPatch(st.key("/a"), 1).(SingleDataPatch)
+			incrY := incrPatch(st.key("/y"), 1).(SingleDataPatch)
+			first := true
+			st.group(setPatch(st.key("/a"), []byte("5")), setPatch(st.key("/b"), []byte("b")))
+			st.group(incrPatch(st.key("/x"), 1), SingleDataPatch{Key: incrY.Key, Func: func(old []byte) ([]byte, bool, error) {
+				if first {
+					first = false
+					close(entered)
+					if err := blockUntil(ctx, release); err != nil {
+						return nil, false, err
+					}
+				}
+				return incrY.Func(old)
+			}})
+			st.group(SingleDataPatch{Key: incrA.Key, Func: func(old []byte) ([]byte, bool, error) {
+				aRuns++
+				return incrA.Func(old)
+			}})
+			return nil
+		}),
+		when(func(st *recordingState) bool { return st.has("/a", "6") }, nil),
+	)
+	reg := prometheus.NewRegistry()
+	w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg),
+		WithTxnLimits(4, DefaultTxnMaxBytes))
+	require.NoError(t, err)
+	done := runAsync(ctx, w, nil, behaviourTick, "at-once-chain")
+
+	awaitSignal(ctx, t, entered, "the worker never ran its patches")
+	env.proxy.Blackhole()
+	mustPutKV(ctx, t, env.direct, prefix+"/y", "10")
+	close(release)
+	waitWithin(t, 10*time.Second, "every group to land while the watch is stalled", nil, func() bool {
+		return etcdSnapshot(ctx, t, env.direct, prefix)["/a"] == "6"
+	})
+	env.proxy.Resume()
+	require.NoError(t, recvErr(ctx, t, done))
+
+	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, env.direct, prefix))
+	require.Equal(t, 2, aRuns, "the third group re-ran on what the first Txn wrote")
+	require.Equal(t, 2.0, metricSum(t, reg, "orchestrator_conflicts_total"), "the second Txn and the one behind it")
+}
