@@ -22,14 +22,18 @@ type txnLimits struct {
 }
 
 // newTxnLimits returns the limits of a worker on prefix: every Txn compares
-// the delete counter and the commit token and puts the token; fencing adds a
-// compare and a get. So max(compares, then, else) is keys + 2 (+1 with
-// fencing). It fails when the limits leave no room for one key.
+// the delete counter and the commit token (its mod revision or its value),
+// puts the token and reads it back in its Else; fencing adds a compare and a
+// get. The Else also reads every compared key (see commitTxn), one op per
+// compare, so max(compares, then, else) is keys + 2 (+1 with fencing). It
+// fails when the limits leave no room for one key.
 func newTxnLimits(o *options, prefix string) (txnLimits, error) {
 	ks := newKeyspace(util.NormalizePrefix(prefix))
 	counterKey := len(ks.counterKey)
 	l := txnLimits{maxOps: o.txnMaxOps, maxBytes: o.txnMaxBytes, overheadOps: 2}
-	l.overheadBytes = 3*ks.tokenKeyLen() + tokenValueMaxLen + counterKey
+	// The token: a compare (with a value, for a chained Txn), a put and a
+	// get; the counter: a compare.
+	l.overheadBytes = 3*ks.tokenKeyLen() + 2*tokenValueMaxLen + counterKey
 	l.deleteBytes = counterKey
 	if o.hasFencing {
 		l.overheadOps++
@@ -77,9 +81,13 @@ func (b txnBatch) groups(writes []groupWrites) int {
 // without overheadOps, as then (writes + at most 2) never exceeds it.
 func (b txnBatch) compares() int { return len(b.writes) + len(b.depKeys) + len(b.prefixes) }
 
-// writeSize is what one written key costs: a compare on the key plus a put of
-// key and value (or a delete of the key).
-func writeSize(w keyWrite) int { return 2*len(w.key.String()) + len(w.value) }
+// writeKeyCopies is how often a written key's bytes are in its Txn: in its
+// compare, its put (or delete) and its get in the Else.
+const writeKeyCopies = 3
+
+// writeSize is what one written key costs: a compare on the key, a put of
+// key and value (or a delete of the key), and the get of the key in the Else.
+func writeSize(w keyWrite) int { return writeKeyCopies*len(w.key.String()) + len(w.value) }
 
 // checkGroupFits returns ErrEtcdTxnOpsExceed or ErrEtcdTxnSizeExceed when the
 // group could not be committed even in a Txn of its own.

@@ -14,7 +14,7 @@ import (
 )
 
 // batchKey returns the test key number i; every batchKey has the same length
-// (len("/b/k00000") = 9), so its cost is 2*9 + len(value).
+// (len("/b/k00000") = 9), so its cost is writeKeyCopies*9 + len(value).
 func batchKey(i int) util.EtcdKey { return util.NewEtcdKey(fmt.Sprintf("/b/k%05d", i)) }
 
 const batchKeyLen = 9
@@ -49,13 +49,13 @@ func batchSpans(out []txnBatch) []batchSpan {
 
 // batchCost recomputes, independently of batch.go, what writes (the final
 // write of each key of a Txn) cost: ops = keys + overheadOps; bytes = Σ
-// (2*len(key) + len(value)) + overheadBytes (+ deleteBytes when a final write
+// (writeKeyCopies*len(key) + len(value)) + overheadBytes (+ deleteBytes when a final write
 // is a delete).
 func batchCost(writes []keyWrite, l txnLimits) (ops, size int) {
 	size = l.overheadBytes
 	deletes := false
 	for _, w := range writes {
-		size += 2*len(w.key.String()) + len(w.value)
+		size += writeKeyCopies*len(w.key.String()) + len(w.value)
 		if w.value == nil {
 			deletes = true
 		}
@@ -129,7 +129,7 @@ func requireValidPacking(t testing.TB, groups []groupWrites, l txnLimits, out []
 		sum := 0
 		for _, w := range final {
 			hasDelete = hasDelete || w.value == nil
-			sum += 2*len(w.key.String()) + len(w.value)
+			sum += writeKeyCopies*len(w.key.String()) + len(w.value)
 		}
 		require.Equal(t, hasDelete, b.hasDelete, "txn %d hasDelete", i)
 		require.Equal(t, sum, b.bytes, "txn %d bytes field", i)
@@ -148,7 +148,7 @@ func requireValidPacking(t testing.TB, groups []groupWrites, l txnLimits, out []
 		mops := len(merged) + l.overheadOps
 		msize := l.overheadBytes
 		for _, w := range merged {
-			msize += 2*len(w.key.String()) + len(w.value)
+			msize += writeKeyCopies*len(w.key.String()) + len(w.value)
 		}
 		// The surcharge counts when either side deletes (an upper bound:
 		// every final delete of the merge comes from one of them).
@@ -178,7 +178,7 @@ var batchLimits = txnLimits{maxOps: 10, maxBytes: 1000, overheadOps: 2, overhead
 
 func TestBatchCheckGroupFits(t *testing.T) {
 	l := batchLimits
-	keyCost := 2 * batchKeyLen
+	keyCost := writeKeyCopies * batchKeyLen
 	// room is what the values of a one-key group may take.
 	room := l.maxBytes - l.overheadBytes - keyCost
 	tests := []struct {
@@ -244,8 +244,8 @@ type packTxnsCase struct {
 // packTxnsCases returns the cases of TestPackTxns.
 func packTxnsCases() []packTxnsCase {
 	l := batchLimits
-	perTxn := l.maxOps - l.overheadOps                     // 8 keys
-	room := l.maxBytes - l.overheadBytes - 2*2*batchKeyLen // values of a two-key Txn
+	perTxn := l.maxOps - l.overheadOps                                  // 8 keys
+	room := l.maxBytes - l.overheadBytes - 2*writeKeyCopies*batchKeyLen // values of a two-key Txn
 	return []packTxnsCase{
 		{"no groups", nil, l, []batchSpan{}},
 		{"only groups without writes", []groupWrites{{}, nil, {}}, l, []batchSpan{{0, 3}}},
@@ -272,7 +272,7 @@ func packTxnsCases() []packTxnsCase {
 		},
 		{
 			"huge group between small ones",
-			[]groupWrites{{batchPut(0, 1)}, {batchPut(1, l.maxBytes-l.overheadBytes-2*batchKeyLen)}, {batchPut(2, 1)}},
+			[]groupWrites{{batchPut(0, 1)}, {batchPut(1, l.maxBytes-l.overheadBytes-writeKeyCopies*batchKeyLen)}, {batchPut(2, 1)}},
 			l, []batchSpan{{0, 1}, {1, 2}, {2, 3}},
 		},
 		{
@@ -336,7 +336,7 @@ func TestPackTxnsManyTinyGroups(t *testing.T) {
 	const n = 5000
 	groups := make([]groupWrites, n)
 	for i := range groups {
-		groups[i] = groupWrites{batchPut(i, 2)} // 20 bytes each
+		groups[i] = groupWrites{batchPut(i, 2)} // 3*9 + 2 = 29 bytes each
 	}
 	tests := []struct {
 		name string
@@ -345,10 +345,10 @@ func TestPackTxnsManyTinyGroups(t *testing.T) {
 	}{
 		{"op bound: 126 keys per txn", txnLimits{maxOps: 128, maxBytes: 1 << 20, overheadOps: 2}, (n + 125) / 126},
 		{"op bound with fencing: 125 keys per txn", txnLimits{maxOps: 128, maxBytes: 1 << 20, overheadOps: 3}, (n + 124) / 125},
-		// 100 + 20*k <= 1100: 50 keys per txn.
-		{"byte bound: 50 keys per txn", txnLimits{maxOps: 128, maxBytes: 1100, overheadOps: 2, overheadBytes: 100}, n / 50},
-		// 100 + 20*k <= 1099: 49 keys per txn.
-		{"byte bound - 1: 49 keys per txn", txnLimits{maxOps: 128, maxBytes: 1099, overheadOps: 2, overheadBytes: 100}, (n + 48) / 49},
+		// 100 + 29*k <= 1086: 34 keys per txn.
+		{"byte bound: 34 keys per txn", txnLimits{maxOps: 128, maxBytes: 1086, overheadOps: 2, overheadBytes: 100}, (n + 33) / 34},
+		// 100 + 29*k <= 1085: 33 keys per txn.
+		{"byte bound - 1: 33 keys per txn", txnLimits{maxOps: 128, maxBytes: 1085, overheadOps: 2, overheadBytes: 100}, (n + 32) / 33},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

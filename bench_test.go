@@ -103,7 +103,7 @@ func BenchmarkPatchViewFlush(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		cv, ok, err := r.commitView(groups)
+		cv, ok, err := r.commitView(groups, nil)
 		if err != nil || !ok {
 			b.Fatal(err, ok)
 		}

@@ -427,7 +427,7 @@ func txnOpsGroup(n int, withDelete bool) func(st *recordingState) {
 // of its own.
 func maxSingleValue(t *testing.T, cli *clientv3.Client, prefix, rel string, deletes bool) int {
 	w := mustNewEtcdWorker(t, cli, prefix, newStepReactor(), newRecordingState(prefix))
-	n := w.limits.maxBytes - w.limits.overheadBytes - 2*len(util.NormalizePrefix(prefix).String()+rel)
+	n := w.limits.maxBytes - w.limits.overheadBytes - writeKeyCopies*len(util.NormalizePrefix(prefix).String()+rel)
 	if deletes {
 		n -= w.limits.deleteBytes
 	}

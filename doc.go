@@ -34,6 +34,9 @@
 //     groups share a Txn within the limits of WithTxnLimits (etcd's
 //     --max-txn-ops and --max-request-bytes, counting the worker's own
 //     compares and ops). A group that can never fit is an error, not a loop.
+//     The Txns of one Tick's groups are sent several at once
+//     (WithPipelineDepth), chained so that none lands before, or without,
+//     the one before it.
 //   - A patch lands in etcd exactly once for each time it reports a change,
 //     also when a commit's outcome is unknown (timeout, lost connection): the
 //     worker resolves it through a per-Run commit token instead of guessing.

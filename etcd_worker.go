@@ -133,11 +133,14 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 // state is fresh.
 //
 // After each Tick the patches left in the state are committed, many groups
-// per Txn, before the next Tick. Each Txn compares the keys its groups write
-// and those they declare as read dependencies (ReadDependency,
-// ReadRangeDependency); keys a group only reads without declaring them are
-// not compared. A failed compare re-runs the remaining
-// groups once the watch has passed the conflicting revision. A Txn whose
+// per Txn, before the next Tick; when they need several Txns, up to
+// WithPipelineDepth of them are in flight at once, still landing in order.
+// Each Txn compares the keys its groups write and those they declare as read
+// dependencies (ReadDependency, ReadRangeDependency); keys a group only reads
+// without declaring them are not compared. A failed compare re-runs the
+// remaining groups: at once on the values the failed Txn read back when its
+// groups read only the keys they name (SingleDataPatch, ReadDependency), else
+// once the watch has passed the conflicting revision. A Txn whose
 // outcome is unknown (timeout, lost connection) is resolved through the
 // worker's commit token before anything else happens, so every patch lands
 // exactly once for each time it reports a change.

@@ -88,13 +88,13 @@ func limBytesGroup(l txnLimits, oldKeys, newKeys []string, over int) (group []Da
 	// Spread what the values may take over the puts.
 	budget := l.maxBytes - l.overheadBytes + over
 	for _, k := range oldKeys {
-		budget -= 2 * len(k)
+		budget -= writeKeyCopies * len(k)
 	}
 	if len(oldKeys) > 0 {
 		budget -= l.deleteBytes
 	}
 	for _, k := range newKeys {
-		budget -= 2 * len(k)
+		budget -= writeKeyCopies * len(k)
 	}
 	sizes = make([]int, len(newKeys))
 	for j := range sizes {
@@ -104,13 +104,13 @@ func limBytesGroup(l txnLimits, oldKeys, newKeys []string, over int) (group []Da
 
 	estimate = l.overheadBytes
 	for _, k := range oldKeys {
-		estimate += 2 * len(k)
+		estimate += writeKeyCopies * len(k)
 	}
 	if len(oldKeys) > 0 {
 		estimate += l.deleteBytes
 	}
 	for j, k := range newKeys {
-		estimate += 2*len(k) + sizes[j]
+		estimate += writeKeyCopies*len(k) + sizes[j]
 	}
 	group = limGroup(oldKeys, newKeys, func(j int, _ string) []byte { return bytes.Repeat([]byte{byte('a' + j%26)}, sizes[j]) })
 	return group, sizes, estimate

@@ -42,6 +42,9 @@ type run struct {
 	lease  *tokenLease // nil with a session
 	gate   *tickGate
 	health health
+	// spacing is the pause between the sends of two links of a chain, so
+	// that etcd receives them in order (see chain.send).
+	spacing time.Duration
 
 	barrierRev  int64 // revision of the worker's last commit
 	pending     pendingPatches
@@ -54,10 +57,11 @@ type run struct {
 // what they wait for before they run again.
 type pendingPatches struct {
 	groups        [][]DataPatch
-	retryAtRev    int64     // run once the state reaches this revision
-	tryAgain      bool      // a patch returned ErrEtcdTryAgain: wait for ...
-	tryAgainRev   int64     // ... a revision newer than this ...
-	tryAgainUntil time.Time // ... or this time
+	fresh         *freshValues // run at once on these values (a conflict read them)
+	retryAtRev    int64        // run once the state reaches this revision
+	tryAgain      bool         // a patch returned ErrEtcdTryAgain: wait for ...
+	tryAgainRev   int64        // ... a revision newer than this ...
+	tryAgainUntil time.Time    // ... or this time
 }
 
 func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
@@ -79,6 +83,7 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 		gate:     newTickGate(interval),
 		health:   health{maxOutage: w.opts.maxOutage},
 		token:    &commitToken{key: w.ks.tokenKey(randomID())},
+		spacing:  initialSpacing,
 	}
 	r.log = w.opts.logger.With(zap.String("role", role), zap.String("prefix", w.prefix.String()))
 	if session != nil {
@@ -195,14 +200,17 @@ func (r *run) loop() error {
 // whether it did something, and otherwise when to look again.
 func (r *run) step(now time.Time) (wake time.Time, acted bool, err error) {
 	wake = now.Add(r.interval)
-	if r.view.completeRev < r.barrierRev {
-		return wake, false, nil // the state lacks the worker's own last commit
-	}
-	if len(r.pending.groups) > 0 {
+	// Pending groups re-run once the state has the worker's own last commit,
+	// or at once on the values a conflict read back (they include what the
+	// flush's landed Txns wrote); a Tick always waits for the state.
+	if len(r.pending.groups) > 0 && (r.pending.fresh != nil || r.view.completeRev >= r.barrierRev) {
 		if ok, retryAt := r.readyToCommit(now); !ok {
 			return earliest(wake, retryAt), false, nil
 		}
 		return wake, true, r.commitPending(now)
+	}
+	if r.view.completeRev < r.barrierRev {
+		return wake, false, nil // the state lacks the worker's own last commit
 	}
 	if r.finishing || now.Sub(r.health.lastFresh) > r.w.opts.maxStaleness {
 		return wake, false, nil

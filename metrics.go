@@ -39,6 +39,7 @@ type metrics struct {
 	reloads       *prometheus.CounterVec
 	ticks         *prometheus.CounterVec
 	unknownCommit *prometheus.CounterVec
+	resends       *prometheus.CounterVec
 	lastTick      *prometheus.GaugeVec
 	revision      *liveGaugeVec
 	sourceLag     *prometheus.GaugeVec
@@ -76,6 +77,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		ticks:   counter(rg, "ticks_total", "Reactor.Tick calls."),
 		unknownCommit: counter(rg, "unknown_commit_outcomes_total",
 			"Commit Txns whose outcome was unknown and had to be resolved."),
+		resends: counter(rg, "commit_resends_total",
+			"Commit Txns of a pipelined chain sent again unchanged: etcd evaluated them before the Txn before them landed."),
 		lastTick: gauge(rg, "last_tick_timestamp_seconds",
 			"Unix time when Reactor.Tick last started; absent while the worker is not running."),
 		revision: register(rg, &liveGaugeVec{
@@ -172,7 +175,7 @@ func (rg *registrar) rollback() {
 type roleMetrics struct {
 	txnBytes, txnDuration, tickDuration                    prometheus.Observer
 	commits, conflicts, retries, patches, outages, reloads prometheus.Counter
-	ticks, unknownCommit                                   prometheus.Counter
+	ticks, unknownCommit, resends                          prometheus.Counter
 	stateKeys, revisionLag, lastTick, appliedRevision      prometheus.Gauge
 	sourceLag                                              prometheus.Gauge
 
@@ -199,6 +202,7 @@ func (m *metrics) forRole(role string) *roleMetrics {
 		reloads:         m.reloads.With(l),
 		ticks:           m.ticks.With(l),
 		unknownCommit:   m.unknownCommit.With(l),
+		resends:         m.resends.With(l),
 		stateKeys:       m.stateKeys.With(l),
 		revisionLag:     m.revisionLag.With(l),
 		lastTick:        m.lastTick.With(l),

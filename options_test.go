@@ -25,6 +25,8 @@ func TestOptionErrorsNameTheOption(t *testing.T) {
 		{WithMaxOutage(-1), "WithMaxOutage"},
 		{WithPageSize(0), "WithPageSize"},
 		{WithPageSize(-5), "WithPageSize"},
+		{WithPipelineDepth(0), "WithPipelineDepth"},
+		{WithPipelineDepth(-1), "WithPipelineDepth"},
 		{WithCommitTokenTTL(0), "WithCommitTokenTTL"},
 		{WithTxnLimits(1, 10), "WithTxnLimits"},
 		{WithTxnLimits(DefaultTxnMaxOps, 10), "WithTxnLimits"},

@@ -42,7 +42,9 @@ func (ReadDependency) Patch(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) 
 // read by etcd for every Txn that carries the dependency, so keep it small.
 // Keys of workers' bookkeeping inside the range (for a range that covers the
 // reserved area) count like any other key: any commit of such a worker is a
-// change. Prefix must lie under the worker's prefix + "/" and not inside the
+// change. A group with a range dependency re-runs after a conflict only once
+// the state has the conflicting revision: the failed Txn does not read the
+// range back. Prefix must lie under the worker's prefix + "/" and not inside the
 // reserved area, or Run returns ErrKeyOutsidePrefix. See ReadDependency for
 // where the decision belongs, and "Read dependencies" in docs/DESIGN.md.
 type ReadRangeDependency struct {
@@ -128,19 +130,21 @@ func (g groupWrites) has(key util.EtcdKey) bool {
 	return false
 }
 
-// depKeySize is what a dependency on one key costs: a compare on the key.
-func depKeySize(k util.EtcdKey) int { return len(k.String()) }
+// depKeySize is what a dependency on one key costs: a compare on the key
+// and its get in the Else.
+func depKeySize(k util.EtcdKey) int { return 2 * len(k.String()) }
 
 // depRangeSize is what a range dependency costs: a compare on the range.
 func depRangeSize(prefix string) int { return len(prefix) + len(clientv3.GetPrefixRangeEnd(prefix)) }
 
 // depCompares are the compares of the dependencies of batch b: each key
 // still has the revision the patches saw (written by an earlier Txn of this
-// flush, else the mirror's; 0 when absent), and no key of a range was put
-// after snapRev, the revision of the snapshot the patches ran on.
-func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64) ([]clientv3.Cmp, int) {
-	cmps := make([]clientv3.Cmp, 0, len(b.depKeys)+len(b.prefixes))
-	size := 0
+// flush, else the commit view's; 0 when absent), and no key of a range was
+// put after snapRev, the revision of the snapshot the patches ran on. revs
+// holds the revision each of b.depKeys is compared with.
+func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64) (cmps []clientv3.Cmp, revs []int64, size int) {
+	cmps = make([]clientv3.Cmp, 0, len(b.depKeys)+len(b.prefixes))
+	revs = make([]int64, 0, len(b.depKeys))
 	for _, k := range b.depKeys {
 		key := k.String()
 		rev, ok := written[key]
@@ -149,6 +153,7 @@ func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64) ([
 			rev = e.modRev
 		}
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", rev))
+		revs = append(revs, rev)
 		size += depKeySize(k)
 	}
 	for _, p := range b.prefixes {
@@ -156,7 +161,7 @@ func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64) ([
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(p), "<", snapRev+1).WithRange(end))
 		size += depRangeSize(p)
 	}
-	return cmps, size
+	return cmps, revs, size
 }
 
 // rangeWritten reports whether an earlier Txn of this flush wrote a key in

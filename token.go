@@ -19,29 +19,48 @@ const tokenValueMaxLen = 20
 // tokenIDLen is the length of the random part of a token key.
 const tokenIDLen = 16
 
-// commitToken is the key one Run writes with every commit: its value is the
-// sequence number of the last commit that landed. A commit Txn compares the
-// token's mod revision with the one the worker last saw, so at most one Txn
-// of the worker can land per token revision. That is what lets the worker
-// resolve an unknown outcome: it fences the token (see fence) and reads who
-// moved it. The token lives on a lease (the session's, or one the worker
-// keeps alive), so a Run that dies without cleanup leaves nothing behind for
-// longer than the lease's TTL.
+// commitToken is the key one Run writes with every commit: its value is a
+// number the worker never writes twice (see alloc), so the token's value
+// only grows. A commit Txn requires the token to be where the worker last
+// saw it: the first Txn of a chain compares its mod revision, every later
+// Txn of the chain compares its value with the value the Txn before it
+// writes, so a Txn can land only right after the one before it (see "Commit
+// token fence" and "Pipelined commits" in docs/DESIGN.md). That is also what
+// lets the worker resolve an unknown outcome: it fences the token (see
+// fence) and reads who moved it. The token lives on a lease (the session's,
+// or one the worker keeps alive), so a Run that dies without cleanup leaves
+// nothing behind for longer than the lease's TTL.
 type commitToken struct {
-	key   string
-	rev   int64  // mod revision of key as the worker last saw it (0: absent)
-	seq   uint64 // sequence of the last commit that landed
+	key  string
+	rev  int64  // mod revision of key as the worker last saw it (0: absent)
+	last uint64 // the highest value the worker sent in a Txn or a fence
+	// lease is the lease the token is put on.
 	lease clientv3.LeaseID
 }
 
-// compare is the token part of a commit's If.
-func (t *commitToken) compare() clientv3.Cmp {
-	return clientv3.Compare(clientv3.ModRevision(t.key), "=", t.rev)
+// alloc returns a value the worker never sent before: one for each commit
+// Txn and each fence it sends, so that a Txn that compares a value can only
+// ever land right after the one Txn that writes it.
+func (t *commitToken) alloc() uint64 {
+	t.last++
+	return t.last
 }
 
-// put writes sequence seq.
-func (t *commitToken) put(seq uint64) clientv3.Op {
-	v := strconv.FormatUint(seq, 10)
+// compareRev is the token part of the If of the first Txn of a chain (and
+// of a fence): the token still has mod revision rev (0: it is absent).
+func (t *commitToken) compareRev(rev int64) clientv3.Cmp {
+	return clientv3.Compare(clientv3.ModRevision(t.key), "=", rev)
+}
+
+// compareValue is the token part of the If of a chained Txn: the token
+// holds value, which only the Txn before it in the chain writes.
+func (t *commitToken) compareValue(value uint64) clientv3.Cmp {
+	return clientv3.Compare(clientv3.Value(t.key), "=", strconv.FormatUint(value, 10))
+}
+
+// put writes value.
+func (t *commitToken) put(value uint64) clientv3.Op {
+	v := strconv.FormatUint(value, 10)
 	if t.lease != clientv3.NoLease {
 		return clientv3.OpPut(t.key, v, clientv3.WithLease(t.lease))
 	}
@@ -51,67 +70,34 @@ func (t *commitToken) put(seq uint64) clientv3.Op {
 // get reads the token back (an Else operation).
 func (t *commitToken) get() clientv3.Op { return clientv3.OpGet(t.key) }
 
-// moved records that sequence seq landed at rev.
-func (t *commitToken) moved(seq uint64, rev int64) {
-	t.seq = seq
-	t.rev = rev
+// fence builds the Txn that settles a chain whose Txns' outcomes are not all
+// known: it moves the token to value (fresh from alloc) only if the token
+// still has mod revision rev, where the chain was last seen. If the fence
+// lands, no Txn of the chain after that point can ever land (each compares
+// a value that only a Txn that is now dead writes); if not, the Else read
+// says how far the chain got.
+func (t *commitToken) fence(txn clientv3.Txn, rev int64, value uint64) clientv3.Txn {
+	return txn.If(t.compareRev(rev)).Then(t.put(value)).Else(t.get())
 }
 
-// adopt takes the token as etcd has it now (kvs of a get) after a Txn of
-// the worker failed with nothing of the worker's in flight, and reports
-// whether it differed: someone deleted or rewrote it (a wipe of the prefix),
-// or it vanished with its lease.
-func (t *commitToken) adopt(kvs []*mvccpb.KeyValue) bool {
-	var rev int64
-	if len(kvs) > 0 {
-		rev = kvs[0].ModRevision
-	}
-	if rev == t.rev {
-		return false
-	}
-	t.rev = rev
-	return true
+// tokenRead is the token as a read (an Else get) found it.
+type tokenRead struct {
+	present bool
+	numeric bool   // the value is a decimal number (the worker's own writes are)
+	value   uint64 // when numeric
+	modRev  int64  // 0: absent
 }
 
-// fenceOutcome is what a fence found out about the Txn that wrote seq.
-type fenceOutcome int
-
-const (
-	fenceNotLanded fenceOutcome = iota // the fence landed: the Txn never will
-	fenceLanded                        // the token holds seq: the Txn landed
-	fenceUnknown                       // the token was changed by someone else, or vanished
-)
-
-// fence builds the Txn that resolves an unknown outcome of the commit that
-// wrote seq: it moves the token to seq+1 only if the token still has the
-// revision that commit compared against. If the fence lands, that commit can
-// never land; if not, only that commit (or an earlier fence of the same
-// resolution) can have moved the token.
-func (t *commitToken) fence(txn clientv3.Txn, seq uint64) clientv3.Txn {
-	return txn.If(t.compare()).Then(t.put(seq + 1)).Else(t.get())
-}
-
-// fenced reads a fence's response and updates the token.
-func (t *commitToken) fenced(resp *clientv3.TxnResponse, seq uint64) fenceOutcome {
-	if resp.Succeeded {
-		t.moved(seq+1, resp.Header.Revision)
-		return fenceNotLanded
-	}
-	kvs := resp.Responses[0].GetResponseRange().GetKvs()
+// readToken parses the kvs of a get of the token.
+func readToken(kvs []*mvccpb.KeyValue) tokenRead {
 	if len(kvs) != 1 {
-		return fenceUnknown
+		return tokenRead{}
 	}
-	switch string(kvs[0].Value) {
-	case strconv.FormatUint(seq, 10):
-		t.moved(seq, kvs[0].ModRevision)
-		return fenceLanded
-	case strconv.FormatUint(seq+1, 10):
-		// An earlier fence of this resolution landed but its answer was
-		// lost: the token moved only through it.
-		t.moved(seq+1, kvs[0].ModRevision)
-		return fenceNotLanded
+	tr := tokenRead{present: true, modRev: kvs[0].ModRevision}
+	if v, err := strconv.ParseUint(string(kvs[0].Value), 10, 64); err == nil {
+		tr.value, tr.numeric = v, true
 	}
-	return fenceUnknown
+	return tr
 }
 
 // tokenLease is the lease a Run without a session puts its token on. It is

@@ -59,6 +59,78 @@ type commitView struct {
 	entries    map[util.EtcdKey]kvEntry // value nil: absent
 	values     map[util.EtcdKey][]byte  // the view's value map, or nil
 	committed  map[util.EtcdKey]kvEntry // the view's committed entries, or nil
+	fresh      *freshValues             // what overlay put on top, or nil
+}
+
+// freshValues are values the worker learned from etcd outside its state:
+// what the Else of a conflicting Txn read, and what the flush's own landed
+// Txns wrote, each with the revision it was observed at. The groups of a
+// conflict re-run on them at once instead of waiting for the watch to bring
+// them (see "Conflicts re-run at once" in docs/DESIGN.md); they never reach
+// the state.
+type freshValues struct {
+	entries    map[util.EtcdKey]freshEntry
+	counterRev int64 // the delete counter's mod revision, observed at counterObs
+	counterObs int64 // 0: not observed
+}
+
+// freshEntry is one key's committed value (nil: absent) and mod revision, as
+// observed at revision obs.
+type freshEntry struct {
+	kvEntry
+	obs int64
+}
+
+// set records e as key's value observed at obs, unless a newer observation
+// is already there.
+func (f *freshValues) set(key util.EtcdKey, e kvEntry, obs int64) {
+	if old, ok := f.entries[key]; ok && old.obs >= obs {
+		return
+	}
+	f.entries[key] = freshEntry{kvEntry: e, obs: obs}
+}
+
+// setCounter records the delete counter's mod revision observed at obs.
+func (f *freshValues) setCounter(rev, obs int64) {
+	if obs > f.counterObs {
+		f.counterRev, f.counterObs = rev, obs
+	}
+}
+
+// overlay puts what f observed after v's revision on top of v: the state
+// holds everything up to v.rev, so an observation at or before it is older
+// than (or the same as) the state's.
+func (v *commitView) overlay(f *freshValues) {
+	if f == nil {
+		return
+	}
+	v.fresh = f
+	for k, e := range f.entries {
+		if e.obs > v.rev {
+			v.entries[k] = e.kvEntry
+		}
+	}
+	if f.counterObs > v.rev {
+		v.counterRev = f.counterRev
+	}
+}
+
+// newerFresh returns what v's overlay holds that is newer than v's
+// revision, as the start of the next overlay.
+func (v *commitView) newerFresh() *freshValues {
+	f := &freshValues{entries: make(map[util.EtcdKey]freshEntry)}
+	if v.fresh == nil {
+		return f
+	}
+	for k, e := range v.fresh.entries {
+		if e.obs > v.rev {
+			f.entries[k] = e
+		}
+	}
+	if v.fresh.counterObs > v.rev {
+		f.counterRev, f.counterObs = v.fresh.counterRev, v.fresh.counterObs
+	}
+	return f
 }
 
 // entry returns the committed value and mod revision of key at rev.
@@ -85,6 +157,32 @@ func (v *commitView) valueMap() map[util.EtcdKey][]byte {
 		v.values, v.committed = make(map[util.EtcdKey][]byte), make(map[util.EtcdKey]kvEntry)
 	}
 	return v.values
+}
+
+// rerunsAtOnce reports whether groups may re-run at once on the values a
+// conflicting Txn read back: every key they read is named (SingleDataPatch,
+// ReadDependency), so the Txn compared it and its Else read it, or it is
+// compared when the groups write it. A general DataPatch reads the whole
+// value map, and a ReadRangeDependency a range whose content the Else does
+// not read: such groups wait for the watch.
+func rerunsAtOnce(groups [][]DataPatch) bool {
+	for _, group := range groups {
+		for _, p := range group {
+			if isNil(p) {
+				return false
+			}
+			switch p.(type) {
+			case ReadDependency, *ReadDependency:
+			case ReadRangeDependency, *ReadRangeDependency:
+				return false
+			default:
+				if _, ok := asSingle(p); !ok {
+					return false
+				}
+			}
+		}
+	}
+	return true
 }
 
 // flushKeys returns what a flush of groups reads: the keys of its

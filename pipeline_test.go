@@ -1,0 +1,525 @@
+package orchestrator
+
+// Pipelined commits and conflicts that re-run at once: the Txns of one
+// flush are in flight together, land in the order of their groups, never
+// after an earlier one failed, and exactly once through unknown outcomes in
+// the middle of a chain; a conflict re-runs on the values its Txn read back.
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+)
+
+// chainGate is a gRPC interceptor that, once armed with n, holds the
+// worker's commit Txns (more than one compare; fences have one) until n are
+// held at once: proof that the worker sent them before the first answered.
+// The test then releases them one at a time, in chain order (by the token
+// value each writes), each with a txnAction, and sees its answer. Txns
+// beyond the n pass.
+type chainGate struct {
+	mu   sync.Mutex
+	want int
+	held []*gatedTxn
+	full chan struct{}
+	stop chan struct{} // closed at cleanup: held Txns fail
+}
+
+// gatedTxn is one held commit Txn.
+type gatedTxn struct {
+	value uint64 // the token value it writes: its place in the chain
+	act   chan txnAction
+	done  chan gateResult
+}
+
+// gateResult is what became of a released Txn: what etcd answered
+// (succeeded, for txnPass and txnLoseAnswer) and what the worker was told.
+type gateResult struct {
+	succeeded bool
+	err       error
+}
+
+func newChainGate(t testing.TB) *chainGate {
+	g := &chainGate{full: make(chan struct{}), stop: make(chan struct{})}
+	t.Cleanup(func() { close(g.stop) })
+	return g
+}
+
+// arm makes the gate hold the next n commit Txns; call it once, before the
+// worker runs.
+func (g *chainGate) arm(n int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.want = n
+}
+
+func (g *chainGate) hold(req *etcdserverpb.TxnRequest) *gatedTxn {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.held) >= g.want {
+		return nil
+	}
+	h := &gatedTxn{value: tokenValueOf(req), act: make(chan txnAction, 1), done: make(chan gateResult, 1)}
+	g.held = append(g.held, h)
+	if len(g.held) == g.want {
+		close(g.full)
+	}
+	return h
+}
+
+func (g *chainGate) dialOption() grpc.DialOption {
+	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		tr, ok := req.(*etcdserverpb.TxnRequest)
+		if !ok || len(tr.Compare) < 2 {
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}
+		h := g.hold(tr)
+		if h == nil {
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}
+		var a txnAction
+		select {
+		case a = <-h.act:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-g.stop:
+			return status.Error(codes.Unavailable, "injected: test over")
+		}
+		var res gateResult
+		if a == txnDrop {
+			res.err = status.Error(codes.Unavailable, "injected: commit lost")
+		} else {
+			res.err = invoker(ctx, method, req, reply, cc, opts...)
+			if resp, ok := reply.(*etcdserverpb.TxnResponse); ok && res.err == nil {
+				res.succeeded = resp.Succeeded
+			}
+			if res.err == nil && a == txnLoseAnswer {
+				res.err = status.Error(codes.Unavailable, "injected: answer lost")
+			}
+		}
+		h.done <- res
+		return res.err
+	})
+}
+
+// tokenValueOf returns the commit token value a commit Txn writes.
+func tokenValueOf(req *etcdserverpb.TxnRequest) uint64 {
+	for _, op := range req.Success {
+		if put := op.GetRequestPut(); put != nil && strings.Contains(string(put.Key), reservedDir+"token/") {
+			v, _ := strconv.ParseUint(string(put.Value), 10, 64)
+			return v
+		}
+	}
+	return 0
+}
+
+// awaitFull waits until the gate holds its n Txns and returns them in chain
+// order.
+func (g *chainGate) awaitFull(ctx context.Context, t testing.TB) []*gatedTxn {
+	t.Helper()
+	g.mu.Lock()
+	full, n := g.full, g.want
+	g.mu.Unlock()
+	select {
+	case <-full:
+	case <-ctx.Done():
+		g.mu.Lock()
+		got := len(g.held)
+		g.mu.Unlock()
+		t.Fatalf("the worker never had %d commit Txns in flight at once (%d held by then): %v", n, got, ctx.Err())
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	held := slices.Clone(g.held)
+	slices.SortFunc(held, func(a, b *gatedTxn) int { return int(a.value) - int(b.value) })
+	return held
+}
+
+// release lets h go with action a and returns what became of it.
+func (h *gatedTxn) release(ctx context.Context, t testing.TB, a txnAction) gateResult {
+	t.Helper()
+	h.act <- a
+	return h.result(ctx, t)
+}
+
+func (h *gatedTxn) result(ctx context.Context, t testing.TB) gateResult {
+	t.Helper()
+	select {
+	case r := <-h.done:
+		return r
+	case <-ctx.Done():
+		t.Fatalf("a released commit Txn never returned: %v", ctx.Err())
+		return gateResult{}
+	}
+}
+
+// chainGroups is how many groups (one Txn each: see chainWorker) the chain
+// tests commit in one flush: as many as the default pipeline depth.
+const chainGroups = DefaultPipelineDepth
+
+func chainKey(i int, part string) string { return fmt.Sprintf("/g%d/%s", i, part) }
+
+// chainWorker returns a worker on prefix whose first Tick emits
+// chainGroups groups {increment /g<i>/a, put /g<i>/b = i}; its Txns
+// hold two keys (WithTxnLimits), so each group is a Txn of its own and the
+// flush a chain of chainGroups Txns (its first commit: a gate armed before
+// Run holds them). Its second Tick, which runs only once
+// every group landed and is visible, finishes. runs counts the runs of the
+// increments.
+func chainWorker(t testing.TB, cli *clientv3.Client, prefix string, runs *[chainGroups]int, opts ...Option) *EtcdWorker {
+	t.Helper()
+	ticks := 0
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		ticks++
+		if ticks > 1 {
+			return st, ErrReactorFinished
+		}
+		for i := range chainGroups {
+			incr := incrPatch(st.key(chainKey(i, "a")), 1).(SingleDataPatch)
+			st.patches = append(st.patches, []DataPatch{
+				SingleDataPatch{Key: incr.Key, Func: func(old []byte) ([]byte, bool, error) {
+					runs[i]++
+					return incr.Func(old)
+				}},
+				setPatch(st.key(chainKey(i, "b")), []byte(strconv.Itoa(i))),
+			})
+		}
+		return st, nil
+	})
+	opts = append([]Option{WithTxnLimits(4, DefaultTxnMaxBytes)}, opts...)
+	return mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), opts...)
+}
+
+// requireChainLanded checks that group i incremented /g<i>/a to want[i]
+// (each increment landed once) and that the groups landed in order: each
+// /g<i>/b, written once, has a higher mod revision than the one before.
+func requireChainLanded(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
+	t.Helper()
+	kvs, _ := userKVs(ctx, t, cli, prefix, 0)
+	prev := int64(0)
+	for i := range chainGroups {
+		a, ok := kvs[prefix+chainKey(i, "a")]
+		require.True(t, ok, "group %d did not land", i)
+		require.Equal(t, strconv.FormatInt(want[i], 10), a.value, "group %d: /g%d/a", i, i)
+		b := kvs[prefix+chainKey(i, "b")]
+		require.Equal(t, strconv.Itoa(i), b.value)
+		require.Greater(t, b.modRev, prev, "group %d landed before group %d", i, i-1)
+		prev = b.modRev
+	}
+}
+
+// TestPipelineTxnBehindAFailedOneNeverLands: the worker sends the Txns of
+// one flush before the first answers (the gate holds chainGroups of them at
+// once). Another client changes a key of the first group, so the first Txn
+// conflicts; the Txns behind it reach etcd afterwards, one by one, and must
+// all fail: a group never lands when an earlier group of its flush did not.
+// The groups then re-run (the first on the other client's value) and land
+// once each, in order.
+func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+	direct := srv.Client(t)
+	gate := newChainGate(t)
+	const prefix = "/test/pipeline/behind-failed"
+	var runs [chainGroups]int
+	reg := prometheus.NewRegistry()
+	w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix, &runs,
+		WithMetrics(reg))
+	gate.arm(chainGroups)
+	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
+
+	held := gate.awaitFull(ctx, t)
+	mustPutKV(ctx, t, direct, prefix+chainKey(0, "a"), "10")
+	for i, h := range held {
+		res := h.release(ctx, t, txnPass)
+		require.NoError(t, res.err, "Txn %d", i)
+		require.False(t, res.succeeded, "Txn %d of the chain landed although Txn 0 conflicted", i)
+	}
+	require.NoError(t, recvErr(ctx, t, done))
+
+	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{11, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{2, 2, 2, 2}, runs, "each group runs once, then once more after the conflict")
+	require.GreaterOrEqual(t, metricSum(t, reg, "orchestrator_conflicts_total"), 1.0)
+}
+
+// TestPipelineUnknownOutcomeMidChain: of a chain of chainGroups Txns in
+// flight, the second one's outcome is unknown: its request is lost, or it
+// landed and its answer is lost. The Txns behind it reach etcd and fail (it
+// never landed) or land (it did). The worker resolves the outcome (a fence,
+// or the answers behind it), and every group lands exactly once, in order.
+func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	direct := srv.Client(t)
+	for i, tc := range []struct {
+		name   string
+		second txnAction
+		landed bool
+	}{
+		{"request lost", txnDrop, false},
+		{"answer lost", txnLoseAnswer, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := testContext(t)
+			gate := newChainGate(t)
+			prefix := fmt.Sprintf("/test/pipeline/unknown-%d", i)
+			var runs [chainGroups]int
+			reg := prometheus.NewRegistry()
+			lg, logs := observedLogger(t)
+			w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix,
+				&runs, WithMetrics(reg), WithLogger(lg))
+			gate.arm(chainGroups)
+			done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
+
+			held := gate.awaitFull(ctx, t)
+			first := held[0].release(ctx, t, txnPass)
+			require.NoError(t, first.err)
+			require.True(t, first.succeeded)
+			require.Error(t, held[1].release(ctx, t, tc.second).err)
+			for j, h := range held[2:] {
+				res := h.release(ctx, t, txnPass)
+				require.NoError(t, res.err)
+				require.Equal(t, tc.landed, res.succeeded, "Txn %d behind the unknown one", j+2)
+			}
+			require.NoError(t, recvErr(ctx, t, done))
+
+			requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+			require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_unknown_commit_outcomes_total"))
+			landed, notLanded := resolutionLogs(logs)
+			if tc.landed {
+				require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
+				require.Equal(t, [chainGroups]int{1, 1, 1, 1}, runs, "a landed group was re-run")
+			} else {
+				require.Equal(t, [2]int{0, 1}, [2]int{landed, notLanded})
+				require.Equal(t, [chainGroups]int{1, 2, 2, 2}, runs, "the groups from the lost Txn on re-run once")
+			}
+		})
+	}
+}
+
+// TestPipelineProxyDropsTheSecondAnswer: four Txns of a chain are in flight
+// through the fault proxy. The first is answered; the second reaches etcd
+// and lands (a direct watch sees it), and the proxy cuts the link while its
+// answer is still in the proxy's delay line, so the worker never gets it.
+// The third and fourth go out once the link is back and land behind it.
+// The second's outcome is resolved as landed, and every group lands once,
+// in order.
+func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	gate := newChainGate(t)
+	const prefix = "/test/pipeline/proxy-drop"
+	var runs [chainGroups]int
+	lg, logs := observedLogger(t)
+	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &runs, WithMetrics(env.reg), WithLogger(lg))
+	gate.arm(chainGroups)
+	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
+
+	held := gate.awaitFull(ctx, t)
+	first := held[0].release(ctx, t, txnPass)
+	require.NoError(t, first.err)
+	require.True(t, first.succeeded)
+
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	second := env.direct.Watch(wctx, prefix+chainKey(1, "b"), clientv3.WithRev(storeRevision(t, env.direct)+1))
+	env.proxy.SetDelay(300 * time.Millisecond)
+	held[1].act <- txnPass
+	select {
+	case resp := <-second:
+		require.NoError(t, resp.Err())
+		require.NotEmpty(t, resp.Events, "the second Txn never landed")
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	}
+	env.proxy.Pause() // its answer is still in the delay line
+	require.Error(t, held[1].result(ctx, t).err, "the second Txn's answer reached the worker")
+	env.proxy.SetDelay(0)
+	env.proxy.Resume()
+	for j, h := range held[2:] {
+		res := h.release(ctx, t, txnPass)
+		require.NoError(t, res.err)
+		require.True(t, res.succeeded, "Txn %d behind the landed one", j+2)
+	}
+	require.NoError(t, recvErr(ctx, t, done))
+
+	requireChainLanded(ctx, t, env.direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{1, 1, 1, 1}, runs, "a landed group was re-run")
+	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
+	landed, notLanded := resolutionLogs(logs)
+	require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
+}
+
+// TestPipelineDepthOneSendsOneTxnAtATime: with WithPipelineDepth(1) the
+// worker never has two commit Txns in flight; the chain still lands in order.
+func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	ctx := testContext(t)
+	direct := srv.Client(t)
+	const prefix = "/test/pipeline/depth-one"
+	var (
+		mu                  sync.Mutex
+		inFlight, maxFlight int
+	)
+	count := grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		if tr, ok := req.(*etcdserverpb.TxnRequest); !ok || len(tr.Compare) < 2 {
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}
+		mu.Lock()
+		inFlight++
+		maxFlight = max(maxFlight, inFlight)
+		mu.Unlock()
+		defer func() {
+			mu.Lock()
+			inFlight--
+			mu.Unlock()
+		}()
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+	var runs [chainGroups]int
+	w := chainWorker(t, faultClient(t, []grpc.DialOption{count}, srv.Endpoints()...), prefix, &runs,
+		WithPipelineDepth(1))
+	require.NoError(t, w.Run(ctx, nil, behaviourTick, "depth-one"))
+	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, 1, maxFlight)
+}
+
+// TestConflictRerunsAtOnceWithoutTheWatch: the worker's Source follows the
+// prefix through a proxy that stalls after the first load, so no change
+// reaches the worker's state; the worker commits through its own client.
+// Another client changes the key a pending increment read, the Txn
+// conflicts, and the increment re-runs at once on the value the Txn's Else
+// read back, and lands, while the state still lacks that value. Only the
+// next Tick waits for the state (the barrier): it runs once the proxy lets
+// the watch through again.
+func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix = "/test/conflict/at-once"
+	mustPutKV(ctx, t, env.direct, prefix+"/n", "0")
+	src, err := NewSource(env.client(t), prefix)
+	require.NoError(t, err)
+
+	var seen, stateSaw []string
+	entered, release := make(chan struct{}), make(chan struct{})
+	reactor := newStepReactor(
+		when(func(st *recordingState) bool { return st.has("/n", "0") }, func(_ context.Context, st *recordingState) error {
+			inc := incrPatch(st.key("/n"), 1).(SingleDataPatch)
+			st.group(SingleDataPatch{Key: inc.Key, Func: func(old []byte) ([]byte, bool, error) {
+				seen = append(seen, string(old))
+				stateSaw = append(stateSaw, stateSnapshot(st)["/n"])
+				if len(seen) == 1 {
+					close(entered)
+					if err := blockUntil(ctx, release); err != nil {
+						return nil, false, err
+					}
+				}
+				return inc.Func(old)
+			}})
+			return nil
+		}),
+		when(func(st *recordingState) bool { return st.has("/n", "11") }, nil),
+	)
+	reg := prometheus.NewRegistry()
+	w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg))
+	require.NoError(t, err)
+	done := runAsync(ctx, w, nil, behaviourTick, "at-once")
+
+	awaitSignal(ctx, t, entered, "the worker never ran its patch")
+	env.proxy.Blackhole() // the Source sees nothing from now on
+	mustPutKV(ctx, t, env.direct, prefix+"/n", "10")
+	close(release)
+	waitWithin(t, 10*time.Second, "the conflict to re-run and land while the watch is stalled", nil, func() bool {
+		return etcdSnapshot(ctx, t, env.direct, prefix)["/n"] == "11"
+	})
+	env.proxy.Resume()
+	require.NoError(t, recvErr(ctx, t, done))
+
+	require.Equal(t, []string{"0", "10"}, seen, "the re-run must see the other client's value")
+	require.Equal(t, []string{"0", "0"}, stateSaw, "the re-run did not wait for the state")
+	require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_conflicts_total"))
+}
+
+// TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote: one flush of three Txns
+// (two keys at most each). The first lands; the second conflicts on a key
+// another client changed; the third, which rewrites a key the first wrote,
+// went out only once the first answered, and fails behind the second. The
+// worker's Source is stalled, so its state has neither the first Txn nor
+// the other client's write. The remaining groups re-run at once: on the
+// value the second Txn's Else read back, and on what the first Txn wrote,
+// so the third group's patch runs once more only, not twice (a re-run on
+// the stale state would conflict again).
+func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
+	env := newFaultEnv(t)
+	ctx := testContext(t)
+	const prefix = "/test/conflict/at-once-chain"
+	src, err := NewSource(env.client(t), prefix)
+	require.NoError(t, err)
+
+	var aRuns int
+	entered, release := make(chan struct{}), make(chan struct{})
+	reactor := newStepReactor(
+		when(always, func(_ context.Context, st *recordingState) error {
+			incrA := incrPatch(st.key("/a"), 1).(SingleDataPatch)
+			incrY := incrPatch(st.key("/y"), 1).(SingleDataPatch)
+			first := true
+			st.group(setPatch(st.key("/a"), []byte("5")), setPatch(st.key("/b"), []byte("b")))
+			st.group(incrPatch(st.key("/x"), 1), SingleDataPatch{Key: incrY.Key, Func: func(old []byte) ([]byte, bool, error) {
+				if first {
+					first = false
+					close(entered)
+					if err := blockUntil(ctx, release); err != nil {
+						return nil, false, err
+					}
+				}
+				return incrY.Func(old)
+			}})
+			st.group(SingleDataPatch{Key: incrA.Key, Func: func(old []byte) ([]byte, bool, error) {
+				aRuns++
+				return incrA.Func(old)
+			}})
+			return nil
+		}),
+		when(func(st *recordingState) bool { return st.has("/a", "6") }, nil),
+	)
+	reg := prometheus.NewRegistry()
+	w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg),
+		WithTxnLimits(4, DefaultTxnMaxBytes))
+	require.NoError(t, err)
+	done := runAsync(ctx, w, nil, behaviourTick, "at-once-chain")
+
+	awaitSignal(ctx, t, entered, "the worker never ran its patches")
+	env.proxy.Blackhole()
+	mustPutKV(ctx, t, env.direct, prefix+"/y", "10")
+	close(release)
+	waitWithin(t, 10*time.Second, "every group to land while the watch is stalled", nil, func() bool {
+		return etcdSnapshot(ctx, t, env.direct, prefix)["/a"] == "6"
+	})
+	env.proxy.Resume()
+	require.NoError(t, recvErr(ctx, t, done))
+
+	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, env.direct, prefix))
+	require.Equal(t, 2, aRuns, "the third group re-ran on what the first Txn wrote")
+	require.Equal(t, 2.0, metricSum(t, reg, "orchestrator_conflicts_total"), "the second Txn and the one behind it")
+}
