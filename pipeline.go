@@ -67,6 +67,7 @@ type link struct {
 	batch        int // index of its batch in the flush
 	txn          commitTxn
 	value        uint64 // the token value it writes
+	chained      bool   // it compares the value of the link before it (else the token's mod revision)
 	sent         time.Time
 	state        linkState
 	resp         *clientv3.TxnResponse // linkLanded, linkFailed
@@ -223,7 +224,7 @@ func (c *chain) send(b *txnBatch) {
 	l := &link{batch: c.next, value: t.alloc(), evalAt: evalForeign}
 	cmp := t.compareRev(t.rev)
 	if n := len(c.window); n > 0 {
-		cmp = t.compareValue(c.window[n-1].value)
+		cmp, l.chained = t.compareValue(c.window[n-1].value), true
 	}
 	l.txn = r.buildTxn(b, c.written, c.cv, cmp, l.value)
 	if len(c.window) > 0 {
@@ -483,18 +484,18 @@ func (c *chain) settle() (more bool, err error) {
 		case pos: // the token was where it should be: a compare of its own failed
 			c.conflict(head, w[pos:])
 		case evalForeign:
-			// Nothing of the worker's is in flight any more: someone
-			// deleted or rewrote the token (a wipe of the prefix), or it
-			// vanished with an expired session lease (then the next Txn
-			// fails whole).
-			t.rev = readToken(head.txn.reads.token(head.resp)).modRev
-			r.log.Warn("commit token changed behind the worker's back", zap.String("key", t.key),
-				zap.Int64("revision", t.rev))
-			r.m.conflicts.Inc()
-			c.res.retryAtRev = head.resp.Header.Revision
+			c.foreignToken(head)
 		default:
+			if !head.chained {
+				// It compared the token's mod revision, and the token is
+				// back at an earlier state of the chain (absent, after a
+				// first commit): nothing of the worker's does that.
+				c.foreignToken(head)
+				return false, nil
+			}
 			// It overtook the link before it, which has landed since: send
-			// it and the links behind it again, unchanged, further apart.
+			// it and the links behind it again (the same writes and
+			// compares, chained anew), further apart.
 			r.m.resends.Add(float64(len(w) - pos))
 			c.overtaken = true
 			r.spacing = min(2*r.spacing, maxSpacing)
@@ -502,6 +503,21 @@ func (c *chain) settle() (more bool, err error) {
 		}
 	}
 	return false, nil
+}
+
+// foreignToken records that head, the first link that did not land, found
+// the token where no Txn of the worker put it. Nothing of the worker's is in
+// flight any more: someone deleted or rewrote the token (a wipe of the
+// prefix), or it vanished with an expired session lease (then the next Txn
+// fails whole). The worker takes the token as it is, and the rest re-runs
+// once the state has head's revision.
+func (c *chain) foreignToken(head *link) {
+	r, t := c.r, c.r.token
+	t.rev = readToken(head.txn.reads.token(head.resp)).modRev
+	r.log.Warn("commit token changed behind the worker's back", zap.String("key", t.key),
+		zap.Int64("revision", t.rev))
+	r.m.conflicts.Inc()
+	c.res.retryAtRev = head.resp.Header.Revision
 }
 
 // conflict records that head, the first link that did not land, failed on a
