@@ -774,7 +774,19 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 	slow := &slowState{mapState: newMapState(prefix), gate: make(chan struct{}), ctx: ctx}
 	stuck := mustNewEtcdWorker(t, env.direct, prefix, idleReactor(), slow, WithSource(src))
 	var queued atomic.Int64
-	busy := mustNewEtcdWorker(t, env.direct, prefix, counterReactor(&queued), newMapState(prefix), WithSource(src))
+	var stopBusy atomic.Bool
+	var idleTick atomic.Int64 // ticks of the busy worker after it stopped queueing
+	busyReactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		if stopBusy.Load() {
+			idleTick.Add(1) // every patch it left before was committed: a Tick runs only then
+			return st, nil
+		}
+		st.patches = append(st.patches, []DataPatch{incrPatch(st.key("/n"), 1)})
+		queued.Add(1)
+		return st, nil
+	})
+	busy := mustNewEtcdWorker(t, env.direct, prefix, busyReactor, newMapState(prefix), WithSource(src))
 	g := startWorkerGroup(t, time.Minute, "stuckupd", []*EtcdWorker{stuck, busy})
 	require.NoError(t, stuck.WaitSynced(ctx))
 	require.NoError(t, busy.WaitSynced(ctx))
@@ -794,8 +806,13 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 	})
 	waitGrown(t, g, &queued, 20, "the busy worker ticks and commits while the other is stuck")
 	close(slow.gate)
+	// Stop the busy worker's writes, so that etcd holds still while the
+	// stuck worker catches up.
+	stopBusy.Store(true)
+	waitWithin(t, 20*time.Second, "the busy worker stops writing", g.failed, func() bool { return idleTick.Load() > 0 })
+	last := storeRevision(t, env.direct)
 	waitWithin(t, 20*time.Second, "the stuck worker catches up", g.failed, func() bool {
-		return stuck.Status().AppliedRevision >= storeRevision(t, env.direct)
+		return stuck.Status().AppliedRevision >= last
 	})
 	g.cancel()
 	g.wait(t, 10*time.Second)
