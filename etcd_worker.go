@@ -113,10 +113,14 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 // commits its patches until one of the conditions below. It blocks; every
 // goroutine it starts has ended when it returns.
 //
-// Loading reads every key under the prefix in pages pinned at one revision
-// and feeds them to ReactorState.Update with isInit = true. The watch then
-// resumes from the next revision; every watch response is applied whole
-// before the reactor may tick, so Tick always sees one revision.
+// The worker follows its Source (WithSource's, or one of its own): the
+// Source reads every key under its prefix at one revision, then watches it,
+// applying every watch response whole to its copy of the keys. The worker
+// takes a first snapshot from that copy (ReactorState.Update with isInit =
+// true), proven current by a read sent after Run began, and then catches
+// up to the copy's newest revision whenever it has news: each changed key
+// once, with its newest value, so Tick always sees one revision. See
+// Source.
 //
 // Tick runs when all of these hold: the initial load is done; no patches are
 // pending; the state includes the worker's last commit; the newest proof
