@@ -55,7 +55,12 @@
 //     example a concurrency.Election key) to exist with its create revision:
 //     a deposed leader cannot write. Run also reads the key periodically and
 //     returns ErrNotOwner soon after it is lost, even if it never commits.
-//   - Nothing global: logger, clock and metrics registerer are options.
+//   - Workers may share one Source (NewSource, WithSource): one load, one
+//     watch and one copy of the keys for every worker on its prefix or under
+//     it, each worker with its own snapshot, barrier and commits. A worker
+//     busy in user code is caught up later from the copy, each changed key
+//     once, so what it costs grows with the keys, never with the events.
+//   - Nothing global: logger and metrics registerer are options.
 //     Every goroutine Run starts has ended when Run returns.
 //
 // The worker keeps its own keys under prefix + "/__orchestrator/": a delete
