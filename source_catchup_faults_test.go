@@ -54,6 +54,7 @@ func finishReactor() Reactor { return finishAtOnce }
 // succeeds, Update(/b) fails and ends Run. /a is then deleted. The next Run
 // must tell the state that /a is gone: the state must end equal to etcd.
 func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T) {
+	t.Parallel()
 	for _, shared := range []bool{false, true} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
 			srv := etcdtest.NewServer(t)
@@ -101,6 +102,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 // snapshot tells /k7 and fails at /k9; /k7 is deleted; the third Run must
 // tell the state that /k7 is gone.
 func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
@@ -140,6 +142,7 @@ func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 // deleted (at most one key is live at a time). What the Source holds for the
 // stuck worker must be bounded by the keys, not by the events.
 func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
@@ -266,6 +269,7 @@ func (p *pageFailer) dialOptions() []grpc.DialOption {
 // the reload's revision (the first page) with the old one (the rest): every
 // Tick sees the bank's total.
 func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix, accounts, total = "/src-torn", 10, 1000
@@ -542,6 +546,7 @@ func grantPatch(rangePrefix string, own util.EtcdKey, limit int64, scribble bool
 // worker is fenced, some patches scribble on their values. Exactly 60 slots
 // are taken, no Tick ever sees more, and every state ends equal to etcd.
 func TestSourceQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	admin := srv.Client(t)
 	ctx := testContext(t)
@@ -632,6 +637,7 @@ func (s *strictState) Update(key util.EtcdKey, value []byte, isInit bool) error 
 // again. Its next catch-up must not tell it to delete /k, which it does not
 // hold. Another worker on the Source is stuck, so the change log keeps it.
 func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
@@ -687,6 +693,7 @@ func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 // closed while workers (each committing through a client of its own) run
 // on it: every Run ends with ErrEtcdRejected, the Source stops.
 func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)
 	const prefix = "/src-closed"
@@ -712,6 +719,7 @@ func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 // Source is Synced after WaitSynced, at the copy's revision (which includes
 // a write made just before it joined), and Ready.
 func TestSourceLateJoinerStatusAndWaitSynced(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
@@ -764,6 +772,7 @@ func (s *slowState) Update(key util.EtcdKey, value []byte, isInit bool) error {
 // deleted meanwhile) and another worker commits; the other ticks on, and
 // the stuck one, released, ends equal to etcd.
 func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	const prefix = "/src-stuckupd"

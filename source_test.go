@@ -34,6 +34,7 @@ func sourceFollowing(src *Source) bool {
 }
 
 func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	src := mustNewSource(t, cli, "/sp")
@@ -70,6 +71,7 @@ func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
 // and a compaction during an outage. Every Tick checks the invariants, and
 // etcd ends with the exact totals; the Source reloads once per compaction.
 func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
+	t.Parallel()
 	env := newFaultEnv(t)
 	ctx := testContext(t)
 	b := newBankWorld("/source/bank", 6, 8)
@@ -100,6 +102,7 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 // under its Source's sees only its keys, writes only there, and its commits
 // reach the worker on the Source's whole prefix.
 func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
@@ -159,6 +162,7 @@ func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 // stuck worker catches up in one step, each key told once, and its next Tick
 // sees the newest write.
 func TestSourceStuckWorkerDoesNotDelayTheOthers(t *testing.T) {
+	t.Parallel()
 	stuckWorkerOnSource(t, etcdtest.NewServer(t))
 }
 
@@ -222,6 +226,7 @@ func stuckWorkerOnSource(t *testing.T, srv etcdtest.Target) {
 // Source runs gets a snapshot of one revision from the shared copy, all with
 // isInit, without reading the prefix from etcd again.
 func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)
 	const prefix = "/late"
@@ -268,6 +273,7 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 // TestSourceErrorOfOneWorkerEndsOnlyItsRun: an error, a panic or a lost
 // fencing key of one worker ends only its Run.
 func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
@@ -312,6 +318,7 @@ func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 // returns, the Source holds no watch and no goroutine; a later worker starts
 // it again and is told what changed in between.
 func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	cli := srv.Client(t)
 	ctx := testContext(t)
@@ -401,6 +408,7 @@ func (s *countingWatchStream) SendMsg(m any) error {
 // TestSourceEightWorkersHoldOneWatch: eight workers on one Source ask etcd
 // for one watch; eight lone workers for eight.
 func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	ctx := testContext(t)
 	for _, shared := range []bool{true, false} {
@@ -493,6 +501,7 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 // every worker on it with that error, though the workers' own clients may
 // read and write.
 func TestSourcePermissionDeniedEndsEveryWorker(t *testing.T) {
+	t.Parallel()
 	const prefix = "/srcauth"
 	env := newAuthEnv(t, prefix)
 	src := mustNewSource(t, userClient(t, env.srv, "nobody", "pw"), prefix)
