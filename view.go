@@ -192,18 +192,15 @@ func flushKeys(groups [][]DataPatch) flushRequest {
 	var req flushRequest
 	for _, group := range groups {
 		for _, p := range group {
-			switch dp := p.(type) {
-			case ReadDependency:
-				req.keys = append(req.keys, dp.Key)
-			case *ReadDependency:
-				if dp != nil {
-					req.keys = append(req.keys, dp.Key)
-				}
-			case ReadRangeDependency, *ReadRangeDependency:
+			var deps groupDeps
+			switch {
+			case isNil(p): // the flush reports it
+			case deps.addDependency(p):
+				req.keys = append(req.keys, deps.keys...) // a range needs no value
 			default:
 				if sp, ok := asSingle(p); ok {
 					req.keys = append(req.keys, sp.Key)
-				} else if !isNil(p) {
+				} else {
 					req.values = true
 				}
 			}
