@@ -337,15 +337,7 @@ func newWatchGate() *watchGate {
 func (g *watchGate) openAll() { g.openOnce.Do(func() { close(g.open) }) }
 
 func (g *watchGate) dialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc,
-		cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption,
-	) (grpc.ClientStream, error) {
-		cs, err := streamer(ctx, desc, cc, method, opts...)
-		if err != nil || method != pb.Watch_Watch_FullMethodName {
-			return cs, err
-		}
-		return &gatedWatchStream{ClientStream: cs, g: g}, nil
-	})}
+	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream { return &gatedWatchStream{ClientStream: cs, g: g} })
 }
 
 type gatedWatchStream struct {

@@ -382,6 +382,12 @@ func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 type watchCreates struct{ n atomic.Int64 }
 
 func (w *watchCreates) dialOptions() []grpc.DialOption {
+	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream { return &countingWatchStream{ClientStream: cs, w: w} })
+}
+
+// wrapWatchStreams returns dial options that hand every Watch stream the
+// client opens to wrap, and other streams through as they are.
+func wrapWatchStreams(wrap func(grpc.ClientStream) grpc.ClientStream) []grpc.DialOption {
 	return []grpc.DialOption{grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc,
 		cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption,
 	) (grpc.ClientStream, error) {
@@ -389,7 +395,7 @@ func (w *watchCreates) dialOptions() []grpc.DialOption {
 		if err != nil || method != pb.Watch_Watch_FullMethodName {
 			return cs, err
 		}
-		return &countingWatchStream{ClientStream: cs, w: w}, nil
+		return wrap(cs), nil
 	})}
 }
 
