@@ -101,8 +101,8 @@ func requireSameWrites(t testing.TB, want, got []keyWrite, msgAndArgs ...any) {
 // order, no group split, no Txn without groups, each Txn's writes are the
 // final writes of its groups in first-write order, each Txn within the
 // limits, and a new Txn is opened only when the next group with writes does
-// not fit the open one (counting the delete surcharge whenever the open Txn
-// or the group deletes, as packTxns does).
+// not fit the open one (counting the delete surcharge when the merged final
+// writes delete, as the Txn would).
 func requireValidPacking(t testing.TB, groups []groupWrites, l txnLimits, out []txnBatch) {
 	t.Helper()
 	if len(groups) == 0 {
@@ -131,8 +131,8 @@ func requireValidPacking(t testing.TB, groups []groupWrites, l txnLimits, out []
 			hasDelete = hasDelete || w.value == nil
 			sum += writeKeyCopies*len(w.key.String()) + len(w.value)
 		}
-		require.Equal(t, hasDelete, b.hasDelete, "txn %d hasDelete", i)
-		require.Equal(t, sum, b.bytes, "txn %d bytes field", i)
+		require.Equal(t, hasDelete, b.hasDelete(), "txn %d hasDelete", i)
+		require.Equal(t, sum, b.cost.bytes, "txn %d bytes field", i)
 		if !allEmpty {
 			require.NotEmpty(t, b.writes, "txn %d writes nothing", i)
 		}
@@ -150,10 +150,9 @@ func requireValidPacking(t testing.TB, groups []groupWrites, l txnLimits, out []
 		for _, w := range merged {
 			msize += writeKeyCopies*len(w.key.String()) + len(w.value)
 		}
-		// The surcharge counts when either side deletes (an upper bound:
-		// every final delete of the merge comes from one of them).
-		deletes := hasFinalDelete(prev.writes) || hasFinalDelete(first)
-		if deletes {
+		// The surcharge counts when a final write of the merge deletes (a
+		// delete rewritten by a put in the merge costs none).
+		if hasFinalDelete(merged) {
 			msize += l.deleteBytes
 		}
 		require.True(t, mops > l.maxOps || msize > l.maxBytes,
@@ -206,7 +205,7 @@ func TestBatchCheckGroupFits(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := checkGroupFits(tt.group, tt.l)
+			err := checkGroupFits(tt.group, groupDeps{}, tt.l)
 			if tt.want == nil {
 				require.NoError(t, err)
 				ops, size := batchCost(tt.group, tt.l)
@@ -323,9 +322,9 @@ func TestPackTxns(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			for _, g := range tt.groups {
-				require.NoError(t, checkGroupFits(g, tt.l))
+				require.NoError(t, checkGroupFits(g, groupDeps{}, tt.l))
 			}
-			out := packTxns(tt.groups, tt.l)
+			out := packTxns(tt.groups, nil, tt.l)
 			require.Equal(t, tt.want, batchSpans(out))
 			requireValidPacking(t, tt.groups, tt.l, out)
 		})
@@ -352,7 +351,7 @@ func TestPackTxnsManyTinyGroups(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			out := packTxns(groups, tt.l)
+			out := packTxns(groups, nil, tt.l)
 			require.Len(t, out, tt.want)
 			requireValidPacking(t, groups, tt.l, out)
 		})
@@ -369,19 +368,19 @@ func TestPackTxnsMergedRewrites(t *testing.T) {
 		{batchPut(2, 1)},
 		{batchPut(2, 3), batchPut(3, 1)},
 	}
-	out := packTxns(groups, l)
+	out := packTxns(groups, nil, l)
 	require.Equal(t, []batchSpan{{0, 4}, {4, 6}}, batchSpans(out))
 	requireSameWrites(t, []keyWrite{batchDel(0), batchPut(1, 1)}, out[0].writes)
-	require.True(t, out[0].hasDelete)
-	require.False(t, out[1].hasDelete)
+	require.True(t, out[0].hasDelete())
+	require.False(t, out[1].hasDelete())
 	requireSameWrites(t, []keyWrite{batchPut(2, 3), batchPut(3, 1)}, out[1].writes)
 	requireValidPacking(t, groups, l, out)
 
 	// A delete rewritten to a put in the same txn does not delete.
 	groups = []groupWrites{{batchDel(0)}, {batchPut(0, 0)}}
-	out = packTxns(groups, l)
+	out = packTxns(groups, nil, l)
 	require.Len(t, out, 1)
-	require.False(t, out[0].hasDelete)
+	require.False(t, out[0].hasDelete())
 	require.NotNil(t, out[0].writes[0].value, "empty value must stay a put, not become a delete")
 	requireValidPacking(t, groups, l, out)
 }
@@ -458,7 +457,7 @@ func FuzzBatch(f *testing.F) {
 		var groups []groupWrites
 		for _, g := range all {
 			ops, size := batchCost(g, l)
-			err := checkGroupFits(g, l)
+			err := checkGroupFits(g, groupDeps{}, l)
 			switch {
 			case ops > l.maxOps:
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
@@ -469,6 +468,6 @@ func FuzzBatch(f *testing.F) {
 				groups = append(groups, g)
 			}
 		}
-		requireValidPacking(t, groups, l, packTxns(groups, l))
+		requireValidPacking(t, groups, l, packTxns(groups, nil, l))
 	})
 }

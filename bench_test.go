@@ -135,13 +135,13 @@ func BenchmarkBatchPackTick(b *testing.B) {
 	r := newMicroRun(b, newMapState(microPrefix), 0, benchValue)
 	l := r.w.limits
 	for i, g := range groups {
-		if err := checkGroupFits(g, l); err != nil {
+		if err := checkGroupFits(g, groupDeps{}, l); err != nil {
 			b.Fatalf("group %d: %v", i, err)
 		}
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		if out := packTxns(groups, l); len(out) < 4 {
+		if out := packTxns(groups, nil, l); len(out) < 4 {
 			b.Fatalf("%d txns", len(out))
 		}
 	}

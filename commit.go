@@ -86,7 +86,7 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 		}
 		writes[i], deps[i] = gw, gd
 	}
-	return r.newChain(cv, groups, writes, packTxnsDeps(writes, deps, r.w.limits)).run()
+	return r.newChain(cv, groups, writes, packTxns(writes, deps, r.w.limits)).run()
 }
 
 // commitView catches the state up with the Source and returns what groups
@@ -117,7 +117,7 @@ func (r *run) checkGroup(gw groupWrites, gd groupDeps) error {
 	if err := r.ks.dependable(gd); err != nil {
 		return err
 	}
-	return checkGroupFitsDeps(gw, gd, r.w.limits)
+	return checkGroupFits(gw, gd, r.w.limits)
 }
 
 // fenceToken sends the fence that settles a chain last seen at token
@@ -263,7 +263,7 @@ type commitTxn struct {
 	// the delete counter when the batch deletes.
 	writes []clientv3.Op
 	reads  elseReads
-	size   int // bytes of keys and values, as the limits count them
+	cost   txnCost // what its keys cost, counted as it is built
 }
 
 // buildTxn builds the Txn of batch b: token is its compare on the commit
@@ -273,7 +273,7 @@ type commitTxn struct {
 func (r *run) buildTxn(b *txnBatch, written revisions, cv *commitView, token clientv3.Cmp, value uint64) commitTxn {
 	o := &r.w.opts
 	t := commitTxn{
-		compares: make([]clientv3.Cmp, 0, b.compares()+3),
+		compares: make([]clientv3.Cmp, 0, len(b.writes)+len(b.depKeys)+len(b.prefixes)+3),
 		writes:   make([]clientv3.Op, 0, len(b.writes)+2),
 	}
 	keys := make([]util.EtcdKey, 0, len(b.writes)+len(b.depKeys))
@@ -292,12 +292,11 @@ func (r *run) buildTxn(b *txnBatch, written revisions, cv *commitView, token cli
 		} else {
 			t.writes = append(t.writes, clientv3.OpPut(key, string(kw.value)))
 		}
-		t.size += writeSize(kw)
+		t.cost.addWrite(kw)
 	}
-	deps, depRevs, size := depCompares(*b, cv, written, cv.rev)
+	deps, depRevs := depCompares(*b, cv, written, cv.rev, &t.cost)
 	t.compares = append(t.compares, deps...)
 	keys, revs = append(keys, b.depKeys...), append(revs, depRevs...)
-	t.size += size
 	counterKey := r.ks.counterKey
 	counterRev, ok := written[counterKey]
 	if !ok {
@@ -305,7 +304,7 @@ func (r *run) buildTxn(b *txnBatch, written revisions, cv *commitView, token cli
 	}
 	t.compares = append(t.compares, token, clientv3.Compare(clientv3.ModRevision(counterKey), "=", counterRev))
 	t.writes = append(t.writes, r.token.put(value))
-	if b.hasDelete {
+	if b.hasDelete() {
 		t.writes = append(t.writes, clientv3.OpPut(counterKey, ""))
 	}
 	t.reads = elseReads{ops: make([]clientv3.Op, 0, len(keys)+2), fencingAt: -1}

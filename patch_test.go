@@ -538,7 +538,7 @@ func BenchmarkPackTxns(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
-		if out := packTxns(groups, l); len(out) != 8 {
+		if out := packTxns(groups, nil, l); len(out) != 8 {
 			b.Fatalf("%d txns", len(out))
 		}
 	}

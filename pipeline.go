@@ -171,7 +171,7 @@ func (c *chain) fill() (halt bool, err error) {
 	for c.next < len(c.batches) && len(c.window) < c.depth {
 		b := &c.batches[c.next]
 		if len(b.writes) == 0 {
-			// Only when every group of the flush is a no-op (packTxnsDeps).
+			// Only when every group of the flush is a no-op (packTxns).
 			if len(c.window) > 0 {
 				return false, nil
 			}
@@ -236,7 +236,7 @@ func (c *chain) send(b *txnBatch) {
 	for _, kw := range b.writes {
 		c.busy[kw.key] = struct{}{}
 	}
-	c.busyDelete = c.busyDelete || b.hasDelete
+	c.busyDelete = c.busyDelete || b.hasDelete()
 	c.window = append(c.window, l)
 	c.next++
 
@@ -261,7 +261,7 @@ func (c *chain) receive() {
 	res := <-c.results
 	l, r := res.l, c.r
 	r.m.txnDuration.Observe(res.took.Seconds())
-	r.m.txnBytes.Observe(float64(l.txn.size))
+	r.m.txnBytes.Observe(float64(l.txn.cost.bytes))
 	switch {
 	case res.err == nil:
 		rev := res.resp.Header.Revision
@@ -324,10 +324,10 @@ func (c *chain) land(l *link, rev int64) {
 	for _, kw := range b.writes {
 		delete(c.busy, kw.key)
 	}
-	if b.hasDelete {
+	if b.hasDelete() {
 		c.busyDelete = false
 		for _, w := range c.window {
-			c.busyDelete = c.busyDelete || c.batches[w.batch].hasDelete
+			c.busyDelete = c.busyDelete || c.batches[w.batch].hasDelete()
 		}
 	}
 	if rev != 0 {
@@ -343,7 +343,7 @@ func (c *chain) land(l *link, rev int64) {
 	r.m.commits.Inc()
 	r.m.patches.Add(float64(b.groups(c.writes)))
 	r.log.Debug("commit landed", zap.Int64("revision", rev), zap.Int("keys", len(l.txn.writes)),
-		zap.Int("bytes", l.txn.size))
+		zap.Int("bytes", l.txn.cost.bytes))
 }
 
 // position tells where the chain stood when a read found the token as tr:
@@ -572,7 +572,7 @@ func (c *chain) freshAfter(head *link) *freshValues {
 			}
 			f.set(kw.key, e, rev)
 		}
-		if b.hasDelete {
+		if b.hasDelete() {
 			f.setCounter(rev, rev)
 		}
 	}

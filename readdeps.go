@@ -130,19 +130,13 @@ func (g groupWrites) has(key util.EtcdKey) bool {
 	return false
 }
 
-// depKeySize is what a dependency on one key costs: a compare on the key
-// and its get in the Else.
-func depKeySize(k util.EtcdKey) int { return 2 * len(k.String()) }
-
-// depRangeSize is what a range dependency costs: a compare on the range.
-func depRangeSize(prefix string) int { return len(prefix) + len(clientv3.GetPrefixRangeEnd(prefix)) }
-
 // depCompares are the compares of the dependencies of batch b: each key
 // still has the revision the patches saw (written by an earlier Txn of this
 // flush, else the commit view's; 0 when absent), and no key of a range was
 // put after snapRev, the revision of the snapshot the patches ran on. revs
-// holds the revision each of b.depKeys is compared with.
-func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64) (cmps []clientv3.Cmp, revs []int64, size int) {
+// holds the revision each of b.depKeys is compared with. Each compare is
+// added to cost.
+func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64, cost *txnCost) (cmps []clientv3.Cmp, revs []int64) {
 	cmps = make([]clientv3.Cmp, 0, len(b.depKeys)+len(b.prefixes))
 	revs = make([]int64, 0, len(b.depKeys))
 	for _, k := range b.depKeys {
@@ -154,14 +148,14 @@ func depCompares(b txnBatch, m *commitView, written revisions, snapRev int64) (c
 		}
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", rev))
 		revs = append(revs, rev)
-		size += depKeySize(k)
+		cost.addDepKey(k)
 	}
 	for _, p := range b.prefixes {
 		end := clientv3.GetPrefixRangeEnd(p)
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(p), "<", snapRev+1).WithRange(end))
-		size += depRangeSize(p)
+		cost.addRange(p)
 	}
-	return cmps, revs, size
+	return cmps, revs
 }
 
 // rangeWritten reports whether an earlier Txn of this flush wrote a key in

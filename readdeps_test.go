@@ -330,9 +330,9 @@ func TestPackTxnsCountsDependencies(t *testing.T) {
 				if i < len(tt.deps) {
 					gd = tt.deps[i]
 				}
-				require.NoError(t, checkGroupFitsDeps(g, gd.without(g), l))
+				require.NoError(t, checkGroupFits(g, gd.without(g), l))
 			}
-			out := packTxnsDeps(tt.groups, tt.deps, l)
+			out := packTxns(tt.groups, tt.deps, l)
 			spans := make([][2]int, 0, len(out))
 			for _, b := range out {
 				spans = append(spans, [2]int{b.start, b.end})
@@ -340,7 +340,9 @@ func TestPackTxnsCountsDependencies(t *testing.T) {
 			require.Equal(t, tt.spans, spans)
 			require.Equal(t, tt.firstDeps, out[0].depKeys)
 			for _, b := range out {
-				require.LessOrEqual(t, b.compares()+l.overheadOps, l.maxOps)
+				ops := len(b.writes) + len(b.depKeys) + len(b.prefixes) + l.overheadOps
+				require.LessOrEqual(t, ops, l.maxOps)
+				require.Equal(t, ops, b.cost.ops(l))
 				want := 0
 				for _, kw := range b.writes {
 					want += writeSize(kw)
@@ -351,7 +353,7 @@ func TestPackTxnsCountsDependencies(t *testing.T) {
 				for _, p := range b.prefixes {
 					want += depRangeSize(p)
 				}
-				require.Equal(t, want, b.bytes)
+				require.Equal(t, want, b.cost.bytes)
 			}
 		})
 	}
