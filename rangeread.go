@@ -122,9 +122,13 @@ func (s *streamSupport) markUnimplemented(now time.Time) {
 	}
 }
 
-// rangeCallbackError is how readRange returns an error of its callback, so
-// that callers can tell it from an etcd error with errors.As. It unwraps to
-// the callback's error.
+// rangeCallbackError is how readRange returns an error of one of its
+// callbacks (fn, or readConfig.sizeHint), so that readRange never takes it
+// for the server's answer (a callback's Unimplemented status must not make
+// the read fall back) and its caller can tell it with errors.As. It unwraps
+// to the callback's error. It marks where an error came from, not that it
+// came from user code: the callbacks are the follower's own (see guard for
+// user code), and runFailure, which marks how Run ended, is another idea.
 type rangeCallbackError struct{ err error }
 
 func (e rangeCallbackError) Error() string { return e.err.Error() }

@@ -398,10 +398,10 @@ func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
 	}
 }
 
-// TestReadRangeNeverTakesACallbackErrorForTheServers: a callback (a user's
-// Update) failing with a gRPC Unimplemented status ends the read with that
-// error; it does not make the reader fall back, nor remember the server as
-// one without a stream.
+// TestReadRangeNeverTakesACallbackErrorForTheServers: a callback failing
+// with a gRPC Unimplemented status ends the read with that error; it does
+// not make the reader fall back, nor remember the server as one without a
+// stream.
 func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
 	t.Parallel()
 	errUser := status.Error(codes.Unimplemented, "the user's own Unimplemented")

@@ -162,7 +162,10 @@ func IsCleanStop(err error) bool {
 
 // runFailure marks an error with which Run ended while its ctx was still
 // alive: a failure even when it matches context.Canceled or
-// DeadlineExceeded (a Tick that timed out on a context of its own).
+// DeadlineExceeded (a Tick that timed out on a context of its own). It says
+// how Run ended, whatever part of the worker the error came from (user code
+// or etcd); it is not a mark of user code (see guard) nor of a callback's
+// error (rangeCallbackError).
 type runFailure struct{ err error }
 
 func (f *runFailure) Error() string { return f.err.Error() }
