@@ -176,7 +176,7 @@ func (r *run) fenceFailed(sent time.Time, err error) error {
 	if rej := commitRejected(r.w.client, err); rej != nil {
 		return rej
 	}
-	if err := r.failed("resolve commit", sent, err); err != nil {
+	if err := r.rejectionOrOutage("resolve commit", sent, err); err != nil {
 		return err
 	}
 	if r.ctx.Err() == nil && r.health.tooLong(r.now()) {

@@ -158,15 +158,18 @@ func (f *follower) answered(rev int64) {
 	f.publishHealth()
 }
 
-// failed records a read sent at sent that failed: a rejection that
-// retrying cannot heal is returned, anything else is an outage to retry
-// through.
-func (f *follower) failed(request string, sent time.Time, err error) error {
-	if rej := rejected(f.s.client, request, err); rej != nil {
+// rejectionOrOutage returns the rejection that ends every worker's Run
+// when retrying cannot heal err, the error of a read sent at sent (see
+// health.rejectionOrOutage); for any other error it counts the retry,
+// publishes the outage to the workers and returns nil: the follower
+// retries.
+func (f *follower) rejectionOrOutage(request string, sent time.Time, err error) error {
+	rej, started := f.health.rejectionOrOutage(f.s.client, request, sent, err)
+	if rej != nil {
 		return rej
 	}
 	f.s.metrics.sourceRetries.With(f.s.label).Inc()
-	if f.health.failed(sent) {
+	if started {
 		f.log.Warn("etcd request of the source failed, retrying", zap.String("request", request), zap.Error(err))
 	} else {
 		f.log.Debug("etcd request of the source failed again", zap.String("request", request), zap.Error(err))
@@ -182,7 +185,7 @@ func (f *follower) onWatch(res watchResult) error {
 		if f.ctx.Err() != nil {
 			return nil
 		}
-		return f.failed("watch", f.now(), res.err)
+		return f.rejectionOrOutage("watch", f.now(), res.err)
 	case watchCompacted:
 		f.s.metrics.sourceReloads.With(f.s.label).Inc()
 		f.log.Warn("watch revision compacted, reloading the source",
@@ -242,7 +245,7 @@ func (f *follower) applyEvents(events []*clientv3.Event) {
 // revision up to the probed one, it was current when the probe was sent.
 func (f *follower) onProbe(p headProbe) error {
 	if p.err != nil {
-		return f.failed("probe", p.sent, p.err)
+		return f.rejectionOrOutage("probe", p.sent, p.err)
 	}
 	f.answered(p.rev)
 	f.s.mu.Lock()
@@ -300,7 +303,7 @@ func (f *follower) loadWithRetry() error {
 			continue // the pinned revision was compacted during the read: start over
 		}
 		// The outage began when etcd last sent data, not when the read began.
-		if err := f.failed("load", f.lastData, err); err != nil {
+		if err := f.rejectionOrOutage("load", f.lastData, err); err != nil {
 			return err
 		}
 		select {

@@ -59,6 +59,19 @@ func (h *health) failed(sent time.Time) bool {
 	return true
 }
 
+// rejectionOrOutage handles a request sent at sent that failed with err:
+// it returns the rejection Run must end with when retrying cannot heal err
+// (see rejected); otherwise it records the failure in h (see failed) and
+// reports whether that started an outage. A worker and its Source's
+// follower both take their failed requests through it; each reports the
+// outcome in its own logs and metrics.
+func (h *health) rejectionOrOutage(client *clientv3.Client, request string, sent time.Time, err error) (rejection error, started bool) {
+	if rej := rejected(client, request, err); rej != nil {
+		return rej, false
+	}
+	return nil, h.failed(sent)
+}
+
 // fresh records that the state was current at t.
 func (h *health) fresh(t time.Time) {
 	if t.After(h.lastFresh) {
@@ -104,21 +117,24 @@ func (r *run) answered(rev int64) {
 	}
 }
 
-// failed records a request sent at sent that failed with err: a rejection
-// that retrying cannot heal is returned, anything else is an outage to
-// retry through.
-func (r *run) failed(request string, sent time.Time, err error) error {
-	if rej := rejected(r.w.client, request, err); rej != nil {
+// rejectionOrOutage returns the rejection Run must end with when retrying
+// cannot heal err, the error of a request sent at sent (see
+// health.rejectionOrOutage); for any other error it counts the retry and
+// the outage it may start, publishes the status and returns nil: the caller
+// retries.
+func (r *run) rejectionOrOutage(request string, sent time.Time, err error) error {
+	rej, started := r.health.rejectionOrOutage(r.w.client, request, sent, err)
+	if rej != nil {
 		return rej
 	}
 	r.m.retries.Inc()
-	defer r.publishStatus()
-	if r.health.failed(sent) {
+	if started {
 		r.m.outages.Inc()
 		r.log.Warn("etcd request failed, retrying", zap.String("request", request), zap.Error(err))
 	} else {
 		r.log.Debug("etcd request failed again", zap.String("request", request), zap.Error(err))
 	}
+	r.publishStatus()
 	return nil
 }
 

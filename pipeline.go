@@ -287,7 +287,7 @@ func (c *chain) receive() {
 		}
 		r.m.unknownCommit.Inc()
 		l.state, l.err = linkUnknown, res.err
-		if err := r.failed("commit", l.sent, res.err); err != nil {
+		if err := r.rejectionOrOutage("commit", l.sent, res.err); err != nil {
 			l.state, l.err = linkRejected, err
 		}
 	}

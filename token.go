@@ -196,7 +196,7 @@ func (r *run) ensureTokenLease() error {
 		if stop := r.checkStop(); stop != nil {
 			return stop
 		}
-		if err := r.failed("grant lease", sent, err); err != nil {
+		if err := r.rejectionOrOutage("grant lease", sent, err); err != nil {
 			return err
 		}
 		if err := r.sleep(bo.next(), false); err != nil {
