@@ -21,7 +21,6 @@ type changeLog struct {
 	seq     uint64                        // sequence of the newest change
 	changes map[util.EtcdKey]changeRecord // the newest change of each key
 	log     []logEntry                    // every change, in sequence order; some stale
-	floor   uint64                        // changes up to it were pruned
 	sweepAt int                           // sweep dead records when changes pass it
 }
 
@@ -139,7 +138,6 @@ func (l *changeLog) prune(floor uint64, cursors []cursorPos) {
 		l.sweepAt = max(2*len(l.changes), compactMinOver)
 	}
 	floor = min(floor, l.seq)
-	l.floor = max(l.floor, floor)
 	if floor == l.seq {
 		if len(l.log) > 0 {
 			l.reset()
@@ -195,7 +193,3 @@ func (l *changeLog) since(from uint64, fn func(key util.EtcdKey, rec changeRecor
 		}
 	}
 }
-
-// complete reports whether the log holds every change after position from:
-// pruning drops only what every registered cursor has passed.
-func (l *changeLog) complete(from uint64) bool { return from >= l.floor }
