@@ -54,6 +54,9 @@ type change struct {
 type flushRequest struct {
 	keys   []util.EtcdKey
 	values bool // build the value map of the whole range
+	// entries is the empty map the entries go into (see flushReads);
+	// nil: the catch-up makes one.
+	entries map[util.EtcdKey]kvEntry
 }
 
 // collect takes what c needs to catch up, at the copy's newest revision. It
@@ -99,7 +102,10 @@ func (s *Source) collect(c *cursor, req *flushRequest) (catchUp, bool) {
 	// telling it fails half way.
 	c.told.Store(max(c.told.Load(), b.seq))
 	if req != nil {
-		b.entries = make(map[util.EtcdKey]kvEntry, len(req.keys))
+		b.entries = req.entries
+		if b.entries == nil {
+			b.entries = make(map[util.EtcdKey]kvEntry, len(req.keys))
+		}
 		for _, k := range req.keys {
 			var e kvEntry // absent: a key outside the worker's range is none of its keys
 			if c.ks.visible(k.String()) {

@@ -94,7 +94,7 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 // newer. It reports false while the Source has no snapshot to give (a
 // reload is under way).
 func (r *run) commitView(groups [][]DataPatch, fresh *freshValues) (*commitView, bool, error) {
-	req := flushKeys(groups)
+	req := r.reads.request(groups)
 	req.values = req.values && r.view.values == nil
 	b, ok, err := r.catchUp(&req)
 	if err != nil || !ok {

@@ -48,6 +48,7 @@ type run struct {
 
 	barrierRev  int64 // revision of the worker's last commit
 	pending     pendingPatches
+	reads       flushReads // the buffers of what a flush reads
 	finishing   bool
 	synced      bool  // the first snapshot is in the state
 	reloadsSeen int64 // the Source's reloads when the state last caught up

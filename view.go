@@ -62,6 +62,43 @@ type commitView struct {
 	fresh      *freshValues             // what overlay put on top, or nil
 }
 
+// flushReads holds what a flush reads, from one flush to the next: the keys
+// its patches name and the map their entries go into (commitView's
+// entries). A flush empties them instead of making new ones, so flushing
+// allocates neither per flush. After a flush of many keys, a flush of far
+// fewer makes them anew: a map never shrinks, and one large flush must not
+// keep its memory for the rest of the run.
+type flushReads struct {
+	keys    []util.EtcdKey
+	entries map[util.EtcdKey]kvEntry
+	peak    int // the most keys a flush named since entries was made
+}
+
+// flushReadsKeep is how many keys the buffers may have been sized for and
+// still be kept for a flush of any size.
+const flushReadsKeep = 1024
+
+// request returns what a flush of groups asks its catch-up for (see
+// flushKeys), in the buffers of f, emptied. The previous flush's commit view
+// must be done with them.
+func (f *flushReads) request(groups [][]DataPatch) flushRequest {
+	clear(f.keys) // drop the previous flush's keys
+	req := flushKeys(groups, f.keys[:0])
+	n := len(req.keys)
+	switch {
+	case f.entries == nil:
+		f.entries, f.peak = make(map[util.EtcdKey]kvEntry, n), n
+	case f.peak > flushReadsKeep && n < f.peak/4:
+		req.keys = append([]util.EtcdKey(nil), req.keys...)
+		f.entries, f.peak = make(map[util.EtcdKey]kvEntry, n), n
+	default:
+		clear(f.entries)
+		f.peak = max(f.peak, n)
+	}
+	f.keys, req.entries = req.keys, f.entries
+	return req
+}
+
 // freshValues are values the worker learned from etcd outside its state:
 // what the Else of a conflicting Txn read, and what the flush's own landed
 // Txns wrote, each with the revision it was observed at. The groups of a
@@ -186,10 +223,10 @@ func rerunsAtOnce(groups [][]DataPatch) bool {
 }
 
 // flushKeys returns what a flush of groups reads: the keys of its
-// SingleDataPatches and ReadDependencies, and whether a general DataPatch
-// needs the value map.
-func flushKeys(groups [][]DataPatch) flushRequest {
-	var req flushRequest
+// SingleDataPatches and ReadDependencies (appended to keys), and whether a
+// general DataPatch needs the value map.
+func flushKeys(groups [][]DataPatch, keys []util.EtcdKey) flushRequest {
+	req := flushRequest{keys: keys}
 	for _, group := range groups {
 		for _, p := range group {
 			var deps groupDeps
