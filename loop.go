@@ -251,19 +251,34 @@ func (r *run) now() time.Time { return r.w.opts.clock.Now() }
 
 // checkStop returns the error Run should return now, if any.
 func (r *run) checkStop() error {
-	select {
-	case <-r.ctx.Done():
-		return r.ctxErr()
-	case <-r.sessionDone():
-		return ErrEtcdSessionDone
-	case <-r.fence.done():
-		return r.fence.result()
-	default:
+	if err := r.stopped(false); err != nil {
+		return err
 	}
 	if r.health.tooLong(r.now()) {
 		return fmt.Errorf("%w: etcd has not answered since %v", ErrEtcdUnavailable, r.health.since())
 	}
 	return nil
+}
+
+// stopped returns the error Run must end with when its ctx is done, its
+// session is gone or its fencing key was lost (see fenceCheck), nil while
+// none of them happened; with ignoreCtx it looks at the session alone (see
+// sleep). It never blocks: each of them is a channel that stays closed once
+// closed, so a wait that selected one of them learns with stopped which it
+// was.
+func (r *run) stopped(ignoreCtx bool) error {
+	if !ignoreCtx && r.ctx.Err() != nil {
+		return r.ctxErr()
+	}
+	select {
+	case <-r.sessionDone():
+		return ErrEtcdSessionDone
+	default:
+	}
+	if ignoreCtx {
+		return nil
+	}
+	return r.fence.result()
 }
 
 // sessionDone returns the session's done channel, or nil without a session.
@@ -296,14 +311,12 @@ func (r *run) sleep(d time.Duration, ignoreCtx bool) error {
 	}
 	select {
 	case <-done:
-		return r.ctxErr()
 	case <-r.sessionDone():
-		return ErrEtcdSessionDone
 	case <-fence:
-		return r.fence.result()
 	case <-timer.Chan():
 		return nil
 	}
+	return r.stopped(ignoreCtx)
 }
 
 // wait blocks until the Source has news, the wake time comes, the outage
@@ -315,11 +328,8 @@ func (r *run) wait(wake time.Time) error {
 	defer timer.Stop()
 	select {
 	case <-r.ctx.Done():
-		return r.ctxErr()
 	case <-r.sessionDone():
-		return ErrEtcdSessionDone
 	case <-r.fence.done():
-		return r.fence.result()
 	case <-r.cur.notify:
 		if !r.synced {
 			return nil // the first snapshot is taken by loop
@@ -329,6 +339,7 @@ func (r *run) wait(wake time.Time) error {
 	case <-timer.Chan():
 		return nil
 	}
+	return r.stopped(false)
 }
 
 // poll catches up when the Source has news, without blocking. The loop
