@@ -16,7 +16,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -48,46 +47,24 @@ type config struct {
 	metricsAddr string
 }
 
-// parseFlags parses the command line; see demo.Parse for code and ok.
-func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
-	fs := flag.NewFlagSet("bank", flag.ContinueOnError)
-	cfg.conn.Register(fs)
-	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/bank", "etcd prefix of the worker")
-	fs.IntVar(&cfg.workers, "workers", 4, "number of EtcdWorkers")
-	fs.IntVar(&cfg.accounts, "accounts", 25, "number of accounts")
-	fs.IntVar(&cfg.perTick, "transfers-per-tick", 4, "transfers each worker queues per Tick (one atomic group each)")
-	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
-	fs.DurationVar(&cfg.interval, "interval", 2*time.Millisecond, "the workers' timer interval (also their Tick rate limit)")
-	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
-	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
-	return cfg, code, ok
-}
-
-// check validates the flags; its errors name the flag.
-func (c *config) check() error {
-	switch {
-	case c.workers < 1:
-		return fmt.Errorf("--workers: must be at least 1, got %d", c.workers)
-	case c.accounts < 2:
-		return fmt.Errorf("--accounts: must be at least 2, got %d", c.accounts)
-	case c.perTick < 1:
-		return fmt.Errorf("--transfers-per-tick: must be at least 1, got %d", c.perTick)
-	case c.duration <= 0:
-		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
-	case c.interval <= 0:
-		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	}
-	return c.conn.ValidateFlags()
-}
-
-func main() {
-	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
-}
+func main() { os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr)) }
 
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	return demo.Program("bank", args, stdout, stderr, parseFlags, run)
+	return demo.Program("bank", about, args, stdout, stderr, defineFlags, run)
+}
+
+// defineFlags defines the command line of bank, storing into cfg.
+func defineFlags(fs *demo.Flags, cfg *config) {
+	cfg.conn.Register(fs)
+	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/bank", "etcd prefix of the worker")
+	fs.IntAtLeast(&cfg.workers, "workers", 4, 1, "number of EtcdWorkers")
+	fs.IntAtLeast(&cfg.accounts, "accounts", 25, 2, "number of accounts")
+	fs.IntAtLeast(&cfg.perTick, "transfers-per-tick", 4, 1, "transfers each worker queues per Tick (one atomic group each)")
+	fs.PositiveDuration(&cfg.duration, "duration", 10*time.Second, "how long to run")
+	fs.PositiveDuration(&cfg.interval, "interval", 2*time.Millisecond, "the workers' timer interval (also their Tick rate limit)")
+	fs.MetricsAddr(&cfg.metricsAddr)
 }
 
 // account is the JSON document of one account.
@@ -104,18 +81,8 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 		return false, err
 	}
 	defer env.Close()
-	cluster, reg := env.Cluster, env.Registry
-
-	runCtx, cancel := context.WithTimeout(ctx, cfg.duration)
-	defer cancel()
 	var violations atomic.Int64
-	progressDone := make(chan struct{})
-	go func() {
-		defer close(progressDone)
-		reportProgress(runCtx, out, reg, &violations)
-	}()
-	workErr := runWorkers(runCtx, cluster.Client, cfg, reg, &violations, out)
-	<-progressDone
+	workErr := transfer(ctx, env, cfg, &violations, out)
 	if workErr != nil {
 		fmt.Fprintln(out, "worker error:", workErr)
 	}
@@ -123,11 +90,11 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	// Verify on a fresh context: ctx may be cancelled by Ctrl-C.
 	vctx, vcancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer vcancel()
-	sum, n, err := etcdSum(vctx, cluster.Client, cfg.prefix)
+	sum, n, err := etcdSum(vctx, env.Client, cfg.prefix)
 	if err != nil {
 		return false, fmt.Errorf("read the final balances: %w", err)
 	}
-	fmt.Fprintf(out, "done: %s; %d accounts in etcd\n", summary(reg, &violations), n)
+	fmt.Fprintf(out, "done: %s; %d accounts in etcd\n", summary(env.Registry, &violations), n)
 	ok := sum == 0 && violations.Load() == 0 && workErr == nil
 	verdict := "OK"
 	if !ok {
@@ -135,6 +102,22 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	}
 	fmt.Fprintf(out, "final sum: %d (%s)\n", sum, verdict)
 	return ok, nil
+}
+
+// transfer runs the workers for cfg.duration, or until ctx is done or one
+// fails, reporting their progress to out, and returns the error a worker
+// failed with.
+func transfer(ctx context.Context, env *demo.Env, cfg config, violations *atomic.Int64, out io.Writer) error {
+	ctx, cancel := context.WithTimeout(ctx, cfg.duration)
+	defer cancel()
+	progressDone := make(chan struct{})
+	go func() {
+		defer close(progressDone)
+		reportProgress(ctx, out, env.Registry, violations)
+	}()
+	err := runWorkers(ctx, env.Client, cfg, env.Registry, violations, out)
+	<-progressDone
+	return err
 }
 
 // runWorkers runs cfg.workers EtcdWorkers until ctx is done or one fails.

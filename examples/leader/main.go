@@ -22,7 +22,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -56,52 +55,30 @@ type config struct {
 	metricsAddr string
 }
 
-// parseFlags parses the command line; see demo.Parse for code and ok.
-func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
-	fs := flag.NewFlagSet("leader", flag.ContinueOnError)
-	cfg.conn.Register(fs)
-	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/leader", "etcd prefix (election and data live under it)")
-	fs.IntVar(&cfg.controllers, "controllers", 3, "number of controllers campaigning")
-	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
-	fs.DurationVar(&cfg.killAfter, "kill-after", 3*time.Second, "revoke each leader's lease this long after it won (0: never)")
-	fs.DurationVar(&cfg.interval, "interval", 50*time.Millisecond, "the leader worker's timer interval (one write per Tick)")
-	fs.IntVar(&cfg.ttl, "ttl", 5, "session lease TTL in seconds")
-	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
-	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
-	cfg.prefix = util.NormalizePrefix(cfg.prefix).String()
-	return cfg, code, ok
-}
-
-// check validates the flags; its errors name the flag.
-func (c *config) check() error {
-	switch {
-	case c.controllers < 1:
-		return fmt.Errorf("--controllers: must be at least 1, got %d", c.controllers)
-	case c.duration <= 0:
-		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
-	case c.killAfter < 0:
-		return fmt.Errorf("--kill-after: must not be negative, got %v", c.killAfter)
-	case c.interval <= 0:
-		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	case c.ttl < 1:
-		return fmt.Errorf("--ttl: must be at least 1 second, got %d", c.ttl)
-	}
-	return c.conn.ValidateFlags()
-}
-
-func main() {
-	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
-}
+func main() { os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr)) }
 
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	return demo.Program("leader", args, stdout, stderr, parseFlags, run)
+	return demo.Program("leader", about, args, stdout, stderr, defineFlags, run)
+}
+
+// defineFlags defines the command line of leader, storing into cfg.
+func defineFlags(fs *demo.Flags, cfg *config) {
+	cfg.conn.Register(fs)
+	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/leader", "etcd prefix (election and data live under it)")
+	fs.IntAtLeast(&cfg.controllers, "controllers", 3, 1, "number of controllers campaigning")
+	fs.PositiveDuration(&cfg.duration, "duration", 10*time.Second, "how long to run")
+	fs.NonNegativeDuration(&cfg.killAfter, "kill-after", 3*time.Second, "revoke each leader's lease this long after it won (0: never)")
+	fs.PositiveDuration(&cfg.interval, "interval", 50*time.Millisecond, "the leader worker's timer interval (one write per Tick)")
+	fs.IntAtLeast(&cfg.ttl, "ttl", 5, 1, "session lease TTL in seconds")
+	fs.MetricsAddr(&cfg.metricsAddr)
 }
 
 // run runs the controllers for cfg.duration, printing to out, then verifies
 // the log.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
+	cfg.prefix = util.NormalizePrefix(cfg.prefix).String()
 	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr, out, fmt.Sprintf("leader: %d controllers under %s, %v, leaders killed after %v",
 		cfg.controllers, cfg.prefix, cfg.duration, cfg.killAfter))
 	if err != nil {

@@ -18,7 +18,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -45,42 +44,22 @@ type config struct {
 	interval time.Duration
 }
 
-// parseFlags parses the command line; see demo.Parse for code and ok.
-func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
-	fs := flag.NewFlagSet("roles", flag.ContinueOnError)
-	cfg.conn.Register(fs)
-	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/roles", "etcd prefix of the Source and the owner")
-	fs.IntVar(&cfg.tasks, "tasks", 100, "number of tasks")
-	fs.IntVar(&cfg.captures, "captures", 3, "number of captures (processor workers)")
-	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "give up after this long")
-	fs.DurationVar(&cfg.interval, "interval", 5*time.Millisecond, "the workers' timer interval")
-	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
-	return cfg, code, ok
-}
-
-// check validates the flags; its errors name the flag.
-func (c *config) check() error {
-	switch {
-	case c.tasks < 1:
-		return fmt.Errorf("--tasks: must be at least 1, got %d", c.tasks)
-	case c.captures < 1:
-		return fmt.Errorf("--captures: must be at least 1, got %d", c.captures)
-	case c.timeout <= 0:
-		return fmt.Errorf("--timeout: must be positive, got %v", c.timeout)
-	case c.interval <= 0:
-		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	}
-	return c.conn.ValidateFlags()
-}
-
-func main() {
-	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
-}
+func main() { os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr)) }
 
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or a task lost or done twice, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	return demo.Program("roles", args, stdout, stderr, parseFlags, run)
+	return demo.Program("roles", about, args, stdout, stderr, defineFlags, run)
+}
+
+// defineFlags defines the command line of roles, storing into cfg.
+func defineFlags(fs *demo.Flags, cfg *config) {
+	cfg.conn.Register(fs)
+	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/roles", "etcd prefix of the Source and the owner")
+	fs.IntAtLeast(&cfg.tasks, "tasks", 100, 1, "number of tasks")
+	fs.IntAtLeast(&cfg.captures, "captures", 3, 1, "number of captures (processor workers)")
+	fs.PositiveDuration(&cfg.timeout, "timeout", 30*time.Second, "give up after this long")
+	fs.PositiveDuration(&cfg.interval, "interval", 5*time.Millisecond, "the workers' timer interval")
 }
 
 // keys is the plain state of both roles: every key under the worker's

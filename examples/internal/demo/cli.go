@@ -9,18 +9,68 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 )
 
-// Parse parses args, the command line of the program fs is named after, into
-// the flags defined on fs, then runs check (which should validate the
-// program's flags, including ConnConfig.Validate). It returns ok when the
-// program should run. Otherwise it returns the exit code:
+// Flags is the command line of a demo program: a FlagSet, and the checks
+// Program runs once it is parsed, in the order they were added (the bounds
+// of IntAtLeast, PositiveDuration and NonNegativeDuration, and Check). Each
+// check's error names its flag.
+type Flags struct {
+	*flag.FlagSet
+	checks []func() error
+}
+
+// Check adds check to the checks of the parsed command line.
+func (f *Flags) Check(check func() error) { f.checks = append(f.checks, check) }
+
+// IntAtLeast defines an int flag that must be at least low.
+func (f *Flags) IntAtLeast(p *int, name string, value, low int, usage string) {
+	f.IntVar(p, name, value, usage)
+	f.Check(func() error {
+		if *p < low {
+			return fmt.Errorf("--%s: must be at least %d, got %d", name, low, *p)
+		}
+		return nil
+	})
+}
+
+// PositiveDuration defines a duration flag that must be positive.
+func (f *Flags) PositiveDuration(p *time.Duration, name string, value time.Duration, usage string) {
+	f.DurationVar(p, name, value, usage)
+	f.Check(func() error {
+		if *p <= 0 {
+			return fmt.Errorf("--%s: must be positive, got %v", name, *p)
+		}
+		return nil
+	})
+}
+
+// NonNegativeDuration defines a duration flag that must not be negative.
+func (f *Flags) NonNegativeDuration(p *time.Duration, name string, value time.Duration, usage string) {
+	f.DurationVar(p, name, value, usage)
+	f.Check(func() error {
+		if *p < 0 {
+			return fmt.Errorf("--%s: must not be negative, got %v", name, *p)
+		}
+		return nil
+	})
+}
+
+// MetricsAddr defines --metrics-addr, the address Setup serves /metrics at
+// (empty: not served).
+func (f *Flags) MetricsAddr(p *string) {
+	f.StringVar(p, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
+}
+
+// parse parses args into the flags of fs, then runs its checks. It returns
+// ok when the program should run. Otherwise it returns the exit code:
 //
 //   - 0 after --help (or -h), which prints about (one line saying what the
 //     program shows), a usage line and the flags to stdout;
-//   - 2 for an undefined flag, a malformed value, a stray argument or an
-//     error from check, printed to stderr as one line that names the flag.
-func Parse(fs *flag.FlagSet, about string, args []string, stdout, stderr io.Writer, check func() error) (code int, ok bool) {
+//   - 2 for an undefined flag, a malformed value, a stray argument or a
+//     failed check, printed to stderr as one line that names the flag.
+func parse(fs *Flags, about string, args []string, stdout, stderr io.Writer) (code int, ok bool) {
 	// The flag package prints the whole usage on every error; one line is
 	// what a user needs.
 	fs.SetOutput(io.Discard)
@@ -28,13 +78,17 @@ func Parse(fs *flag.FlagSet, about string, args []string, stdout, stderr io.Writ
 	err := fs.Parse(args)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
-		printUsage(stdout, fs, about)
+		printUsage(stdout, fs.FlagSet, about)
 		return 0, false
 	case err != nil:
 	case fs.NArg() > 0:
 		err = fmt.Errorf("unexpected argument %q (all options are --flags)", fs.Arg(0))
 	default:
-		err = check()
+		for _, check := range fs.checks {
+			if err = check(); err != nil {
+				break
+			}
+		}
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "%s: %s (see --help)\n", fs.Name(), oneLine(err.Error()))
@@ -53,16 +107,20 @@ func printUsage(w io.Writer, fs *flag.FlagSet, about string) {
 	fs.SetOutput(io.Discard)
 }
 
-// Program is the whole of a demo program named name: it parses args with
-// parse (which returns the config, and the exit code unless ok, as Parse
-// does), then runs run with the config under Main, printing to stdout. It
-// returns the exit code (0 OK, 1 error or broken invariant, 2 bad flags).
-func Program[C any](name string, args []string, stdout, stderr io.Writer,
-	parse func(args []string, stdout, stderr io.Writer) (cfg C, code int, ok bool),
+// Program is the whole of the demo program name, about being the first line
+// of its --help: define defines its flags on fs, storing into cfg (with
+// cfg's ConnConfig registered on fs), then args is parsed into them and
+// their checks are run, then run runs with the config under Main, printing
+// to stdout. It returns the exit code (0 OK, 1 error or broken invariant, 2
+// bad flags, printed to stderr as one line naming the flag; 0 after --help).
+func Program[C any](name, about string, args []string, stdout, stderr io.Writer,
+	define func(fs *Flags, cfg *C),
 	run func(ctx context.Context, cfg C, out io.Writer) (bool, error),
 ) int {
-	cfg, code, ok := parse(args, stdout, stderr)
-	if !ok {
+	fs := &Flags{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError)}
+	var cfg C
+	define(fs, &cfg)
+	if code, ok := parse(fs, about, args, stdout, stderr); !ok {
 		return code
 	}
 	return Main(name, stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })

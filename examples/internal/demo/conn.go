@@ -4,7 +4,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"net/url"
@@ -36,24 +35,18 @@ type ConnConfig struct {
 	User, Password string
 }
 
-// Register defines the connection flags on fs, storing into c.
-func (c *ConnConfig) Register(fs *flag.FlagSet) {
+// Register defines the connection flags on fs, storing into c, and adds
+// Validate to the checks of fs (--dial-timeout must also be positive on a
+// command line, where its default is DefaultDialTimeout).
+func (c *ConnConfig) Register(fs *Flags) {
 	fs.StringVar(&c.Endpoints, "endpoints", "", "comma-separated etcd client URLs, e.g. https://10.0.0.1:2379 (default: an embedded etcd in a temp dir)")
-	fs.DurationVar(&c.DialTimeout, "dial-timeout", DefaultDialTimeout, "give up when etcd does not answer within this time")
+	fs.PositiveDuration(&c.DialTimeout, "dial-timeout", DefaultDialTimeout, "give up when etcd does not answer within this time")
 	fs.StringVar(&c.CACert, "cacert", "", "verify the etcd server certificate with this PEM CA bundle (needs https:// endpoints)")
 	fs.StringVar(&c.Cert, "cert", "", "client certificate PEM file for TLS client authentication (with --key)")
 	fs.StringVar(&c.Key, "key", "", "client private key PEM file (with --cert)")
 	fs.StringVar(&c.User, "user", "", "etcd user name, or name:password")
 	fs.StringVar(&c.Password, "password", "", "password of --user")
-}
-
-// ValidateFlags is Validate for a parsed command line, where --dial-timeout
-// must also be positive (its flag default is DefaultDialTimeout).
-func (c ConnConfig) ValidateFlags() error {
-	if c.DialTimeout <= 0 {
-		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.DialTimeout)
-	}
-	return c.Validate()
+	fs.Check(func() error { return c.Validate() }) // c as parsed, not as it is now
 }
 
 // Validate checks the flags, including that the TLS files can be loaded,
