@@ -61,7 +61,7 @@ func packTxns(groups []groupWrites, deps []groupDeps, l txnLimits) []txnBatch {
 			d = deps[i]
 		}
 		cost := p.costWith(g, d)
-		if len(g) > 0 && len(p.cur.writes) > 0 && cost.check(l) != nil {
+		if len(g) > 0 && len(p.cur.writes) > 0 && !cost.fits(l) {
 			out = append(out, p.close())
 			p.reset(i)
 			cost = p.costWith(g, d)

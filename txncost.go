@@ -146,15 +146,18 @@ func (c txnCost) size(l txnLimits) int {
 	return size
 }
 
-// check returns ErrEtcdTxnOpsExceed or ErrEtcdTxnSizeExceed when a Txn of
-// this cost exceeds l (ops first), nil when it fits.
+// fits reports whether a Txn of this cost respects l.
+func (c txnCost) fits(l txnLimits) bool { return c.ops(l) <= l.maxOps && c.size(l) <= l.maxBytes }
+
+// check returns nil when a Txn of this cost fits l, otherwise
+// ErrEtcdTxnOpsExceed or ErrEtcdTxnSizeExceed (ops first) with the figures.
 func (c txnCost) check(l txnLimits) error {
+	if c.fits(l) {
+		return nil
+	}
 	if ops := c.ops(l); ops > l.maxOps {
 		return fmt.Errorf("%w: writes %d keys, depends on %d keys and %d ranges and needs %d ops, limit %d",
 			ErrEtcdTxnOpsExceed, c.writes, c.depKeys, c.ranges, ops, l.maxOps)
 	}
-	if size := c.size(l); size > l.maxBytes {
-		return fmt.Errorf("%w: needs %d bytes, limit %d", ErrEtcdTxnSizeExceed, size, l.maxBytes)
-	}
-	return nil
+	return fmt.Errorf("%w: needs %d bytes, limit %d", ErrEtcdTxnSizeExceed, c.size(l), l.maxBytes)
 }
