@@ -73,18 +73,18 @@ func benchWatchApply(b *testing.B, keys int) {
 			Value: benchValue(i),
 		}}
 	}
-	f := &follower{s: r.src}
-	rev := r.src.copy.eventRev
+	s := r.src
+	rev := s.copy.eventRev
 	b.ReportAllocs()
 	for b.Loop() {
 		for _, ev := range events {
 			rev++
 			ev.Kv.ModRevision = rev
 		}
-		f.s.mu.Lock()
-		f.applyEvents(events)
-		f.s.prune()
-		f.s.mu.Unlock()
+		s.mu.Lock()
+		s.applyEvents(events)
+		s.prune()
+		s.mu.Unlock()
 		if _, _, err := r.catchUp(nil); err != nil {
 			b.Fatal(err)
 		}

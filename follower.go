@@ -38,7 +38,7 @@ type follower struct {
 
 func startFollower(s *Source) *follower {
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &follower{s: s, ctx: ctx, cancel: cancel, clock: clockwork.NewRealClock(), log: s.log,
+	f := &follower{s: s, ctx: ctx, cancel: cancel, clock: s.clock, log: s.log,
 		kick: make(chan struct{}, 1)}
 	if cctx := s.client.Ctx(); cctx != nil {
 		f.clientDone = cctx.Done()
@@ -198,32 +198,38 @@ func (f *follower) onWatch(res watchResult) error {
 	}
 
 	f.answered(res.rev)
-	f.s.mu.Lock()
-	if res.kind == watchProgress {
-		// Every event up to the header revision has been delivered. This
-		// only moves the barrier; events are never dropped because of it.
-		f.s.copy.progressed(res.rev)
-		f.s.rev.Store(f.s.copy.completeRev)
-	} else {
-		f.applyEvents(res.events)
-	}
-	f.s.freshAt = f.now()
-	f.s.prune()
-	f.s.mu.Unlock()
+	f.s.applyWatch(res)
 	f.s.metrics.sourceWatchLag.With(f.s.label).Set(float64(max(f.health.headRev-f.eventRev(), 0)))
-	f.s.signal()
 	return nil
 }
 
+// applyWatch applies one watch response of events or progress to the copy
+// and tells the workers.
+func (s *Source) applyWatch(res watchResult) {
+	s.mu.Lock()
+	if res.kind == watchProgress {
+		// Every event up to the header revision has been delivered. This
+		// only moves the barrier; events are never dropped because of it.
+		s.copy.progressed(res.rev)
+		s.rev.Store(s.copy.completeRev)
+	} else {
+		s.applyEvents(res.events)
+	}
+	s.freshAt = s.clock.Now()
+	s.prune()
+	s.mu.Unlock()
+	s.signal()
+}
+
 // applyEvents applies the events of one watch response to the copy, in
-// order, under mu. A response holds every event of the revisions it covers,
+// order; mu is held. A response holds every event of the revisions it covers,
 // so afterwards the copy is a snapshot at its last revision. Events at or
 // below eventRev were applied already (a replay) and are skipped.
-func (f *follower) applyEvents(events []*clientv3.Event) {
+func (s *Source) applyEvents(events []*clientv3.Event) {
 	if len(events) == 0 {
 		return
 	}
-	m := f.s.copy
+	m := s.copy
 	from := m.eventRev
 	for _, ev := range events {
 		if ev.Kv.ModRevision <= from {
@@ -234,11 +240,11 @@ func (f *follower) applyEvents(events []*clientv3.Event) {
 			continue
 		}
 		m.set(c)
-		f.s.changes.record(c.key, c.kind(), false)
+		s.changes.record(c.key, c.kind(), false)
 	}
 	m.eventsApplied(events[len(events)-1].Kv.ModRevision)
-	f.s.rev.Store(m.completeRev)
-	f.s.metrics.sourceKeys.With(f.s.label).Set(float64(m.len()))
+	s.rev.Store(m.completeRev)
+	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))
 }
 
 // onProbe records a head probe: etcd answered, and if the copy has every
@@ -321,7 +327,28 @@ func (f *follower) loadWithRetry() error {
 // Unchanged keys (same mod revision) are not. See "Reload diff" in
 // docs/DESIGN.md.
 func (f *follower) load() error {
-	s := f.s
+	start := f.now()
+	rev, keys, err := f.s.loadCopy(start, f.readPrefix)
+	if err != nil {
+		return err
+	}
+	f.log.Info("source loaded", zap.Int64("revision", rev), zap.Int("keys", keys),
+		zap.Duration("duration", f.now().Sub(start)))
+	return nil
+}
+
+// prefixReader reads every key under the Source's prefix at one revision,
+// calling fn for each in key order, and returns that revision (see
+// follower.readPrefix). With sizeCopy the copy is empty and may be sized by
+// what the read learns first.
+type prefixReader func(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int64, error)
+
+// loadCopy makes the copy a snapshot of what read returns, a read sent after
+// start, and records in the change log what changed for the workers that
+// hold a position. It returns the snapshot's revision and how many keys it
+// holds. Until it completes, no worker catches up from the copy: a load that
+// fails half way leaves it torn.
+func (s *Source) loadCopy(start time.Time, read prefixReader) (rev int64, keys int, err error) {
 	s.mu.Lock()
 	loaded := false
 	defer func() {
@@ -330,13 +357,9 @@ func (f *follower) load() error {
 			s.signal() // after the unlock: a worker that found the lock taken tries again
 		}
 	}()
-	// Until this load completes the copy is no snapshot: a load that fails
-	// half way leaves it torn, and no worker may catch up from it.
 	s.loaded = false
 	m := s.copy
-	start := f.now()
 	counters := make(map[string]int64)
-	keys := 0
 	first := m.empty()
 	// The changes are recorded for the workers that hold a position. With
 	// none (a first load), every worker takes the whole copy, and records
@@ -345,7 +368,7 @@ func (f *follower) load() error {
 	floor, _ := s.positions()
 	record := floor != noPosition
 	walk := m.walk()
-	rev, err := f.readPrefix(first, func(kv *mvccpb.KeyValue) {
+	rev, err = read(first, func(kv *mvccpb.KeyValue) {
 		c, visible := m.apply(kv, false)
 		if !visible {
 			if isCounter(kv.Key) {
@@ -366,7 +389,7 @@ func (f *follower) load() error {
 	})
 	vanished := walk.finish(err == nil)
 	if err != nil {
-		return err
+		return 0, 0, err
 	}
 	for _, k := range vanished {
 		m.set(keyChange{key: k})
@@ -381,14 +404,12 @@ func (f *follower) load() error {
 	s.loadedOnce = true
 	s.rev.Store(m.completeRev)
 	s.loaded = true
-	s.freshAt = f.now()
+	s.freshAt = s.clock.Now()
 	s.provenAt = start // the read was sent after this
 	s.prune()
 	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))
-	f.log.Info("source loaded", zap.Int64("revision", rev), zap.Int("keys", keys),
-		zap.Duration("duration", f.now().Sub(start)))
 	loaded = true
-	return nil
+	return rev, keys, nil
 }
 
 // readPrefix reads every key under the prefix at one revision (see

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -562,4 +563,35 @@ func TestPipelineTokenWipedMidChain(t *testing.T) {
 	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
 	require.Equal(t, [chainGroups]int{1, 2, 2, 2}, runs, "the groups behind the first re-run once")
 	require.Positive(t, metricSum(t, reg, "orchestrator_commit_resends_total"))
+}
+
+// TestChainPositionReadsWhereTheTokenStood: how a chain places a read of
+// its commit token (from a failed link's Else or a fence), without etcd.
+// The window's links write the values 11, 12, 13; the window starts at
+// token revision 50, and the flush's earlier links left revisions 40, 45.
+func TestChainPositionReadsWhereTheTokenStood(t *testing.T) {
+	c := &chain{r: &run{token: &commitToken{rev: 50}}, earlier: map[int64]struct{}{40: {}, 45: {}}}
+	w := []*link{{value: 11}, {value: 12}, {value: 13}}
+	kv := func(value string, modRev int64) []*mvccpb.KeyValue {
+		return []*mvccpb.KeyValue{{Key: []byte("t"), Value: []byte(value), ModRevision: modRev}}
+	}
+	tests := []struct {
+		name string
+		kvs  []*mvccpb.KeyValue
+		want int
+	}{
+		{"where the window starts", kv("10", 50), 0},
+		{"after the first link", kv("11", 51), 1},
+		{"after the last link", kv("13", 58), 3},
+		{"at an earlier link of the flush: it overtook", kv("9", 45), evalEarlier},
+		{"absent", nil, evalForeign},
+		{"a value no link writes", kv("99", 60), evalForeign},
+		{"not a number", kv("x", 61), evalForeign},
+		{"two keys (never a token read)", append(kv("11", 51), kv("12", 52)...), evalForeign},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			require.Equal(t, tt.want, c.position(w, readToken(tt.kvs)))
+		})
+	}
 }

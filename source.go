@@ -7,6 +7,7 @@ import (
 	"time"
 	"weak"
 
+	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -45,6 +46,7 @@ type Source struct {
 	log     *zap.Logger
 	metrics *metrics
 	label   prometheus.Labels
+	clock   clockwork.Clock // the real clock; unit tests of the copy set a fake one
 
 	// mu guards the copy and its change log: the follower writes them, the
 	// workers read them to catch up. No user code ever runs under it.
@@ -184,6 +186,7 @@ func newSource(client *clientv3.Client, p util.EtcdPrefix, o sourceOptions) (*So
 		log:      o.logger.With(zap.String("source", p.String())),
 		metrics:  m,
 		label:    prometheus.Labels{"source": p.String()},
+		clock:    clockwork.NewRealClock(),
 		copy:     newMirror(p),
 		changes:  newChangeLog(),
 		attached: make(map[*cursor]struct{}),
