@@ -14,7 +14,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -195,6 +197,128 @@ func gatedChainWorker(t testing.TB, srv etcdtest.Target, gate *chainGate, prefix
 
 // ---------------------------------------------------------------------------
 // The commit token.
+
+// TestChainBreakTokenWipedWhileAnswerLost: the first link of a chain lands
+// and its answer is lost; before the worker resolves that outcome, another
+// client wipes the worker's commit token (a wipe of the reserved area). The
+// links behind it fail. The worker must not guess: either it finds out that
+// the first link landed, or Run returns ErrCommitUnresolved ("Commit token
+// fence"). What it must never do is re-run the landed increment.
+//
+// "first commit": the chain is the Run's first commit, so its first link
+// compared the token as absent (mod revision 0). "later commit": a warm-up
+// commit came first, so the token had a mod revision of its own.
+func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	direct := srv.Client(t)
+	for i, warmup := range []bool{false, true} {
+		name := map[bool]string{false: "first commit", true: "later commit"}[warmup]
+		t.Run(name, func(t *testing.T) {
+			ctx := contextWithin(t, chainBreakTimeout)
+			prefix := fmt.Sprintf("/test/chainbreak/wiped-lost-%d", i)
+			gate := newChainGate(t)
+			runs := make([]atomic.Int64, chainGroups)
+			lg, logs := observedLogger(t)
+			w := gatedChainWorker(t, srv, gate, prefix, warmup, chainGroups, runs, WithLogger(lg))
+			if !warmup {
+				gate.arm(chainGroups)
+			}
+			done := runAsync(ctx, w, nil, behaviourTick, "wiped-lost")
+
+			held := awaitChain(ctx, t, gate, done)
+			first := held[0].release(ctx, t, txnLoseAnswer)
+			require.True(t, first.succeeded, "the first link must land (its answer is then lost)")
+			require.Error(t, first.err)
+			wipeTokens(ctx, t, direct, prefix)
+			for j, h := range held[1:] {
+				res := h.release(ctx, t, txnPass)
+				require.NoError(t, res.err)
+				require.False(t, res.succeeded, "link %d landed on a wiped token", j+1)
+			}
+			err := recvErr(ctx, t, done)
+			landed, notLanded := resolutionLogs(logs)
+			a, _ := getValue(ctx, t, direct, prefix+chainKey(0, "a"))
+			require.Equal(t, "1", a,
+				"group 0's increment landed %s times (Run: %v; runs of the increments %v; resolutions landed=%d not landed=%d)",
+				a, err, loadRuns(runs), landed, notLanded)
+			if err != nil {
+				require.ErrorIs(t, err, ErrCommitUnresolved)
+				return
+			}
+			requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 1, 1})
+		})
+	}
+}
+
+// TestChainBreakTokenWipedTwice: the same as
+// TestChainBreakTokenWipedWhileAnswerLost, not on the Run's first commit
+// but after the worker recovered from an earlier wipe of its token (it
+// "takes the token as it is": absent). The next chain's first link lands
+// and its answer is lost, and the token is wiped again before the worker
+// resolves it. The landed increment must not be re-run.
+func TestChainBreakTokenWipedTwice(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	ctx := contextWithin(t, chainBreakTimeout)
+	direct := srv.Client(t)
+	const prefix = "/test/chainbreak/wiped-twice"
+	gate := newChainGate(t)
+	runs := make([]atomic.Int64, chainGroups)
+	lg, logs := observedLogger(t)
+	cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+	before := func() { gate.arm(2 * chainGroups) }
+	w := mustNewEtcdWorker(t, cli, prefix,
+		chainReactor(true, before, linkGroups(chainGroups, runs), stateHolds(chainGroups)), newMapState(prefix),
+		WithTxnLimits(4, DefaultTxnMaxBytes), WithRequestTimeout(faultRequestTimeout), WithLogger(lg))
+	done := runAsync(ctx, w, nil, behaviourTick, "wiped-twice")
+	held := func(from, to int) []*gatedTxn {
+		waitUnlessFailed(ctx, t, fmt.Sprintf("%d commit Txns held", to), func() error {
+			select {
+			case err := <-done:
+				return fmt.Errorf("Run returned: %v", err)
+			default:
+				return nil
+			}
+		}, func() bool {
+			gate.mu.Lock()
+			defer gate.mu.Unlock()
+			return len(gate.held) >= to
+		})
+		gate.mu.Lock()
+		defer gate.mu.Unlock()
+		hs := append([]*gatedTxn(nil), gate.held[from:to]...)
+		slices.SortFunc(hs, func(a, b *gatedTxn) int { return int(a.value) - int(b.value) })
+		return hs
+	}
+
+	// The first chain: the token is wiped before it reaches etcd (after
+	// the warm-up commit created it); every link fails and the worker takes
+	// the token as it is, absent.
+	first := held(0, chainGroups)
+	wipeTokens(ctx, t, direct, prefix)
+	for j, h := range first {
+		require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d landed on a wiped token", j)
+	}
+	// The re-run: its first link lands, its answer is lost, the token is
+	// wiped again, and the links behind it fail.
+	second := held(chainGroups, 2*chainGroups)
+	res := second[0].release(ctx, t, txnLoseAnswer)
+	require.True(t, res.succeeded)
+	wipeTokens(ctx, t, direct, prefix)
+	for j, h := range second[1:] {
+		require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d landed on a wiped token", j+1)
+	}
+	err := recvErr(ctx, t, done)
+	landed, notLanded := resolutionLogs(logs)
+	a, _ := getValue(ctx, t, direct, prefix+chainKey(0, "a"))
+	require.Equal(t, "1", a,
+		"group 0's increment landed %s times (Run: %v; runs of the increments %v; resolutions landed=%d not landed=%d)",
+		a, err, loadRuns(runs), landed, notLanded)
+	if err != nil {
+		require.ErrorIs(t, err, ErrCommitUnresolved)
+		return
+	}
+	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 1, 1})
+}
 
 // TestChainBreakTokenRewrittenMidChain: the first link lands; another client
 // then rewrites the commit token (a value the worker never wrote); the links
@@ -681,6 +805,34 @@ func TestChainBreakInvalidPipelineDepth(t *testing.T) {
 			WithPipelineDepth(n))
 		require.NoError(t, err, "depth %d", n)
 	}
+}
+
+// TestChainBreakHugePipelineDepth: NewEtcdWorker accepts any depth of at
+// least 1, so a huge one (a caller's "no limit") must either be rejected
+// with ErrInvalidArgument or work: Run must commit, not panic.
+func TestChainBreakHugePipelineDepth(t *testing.T) {
+	cli := sharedClient(t)
+	ctx := contextWithin(t, 20*time.Second)
+	const prefix = "/test/chainbreak/huge-depth"
+	clearPrefix(ctx, t, cli, prefix)
+	build := func(st *mapState) [][]DataPatch {
+		return [][]DataPatch{{setPatch(st.key("/a"), []byte("a"))}, {setPatch(st.key("/b"), []byte("b"))}}
+	}
+	w, err := NewEtcdWorker(cli, prefix, chainReactor(false, nil, build, nil), newMapState(prefix),
+		WithPipelineDepth(math.MaxInt), WithTxnLimits(3, DefaultTxnMaxBytes))
+	if err != nil {
+		require.ErrorIs(t, err, ErrInvalidArgument)
+		return
+	}
+	var runErr error
+	panicked := func() (p any) {
+		defer func() { p = recover() }()
+		runErr = w.Run(ctx, nil, behaviourTick, "huge-depth")
+		return nil
+	}()
+	require.Nil(t, panicked, "Run panicked with WithPipelineDepth(math.MaxInt), which NewEtcdWorker accepted")
+	require.NoError(t, runErr)
+	require.Equal(t, map[string]string{"/a": "a", "/b": "b"}, etcdSnapshot(ctx, t, cli, prefix))
 }
 
 // prefixWatch records, in order, the puts under prefix + "/" (reserved keys
