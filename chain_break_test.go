@@ -549,6 +549,123 @@ func TestChainBreakUnknownRevisionsThenDependentGroups(t *testing.T) {
 	require.Equal(t, [2]int{2, 0}, [2]int{landed, notLanded})
 }
 
+// TestChainBreakAnswerLostThenConflict: the first link lands with its
+// answer lost, and another client changes a key of the second link, which
+// conflicts: reaching etcd after the first ("in order"), or before it
+// ("overtaking", so its Else read shows the token where the chain began).
+// The first group must count as landed (never re-run), the second re-runs
+// on the other client's value, and every group lands once, in order.
+func TestChainBreakAnswerLostThenConflict(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	direct := srv.Client(t)
+	for i, overtake := range []bool{false, true} {
+		name := map[bool]string{false: "in order", true: "overtaking"}[overtake]
+		t.Run(name, func(t *testing.T) {
+			ctx := contextWithin(t, chainBreakTimeout)
+			prefix := fmt.Sprintf("/test/chainbreak/lost-conflict-%d", i)
+			gate := newChainGate(t)
+			runs := make([]atomic.Int64, chainGroups)
+			lg, logs := observedLogger(t)
+			w := gatedChainWorker(t, srv, gate, prefix, true, chainGroups, runs, WithLogger(lg))
+			done := runAsync(ctx, w, nil, behaviourTick, "lost-conflict")
+			held := awaitChain(ctx, t, gate, done)
+			mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "30")
+			if overtake {
+				require.False(t, held[1].release(ctx, t, txnPass).succeeded)
+				require.True(t, held[0].release(ctx, t, txnLoseAnswer).succeeded)
+			} else {
+				require.True(t, held[0].release(ctx, t, txnLoseAnswer).succeeded)
+				require.False(t, held[1].release(ctx, t, txnPass).succeeded)
+			}
+			for j, h := range held[2:] {
+				require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d landed behind a conflict", j+2)
+			}
+			require.NoError(t, recvErr(ctx, t, done))
+			requireLinksLanded(ctx, t, direct, prefix, []int64{1, 31, 1, 1})
+			require.Equal(t, int64(1), runs[0].Load(), "the landed group re-ran")
+			landed, notLanded := resolutionLogs(logs)
+			require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
+		})
+	}
+}
+
+// TestChainBreakIgnoreAndSkipOnRerun: after a conflict on the second link,
+// the second group's re-run takes another decision on the other client's
+// value: its increment returns ErrEtcdIgnore (the group still writes its
+// other key), or the whole group returns ErrEtcdSkipGroup (it writes
+// nothing). The groups behind it still land once, in order; what the
+// ignored patch or the skipped group would have written never lands.
+func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	direct := srv.Client(t)
+	for i, skip := range []bool{false, true} {
+		name := map[bool]string{false: "ignore", true: "skip group"}[skip]
+		t.Run(name, func(t *testing.T) {
+			ctx := contextWithin(t, chainBreakTimeout)
+			prefix := fmt.Sprintf("/test/chainbreak/ignore-skip-%d", i)
+			gate := newChainGate(t)
+			runs := make([]atomic.Int64, chainGroups)
+			stop := ErrEtcdIgnore
+			if skip {
+				stop = ErrEtcdSkipGroup
+			}
+			build := func(st *mapState) [][]DataPatch {
+				groups := linkGroups(chainGroups, runs)(st)
+				inner := groups[1][0].(SingleDataPatch)
+				groups[1][0] = SingleDataPatch{Key: inner.Key, Func: func(old []byte) ([]byte, bool, error) {
+					if string(old) == "100" { // the other client's value: decide otherwise
+						runs[1].Add(1)
+						return []byte("999"), true, stop // what it returns must be dropped
+					}
+					return inner.Func(old)
+				}}
+				return groups
+			}
+			check := func(st *mapState) error {
+				for _, j := range []int{0, 2, 3} {
+					if string(st.values[chainKey(j, "b")]) != strconv.Itoa(j) {
+						return fmt.Errorf("the Tick after the chain misses group %d", j)
+					}
+				}
+				return nil
+			}
+			cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+			w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, check),
+				newMapState(prefix), WithTxnLimits(4, DefaultTxnMaxBytes), WithLogger(faultLogger(t)))
+			done := runAsync(ctx, w, nil, behaviourTick, "ignore-skip")
+			held := awaitChain(ctx, t, gate, done)
+			require.True(t, held[0].release(ctx, t, txnPass).succeeded)
+			mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "100")
+			for j, h := range held[1:] {
+				require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d", j+1)
+			}
+			require.NoError(t, recvErr(ctx, t, done))
+
+			kvs, _ := userKVs(ctx, t, direct, prefix, 0)
+			require.Equal(t, "100", kvs[prefix+chainKey(1, "a")].value, "the ignored increment landed")
+			b1, ok := kvs[prefix+chainKey(1, "b")]
+			if skip {
+				require.False(t, ok, "the skipped group wrote /g1/b")
+			} else {
+				require.True(t, ok, "the group of the ignored patch lost its other write")
+				require.Equal(t, "1", b1.value)
+			}
+			prev := int64(0)
+			for _, j := range []int{0, 1, 2, 3} {
+				if j == 1 && skip {
+					continue
+				}
+				b := kvs[prefix+chainKey(j, "b")]
+				require.Greater(t, b.modRev, prev, "group %d landed out of order", j)
+				prev = b.modRev
+				if j != 1 {
+					require.Equal(t, "1", kvs[prefix+chainKey(j, "a")].value, "group %d", j)
+				}
+			}
+		})
+	}
+}
+
 // ---------------------------------------------------------------------------
 // Fencing in a chain.
 
@@ -786,6 +903,60 @@ func TestChainBreakGroupsAtTheByteLimit(t *testing.T) {
 		WithTxnLimits(DefaultTxnMaxOps, maxBytes), WithLogger(faultLogger(t)))
 	require.ErrorIs(t, w.Run(ctx, nil, behaviourTick, "byte-limit-over"), ErrEtcdTxnSizeExceed)
 	require.Equal(t, before, etcdSnapshot(ctx, t, direct, prefix), "a flush with a group over the limit wrote something")
+}
+
+// TestChainBreakRerunOutgrowsTheByteLimit: the second link conflicts on a
+// value another client made large; on the re-run the second group's patch
+// (append to the value) no longer fits a Txn. Run must end with
+// ErrEtcdTxnSizeExceed before sending anything of the re-run: the first
+// group stays landed once, the other client's value stays, and the groups
+// behind never land.
+func TestChainBreakRerunOutgrowsTheByteLimit(t *testing.T) {
+	const maxBytes = 2048
+	srv := etcdtest.NewServer(t)
+	ctx := contextWithin(t, chainBreakTimeout)
+	direct := srv.Client(t)
+	const prefix = "/test/chainbreak/outgrows"
+	gate := newChainGate(t)
+	key := func(i int) string { return fmt.Sprintf("%s/g%d", prefix, i) }
+	build := func(st *mapState) [][]DataPatch {
+		var groups [][]DataPatch
+		for i := range chainGroups {
+			k := util.NewEtcdKey(key(i))
+			groups = append(groups, []DataPatch{SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
+				return append(old, 'x'), true, nil
+			}}})
+		}
+		return groups
+	}
+	cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, nil),
+		newMapState(prefix), WithTxnLimits(3, maxBytes), WithLogger(faultLogger(t)))
+	done := runAsync(ctx, w, nil, behaviourTick, "outgrows")
+	held := awaitChain(ctx, t, gate, done)
+	require.True(t, held[0].release(ctx, t, txnPass).succeeded)
+	big := strings.Repeat("b", maxBytes)
+	mustPutKV(ctx, t, direct, key(1), big)
+	rev := headRevision(ctx, t, direct)
+	for j, h := range held[1:] {
+		require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d", j+1)
+	}
+	require.ErrorIs(t, recvErr(ctx, t, done), ErrEtcdTxnSizeExceed)
+	v, _ := getValue(ctx, t, direct, key(0))
+	require.Equal(t, "x", v)
+	v, _ = getValue(ctx, t, direct, key(1))
+	require.Equal(t, big, v, "the group that cannot fit wrote something")
+	for j := 2; j < chainGroups; j++ {
+		_, ok := getValue(ctx, t, direct, key(j))
+		require.False(t, ok, "group %d landed behind a group that cannot fit", j)
+	}
+	var user []string // the token's removal when Run returns is no write of a group
+	for _, k := range writesSince(ctx, t, direct, rev, prefix) {
+		if !strings.Contains(k, reservedDir) {
+			user = append(user, k)
+		}
+	}
+	require.Empty(t, user, "something was written after the conflict")
 }
 
 // ---------------------------------------------------------------------------
