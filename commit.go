@@ -86,7 +86,13 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 		}
 		writes[i], deps[i] = gw, gd
 	}
-	return r.newChain(cv, groups, writes, packTxns(writes, deps, r.w.limits)).run()
+	batches := packTxns(writes, deps, r.w.limits)
+	if len(batches) > 0 && len(batches[0].writes) > 0 {
+		if err := r.ensureToken(); err != nil {
+			return flushResult{}, err
+		}
+	}
+	return r.newChain(cv, groups, writes, batches).run()
 }
 
 // commitView catches the state up with the Source and returns what groups

@@ -122,13 +122,13 @@ func limBytesGroup(l txnLimits, oldKeys, newKeys []string, over int) (group []Da
 func limKeysPerTxn(t testing.TB, got map[string]*mvccKV, keys []string, rev int64, groupSize, txns int) []int {
 	t.Helper()
 	perRev := make([]int, txns)
-	last := rev + 1
+	last := limFirstCommit(rev)
 	for j, k := range keys {
 		kv := got[k]
 		require.Equal(t, k, string(kv.value))
 		require.GreaterOrEqual(t, kv.modRev, last, "key %d landed before an earlier group", j)
 		last = kv.modRev
-		idx := int(kv.modRev - rev - 1)
+		idx := int(kv.modRev - limFirstCommit(rev))
 		require.Less(t, idx, len(perRev), "key %d at revision %d: more Txns than expected", j, kv.modRev)
 		perRev[idx]++
 		if j%groupSize != 0 {
@@ -138,12 +138,29 @@ func limKeysPerTxn(t testing.TB, got map[string]*mvccKV, keys []string, rev int6
 	return perRev
 }
 
-// limRequireNothingWritten checks that a failed Run left etcd exactly as it
-// was: same revision, same visible keys.
-func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.Client, prefix string, rev int64, before map[string]*mvccKV) {
+// limFirstCommit is the revision of the first commit of a Run that starts
+// on a server at rev: the worker puts its commit token first, at rev+1 (see
+// run.ensureToken).
+func limFirstCommit(rev int64) int64 { return rev + 2 }
+
+// limRequireNothingWritten checks that a failed Run left etcd as it was: the
+// same visible keys, nothing in the worker's reserved area, and the same
+// revision; or, when the server refused the first commit (tokenPut), two
+// revisions on: the worker's commit token, put before that commit and
+// removed when Run returned.
+func limRequireNothingWritten(t testing.TB, srv *etcdtest.Server, cli *clientv3.Client, prefix string, rev int64,
+	before map[string]*mvccKV, tokenPut bool,
+) {
 	t.Helper()
-	require.Equal(t, rev, srv.Revision(), "a refused group must write nothing")
+	want := rev
+	if tokenPut {
+		want = rev + 2
+	}
+	require.Equal(t, want, srv.Revision(), "a refused group must write nothing")
 	require.Equal(t, before, limGet(t, cli, prefix))
+	resp, err := cli.Get(testContext(t), prefix+reservedDir, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	require.NoError(t, err)
+	require.Zero(t, resp.Count, "nothing may stay in the reserved area")
 }
 
 // limFencing is WithFencingKey(key, rev) when fencing, else nothing.
@@ -228,7 +245,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
 				require.NotErrorIs(t, err, context.DeadlineExceeded)
-				limRequireNothingWritten(t, srv, cli, prefix, rev, before)
+				limRequireNothingWritten(t, srv, cli, prefix, rev, before, false)
 				return
 			}
 			require.NoError(t, err)
@@ -236,13 +253,13 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 			require.Len(t, got, tt.puts, "deleted keys must be gone, new keys present")
 			for _, k := range newKeys {
 				require.Equal(t, "v-"+k, string(got[k].value))
-				require.Equal(t, rev+1, got[k].modRev, "the whole group must land in one Txn")
+				require.Equal(t, limFirstCommit(rev), got[k].modRev, "the whole group must land in one Txn")
 			}
 			if tt.deletes > 0 {
 				resp, err := cli.Get(testContext(t), prefix+reservedDir+"delete-counter")
 				require.NoError(t, err)
 				require.Len(t, resp.Kvs, 1)
-				require.Equal(t, rev+1, resp.Kvs[0].ModRevision, "the delete counter moves in the same Txn")
+				require.Equal(t, limFirstCommit(rev), resp.Kvs[0].ModRevision, "the delete counter moves in the same Txn")
 			}
 		})
 	}
@@ -297,7 +314,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 				require.ErrorIs(t, err, ErrEtcdTxnSizeExceed)
 				require.NotErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrRequestTooLarge, "the worker must refuse the group, not the server")
-				limRequireNothingWritten(t, srv, cli, prefix, rev, before)
+				limRequireNothingWritten(t, srv, cli, prefix, rev, before, false)
 				return
 			}
 			require.NoError(t, err)
@@ -305,7 +322,7 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 			require.Len(t, got, tt.puts)
 			for j, k := range newKeys {
 				require.Len(t, got[k].value, sizes[j])
-				require.Equal(t, rev+1, got[k].modRev, "the whole group must land in one Txn")
+				require.Equal(t, limFirstCommit(rev), got[k].modRev, "the whole group must land in one Txn")
 			}
 		})
 	}
@@ -333,14 +350,14 @@ func TestLimitsMatchingServer(t *testing.T) {
 			if n > perTxn {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
-				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*mvccKV{})
+				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*mvccKV{}, false)
 				continue
 			}
 			require.NoError(t, err)
 			got := limGet(t, cli, prefix)
 			require.Len(t, got, n)
 			for _, kv := range got {
-				require.Equal(t, rev+1, kv.modRev)
+				require.Equal(t, limFirstCommit(rev), kv.modRev)
 			}
 		}
 	})
@@ -480,7 +497,7 @@ func TestLimitsServerLowerThanWorker(t *testing.T) {
 			}
 			require.NotErrorIs(t, err, context.DeadlineExceeded)
 			require.Less(t, time.Since(start), limRunTimeout/2, "Run must fail promptly, not retry")
-			limRequireNothingWritten(t, tt.srv, tt.cli, prefix, rev, map[string]*mvccKV{})
+			limRequireNothingWritten(t, tt.srv, tt.cli, prefix, rev, map[string]*mvccKV{}, true)
 		})
 	}
 }

@@ -37,6 +37,8 @@ const (
 	// the worker sends before the first of them answers (see
 	// WithPipelineDepth).
 	DefaultPipelineDepth = 4
+	// MaxPipelineDepth is the largest depth WithPipelineDepth accepts.
+	MaxPipelineDepth = 64
 )
 
 // Option configures an EtcdWorker. The zero configuration is usable.
@@ -103,8 +105,8 @@ func (o *options) validate() error {
 		return fmt.Errorf("%w: WithShutdownTimeout: duration %v must not be negative", ErrInvalidArgument, o.shutdownTimeout)
 	case o.maxOutage < 0:
 		return fmt.Errorf("%w: WithMaxOutage: duration %v must not be negative", ErrInvalidArgument, o.maxOutage)
-	case o.pipelineDepth <= 0:
-		return fmt.Errorf("%w: WithPipelineDepth: depth %d must be positive", ErrInvalidArgument, o.pipelineDepth)
+	case o.pipelineDepth <= 0 || o.pipelineDepth > MaxPipelineDepth:
+		return fmt.Errorf("%w: WithPipelineDepth: depth %d must be from 1 to %d", ErrInvalidArgument, o.pipelineDepth, MaxPipelineDepth)
 	case o.pageSize <= 0:
 		return fmt.Errorf("%w: WithPageSize: page size %d must be positive", ErrInvalidArgument, o.pageSize)
 	case o.hasFencing && (o.fencingKey == "" || o.fencingRev <= 0):
@@ -216,7 +218,8 @@ func WithCommitTokenTTL(d time.Duration) Option {
 // same flush did not: each compares the commit token with the value the one
 // before it writes. A Txn that writes or depends on a key an earlier Txn in
 // flight writes waits for that one's answer. 1 sends them one at a time; a
-// depth below 1 makes NewEtcdWorker fail with ErrInvalidArgument. Default:
+// depth below 1 or above MaxPipelineDepth makes NewEtcdWorker fail with
+// ErrInvalidArgument. Default:
 // DefaultPipelineDepth (4): etcd batches concurrent Txns into fewer raft
 // rounds and fsyncs, which is where the gain comes from; depths from 2 to 8
 // measured alike (see "Pipelined commits" in docs/DESIGN.md).

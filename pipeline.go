@@ -115,7 +115,7 @@ type chain struct {
 // newChain returns the chain that commits batches, the packed writes of
 // groups, which ran on cv.
 func (r *run) newChain(cv *commitView, groups [][]DataPatch, writes []groupWrites, batches []txnBatch) *chain {
-	depth := max(r.w.opts.pipelineDepth, 1)
+	depth := min(max(r.w.opts.pipelineDepth, 1), max(len(batches), 1))
 	return &chain{
 		r: r, cv: cv, groups: groups, writes: writes, batches: batches, depth: depth,
 		written:  make(revisions),

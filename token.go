@@ -177,6 +177,58 @@ func (l *tokenLease) close(ctx context.Context) error {
 // isLeaseNotFound reports whether err says a lease is gone.
 func isLeaseNotFound(err error) bool { return errors.Is(err, rpctypes.ErrLeaseNotFound) }
 
+// ensureToken puts the commit token when the worker knows it as absent: on
+// the Run's first commit, after the token vanished (a wipe of the prefix)
+// and after its lease expired. A chain never starts from an absent token,
+// because a deleted token is absent too: a fence at "absent" could not tell
+// a chain whose first Txn landed and whose token someone then deleted from
+// a chain that never landed, and would take a landed commit for one that
+// did not (see "Commit token fence" in docs/DESIGN.md). From a token that
+// exists, a deletion moves its mod revision, and the fence sees it. The put
+// writes a fresh value only if the token is still absent; otherwise the
+// worker takes the token where it is (a put of its own whose answer was
+// lost, or someone else's write). It retries until etcd answers, as a
+// commit does.
+func (r *run) ensureToken() error {
+	t := r.token
+	bo := newBackoff()
+	for t.rev == 0 {
+		if err := r.ensureTokenLease(); err != nil {
+			return err
+		}
+		sent := r.now()
+		ctx, cancel := r.requestCtx(false)
+		resp, err := r.w.client.Txn(ctx).If(t.compareRev(0)).Then(t.put(t.alloc())).Else(t.get()).Commit()
+		cancel()
+		switch {
+		case err == nil:
+			r.answered(resp.Header.Revision)
+			if resp.Succeeded {
+				t.rev = resp.Header.Revision
+			} else {
+				t.rev = readToken(resp.Responses[0].GetResponseRange().GetKvs()).modRev
+			}
+			continue
+		case isLeaseNotFound(err) && r.lease != nil:
+			r.lease.expired() // granted again by ensureTokenLease
+			continue
+		}
+		if rej := commitRejected(r.w.client, err); rej != nil {
+			return rej
+		}
+		if stop := r.checkStop(); stop != nil {
+			return stop
+		}
+		if err := r.rejectionOrOutage("put commit token", sent, err); err != nil {
+			return err
+		}
+		if err := r.sleep(bo.next(), false); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // ensureTokenLease grants the token's own lease when the run has none yet
 // (runs without a session), retrying transient errors.
 func (r *run) ensureTokenLease() error {

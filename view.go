@@ -198,10 +198,13 @@ func (v *commitView) valueMap() map[util.EtcdKey][]byte {
 
 // rerunsAtOnce reports whether groups may re-run at once on the values a
 // conflicting Txn read back: every key they read is named (SingleDataPatch,
-// ReadDependency), so the Txn compared it and its Else read it, or it is
-// compared when the groups write it. A general DataPatch reads the whole
-// value map, and a ReadRangeDependency a range whose content the Else does
-// not read: such groups wait for the watch.
+// ReadDependency), and every such key that matters to the commit was
+// compared by the Txn and read by its Else. A SingleDataPatch that leaves
+// its key unchanged writes nothing and is not compared (in any commit: a
+// decision taken on a value it does not write needs a ReadDependency), so
+// its re-run may see the value the flush ran on. A general DataPatch reads
+// the whole value map, and a ReadRangeDependency a range whose content the
+// Else does not read: such groups wait for the watch.
 func rerunsAtOnce(groups [][]DataPatch) bool {
 	for _, group := range groups {
 		for _, p := range group {
