@@ -3,7 +3,9 @@ package orchestrator
 // The test harness shared by every test of the package: contexts and waits
 // bounded by deadlines, running workers and collecting their results,
 // reading metrics, building patches, and recording invariant violations.
-// The ReactorStates and Reactors the tests drive are in states_test.go.
+// The etcd a test runs against and its clients come from newTestEnv
+// (env_test.go); the ReactorStates and Reactors the tests drive are in
+// states_test.go.
 
 import (
 	"context"
@@ -481,23 +483,16 @@ func mustInt(t testing.TB, b []byte) int64 {
 	return n
 }
 
-// reloadByCompaction cuts the worker off, writes through admin with fn, compacts
-// and lets it back: its watch finds its revision compacted and reloads.
-func reloadByCompaction(ctx context.Context, t testing.TB, proxy *etcdtest.Proxy, admin *clientv3.Client, fn func()) {
+// reloadByCompaction cuts the worker off (env's proxy), writes with fn,
+// compacts (through env.cli) and lets it back: its watch finds its revision
+// compacted and reloads.
+func reloadByCompaction(ctx context.Context, t testing.TB, env *testEnv, fn func()) {
 	t.Helper()
-	proxy.Pause()
+	env.proxy.Pause()
 	fn()
-	_, err := etcdtest.Compact(ctx, admin)
+	_, err := etcdtest.Compact(ctx, env.cli)
 	require.NoError(t, err)
-	proxy.Resume()
-}
-
-// sharedClient returns a new client of the package's shared etcd server
-// (etcdtest.Shared), closed by t.Cleanup. Tests that inject a fault (a proxy,
-// compaction, server limits, auth) start their own server instead.
-func sharedClient(t testing.TB) *clientv3.Client {
-	t.Helper()
-	return etcdtest.SharedClient(t)
+	env.proxy.Resume()
 }
 
 // headRevision returns etcd's current revision.

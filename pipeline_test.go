@@ -22,8 +22,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // chainGate is a gRPC interceptor that, once armed with n, holds the
@@ -234,14 +232,14 @@ func requireChainLanded(ctx context.Context, t testing.TB, cli *clientv3.Client,
 // The groups then re-run (the first on the other client's value) and land
 // once each, in order.
 func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t, ownServer())
 	ctx := testContext(t)
-	direct := srv.Client(t)
+	direct := env.cli
 	gate := newChainGate(t)
 	const prefix = "/test/pipeline/behind-failed"
 	var runs [chainGroups]int
 	reg := prometheus.NewRegistry()
-	w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix, &runs,
+	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &runs,
 		WithMetrics(reg))
 	gate.arm(chainGroups)
 	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
@@ -266,8 +264,8 @@ func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
 // never landed) or land (it did). The worker resolves the outcome (a fence,
 // or the answers behind it), and every group lands exactly once, in order.
 func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	direct := env.cli
 	for i, tc := range []struct {
 		name   string
 		second txnAction
@@ -283,7 +281,7 @@ func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
 			var runs [chainGroups]int
 			reg := prometheus.NewRegistry()
 			lg, logs := observedLogger(t)
-			w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix,
+			w := chainWorker(t, env.client(t, gate.dialOption()), prefix,
 				&runs, WithMetrics(reg), WithLogger(lg))
 			gate.arm(chainGroups)
 			done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
@@ -322,7 +320,7 @@ func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
 // The second's outcome is resolved as landed, and every group lands once,
 // in order.
 func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	gate := newChainGate(t)
 	const prefix = "/test/pipeline/proxy-drop"
@@ -339,7 +337,7 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	second := env.direct.Watch(wctx, prefix+chainKey(1, "b"), clientv3.WithRev(storeRevision(t, env.direct)+1))
+	second := env.cli.Watch(wctx, prefix+chainKey(1, "b"), clientv3.WithRev(storeRevision(t, env.cli)+1))
 	env.proxy.SetDelay(300 * time.Millisecond)
 	held[1].act <- txnPass
 	select {
@@ -360,7 +358,7 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 	}
 	require.NoError(t, recvErr(ctx, t, done))
 
-	requireChainLanded(ctx, t, env.direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+	requireChainLanded(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
 	require.Equal(t, [chainGroups]int{1, 1, 1, 1}, runs, "a landed group was re-run")
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
 	landed, notLanded := resolutionLogs(logs)
@@ -370,9 +368,9 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 // TestPipelineDepthOneSendsOneTxnAtATime: with WithPipelineDepth(1) the
 // worker never has two commit Txns in flight; the chain still lands in order.
 func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t, ownServer())
 	ctx := testContext(t)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/pipeline/depth-one"
 	var (
 		mu                  sync.Mutex
@@ -396,7 +394,7 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 		return invoker(ctx, method, req, reply, cc, opts...)
 	})
 	var runs [chainGroups]int
-	w := chainWorker(t, faultClient(t, []grpc.DialOption{count}, srv.Endpoints()...), prefix, &runs,
+	w := chainWorker(t, env.client(t, count), prefix, &runs,
 		WithPipelineDepth(1))
 	require.NoError(t, w.Run(ctx, nil, behaviourTick, "depth-one"))
 	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
@@ -414,10 +412,10 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 // next Tick waits for the state (the barrier): it runs once the proxy lets
 // the watch through again.
 func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/test/conflict/at-once"
-	mustPutKV(ctx, t, env.direct, prefix+"/n", "0")
+	mustPutKV(ctx, t, env.cli, prefix+"/n", "0")
 	src, err := NewSource(env.client(t), prefix)
 	require.NoError(t, err)
 
@@ -442,16 +440,16 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 		when(func(st *recordingState) bool { return st.has("/n", "11") }, nil),
 	)
 	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg))
+	w, err := NewEtcdWorker(env.cli, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg))
 	require.NoError(t, err)
 	done := runAsync(ctx, w, nil, behaviourTick, "at-once")
 
 	awaitSignal(ctx, t, entered, "the worker never ran its patch")
 	env.proxy.Blackhole() // the Source sees nothing from now on
-	mustPutKV(ctx, t, env.direct, prefix+"/n", "10")
+	mustPutKV(ctx, t, env.cli, prefix+"/n", "10")
 	close(release)
 	waitWithin(t, 10*time.Second, "the conflict to re-run and land while the watch is stalled", nil, func() bool {
-		return etcdSnapshot(ctx, t, env.direct, prefix)["/n"] == "11"
+		return etcdSnapshot(ctx, t, env.cli, prefix)["/n"] == "11"
 	})
 	env.proxy.Resume()
 	require.NoError(t, recvErr(ctx, t, done))
@@ -471,7 +469,7 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 // so the third group's patch runs once more only, not twice (a re-run on
 // the stale state would conflict again).
 func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/test/conflict/at-once-chain"
 	src, err := NewSource(env.client(t), prefix)
@@ -504,22 +502,22 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 		when(func(st *recordingState) bool { return st.has("/a", "6") }, nil),
 	)
 	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg),
+	w, err := NewEtcdWorker(env.cli, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg),
 		WithTxnLimits(4, DefaultTxnMaxBytes))
 	require.NoError(t, err)
 	done := runAsync(ctx, w, nil, behaviourTick, "at-once-chain")
 
 	awaitSignal(ctx, t, entered, "the worker never ran its patches")
 	env.proxy.Blackhole()
-	mustPutKV(ctx, t, env.direct, prefix+"/y", "10")
+	mustPutKV(ctx, t, env.cli, prefix+"/y", "10")
 	close(release)
 	waitWithin(t, 10*time.Second, "every group to land while the watch is stalled", nil, func() bool {
-		return etcdSnapshot(ctx, t, env.direct, prefix)["/a"] == "6"
+		return etcdSnapshot(ctx, t, env.cli, prefix)["/a"] == "6"
 	})
 	env.proxy.Resume()
 	require.NoError(t, recvErr(ctx, t, done))
 
-	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, env.direct, prefix))
+	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, env.cli, prefix))
 	require.Equal(t, 2, aRuns, "the third group re-ran on what the first Txn wrote")
 	// The second Txn, and the third when it went out before the second's
 	// answer came back.
@@ -534,14 +532,14 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 // where the worker never put it, and the worker takes it as it is: every
 // group lands exactly once, in order, and Run goes on (no endless resends).
 func TestPipelineTokenWipedMidChain(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t, ownServer())
 	ctx := testContext(t)
-	direct := srv.Client(t)
+	direct := env.cli
 	gate := newChainGate(t)
 	const prefix = "/test/pipeline/token-wiped"
 	var runs [chainGroups]int
 	reg := prometheus.NewRegistry()
-	w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix, &runs,
+	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &runs,
 		WithMetrics(reg))
 	gate.arm(chainGroups)
 	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")

@@ -25,15 +25,13 @@ func TestSizedStateExpectsKeysBeforeTheFirstLoad(t *testing.T) {
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			const prefix, keys = "/test/sized", 40
-			srv := etcdtest.NewServer(t)
-			admin := srv.Client(t)
+			env := newTestEnv(t, ownServer(), withProxy())
+			admin := env.cli
 			ctx := testContext(t)
 			for i := range keys {
 				mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%02d", prefix, i), fmt.Sprint(i))
 			}
-			proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
-			cfg := etcdtest.ClientConfig(proxy.Endpoint())
-			cfg.DialOptions = (&rpcCounter{noStream: noStream}).dialOptions()
+			cfg := env.clientConfig((&rpcCounter{noStream: noStream}).dialOptions()...)
 			state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 			reactor := &sizedSnapshotter{}
 			w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
@@ -48,7 +46,7 @@ func TestSizedStateExpectsKeysBeforeTheFirstLoad(t *testing.T) {
 			require.LessOrEqual(t, expected[0], keys+4, "the hint counts the prefix, bookkeeping included")
 			require.Equal(t, []int{0}, updates, "the hint comes before the first Update")
 
-			reloadByCompaction(ctx, t, proxy, admin, func() { mustPutKV(ctx, t, admin, prefix+"/new", "x") })
+			reloadByCompaction(ctx, t, env, func() { mustPutKV(ctx, t, admin, prefix+"/new", "x") })
 			waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 			cancel()
 			require.True(t, IsCleanStop(recvErr(ctx, t, done)))
@@ -91,16 +89,15 @@ func TestSizedStatePanicEndsRun(t *testing.T) {
 func TestSizedStateHintAfterEveryKeyVanished(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/sizedvanish"
-	srv := etcdtest.NewServer(t)
-	admin := srv.Client(t)
+	env := newTestEnv(t, ownServer(), withProxy())
+	admin := env.cli
 	ctx := testContext(t)
 	for i := range 3 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/old%d", prefix, i), "x")
 	}
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 	reactor := &sizedSnapshotter{}
-	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, etcdtest.ClientConfig(proxy.Endpoint())), prefix,
+	w := mustNewEtcdWorker(t, env.client(t), prefix,
 		reactor, state, WithMaxStaleness(500*time.Millisecond))
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -113,7 +110,7 @@ func TestSizedStateHintAfterEveryKeyVanished(t *testing.T) {
 	expected, _ := state.calls()
 	require.Len(t, expected, 1, "one hint for the first load")
 
-	reloadByCompaction(ctx, t, proxy, admin, func() {
+	reloadByCompaction(ctx, t, env, func() {
 		for i := range 5 {
 			mustPutKV(ctx, t, admin, fmt.Sprintf("%s/new%d", prefix, i), "y")
 		}
@@ -153,16 +150,15 @@ func (c *countRace) unary(ctx context.Context, method string, req, reply any, cc
 func TestSizedStateHintCountsTheLoadedRevision(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/sizedrev"
-	srv := etcdtest.Shared(t)
-	admin := srv.Client(t)
+	env := newTestEnv(t)
+	admin := env.cli
 	ctx := testContext(t)
 	for i := range 5 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%d", prefix, i), "x")
 	}
 	var lateErr error
 	race := &countRace{do: func() { _, lateErr = admin.Put(ctx, prefix+"/late", "z") }}
-	cfg := etcdtest.ClientConfig(srv.Endpoints()[0])
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(race.unary)}
+	cfg := env.clientConfig(grpc.WithChainUnaryInterceptor(race.unary))
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 	reactor := &sizedSnapshotter{}
 	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)
@@ -226,8 +222,8 @@ func (c *compactAfterFirstChunk) stream(ctx context.Context, desc *grpc.StreamDe
 func TestSizedStateHintOncePerLoad(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/hintonce"
-	srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(64<<10))
-	admin := srv.Client(t)
+	env := newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(64<<10)))
+	admin := env.cli
 	ctx := testContext(t)
 	big := string(make([]byte, 1000))
 	var ops []clientv3.Op
@@ -255,9 +251,8 @@ func TestSizedStateHintOncePerLoad(t *testing.T) {
 			}
 		}()
 	}}
-	cfg := etcdtest.ClientConfig(srv.Endpoints()[0])
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainStreamInterceptor(hook.stream),
-		grpc.WithInitialWindowSize(64 << 10), grpc.WithInitialConnWindowSize(64 << 10)}
+	cfg := env.clientConfig(grpc.WithChainStreamInterceptor(hook.stream),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
 	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
 	reactor := &sizedSnapshotter{}
 	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)

@@ -17,7 +17,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -212,33 +211,33 @@ func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 // deleted and the history compacted, so the Source reloads. The parked
 // worker's next Run deletes them (isInit), and ends equal to etcd.
 func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) {
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/cu-parkreload"
 	for i := range 10 {
-		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/k%d", prefix, i), "0")
+		mustPutKV(ctx, t, env.cli, fmt.Sprintf("%s/k%d", prefix, i), "0")
 	}
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(faultRequestTimeout), WithSourceMetrics(env.reg))
-	otherOnSource(t, env.direct, prefix, src)
+	otherOnSource(t, env.cli, prefix, src)
 
 	var v violationRecorder
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
-	w := mustNewEtcdWorker(t, env.direct, prefix, finishReactor(), st, WithSource(src))
+	w := mustNewEtcdWorker(t, env.cli, prefix, finishReactor(), st, WithSource(src))
 	require.NoError(t, runWithin(t, w, 10*time.Second, "first"))
 	require.Len(t, st.values, 10)
-	reloadByCompaction(ctx, t, env.proxy, env.direct, func() {
+	reloadByCompaction(ctx, t, env, func() {
 		for i := range 6 {
-			_, err := env.direct.Delete(ctx, fmt.Sprintf("%s/k%d", prefix, i))
+			_, err := env.cli.Delete(ctx, fmt.Sprintf("%s/k%d", prefix, i))
 			require.NoError(t, err)
 		}
-		mustPutKV(ctx, t, env.direct, prefix+"/k9", "changed")
-		mustPutKV(ctx, t, env.direct, prefix+"/new", "1")
+		mustPutKV(ctx, t, env.cli, prefix+"/k9", "changed")
+		mustPutKV(ctx, t, env.cli, prefix+"/new", "1")
 	})
 	waitWithin(t, 20*time.Second, "the Source reloads", nil, func() bool {
-		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= storeRevision(t, env.direct)
+		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= storeRevision(t, env.cli)
 	})
 	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
-	require.Equal(t, etcdSnapshot(ctx, t, env.direct, prefix), stateSnapshotMap(st.mapState))
+	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stateSnapshotMap(st.mapState))
 	v.requireNone(t)
 }
 
@@ -381,12 +380,12 @@ func (s *gatedWatchStream) RecvMsg(m any) error {
 // see /w.
 func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	cli := sharedClient(t)
+	env := newTestEnv(t)
+	cli := env.cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-latelag"
 	gate := newWatchGate()
-	srcCli := etcdtest.NewClientFromConfig(t, faultClientConfig(gate.dialOptions(), srv.Endpoints()[0]))
+	srcCli := env.client(t, gate.dialOptions()...)
 	t.Cleanup(gate.openAll) // before the client closes (cleanups run last first)
 	src := mustNewSource(t, srcCli, prefix)
 	otherOnSource(t, cli, prefix, src)
@@ -449,7 +448,7 @@ func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T
 		case <-ticker.C:
 		}
 	}
-	t.Logf("first Tick before the gate opened: %v (copy at %d, /v at %d, store at %d)", firstTick(), src.copyRev(), put.Header.Revision, srv.Revision())
+	t.Logf("first Tick before the gate opened: %v (copy at %d, /v at %d, store at %d)", firstTick(), src.copyRev(), put.Header.Revision, env.srv.Revision())
 	gate.openAll()
 	waitUntil(ctx, t, "the first Tick", func() bool { return firstTick() != nil })
 	require.Contains(t, firstTick(), "/w", "the first Tick lacks a write that completed before Run was called")

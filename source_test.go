@@ -35,8 +35,8 @@ func sourceFollowing(src *Source) bool {
 
 func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	cli := env.cli
 	src := mustNewSource(t, cli, "/sp")
 	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 	cases := []struct {
@@ -72,7 +72,7 @@ func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
 // etcd ends with the exact totals; the Source reloads once per compaction.
 func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	b := newBankWorld("/source/bank", 6, 8)
 	src := mustNewSource(t, env.client(t), b.prefix, WithSourceMetrics(env.reg),
@@ -85,15 +85,15 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 	b.waitProgress(t, g, 20, "before the outage")
 
 	env.proxy.Pause()
-	externalBankWrites(ctx, t, env.direct, b, 0)
-	_, err := etcdtest.Compact(ctx, env.direct)
+	externalBankWrites(ctx, t, env.cli, b, 0)
+	_, err := etcdtest.Compact(ctx, env.cli)
 	require.NoError(t, err)
 	env.proxy.Resume()
 	waitWithin(t, faultProgressTimeout, "the source reloads", g.failed, func() bool {
 		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1
 	})
 	b.waitProgress(t, g, 20, "after the outage")
-	b.finish(t, g, env.direct)
+	b.finish(t, g, env.cli)
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_source_reloads_total"), "one reload for all workers")
 	require.False(t, sourceFollowing(src), "the last worker stopped the Source")
 }
@@ -103,8 +103,8 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 // reach the worker on the Source's whole prefix.
 func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	cli := env.cli
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, "/sub/a", "1")
 	mustPutKV(ctx, t, cli, "/sub/in/b", "2")
@@ -163,13 +163,13 @@ func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 // sees the newest write.
 func TestSourceStuckWorkerDoesNotDelayTheOthers(t *testing.T) {
 	t.Parallel()
-	stuckWorkerOnSource(t, etcdtest.NewServer(t))
+	stuckWorkerOnSource(t, newTestEnv(t, ownServer()))
 }
 
 // stuckWorkerOnSource is TestSourceStuckWorkerDoesNotDelayTheOthers against
 // srv (also run by the server matrix).
-func stuckWorkerOnSource(t *testing.T, srv etcdtest.Target) {
-	cli := srv.Client(t)
+func stuckWorkerOnSource(t *testing.T, env *testEnv) {
+	cli := env.cli
 	ctx := testContext(t)
 	const prefix, keys, writes = "/stuck", 30, 3000
 	src := mustNewSource(t, cli, prefix)
@@ -227,15 +227,15 @@ func stuckWorkerOnSource(t *testing.T, srv etcdtest.Target) {
 // isInit, without reading the prefix from etcd again.
 func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t, ownServer())
 	ctx := testContext(t)
 	const prefix = "/late"
-	admin := srv.Client(t)
+	admin := env.cli
 	for i := range 50 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%02d", prefix, i), fmt.Sprint(i))
 	}
 	counter := &rpcCounter{}
-	srcCli := etcdtest.NewClientFromConfig(t, faultClientConfig(counter.dialOptions(), srv.Endpoints()[0]))
+	srcCli := env.client(t, counter.dialOptions()...)
 	src := mustNewSource(t, srcCli, prefix)
 	first := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		return s, nil
@@ -246,7 +246,7 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	_, err := admin.Delete(ctx, prefix+"/k01")
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the first worker's state", func() bool {
-		return first.Status().AppliedRevision >= srv.Revision()
+		return first.Status().AppliedRevision >= env.srv.Revision()
 	})
 	reads := counter.reads()
 
@@ -274,8 +274,8 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 // fencing key of one worker ends only its Run.
 func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	cli := env.cli
 	ctx := testContext(t)
 	const prefix = "/srcerr"
 	src := mustNewSource(t, cli, prefix)
@@ -319,8 +319,8 @@ func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 // it again and is told what changed in between.
 func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	cli := env.cli
 	ctx := testContext(t)
 	const prefix = "/srcagain"
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
@@ -351,14 +351,14 @@ func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 // TestSourceOutageCountsForEveryWorker: a Source cut off from etcd is an
 // outage of its workers: each one's WithMaxOutage applies.
 func TestSourceOutageCountsForEveryWorker(t *testing.T) {
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	const prefix = "/srcout"
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(time.Second))
 	ws := []*EtcdWorker{
-		mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		mustNewEtcdWorker(t, env.cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 			return s, nil
 		}), newMapState(prefix), WithSource(src), WithMaxOutage(2*time.Second)),
-		mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		mustNewEtcdWorker(t, env.cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 			return s, nil
 		}), newMapState(prefix), WithSource(src), WithMaxOutage(3*time.Second)),
 	}
@@ -415,13 +415,13 @@ func (s *countingWatchStream) SendMsg(m any) error {
 // for one watch; eight lone workers for eight.
 func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t, ownServer())
 	ctx := testContext(t)
 	for _, shared := range []bool{true, false} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
 			prefix := fmt.Sprintf("/srcwatch-%v", shared)
 			creates := &watchCreates{}
-			cli := etcdtest.NewClientFromConfig(t, faultClientConfig(creates.dialOptions(), srv.Endpoints()[0]))
+			cli := env.client(t, creates.dialOptions()...)
 			src := mustNewSource(t, cli, prefix)
 			ws := make([]*EtcdWorker, 8)
 			for i := range ws {
@@ -445,7 +445,7 @@ func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 			mustPutKV(ctx, t, cli, prefix+"/k", "v")
 			waitUntil(ctx, t, "every worker sees the put", func() bool {
 				for _, w := range ws {
-					if w.Status().AppliedRevision < srv.Revision() {
+					if w.Status().AppliedRevision < env.srv.Revision() {
 						return false
 					}
 				}
@@ -509,9 +509,9 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 func TestSourcePermissionDeniedEndsEveryWorker(t *testing.T) {
 	t.Parallel()
 	const prefix = "/srcauth"
-	env := newAuthEnv(t, prefix)
-	src := mustNewSource(t, userClient(t, env.srv, "nobody", "pw"), prefix)
-	cli := userClient(t, env.srv, "reader-writer", "pw")
+	env := newTestEnv(t, ownServer(), withAuth(prefix))
+	src := mustNewSource(t, env.userClient(t, "nobody", "pw"), prefix)
+	cli := env.userClient(t, "reader-writer", "pw")
 	ws := make([]*EtcdWorker, 3)
 	for i := range ws {
 		ws[i] = mustNewEtcdWorker(t, cli, prefix, &incrWriter{}, newMapState(prefix), WithSource(src))
