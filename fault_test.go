@@ -282,8 +282,7 @@ func bankOutages(t *testing.T, env *testEnv, prefix string, fault func(*etcdtest
 		last, ok := snaps.last()
 		return ok && maps.Equal(last.values, want)
 	})
-	og.cancel()
-	require.ErrorIs(t, og.wait(t, 10*time.Second)["observer-0"], context.Canceled)
+	require.ErrorIs(t, og.stop(t)["observer-0"], context.Canceled)
 	require.Positive(t, metricSum(t, env.reg, "orchestrator_outages_total"), "the outages were not noticed")
 	t.Logf("groups emitted: %d, conflicts: %v, unknown outcomes: %v", b.emitted.Load(),
 		metricSum(t, env.reg, "orchestrator_conflicts_total"), metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
@@ -459,8 +458,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 	requireStateEqualsEtcd(ctx, t, env.cli, prefix, after.values)
 	require.Contains(t, after.values, prefix+"/k04")
 	require.NotNil(t, after.raw[prefix+"/k04"], "an empty value must arrive as a non-nil empty slice")
-	g.cancel()
-	require.ErrorIs(t, g.wait(t, 10*time.Second)["reload"], context.Canceled)
+	require.ErrorIs(t, g.stop(t)["reload"], context.Canceled)
 }
 
 // TestFaultCompactionBetweenLoadPages: the history is compacted while the
@@ -715,8 +713,7 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	}
 	require.Empty(t, during, "Ticks on a stale state (offsets from the cut)")
 	require.GreaterOrEqual(t, ticksBeforeCut, 5)
-	g.cancel()
-	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
+	require.ErrorIs(t, g.stop(t)["worker"], context.Canceled)
 }
 
 // shutdownCase is one case of TestFaultShutdownDuringCommit.
@@ -936,6 +933,5 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 		return time.Since(ts[len(ts)-1]) < interval*5
 	})
 	requireTicking(maxOutage+500*time.Millisecond, "idle etcd after a cut")
-	g.cancel()
-	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
+	require.ErrorIs(t, g.stop(t)["worker"], context.Canceled)
 }

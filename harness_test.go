@@ -40,6 +40,9 @@ const behaviourTick = 5 * time.Millisecond
 // pollInterval is how often the waits below check their condition.
 const pollInterval = 5 * time.Millisecond
 
+// stopTimeout bounds how long workers may take to return once cancelled.
+const stopTimeout = 10 * time.Second
+
 // testContext returns a context bounded by testTimeout, cancelled when the
 // test ends.
 func testContext(t testing.TB) context.Context {
@@ -210,6 +213,14 @@ func (g *workerGroup) run(name string, fn func(ctx context.Context) error) {
 // runWorker starts w.Run with faultInterval and role name.
 func (g *workerGroup) runWorker(name string, w *EtcdWorker) {
 	g.run(name, func(ctx context.Context) error { return w.Run(ctx, nil, faultInterval, name) })
+}
+
+// stop cancels g's context and waits (at most stopTimeout) for every
+// goroutine; it returns the results.
+func (g *workerGroup) stop(t testing.TB) map[string]error {
+	t.Helper()
+	g.cancel()
+	return g.wait(t, stopTimeout)
 }
 
 // failed returns the first error any goroutine returned so far.

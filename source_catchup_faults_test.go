@@ -57,8 +57,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 	t.Parallel()
 	for _, shared := range []bool{false, true} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
-			env := newTestEnv(t, ownServer())
-			cli := env.cli
+			cli := newTestEnv(t, ownServer()).cli
 			ctx := testContext(t)
 			prefix := "/src-del"
 			mustPutKV(ctx, t, cli, prefix+"/x", "0")
@@ -67,11 +66,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 			if shared {
 				src := mustNewSource(t, cli, prefix)
 				opts = append(opts, WithSource(src))
-				// Another worker keeps the Source running throughout.
-				other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-				g := startWorkerGroup(t, time.Minute, "other", []*EtcdWorker{other})
-				require.NoError(t, other.WaitSynced(ctx))
-				t.Cleanup(func() { g.cancel(); g.wait(t, 10*time.Second) })
+				otherOnSource(ctx, t, cli, prefix, src) // keeps the Source running throughout
 			}
 			st := newRecordingState(prefix)
 			var fs failSwitch
@@ -103,17 +98,10 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 // tell the state that /k7 is gone.
 func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	cli := newTestEnv(t, ownServer()).cli
 	ctx := testContext(t)
 	const prefix = "/src-del2"
-	for _, k := range []string{"/k1", "/k5", "/k9"} {
-		mustPutKV(ctx, t, cli, prefix+k, "0")
-	}
-	src := mustNewSource(t, cli, prefix)
-	other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "other", []*EtcdWorker{other})
-	require.NoError(t, other.WaitSynced(ctx))
+	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k5", "/k9")
 
 	st := newRecordingState(prefix)
 	var fs failSwitch
@@ -121,20 +109,19 @@ func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), st, WithSource(src))
 	fs.arm("/k5")
 	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errRefusedUpdate)
-	mustPutKV(ctx, t, cli, prefix+"/k7", "7")
-	waitUntil(ctx, t, "the Source has /k7", func() bool { return other.Status().AppliedRevision >= env.srv.Revision() })
+	put, err := cli.Put(ctx, prefix+"/k7", "7")
+	require.NoError(t, err)
+	waitUntil(ctx, t, "the Source has /k7", func() bool { return other.Status().AppliedRevision >= put.Header.Revision })
 	fs.arm("/k9")
 	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errRefusedUpdate)
 	require.Contains(t, st.values, "/k7", "precondition: the second snapshot told /k7")
 	fs.disarm()
-	_, err := cli.Delete(ctx, prefix+"/k7")
+	del, err := cli.Delete(ctx, prefix+"/k7")
 	require.NoError(t, err)
-	waitUntil(ctx, t, "the Source has the delete", func() bool { return other.Status().AppliedRevision >= env.srv.Revision() })
+	waitUntil(ctx, t, "the Source has the delete", func() bool { return other.Status().AppliedRevision >= del.Header.Revision })
 	require.NoError(t, runWithin(t, w, 10*time.Second, "third"))
 	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshot(st),
 		"the state ends equal to etcd: the delete of /k7 must reach it")
-	g.cancel()
-	g.wait(t, 10*time.Second)
 }
 
 // TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys: while
@@ -185,8 +172,7 @@ func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testi
 	require.LessOrEqual(t, maxRecords, compactMinOver+2, "records bounded by keys, not by events")
 	require.LessOrEqual(t, maxLog, 2*(compactMinOver+2), "log bounded by keys, not by events")
 	close(release)
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceADroppedWorkerReleasesItsPosition: a worker that ran on a
@@ -194,8 +180,8 @@ func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testi
 // worker that is dropped releases it"), nor keep the change log from being
 // pruned.
 func TestSourceADroppedWorkerReleasesItsPosition(t *testing.T) {
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/src-drop"
 	src := mustNewSource(t, cli, prefix)
@@ -206,13 +192,14 @@ func TestSourceADroppedWorkerReleasesItsPosition(t *testing.T) {
 		require.NoError(t, runWithin(t, w, 10*time.Second, "dropped"))
 		cur, wp = weak.Make(w.cur), weak.Make(w)
 	}()
-	keep := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "keep", []*EtcdWorker{keep})
-	require.NoError(t, keep.WaitSynced(ctx))
+	keep := otherOnSource(ctx, t, cli, prefix, src)
+	var last int64
 	for i := range 50 {
-		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i), "v")
+		put, err := cli.Put(ctx, fmt.Sprintf("%s/k%d", prefix, i), "v")
+		require.NoError(t, err)
+		last = put.Header.Revision
 	}
-	waitUntil(ctx, t, "keep is current", func() bool { return keep.Status().AppliedRevision >= env.srv.Revision() })
+	waitUntil(ctx, t, "keep is current", func() bool { return keep.Status().AppliedRevision >= last })
 	waitWithin(t, 5*time.Second, "the dropped worker is collected", nil, func() bool {
 		runtime.GC()
 		return wp.Value() == nil
@@ -227,8 +214,6 @@ func TestSourceADroppedWorkerReleasesItsPosition(t *testing.T) {
 		defer src.mu.RUnlock()
 		return len(src.changes.changes) == 0
 	})
-	g.cancel()
-	g.wait(t, 10*time.Second)
 }
 
 // pageFailer makes a client answer RangeStream Unimplemented (so loads read
@@ -301,8 +286,7 @@ func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 		}
 		return st, nil
 	}), newMapState(prefix), WithSource(src), WithLogger(faultLogger(t)))
-	g := startWorkerGroup(t, time.Minute, "torn", []*EtcdWorker{w})
-	require.NoError(t, w.WaitSynced(ctx))
+	g := startSynced(ctx, t, "torn", w)
 	waitGrown(t, g, &ticks, 2, "ticks before the outage")
 
 	env.proxy.Pause()
@@ -329,8 +313,7 @@ func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 	waitWithin(t, 20*time.Second, "the reload completes", g.failed, func() bool {
 		return w.Status().AppliedRevision >= storeRevision(t, env.cli)
 	})
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	if snap := tornSaw.Load(); snap != nil {
 		t.Logf("a Tick saw a torn state: %v", *snap)
 	}
@@ -408,8 +391,8 @@ func churnWrite(ctx context.Context, cli *clientv3.Client, prefix string, i int)
 // missed delete; afterwards every state equals etcd, and once the last
 // Run returned, no goroutine is left.
 func TestSourceWorkersJoinAndLeaveWhileWritesFlow(t *testing.T) {
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	// Not parallel: at its end no goroutine of the package may run.
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix, workers = "/src-churn", 8
 	src := mustNewSource(t, cli, prefix)
@@ -638,8 +621,7 @@ func (s *strictState) Update(key util.EtcdKey, value []byte, isInit bool) error 
 // hold. Another worker on the Source is stuck, so the change log keeps it.
 func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	cli := newTestEnv(t, ownServer()).cli
 	ctx := testContext(t)
 	const prefix = "/src-spurious"
 	mustPutKV(ctx, t, cli, prefix+"/k", "1")
@@ -672,20 +654,19 @@ func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	g := startWorkerGroup(t, time.Minute, "spurious", []*EtcdWorker{stuck, w})
 	waitUntil(ctx, t, "the stuck Tick", stuckIn.Load)
 	require.NoError(t, w.WaitSynced(ctx))
-	_, err := cli.Delete(ctx, prefix+"/k")
+	del, err := cli.Delete(ctx, prefix+"/k")
 	require.NoError(t, err)
-	waitUntil(ctx, t, "the worker has the delete", func() bool { return w.Status().AppliedRevision >= env.srv.Revision() })
+	waitUntil(ctx, t, "the worker has the delete", func() bool { return w.Status().AppliedRevision >= del.Header.Revision })
 	hold.Store(true)
 	waitUntil(ctx, t, "the worker is in Tick", inTick.Load)
 	mustPutKV(ctx, t, cli, prefix+"/k", "2")
-	_, err = cli.Delete(ctx, prefix+"/k")
+	del, err = cli.Delete(ctx, prefix+"/k")
 	require.NoError(t, err)
-	waitUntil(ctx, t, "the Source has both", func() bool { return src.copyRev() >= env.srv.Revision() })
+	waitUntil(ctx, t, "the Source has both", func() bool { return src.copyRev() >= del.Header.Revision })
 	close(unhold)
-	waitUntil(ctx, t, "the worker caught up", func() bool { return w.Status().AppliedRevision >= env.srv.Revision() })
+	waitUntil(ctx, t, "the worker caught up", func() bool { return w.Status().AppliedRevision >= del.Header.Revision })
 	close(release)
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	v.requireNone(t)
 }
 
@@ -704,10 +685,7 @@ func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 		var queued atomic.Int64
 		ws[i] = mustNewEtcdWorker(t, env.client(t), prefix, counterReactor(&queued), newMapState(prefix), WithSource(src))
 	}
-	g := startWorkerGroup(t, time.Minute, "closed", ws)
-	for _, w := range ws {
-		require.NoError(t, w.WaitSynced(ctx))
-	}
+	g := startSynced(ctx, t, "closed", ws...)
 	require.NoError(t, srcCli.Close())
 	for name, err := range g.wait(t, 10*time.Second) {
 		require.ErrorIs(t, err, ErrEtcdRejected, name)
@@ -720,16 +698,15 @@ func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 // a write made just before it joined), and Ready.
 func TestSourceLateJoinerStatusAndWaitSynced(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	cli := newTestEnv(t, ownServer()).cli
 	ctx := testContext(t)
 	const prefix = "/src-latestatus"
 	src := mustNewSource(t, cli, prefix)
 	first := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "first", []*EtcdWorker{first})
-	require.NoError(t, first.WaitSynced(ctx))
-	mustPutKV(ctx, t, cli, prefix+"/a", "1")
-	rev := env.srv.Revision()
+	g := startSynced(ctx, t, "first", first)
+	put, err := cli.Put(ctx, prefix+"/a", "1")
+	require.NoError(t, err)
+	rev := put.Header.Revision
 	waitUntil(ctx, t, "the Source has the write", func() bool { return src.copyRev() >= rev })
 	late := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
 	require.False(t, late.Status().Synced)
@@ -741,8 +718,7 @@ func TestSourceLateJoinerStatusAndWaitSynced(t *testing.T) {
 	require.True(t, s.Synced)
 	require.GreaterOrEqual(t, s.AppliedRevision, rev)
 	waitUntil(ctx, t, "the late worker is ready", func() bool { return late.Ready() == nil })
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	require.True(t, sourceFollowing(src), "the late worker still runs the Source")
 	stopLate()
 	require.ErrorIs(t, recvErr(ctx, t, done), context.Canceled)
@@ -796,9 +772,7 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 		return st, nil
 	})
 	busy := mustNewEtcdWorker(t, env.cli, prefix, busyReactor, newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "stuckupd", []*EtcdWorker{stuck, busy})
-	require.NoError(t, stuck.WaitSynced(ctx))
-	require.NoError(t, busy.WaitSynced(ctx))
+	g := startSynced(ctx, t, "stuckupd", stuck, busy)
 	slow.blocked.Store(true)
 	mustPutKV(ctx, t, env.cli, prefix+"/k00", "trigger")
 	waitUntil(ctx, t, "the stuck Update", func() bool { return !slow.blocked.Load() })
@@ -823,8 +797,7 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 	waitWithin(t, 20*time.Second, "the stuck worker catches up", g.failed, func() bool {
 		return stuck.Status().AppliedRevision >= last
 	})
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stateSnapshotMap(slow.mapState))
 }
 

@@ -35,7 +35,7 @@ func stuckOnSource(t *testing.T, cli *clientv3.Client, prefix string, src *Sourc
 		return s, nil
 	}), newMapState(prefix), WithSource(src))
 	g := startWorkerGroup(t, time.Minute, "stuck", []*EtcdWorker{stuck})
-	t.Cleanup(func() { close(release); g.cancel(); g.wait(t, 10*time.Second) })
+	t.Cleanup(func() { close(release); g.stop(t) })
 	waitUntil(ctx, t, "the stuck Tick", in.Load)
 	return stuck
 }
@@ -77,8 +77,7 @@ func TestSourceCatchUpNoDeleteOfAKeyFirstCreatedAfterAStuckWorkersPosition(t *te
 	st := &strictState{mapState: newMapState(prefix), v: &v}
 	r := &holdingReactor{unhold: make(chan struct{})}
 	w := mustNewEtcdWorker(t, cli, prefix, r, st, WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "w", []*EtcdWorker{w})
-	require.NoError(t, w.WaitSynced(ctx))
+	g := startSynced(ctx, t, "w", w)
 
 	mustPutKV(ctx, t, cli, prefix+"/k", "1")
 	del, err := cli.Delete(ctx, prefix+"/k")
@@ -94,8 +93,7 @@ func TestSourceCatchUpNoDeleteOfAKeyFirstCreatedAfterAStuckWorkersPosition(t *te
 	waitUntil(ctx, t, "the Source has the second delete", func() bool { return src.copyRev() >= del.Header.Revision })
 	close(r.unhold)
 	waitUntil(ctx, t, "the worker caught up", func() bool { return w.Status().AppliedRevision >= del.Header.Revision })
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	v.requireNone(t)
 }
 
@@ -121,17 +119,6 @@ func (s *failingStrictState) Update(key util.EtcdKey, value []byte, isInit bool)
 func (s *failingStrictState) arm(rel string) { s.fail.Store(&rel) }
 func (s *failingStrictState) disarm()        { s.fail.Store(nil) }
 
-// otherOnSource runs an idle worker on src for the rest of the test, so that
-// the Source keeps following etcd between the Runs of another worker.
-func otherOnSource(t *testing.T, cli *clientv3.Client, prefix string, src *Source) *EtcdWorker {
-	t.Helper()
-	other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "other", []*EtcdWorker{other})
-	t.Cleanup(func() { g.cancel(); g.wait(t, 10*time.Second) })
-	require.NoError(t, other.WaitSynced(testContext(t)))
-	return other
-}
-
 // TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold: the
 // first snapshot fails at /k5 (keys after it never told); /k7 is deleted;
 // the second Run's snapshot goes on from /k5 and fails at /k9; the third
@@ -142,11 +129,7 @@ func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.
 	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/cu-twofail"
-	for _, k := range []string{"/k1", "/k5", "/k7", "/k9"} {
-		mustPutKV(ctx, t, cli, prefix+k, "0")
-	}
-	src := mustNewSource(t, cli, prefix)
-	other := otherOnSource(t, cli, prefix, src)
+	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k5", "/k7", "/k9")
 
 	var v violationRecorder
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
@@ -176,11 +159,7 @@ func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/test/cu-resume"
-	for _, k := range []string{"/k1", "/k2", "/k3", "/k5", "/k6", "/k8"} {
-		mustPutKV(ctx, t, cli, prefix+k, "0")
-	}
-	src := mustNewSource(t, cli, prefix)
-	other := otherOnSource(t, cli, prefix, src)
+	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k2", "/k3", "/k5", "/k6", "/k8")
 
 	var v violationRecorder
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
@@ -218,7 +197,7 @@ func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) 
 		mustPutKV(ctx, t, env.cli, fmt.Sprintf("%s/k%d", prefix, i), "0")
 	}
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(faultRequestTimeout), WithSourceMetrics(env.reg))
-	otherOnSource(t, env.cli, prefix, src)
+	otherOnSource(ctx, t, env.cli, prefix, src)
 
 	var v violationRecorder
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
@@ -254,7 +233,7 @@ func TestSourceCatchUpSizedStateHintOfALateJoinCountsItsKeys(t *testing.T) {
 		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i), "0")
 	}
 	src := mustNewSource(t, cli, prefix)
-	other := otherOnSource(t, cli, prefix, src)
+	other := otherOnSource(ctx, t, cli, prefix, src)
 	var rev int64
 	for i := range 6 {
 		del, err := cli.Delete(ctx, fmt.Sprintf("%s/k%d", prefix, i))
@@ -326,7 +305,7 @@ type watchGate struct {
 	release  chan struct{} // lets one held response through
 	open     chan struct{} // closed: lets every response through
 	openOnce sync.Once
-	progress atomic.Int64
+	sent     watchRequests
 }
 
 func newWatchGate() *watchGate {
@@ -336,19 +315,16 @@ func newWatchGate() *watchGate {
 func (g *watchGate) openAll() { g.openOnce.Do(func() { close(g.open) }) }
 
 func (g *watchGate) dialOptions() []grpc.DialOption {
-	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream { return &gatedWatchStream{ClientStream: cs, g: g} })
+	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream {
+		return &gatedWatchStream{countingWatchStream: countingWatchStream{ClientStream: cs, w: &g.sent}, g: g}
+	})
 }
 
+// gatedWatchStream counts what it sends in g.sent and holds what it
+// receives while g is armed.
 type gatedWatchStream struct {
-	grpc.ClientStream
+	countingWatchStream
 	g *watchGate
-}
-
-func (s *gatedWatchStream) SendMsg(m any) error {
-	if req, ok := m.(*pb.WatchRequest); ok && req.GetProgressRequest() != nil {
-		s.g.progress.Add(1)
-	}
-	return s.ClientStream.SendMsg(m)
 }
 
 func (s *gatedWatchStream) RecvMsg(m any) error {
@@ -388,7 +364,7 @@ func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T
 	srcCli := env.client(t, gate.dialOptions()...)
 	t.Cleanup(gate.openAll) // before the client closes (cleanups run last first)
 	src := mustNewSource(t, srcCli, prefix)
-	otherOnSource(t, cli, prefix, src)
+	otherOnSource(ctx, t, cli, prefix, src)
 
 	gate.armed.Store(true)
 	put, err := cli.Put(ctx, prefix+"/v", "1")
@@ -424,9 +400,9 @@ func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T
 		_, in := src.attached[late.cur]
 		return in
 	})
-	sent := gate.progress.Load()
+	sent := gate.sent.progress.Load()
 	// The late worker asks for a progress notification once Run began.
-	waitUntil(ctx, t, "the late worker's progress request", func() bool { return gate.progress.Load() > sent })
+	waitUntil(ctx, t, "the late worker's progress request", func() bool { return gate.sent.progress.Load() > sent })
 	select {
 	case gate.release <- struct{}{}: // one older response arrives after Run began
 	case <-ctx.Done():
@@ -484,7 +460,7 @@ func TestSourceCatchUpSubPrefixGeneralPatchSeesOnlyItsKeys(t *testing.T) {
 		mustPutKV(ctx, t, cli, prefix+k, "v")
 	}
 	src := mustNewSource(t, cli, prefix)
-	otherOnSource(t, cli, prefix, src)
+	otherOnSource(ctx, t, cli, prefix, src)
 	var mu sync.Mutex
 	var keys []string
 	patched := false

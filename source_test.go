@@ -26,6 +26,40 @@ func mustNewSource(t testing.TB, cli *clientv3.Client, prefix string, opts ...So
 	return src
 }
 
+// startSynced runs ws in a worker group (for at most a minute; worker i
+// named "<name>-<i>") and waits until every one of them is synced.
+func startSynced(ctx context.Context, t testing.TB, name string, ws ...*EtcdWorker) *workerGroup {
+	t.Helper()
+	g := startWorkerGroup(t, time.Minute, name, ws)
+	for _, w := range ws {
+		require.NoError(t, w.WaitSynced(ctx))
+	}
+	return g
+}
+
+// otherOnSource runs an idle worker on src for the rest of the test, so that
+// the Source keeps following etcd between the Runs of another worker; ctx
+// bounds the wait until it is synced.
+func otherOnSource(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, src *Source) *EtcdWorker {
+	t.Helper()
+	other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
+	g := startSynced(ctx, t, "other", other)
+	t.Cleanup(func() { g.stop(t) })
+	return other
+}
+
+// followedSource puts keys (relative to prefix) with value "0", and starts a
+// Source on prefix that otherOnSource keeps following etcd; it returns the
+// Source and that idle worker.
+func followedSource(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, keys ...string) (*Source, *EtcdWorker) {
+	t.Helper()
+	for _, k := range keys {
+		mustPutKV(ctx, t, cli, prefix+k, "0")
+	}
+	src := mustNewSource(t, cli, prefix)
+	return src, otherOnSource(ctx, t, cli, prefix, src)
+}
+
 // sourceFollowing reports whether src has a follower (a watch) running.
 func sourceFollowing(src *Source) bool {
 	src.lifeMu.Lock()
@@ -35,8 +69,7 @@ func sourceFollowing(src *Source) bool {
 
 func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	cli := sharedClient(t)
 	src := mustNewSource(t, cli, "/sp")
 	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 	cases := []struct {
@@ -103,8 +136,7 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 // reach the worker on the Source's whole prefix.
 func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	cli := newTestEnv(t, ownServer()).cli
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, "/sub/a", "1")
 	mustPutKV(ctx, t, cli, "/sub/in/b", "2")
@@ -152,8 +184,7 @@ func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 	resp, err := cli.Get(ctx, "/sub/a")
 	require.NoError(t, err)
 	require.Equal(t, "1", string(resp.Kvs[0].Value))
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceStuckWorkerDoesNotDelayTheOthers: one worker is stuck in Tick
@@ -216,8 +247,7 @@ func stuckWorkerOnSource(t *testing.T, env *testEnv) {
 
 	close(release)
 	waitUntil(ctx, t, "the stuck worker's newest Tick", func() bool { return lastStuck.Load() == newest })
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	told := stuckState.updates + stuckState.inits - updatesBefore
 	require.LessOrEqual(t, told, 2*keys, "the stuck worker is told each key once or twice, not every event (%d)", told)
 }
@@ -229,7 +259,7 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, ownServer())
 	ctx := testContext(t)
-	const prefix = "/late"
+	const prefix = "/src-late"
 	admin := env.cli
 	for i := range 50 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%02d", prefix, i), fmt.Sprint(i))
@@ -240,13 +270,12 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	first := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		return s, nil
 	}), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "late", []*EtcdWorker{first})
-	require.NoError(t, first.WaitSynced(ctx))
+	g := startSynced(ctx, t, "late", first)
 	mustPutKV(ctx, t, admin, prefix+"/k00", "changed")
-	_, err := admin.Delete(ctx, prefix+"/k01")
+	del, err := admin.Delete(ctx, prefix+"/k01")
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the first worker's state", func() bool {
-		return first.Status().AppliedRevision >= env.srv.Revision()
+		return first.Status().AppliedRevision >= del.Header.Revision
 	})
 	reads := counter.reads()
 
@@ -266,23 +295,20 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	require.Equal(t, 49, lateState.inits)
 	require.Zero(t, lateState.updates, "a late join is a load: isInit = true")
 	require.Equal(t, reads, counter.reads(), "no read of the prefix for a late join")
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceErrorOfOneWorkerEndsOnlyItsRun: an error, a panic or a lost
 // fencing key of one worker ends only its Run.
 func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	cli := newTestEnv(t, ownServer()).cli
 	ctx := testContext(t)
 	const prefix = "/srcerr"
 	src := mustNewSource(t, cli, prefix)
 	var ticks atomic.Int64
 	survivor := mustNewEtcdWorker(t, cli, prefix, counterReactor(&ticks), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "survivor", []*EtcdWorker{survivor})
-	require.NoError(t, survivor.WaitSynced(ctx))
+	g := startSynced(ctx, t, "survivor", survivor)
 
 	boom := errors.New("boom")
 	fencing, err := cli.Put(ctx, "/srcerr-fence", "x")
@@ -310,8 +336,7 @@ func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 			require.NoError(t, g.failed())
 		})
 	}
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceLastWorkerLeavesAndTheSourceServesAgain: when the last worker
@@ -319,8 +344,7 @@ func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 // it again and is told what changed in between.
 func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
-	cli := env.cli
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/srcagain"
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
@@ -351,6 +375,7 @@ func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 // TestSourceOutageCountsForEveryWorker: a Source cut off from etcd is an
 // outage of its workers: each one's WithMaxOutage applies.
 func TestSourceOutageCountsForEveryWorker(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t, ownServer(), withProxy())
 	const prefix = "/srcout"
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(time.Second))
@@ -363,10 +388,7 @@ func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 		}), newMapState(prefix), WithSource(src), WithMaxOutage(3*time.Second)),
 	}
 	ctx := testContext(t)
-	g := startWorkerGroup(t, time.Minute, "out", ws)
-	for _, w := range ws {
-		require.NoError(t, w.WaitSynced(ctx))
-	}
+	g := startSynced(ctx, t, "out", ws...)
 	env.proxy.Blackhole()
 	start := time.Now()
 	errs := g.wait(t, 20*time.Second)
@@ -378,10 +400,11 @@ func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 	env.proxy.Resume()
 }
 
-// watchCreates counts the watches a client asks etcd to create.
-type watchCreates struct{ n atomic.Int64 }
+// watchRequests counts the watch requests a client sends: the watches it
+// asks etcd to create, and its progress requests.
+type watchRequests struct{ creates, progress atomic.Int64 }
 
-func (w *watchCreates) dialOptions() []grpc.DialOption {
+func (w *watchRequests) dialOptions() []grpc.DialOption {
 	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream { return &countingWatchStream{ClientStream: cs, w: w} })
 }
 
@@ -401,12 +424,17 @@ func wrapWatchStreams(wrap func(grpc.ClientStream) grpc.ClientStream) []grpc.Dia
 
 type countingWatchStream struct {
 	grpc.ClientStream
-	w *watchCreates
+	w *watchRequests
 }
 
 func (s *countingWatchStream) SendMsg(m any) error {
-	if req, ok := m.(*pb.WatchRequest); ok && req.GetCreateRequest() != nil {
-		s.w.n.Add(1)
+	if req, ok := m.(*pb.WatchRequest); ok {
+		switch {
+		case req.GetCreateRequest() != nil:
+			s.w.creates.Add(1)
+		case req.GetProgressRequest() != nil:
+			s.w.progress.Add(1)
+		}
 	}
 	return s.ClientStream.SendMsg(m)
 }
@@ -420,7 +448,7 @@ func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 	for _, shared := range []bool{true, false} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
 			prefix := fmt.Sprintf("/srcwatch-%v", shared)
-			creates := &watchCreates{}
+			creates := &watchRequests{}
 			cli := env.client(t, creates.dialOptions()...)
 			src := mustNewSource(t, cli, prefix)
 			ws := make([]*EtcdWorker, 8)
@@ -433,27 +461,24 @@ func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 					return s, nil
 				}), newMapState(prefix), opts...)
 			}
-			g := startWorkerGroup(t, time.Minute, "watch", ws)
-			for _, w := range ws {
-				require.NoError(t, w.WaitSynced(ctx))
-			}
+			g := startSynced(ctx, t, "watch", ws...)
 			want := int64(8)
 			if shared {
 				want = 1
 			}
-			waitUntil(ctx, t, "the watches", func() bool { return creates.n.Load() >= want })
-			mustPutKV(ctx, t, cli, prefix+"/k", "v")
+			waitUntil(ctx, t, "the watches", func() bool { return creates.creates.Load() >= want })
+			put, err := cli.Put(ctx, prefix+"/k", "v")
+			require.NoError(t, err)
 			waitUntil(ctx, t, "every worker sees the put", func() bool {
 				for _, w := range ws {
-					if w.Status().AppliedRevision < env.srv.Revision() {
+					if w.Status().AppliedRevision < put.Header.Revision {
 						return false
 					}
 				}
 				return true
 			})
-			require.Equal(t, want, creates.n.Load(), "watches asked of etcd")
-			g.cancel()
-			g.wait(t, 10*time.Second)
+			require.Equal(t, want, creates.creates.Load(), "watches asked of etcd")
+			g.stop(t)
 		})
 	}
 }
