@@ -473,7 +473,6 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	ctx := testContext(t)
 	const prefix = "/fault/paged"
 	putNumbered(ctx, t, env.cli, prefix, 10)
-	state := newMapState(prefix)
 	var hooked atomic.Int32
 	// Pages: no RangeStream, and a receive limit the whole prefix exceeds.
 	noStream := &rpcCounter{noStream: true}
@@ -504,7 +503,7 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	})
 	cfg := env.clientConfig(noStream.dialOptions()...)
 	cfg.MaxCallRecvMsgSize = 256
-	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithPageSize(2))...)
 	require.NoError(t, w.Run(ctx, nil, faultInterval, "paged"))
 	require.EqualValues(t, 1, hooked.Load())

@@ -206,6 +206,47 @@ func chainWorker(t testing.TB, cli *clientv3.Client, prefix string, runs *[chain
 	return mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), opts...)
 }
 
+// gatedChain is a chain worker (chainWorker) running in the background,
+// whose first flush a chainGate holds.
+type gatedChain struct {
+	runs [chainGroups]int // the runs of each group's increment
+	held []*gatedTxn      // the flush's commit Txns, in chain order
+	done <-chan error     // Run's result
+}
+
+// startGatedChain runs a chain worker on prefix, on a client of env whose
+// commit Txns a gate holds, and waits until the gate holds the chain.
+func startGatedChain(ctx context.Context, t testing.TB, env *testEnv, prefix string, opts ...Option) *gatedChain {
+	t.Helper()
+	gate := newChainGate(t)
+	c := &gatedChain{}
+	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &c.runs, opts...)
+	gate.arm(chainGroups)
+	c.done = runAsync(ctx, w, nil, behaviourTick, "pipeline")
+	c.held = gate.awaitFull(ctx, t)
+	return c
+}
+
+// releaseFrom lets the held Txns from the i-th on go, one by one, and
+// requires that each is answered, and lands if and only if landed (why
+// says what the Txns are).
+func (c *gatedChain) releaseFrom(ctx context.Context, t testing.TB, i int, landed bool, why string) {
+	t.Helper()
+	for j, h := range c.held[i:] {
+		res := h.release(ctx, t, txnPass)
+		require.NoError(t, res.err, "Txn %d", i+j)
+		require.Equal(t, landed, res.succeeded, "Txn %d %s: landed", i+j, why)
+	}
+}
+
+// finish waits until Run returns nil, and requires the chain to have landed
+// in order, with group i's increment at want[i] (requireChainLanded).
+func (c *gatedChain) finish(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
+	t.Helper()
+	require.NoError(t, recvErr(ctx, t, c.done))
+	requireChainLanded(ctx, t, cli, prefix, want)
+}
+
 // requireChainLanded checks that group i incremented /g<i>/a to want[i]
 // (each increment landed once) and that the groups landed in order: each
 // /g<i>/b, written once, has a higher mod revision than the one before.
@@ -232,30 +273,16 @@ func requireChainLanded(ctx context.Context, t testing.TB, cli *clientv3.Client,
 // The groups then re-run (the first on the other client's value) and land
 // once each, in order.
 func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
-	env := newTestEnv(t, ownServer())
+	t.Parallel()
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	direct := env.cli
-	gate := newChainGate(t)
 	const prefix = "/test/pipeline/behind-failed"
-	var runs [chainGroups]int
-	reg := prometheus.NewRegistry()
-	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &runs,
-		WithMetrics(reg))
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-	held := gate.awaitFull(ctx, t)
-	mustPutKV(ctx, t, direct, prefix+chainKey(0, "a"), "10")
-	for i, h := range held {
-		res := h.release(ctx, t, txnPass)
-		require.NoError(t, res.err, "Txn %d", i)
-		require.False(t, res.succeeded, "Txn %d of the chain landed although Txn 0 conflicted", i)
-	}
-	require.NoError(t, recvErr(ctx, t, done))
-
-	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{11, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{2, 2, 2, 2}, runs, "each group runs once, then once more after the conflict")
-	require.GreaterOrEqual(t, metricSum(t, reg, "orchestrator_conflicts_total"), 1.0)
+	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg))
+	mustPutKV(ctx, t, env.cli, prefix+chainKey(0, "a"), "10")
+	c.releaseFrom(ctx, t, 0, false, "of a chain whose Txn 0 conflicted")
+	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{11, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{2, 2, 2, 2}, c.runs, "each group runs once, then once more after the conflict")
+	require.GreaterOrEqual(t, metricSum(t, env.reg, "orchestrator_conflicts_total"), 1.0)
 }
 
 // TestPipelineUnknownOutcomeMidChain: of a chain of chainGroups Txns in
@@ -264,8 +291,8 @@ func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
 // never landed) or land (it did). The worker resolves the outcome (a fence,
 // or the answers behind it), and every group lands exactly once, in order.
 func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
-	env := newTestEnv(t, ownServer())
-	direct := env.cli
+	t.Parallel()
+	env := newTestEnv(t)
 	for i, tc := range []struct {
 		name   string
 		second txnAction
@@ -276,37 +303,24 @@ func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := testContext(t)
-			gate := newChainGate(t)
 			prefix := fmt.Sprintf("/test/pipeline/unknown-%d", i)
-			var runs [chainGroups]int
 			reg := prometheus.NewRegistry()
 			lg, logs := observedLogger(t)
-			w := chainWorker(t, env.client(t, gate.dialOption()), prefix,
-				&runs, WithMetrics(reg), WithLogger(lg))
-			gate.arm(chainGroups)
-			done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-			held := gate.awaitFull(ctx, t)
-			first := held[0].release(ctx, t, txnPass)
+			c := startGatedChain(ctx, t, env, prefix, WithMetrics(reg), WithLogger(lg))
+			first := c.held[0].release(ctx, t, txnPass)
 			require.NoError(t, first.err)
 			require.True(t, first.succeeded)
-			require.Error(t, held[1].release(ctx, t, tc.second).err)
-			for j, h := range held[2:] {
-				res := h.release(ctx, t, txnPass)
-				require.NoError(t, res.err)
-				require.Equal(t, tc.landed, res.succeeded, "Txn %d behind the unknown one", j+2)
-			}
-			require.NoError(t, recvErr(ctx, t, done))
-
-			requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+			require.Error(t, c.held[1].release(ctx, t, tc.second).err)
+			c.releaseFrom(ctx, t, 2, tc.landed, "behind the unknown one")
+			c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
 			require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_unknown_commit_outcomes_total"))
 			landed, notLanded := resolutionLogs(logs)
 			if tc.landed {
 				require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
-				require.Equal(t, [chainGroups]int{1, 1, 1, 1}, runs, "a landed group was re-run")
+				require.Equal(t, [chainGroups]int{1, 1, 1, 1}, c.runs, "a landed group was re-run")
 			} else {
 				require.Equal(t, [2]int{0, 1}, [2]int{landed, notLanded})
-				require.Equal(t, [chainGroups]int{1, 2, 2, 2}, runs, "the groups from the lost Txn on re-run once")
+				require.Equal(t, [chainGroups]int{1, 2, 2, 2}, c.runs, "the groups from the lost Txn on re-run once")
 			}
 		})
 	}
@@ -320,17 +334,13 @@ func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
 // The second's outcome is resolved as landed, and every group lands once,
 // in order.
 func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
-	env := newTestEnv(t, ownServer(), withProxy())
+	t.Parallel()
+	env := newTestEnv(t, withProxy())
 	ctx := testContext(t)
-	gate := newChainGate(t)
 	const prefix = "/test/pipeline/proxy-drop"
-	var runs [chainGroups]int
 	lg, logs := observedLogger(t)
-	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &runs, WithMetrics(env.reg), WithLogger(lg))
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-	held := gate.awaitFull(ctx, t)
+	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg), WithLogger(lg))
+	held := c.held
 	first := held[0].release(ctx, t, txnPass)
 	require.NoError(t, first.err)
 	require.True(t, first.succeeded)
@@ -351,15 +361,9 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 	require.Error(t, held[1].result(ctx, t).err, "the second Txn's answer reached the worker")
 	env.proxy.SetDelay(0)
 	env.proxy.Resume()
-	for j, h := range held[2:] {
-		res := h.release(ctx, t, txnPass)
-		require.NoError(t, res.err)
-		require.True(t, res.succeeded, "Txn %d behind the landed one", j+2)
-	}
-	require.NoError(t, recvErr(ctx, t, done))
-
-	requireChainLanded(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{1, 1, 1, 1}, runs, "a landed group was re-run")
+	c.releaseFrom(ctx, t, 2, true, "behind the landed one")
+	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{1, 1, 1, 1}, c.runs, "a landed group was re-run")
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
 	landed, notLanded := resolutionLogs(logs)
 	require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
@@ -368,9 +372,9 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 // TestPipelineDepthOneSendsOneTxnAtATime: with WithPipelineDepth(1) the
 // worker never has two commit Txns in flight; the chain still lands in order.
 func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
-	env := newTestEnv(t, ownServer())
+	t.Parallel()
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	direct := env.cli
 	const prefix = "/test/pipeline/depth-one"
 	var (
 		mu                  sync.Mutex
@@ -397,7 +401,7 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 	w := chainWorker(t, env.client(t, count), prefix, &runs,
 		WithPipelineDepth(1))
 	require.NoError(t, w.Run(ctx, nil, behaviourTick, "depth-one"))
-	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+	requireChainLanded(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
 	mu.Lock()
 	defer mu.Unlock()
 	require.Equal(t, 1, maxFlight)
@@ -412,7 +416,8 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 // next Tick waits for the state (the barrier): it runs once the proxy lets
 // the watch through again.
 func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
-	env := newTestEnv(t, ownServer(), withProxy())
+	t.Parallel()
+	env := newTestEnv(t, withProxy())
 	ctx := testContext(t)
 	const prefix = "/test/conflict/at-once"
 	mustPutKV(ctx, t, env.cli, prefix+"/n", "0")
@@ -469,7 +474,8 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 // so the third group's patch runs once more only, not twice (a re-run on
 // the stale state would conflict again).
 func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
-	env := newTestEnv(t, ownServer(), withProxy())
+	t.Parallel()
+	env := newTestEnv(t, withProxy())
 	ctx := testContext(t)
 	const prefix = "/test/conflict/at-once-chain"
 	src, err := NewSource(env.client(t), prefix)
@@ -532,32 +538,18 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 // where the worker never put it, and the worker takes it as it is: every
 // group lands exactly once, in order, and Run goes on (no endless resends).
 func TestPipelineTokenWipedMidChain(t *testing.T) {
-	env := newTestEnv(t, ownServer())
+	t.Parallel()
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	direct := env.cli
-	gate := newChainGate(t)
 	const prefix = "/test/pipeline/token-wiped"
-	var runs [chainGroups]int
-	reg := prometheus.NewRegistry()
-	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &runs,
-		WithMetrics(reg))
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-	held := gate.awaitFull(ctx, t)
-	first := held[0].release(ctx, t, txnPass)
+	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg))
+	first := c.held[0].release(ctx, t, txnPass)
 	require.NoError(t, first.err)
 	require.True(t, first.succeeded)
-	_, err := direct.Delete(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
+	_, err := env.cli.Delete(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
 	require.NoError(t, err)
-	for j, h := range held[1:] {
-		res := h.release(ctx, t, txnPass)
-		require.NoError(t, res.err)
-		require.False(t, res.succeeded, "Txn %d landed on a wiped token", j+1)
-	}
-	require.NoError(t, recvErr(ctx, t, done))
-
-	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{1, 2, 2, 2}, runs, "the groups behind the first re-run once")
-	require.Positive(t, metricSum(t, reg, "orchestrator_commit_resends_total"))
+	c.releaseFrom(ctx, t, 1, false, "on a wiped token")
+	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{1, 2, 2, 2}, c.runs, "the groups behind the first re-run once")
+	require.Positive(t, metricSum(t, env.reg, "orchestrator_commit_resends_total"))
 }

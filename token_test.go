@@ -57,8 +57,7 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		runs   = 20
 		ttl    = 5 * time.Second
 	)
-	env := newTestEnv(t)
-	direct := env.cli
+	direct := sharedClient(t)
 	ctx := contextWithin(t, 30*time.Second)
 
 	t.Run("clean stop", func(t *testing.T) {
