@@ -48,36 +48,29 @@ type config struct {
 	metricsAddr string
 }
 
-// parseFlags parses the command line; see demo.Parse for code and ok.
-func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
-	fs := flag.NewFlagSet("bank", flag.ContinueOnError)
-	cfg.conn.Register(fs)
-	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/bank", "etcd prefix of the worker")
-	fs.IntVar(&cfg.workers, "workers", 4, "number of EtcdWorkers")
-	fs.IntVar(&cfg.accounts, "accounts", 25, "number of accounts")
-	fs.IntVar(&cfg.perTick, "transfers-per-tick", 4, "transfers each worker queues per Tick (one atomic group each)")
-	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
-	fs.DurationVar(&cfg.interval, "interval", 2*time.Millisecond, "the workers' timer interval (also their Tick rate limit)")
-	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
-	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
-	return cfg, code, ok
+// Conn implements demo.Config.
+func (c *config) Conn() *demo.ConnConfig { return &c.conn }
+
+// Define implements demo.Config.
+func (c *config) Define(fs *flag.FlagSet) {
+	fs.StringVar(&c.prefix, "prefix", "/orchestrator-example/bank", "etcd prefix of the worker")
+	fs.IntVar(&c.workers, "workers", 4, "number of EtcdWorkers")
+	fs.IntVar(&c.accounts, "accounts", 25, "number of accounts")
+	fs.IntVar(&c.perTick, "transfers-per-tick", 4, "transfers each worker queues per Tick (one atomic group each)")
+	fs.DurationVar(&c.duration, "duration", 10*time.Second, "how long to run")
+	fs.DurationVar(&c.interval, "interval", 2*time.Millisecond, "the workers' timer interval (also their Tick rate limit)")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
 }
 
-// check validates the flags; its errors name the flag.
-func (c *config) check() error {
-	switch {
-	case c.workers < 1:
-		return fmt.Errorf("--workers: must be at least 1, got %d", c.workers)
-	case c.accounts < 2:
-		return fmt.Errorf("--accounts: must be at least 2, got %d", c.accounts)
-	case c.perTick < 1:
-		return fmt.Errorf("--transfers-per-tick: must be at least 1, got %d", c.perTick)
-	case c.duration <= 0:
-		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
-	case c.interval <= 0:
-		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	}
-	return c.conn.ValidateFlags()
+// Check implements demo.Config.
+func (c *config) Check() error {
+	return demo.FirstError(
+		demo.AtLeast("--workers", c.workers, 1),
+		demo.AtLeast("--accounts", c.accounts, 2),
+		demo.AtLeast("--transfers-per-tick", c.perTick, 1),
+		demo.Positive("--duration", c.duration),
+		demo.Positive("--interval", c.interval),
+	)
 }
 
 func main() {
@@ -87,7 +80,7 @@ func main() {
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	return demo.Program("bank", args, stdout, stderr, parseFlags, run)
+	return demo.Program[config]("bank", about, args, stdout, stderr, run)
 }
 
 // account is the JSON document of one account.

@@ -56,37 +56,30 @@ type config struct {
 	metricsAddr string
 }
 
-// parseFlags parses the command line; see demo.Parse for code and ok.
-func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
-	fs := flag.NewFlagSet("leader", flag.ContinueOnError)
-	cfg.conn.Register(fs)
-	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/leader", "etcd prefix (election and data live under it)")
-	fs.IntVar(&cfg.controllers, "controllers", 3, "number of controllers campaigning")
-	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
-	fs.DurationVar(&cfg.killAfter, "kill-after", 3*time.Second, "revoke each leader's lease this long after it won (0: never)")
-	fs.DurationVar(&cfg.interval, "interval", 50*time.Millisecond, "the leader worker's timer interval (one write per Tick)")
-	fs.IntVar(&cfg.ttl, "ttl", 5, "session lease TTL in seconds")
-	fs.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
-	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
-	cfg.prefix = util.NormalizePrefix(cfg.prefix).String()
-	return cfg, code, ok
+// Conn implements demo.Config.
+func (c *config) Conn() *demo.ConnConfig { return &c.conn }
+
+// Define implements demo.Config.
+func (c *config) Define(fs *flag.FlagSet) {
+	fs.StringVar(&c.prefix, "prefix", "/orchestrator-example/leader", "etcd prefix (election and data live under it)")
+	fs.IntVar(&c.controllers, "controllers", 3, "number of controllers campaigning")
+	fs.DurationVar(&c.duration, "duration", 10*time.Second, "how long to run")
+	fs.DurationVar(&c.killAfter, "kill-after", 3*time.Second, "revoke each leader's lease this long after it won (0: never)")
+	fs.DurationVar(&c.interval, "interval", 50*time.Millisecond, "the leader worker's timer interval (one write per Tick)")
+	fs.IntVar(&c.ttl, "ttl", 5, "session lease TTL in seconds")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "serve /metrics on this address, e.g. 127.0.0.1:9090 (default: off)")
 }
 
-// check validates the flags; its errors name the flag.
-func (c *config) check() error {
-	switch {
-	case c.controllers < 1:
-		return fmt.Errorf("--controllers: must be at least 1, got %d", c.controllers)
-	case c.duration <= 0:
-		return fmt.Errorf("--duration: must be positive, got %v", c.duration)
-	case c.killAfter < 0:
-		return fmt.Errorf("--kill-after: must not be negative, got %v", c.killAfter)
-	case c.interval <= 0:
-		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	case c.ttl < 1:
-		return fmt.Errorf("--ttl: must be at least 1 second, got %d", c.ttl)
-	}
-	return c.conn.ValidateFlags()
+// Check implements demo.Config; it also normalizes --prefix.
+func (c *config) Check() error {
+	c.prefix = util.NormalizePrefix(c.prefix).String()
+	return demo.FirstError(
+		demo.AtLeast("--controllers", c.controllers, 1),
+		demo.Positive("--duration", c.duration),
+		demo.NotNegative("--kill-after", c.killAfter),
+		demo.Positive("--interval", c.interval),
+		demo.AtLeast("--ttl", c.ttl, 1), // seconds
+	)
 }
 
 func main() {
@@ -96,7 +89,7 @@ func main() {
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or broken invariant, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	return demo.Program("leader", args, stdout, stderr, parseFlags, run)
+	return demo.Program[config]("leader", about, args, stdout, stderr, run)
 }
 
 // run runs the controllers for cfg.duration, printing to out, then verifies

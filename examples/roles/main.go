@@ -45,32 +45,26 @@ type config struct {
 	interval time.Duration
 }
 
-// parseFlags parses the command line; see demo.Parse for code and ok.
-func parseFlags(args []string, stdout, stderr io.Writer) (cfg config, code int, ok bool) {
-	fs := flag.NewFlagSet("roles", flag.ContinueOnError)
-	cfg.conn.Register(fs)
-	fs.StringVar(&cfg.prefix, "prefix", "/orchestrator-example/roles", "etcd prefix of the Source and the owner")
-	fs.IntVar(&cfg.tasks, "tasks", 100, "number of tasks")
-	fs.IntVar(&cfg.captures, "captures", 3, "number of captures (processor workers)")
-	fs.DurationVar(&cfg.timeout, "timeout", 30*time.Second, "give up after this long")
-	fs.DurationVar(&cfg.interval, "interval", 5*time.Millisecond, "the workers' timer interval")
-	code, ok = demo.Parse(fs, about, args, stdout, stderr, cfg.check)
-	return cfg, code, ok
+// Conn implements demo.Config.
+func (c *config) Conn() *demo.ConnConfig { return &c.conn }
+
+// Define implements demo.Config.
+func (c *config) Define(fs *flag.FlagSet) {
+	fs.StringVar(&c.prefix, "prefix", "/orchestrator-example/roles", "etcd prefix of the Source and the owner")
+	fs.IntVar(&c.tasks, "tasks", 100, "number of tasks")
+	fs.IntVar(&c.captures, "captures", 3, "number of captures (processor workers)")
+	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "give up after this long")
+	fs.DurationVar(&c.interval, "interval", 5*time.Millisecond, "the workers' timer interval")
 }
 
-// check validates the flags; its errors name the flag.
-func (c *config) check() error {
-	switch {
-	case c.tasks < 1:
-		return fmt.Errorf("--tasks: must be at least 1, got %d", c.tasks)
-	case c.captures < 1:
-		return fmt.Errorf("--captures: must be at least 1, got %d", c.captures)
-	case c.timeout <= 0:
-		return fmt.Errorf("--timeout: must be positive, got %v", c.timeout)
-	case c.interval <= 0:
-		return fmt.Errorf("--interval: must be positive, got %v", c.interval)
-	}
-	return c.conn.ValidateFlags()
+// Check implements demo.Config.
+func (c *config) Check() error {
+	return demo.FirstError(
+		demo.AtLeast("--tasks", c.tasks, 1),
+		demo.AtLeast("--captures", c.captures, 1),
+		demo.Positive("--timeout", c.timeout),
+		demo.Positive("--interval", c.interval),
+	)
 }
 
 func main() {
@@ -80,7 +74,7 @@ func main() {
 // runMain is the whole program: it parses args, runs the demo and returns the
 // exit code (0 OK, 1 error or a task lost or done twice, 2 bad flags).
 func runMain(args []string, stdout, stderr io.Writer) int {
-	return demo.Program("roles", args, stdout, stderr, parseFlags, run)
+	return demo.Program[config]("roles", about, args, stdout, stderr, run)
 }
 
 // keys is the plain state of both roles: every key under the worker's

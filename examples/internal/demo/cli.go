@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 )
 
 // Parse parses args, the command line of the program fs is named after, into
@@ -43,6 +44,45 @@ func Parse(fs *flag.FlagSet, about string, args []string, stdout, stderr io.Writ
 	return 0, true
 }
 
+// The checks of flag values, for a program's check (see Parse): each
+// returns nil, or an error that names the flag and the value.
+
+// AtLeast checks that the integer flag name (e.g. "--workers") is at least
+// low.
+func AtLeast(name string, n, low int) error {
+	if n < low {
+		return fmt.Errorf("%s: must be at least %d, got %d", name, low, n)
+	}
+	return nil
+}
+
+// Positive checks that the duration flag name is positive.
+func Positive(name string, d time.Duration) error {
+	if d <= 0 {
+		return fmt.Errorf("%s: must be positive, got %v", name, d)
+	}
+	return nil
+}
+
+// NotNegative checks that the duration flag name is not negative.
+func NotNegative(name string, d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("%s: must not be negative, got %v", name, d)
+	}
+	return nil
+}
+
+// FirstError returns the first of errs that is not nil: a program checks
+// its flags in the order it reports them.
+func FirstError(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // printUsage writes the help text of fs to w: about on the first line, then
 // a usage line and the flags with their defaults.
 func printUsage(w io.Writer, fs *flag.FlagSet, about string) {
@@ -53,16 +93,36 @@ func printUsage(w io.Writer, fs *flag.FlagSet, about string) {
 	fs.SetOutput(io.Discard)
 }
 
-// Program is the whole of a demo program named name: it parses args with
-// parse (which returns the config, and the exit code unless ok, as Parse
-// does), then runs run with the config under Main, printing to stdout. It
-// returns the exit code (0 OK, 1 error or broken invariant, 2 bad flags).
-func Program[C any](name string, args []string, stdout, stderr io.Writer,
-	parse func(args []string, stdout, stderr io.Writer) (cfg C, code int, ok bool),
+// Config is a demo's configuration, filled from its command line.
+type Config interface {
+	// Conn is where the connection flags go.
+	Conn() *ConnConfig
+	// Define defines the demo's own flags on fs.
+	Define(fs *flag.FlagSet)
+	// Check validates the demo's own flags once parsed (the connection
+	// flags are checked after it); its errors name the flag.
+	Check() error
+}
+
+// Program is the whole of a demo program named name, about being the first
+// line of its --help: it parses args into a C (the connection flags and
+// the demo's, see Config and Parse), then runs run with it under Main,
+// printing to stdout. It returns the exit code (0 OK, 1 error or broken
+// invariant, 2 bad flags).
+func Program[C any, P interface {
+	*C
+	Config
+}](name, about string, args []string, stdout, stderr io.Writer,
 	run func(ctx context.Context, cfg C, out io.Writer) (bool, error),
 ) int {
-	cfg, code, ok := parse(args, stdout, stderr)
-	if !ok {
+	var cfg C
+	p := P(&cfg)
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	p.Conn().Register(fs)
+	p.Define(fs)
+	if code, ok := Parse(fs, about, args, stdout, stderr, func() error {
+		return FirstError(p.Check(), p.Conn().ValidateFlags())
+	}); !ok {
 		return code
 	}
 	return Main(name, stderr, func(ctx context.Context) (bool, error) { return run(ctx, cfg, stdout) })

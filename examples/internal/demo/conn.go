@@ -50,17 +50,14 @@ func (c *ConnConfig) Register(fs *flag.FlagSet) {
 // ValidateFlags is Validate for a parsed command line, where --dial-timeout
 // must also be positive (its flag default is DefaultDialTimeout).
 func (c ConnConfig) ValidateFlags() error {
-	if c.DialTimeout <= 0 {
-		return fmt.Errorf("--dial-timeout: must be positive, got %v", c.DialTimeout)
-	}
-	return c.Validate()
+	return FirstError(Positive("--dial-timeout", c.DialTimeout), c.Validate())
 }
 
 // Validate checks the flags, including that the TLS files can be loaded,
 // without touching the network. Its errors name the flag at fault.
 func (c ConnConfig) Validate() error {
-	if c.DialTimeout < 0 {
-		return fmt.Errorf("--dial-timeout: must not be negative, got %v", c.DialTimeout)
+	if err := NotNegative("--dial-timeout", c.DialTimeout); err != nil {
+		return err
 	}
 	if (c.Cert == "") != (c.Key == "") {
 		return errors.New("--cert and --key: give both or neither")
