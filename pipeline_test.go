@@ -407,6 +407,51 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 	require.Equal(t, 1, maxFlight)
 }
 
+// stalledConflict is a conflict test: a worker on prefix whose Source
+// follows the prefix through env's proxy, committing through env.cli, and
+// the write of another client that makes its commit conflict.
+type stalledConflict struct {
+	env              *testEnv
+	prefix           string
+	entered, release chan struct{} // the reactor's patch is blocked / may go on
+}
+
+func newStalledConflict(t *testing.T, prefix string) *stalledConflict {
+	t.Helper()
+	return &stalledConflict{env: newTestEnv(t, withProxy()), prefix: prefix,
+		entered: make(chan struct{}), release: make(chan struct{})}
+}
+
+// run runs the worker with reactor. Once the patch is blocked (entered), it
+// stalls the Source's watch, puts key = value through env.cli (the pending
+// commit conflicts), lets the patch go on (release) and waits, the watch
+// still stalled, until what says etcd's keys under the prefix hold the
+// outcome (landed); then it lets the watch through and requires Run to
+// return nil.
+func (c *stalledConflict) run(ctx context.Context, t *testing.T, reactor Reactor, key, value, what string,
+	landed func(keys map[string]string) bool, opts ...Option,
+) {
+	t.Helper()
+	env := c.env
+	src, err := NewSource(env.client(t), c.prefix)
+	require.NoError(t, err)
+	opts = append([]Option{WithSource(src), WithMetrics(env.reg)}, opts...)
+	w := mustNewEtcdWorker(t, env.cli, c.prefix, reactor, newRecordingState(c.prefix), opts...)
+	done := runAsync(ctx, w, nil, behaviourTick, "at-once")
+
+	awaitSignal(ctx, t, c.entered, "the worker never ran its patch")
+	env.proxy.Blackhole() // the Source sees nothing from now on
+	mustPutKV(ctx, t, env.cli, c.prefix+key, value)
+	close(c.release)
+	stalled, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	waitUntil(stalled, t, what+" while the watch is stalled", func() bool {
+		return landed(etcdSnapshot(ctx, t, env.cli, c.prefix))
+	})
+	env.proxy.Resume()
+	require.NoError(t, recvErr(ctx, t, done))
+}
+
 // TestConflictRerunsAtOnceWithoutTheWatch: the worker's Source follows the
 // prefix through a proxy that stalls after the first load, so no change
 // reaches the worker's state; the worker commits through its own client.
@@ -417,15 +462,11 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 // the watch through again.
 func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, withProxy())
 	ctx := testContext(t)
-	const prefix = "/test/conflict/at-once"
-	mustPutKV(ctx, t, env.cli, prefix+"/n", "0")
-	src, err := NewSource(env.client(t), prefix)
-	require.NoError(t, err)
+	c := newStalledConflict(t, "/test/conflict/at-once")
+	mustPutKV(ctx, t, c.env.cli, c.prefix+"/n", "0")
 
 	var seen, stateSaw []string
-	entered, release := make(chan struct{}), make(chan struct{})
 	reactor := newStepReactor(
 		when(func(st *recordingState) bool { return st.has("/n", "0") }, func(_ context.Context, st *recordingState) error {
 			inc := incrPatch(st.key("/n"), 1).(SingleDataPatch)
@@ -433,8 +474,8 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 				seen = append(seen, string(old))
 				stateSaw = append(stateSaw, stateSnapshot(st)["/n"])
 				if len(seen) == 1 {
-					close(entered)
-					if err := blockUntil(ctx, release); err != nil {
+					close(c.entered)
+					if err := blockUntil(ctx, c.release); err != nil {
 						return nil, false, err
 					}
 				}
@@ -444,24 +485,12 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 		}),
 		when(func(st *recordingState) bool { return st.has("/n", "11") }, nil),
 	)
-	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(env.cli, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg))
-	require.NoError(t, err)
-	done := runAsync(ctx, w, nil, behaviourTick, "at-once")
-
-	awaitSignal(ctx, t, entered, "the worker never ran its patch")
-	env.proxy.Blackhole() // the Source sees nothing from now on
-	mustPutKV(ctx, t, env.cli, prefix+"/n", "10")
-	close(release)
-	waitWithin(t, 10*time.Second, "the conflict to re-run and land while the watch is stalled", nil, func() bool {
-		return etcdSnapshot(ctx, t, env.cli, prefix)["/n"] == "11"
-	})
-	env.proxy.Resume()
-	require.NoError(t, recvErr(ctx, t, done))
+	c.run(ctx, t, reactor, "/n", "10", "the conflict to re-run and land",
+		func(keys map[string]string) bool { return keys["/n"] == "11" })
 
 	require.Equal(t, []string{"0", "10"}, seen, "the re-run must see the other client's value")
 	require.Equal(t, []string{"0", "0"}, stateSaw, "the re-run did not wait for the state")
-	require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_conflicts_total"))
+	require.Equal(t, 1.0, metricSum(t, c.env.reg, "orchestrator_conflicts_total"))
 }
 
 // TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote: one flush of three Txns
@@ -475,14 +504,10 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 // the stale state would conflict again).
 func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, withProxy())
 	ctx := testContext(t)
-	const prefix = "/test/conflict/at-once-chain"
-	src, err := NewSource(env.client(t), prefix)
-	require.NoError(t, err)
+	c := newStalledConflict(t, "/test/conflict/at-once-chain")
 
 	var aRuns int
-	entered, release := make(chan struct{}), make(chan struct{})
 	reactor := newStepReactor(
 		when(always, func(_ context.Context, st *recordingState) error {
 			incrA := incrPatch(st.key("/a"), 1).(SingleDataPatch)
@@ -492,8 +517,8 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 			st.group(incrPatch(st.key("/x"), 1), SingleDataPatch{Key: incrY.Key, Func: func(old []byte) ([]byte, bool, error) {
 				if first {
 					first = false
-					close(entered)
-					if err := blockUntil(ctx, release); err != nil {
+					close(c.entered)
+					if err := blockUntil(ctx, c.release); err != nil {
 						return nil, false, err
 					}
 				}
@@ -507,27 +532,14 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 		}),
 		when(func(st *recordingState) bool { return st.has("/a", "6") }, nil),
 	)
-	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(env.cli, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg),
-		WithTxnLimits(4, DefaultTxnMaxBytes))
-	require.NoError(t, err)
-	done := runAsync(ctx, w, nil, behaviourTick, "at-once-chain")
+	c.run(ctx, t, reactor, "/y", "10", "every group to land",
+		func(keys map[string]string) bool { return keys["/a"] == "6" }, WithTxnLimits(4, DefaultTxnMaxBytes))
 
-	awaitSignal(ctx, t, entered, "the worker never ran its patches")
-	env.proxy.Blackhole()
-	mustPutKV(ctx, t, env.cli, prefix+"/y", "10")
-	close(release)
-	waitWithin(t, 10*time.Second, "every group to land while the watch is stalled", nil, func() bool {
-		return etcdSnapshot(ctx, t, env.cli, prefix)["/a"] == "6"
-	})
-	env.proxy.Resume()
-	require.NoError(t, recvErr(ctx, t, done))
-
-	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, env.cli, prefix))
+	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, c.env.cli, c.prefix))
 	require.Equal(t, 2, aRuns, "the third group re-ran on what the first Txn wrote")
 	// The second Txn, and the third when it went out before the second's
 	// answer came back.
-	conflicts := metricSum(t, reg, "orchestrator_conflicts_total")
+	conflicts := metricSum(t, c.env.reg, "orchestrator_conflicts_total")
 	require.True(t, conflicts == 1 || conflicts == 2, "conflicts: %v", conflicts)
 }
 
