@@ -65,6 +65,7 @@ func returnsPromptly(t *testing.T, errc <-chan error, since time.Time) error {
 // or the head probe (read right revoked while running), a commit (write
 // right revoked), or a closed client.
 func TestPermanentErrorsEndRun(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/auth"
 	env := newTestEnv(t, ownServer(), withAuth(prefix))
 	ctx := contextWithin(t, 30*time.Second)

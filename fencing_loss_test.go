@@ -19,6 +19,7 @@ import (
 // read ends Run as a rejection (ErrEtcdRejected, permission denied), not as
 // a loss.
 func TestFencingLossEndsIdleRun(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix    = "/fencing-loss/data"
 		staleness = 2 * time.Second // progress interval: 500ms

@@ -190,6 +190,7 @@ func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 // deleted and the history compacted, so the Source reloads. The parked
 // worker's next Run deletes them (isInit), and ends equal to etcd.
 func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/cu-parkreload"
@@ -356,7 +357,9 @@ func (s *gatedWatchStream) RecvMsg(m any) error {
 // see /w.
 func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t)
+	// A server of its own: while other tests write to the shared one, the
+	// Source takes seconds to prove its copy current for a late joiner.
+	env := newTestEnv(t, ownServer())
 	cli := env.cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-latelag"
