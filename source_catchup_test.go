@@ -119,6 +119,18 @@ func (s *failingStrictState) Update(key util.EtcdKey, value []byte, isInit bool)
 func (s *failingStrictState) arm(rel string) { s.fail.Store(&rel) }
 func (s *failingStrictState) disarm()        { s.fail.Store(nil) }
 
+// requireEndsEqualToEtcd disarms s, runs w (on s) to its end and requires
+// s to hold exactly etcd's keys under prefix, with no violation.
+func (s *failingStrictState) requireEndsEqualToEtcd(ctx context.Context, t *testing.T, w *EtcdWorker,
+	cli *clientv3.Client, prefix, role string,
+) {
+	t.Helper()
+	s.disarm()
+	require.NoError(t, runWithin(t, w, 10*time.Second, role))
+	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(s.mapState))
+	s.v.requireNone(t)
+}
+
 // TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold: the
 // first snapshot fails at /k5 (keys after it never told); /k7 is deleted;
 // the second Run's snapshot goes on from /k5 and fails at /k9; the third
@@ -143,10 +155,7 @@ func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.
 	st.arm("/k9")
 	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errRefusedUpdate)
 	require.Contains(t, st.values, "/k5", "precondition: the second snapshot went on from /k5")
-	st.disarm()
-	require.NoError(t, runWithin(t, w, 10*time.Second, "third"))
-	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(st.mapState))
-	v.requireNone(t)
+	st.requireEndsEqualToEtcd(ctx, t, w, cli, prefix, "third")
 }
 
 // TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd: the first
@@ -179,10 +188,7 @@ func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 	del, err := cli.Delete(ctx, prefix+"/k9")
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the Source has the writes", func() bool { return other.Status().AppliedRevision >= del.Header.Revision })
-	st.disarm()
-	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
-	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(st.mapState))
-	v.requireNone(t)
+	st.requireEndsEqualToEtcd(ctx, t, w, cli, prefix, "second")
 }
 
 // TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload: a worker
