@@ -126,7 +126,9 @@ func (s *failingStrictState) requireEndsEqualToEtcd(ctx context.Context, t *test
 ) {
 	t.Helper()
 	s.disarm()
-	require.NoError(t, runWithin(t, w, 10*time.Second, role))
+	runCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	require.NoError(t, w.Run(runCtx, nil, behaviourTick, role))
 	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(s.mapState))
 	s.v.requireNone(t)
 }
