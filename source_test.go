@@ -26,6 +26,16 @@ func mustNewSource(t testing.TB, cli *clientv3.Client, prefix string, opts ...So
 	return src
 }
 
+// lateJoinEnv is newTestEnv(t, ownServer(), opts...): the etcd of a test
+// in which a worker joins a Source that already runs. Such a worker's first
+// Tick waits until the Source proves its copy current, and while other tests
+// write to the shared server (outside the Source's prefix) that can take
+// longer than the tests wait.
+func lateJoinEnv(t testing.TB, opts ...envOption) *testEnv {
+	t.Helper()
+	return newTestEnv(t, append([]envOption{ownServer()}, opts...)...)
+}
+
 // startSynced runs ws in a worker group (for at most a minute; worker i
 // named "<name>-<i>") and waits until every one of them is synced.
 func startSynced(ctx context.Context, t testing.TB, name string, ws ...*EtcdWorker) *workerGroup {
@@ -136,7 +146,7 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 // reach the worker on the Source's whole prefix.
 func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 	t.Parallel()
-	cli := newTestEnv(t, ownServer()).cli
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, "/sub/a", "1")
 	mustPutKV(ctx, t, cli, "/sub/in/b", "2")
@@ -257,7 +267,7 @@ func stuckWorkerOnSource(t *testing.T, env *testEnv) {
 // isInit, without reading the prefix from etcd again.
 func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
+	env := lateJoinEnv(t)
 	ctx := testContext(t)
 	const prefix = "/src-late"
 	admin := env.cli
@@ -302,7 +312,7 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 // fencing key of one worker ends only its Run.
 func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 	t.Parallel()
-	cli := newTestEnv(t, ownServer()).cli
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/srcerr"
 	src := mustNewSource(t, cli, prefix)
@@ -376,7 +386,7 @@ func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 // outage of its workers: each one's WithMaxOutage applies.
 func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer(), withProxy())
+	env := lateJoinEnv(t, withProxy())
 	const prefix = "/srcout"
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(time.Second))
 	ws := []*EtcdWorker{
@@ -443,7 +453,7 @@ func (s *countingWatchStream) SendMsg(m any) error {
 // for one watch; eight lone workers for eight.
 func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
+	env := lateJoinEnv(t)
 	ctx := testContext(t)
 	for _, shared := range []bool{true, false} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
