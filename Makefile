@@ -9,10 +9,11 @@ SERVERS ?= all
 .PHONY: test test-servers lint bench bench-scale cover soak fuzz vuln tools
 
 ## test: the full test suite with the race detector (what CI runs). Most
-## tests wait on etcd rather than burn CPU, so more of them run at once than
-## the default -parallel (GOMAXPROCS). ORCHESTRATOR_ETCD_STARTS=FILE counts
-## the embedded etcd members started (one line each).
-TEST_PARALLEL ?= 4
+## tests wait on etcd rather than burn CPU (the root package keeps one of
+## two cores busy at -parallel=4), so more of them run at once than the
+## default -parallel (GOMAXPROCS). ORCHESTRATOR_ETCD_STARTS=FILE counts the
+## embedded etcd members started (one line each).
+TEST_PARALLEL ?= 6
 test:
 	$(GO) test -race -count=1 -timeout=10m -parallel=$(TEST_PARALLEL) ./...
 

@@ -207,16 +207,7 @@ func rawSizedStream(ctx context.Context, b *testing.B, cli *clientv3.Client, pre
 	if err != nil {
 		b.Fatal(err)
 	}
-	m := make(map[string][]byte, resp.Count)
-	for resp := range stream {
-		if err := resp.Err(); err != nil {
-			b.Fatal(err)
-		}
-		for _, kv := range resp.Kvs {
-			m[string(kv.Key)] = kv.Value
-		}
-	}
-	return m
+	return orchestrator.DrainStreamForBench(b, stream, make(map[string][]byte, resp.Count))
 }
 
 // timed wraps a read returning its key count into one returning its
@@ -559,12 +550,12 @@ func scaleReloadRows(ctx context.Context, b *testing.B, endpoint string, admin *
 // scaleReloadLog returns when the worker logged that its watch revision
 // was compacted, and the duration it logged for the reload that followed.
 func scaleReloadLog(b *testing.B, logs *observer.ObservedLogs) (noticed time.Time, loaded time.Duration) {
-	compacted := logs.FilterMessage("watch revision compacted, reloading the state").All()
+	compacted := logs.FilterMessage("watch revision compacted, reloading the source").All()
 	if len(compacted) == 0 {
 		b.Fatal("the worker logged no compaction")
 	}
 	noticed = compacted[0].Time
-	for _, e := range logs.FilterMessage("state loaded").All() {
+	for _, e := range logs.FilterMessage("source loaded").All() {
 		if e.Time.After(noticed) {
 			if d, ok := e.ContextMap()["duration"].(time.Duration); ok {
 				return noticed, d

@@ -706,16 +706,22 @@ func rawStreamGet(ctx context.Context, tb testing.TB, cli *clientv3.Client, pref
 	if err != nil {
 		tb.Fatal(err)
 	}
-	values := map[string][]byte{}
+	return drainStream(tb, stream, map[string][]byte{})
+}
+
+// drainStream adds every key a streaming range (GetStream) sends to m, and
+// returns m.
+func drainStream(tb testing.TB, stream clientv3.GetStreamChan, m map[string][]byte) map[string][]byte {
+	tb.Helper()
 	for resp := range stream {
 		if err := resp.Err(); err != nil {
 			tb.Fatal(err)
 		}
 		for _, kv := range resp.Kvs {
-			values[string(kv.Key)] = kv.Value
+			m[string(kv.Key)] = kv.Value
 		}
 	}
-	return values
+	return m
 }
 
 // rawUnpagedGet reads every key under prefix + "/" into a map with one

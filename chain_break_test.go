@@ -180,7 +180,7 @@ func awaitChain(ctx context.Context, t testing.TB, g *chainGate, done <-chan err
 // gatedChainWorker returns a worker on prefix whose Txns hold two keys,
 // committing through a client with gate (armed with n before the chain when
 // warmup, else before Run by the caller).
-func gatedChainWorker(t testing.TB, srv etcdtest.Target, gate *chainGate, prefix string, warmup bool, n int,
+func gatedChainWorker(t testing.TB, env *testEnv, gate *chainGate, prefix string, warmup bool, n int,
 	runs []atomic.Int64, opts ...Option,
 ) *EtcdWorker {
 	t.Helper()
@@ -188,7 +188,7 @@ func gatedChainWorker(t testing.TB, srv etcdtest.Target, gate *chainGate, prefix
 	if warmup {
 		before = func() { gate.arm(n) }
 	}
-	cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
 	opts = append([]Option{WithTxnLimits(4, DefaultTxnMaxBytes), WithRequestTimeout(faultRequestTimeout),
 		WithLogger(faultLogger(t))}, opts...)
 	return mustNewEtcdWorker(t, cli, prefix, chainReactor(warmup, before, linkGroups(n, runs), stateHolds(n)),
@@ -209,8 +209,8 @@ func gatedChainWorker(t testing.TB, srv etcdtest.Target, gate *chainGate, prefix
 // compared the token as absent (mod revision 0). "later commit": a warm-up
 // commit came first, so the token had a mod revision of its own.
 func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t)
+	direct := env.cli
 	for i, warmup := range []bool{false, true} {
 		name := map[bool]string{false: "first commit", true: "later commit"}[warmup]
 		t.Run(name, func(t *testing.T) {
@@ -219,7 +219,7 @@ func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
 			gate := newChainGate(t)
 			runs := make([]atomic.Int64, chainGroups)
 			lg, logs := observedLogger(t)
-			w := gatedChainWorker(t, srv, gate, prefix, warmup, chainGroups, runs, WithLogger(lg))
+			w := gatedChainWorker(t, env, gate, prefix, warmup, chainGroups, runs, WithLogger(lg))
 			if !warmup {
 				gate.arm(chainGroups)
 			}
@@ -257,14 +257,14 @@ func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
 // and its answer is lost, and the token is wiped again before the worker
 // resolves it. The landed increment must not be re-run.
 func TestChainBreakTokenWipedTwice(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/wiped-twice"
 	gate := newChainGate(t)
 	runs := make([]atomic.Int64, chainGroups)
 	lg, logs := observedLogger(t)
-	cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
 	before := func() { gate.arm(2 * chainGroups) }
 	w := mustNewEtcdWorker(t, cli, prefix,
 		chainReactor(true, before, linkGroups(chainGroups, runs), stateHolds(chainGroups)), newMapState(prefix),
@@ -325,13 +325,13 @@ func TestChainBreakTokenWipedTwice(t *testing.T) {
 // behind it must fail, and the worker, taking the token as it is, re-runs
 // them once: every group lands exactly once, in order.
 func TestChainBreakTokenRewrittenMidChain(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/token-rewritten"
 	gate := newChainGate(t)
 	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, srv, gate, prefix, true, chainGroups, runs)
+	w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs)
 	done := runAsync(ctx, w, nil, behaviourTick, "token-rewritten")
 
 	held := awaitChain(ctx, t, gate, done)
@@ -361,13 +361,13 @@ func TestChainBreakTokenRewrittenMidChain(t *testing.T) {
 // conflicts, the fourth must fail behind it. The third and fourth re-run
 // (the third on the other client's value) and land once each, in order.
 func TestChainBreakForeignWriteOnALaterLink(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/foreign-later"
 	gate := newChainGate(t)
 	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, srv, gate, prefix, false, chainGroups, runs)
+	w := gatedChainWorker(t, env, gate, prefix, false, chainGroups, runs)
 	gate.arm(chainGroups)
 	done := runAsync(ctx, w, nil, behaviourTick, "foreign-later")
 
@@ -389,13 +389,13 @@ func TestChainBreakForeignWriteOnALaterLink(t *testing.T) {
 // conflicts. Nothing behind the second may land; the groups from the second
 // on re-run once and land in order.
 func TestChainBreakConflictWhileLaterLinksOvertake(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/overtake-conflict"
 	gate := newChainGate(t)
 	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, srv, gate, prefix, false, chainGroups, runs)
+	w := gatedChainWorker(t, env, gate, prefix, false, chainGroups, runs)
 	gate.arm(chainGroups)
 	done := runAsync(ctx, w, nil, behaviourTick, "overtake-conflict")
 
@@ -415,13 +415,13 @@ func TestChainBreakConflictWhileLaterLinksOvertake(t *testing.T) {
 // changes; the later links reach etcd first, then the first (a conflict).
 // Nothing lands in that round; the groups re-run and land once each.
 func TestChainBreakFirstLinkConflictsBehindOvertakers(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/first-conflict"
 	gate := newChainGate(t)
 	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, srv, gate, prefix, true, chainGroups, runs)
+	w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs)
 	done := runAsync(ctx, w, nil, behaviourTick, "first-conflict")
 
 	held := awaitChain(ctx, t, gate, done)
@@ -441,8 +441,8 @@ func TestChainBreakFirstLinkConflictsBehindOvertakers(t *testing.T) {
 // chain (released in chain order) and for the fences that resolve them.
 // Every group must land exactly once, in order, and Run must go on.
 func TestChainBreakSeveralAnswersLost(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t)
+	direct := env.cli
 	P, D, L := txnPass, txnDrop, txnLoseAnswer
 	cases := []struct {
 		name   string
@@ -472,7 +472,7 @@ func TestChainBreakSeveralAnswersLost(t *testing.T) {
 			if tc.warmup {
 				before = func() { gate.arm(chainGroups) }
 			}
-			cli := faultClient(t, []grpc.DialOption{gate.dialOption(), inj.dialOption()}, srv.Endpoints()...)
+			cli := env.client(t, []grpc.DialOption{gate.dialOption(), inj.dialOption()}...)
 			lg, logs := observedLogger(t)
 			w := mustNewEtcdWorker(t, cli, prefix,
 				chainReactor(tc.warmup, before, linkGroups(chainGroups, runs), stateHolds(chainGroups)),
@@ -505,9 +505,9 @@ func TestChainBreakSeveralAnswersLost(t *testing.T) {
 // wrote (and so compare them). They must re-run on a state that has those
 // writes and land once: /g0/a and /g1/a end at 2.
 func TestChainBreakUnknownRevisionsThenDependentGroups(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/unknown-revs"
 	gate := newChainGate(t)
 	runs := make([]atomic.Int64, chainGroups)
@@ -523,7 +523,7 @@ func TestChainBreakUnknownRevisionsThenDependentGroups(t *testing.T) {
 		return groups
 	}
 	lg, logs := observedLogger(t)
-	cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
 	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, nil),
 		newMapState(prefix), WithTxnLimits(4, DefaultTxnMaxBytes), WithRequestTimeout(faultRequestTimeout), WithLogger(lg))
 	done := runAsync(ctx, w, nil, behaviourTick, "unknown-revs")
@@ -556,8 +556,8 @@ func TestChainBreakUnknownRevisionsThenDependentGroups(t *testing.T) {
 // The first group must count as landed (never re-run), the second re-runs
 // on the other client's value, and every group lands once, in order.
 func TestChainBreakAnswerLostThenConflict(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t)
+	direct := env.cli
 	for i, overtake := range []bool{false, true} {
 		name := map[bool]string{false: "in order", true: "overtaking"}[overtake]
 		t.Run(name, func(t *testing.T) {
@@ -566,7 +566,7 @@ func TestChainBreakAnswerLostThenConflict(t *testing.T) {
 			gate := newChainGate(t)
 			runs := make([]atomic.Int64, chainGroups)
 			lg, logs := observedLogger(t)
-			w := gatedChainWorker(t, srv, gate, prefix, true, chainGroups, runs, WithLogger(lg))
+			w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs, WithLogger(lg))
 			done := runAsync(ctx, w, nil, behaviourTick, "lost-conflict")
 			held := awaitChain(ctx, t, gate, done)
 			mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "30")
@@ -596,8 +596,8 @@ func TestChainBreakAnswerLostThenConflict(t *testing.T) {
 // nothing). The groups behind it still land once, in order; what the
 // ignored patch or the skipped group would have written never lands.
 func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t)
+	direct := env.cli
 	for i, skip := range []bool{false, true} {
 		name := map[bool]string{false: "ignore", true: "skip group"}[skip]
 		t.Run(name, func(t *testing.T) {
@@ -629,7 +629,7 @@ func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
 				}
 				return nil
 			}
-			cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+			cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
 			w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, check),
 				newMapState(prefix), WithTxnLimits(4, DefaultTxnMaxBytes), WithLogger(faultLogger(t)))
 			done := runAsync(ctx, w, nil, behaviourTick, "ignore-skip")
@@ -674,8 +674,8 @@ func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
 // key is deleted. The links behind it must fail, Run must return
 // ErrNotOwner, and exactly the first group is in etcd, once.
 func TestChainBreakFencingLostMidChain(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t)
+	direct := env.cli
 	for i, first := range []txnAction{txnPass, txnLoseAnswer} {
 		name := map[txnAction]string{txnPass: "first answer delivered", txnLoseAnswer: "first answer lost"}[first]
 		t.Run(name, func(t *testing.T) {
@@ -686,7 +686,7 @@ func TestChainBreakFencingLostMidChain(t *testing.T) {
 			require.NoError(t, err)
 			gate := newChainGate(t)
 			runs := make([]atomic.Int64, chainGroups)
-			w := gatedChainWorker(t, srv, gate, prefix, true, chainGroups, runs,
+			w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs,
 				WithFencingKey(fenceKey, put.Header.Revision), WithTxnLimits(5, DefaultTxnMaxBytes)) // one op more for fencing
 			done := runAsync(ctx, w, nil, behaviourTick, "fencing")
 
@@ -719,9 +719,9 @@ func TestChainBreakFencingLostMidChain(t *testing.T) {
 // asks to try again, no Tick may run before the rest landed, and every group
 // lands once, in order.
 func TestChainBreakTryAgainOnRerun(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/try-again"
 	gate := newChainGate(t)
 	runs := make([]atomic.Int64, chainGroups)
@@ -742,7 +742,7 @@ func TestChainBreakTryAgainOnRerun(t *testing.T) {
 		}}
 		return groups
 	}
-	cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
 	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(false, nil, build, stateHolds(chainGroups)), newMapState(prefix),
 		WithTxnLimits(4, DefaultTxnMaxBytes), WithLogger(faultLogger(t)))
 	gate.arm(chainGroups)
@@ -775,9 +775,9 @@ func TestChainBreakTryAgainOnRerun(t *testing.T) {
 // writes nothing at all.
 func TestChainBreakGroupsAtTheOpLimit(t *testing.T) {
 	const limit = 8
-	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(limit))
+	env := newTestEnv(t, ownServer(etcdtest.WithMaxTxnOps(limit)))
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/op-limit"
 	fenceKey := prefix + "-leader"
 	put, err := direct.Put(ctx, fenceKey, "me")
@@ -809,7 +809,7 @@ func TestChainBreakGroupsAtTheOpLimit(t *testing.T) {
 		}
 		return invoker(ctx, method, req, reply, cc, opts...)
 	})
-	cli := faultClient(t, []grpc.DialOption{count}, srv.Endpoints()...)
+	cli := env.client(t, []grpc.DialOption{count}...)
 	build := func(st *mapState) [][]DataPatch {
 		return [][]DataPatch{
 			group(st, 0, 4, 0, false),  // 5 writes + token + counter + fencing = 8 compares
@@ -861,9 +861,9 @@ func TestChainBreakGroupsAtTheOpLimit(t *testing.T) {
 // ErrEtcdTxnSizeExceed and writes nothing.
 func TestChainBreakGroupsAtTheByteLimit(t *testing.T) {
 	const maxBytes = 4096
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/byte-limit"
 	probe := mustNewEtcdWorker(t, direct, prefix, idleReactor(), newMapState(prefix),
 		WithTxnLimits(DefaultTxnMaxOps, maxBytes))
@@ -913,9 +913,9 @@ func TestChainBreakGroupsAtTheByteLimit(t *testing.T) {
 // behind never land.
 func TestChainBreakRerunOutgrowsTheByteLimit(t *testing.T) {
 	const maxBytes = 2048
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/outgrows"
 	gate := newChainGate(t)
 	key := func(i int) string { return fmt.Sprintf("%s/g%d", prefix, i) }
@@ -929,7 +929,7 @@ func TestChainBreakRerunOutgrowsTheByteLimit(t *testing.T) {
 		}
 		return groups
 	}
-	cli := faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...)
+	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
 	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, nil),
 		newMapState(prefix), WithTxnLimits(3, maxBytes), WithLogger(faultLogger(t)))
 	done := runAsync(ctx, w, nil, behaviourTick, "outgrows")
@@ -1075,8 +1075,8 @@ func (pw *prefixWatch) snapshot() []watchedPut {
 // were in flight at once). Both land every group once; a watch on the
 // prefix sees group i's write only after group i-1's, in another revision.
 func TestChainBreakDepthOneAndEight(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t)
+	direct := env.cli
 	const groups = 12
 	for _, depth := range []int{1, 8} {
 		t.Run(fmt.Sprintf("depth %d", depth), func(t *testing.T) {
@@ -1112,7 +1112,7 @@ func TestChainBreakDepthOneAndEight(t *testing.T) {
 			}
 			runs := make([]atomic.Int64, groups)
 			watch := watchPrefix(ctx, t, direct, prefix, headRevision(ctx, t, direct)+1)
-			w := mustNewEtcdWorker(t, faultClient(t, dial, srv.Endpoints()...), prefix,
+			w := mustNewEtcdWorker(t, env.client(t, dial...), prefix,
 				chainReactor(false, nil, linkGroups(groups, runs), stateHolds(groups)), newMapState(prefix),
 				WithTxnLimits(4, DefaultTxnMaxBytes), WithPipelineDepth(depth), WithLogger(faultLogger(t)))
 			done := runAsync(ctx, w, nil, behaviourTick, "depth")
@@ -1164,9 +1164,9 @@ func TestChainBreakDepthOneAndEight(t *testing.T) {
 // a watch sees /s/<i> land in order, in the same revision as an /n one
 // higher than the /n of /s/<i-1>.
 func TestChainBreakSameKeyInEveryLink(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/same-key"
 	const groups = 8
 	var runs atomic.Int64
@@ -1200,7 +1200,7 @@ func TestChainBreakSameKeyInEveryLink(t *testing.T) {
 		return out
 	}
 	watch := watchPrefix(ctx, t, direct, prefix, headRevision(ctx, t, direct)+1)
-	w := mustNewEtcdWorker(t, faultClient(t, []grpc.DialOption{count}, srv.Endpoints()...), prefix,
+	w := mustNewEtcdWorker(t, env.client(t, []grpc.DialOption{count}...), prefix,
 		chainReactor(false, nil, build, nil), newMapState(prefix),
 		WithTxnLimits(4, DefaultTxnMaxBytes), WithPipelineDepth(8), WithLogger(faultLogger(t)))
 	// The other client stops at a flag, never by a cancelled request, so
@@ -1272,9 +1272,9 @@ func TestChainBreakSameKeyInEveryLink(t *testing.T) {
 // Exactly one token must exist at the end, at the last slot, and /moves must
 // count each move once.
 func TestChainBreakDeletesAndDependenciesAcrossLinks(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
-	direct := srv.Client(t)
+	direct := env.cli
 	const prefix = "/test/chainbreak/deletes-deps"
 	const slots = 6
 	mustPutKV(ctx, t, direct, prefix+"/slot/0", "token")
@@ -1423,11 +1423,11 @@ func TestChainBreakConflictWaitsForTheWatch(t *testing.T) {
 	}
 	for i, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			env := newFaultEnv(t)
+			env := newTestEnv(t, withProxy())
 			ctx := contextWithin(t, chainBreakTimeout)
 			prefix := fmt.Sprintf("/test/chainbreak/watch-%d", i)
 			if c.foreign == "/x" {
-				mustPutKV(ctx, t, env.direct, prefix+"/x", "0")
+				mustPutKV(ctx, t, env.cli, prefix+"/x", "0")
 			}
 			src, err := NewSource(env.client(t), prefix)
 			require.NoError(t, err)
@@ -1452,19 +1452,19 @@ func TestChainBreakConflictWaitsForTheWatch(t *testing.T) {
 				}),
 				when(func(st *recordingState) bool { return st.has("/x", c.landed) }, nil),
 			)
-			w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src),
+			w, err := NewEtcdWorker(env.cli, prefix, reactor, newRecordingState(prefix), WithSource(src),
 				WithTxnLimits(c.limits, DefaultTxnMaxBytes), WithLogger(faultLogger(t)))
 			require.NoError(t, err)
 			done := runAsync(ctx, w, nil, behaviourTick, "watch")
 
 			awaitSignal(ctx, t, entered, "the worker never ran its patch")
 			env.proxy.Blackhole()
-			mustPutKV(ctx, t, env.direct, prefix+c.foreign, "10")
+			mustPutKV(ctx, t, env.cli, prefix+c.foreign, "10")
 			close(release)
 			waitWithin(t, 10*time.Second, "the first group to land", nil, func() bool {
-				return etcdSnapshot(ctx, t, env.direct, prefix)["/a"] == "a"
+				return etcdSnapshot(ctx, t, env.cli, prefix)["/a"] == "a"
 			})
-			landed := func() bool { return etcdSnapshot(ctx, t, env.direct, prefix)["/x"] == c.landed }
+			landed := func() bool { return etcdSnapshot(ctx, t, env.cli, prefix)["/x"] == c.landed }
 			if c.atOnce {
 				waitWithin(t, 10*time.Second, "the conflict to re-run at once and land during the stall", nil, landed)
 				// The barrier: no Tick until the state holds the worker's
@@ -1482,7 +1482,7 @@ func TestChainBreakConflictWaitsForTheWatch(t *testing.T) {
 			}
 			env.proxy.Resume()
 			require.NoError(t, recvErr(ctx, t, done))
-			require.Equal(t, c.landed, etcdSnapshot(ctx, t, env.direct, prefix)["/x"])
+			require.Equal(t, c.landed, etcdSnapshot(ctx, t, env.cli, prefix)["/x"])
 			require.EqualValues(t, 2, runs.Load(), "the increment ran once, then once more after the conflict")
 		})
 	}
@@ -1501,7 +1501,7 @@ func TestChainBreakConflictWaitsForTheWatch(t *testing.T) {
 // exactly the groups this worker emitted before (exactly once, and the
 // barrier). At the end etcd agrees.
 func TestChainBreakBankOfChains(t *testing.T) {
-	env := newFaultEnv(t)
+	env := newTestEnv(t, withProxy())
 	ctx := contextWithin(t, 90*time.Second)
 	const (
 		prefix   = "/test/chainbreak/bank"
@@ -1512,7 +1512,7 @@ func TestChainBreakBankOfChains(t *testing.T) {
 		start    = 100
 	)
 	for i := range accounts {
-		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/acct/%d", prefix, i), strconv.Itoa(start))
+		mustPutKV(ctx, t, env.cli, fmt.Sprintf("%s/acct/%d", prefix, i), strconv.Itoa(start))
 	}
 	var violations violationRecorder
 	var finished atomic.Int64
@@ -1566,7 +1566,7 @@ func TestChainBreakBankOfChains(t *testing.T) {
 	}
 	g := newWorkerGroup(t, 80*time.Second)
 	for id := range workers {
-		cli := env.direct
+		cli := env.cli
 		if id == 0 {
 			cli = env.client(t)
 		}
@@ -1578,7 +1578,7 @@ func TestChainBreakBankOfChains(t *testing.T) {
 	// Another client moves money between accounts 0 and 1.
 	g.run("foreign", func(ctx context.Context) error {
 		for i := 0; i < 30 && finished.Load() < workers; i++ {
-			if err := casTransfer(ctx, env.direct, prefix+"/acct/0", prefix+"/acct/1", int64(i%3+1)); err != nil {
+			if err := casTransfer(ctx, env.cli, prefix+"/acct/0", prefix+"/acct/1", int64(i%3+1)); err != nil {
 				return err
 			}
 			time.Sleep(5 * time.Millisecond)
@@ -1596,7 +1596,7 @@ func TestChainBreakBankOfChains(t *testing.T) {
 	g.requireAllNil(t, 85*time.Second)
 	violations.requireNone(t)
 
-	kvs, _ := userKVs(ctx, t, env.direct, prefix, 0)
+	kvs, _ := userKVs(ctx, t, env.cli, prefix, 0)
 	sum := int64(0)
 	for a := range accounts {
 		kv, ok := kvs[fmt.Sprintf("%s/acct/%d", prefix, a)]

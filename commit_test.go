@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 	pingcaperrors "github.com/pingcap/errors"
 	"github.com/prometheus/client_golang/prometheus"
@@ -630,9 +629,9 @@ func TestConflictRerunsPatchOnNewerState(t *testing.T) {
 		prefix = "/test/conflict/once"
 		role   = "conflict-once"
 	)
-	srv := etcdtest.Shared(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := env.cli
 	mustPutKV(ctx, t, cli, prefix+"/n", "0")
 
 	var calls atomic.Int64
@@ -654,7 +653,7 @@ func TestConflictRerunsPatchOnNewerState(t *testing.T) {
 
 	awaitSignal(ctx, t, entered, "the worker never ran its patch")
 	// The patch has read "0"; another client adds 10 before the worker's Txn.
-	mustPutKV(ctx, t, srv.Client(t), prefix+"/n", "10")
+	mustPutKV(ctx, t, env.client(t), prefix+"/n", "10")
 	close(release)
 	require.NoError(t, recvErr(ctx, t, done))
 
@@ -681,9 +680,9 @@ func TestConflictsBoundedByExternalWrites(t *testing.T) {
 		externalWrites = 40
 		spacing        = 3 * time.Millisecond
 	)
-	srv := etcdtest.Shared(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := env.cli
 	mustPutKV(ctx, t, cli, prefix+"/n", "0")
 
 	var calls atomic.Int64
@@ -720,7 +719,7 @@ func TestConflictsBoundedByExternalWrites(t *testing.T) {
 	done := runAsync(ctx, w, nil, behaviourTick, role)
 
 	awaitSignal(ctx, t, entered, "the worker never ran its patch")
-	ext := srv.Client(t)
+	ext := env.client(t)
 	ticker := time.NewTicker(spacing)
 	for i := 0; i < externalWrites; i++ {
 		require.NoError(t, casIncrement(ctx, ext, prefix+"/n", 1))

@@ -12,8 +12,6 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"google.golang.org/grpc"
 )
 
@@ -47,53 +45,6 @@ func TestClassifyTxnError(t *testing.T) {
 // rejection.
 const rejectPrompt = 5 * time.Second
 
-// authEnv is an etcd server with authentication on: a root client and
-// users "reader-writer" (roles "r" and "w": read, and write, on the
-// prefixes granted) and "nobody" (no rights).
-type authEnv struct {
-	srv  etcdtest.Target
-	root *clientv3.Client
-}
-
-// newAuthEnv starts an embedded server and sets it up as setUpAuth does.
-func newAuthEnv(t *testing.T, prefixes ...string) *authEnv {
-	t.Helper()
-	return setUpAuth(t, etcdtest.NewServer(t, etcdtest.WithEmbedConfig(func(cfg *embed.Config) {
-		cfg.BcryptCost = 4 // the minimum: the test authenticates often
-	})), prefixes...)
-}
-
-// setUpAuth adds the users and roles of authEnv to srv, granted on
-// prefixes, and enables authentication.
-func setUpAuth(t *testing.T, srv etcdtest.Target, prefixes ...string) *authEnv {
-	t.Helper()
-	ctx := contextWithin(t, 10*time.Second)
-	cli := srv.Client(t)
-	must := func(_ any, err error) { t.Helper(); require.NoError(t, err) }
-	must(cli.UserAdd(ctx, "root", "rootpw"))
-	must(cli.UserGrantRole(ctx, "root", "root"))
-	must(cli.RoleAdd(ctx, "r"))
-	must(cli.RoleAdd(ctx, "w"))
-	for _, p := range prefixes {
-		must(cli.RoleGrantPermission(ctx, "r", p+"/", clientv3.GetPrefixRangeEnd(p+"/"), clientv3.PermissionType(clientv3.PermRead)))
-		must(cli.RoleGrantPermission(ctx, "w", p+"/", clientv3.GetPrefixRangeEnd(p+"/"), clientv3.PermissionType(clientv3.PermWrite)))
-	}
-	for _, u := range []string{"reader-writer", "nobody"} {
-		must(cli.UserAdd(ctx, u, "pw"))
-	}
-	must(cli.UserGrantRole(ctx, "reader-writer", "r"))
-	must(cli.UserGrantRole(ctx, "reader-writer", "w"))
-	must(cli.AuthEnable(ctx))
-	return &authEnv{srv: srv, root: userClient(t, srv, "root", "rootpw")}
-}
-
-func userClient(t *testing.T, srv etcdtest.Target, user, password string) *clientv3.Client {
-	t.Helper()
-	cfg := etcdtest.ClientConfig(srv.Endpoints()...)
-	cfg.Username, cfg.Password = user, password
-	return etcdtest.NewClientFromConfig(t, cfg)
-}
-
 // returnsPromptly waits for Run's result, failing if it takes longer than
 // rejectPrompt after since.
 func returnsPromptly(t *testing.T, errc <-chan error, since time.Time) error {
@@ -114,8 +65,9 @@ func returnsPromptly(t *testing.T, errc <-chan error, since time.Time) error {
 // or the head probe (read right revoked while running), a commit (write
 // right revoked), or a closed client.
 func TestPermanentErrorsEndRun(t *testing.T) {
+	t.Parallel()
 	const prefix = "/test/auth"
-	env := newAuthEnv(t, prefix)
+	env := newTestEnv(t, ownServer(), withAuth(prefix))
 	ctx := contextWithin(t, 30*time.Second)
 	permissionDenied(ctx, t, env, prefix)
 	t.Run("closed client", func(t *testing.T) { closedClientCase(ctx, t, env, prefix) })
@@ -126,10 +78,10 @@ func TestPermanentErrorsEndRun(t *testing.T) {
 // write right is revoked while they run: each Run ends promptly with an
 // error matching ErrEtcdRejected and rpctypes.ErrPermissionDenied, on the
 // path that met the rejection (also run by the server matrix).
-func permissionDenied(ctx context.Context, t *testing.T, env *authEnv, prefix string) {
+func permissionDenied(ctx context.Context, t *testing.T, env *testEnv, prefix string) {
 	opts := []Option{WithMaxStaleness(time.Second), WithRequestTimeout(2 * time.Second)}
 	t.Run("no rights: the load", func(t *testing.T) {
-		w := mustNewEtcdWorker(t, userClient(t, env.srv, "nobody", "pw"), prefix, &incrWriter{}, newMapState(prefix), opts...)
+		w := mustNewEtcdWorker(t, env.userClient(t, "nobody", "pw"), prefix, &incrWriter{}, newMapState(prefix), opts...)
 		err := returnsPromptly(t, runAsync(ctx, w, nil, 20*time.Millisecond, "run"), time.Now())
 		require.ErrorIs(t, err, ErrEtcdRejected)
 		require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
@@ -150,13 +102,13 @@ func permissionDenied(ctx context.Context, t *testing.T, env *authEnv, prefix st
 // revokedCase runs a worker as reader-writer, lets it commit once, then
 // revokes role and checks that Run ends promptly on the path named by the
 // regexp path.
-func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, path string, opts []Option) {
+func revokedCase(ctx context.Context, t *testing.T, env *testEnv, prefix, role, path string, opts []Option) {
 	for _, granted := range []string{"r", "w"} { // back from an earlier case
-		_, err := env.root.UserGrantRole(ctx, "reader-writer", granted)
+		_, err := env.cli.UserGrantRole(ctx, "reader-writer", granted)
 		require.NoError(t, err)
 	}
 	r := &incrWriter{}
-	w := mustNewEtcdWorker(t, userClient(t, env.srv, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
+	w := mustNewEtcdWorker(t, env.userClient(t, "reader-writer", "pw"), prefix, r, newMapState(prefix), opts...)
 	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 	// One commit first, so the run has its token and lease.
 	before := r.seen.Load()
@@ -173,12 +125,12 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 	go func() {
 		defer close(busyDone)
 		for busyCtx.Err() == nil {
-			_, _ = env.root.Put(busyCtx, prefix+"/busy", time.Now().String())
+			_, _ = env.cli.Put(busyCtx, prefix+"/busy", time.Now().String())
 			time.Sleep(30 * time.Millisecond) // fault timing: a steady writer keeps the watch busy
 		}
 	}()
 	start := time.Now()
-	_, err := env.root.UserRevokeRole(ctx, "reader-writer", role)
+	_, err := env.cli.UserRevokeRole(ctx, "reader-writer", role)
 	require.NoError(t, err)
 	if role == "w" {
 		r.writes.Store(1)
@@ -192,9 +144,9 @@ func revokedCase(ctx context.Context, t *testing.T, env *authEnv, prefix, role, 
 
 // closedClientCase closes the worker's client before Run and while it
 // runs (default request timeout: Run must not wait for it).
-func closedClientCase(ctx context.Context, t *testing.T, env *authEnv, prefix string) {
+func closedClientCase(ctx context.Context, t *testing.T, env *testEnv, prefix string) {
 	for _, whileRunning := range []bool{false, true} {
-		cli := userClient(t, env.srv, "root", "rootpw")
+		cli := env.userClient(t, "root", "rootpw")
 		w := mustNewEtcdWorker(t, cli, prefix, &incrWriter{}, newMapState(prefix))
 		var errc <-chan error
 		if whileRunning {
@@ -214,12 +166,10 @@ func closedClientCase(ctx context.Context, t *testing.T, env *authEnv, prefix st
 
 // closedDuringCommitCase closes the worker's client while a commit Txn
 // is in flight: the outcome is unknown.
-func closedDuringCommitCase(ctx context.Context, t *testing.T, env *authEnv, prefix string) {
+func closedDuringCommitCase(ctx context.Context, t *testing.T, env *testEnv, prefix string) {
 	hold := make(chan struct{})
 	var holding atomic.Bool
-	cfg := etcdtest.ClientConfig(env.srv.Endpoints()...)
-	cfg.Username, cfg.Password = "root", "rootpw"
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+	cfg := env.clientConfig(grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
 		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
 		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 && holding.CompareAndSwap(false, true) {
@@ -227,7 +177,8 @@ func closedDuringCommitCase(ctx context.Context, t *testing.T, env *authEnv, pre
 			<-hold             // ... until the client is closed
 		}
 		return invoker(ctx, method, req, reply, cc, opts...)
-	})}
+	}))
+	cfg.Username, cfg.Password = "root", "rootpw"
 	cli := etcdtest.NewClientFromConfig(t, cfg)
 	r := &incrWriter{}
 	r.writes.Store(1000)

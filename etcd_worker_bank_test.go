@@ -13,7 +13,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -154,11 +153,11 @@ func bankAdd(i int, delta int64) DataPatch {
 // exactly etcd's balances (so every transfer landed exactly once).
 func TestEtcdWorkerBank(t *testing.T) {
 	t.Parallel()
-	runBank(t, etcdtest.Shared(t))
+	runBank(t, newTestEnv(t))
 }
 
-// runBank runs TestEtcdWorkerBank against srv.
-func runBank(t *testing.T, srv etcdtest.Target) {
+// runBank runs TestEtcdWorkerBank against env's server.
+func runBank(t *testing.T, env *testEnv) {
 	const (
 		accounts  = 25
 		workers   = 10
@@ -166,7 +165,7 @@ func runBank(t *testing.T, srv etcdtest.Target) {
 		transfers = 15 // per run
 	)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := env.cli
 	for i := 0; i < accounts; i++ {
 		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/acct/%d", bankPrefix, i), "0")
 	}
@@ -174,7 +173,7 @@ func runBank(t *testing.T, srv etcdtest.Target) {
 	start := time.Now()
 	g, gctx := errgroup.WithContext(ctx)
 	for i := 0; i < workers; i++ {
-		wcli := srv.Client(t)
+		wcli := env.client(t)
 		g.Go(func() error {
 			for run := 0; run < runs; run++ {
 				r := &bankReactor{name: fmt.Sprintf("w%d-r%d", i, run), transfers: transfers}

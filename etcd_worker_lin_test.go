@@ -12,7 +12,6 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -232,7 +231,7 @@ func TestEtcdWorkerLinearizability(t *testing.T) {
 		workers = 5
 		ops     = 60 // Ticks per worker; every other one increments
 	)
-	srv := etcdtest.Shared(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
 	start := time.Now()
 	now := func() int64 { return int64(time.Since(start)) }
@@ -243,7 +242,7 @@ func TestEtcdWorkerLinearizability(t *testing.T) {
 		st := &linState{markerRel: fmt.Sprintf("/marker/%d", i)}
 		lw := &linWorker{id: i, ops: ops, now: now, state: st}
 		ws[i] = lw
-		w := mustNewEtcdWorker(t, srv.Client(t), linPrefix, lw, st)
+		w := mustNewEtcdWorker(t, env.client(t), linPrefix, lw, st)
 		g.Go(func() error { return w.Run(gctx, nil, behaviourTick, fmt.Sprintf("lin-%d", i)) })
 	}
 	require.NoError(t, g.Wait())
@@ -256,7 +255,7 @@ func TestEtcdWorkerLinearizability(t *testing.T) {
 		reruns += int64(w.reruns)
 	}
 	t.Logf("%d operations, %d increments, %d of them re-run after a conflict", len(history), incs, reruns)
-	cli := srv.Client(t)
+	cli := env.client(t)
 	resp, err := cli.Get(ctx, linPrefix+"/counter")
 	require.NoError(t, err)
 	require.Len(t, resp.Kvs, 1)

@@ -10,8 +10,6 @@ import (
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // TestSum ports the original's sum test: six workers share /sum and /0../5.
@@ -25,11 +23,11 @@ func TestSum(t *testing.T) {
 		cycles  = 30
 		prefix  = "/test/sum"
 	)
-	srv := etcdtest.Shared(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
 	g, gctx := errgroup.WithContext(ctx)
 	for i := 0; i < workers; i++ {
-		cli := srv.Client(t)
+		cli := env.client(t)
 		state := newMapState(prefix)
 		id := strconv.Itoa(i)
 		done := 0
@@ -55,7 +53,7 @@ func TestSum(t *testing.T) {
 	}
 	require.NoError(t, g.Wait())
 
-	cli := srv.Client(t)
+	cli := env.client(t)
 	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())
 	require.NoError(t, err)
 	got := map[string]int64{}

@@ -298,7 +298,7 @@ func observedLogger(t testing.TB) (*zap.Logger, *observer.ObservedLogs) {
 // both resolution outcomes (landed, not landed) occur.
 func TestExactlyOnceCommitCuts(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	probe := newTxnProbe()
 	lg, logs := observedLogger(t)
@@ -321,7 +321,7 @@ func TestExactlyOnceCommitCuts(t *testing.T) {
 		require.Less(t, cycle, 4, "after %d cycles of faults: %d unknown outcomes resolved as landed, %d as not landed; want both",
 			cycle, landed, notLanded)
 	}
-	c.finish(ctx, t, g, env.direct)
+	c.finish(ctx, t, g, env.cli)
 
 	unknown := metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total")
 	landed, notLanded := resolutionLogs(logs)
@@ -339,7 +339,7 @@ func TestExactlyOnceCommitCuts(t *testing.T) {
 // find the history linearizable for a counter.
 func TestLinearizableCounter(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	probe := newTxnProbe()
 	c := newCounterWorld("/fault/linearizable", 4, true)
@@ -347,7 +347,7 @@ func TestLinearizableCounter(t *testing.T) {
 		faultOptions(env.reg, faultLogger(t)), 3*time.Minute)
 	g.run("direct reader", func(ctx context.Context) error {
 		for ctx.Err() == nil && !c.stop.Load() {
-			if err := c.directRead(ctx, env.direct); err != nil && ctx.Err() == nil {
+			if err := c.directRead(ctx, env.cli); err != nil && ctx.Err() == nil {
 				return err
 			}
 			time.Sleep(50 * time.Millisecond) // fault timing: a reader, not a busy loop
@@ -370,10 +370,10 @@ func TestLinearizableCounter(t *testing.T) {
 		{"compaction during an outage", func() {
 			env.proxy.Pause()
 			for i := range 3 {
-				_, err := env.direct.Put(ctx, fmt.Sprintf("%s/noise/%d", c.prefix, i), "x")
+				_, err := env.cli.Put(ctx, fmt.Sprintf("%s/noise/%d", c.prefix, i), "x")
 				require.NoError(t, err)
 			}
-			_, err := etcdtest.Compact(ctx, env.direct)
+			_, err := etcdtest.Compact(ctx, env.cli)
 			require.NoError(t, err)
 			env.proxy.Resume()
 		}},
@@ -383,8 +383,8 @@ func TestLinearizableCounter(t *testing.T) {
 		f.inject()
 		c.waitProgress(t, g, 5, "after "+f.name)
 	}
-	c.finish(ctx, t, g, env.direct)
-	require.NoError(t, c.directRead(ctx, env.direct)) // the final value
+	c.finish(ctx, t, g, env.cli)
+	require.NoError(t, c.directRead(ctx, env.cli)) // the final value
 	require.Positive(t, metricSum(t, env.reg, "orchestrator_reloads_total"))
 	c.requireLinearizable(t)
 }
@@ -520,13 +520,13 @@ func (f *txnFaultInjector) dialOption() grpc.DialOption {
 // group lands exactly once and Run goes on.
 func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
 	t.Parallel()
-	scriptedUnknownOutcomes(t, etcdtest.NewServer(t))
+	scriptedUnknownOutcomes(t, newTestEnv(t, ownServer()))
 }
 
 // scriptedUnknownOutcomes runs TestExactlyOnceScriptedUnknownOutcomes
-// against srv.
-func scriptedUnknownOutcomes(t *testing.T, srv etcdtest.Target) {
-	direct := srv.Client(t)
+// against env's server.
+func scriptedUnknownOutcomes(t *testing.T, env *testEnv) {
+	direct := env.cli
 	cases := []struct {
 		name    string
 		commits []txnAction
@@ -544,7 +544,7 @@ func scriptedUnknownOutcomes(t *testing.T, srv etcdtest.Target) {
 			ctx := testContext(t)
 			prefix := fmt.Sprintf("/fault/scripted-%d", i)
 			inj := &txnFaultInjector{}
-			cli := faultClient(t, []grpc.DialOption{inj.dialOption()}, srv.Endpoints()...)
+			cli := env.client(t, inj.dialOption())
 			reg := prometheus.NewRegistry()
 			lg, logs := observedLogger(t)
 			var runs atomic.Int64

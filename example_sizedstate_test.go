@@ -46,11 +46,7 @@ func (*inventory) GetPatches() [][]orchestrator.DataPatch { return nil }
 func ExampleSizedState() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	etcd, err := orchestratortest.Start(ctx)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
+	etcd := orchestratortest.MustStart(ctx)
 	defer etcd.Close()
 	for i := range 3 {
 		if _, err := etcd.Client().Put(ctx, fmt.Sprintf("/inventory/item%d", i), "1"); err != nil {

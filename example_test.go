@@ -86,11 +86,7 @@ func (exampleT) FailNow() { panic("example failed") }
 func ExampleEtcdWorker_Run() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	etcd, err := orchestratortest.Start(ctx)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
+	etcd := orchestratortest.MustStart(ctx)
 	defer etcd.Close()
 	cli := etcd.Client()
 
@@ -133,11 +129,7 @@ func ExampleEtcdWorker_Run() {
 func ExampleEtcdWorker_WaitSynced() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	etcd, err := orchestratortest.Start(ctx)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
+	etcd := orchestratortest.MustStart(ctx)
 	defer etcd.Close()
 	put, err := etcd.Client().Put(ctx, "/ready/counter", "41")
 	if err != nil {

@@ -25,3 +25,9 @@ func RawStreamForBench(ctx context.Context, tb testing.TB, cli *clientv3.Client,
 func RawUnpagedForBench(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) map[string][]byte {
 	return rawUnpagedGet(ctx, tb, cli, prefix)
 }
+
+// DrainStreamForBench exposes drainStream, which collects what a streaming
+// range sends, to the external test package's benchmarks.
+func DrainStreamForBench(tb testing.TB, stream clientv3.GetStreamChan, m map[string][]byte) map[string][]byte {
+	return drainStream(tb, stream, m)
+}

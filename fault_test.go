@@ -27,7 +27,6 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
-	grpcbackoff "google.golang.org/grpc/backoff"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
@@ -42,62 +41,6 @@ const (
 	// progress after a fault.
 	faultProgressTimeout = 30 * time.Second
 )
-
-// faultClientConfig is the client configuration of the workers in the fault
-// tests: gRPC reconnects quickly after an outage (its default back-off grows
-// to minutes), which keeps the tests short. extra dial options come last.
-func faultClientConfig(extra []grpc.DialOption, endpoints ...string) clientv3.Config {
-	cfg := etcdtest.ClientConfig(endpoints...)
-	cfg.DialOptions = append([]grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-		Backoff: grpcbackoff.Config{
-			BaseDelay:  50 * time.Millisecond,
-			Multiplier: 1.6,
-			Jitter:     0.2,
-			MaxDelay:   500 * time.Millisecond,
-		},
-		MinConnectTimeout: time.Second,
-	})}, extra...)
-	return cfg
-}
-
-// faultClient returns a client for endpoints with faultClientConfig, closed
-// by t.Cleanup.
-func faultClient(t testing.TB, extra []grpc.DialOption, endpoints ...string) *clientv3.Client {
-	t.Helper()
-	return etcdtest.NewClientFromConfig(t, faultClientConfig(extra, endpoints...))
-}
-
-// faultEnv is one etcd server, a proxy in front of it for the workers, a
-// direct client that bypasses the proxy, and a metrics registry.
-type faultEnv struct {
-	srv    etcdtest.Target
-	proxy  *etcdtest.Proxy
-	direct *clientv3.Client
-	reg    *prometheus.Registry
-}
-
-// newFaultEnv is newFaultEnvOn a new embedded server.
-func newFaultEnv(t testing.TB) *faultEnv {
-	t.Helper()
-	return newFaultEnvOn(t, etcdtest.NewServer(t))
-}
-
-// newFaultEnvOn puts a proxy in front of srv.
-func newFaultEnvOn(t testing.TB, srv etcdtest.Target) *faultEnv {
-	t.Helper()
-	return &faultEnv{
-		srv:    srv,
-		proxy:  etcdtest.NewProxy(t, srv.Endpoints()[0]),
-		direct: srv.Client(t),
-		reg:    prometheus.NewRegistry(),
-	}
-}
-
-// client returns a new client that reaches the server through the proxy.
-func (e *faultEnv) client(t testing.TB, extra ...grpc.DialOption) *clientv3.Client {
-	t.Helper()
-	return faultClient(t, extra, e.proxy.Endpoint())
-}
 
 // faultOptions are the worker options of the fault tests.
 func faultOptions(reg prometheus.Registerer, lg *zap.Logger, more ...Option) []Option {
@@ -306,7 +249,7 @@ func startBank(t testing.TB, b *bankWorld, clients func(i int) *clientv3.Client,
 // is cut three times for 1-2s (see bankOutages).
 func TestFaultBankProxyCuts(t *testing.T) {
 	t.Parallel()
-	bankOutages(t, newFaultEnv(t), "/fault/bank-cuts", (*etcdtest.Proxy).Pause,
+	bankOutages(t, newTestEnv(t, ownServer(), withProxy()), "/fault/bank-cuts", (*etcdtest.Proxy).Pause,
 		time.Second, 1500*time.Millisecond, 2*time.Second)
 }
 
@@ -315,7 +258,7 @@ func TestFaultBankProxyCuts(t *testing.T) {
 // resumes it. The workers must keep every invariant in every Tick, make
 // progress after each outage and leave exact totals in etcd, and the
 // observer's last Tick must see exactly what etcd holds.
-func bankOutages(t *testing.T, env *faultEnv, prefix string, fault func(*etcdtest.Proxy), outages ...time.Duration) {
+func bankOutages(t *testing.T, env *testEnv, prefix string, fault func(*etcdtest.Proxy), outages ...time.Duration) {
 	b := newBankWorld(prefix, 6, 8)
 	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
 	snaps := newTickSnapshots()
@@ -329,8 +272,8 @@ func bankOutages(t *testing.T, env *faultEnv, prefix string, fault func(*etcdtes
 		env.proxy.Resume()
 		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d (%v)", i+1, d))
 	}
-	b.finish(t, g, env.direct)
-	kvs, rev := userKVs(testContext(t), t, env.direct, prefix, 0)
+	b.finish(t, g, env.cli)
+	kvs, rev := userKVs(testContext(t), t, env.cli, prefix, 0)
 	want := make(map[string]string, len(kvs))
 	for k, kv := range kvs {
 		want[k] = kv.value
@@ -339,8 +282,7 @@ func bankOutages(t *testing.T, env *faultEnv, prefix string, fault func(*etcdtes
 		last, ok := snaps.last()
 		return ok && maps.Equal(last.values, want)
 	})
-	og.cancel()
-	require.ErrorIs(t, og.wait(t, 10*time.Second)["observer-0"], context.Canceled)
+	require.ErrorIs(t, og.stop(t)["observer-0"], context.Canceled)
 	require.Positive(t, metricSum(t, env.reg, "orchestrator_outages_total"), "the outages were not noticed")
 	t.Logf("groups emitted: %d, conflicts: %v, unknown outcomes: %v", b.emitted.Load(),
 		metricSum(t, env.reg, "orchestrator_conflicts_total"), metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
@@ -352,7 +294,7 @@ func bankOutages(t *testing.T, env *faultEnv, prefix string, fault func(*etcdtes
 // (not exit) and go on with all invariants intact.
 func TestFaultBankCompactionDuringOutage(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	b := newBankWorld("/fault/bank-compact", 6, 8)
 	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
@@ -360,8 +302,8 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 	b.waitProgress(t, g, 20, "before the outage")
 	for cycle := range 2 {
 		env.proxy.Pause()
-		externalBankWrites(ctx, t, env.direct, b, cycle)
-		_, err := etcdtest.Compact(ctx, env.direct)
+		externalBankWrites(ctx, t, env.cli, b, cycle)
+		_, err := etcdtest.Compact(ctx, env.cli)
 		require.NoError(t, err)
 		reloads := metricSum(t, env.reg, "orchestrator_reloads_total")
 		env.proxy.Resume()
@@ -370,8 +312,8 @@ func TestFaultBankCompactionDuringOutage(t *testing.T) {
 		})
 		b.waitProgress(t, g, 20, fmt.Sprintf("after outage %d", cycle+1))
 	}
-	b.finish(t, g, env.direct)
-	noise, _ := userKVs(ctx, t, env.direct, b.prefix+"/noise", 0)
+	b.finish(t, g, env.cli)
+	noise, _ := userKVs(ctx, t, env.cli, b.prefix+"/noise", 0)
 	require.Len(t, noise, 2*2, "external keys")
 }
 
@@ -425,10 +367,9 @@ func externalBankWrites(ctx context.Context, t testing.TB, cli *clientv3.Client,
 func TestFaultBankLeaderRestart(t *testing.T) {
 	t.Parallel()
 	c := etcdtest.NewCluster(t, 3)
-	reg := prometheus.NewRegistry()
+	env := newTestEnv(t, onServer(c))
 	b := newBankWorld("/fault/bank-leader", 6, 8)
-	direct := c.Client(t)
-	g := startBank(t, b, func(int) *clientv3.Client { return faultClient(t, nil, c.Endpoints()...) }, reg, faultLogger(t), 3*time.Minute)
+	g := startBank(t, b, func(int) *clientv3.Client { return env.client(t) }, env.reg, faultLogger(t), 3*time.Minute)
 
 	b.waitProgress(t, g, 20, "before the leader stops")
 	for cycle := range 2 {
@@ -438,7 +379,7 @@ func TestFaultBankLeaderRestart(t *testing.T) {
 		c.RestartMember(t, lead)
 		b.waitProgress(t, g, 20, fmt.Sprintf("cycle %d: after restarting m%d", cycle+1, lead))
 	}
-	b.finish(t, g, direct)
+	b.finish(t, g, env.cli)
 }
 
 // ---------------------------------------------------------------------------
@@ -458,10 +399,10 @@ func putNumbered(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix
 // empty values empty, reserved keys invisible).
 func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/fault/reload"
-	putNumbered(ctx, t, env.direct, prefix, 10)
+	putNumbered(ctx, t, env.cli, prefix, 10)
 	state := newMapState(prefix)
 	snaps := newTickSnapshots()
 	wrote := false
@@ -483,7 +424,7 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		return ok && last.values[prefix+"/own"] == "1"
 	})
 	last, _ := snaps.last()
-	requireStateEqualsEtcd(ctx, t, env.direct, prefix, last.values)
+	requireStateEqualsEtcd(ctx, t, env.cli, prefix, last.values)
 
 	env.proxy.Pause()
 	ops := []clientv3.Op{
@@ -495,14 +436,14 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		clientv3.OpDelete(prefix + "/k05"),
 	}
 	for _, op := range ops {
-		_, err := env.direct.Do(ctx, op)
+		_, err := env.cli.Do(ctx, op)
 		require.NoError(t, err)
 	}
-	_, err := env.direct.Put(ctx, prefix+"/k05", "again")
+	_, err := env.cli.Put(ctx, prefix+"/k05", "again")
 	require.NoError(t, err)
-	_, err = env.direct.Delete(ctx, prefix+"/k06")
+	_, err = env.cli.Delete(ctx, prefix+"/k06")
 	require.NoError(t, err)
-	_, err = etcdtest.Compact(ctx, env.direct)
+	_, err = etcdtest.Compact(ctx, env.cli)
 	require.NoError(t, err)
 	initsBefore := snaps.count()
 	env.proxy.Resume()
@@ -514,11 +455,10 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 		return ok
 	})
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_reloads_total"))
-	requireStateEqualsEtcd(ctx, t, env.direct, prefix, after.values)
+	requireStateEqualsEtcd(ctx, t, env.cli, prefix, after.values)
 	require.Contains(t, after.values, prefix+"/k04")
 	require.NotNil(t, after.raw[prefix+"/k04"], "an empty value must arrive as a non-nil empty slice")
-	g.cancel()
-	require.ErrorIs(t, g.wait(t, 10*time.Second)["reload"], context.Canceled)
+	require.ErrorIs(t, g.stop(t)["reload"], context.Canceled)
 }
 
 // TestFaultCompactionBetweenLoadPages: the history is compacted while the
@@ -529,11 +469,10 @@ func TestFaultCompactionReloadMatchesEtcd(t *testing.T) {
 // streamed read is TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead).
 func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/fault/paged"
-	putNumbered(ctx, t, env.direct, prefix, 10)
-	state := newMapState(prefix)
+	putNumbered(ctx, t, env.cli, prefix, 10)
 	var hooked atomic.Int32
 	// Pages: no RangeStream, and a receive limit the whole prefix exceeds.
 	noStream := &rpcCounter{noStream: true}
@@ -543,15 +482,15 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 		}
 		// Between the first and the second page: change the prefix and
 		// compact past the load's pinned revision.
-		_, err := env.direct.Delete(ctx, prefix+"/k07")
+		_, err := env.cli.Delete(ctx, prefix+"/k07")
 		if err == nil {
-			_, err = env.direct.Put(ctx, prefix+"/k03", "changed")
+			_, err = env.cli.Put(ctx, prefix+"/k03", "changed")
 		}
 		if err == nil {
-			_, err = env.direct.Put(ctx, prefix+"/k10", "new")
+			_, err = env.cli.Put(ctx, prefix+"/k10", "new")
 		}
 		if err == nil {
-			_, err = etcdtest.Compact(ctx, env.direct)
+			_, err = etcdtest.Compact(ctx, env.cli)
 		}
 		if err != nil {
 			t.Error(err)
@@ -562,16 +501,16 @@ func TestFaultCompactionBetweenLoadPages(t *testing.T) {
 		snaps.add(s.(*mapState))
 		return s, ErrReactorFinished
 	})
-	cfg := faultClientConfig(noStream.dialOptions(), env.proxy.Endpoint())
+	cfg := env.clientConfig(noStream.dialOptions()...)
 	cfg.MaxCallRecvMsgSize = 256
-	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, newMapState(prefix),
 		faultOptions(env.reg, faultLogger(t), WithPageSize(2))...)
 	require.NoError(t, w.Run(ctx, nil, faultInterval, "paged"))
 	require.EqualValues(t, 1, hooked.Load())
 	first, ok := snaps.last()
 	require.True(t, ok)
 	require.Equal(t, 1, snaps.count())
-	requireStateEqualsEtcd(ctx, t, env.direct, prefix, first.values)
+	requireStateEqualsEtcd(ctx, t, env.cli, prefix, first.values)
 	require.NotContains(t, first.values, prefix+"/k07")
 	require.Equal(t, "changed", first.values[prefix+"/k03"])
 }
@@ -676,7 +615,7 @@ func TestFaultMaxOutage(t *testing.T) {
 	for _, writing := range []bool{true, false} {
 		name := map[bool]string{true: "writing", false: "idle"}[writing]
 		t.Run(name, func(t *testing.T) {
-			env := newFaultEnv(t)
+			env := newTestEnv(t, ownServer(), withProxy())
 			prefix := "/fault/outage-" + name
 			var ticks atomic.Int64
 			var ping atomic.Value // value of /ping the last Tick saw
@@ -707,7 +646,7 @@ func TestFaultMaxOutage(t *testing.T) {
 			waitTicks(5, "ticks after a short cut")
 			// The worker hears from etcd again (its watch delivers a put)
 			// before the long outage starts.
-			_, err := env.direct.Put(testContext(t), prefix+"/ping", "after the cut")
+			_, err := env.cli.Put(testContext(t), prefix+"/ping", "after the cut")
 			require.NoError(t, err)
 			waitWithin(t, faultProgressTimeout, "the worker sees a put", g.failed, func() bool {
 				return ping.Load() == "after the cut"
@@ -738,7 +677,7 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 		interval     = 50 * time.Millisecond
 		cut          = 2 * time.Second
 	)
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	const prefix = "/fault/stale"
 	snaps := newTickSnapshots()
 	reactor := snaps.reactor()
@@ -773,8 +712,7 @@ func TestFaultStalenessStopsIdleTicks(t *testing.T) {
 	}
 	require.Empty(t, during, "Ticks on a stale state (offsets from the cut)")
 	require.GreaterOrEqual(t, ticksBeforeCut, 5)
-	g.cancel()
-	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
+	require.ErrorIs(t, g.stop(t)["worker"], context.Canceled)
 }
 
 // shutdownCase is one case of TestFaultShutdownDuringCommit.
@@ -805,7 +743,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 	cases := shutdownCases()
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			env := newFaultEnv(t)
+			env := newTestEnv(t, ownServer(), withProxy())
 			ctx := testContext(t)
 			prefix := fmt.Sprintf("/fault/shutdown-%d", i)
 			probe := newTxnProbe()
@@ -858,7 +796,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 			// The worker knew the in-flight commit's outcome: what it counted
 			// as landed is exactly what etcd has.
 			landed := int64(metricSum(t, env.reg, "orchestrator_patch_groups_applied_total"))
-			kvs, _ := userKVs(ctx, t, env.direct, prefix, 0)
+			kvs, _ := userKVs(ctx, t, env.cli, prefix, 0)
 			require.Equal(t, strconv.FormatInt(landed, 10), kvs[prefix+"/n"].value,
 				"Run returned before it knew the in-flight commit's outcome")
 			if !tc.blackhole {
@@ -873,7 +811,6 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 // warning; the worker goes on.
 func TestFaultSlowTickWarns(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
 	core, logs := observer.New(zapcore.WarnLevel)
 	const prefix = "/fault/slow"
 	n := 0
@@ -885,7 +822,7 @@ func TestFaultSlowTickWarns(t *testing.T) {
 		}
 		return s, ErrReactorFinished
 	})
-	w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, newMapState(prefix), WithLogger(zap.New(core)))
+	w := mustNewEtcdWorker(t, sharedClient(t), prefix, reactor, newMapState(prefix), WithLogger(zap.New(core)))
 	require.NoError(t, w.Run(testContext(t), nil, faultInterval, "slow"))
 	slow := logs.FilterMessage("reactor Tick is slow").All()
 	require.Len(t, slow, 1)
@@ -900,7 +837,7 @@ func TestFaultSlowTickWarns(t *testing.T) {
 func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 	t.Parallel()
 	const delay = 200 * time.Millisecond
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/fault/patch-panic"
 	probe := newTxnProbe()
@@ -937,7 +874,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 	require.ErrorIs(t, err, ErrPanic)
 	require.EqualValues(t, 2, runs.Load())
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
-	kvs, _ := userKVs(ctx, t, env.direct, prefix, 0)
+	kvs, _ := userKVs(ctx, t, env.cli, prefix, 0)
 	require.Empty(t, kvs)
 }
 
@@ -960,7 +897,7 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 		// a proof of freshness Ticks stop for good.
 		maxGap = 3 * maxStaleness
 	)
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	const prefix = "/fault/idle"
 	snaps := newTickSnapshots()
 	reactor := snaps.reactor()
@@ -995,6 +932,5 @@ func TestFaultIdleWorkerStaysFresh(t *testing.T) {
 		return time.Since(ts[len(ts)-1]) < interval*5
 	})
 	requireTicking(maxOutage+500*time.Millisecond, "idle etcd after a cut")
-	g.cancel()
-	require.ErrorIs(t, g.wait(t, 10*time.Second)["worker"], context.Canceled)
+	require.ErrorIs(t, g.stop(t)["worker"], context.Canceled)
 }

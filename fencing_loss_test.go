@@ -19,12 +19,13 @@ import (
 // read ends Run as a rejection (ErrEtcdRejected, permission denied), not as
 // a loss.
 func TestFencingLossEndsIdleRun(t *testing.T) {
+	t.Parallel()
 	const (
 		prefix    = "/fencing-loss/data"
 		staleness = 2 * time.Second // progress interval: 500ms
 		bound     = 3 * time.Second
 	)
-	env := newAuthEnv(t, prefix, "/fencing-loss/owner")
+	env := newTestEnv(t, ownServer(), withAuth(prefix, "/fencing-loss/owner"))
 	for _, tc := range []struct {
 		name   string
 		user   string // "" for root
@@ -33,13 +34,13 @@ func TestFencingLossEndsIdleRun(t *testing.T) {
 		want   []error
 	}{
 		{name: "key deleted", key: "/fencing-loss/owner/a", depose: func(ctx context.Context, t *testing.T, key string) {
-			_, err := env.root.Delete(ctx, key)
+			_, err := env.cli.Delete(ctx, key)
 			require.NoError(t, err)
 		}, want: []error{ErrNotOwner}},
 		{name: "key recreated", key: "/fencing-loss/owner/b", depose: func(ctx context.Context, t *testing.T, key string) {
-			_, err := env.root.Delete(ctx, key)
+			_, err := env.cli.Delete(ctx, key)
 			require.NoError(t, err)
-			_, err = env.root.Put(ctx, key, "another owner")
+			_, err = env.cli.Put(ctx, key, "another owner")
 			require.NoError(t, err)
 		}, want: []error{ErrNotOwner}},
 		{name: "key not readable", user: "reader-writer", key: "/fencing-loss/secret",
@@ -47,11 +48,11 @@ func TestFencingLossEndsIdleRun(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := testContext(t)
-			put, err := env.root.Put(ctx, tc.key, "owner")
+			put, err := env.cli.Put(ctx, tc.key, "owner")
 			require.NoError(t, err)
-			cli := env.root
+			cli := env.cli
 			if tc.user != "" {
-				cli = userClient(t, env.srv, tc.user, "pw")
+				cli = env.userClient(t, tc.user, "pw")
 			}
 			var ticks atomic.Int64
 			idle := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
@@ -84,7 +85,7 @@ func TestFencingLossEndsIdleRun(t *testing.T) {
 				<-done
 				t.Fatalf("Run did not return within %v (%d ticks)", bound, ticks.Load())
 			}
-			resp, err := env.root.Get(ctx, prefix+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+			resp, err := env.cli.Get(ctx, prefix+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
 			require.NoError(t, err)
 			require.Zero(t, resp.Count, "the idle worker wrote nothing")
 		})

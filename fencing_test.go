@@ -19,7 +19,7 @@ import (
 // increments /n under its prefix in every Tick.
 type fenceFixture struct {
 	prefix   string
-	proxy    *etcdtest.Proxy // between the leader (session and worker) and etcd
+	env      *testEnv // its proxy is between the leader (session and worker) and etcd
 	session  *concurrency.Session
 	election *concurrency.Election
 	deleted  chan int64 // the revision at which the leader key was deleted
@@ -28,10 +28,11 @@ type fenceFixture struct {
 
 // newFenceFixture elects a leader on a client behind its own proxy and
 // watches (directly) for the deletion of its key.
-func newFenceFixture(ctx context.Context, t testing.TB, srv *etcdtest.Server, direct *clientv3.Client, name string, ttl int) *fenceFixture {
+func newFenceFixture(ctx context.Context, t testing.TB, srv etcdtest.Target, name string, ttl int) *fenceFixture {
 	t.Helper()
-	f := &fenceFixture{prefix: "/fence/" + name, proxy: etcdtest.NewProxy(t, srv.Endpoints()[0]), deleted: make(chan int64, 1)}
-	cli := faultClient(t, nil, f.proxy.Endpoint())
+	env := newTestEnv(t, onServer(srv), withProxy()) //nolint:contextcheck // the proxy lives as long as the test
+	f := &fenceFixture{prefix: "/fence/" + name, env: env, deleted: make(chan int64, 1)}
+	cli := f.env.client(t)
 	s, err := concurrency.NewSession(cli, concurrency.WithTTL(ttl))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = s.Close() })
@@ -41,7 +42,7 @@ func newFenceFixture(ctx context.Context, t testing.TB, srv *etcdtest.Server, di
 
 	wctx, cancel := context.WithCancel(ctx)
 	t.Cleanup(cancel)
-	wch := direct.Watch(wctx, f.election.Key(), clientv3.WithRev(f.election.Rev()))
+	wch := f.env.cli.Watch(wctx, f.election.Key(), clientv3.WithRev(f.election.Rev()))
 	go func() {
 		for resp := range wch {
 			for _, ev := range resp.Events {
@@ -65,7 +66,7 @@ func (f *fenceFixture) worker(t testing.TB, reg prometheus.Registerer, fenced bo
 	if fenced {
 		opts = append(opts, WithFencingKey(f.election.Key(), f.election.Rev()))
 	}
-	cli := faultClient(t, nil, f.proxy.Endpoint())
+	cli := f.env.client(t)
 	w := mustNewEtcdWorker(t, cli, f.prefix, reactor, state, opts...)
 	return w
 }
@@ -103,8 +104,8 @@ func (f *fenceFixture) lastWrite(ctx context.Context, t testing.TB, direct *clie
 // has teeth.
 func TestFencing(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	direct := env.cli
 	deposers := []struct {
 		name string
 		ttl  int
@@ -123,10 +124,10 @@ func TestFencing(t *testing.T) {
 			require.NoError(t, f.session.Close())
 		}},
 		{name: "session expired while cut off", ttl: 2, depose: func(_ context.Context, t testing.TB, f *fenceFixture) {
-			f.proxy.Pause()
+			f.env.proxy.Pause()
 			rev := f.deletedRev(t) // the lease expired
 			f.deleted <- rev
-			f.proxy.Resume()
+			f.env.proxy.Resume()
 		}},
 	}
 	for _, d := range deposers {
@@ -135,7 +136,7 @@ func TestFencing(t *testing.T) {
 			t.Run(name, func(t *testing.T) {
 				ctx := testContext(t)
 				id := fmt.Sprintf("%s-%v", d.name, fenced)
-				f := newFenceFixture(ctx, t, srv, direct, id, d.ttl)
+				f := newFenceFixture(ctx, t, env.srv, id, d.ttl)
 				reg := prometheus.NewRegistry()
 				w := f.worker(t, reg, fenced)
 				g := newWorkerGroup(t, time.Minute)
@@ -175,8 +176,8 @@ func TestFencing(t *testing.T) {
 // revocation.
 func TestSessionRevoked(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	direct := env.cli
 	const bound = 5 * time.Second
 	for _, tc := range []struct {
 		name    string
@@ -189,7 +190,7 @@ func TestSessionRevoked(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := testContext(t)
 			prefix := "/session/" + tc.name
-			cli := srv.Client(t)
+			cli := env.client(t)
 			s, err := concurrency.NewSession(cli, concurrency.WithTTL(tc.ttl))
 			require.NoError(t, err)
 			t.Cleanup(func() { _ = s.Close() })

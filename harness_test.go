@@ -3,7 +3,9 @@ package orchestrator
 // The test harness shared by every test of the package: contexts and waits
 // bounded by deadlines, running workers and collecting their results,
 // reading metrics, building patches, and recording invariant violations.
-// The ReactorStates and Reactors the tests drive are in states_test.go.
+// The etcd a test runs against and its clients come from newTestEnv
+// (env_test.go); the ReactorStates and Reactors the tests drive are in
+// states_test.go.
 
 import (
 	"context"
@@ -37,6 +39,9 @@ const behaviourTick = 5 * time.Millisecond
 
 // pollInterval is how often the waits below check their condition.
 const pollInterval = 5 * time.Millisecond
+
+// stopTimeout bounds how long workers may take to return once cancelled.
+const stopTimeout = 10 * time.Second
 
 // testContext returns a context bounded by testTimeout, cancelled when the
 // test ends.
@@ -208,6 +213,14 @@ func (g *workerGroup) run(name string, fn func(ctx context.Context) error) {
 // runWorker starts w.Run with faultInterval and role name.
 func (g *workerGroup) runWorker(name string, w *EtcdWorker) {
 	g.run(name, func(ctx context.Context) error { return w.Run(ctx, nil, faultInterval, name) })
+}
+
+// stop cancels g's context and waits (at most stopTimeout) for every
+// goroutine; it returns the results.
+func (g *workerGroup) stop(t testing.TB) map[string]error {
+	t.Helper()
+	g.cancel()
+	return g.wait(t, stopTimeout)
 }
 
 // failed returns the first error any goroutine returned so far.
@@ -481,23 +494,16 @@ func mustInt(t testing.TB, b []byte) int64 {
 	return n
 }
 
-// reloadByCompaction cuts the worker off, writes through admin with fn, compacts
-// and lets it back: its watch finds its revision compacted and reloads.
-func reloadByCompaction(ctx context.Context, t testing.TB, proxy *etcdtest.Proxy, admin *clientv3.Client, fn func()) {
+// reloadByCompaction cuts the worker off (env's proxy), writes with fn,
+// compacts (through env.cli) and lets it back: its watch finds its revision
+// compacted and reloads.
+func reloadByCompaction(ctx context.Context, t testing.TB, env *testEnv, fn func()) {
 	t.Helper()
-	proxy.Pause()
+	env.proxy.Pause()
 	fn()
-	_, err := etcdtest.Compact(ctx, admin)
+	_, err := etcdtest.Compact(ctx, env.cli)
 	require.NoError(t, err)
-	proxy.Resume()
-}
-
-// sharedClient returns a new client of the package's shared etcd server
-// (etcdtest.Shared), closed by t.Cleanup. Tests that inject a fault (a proxy,
-// compaction, server limits, auth) start their own server instead.
-func sharedClient(t testing.TB) *clientv3.Client {
-	t.Helper()
-	return etcdtest.SharedClient(t)
+	env.proxy.Resume()
 }
 
 // headRevision returns etcd's current revision.

@@ -205,8 +205,8 @@ func TestLimitsServerDefaultsAreTheLimits(t *testing.T) {
 // without fencing, with and without deletes.
 func TestLimitsOpsDefaultServer(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	cli := env.cli
 	fenceKey, fenceRev := limFence(t, cli, "/limfence/owner")
 	tests := []struct {
 		name           string
@@ -237,7 +237,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 			limPutAll(t, cli, oldKeys, "old")
 			newKeys := limKeys(prefix, "new", tt.puts)
 			r.groups = [][]DataPatch{limGroup(oldKeys, newKeys, func(_ int, k string) []byte { return []byte("v-" + k) })}
-			rev := srv.Revision()
+			rev := env.srv.Revision()
 			before := limGet(t, cli, prefix)
 
 			err := runWithin(t, w, limRunTimeout, "limits")
@@ -245,7 +245,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
 				require.NotErrorIs(t, err, context.DeadlineExceeded)
-				limRequireNothingWritten(t, srv, cli, prefix, rev, before, false)
+				limRequireNothingWritten(t, env.srv, cli, prefix, rev, before, false)
 				return
 			}
 			require.NoError(t, err)
@@ -272,8 +272,8 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 // a group at both the op and the byte limit, commits too.
 func TestLimitsBytesDefaultServer(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	cli := env.cli
 	fenceKey, fenceRev := limFence(t, cli, "/limfence/"+strings.Repeat("f", 300))
 	tests := []struct {
 		name          string
@@ -307,14 +307,14 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 			require.LessOrEqual(t, len(group)+l.overheadOps, l.maxOps, "test setup: group within the op limit")
 
 			r.groups = [][]DataPatch{group}
-			rev := srv.Revision()
+			rev := env.srv.Revision()
 			before := limGet(t, cli, prefix)
 			err := runWithin(t, w, limRunTimeout, "limits")
 			if tt.over > 0 {
 				require.ErrorIs(t, err, ErrEtcdTxnSizeExceed)
 				require.NotErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrRequestTooLarge, "the worker must refuse the group, not the server")
-				limRequireNothingWritten(t, srv, cli, prefix, rev, before, false)
+				limRequireNothingWritten(t, env.srv, cli, prefix, rev, before, false)
 				return
 			}
 			require.NoError(t, err)
@@ -335,8 +335,8 @@ func TestLimitsBytesDefaultServer(t *testing.T) {
 func TestLimitsMatchingServer(t *testing.T) {
 	t.Parallel()
 	const serverOps = 16
-	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer(etcdtest.WithMaxTxnOps(serverOps)))
+	cli := env.cli
 	perTxn := serverOps - 2
 
 	t.Run("largest group", func(t *testing.T) {
@@ -345,12 +345,12 @@ func TestLimitsMatchingServer(t *testing.T) {
 			w, r := limWorker(t, cli, prefix, WithTxnLimits(serverOps, DefaultTxnMaxBytes))
 			require.Equal(t, perTxn, w.limits.maxOps-w.limits.overheadOps)
 			r.groups = [][]DataPatch{limGroup(nil, limKeys(prefix, "k", n), limValue("v"))}
-			rev := srv.Revision()
+			rev := env.srv.Revision()
 			err := runWithin(t, w, limRunTimeout, "limits")
 			if n > perTxn {
 				require.ErrorIs(t, err, ErrEtcdTxnOpsExceed)
 				require.NotErrorIs(t, err, rpctypes.ErrTooManyOps, "the worker must refuse the group, not the server")
-				limRequireNothingWritten(t, srv, cli, prefix, rev, map[string]*mvccKV{}, false)
+				limRequireNothingWritten(t, env.srv, cli, prefix, rev, map[string]*mvccKV{}, false)
 				continue
 			}
 			require.NoError(t, err)
@@ -387,7 +387,7 @@ func TestLimitsMatchingServer(t *testing.T) {
 				r.groups = append(r.groups, limGroup(nil, keys[g*tt.groupSize:(g+1)*tt.groupSize],
 					func(_ int, k string) []byte { return []byte(k) }))
 			}
-			rev := srv.Revision()
+			rev := env.srv.Revision()
 			require.NoError(t, runWithin(t, w, limRunTimeout, role))
 
 			require.Equal(t, float64(len(tt.wantTxns)), metricValue(t, reg, "orchestrator_commits_total", role))
@@ -415,10 +415,10 @@ type limLowCase struct {
 }
 
 // limLowCases returns the cases of TestLimitsServerLowerThanWorker.
-func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client, bytesSrv *etcdtest.Server, bytesCli *clientv3.Client) []limLowCase {
+func limLowCases(serverOps int, ops, big *testEnv) []limLowCase {
 	return []limLowCase{
 		{
-			name: "one group above the server's op limit", srv: opsSrv, cli: opsCli,
+			name: "one group above the server's op limit", srv: ops.srv, cli: ops.cli,
 			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
 			groups: func(prefix string) [][]DataPatch {
 				return [][]DataPatch{limGroup(nil, limKeys(prefix, "k", 20), limValue("v"))}
@@ -429,7 +429,7 @@ func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client
 		{
 			// The largest group a worker limited to 17 ops accepts needs
 			// exactly 17: the worker's count is tight.
-			name: "worker limit one above the server's", srv: opsSrv, cli: opsCli,
+			name: "worker limit one above the server's", srv: ops.srv, cli: ops.cli,
 			opts: []Option{WithTxnLimits(serverOps+1, DefaultTxnMaxBytes)},
 			groups: func(prefix string) [][]DataPatch {
 				return [][]DataPatch{limGroup(nil, limKeys(prefix, "k", serverOps+1-2), limValue("v"))}
@@ -438,7 +438,7 @@ func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client
 			cause:   rpctypes.ErrTooManyOps,
 		},
 		{
-			name: "small groups packed above the server's op limit", srv: opsSrv, cli: opsCli,
+			name: "small groups packed above the server's op limit", srv: ops.srv, cli: ops.cli,
 			opts: []Option{WithTxnLimits(200, DefaultTxnMaxBytes)},
 			groups: func(prefix string) [][]DataPatch {
 				var gs [][]DataPatch
@@ -451,7 +451,7 @@ func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client
 			cause:   rpctypes.ErrTooManyOps,
 		},
 		{
-			name: "group above the server's request size", srv: bytesSrv, cli: bytesCli,
+			name: "group above the server's request size", srv: big.srv, cli: big.cli,
 			groups: func(prefix string) [][]DataPatch {
 				return [][]DataPatch{{setKey(prefix+"/big", bytes.Repeat([]byte{'x'}, 100*1024))}}
 			},
@@ -461,7 +461,7 @@ func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client
 		{
 			// Above the server's gRPC message limit (max-request-bytes +
 			// 512 KiB): refused by gRPC rather than by etcd.
-			name: "group above the server's gRPC message size", srv: bytesSrv, cli: bytesCli,
+			name: "group above the server's gRPC message size", srv: big.srv, cli: big.cli,
 			groups: func(prefix string) [][]DataPatch {
 				return [][]DataPatch{{setKey(prefix+"/big", bytes.Repeat([]byte{'x'}, 700*1024))}}
 			},
@@ -476,13 +476,10 @@ func limLowCases(serverOps int, opsSrv *etcdtest.Server, opsCli *clientv3.Client
 func TestLimitsServerLowerThanWorker(t *testing.T) {
 	t.Parallel()
 	const serverOps = 16
-	opsSrv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(serverOps))
-	opsCli := opsSrv.Client(t)
 	const serverBytes = 64 * 1024
-	bytesSrv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(serverBytes))
-	bytesCli := bytesSrv.Client(t)
-
-	tests := limLowCases(serverOps, opsSrv, opsCli, bytesSrv, bytesCli)
+	tests := limLowCases(serverOps,
+		newTestEnv(t, ownServer(etcdtest.WithMaxTxnOps(serverOps))),
+		newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(serverBytes))))
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/limlow/%d", i)

@@ -20,14 +20,13 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
-// loadTestWorker starts a worker on prefix whose client goes through proxy
-// and counter, and returns it, its reactor and its result channel.
-func loadTestWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, counter *rpcCounter, prefix string,
+// loadTestWorker starts a worker on prefix whose client goes through env's
+// proxy and counter, and returns it, its reactor and its result channel.
+func loadTestWorker(ctx context.Context, t *testing.T, env *testEnv, counter *rpcCounter, prefix string,
 	opts ...Option,
 ) (*EtcdWorker, *tickSnapshotter, <-chan error) {
 	t.Helper()
-	cfg := etcdtest.ClientConfig(proxy.Endpoint())
-	cfg.DialOptions = counter.dialOptions()
+	cfg := env.clientConfig(counter.dialOptions()...)
 	reactor := &tickSnapshotter{}
 	opts = append([]Option{WithPageSize(7), WithMaxStaleness(500 * time.Millisecond)}, opts...)
 	w, err := NewEtcdWorker(etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, newRecordingState(prefix), opts...)
@@ -35,15 +34,14 @@ func loadTestWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, co
 	return w, reactor, runAsync(ctx, w, nil, 10*time.Millisecond, "load")
 }
 
-// proxiedWorker runs a worker on prefix through proxy and counter, with a
-// client receive limit of recvLimit (0: gRPC's default) and
+// proxiedWorker runs a worker on prefix through env's proxy and counter,
+// with a client receive limit of recvLimit (0: gRPC's default) and
 // WithMaxStaleness(500ms) before opts, and returns its result channel.
-func proxiedWorker(ctx context.Context, t *testing.T, proxy *etcdtest.Proxy, counter *rpcCounter, recvLimit int,
+func proxiedWorker(ctx context.Context, t *testing.T, env *testEnv, counter *rpcCounter, recvLimit int,
 	prefix string, reactor Reactor, st ReactorState, opts ...Option,
 ) <-chan error {
 	t.Helper()
-	cfg := etcdtest.ClientConfig(proxy.Endpoint())
-	cfg.DialOptions = counter.dialOptions()
+	cfg := env.clientConfig(counter.dialOptions()...)
 	cfg.MaxCallRecvMsgSize = recvLimit
 	opts = append([]Option{WithMaxStaleness(500 * time.Millisecond)}, opts...)
 	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, st, opts...)
@@ -70,29 +68,28 @@ func TestLoadAndReloadOnBothReadPaths(t *testing.T) {
 			if noStream {
 				want = ReadPathFallback
 			}
-			loadAndReload(t, etcdtest.NewServer(t), &rpcCounter{noStream: noStream}, want)
+			loadAndReload(t, newTestEnv(t, ownServer(), withProxy()), &rpcCounter{noStream: noStream}, want)
 		})
 	}
 }
 
-// loadAndReload loads a prefix of target through a worker whose client
+// loadAndReload loads a prefix of env's server through a worker whose client
 // counts range RPCs with counter, changes the prefix while the worker is
 // cut off, compacts and lets it reload. Both times the state is exactly
 // etcd's. The worker reads with path want: the fallback is remembered (the
 // reload does not try the stream again), reported by Status and logged
 // once, with the server's version.
-func loadAndReload(t *testing.T, target etcdtest.Target, counter *rpcCounter, want ReadPath) {
+func loadAndReload(t *testing.T, env *testEnv, counter *rpcCounter, want ReadPath) {
 	const prefix = "/test/readpaths"
-	admin := target.Client(t)
+	admin := env.cli
 	ctx := testContext(t)
 	for i := range 50 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%02d", prefix, i), fmt.Sprint(i))
 	}
-	proxy := etcdtest.NewProxy(t, target.Endpoints()[0])
 	lg, logs := observedLogger(t)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	w, reactor, done := loadTestWorker(runCtx, t, proxy, counter, prefix, WithLogger(lg))
+	w, reactor, done := loadTestWorker(runCtx, t, env, counter, prefix, WithLogger(lg))
 	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 	streams, _, _ := counter.counts()
 	require.Equal(t, 1, streams, "the load tries the stream once")
@@ -100,7 +97,7 @@ func loadAndReload(t *testing.T, target etcdtest.Target, counter *rpcCounter, wa
 
 	// Change the prefix while the worker is cut off, compact, and let it
 	// reload.
-	reloadByCompaction(ctx, t, proxy, admin, func() {
+	reloadByCompaction(ctx, t, env, func() {
 		for i := range 10 {
 			_, err := admin.Delete(ctx, fmt.Sprintf("%s/k%02d", prefix, i))
 			require.NoError(t, err)
@@ -113,7 +110,7 @@ func loadAndReload(t *testing.T, target etcdtest.Target, counter *rpcCounter, wa
 	if want == ReadPathFallback {
 		require.Equal(t, 1, streams, "a server without the stream is remembered")
 		require.Greater(t, ranges, 2, "the fallback reads pages")
-		st, err := admin.Status(ctx, target.Endpoints()[0])
+		st, err := admin.Status(ctx, env.target.Endpoints()[0])
 		require.NoError(t, err)
 		require.Equal(t, 1, fallbacks.Len(), "the fallback is logged once")
 		require.Equal(t, st.Version, fallbacks.All()[0].ContextMap()["serverVersion"])
@@ -173,8 +170,8 @@ func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
 	for _, refuse := range []bool{false, true} {
 		t.Run(fmt.Sprintf("refuse=%v", refuse), func(t *testing.T) {
 			const prefix = "/test/midload"
-			srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(8<<10))
-			cli := srv.Client(t)
+			env := newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(8<<10)))
+			cli := env.cli
 			ctx := testContext(t)
 			big := string(make([]byte, 1000))
 			for i := range 40 {
@@ -247,23 +244,22 @@ func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
 func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/reload"
-	srv := etcdtest.NewServer(t)
-	admin := srv.Client(t)
+	env := newTestEnv(t, ownServer(), withProxy())
+	admin := env.cli
 	ctx := testContext(t)
 	for _, k := range []string{"/stable", "/c", "/x", "/k1"} {
 		mustPutKV(ctx, t, admin, prefix+k, "s")
 	}
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	st := newRecordingState(prefix)
 	reactor := &logReactor{}
-	done := proxiedWorker(runCtx, t, proxy, &rpcCounter{}, 0, prefix, reactor, st)
+	done := proxiedWorker(runCtx, t, env, &rpcCounter{}, 0, prefix, reactor, st)
 	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
 	_, log := reactor.snapshot()
 	seen := len(log)
 	for cycle := 1; cycle <= 3; cycle++ {
-		proxy.Pause()
+		env.proxy.Pause()
 		switch cycle {
 		case 1, 3:
 			_, err := admin.Delete(ctx, prefix+"/x")
@@ -280,7 +276,7 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 		mustPutKV(ctx, t, admin, prefix+reservedDir+"delete-counter", "")
 		_, err := etcdtest.Compact(ctx, admin)
 		require.NoError(t, err)
-		proxy.Resume()
+		env.proxy.Resume()
 		waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
 		_, log = reactor.snapshot()
 		require.Equal(t, []string{"/c", fmt.Sprintf("/n%d", cycle), "/x"}, updatedKeys(t, log[seen:]), "cycle %d", cycle)
@@ -310,14 +306,13 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 func TestFallbackPagesUnderATinyReceiveLimitRestartAfterACompactionBetweenPages(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/fallback"
-	srv := etcdtest.NewServer(t)
-	admin := srv.Client(t)
+	env := newTestEnv(t, ownServer(), withProxy())
+	admin := env.cli
 	ctx := testContext(t)
 	big := string(make([]byte, 1000))
 	for i := range 100 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%03d", prefix, i), big)
 	}
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	st := newRecordingState(prefix)
@@ -339,7 +334,7 @@ func TestFallbackPagesUnderATinyReceiveLimitRestartAfterACompactionBetweenPages(
 		}
 	}
 	reactor := &logReactor{}
-	done := proxiedWorker(runCtx, t, proxy, counter, 16<<10, prefix, reactor, st, WithPageSize(10))
+	done := proxiedWorker(runCtx, t, env, counter, 16<<10, prefix, reactor, st, WithPageSize(10))
 	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 	_, log := reactor.snapshot()
 	for _, u := range log {
@@ -372,18 +367,17 @@ func TestRetainedKeysNeverChange(t *testing.T) {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			t.Parallel() // each has its own etcd; mostly waits for reconnections
 			prefix := "/test/retained-keys"
-			srv := etcdtest.NewServer(t)
-			admin := srv.Client(t)
+			env := newTestEnv(t, ownServer(), withProxy())
+			admin := env.cli
 			ctx := contextWithin(t, 3*time.Minute) // 4 cycles of rewrites and reloads: slow on a busy machine
 			for i := range 200 {
 				mustPutKV(ctx, t, admin, variedKey(prefix, i), strings.Repeat("v", i%50))
 			}
-			proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
 			state := &retainingState{recordingState: newRecordingState(prefix)}
 			reactor := &retainingSnapshotter{}
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
-			done := proxiedWorker(runCtx, t, proxy, &rpcCounter{noStream: noStream}, 0, prefix, reactor, state, WithPageSize(7))
+			done := proxiedWorker(runCtx, t, env, &rpcCounter{noStream: noStream}, 0, prefix, reactor, state, WithPageSize(7))
 			synced := func(what string) {
 				waitUntil(ctx, t, what, func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 			}
@@ -399,7 +393,7 @@ func TestRetainedKeysNeverChange(t *testing.T) {
 				}
 				synced(fmt.Sprintf("cycle %d watched", cycle))
 				// reload with differences
-				reloadByCompaction(ctx, t, proxy, admin, func() {
+				reloadByCompaction(ctx, t, env, func() {
 					for i := cycle + 1; i < 200; i += 5 {
 						mustPutKV(ctx, t, admin, variedKey(prefix, i), fmt.Sprintf("back%d", cycle))
 					}

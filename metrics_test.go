@@ -142,14 +142,13 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 		role   = "reloader"
 	)
 	reg := prometheus.NewRegistry()
-	srv := etcdtest.NewServer(t)
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
-	direct := srv.Client(t)
+	env := newTestEnv(t, ownServer(), withProxy())
+	direct := env.cli
 	ctx := testContext(t)
 	_, err := direct.Put(ctx, prefix+"/a", "1")
 	require.NoError(t, err)
 
-	w, err := NewEtcdWorker(etcdtest.NewClient(t, proxy.Endpoint()), prefix,
+	w, err := NewEtcdWorker(env.client(t), prefix,
 		idleReactor(),
 		newMapState(prefix), WithMetrics(reg))
 	require.NoError(t, err)
@@ -163,7 +162,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.Equal(t, 1.0, metricValue(t, reg, "orchestrator_state_keys", role))
 	require.Zero(t, metricValue(t, reg, "orchestrator_reloads_total", role))
 
-	proxy.Pause()
+	env.proxy.Pause()
 	for _, k := range []string{"/b", "/c", "/d"} {
 		_, err := direct.Put(ctx, prefix+k, "x")
 		require.NoError(t, err)
@@ -172,7 +171,7 @@ func TestMetricsReloadAfterCompaction(t *testing.T) {
 	require.NoError(t, err)
 	_, err = etcdtest.Compact(ctx, direct)
 	require.NoError(t, err)
-	proxy.Resume()
+	env.proxy.Resume()
 
 	waitUntil(ctx, t, "a reload with the new keys", func() bool {
 		return metricValue(t, reg, "orchestrator_reloads_total", role) >= 1 &&

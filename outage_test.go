@@ -22,10 +22,9 @@ import (
 // commit in flight.
 func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
 	t.Run("busy tick", func(t *testing.T) {
 		t.Parallel()
-		busyTickIsNoOutage(t, srv)
+		busyTickIsNoOutage(t)
 	})
 	for i, tc := range []struct {
 		name     string
@@ -39,12 +38,12 @@ func TestMaxOutageCountsOnlyFailedRequests(t *testing.T) {
 		prefix := fmt.Sprintf("/test/outage-%d", i)
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel() // mostly waiting: keeps the test short
-			outageEndsRun(t, srv, tc.fault, tc.inFlight, prefix)
+			outageEndsRun(t, tc.fault, tc.inFlight, prefix)
 		})
 	}
 }
 
-func busyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
+func busyTickIsNoOutage(t *testing.T) {
 	const prefix = "/test/outage-busy"
 	ctx := contextWithin(t, 20*time.Second)
 	var ticks atomic.Int64
@@ -56,7 +55,7 @@ func busyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 		}
 		return st, nil
 	})
-	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, newMapState(prefix), WithMaxOutage(time.Second))
+	w, err := NewEtcdWorker(sharedClient(t), prefix, reactor, newMapState(prefix), WithMaxOutage(time.Second))
 	require.NoError(t, err)
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -75,31 +74,29 @@ func busyTickIsNoOutage(t *testing.T, srv *etcdtest.Server) {
 	require.ErrorIs(t, <-errc, context.Canceled)
 }
 
-func outageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
+func outageEndsRun(t *testing.T, fault func(*etcdtest.Proxy), inFlight bool, prefix string) {
 	const maxOutage = 3 * time.Second
 	ctx := contextWithin(t, 20*time.Second)
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	env := newTestEnv(t, withProxy())
 	var (
 		armed    atomic.Bool
 		faulted  = make(chan time.Time, 1)
 		ticks    atomic.Int64
-		cfg      = etcdtest.ClientConfig(proxy.Endpoint())
 		cutTxnAt = func() {
 			if armed.CompareAndSwap(true, false) {
-				fault(proxy)
+				fault(env.proxy)
 				faulted <- time.Now()
 			}
 		}
 	)
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+	cli := env.client(t, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
 		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
 		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 {
 			cutTxnAt() // the commit is sent into the outage
 		}
 		return invoker(ctx, method, req, reply, cc, opts...)
-	})}
-	cli := etcdtest.NewClientFromConfig(t, cfg)
+	}))
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*mapState)
 		if inFlight || ticks.Load() == 0 {
@@ -123,9 +120,9 @@ func outageEndsRun(t *testing.T, srv *etcdtest.Server, fault func(*etcdtest.Prox
 		}
 	} else {
 		start = time.Now()
-		fault(proxy)
+		fault(env.proxy)
 	}
-	defer proxy.Resume()
+	defer env.proxy.Resume()
 	select {
 	case err := <-errc:
 		took := time.Since(start)

@@ -20,7 +20,6 @@ import (
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -354,13 +353,13 @@ func isoValueMapErr(m *view) error {
 // after it in the flush, its own retries and the next flush see the
 // committed bytes, with or without a general patch earlier in the flush.
 func TestPatchDroppedEditIsInvisible(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	for i, c := range isoEditCases() {
 		t.Run(c.name(), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			prefix := fmt.Sprintf("/iso/edit-%d", i)
+			prefix := fmt.Sprintf("/test/iso/edit-%d", i)
 			mustPutKV(ctx, t, cli, prefix+"/k", "original")
 			mustPutKV(ctx, t, cli, prefix+"/d", "original")
 			in := isoInputs{}
@@ -378,13 +377,13 @@ func TestPatchDroppedEditIsInvisible(t *testing.T) {
 // the edit) changes neither the slice the putter holds nor what the putter
 // writes when the flush runs again (after ErrEtcdTryAgain or a conflict).
 func TestPatchPutValueIsNotShared(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	for i, c := range isoPutCases("ErrEtcdTryAgain", "conflict") {
 		t.Run(c.name(), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			prefix := fmt.Sprintf("/iso/put-%d", i)
+			prefix := fmt.Sprintf("/test/iso/put-%d", i)
 			in := isoInputs{}
 			var put []byte
 			ext := func(key util.EtcdKey) error {

@@ -23,8 +23,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // chainGate is a gRPC interceptor that, once armed with n, holds the
@@ -209,6 +207,47 @@ func chainWorker(t testing.TB, cli *clientv3.Client, prefix string, runs *[chain
 	return mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), opts...)
 }
 
+// gatedChain is a chain worker (chainWorker) running in the background,
+// whose first flush a chainGate holds.
+type gatedChain struct {
+	runs [chainGroups]int // the runs of each group's increment
+	held []*gatedTxn      // the flush's commit Txns, in chain order
+	done <-chan error     // Run's result
+}
+
+// startGatedChain runs a chain worker on prefix, on a client of env whose
+// commit Txns a gate holds, and waits until the gate holds the chain.
+func startGatedChain(ctx context.Context, t testing.TB, env *testEnv, prefix string, opts ...Option) *gatedChain {
+	t.Helper()
+	gate := newChainGate(t)
+	c := &gatedChain{}
+	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &c.runs, opts...)
+	gate.arm(chainGroups)
+	c.done = runAsync(ctx, w, nil, behaviourTick, "pipeline")
+	c.held = gate.awaitFull(ctx, t)
+	return c
+}
+
+// releaseFrom lets the held Txns from the i-th on go, one by one, and
+// requires that each is answered, and lands if and only if landed (why
+// says what the Txns are).
+func (c *gatedChain) releaseFrom(ctx context.Context, t testing.TB, i int, landed bool, why string) {
+	t.Helper()
+	for j, h := range c.held[i:] {
+		res := h.release(ctx, t, txnPass)
+		require.NoError(t, res.err, "Txn %d", i+j)
+		require.Equal(t, landed, res.succeeded, "Txn %d %s: landed", i+j, why)
+	}
+}
+
+// finish waits until Run returns nil, and requires the chain to have landed
+// in order, with group i's increment at want[i] (requireChainLanded).
+func (c *gatedChain) finish(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
+	t.Helper()
+	require.NoError(t, recvErr(ctx, t, c.done))
+	requireChainLanded(ctx, t, cli, prefix, want)
+}
+
 // requireChainLanded checks that group i incremented /g<i>/a to want[i]
 // (each increment landed once) and that the groups landed in order: each
 // /g<i>/b, written once, has a higher mod revision than the one before.
@@ -235,30 +274,16 @@ func requireChainLanded(ctx context.Context, t testing.TB, cli *clientv3.Client,
 // The groups then re-run (the first on the other client's value) and land
 // once each, in order.
 func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	direct := srv.Client(t)
-	gate := newChainGate(t)
 	const prefix = "/test/pipeline/behind-failed"
-	var runs [chainGroups]int
-	reg := prometheus.NewRegistry()
-	w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix, &runs,
-		WithMetrics(reg))
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-	held := gate.awaitFull(ctx, t)
-	mustPutKV(ctx, t, direct, prefix+chainKey(0, "a"), "10")
-	for i, h := range held {
-		res := h.release(ctx, t, txnPass)
-		require.NoError(t, res.err, "Txn %d", i)
-		require.False(t, res.succeeded, "Txn %d of the chain landed although Txn 0 conflicted", i)
-	}
-	require.NoError(t, recvErr(ctx, t, done))
-
-	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{11, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{2, 2, 2, 2}, runs, "each group runs once, then once more after the conflict")
-	require.GreaterOrEqual(t, metricSum(t, reg, "orchestrator_conflicts_total"), 1.0)
+	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg))
+	mustPutKV(ctx, t, env.cli, prefix+chainKey(0, "a"), "10")
+	c.releaseFrom(ctx, t, 0, false, "of a chain whose Txn 0 conflicted")
+	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{11, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{2, 2, 2, 2}, c.runs, "each group runs once, then once more after the conflict")
+	require.GreaterOrEqual(t, metricSum(t, env.reg, "orchestrator_conflicts_total"), 1.0)
 }
 
 // TestPipelineUnknownOutcomeMidChain: of a chain of chainGroups Txns in
@@ -267,8 +292,8 @@ func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
 // never landed) or land (it did). The worker resolves the outcome (a fence,
 // or the answers behind it), and every group lands exactly once, in order.
 func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	direct := srv.Client(t)
+	t.Parallel()
+	env := newTestEnv(t)
 	for i, tc := range []struct {
 		name   string
 		second txnAction
@@ -279,37 +304,24 @@ func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := testContext(t)
-			gate := newChainGate(t)
 			prefix := fmt.Sprintf("/test/pipeline/unknown-%d", i)
-			var runs [chainGroups]int
 			reg := prometheus.NewRegistry()
 			lg, logs := observedLogger(t)
-			w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix,
-				&runs, WithMetrics(reg), WithLogger(lg))
-			gate.arm(chainGroups)
-			done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-			held := gate.awaitFull(ctx, t)
-			first := held[0].release(ctx, t, txnPass)
+			c := startGatedChain(ctx, t, env, prefix, WithMetrics(reg), WithLogger(lg))
+			first := c.held[0].release(ctx, t, txnPass)
 			require.NoError(t, first.err)
 			require.True(t, first.succeeded)
-			require.Error(t, held[1].release(ctx, t, tc.second).err)
-			for j, h := range held[2:] {
-				res := h.release(ctx, t, txnPass)
-				require.NoError(t, res.err)
-				require.Equal(t, tc.landed, res.succeeded, "Txn %d behind the unknown one", j+2)
-			}
-			require.NoError(t, recvErr(ctx, t, done))
-
-			requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+			require.Error(t, c.held[1].release(ctx, t, tc.second).err)
+			c.releaseFrom(ctx, t, 2, tc.landed, "behind the unknown one")
+			c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
 			require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_unknown_commit_outcomes_total"))
 			landed, notLanded := resolutionLogs(logs)
 			if tc.landed {
 				require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
-				require.Equal(t, [chainGroups]int{1, 1, 1, 1}, runs, "a landed group was re-run")
+				require.Equal(t, [chainGroups]int{1, 1, 1, 1}, c.runs, "a landed group was re-run")
 			} else {
 				require.Equal(t, [2]int{0, 1}, [2]int{landed, notLanded})
-				require.Equal(t, [chainGroups]int{1, 2, 2, 2}, runs, "the groups from the lost Txn on re-run once")
+				require.Equal(t, [chainGroups]int{1, 2, 2, 2}, c.runs, "the groups from the lost Txn on re-run once")
 			}
 		})
 	}
@@ -323,24 +335,20 @@ func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
 // The second's outcome is resolved as landed, and every group lands once,
 // in order.
 func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
-	env := newFaultEnv(t)
+	t.Parallel()
+	env := newTestEnv(t, withProxy())
 	ctx := testContext(t)
-	gate := newChainGate(t)
 	const prefix = "/test/pipeline/proxy-drop"
-	var runs [chainGroups]int
 	lg, logs := observedLogger(t)
-	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &runs, WithMetrics(env.reg), WithLogger(lg))
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-	held := gate.awaitFull(ctx, t)
+	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg), WithLogger(lg))
+	held := c.held
 	first := held[0].release(ctx, t, txnPass)
 	require.NoError(t, first.err)
 	require.True(t, first.succeeded)
 
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	second := env.direct.Watch(wctx, prefix+chainKey(1, "b"), clientv3.WithRev(storeRevision(t, env.direct)+1))
+	second := env.cli.Watch(wctx, prefix+chainKey(1, "b"), clientv3.WithRev(storeRevision(t, env.cli)+1))
 	env.proxy.SetDelay(300 * time.Millisecond)
 	held[1].act <- txnPass
 	select {
@@ -354,15 +362,9 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 	require.Error(t, held[1].result(ctx, t).err, "the second Txn's answer reached the worker")
 	env.proxy.SetDelay(0)
 	env.proxy.Resume()
-	for j, h := range held[2:] {
-		res := h.release(ctx, t, txnPass)
-		require.NoError(t, res.err)
-		require.True(t, res.succeeded, "Txn %d behind the landed one", j+2)
-	}
-	require.NoError(t, recvErr(ctx, t, done))
-
-	requireChainLanded(ctx, t, env.direct, prefix, [chainGroups]int64{1, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{1, 1, 1, 1}, runs, "a landed group was re-run")
+	c.releaseFrom(ctx, t, 2, true, "behind the landed one")
+	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{1, 1, 1, 1}, c.runs, "a landed group was re-run")
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
 	landed, notLanded := resolutionLogs(logs)
 	require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
@@ -371,9 +373,9 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 // TestPipelineDepthOneSendsOneTxnAtATime: with WithPipelineDepth(1) the
 // worker never has two commit Txns in flight; the chain still lands in order.
 func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	direct := srv.Client(t)
 	const prefix = "/test/pipeline/depth-one"
 	var (
 		mu                  sync.Mutex
@@ -397,13 +399,58 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 		return invoker(ctx, method, req, reply, cc, opts...)
 	})
 	var runs [chainGroups]int
-	w := chainWorker(t, faultClient(t, []grpc.DialOption{count}, srv.Endpoints()...), prefix, &runs,
+	w := chainWorker(t, env.client(t, count), prefix, &runs,
 		WithPipelineDepth(1))
 	require.NoError(t, w.Run(ctx, nil, behaviourTick, "depth-one"))
-	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
+	requireChainLanded(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
 	mu.Lock()
 	defer mu.Unlock()
 	require.Equal(t, 1, maxFlight)
+}
+
+// stalledConflict is a conflict test: a worker on prefix whose Source
+// follows the prefix through env's proxy, committing through env.cli, and
+// the write of another client that makes its commit conflict.
+type stalledConflict struct {
+	env              *testEnv
+	prefix           string
+	entered, release chan struct{} // the reactor's patch is blocked / may go on
+}
+
+func newStalledConflict(t *testing.T, prefix string) *stalledConflict {
+	t.Helper()
+	return &stalledConflict{env: newTestEnv(t, withProxy()), prefix: prefix,
+		entered: make(chan struct{}), release: make(chan struct{})}
+}
+
+// run runs the worker with reactor. Once the patch is blocked (entered), it
+// stalls the Source's watch, puts key = value through env.cli (the pending
+// commit conflicts), lets the patch go on (release) and waits, the watch
+// still stalled, until what says etcd's keys under the prefix hold the
+// outcome (landed); then it lets the watch through and requires Run to
+// return nil.
+func (c *stalledConflict) run(ctx context.Context, t *testing.T, reactor Reactor, key, value, what string,
+	landed func(keys map[string]string) bool, opts ...Option,
+) {
+	t.Helper()
+	env := c.env
+	src, err := NewSource(env.client(t), c.prefix)
+	require.NoError(t, err)
+	opts = append([]Option{WithSource(src), WithMetrics(env.reg)}, opts...)
+	w := mustNewEtcdWorker(t, env.cli, c.prefix, reactor, newRecordingState(c.prefix), opts...)
+	done := runAsync(ctx, w, nil, behaviourTick, "at-once")
+
+	awaitSignal(ctx, t, c.entered, "the worker never ran its patch")
+	env.proxy.Blackhole() // the Source sees nothing from now on
+	mustPutKV(ctx, t, env.cli, c.prefix+key, value)
+	close(c.release)
+	stalled, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	waitUntil(stalled, t, what+" while the watch is stalled", func() bool {
+		return landed(etcdSnapshot(ctx, t, env.cli, c.prefix))
+	})
+	env.proxy.Resume()
+	require.NoError(t, recvErr(ctx, t, done))
 }
 
 // TestConflictRerunsAtOnceWithoutTheWatch: the worker's Source follows the
@@ -415,15 +462,12 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 // next Tick waits for the state (the barrier): it runs once the proxy lets
 // the watch through again.
 func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
-	env := newFaultEnv(t)
+	t.Parallel()
 	ctx := testContext(t)
-	const prefix = "/test/conflict/at-once"
-	mustPutKV(ctx, t, env.direct, prefix+"/n", "0")
-	src, err := NewSource(env.client(t), prefix)
-	require.NoError(t, err)
+	c := newStalledConflict(t, "/test/conflict/at-once")
+	mustPutKV(ctx, t, c.env.cli, c.prefix+"/n", "0")
 
 	var seen, stateSaw []string
-	entered, release := make(chan struct{}), make(chan struct{})
 	reactor := newStepReactor(
 		when(func(st *recordingState) bool { return st.has("/n", "0") }, func(_ context.Context, st *recordingState) error {
 			inc := incrPatch(st.key("/n"), 1).(SingleDataPatch)
@@ -431,8 +475,8 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 				seen = append(seen, string(old))
 				stateSaw = append(stateSaw, stateSnapshot(st)["/n"])
 				if len(seen) == 1 {
-					close(entered)
-					if err := blockUntil(ctx, release); err != nil {
+					close(c.entered)
+					if err := blockUntil(ctx, c.release); err != nil {
 						return nil, false, err
 					}
 				}
@@ -442,24 +486,12 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 		}),
 		when(func(st *recordingState) bool { return st.has("/n", "11") }, nil),
 	)
-	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg))
-	require.NoError(t, err)
-	done := runAsync(ctx, w, nil, behaviourTick, "at-once")
-
-	awaitSignal(ctx, t, entered, "the worker never ran its patch")
-	env.proxy.Blackhole() // the Source sees nothing from now on
-	mustPutKV(ctx, t, env.direct, prefix+"/n", "10")
-	close(release)
-	waitWithin(t, 10*time.Second, "the conflict to re-run and land while the watch is stalled", nil, func() bool {
-		return etcdSnapshot(ctx, t, env.direct, prefix)["/n"] == "11"
-	})
-	env.proxy.Resume()
-	require.NoError(t, recvErr(ctx, t, done))
+	c.run(ctx, t, reactor, "/n", "10", "the conflict to re-run and land",
+		func(keys map[string]string) bool { return keys["/n"] == "11" })
 
 	require.Equal(t, []string{"0", "10"}, seen, "the re-run must see the other client's value")
 	require.Equal(t, []string{"0", "0"}, stateSaw, "the re-run did not wait for the state")
-	require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_conflicts_total"))
+	require.Equal(t, 1.0, metricSum(t, c.env.reg, "orchestrator_conflicts_total"))
 }
 
 // TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote: one flush of three Txns
@@ -472,14 +504,11 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 // so the third group's patch runs once more only, not twice (a re-run on
 // the stale state would conflict again).
 func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
-	env := newFaultEnv(t)
+	t.Parallel()
 	ctx := testContext(t)
-	const prefix = "/test/conflict/at-once-chain"
-	src, err := NewSource(env.client(t), prefix)
-	require.NoError(t, err)
+	c := newStalledConflict(t, "/test/conflict/at-once-chain")
 
 	var aRuns int
-	entered, release := make(chan struct{}), make(chan struct{})
 	reactor := newStepReactor(
 		when(always, func(_ context.Context, st *recordingState) error {
 			incrA := incrPatch(st.key("/a"), 1).(SingleDataPatch)
@@ -489,8 +518,8 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 			st.group(incrPatch(st.key("/x"), 1), SingleDataPatch{Key: incrY.Key, Func: func(old []byte) ([]byte, bool, error) {
 				if first {
 					first = false
-					close(entered)
-					if err := blockUntil(ctx, release); err != nil {
+					close(c.entered)
+					if err := blockUntil(ctx, c.release); err != nil {
 						return nil, false, err
 					}
 				}
@@ -504,27 +533,14 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 		}),
 		when(func(st *recordingState) bool { return st.has("/a", "6") }, nil),
 	)
-	reg := prometheus.NewRegistry()
-	w, err := NewEtcdWorker(env.direct, prefix, reactor, newRecordingState(prefix), WithSource(src), WithMetrics(reg),
-		WithTxnLimits(4, DefaultTxnMaxBytes))
-	require.NoError(t, err)
-	done := runAsync(ctx, w, nil, behaviourTick, "at-once-chain")
+	c.run(ctx, t, reactor, "/y", "10", "every group to land",
+		func(keys map[string]string) bool { return keys["/a"] == "6" }, WithTxnLimits(4, DefaultTxnMaxBytes))
 
-	awaitSignal(ctx, t, entered, "the worker never ran its patches")
-	env.proxy.Blackhole()
-	mustPutKV(ctx, t, env.direct, prefix+"/y", "10")
-	close(release)
-	waitWithin(t, 10*time.Second, "every group to land while the watch is stalled", nil, func() bool {
-		return etcdSnapshot(ctx, t, env.direct, prefix)["/a"] == "6"
-	})
-	env.proxy.Resume()
-	require.NoError(t, recvErr(ctx, t, done))
-
-	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, env.direct, prefix))
+	require.Equal(t, map[string]string{"/a": "6", "/b": "b", "/x": "1", "/y": "11"}, etcdSnapshot(ctx, t, c.env.cli, c.prefix))
 	require.Equal(t, 2, aRuns, "the third group re-ran on what the first Txn wrote")
 	// The second Txn, and the third when it went out before the second's
 	// answer came back.
-	conflicts := metricSum(t, reg, "orchestrator_conflicts_total")
+	conflicts := metricSum(t, c.env.reg, "orchestrator_conflicts_total")
 	require.True(t, conflicts == 1 || conflicts == 2, "conflicts: %v", conflicts)
 }
 
@@ -535,34 +551,20 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 // where the worker never put it, and the worker takes it as it is: every
 // group lands exactly once, in order, and Run goes on (no endless resends).
 func TestPipelineTokenWipedMidChain(t *testing.T) {
-	srv := etcdtest.NewServer(t)
+	t.Parallel()
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	direct := srv.Client(t)
-	gate := newChainGate(t)
 	const prefix = "/test/pipeline/token-wiped"
-	var runs [chainGroups]int
-	reg := prometheus.NewRegistry()
-	w := chainWorker(t, faultClient(t, []grpc.DialOption{gate.dialOption()}, srv.Endpoints()...), prefix, &runs,
-		WithMetrics(reg))
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "pipeline")
-
-	held := gate.awaitFull(ctx, t)
-	first := held[0].release(ctx, t, txnPass)
+	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg))
+	first := c.held[0].release(ctx, t, txnPass)
 	require.NoError(t, first.err)
 	require.True(t, first.succeeded)
-	_, err := direct.Delete(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
+	_, err := env.cli.Delete(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
 	require.NoError(t, err)
-	for j, h := range held[1:] {
-		res := h.release(ctx, t, txnPass)
-		require.NoError(t, res.err)
-		require.False(t, res.succeeded, "Txn %d landed on a wiped token", j+1)
-	}
-	require.NoError(t, recvErr(ctx, t, done))
-
-	requireChainLanded(ctx, t, direct, prefix, [chainGroups]int64{1, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{1, 2, 2, 2}, runs, "the groups behind the first re-run once")
-	require.Positive(t, metricSum(t, reg, "orchestrator_commit_resends_total"))
+	c.releaseFrom(ctx, t, 1, false, "on a wiped token")
+	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
+	require.Equal(t, [chainGroups]int{1, 2, 2, 2}, c.runs, "the groups behind the first re-run once")
+	require.Positive(t, metricSum(t, env.reg, "orchestrator_commit_resends_total"))
 }
 
 // TestChainPositionReadsWhereTheTokenStood: how a chain places a read of

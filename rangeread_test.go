@@ -125,12 +125,11 @@ func (c *rpcCounter) counts() (streams, chunks, ranges int) {
 	return c.streams, len(c.chunks), c.ranges
 }
 
-// rangeTestEnv is an embedded etcd with a prefix of keys and a client that
-// counts (and may refuse) range RPCs.
+// rangeTestEnv is a server of the test's own with a prefix of keys, and a
+// client that counts (and may refuse) range RPCs.
 type rangeTestEnv struct {
-	srv     *etcdtest.Server
-	cli     *clientv3.Client // counted client
-	admin   *clientv3.Client // plain client for writes and compactions
+	*testEnv
+	counted *clientv3.Client
 	counter *rpcCounter
 	want    map[string]string
 }
@@ -139,20 +138,18 @@ type rangeTestEnv struct {
 // the stream's chunk size) and writes n keys of valueSize bytes.
 func newRangeTestEnv(t *testing.T, maxRequestBytes uint, n, valueSize int, noStream bool, recvLimit int) *rangeTestEnv {
 	t.Helper()
-	srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(maxRequestBytes))
-	counter := &rpcCounter{noStream: noStream}
-	cfg := etcdtest.ClientConfig(srv.Endpoints()...)
-	cfg.DialOptions = counter.dialOptions()
-	cfg.MaxCallRecvMsgSize = recvLimit
 	env := &rangeTestEnv{
-		srv: srv, cli: etcdtest.NewClientFromConfig(t, cfg), admin: srv.Client(t),
-		counter: counter, want: map[string]string{},
+		testEnv: newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(maxRequestBytes))),
+		counter: &rpcCounter{noStream: noStream}, want: map[string]string{},
 	}
+	cfg := env.clientConfig(env.counter.dialOptions()...)
+	cfg.MaxCallRecvMsgSize = recvLimit
+	env.counted = etcdtest.NewClientFromConfig(t, cfg)
 	ctx := contextWithin(t, 30*time.Second)
 	var ops []clientv3.Op
 	batchBytes := 0
 	flush := func() {
-		_, err := env.admin.Txn(ctx).Then(ops...).Commit()
+		_, err := env.cli.Txn(ctx).Then(ops...).Commit()
 		require.NoError(t, err)
 		ops, batchBytes = ops[:0], 0
 	}
@@ -177,7 +174,7 @@ func newRangeTestEnv(t *testing.T, maxRequestBytes uint, n, valueSize int, noStr
 func (env *rangeTestEnv) read(ctx context.Context, cfg readConfig, hook func(i int) error) (map[string]string, int64, error) {
 	got := map[string]string{}
 	last := ""
-	rev, err := readRange(ctx, env.cli, rangeTestPrefix, clientv3.GetPrefixRangeEnd(rangeTestPrefix), cfg,
+	rev, err := readRange(ctx, env.counted, rangeTestPrefix, clientv3.GetPrefixRangeEnd(rangeTestPrefix), cfg,
 		func(kv *mvccpb.KeyValue) error {
 			if hook != nil {
 				if err := hook(len(got)); err != nil {
@@ -235,7 +232,7 @@ func TestReadRangeSeesOneRevisionWhileKeysChangeDuringTheRead(t *testing.T) {
 				}
 				// After the first key: change, delete and add keys the
 				// read has not reached yet.
-				_, err := env.admin.Txn(ctx).Then(
+				_, err := env.cli.Txn(ctx).Then(
 					clientv3.OpPut(fmt.Sprintf("%sk%06d", rangeTestPrefix, 1500), "changed"),
 					clientv3.OpDelete(last),
 					clientv3.OpPut(rangeTestPrefix+"zz-new", "new"),
@@ -262,10 +259,10 @@ func TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead(t *
 				if i != 0 {
 					return nil
 				}
-				if _, err := env.admin.Put(ctx, "/elsewhere", "x"); err != nil {
+				if _, err := env.cli.Put(ctx, "/elsewhere", "x"); err != nil {
 					return err
 				}
-				_, err := etcdtest.Compact(ctx, env.admin)
+				_, err := etcdtest.Compact(ctx, env.cli)
 				return err
 			})
 			require.ErrorIs(t, err, rpctypes.ErrCompacted)
@@ -281,7 +278,7 @@ func TestReadRangeOfAnEmptyPrefixReturnsTheCurrentRevision(t *testing.T) {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 0, 0, noStream, 0)
 			ctx := contextWithin(t, 30*time.Second)
-			_, err := env.admin.Put(ctx, "/elsewhere", "x")
+			_, err := env.cli.Put(ctx, "/elsewhere", "x")
 			require.NoError(t, err)
 			got, rev, err := env.read(ctx, readConfig{}, nil)
 			require.NoError(t, err)
@@ -297,7 +294,7 @@ func TestReadRangePassesAnEmptyValueAsANonNilSlice(t *testing.T) {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 3, 10, noStream, 0)
 			ctx := contextWithin(t, 30*time.Second)
-			_, err := env.admin.Put(ctx, rangeTestPrefix+"empty", "")
+			_, err := env.cli.Put(ctx, rangeTestPrefix+"empty", "")
 			require.NoError(t, err)
 			env.want[rangeTestPrefix+"empty"] = ""
 			got, _, err := env.read(ctx, readConfig{}, nil) // read fails on a nil value
@@ -314,7 +311,7 @@ func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
 			env := newRangeTestEnv(t, 64<<10, 50, 10, noStream, 0)
 			ctx := contextWithin(t, 30*time.Second)
 			at := env.srv.Revision()
-			_, err := env.admin.Delete(ctx, rangeTestPrefix, clientv3.WithPrefix())
+			_, err := env.cli.Delete(ctx, rangeTestPrefix, clientv3.WithPrefix())
 			require.NoError(t, err)
 			got, rev, err := env.read(ctx, readConfig{rev: at, minPageKeys: 10}, nil)
 			require.NoError(t, err)
@@ -366,7 +363,7 @@ func TestReadRangeShrinksPagesThatExceedTheReceiveLimit(t *testing.T) {
 	ctx := contextWithin(t, 30*time.Second)
 	for i := range 200 {
 		k, v := fmt.Sprintf("%sz%04d", rangeTestPrefix, i), strings.Repeat("x", 1000)
-		_, err := env.admin.Put(ctx, k, v)
+		_, err := env.cli.Put(ctx, k, v)
 		require.NoError(t, err)
 		env.want[k] = v
 	}
@@ -419,14 +416,13 @@ func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
 
 func TestReadRangeFailsWithDeadlineExceededWhenEtcdGoesSilent(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
-	cli := etcdtest.NewClient(t, proxy.Endpoint())
+	env := newTestEnv(t, ownServer(), withProxy())
+	cli := env.client(t)
 	ctx := contextWithin(t, 30*time.Second)
 	_, err := cli.Put(ctx, rangeTestPrefix+"a", "1")
 	require.NoError(t, err)
-	proxy.Blackhole()
-	t.Cleanup(proxy.Resume)
+	env.proxy.Blackhole()
+	t.Cleanup(env.proxy.Resume)
 	start := time.Now()
 	_, err = readRange(ctx, cli, rangeTestPrefix, clientv3.GetPrefixRangeEnd(rangeTestPrefix),
 		readConfig{idleTimeout: 300 * time.Millisecond}, func(*mvccpb.KeyValue) error { return nil })

@@ -99,9 +99,9 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 		attempts = 3
 		capacity = 2
 	)
-	srv := etcdtest.Shared(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := env.cli
 	_, err := cli.Put(ctx, prefix+"/capacity", strconv.Itoa(capacity))
 	require.NoError(t, err)
 	b := newRDBarrier(workers)
@@ -117,7 +117,7 @@ func rdRunReservations(t *testing.T, prefix string, withDeps bool) int {
 			done++
 			return st, nil
 		})
-		w := mustNewEtcdWorker(t, srv.Client(t), prefix, reactor, &rdState{})
+		w := mustNewEtcdWorker(t, env.client(t), prefix, reactor, &rdState{})
 		g.Go(func() error { return w.Run(gctx, nil, 5*time.Millisecond, "reserve") })
 	}
 	require.NoError(t, g.Wait())
@@ -163,9 +163,9 @@ func TestKeyDependencyReRunsOnChange(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			const prefix = "/test/rd-key"
-			srv := etcdtest.Shared(t)
+			env := newTestEnv(t)
 			ctx := testContext(t)
-			cli := srv.Client(t)
+			cli := env.cli
 			clearPrefix(ctx, t, cli, prefix)
 			_, err := cli.Put(ctx, prefix+"/a", "1")
 			require.NoError(t, err)
@@ -186,7 +186,7 @@ func TestKeyDependencyReRunsOnChange(t *testing.T) {
 			if tt.withDeps {
 				group = append(group, ReadDependency{Key: keyA})
 			}
-			require.NoError(t, rdRunOnce(ctx, t, srv.Client(t), prefix, group))
+			require.NoError(t, rdRunOnce(ctx, t, env.client(t), prefix, group))
 			resp, err := cli.Get(ctx, prefix+"/b")
 			require.NoError(t, err)
 			require.Len(t, resp.Kvs, 1)
@@ -460,9 +460,9 @@ func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
 		{"key dependency sees it", ReadDependency{Key: util.NewEtcdKey(prefix + "/r/a")}, "0", 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := etcdtest.Shared(t)
+			env := newTestEnv(t)
 			ctx := testContext(t)
-			cli := srv.Client(t)
+			cli := env.cli
 			clearPrefix(ctx, t, cli, prefix)
 			_, err := cli.Put(ctx, prefix+"/r/a", "1")
 			require.NoError(t, err)
@@ -484,7 +484,7 @@ func TestRangeDependencyMissesForeignDeletes(t *testing.T) {
 				changed[x] = struct{}{}
 				return nil
 			})
-			require.NoError(t, rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{tt.dep, count}))
+			require.NoError(t, rdRunOnce(ctx, t, env.client(t), prefix, []DataPatch{tt.dep, count}))
 			resp, err := cli.Get(ctx, prefix+"/x")
 			require.NoError(t, err)
 			require.Len(t, resp.Kvs, 1)
@@ -596,9 +596,9 @@ func TestRangeOverTheWholePrefixLands(t *testing.T) {
 func TestOpEstimateMatchesTheServer(t *testing.T) {
 	t.Parallel()
 	const prefix, limit = "/test/rd-ops", 8
-	srv := etcdtest.NewServer(t, etcdtest.WithMaxTxnOps(limit))
+	env := newTestEnv(t, ownServer(etcdtest.WithMaxTxnOps(limit)))
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := env.cli
 	fence, err := cli.Put(ctx, "/test/rd-ops-fence", "x")
 	require.NoError(t, err)
 	session, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
@@ -640,9 +640,9 @@ func rdRunOnceSession(ctx context.Context, t *testing.T, cli *clientv3.Client, p
 func TestRangeDependencyRacesAForeignCreator(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/rd-race"
-	srv := etcdtest.Shared(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := env.cli
 	stop, started := make(chan struct{}), make(chan struct{})
 	creator := make(chan error, 1)
 	go func() {
@@ -675,7 +675,7 @@ func TestRangeDependencyRacesAForeignCreator(t *testing.T) {
 		return nil
 	})
 	awaitSignal(ctx, t, started, "the creator's first key")
-	err := rdRunOnce(ctx, t, srv.Client(t), prefix, []DataPatch{ReadRangeDependency{Prefix: prefix + "/r/"}, count})
+	err := rdRunOnce(ctx, t, env.client(t), prefix, []DataPatch{ReadRangeDependency{Prefix: prefix + "/r/"}, count})
 	close(stop)
 	require.NoError(t, <-creator)
 	require.NoError(t, err)

@@ -34,29 +34,30 @@ func serverCases() []serverCase {
 	const authPrefix = "/matrix/auth"
 	return []serverCase{
 		{name: "bank: load, watch and commit", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
-			runBank(t, srv)
+			runBank(t, newTestEnv(t, onServer(srv)))
 		}},
 		{name: "progress notifications", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
-			requireProgressNotify(t, srv)
-			everyPutSeen(t, srv)
+			env := newTestEnv(t, onServer(srv))
+			requireProgressNotify(t, env)
+			everyPutSeen(t, env)
 		}},
 		{name: "read path: load and compaction reload", run: func(t *testing.T, srv *etcdtest.Process, release string) {
-			loadAndReload(t, srv, &rpcCounter{}, releaseReadPath(release))
+			loadAndReload(t, newTestEnv(t, onServer(srv), withProxy()), &rpcCounter{}, releaseReadPath(release))
 		}},
 		{name: "outage: blackhole, then heal", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
-			bankOutages(t, newFaultEnvOn(t, srv), "/matrix/outage", (*etcdtest.Proxy).Blackhole,
+			bankOutages(t, newTestEnv(t, onServer(srv), withProxy()), "/matrix/outage", (*etcdtest.Proxy).Blackhole,
 				time.Second, 2*time.Second)
 		}},
 		{name: "permission denied", flags: []string{"-bcrypt-cost=4"}, run: func(t *testing.T, srv *etcdtest.Process, _ string) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			permissionDenied(ctx, t, setUpAuth(t, srv, authPrefix), authPrefix)
+			permissionDenied(ctx, t, newTestEnv(t, onServer(srv), withAuth(authPrefix)), authPrefix)
 		}},
 		{name: "exactly once: dropped answers", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
-			scriptedUnknownOutcomes(t, srv)
+			scriptedUnknownOutcomes(t, newTestEnv(t, onServer(srv)))
 		}},
 		{name: "shared Source: a stuck worker", run: func(t *testing.T, srv *etcdtest.Process, _ string) {
-			stuckWorkerOnSource(t, srv)
+			stuckWorkerOnSource(t, newTestEnv(t, onServer(srv)))
 		}},
 	}
 }
@@ -85,11 +86,11 @@ func TestServerMatrix(t *testing.T) {
 	}
 }
 
-// requireProgressNotify requires that srv answers RequestProgress on a
-// watch with a progress notification at its current revision.
-func requireProgressNotify(t *testing.T, srv etcdtest.Target) {
+// requireProgressNotify requires that env's server answers RequestProgress
+// on a watch with a progress notification at its current revision.
+func requireProgressNotify(t *testing.T, env *testEnv) {
 	ctx := testContext(t)
-	cli := srv.Client(t)
+	cli := env.cli
 	put, err := cli.Put(ctx, "/matrix/progress/k", "v")
 	require.NoError(t, err)
 	wctx, cancel := context.WithCancel(ctx)

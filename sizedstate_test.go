@@ -16,6 +16,39 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
+// sizedRun is a worker on a sizedRecordingState, with a sizedSnapshotter,
+// running in the background.
+type sizedRun struct {
+	w       *EtcdWorker
+	state   *sizedRecordingState
+	reactor *sizedSnapshotter
+	cancel  context.CancelFunc
+	done    <-chan error
+}
+
+// startSized creates a worker on prefix over cli and starts it.
+func startSized(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, opts ...Option) *sizedRun {
+	t.Helper()
+	r := &sizedRun{state: &sizedRecordingState{recordingState: newRecordingState(prefix)}, reactor: &sizedSnapshotter{}}
+	r.w = mustNewEtcdWorker(t, cli, prefix, r.reactor, r.state, opts...)
+	r.start(ctx, t)
+	return r
+}
+
+// start runs the worker (again), until stop or the end of the test.
+func (r *sizedRun) start(ctx context.Context, t testing.TB) {
+	runCtx, cancel := context.WithCancel(ctx)
+	t.Cleanup(cancel)
+	r.cancel, r.done = cancel, runAsync(runCtx, r.w, nil, 10*time.Millisecond, "sized")
+}
+
+// stop ends the run and requires a clean stop.
+func (r *sizedRun) stop(ctx context.Context, t testing.TB) {
+	t.Helper()
+	r.cancel()
+	require.True(t, IsCleanStop(recvErr(ctx, t, r.done)))
+}
+
 // TestSizedStateExpectsKeysBeforeTheFirstLoad: a SizedState hears the
 // number of keys once, before the first load's first Update, on the
 // streaming path and on the fallback; neither the reload after a compaction
@@ -25,41 +58,29 @@ func TestSizedStateExpectsKeysBeforeTheFirstLoad(t *testing.T) {
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
 			const prefix, keys = "/test/sized", 40
-			srv := etcdtest.NewServer(t)
-			admin := srv.Client(t)
+			env := newTestEnv(t, ownServer(), withProxy())
+			admin := env.cli
 			ctx := testContext(t)
 			for i := range keys {
 				mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%02d", prefix, i), fmt.Sprint(i))
 			}
-			proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
-			cfg := etcdtest.ClientConfig(proxy.Endpoint())
-			cfg.DialOptions = (&rpcCounter{noStream: noStream}).dialOptions()
-			state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
-			reactor := &sizedSnapshotter{}
-			w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state,
+			r := startSized(ctx, t, env.client(t, (&rpcCounter{noStream: noStream}).dialOptions()...), prefix,
 				WithPageSize(7), WithMaxStaleness(500*time.Millisecond))
-
-			runCtx, cancel := context.WithCancel(ctx)
-			done := runAsync(runCtx, w, nil, 10*time.Millisecond, "sized")
-			waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
-			expected, updates := state.calls()
+			waitUntil(ctx, t, "the loaded state", func() bool { return r.reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+			expected, updates := r.state.calls()
 			require.Len(t, expected, 1, "one hint for the first load")
 			require.GreaterOrEqual(t, expected[0], keys, "the hint counts every key")
 			require.LessOrEqual(t, expected[0], keys+4, "the hint counts the prefix, bookkeeping included")
 			require.Equal(t, []int{0}, updates, "the hint comes before the first Update")
 
-			reloadByCompaction(ctx, t, proxy, admin, func() { mustPutKV(ctx, t, admin, prefix+"/new", "x") })
-			waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
-			cancel()
-			require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+			reloadByCompaction(ctx, t, env, func() { mustPutKV(ctx, t, admin, prefix+"/new", "x") })
+			waitUntil(ctx, t, "the reloaded state", func() bool { return r.reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+			r.stop(ctx, t)
 
-			runCtx, cancel = context.WithCancel(ctx)
-			defer cancel()
-			done = runAsync(runCtx, w, nil, 10*time.Millisecond, "sized")
-			require.NoError(t, w.WaitSynced(ctx))
-			cancel()
-			require.True(t, IsCleanStop(recvErr(ctx, t, done)))
-			expected, _ = state.calls()
+			r.start(ctx, t)
+			require.NoError(t, r.w.WaitSynced(ctx))
+			r.stop(ctx, t)
+			expected, _ = r.state.calls()
 			require.Len(t, expected, 1, "a state that holds keys gets no hint")
 		})
 	}
@@ -91,38 +112,30 @@ func TestSizedStatePanicEndsRun(t *testing.T) {
 func TestSizedStateHintAfterEveryKeyVanished(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/sizedvanish"
-	srv := etcdtest.NewServer(t)
-	admin := srv.Client(t)
+	env := newTestEnv(t, ownServer(), withProxy())
+	admin := env.cli
 	ctx := testContext(t)
 	for i := range 3 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/old%d", prefix, i), "x")
 	}
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
-	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
-	reactor := &sizedSnapshotter{}
-	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, etcdtest.ClientConfig(proxy.Endpoint())), prefix,
-		reactor, state, WithMaxStaleness(500*time.Millisecond))
-	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "rv")
-	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+	r := startSized(ctx, t, env.client(t), prefix, WithMaxStaleness(500*time.Millisecond))
+	waitUntil(ctx, t, "the loaded state", func() bool { return r.reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 
 	_, err := admin.Delete(ctx, prefix+"/", clientv3.WithPrefix())
 	require.NoError(t, err)
-	waitUntil(ctx, t, "the emptied state", func() bool { return reactor.equals(map[string]string{}) })
-	expected, _ := state.calls()
+	waitUntil(ctx, t, "the emptied state", func() bool { return r.reactor.equals(map[string]string{}) })
+	expected, _ := r.state.calls()
 	require.Len(t, expected, 1, "one hint for the first load")
 
-	reloadByCompaction(ctx, t, proxy, admin, func() {
+	reloadByCompaction(ctx, t, env, func() {
 		for i := range 5 {
 			mustPutKV(ctx, t, admin, fmt.Sprintf("%s/new%d", prefix, i), "y")
 		}
 	})
-	waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
-	cancel()
-	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+	waitUntil(ctx, t, "the reloaded state", func() bool { return r.reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+	r.stop(ctx, t)
 
-	expected, updates := state.calls()
+	expected, updates := r.state.calls()
 	require.Len(t, expected, 2, "the reload that fills the emptied state is hinted (got hints %v)", expected)
 	require.Equal(t, 6, updates[1], "the hint comes before the reload's first Update")
 }
@@ -153,34 +166,26 @@ func (c *countRace) unary(ctx context.Context, method string, req, reply any, cc
 func TestSizedStateHintCountsTheLoadedRevision(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/sizedrev"
-	srv := etcdtest.Shared(t)
-	admin := srv.Client(t)
+	env := newTestEnv(t)
+	admin := env.cli
 	ctx := testContext(t)
 	for i := range 5 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%d", prefix, i), "x")
 	}
 	var lateErr error
 	race := &countRace{do: func() { _, lateErr = admin.Put(ctx, prefix+"/late", "z") }}
-	cfg := etcdtest.ClientConfig(srv.Endpoints()[0])
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(race.unary)}
-	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
-	reactor := &sizedSnapshotter{}
-	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)
-	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "rv")
-	waitUntil(ctx, t, "the state with the late key", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
-	cancel()
-	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+	r := startSized(ctx, t, env.client(t, grpc.WithChainUnaryInterceptor(race.unary)), prefix)
+	waitUntil(ctx, t, "the state with the late key", func() bool { return r.reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
+	r.stop(ctx, t)
 	require.NoError(t, lateErr)
 
 	loaded := 0
-	for _, u := range state.log {
+	for _, u := range r.state.log {
 		if u.isInit {
 			loaded++
 		}
 	}
-	expected, _ := state.calls()
+	expected, _ := r.state.calls()
 	require.Len(t, expected, 1)
 	require.Contains(t, []int{5, 6}, loaded, "the late key is loaded or comes through the watch")
 	require.Equal(t, loaded, expected[0], "the hint is the number of keys at the loaded revision")
@@ -226,8 +231,8 @@ func (c *compactAfterFirstChunk) stream(ctx context.Context, desc *grpc.StreamDe
 func TestSizedStateHintOncePerLoad(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/hintonce"
-	srv := etcdtest.NewServer(t, etcdtest.WithMaxRequestBytes(64<<10))
-	admin := srv.Client(t)
+	env := newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(64<<10)))
+	admin := env.cli
 	ctx := testContext(t)
 	big := string(make([]byte, 1000))
 	var ops []clientv3.Op
@@ -255,22 +260,14 @@ func TestSizedStateHintOncePerLoad(t *testing.T) {
 			}
 		}()
 	}}
-	cfg := etcdtest.ClientConfig(srv.Endpoints()[0])
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainStreamInterceptor(hook.stream),
-		grpc.WithInitialWindowSize(64 << 10), grpc.WithInitialConnWindowSize(64 << 10)}
-	state := &sizedRecordingState{recordingState: newRecordingState(prefix)}
-	reactor := &sizedSnapshotter{}
-	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, state)
-	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "rv")
-	require.NoError(t, w.WaitSynced(ctx))
-	cancel()
-	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
+	r := startSized(ctx, t, env.client(t, grpc.WithChainStreamInterceptor(hook.stream),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10)), prefix)
+	require.NoError(t, r.w.WaitSynced(ctx))
+	r.stop(ctx, t)
 	awaitSignal(ctx, t, hookDone, "the compaction")
 	require.NoError(t, hookErr)
 
-	expected, updates := state.calls()
-	require.Equal(t, 5, len(state.log))
+	expected, updates := r.state.calls()
+	require.Equal(t, 5, len(r.state.log))
 	require.Len(t, expected, 1, "one hint for one load (got %v, at Updates %v)", expected, updates)
 }

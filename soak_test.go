@@ -15,7 +15,6 @@ import (
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-	"google.golang.org/grpc"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
@@ -98,14 +97,15 @@ type soakRun struct {
 
 // newSoakRun starts the cluster and the workers, for at most runFor.
 func newSoakRun(ctx context.Context, t *testing.T, seed uint64, runFor time.Duration) *soakRun {
-	c := etcdtest.NewCluster(t, 3) //nolint:contextcheck // the cluster lives as long as the test
+	c := etcdtest.NewCluster(t, 3)    //nolint:contextcheck // the cluster lives as long as the test
+	env := newTestEnv(t, onServer(c)) //nolint:contextcheck // the clients live as long as the test
 
 	s := &soakRun{
-		t: t, ctx: ctx, rng: rand.New(rand.NewPCG(seed, 7)), c: c, direct: c.Client(t),
-		reg: prometheus.NewRegistry(), probe: newTxnProbe(), faults: map[string]int{},
+		t: t, ctx: ctx, rng: rand.New(rand.NewPCG(seed, 7)), c: c, direct: env.cli,
+		reg: env.reg, probe: newTxnProbe(), faults: map[string]int{},
 	}
 	newClient := func(int) *clientv3.Client {
-		return faultClient(t, []grpc.DialOption{s.probe.dialOption()}, c.Endpoints()...)
+		return env.client(t, s.probe.dialOption())
 	}
 	s.proxies = make([]*etcdtest.Proxy, c.Size())
 	for i := range s.proxies {

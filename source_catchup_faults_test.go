@@ -57,8 +57,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 	t.Parallel()
 	for _, shared := range []bool{false, true} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
-			srv := etcdtest.NewServer(t)
-			cli := srv.Client(t)
+			cli := lateJoinEnv(t).cli
 			ctx := testContext(t)
 			prefix := "/src-del"
 			mustPutKV(ctx, t, cli, prefix+"/x", "0")
@@ -67,11 +66,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 			if shared {
 				src := mustNewSource(t, cli, prefix)
 				opts = append(opts, WithSource(src))
-				// Another worker keeps the Source running throughout.
-				other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-				g := startWorkerGroup(t, time.Minute, "other", []*EtcdWorker{other})
-				require.NoError(t, other.WaitSynced(ctx))
-				t.Cleanup(func() { g.cancel(); g.wait(t, 10*time.Second) })
+				otherOnSource(ctx, t, cli, prefix, src) // keeps the Source running throughout
 			}
 			st := newRecordingState(prefix)
 			var fs failSwitch
@@ -103,17 +98,10 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 // tell the state that /k7 is gone.
 func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/src-del2"
-	for _, k := range []string{"/k1", "/k5", "/k9"} {
-		mustPutKV(ctx, t, cli, prefix+k, "0")
-	}
-	src := mustNewSource(t, cli, prefix)
-	other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "other", []*EtcdWorker{other})
-	require.NoError(t, other.WaitSynced(ctx))
+	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k5", "/k9")
 
 	st := newRecordingState(prefix)
 	var fs failSwitch
@@ -121,20 +109,19 @@ func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), st, WithSource(src))
 	fs.arm("/k5")
 	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "first"), errRefusedUpdate)
-	mustPutKV(ctx, t, cli, prefix+"/k7", "7")
-	waitUntil(ctx, t, "the Source has /k7", func() bool { return other.Status().AppliedRevision >= srv.Revision() })
+	put, err := cli.Put(ctx, prefix+"/k7", "7")
+	require.NoError(t, err)
+	waitUntil(ctx, t, "the Source has /k7", func() bool { return other.Status().AppliedRevision >= put.Header.Revision })
 	fs.arm("/k9")
 	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errRefusedUpdate)
 	require.Contains(t, st.values, "/k7", "precondition: the second snapshot told /k7")
 	fs.disarm()
-	_, err := cli.Delete(ctx, prefix+"/k7")
+	del, err := cli.Delete(ctx, prefix+"/k7")
 	require.NoError(t, err)
-	waitUntil(ctx, t, "the Source has the delete", func() bool { return other.Status().AppliedRevision >= srv.Revision() })
+	waitUntil(ctx, t, "the Source has the delete", func() bool { return other.Status().AppliedRevision >= del.Header.Revision })
 	require.NoError(t, runWithin(t, w, 10*time.Second, "third"))
 	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshot(st),
 		"the state ends equal to etcd: the delete of /k7 must reach it")
-	g.cancel()
-	g.wait(t, 10*time.Second)
 }
 
 // TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys: while
@@ -143,8 +130,8 @@ func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 // stuck worker must be bounded by the keys, not by the events.
 func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer())
+	cli := env.cli
 	ctx := testContext(t)
 	const prefix, n = "/src-ephemeral", 3000
 	src := mustNewSource(t, cli, prefix)
@@ -175,7 +162,7 @@ func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testi
 			src.mu.RUnlock()
 		}
 	}
-	waitUntil(ctx, t, "the fast worker is current", func() bool { return fast.Status().AppliedRevision >= srv.Revision() })
+	waitUntil(ctx, t, "the fast worker is current", func() bool { return fast.Status().AppliedRevision >= env.srv.Revision() })
 	src.mu.RLock()
 	maxRecords, maxLog = max(maxRecords, len(src.changes.changes)), max(maxLog, len(src.changes.log))
 	src.mu.RUnlock()
@@ -185,8 +172,7 @@ func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testi
 	require.LessOrEqual(t, maxRecords, compactMinOver+2, "records bounded by keys, not by events")
 	require.LessOrEqual(t, maxLog, 2*(compactMinOver+2), "log bounded by keys, not by events")
 	close(release)
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceADroppedWorkerReleasesItsPosition: a worker that ran on a
@@ -194,8 +180,8 @@ func TestSourceChangeLogOfAStuckWorkerIsBoundedByKeysWithShortLivedKeys(t *testi
 // worker that is dropped releases it"), nor keep the change log from being
 // pruned.
 func TestSourceADroppedWorkerReleasesItsPosition(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	t.Parallel()
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/src-drop"
 	src := mustNewSource(t, cli, prefix)
@@ -206,13 +192,14 @@ func TestSourceADroppedWorkerReleasesItsPosition(t *testing.T) {
 		require.NoError(t, runWithin(t, w, 10*time.Second, "dropped"))
 		cur, wp = weak.Make(w.cur), weak.Make(w)
 	}()
-	keep := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "keep", []*EtcdWorker{keep})
-	require.NoError(t, keep.WaitSynced(ctx))
+	keep := otherOnSource(ctx, t, cli, prefix, src)
+	var last int64
 	for i := range 50 {
-		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i), "v")
+		put, err := cli.Put(ctx, fmt.Sprintf("%s/k%d", prefix, i), "v")
+		require.NoError(t, err)
+		last = put.Header.Revision
 	}
-	waitUntil(ctx, t, "keep is current", func() bool { return keep.Status().AppliedRevision >= srv.Revision() })
+	waitUntil(ctx, t, "keep is current", func() bool { return keep.Status().AppliedRevision >= last })
 	waitWithin(t, 5*time.Second, "the dropped worker is collected", nil, func() bool {
 		runtime.GC()
 		return wp.Value() == nil
@@ -227,8 +214,6 @@ func TestSourceADroppedWorkerReleasesItsPosition(t *testing.T) {
 		defer src.mu.RUnlock()
 		return len(src.changes.changes) == 0
 	})
-	g.cancel()
-	g.wait(t, 10*time.Second)
 }
 
 // pageFailer makes a client answer RangeStream Unimplemented (so loads read
@@ -270,20 +255,20 @@ func (p *pageFailer) dialOptions() []grpc.DialOption {
 // Tick sees the bank's total.
 func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix, accounts, total = "/src-torn", 10, 1000
 	for i := range accounts {
-		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/a%d", prefix, i), fmt.Sprint(total/accounts))
+		mustPutKV(ctx, t, env.cli, fmt.Sprintf("%s/a%d", prefix, i), fmt.Sprint(total/accounts))
 	}
 	pf := &pageFailer{watchKey: prefix + "/"}
-	cfg := faultClientConfig(pf.dialOptions(), env.proxy.Endpoint())
+	cfg := env.clientConfig(pf.dialOptions()...)
 	cfg.MaxCallRecvMsgSize = 256 // the whole prefix does not fit one response: pages
 	src := mustNewSource(t, etcdtest.NewClientFromConfig(t, cfg), prefix, WithSourcePageSize(2),
 		WithSourceRequestTimeout(faultRequestTimeout), WithSourceMetrics(env.reg), WithSourceLogger(faultLogger(t)))
 	var ticks, torn atomic.Int64
 	var tornSaw atomic.Pointer[map[string]string]
-	w := mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+	w := mustNewEtcdWorker(t, env.cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		st := s.(*mapState)
 		sum := int64(0)
 		for rel := range st.values {
@@ -301,19 +286,18 @@ func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 		}
 		return st, nil
 	}), newMapState(prefix), WithSource(src), WithLogger(faultLogger(t)))
-	g := startWorkerGroup(t, time.Minute, "torn", []*EtcdWorker{w})
-	require.NoError(t, w.WaitSynced(ctx))
+	g := startSynced(ctx, t, "torn", w)
 	waitGrown(t, g, &ticks, 2, "ticks before the outage")
 
 	env.proxy.Pause()
 	// A transfer from the first account (first page) to the last one.
-	_, err := env.direct.Txn(ctx).Then(
+	_, err := env.cli.Txn(ctx).Then(
 		clientv3.OpPut(prefix+"/a0", fmt.Sprint(total/accounts-50)),
 		clientv3.OpPut(prefix+"/a9", fmt.Sprint(total/accounts+50)),
 	).Commit()
 	require.NoError(t, err)
-	mustPutKV(ctx, t, env.direct, "/src-torn-elsewhere", "x") // the compaction must pass the transfer
-	_, err = etcdtest.Compact(ctx, env.direct)
+	mustPutKV(ctx, t, env.cli, "/src-torn-elsewhere", "x") // the compaction must pass the transfer
+	_, err = etcdtest.Compact(ctx, env.cli)
 	require.NoError(t, err)
 	pf.armed.Store(true)
 	env.proxy.Resume()
@@ -327,10 +311,9 @@ func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 	})
 	pf.armed.Store(false)
 	waitWithin(t, 20*time.Second, "the reload completes", g.failed, func() bool {
-		return w.Status().AppliedRevision >= storeRevision(t, env.direct)
+		return w.Status().AppliedRevision >= storeRevision(t, env.cli)
 	})
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	if snap := tornSaw.Load(); snap != nil {
 		t.Logf("a Tick saw a torn state: %v", *snap)
 	}
@@ -408,8 +391,8 @@ func churnWrite(ctx context.Context, cli *clientv3.Client, prefix string, i int)
 // missed delete; afterwards every state equals etcd, and once the last
 // Run returned, no goroutine is left.
 func TestSourceWorkersJoinAndLeaveWhileWritesFlow(t *testing.T) {
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	// Not parallel: at its end no goroutine of the package may run.
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix, workers = "/src-churn", 8
 	src := mustNewSource(t, cli, prefix)
@@ -547,8 +530,8 @@ func grantPatch(rangePrefix string, own util.EtcdKey, limit int64, scribble bool
 // are taken, no Tick ever sees more, and every state ends equal to etcd.
 func TestSourceQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	admin := srv.Client(t)
+	env := lateJoinEnv(t)
+	admin := env.cli
 	ctx := testContext(t)
 	const prefix, limit, workers = "/src-quota", 60, 6
 	slots := prefix + "/r/"
@@ -591,7 +574,7 @@ func TestSourceQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T
 		if i == 4 {
 			opts = append(opts, WithFencingKey("/src-quota-fence", fence.Header.Revision))
 		}
-		ws[i] = mustNewEtcdWorker(t, srv.Client(t), wp, reactor, st, opts...)
+		ws[i] = mustNewEtcdWorker(t, env.client(t), wp, reactor, st, opts...)
 	}
 	g := newWorkerGroup(t, time.Minute)
 	for i, w := range ws {
@@ -638,8 +621,7 @@ func (s *strictState) Update(key util.EtcdKey, value []byte, isInit bool) error 
 // hold. Another worker on the Source is stuck, so the change log keeps it.
 func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/src-spurious"
 	mustPutKV(ctx, t, cli, prefix+"/k", "1")
@@ -672,20 +654,19 @@ func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	g := startWorkerGroup(t, time.Minute, "spurious", []*EtcdWorker{stuck, w})
 	waitUntil(ctx, t, "the stuck Tick", stuckIn.Load)
 	require.NoError(t, w.WaitSynced(ctx))
-	_, err := cli.Delete(ctx, prefix+"/k")
+	del, err := cli.Delete(ctx, prefix+"/k")
 	require.NoError(t, err)
-	waitUntil(ctx, t, "the worker has the delete", func() bool { return w.Status().AppliedRevision >= srv.Revision() })
+	waitUntil(ctx, t, "the worker has the delete", func() bool { return w.Status().AppliedRevision >= del.Header.Revision })
 	hold.Store(true)
 	waitUntil(ctx, t, "the worker is in Tick", inTick.Load)
 	mustPutKV(ctx, t, cli, prefix+"/k", "2")
-	_, err = cli.Delete(ctx, prefix+"/k")
+	del, err = cli.Delete(ctx, prefix+"/k")
 	require.NoError(t, err)
-	waitUntil(ctx, t, "the Source has both", func() bool { return src.copyRev() >= srv.Revision() })
+	waitUntil(ctx, t, "the Source has both", func() bool { return src.copyRev() >= del.Header.Revision })
 	close(unhold)
-	waitUntil(ctx, t, "the worker caught up", func() bool { return w.Status().AppliedRevision >= srv.Revision() })
+	waitUntil(ctx, t, "the worker caught up", func() bool { return w.Status().AppliedRevision >= del.Header.Revision })
 	close(release)
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	v.requireNone(t)
 }
 
@@ -694,20 +675,17 @@ func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 // on it: every Run ends with ErrEtcdRejected, the Source stops.
 func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
+	env := lateJoinEnv(t)
 	ctx := testContext(t)
 	const prefix = "/src-closed"
-	srcCli := etcdtest.NewClientFromConfig(t, etcdtest.ClientConfig(srv.Endpoints()...))
+	srcCli := env.client(t)
 	src := mustNewSource(t, srcCli, prefix)
 	ws := make([]*EtcdWorker, 3)
 	for i := range ws {
 		var queued atomic.Int64
-		ws[i] = mustNewEtcdWorker(t, srv.Client(t), prefix, counterReactor(&queued), newMapState(prefix), WithSource(src))
+		ws[i] = mustNewEtcdWorker(t, env.client(t), prefix, counterReactor(&queued), newMapState(prefix), WithSource(src))
 	}
-	g := startWorkerGroup(t, time.Minute, "closed", ws)
-	for _, w := range ws {
-		require.NoError(t, w.WaitSynced(ctx))
-	}
+	g := startSynced(ctx, t, "closed", ws...)
 	require.NoError(t, srcCli.Close())
 	for name, err := range g.wait(t, 10*time.Second) {
 		require.ErrorIs(t, err, ErrEtcdRejected, name)
@@ -720,16 +698,15 @@ func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 // a write made just before it joined), and Ready.
 func TestSourceLateJoinerStatusAndWaitSynced(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/src-latestatus"
 	src := mustNewSource(t, cli, prefix)
 	first := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "first", []*EtcdWorker{first})
-	require.NoError(t, first.WaitSynced(ctx))
-	mustPutKV(ctx, t, cli, prefix+"/a", "1")
-	rev := srv.Revision()
+	g := startSynced(ctx, t, "first", first)
+	put, err := cli.Put(ctx, prefix+"/a", "1")
+	require.NoError(t, err)
+	rev := put.Header.Revision
 	waitUntil(ctx, t, "the Source has the write", func() bool { return src.copyRev() >= rev })
 	late := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
 	require.False(t, late.Status().Synced)
@@ -741,8 +718,7 @@ func TestSourceLateJoinerStatusAndWaitSynced(t *testing.T) {
 	require.True(t, s.Synced)
 	require.GreaterOrEqual(t, s.AppliedRevision, rev)
 	waitUntil(ctx, t, "the late worker is ready", func() bool { return late.Ready() == nil })
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	require.True(t, sourceFollowing(src), "the late worker still runs the Source")
 	stopLate()
 	require.ErrorIs(t, recvErr(ctx, t, done), context.Canceled)
@@ -773,15 +749,15 @@ func (s *slowState) Update(key util.EtcdKey, value []byte, isInit bool) error {
 // the stuck one, released, ends equal to etcd.
 func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/src-stuckupd"
 	for i := range 20 {
-		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/k%02d", prefix, i), "0")
+		mustPutKV(ctx, t, env.cli, fmt.Sprintf("%s/k%02d", prefix, i), "0")
 	}
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(faultRequestTimeout), WithSourceMetrics(env.reg))
 	slow := &slowState{mapState: newMapState(prefix), gate: make(chan struct{}), ctx: ctx}
-	stuck := mustNewEtcdWorker(t, env.direct, prefix, idleReactor(), slow, WithSource(src))
+	stuck := mustNewEtcdWorker(t, env.cli, prefix, idleReactor(), slow, WithSource(src))
 	var queued atomic.Int64
 	var stopBusy atomic.Bool
 	var idleTick atomic.Int64 // ticks of the busy worker after it stopped queueing
@@ -795,20 +771,18 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 		queued.Add(1)
 		return st, nil
 	})
-	busy := mustNewEtcdWorker(t, env.direct, prefix, busyReactor, newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "stuckupd", []*EtcdWorker{stuck, busy})
-	require.NoError(t, stuck.WaitSynced(ctx))
-	require.NoError(t, busy.WaitSynced(ctx))
+	busy := mustNewEtcdWorker(t, env.cli, prefix, busyReactor, newMapState(prefix), WithSource(src))
+	g := startSynced(ctx, t, "stuckupd", stuck, busy)
 	slow.blocked.Store(true)
-	mustPutKV(ctx, t, env.direct, prefix+"/k00", "trigger")
+	mustPutKV(ctx, t, env.cli, prefix+"/k00", "trigger")
 	waitUntil(ctx, t, "the stuck Update", func() bool { return !slow.blocked.Load() })
-	reloadByCompaction(ctx, t, env.proxy, env.direct, func() {
+	reloadByCompaction(ctx, t, env, func() {
 		for i := 1; i < 10; i++ {
-			_, err := env.direct.Delete(ctx, fmt.Sprintf("%s/k%02d", prefix, i))
+			_, err := env.cli.Delete(ctx, fmt.Sprintf("%s/k%02d", prefix, i))
 			require.NoError(t, err)
 		}
-		mustPutKV(ctx, t, env.direct, prefix+"/k15", "changed")
-		mustPutKV(ctx, t, env.direct, prefix+"/new", "1")
+		mustPutKV(ctx, t, env.cli, prefix+"/k15", "changed")
+		mustPutKV(ctx, t, env.cli, prefix+"/new", "1")
 	})
 	waitWithin(t, 20*time.Second, "the Source reloads", g.failed, func() bool {
 		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1
@@ -819,13 +793,12 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 	// stuck worker catches up.
 	stopBusy.Store(true)
 	waitWithin(t, 20*time.Second, "the busy worker stops writing", g.failed, func() bool { return idleTick.Load() > 0 })
-	last := storeRevision(t, env.direct)
+	last := storeRevision(t, env.cli)
 	waitWithin(t, 20*time.Second, "the stuck worker catches up", g.failed, func() bool {
 		return stuck.Status().AppliedRevision >= last
 	})
-	g.cancel()
-	g.wait(t, 10*time.Second)
-	require.Equal(t, etcdSnapshot(ctx, t, env.direct, prefix), stateSnapshotMap(slow.mapState))
+	g.stop(t)
+	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stateSnapshotMap(slow.mapState))
 }
 
 // storeRevision is etcd's current store revision, read through cli.

@@ -17,7 +17,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -36,7 +35,7 @@ func stuckOnSource(t *testing.T, cli *clientv3.Client, prefix string, src *Sourc
 		return s, nil
 	}), newMapState(prefix), WithSource(src))
 	g := startWorkerGroup(t, time.Minute, "stuck", []*EtcdWorker{stuck})
-	t.Cleanup(func() { close(release); g.cancel(); g.wait(t, 10*time.Second) })
+	t.Cleanup(func() { close(release); g.stop(t) })
 	waitUntil(ctx, t, "the stuck Tick", in.Load)
 	return stuck
 }
@@ -67,7 +66,7 @@ func (r *holdingReactor) Tick(ctx context.Context, s ReactorState) (ReactorState
 // all" (DESIGN "Catching up").
 func TestSourceCatchUpNoDeleteOfAKeyFirstCreatedAfterAStuckWorkersPosition(t *testing.T) {
 	t.Parallel()
-	cli := sharedClient(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-born"
 	mustPutKV(ctx, t, cli, prefix+"/other", "1")
@@ -78,8 +77,7 @@ func TestSourceCatchUpNoDeleteOfAKeyFirstCreatedAfterAStuckWorkersPosition(t *te
 	st := &strictState{mapState: newMapState(prefix), v: &v}
 	r := &holdingReactor{unhold: make(chan struct{})}
 	w := mustNewEtcdWorker(t, cli, prefix, r, st, WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "w", []*EtcdWorker{w})
-	require.NoError(t, w.WaitSynced(ctx))
+	g := startSynced(ctx, t, "w", w)
 
 	mustPutKV(ctx, t, cli, prefix+"/k", "1")
 	del, err := cli.Delete(ctx, prefix+"/k")
@@ -95,8 +93,7 @@ func TestSourceCatchUpNoDeleteOfAKeyFirstCreatedAfterAStuckWorkersPosition(t *te
 	waitUntil(ctx, t, "the Source has the second delete", func() bool { return src.copyRev() >= del.Header.Revision })
 	close(r.unhold)
 	waitUntil(ctx, t, "the worker caught up", func() bool { return w.Status().AppliedRevision >= del.Header.Revision })
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	v.requireNone(t)
 }
 
@@ -122,15 +119,18 @@ func (s *failingStrictState) Update(key util.EtcdKey, value []byte, isInit bool)
 func (s *failingStrictState) arm(rel string) { s.fail.Store(&rel) }
 func (s *failingStrictState) disarm()        { s.fail.Store(nil) }
 
-// otherOnSource runs an idle worker on src for the rest of the test, so that
-// the Source keeps following etcd between the Runs of another worker.
-func otherOnSource(t *testing.T, cli *clientv3.Client, prefix string, src *Source) *EtcdWorker {
+// requireEndsEqualToEtcd disarms s, runs w (on s) to its end and requires
+// s to hold exactly etcd's keys under prefix, with no violation.
+func (s *failingStrictState) requireEndsEqualToEtcd(ctx context.Context, t *testing.T, w *EtcdWorker,
+	cli *clientv3.Client, prefix, role string,
+) {
 	t.Helper()
-	other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "other", []*EtcdWorker{other})
-	t.Cleanup(func() { g.cancel(); g.wait(t, 10*time.Second) })
-	require.NoError(t, other.WaitSynced(testContext(t)))
-	return other
+	s.disarm()
+	runCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	require.NoError(t, w.Run(runCtx, nil, behaviourTick, role))
+	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(s.mapState))
+	s.v.requireNone(t)
 }
 
 // TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold: the
@@ -140,14 +140,10 @@ func otherOnSource(t *testing.T, cli *clientv3.Client, prefix string, src *Sourc
 // equal to etcd.
 func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.T) {
 	t.Parallel()
-	cli := sharedClient(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-twofail"
-	for _, k := range []string{"/k1", "/k5", "/k7", "/k9"} {
-		mustPutKV(ctx, t, cli, prefix+k, "0")
-	}
-	src := mustNewSource(t, cli, prefix)
-	other := otherOnSource(t, cli, prefix, src)
+	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k5", "/k7", "/k9")
 
 	var v violationRecorder
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
@@ -161,10 +157,7 @@ func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.
 	st.arm("/k9")
 	require.ErrorIs(t, runWithin(t, w, 10*time.Second, "second"), errRefusedUpdate)
 	require.Contains(t, st.values, "/k5", "precondition: the second snapshot went on from /k5")
-	st.disarm()
-	require.NoError(t, runWithin(t, w, 10*time.Second, "third"))
-	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(st.mapState))
-	v.requireNone(t)
+	st.requireEndsEqualToEtcd(ctx, t, w, cli, prefix, "third")
 }
 
 // TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd: the first
@@ -174,14 +167,10 @@ func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.
 // hold.
 func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 	t.Parallel()
-	cli := sharedClient(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-resume"
-	for _, k := range []string{"/k1", "/k2", "/k3", "/k5", "/k6", "/k8"} {
-		mustPutKV(ctx, t, cli, prefix+k, "0")
-	}
-	src := mustNewSource(t, cli, prefix)
-	other := otherOnSource(t, cli, prefix, src)
+	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k2", "/k3", "/k5", "/k6", "/k8")
 
 	var v violationRecorder
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
@@ -201,10 +190,7 @@ func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 	del, err := cli.Delete(ctx, prefix+"/k9")
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the Source has the writes", func() bool { return other.Status().AppliedRevision >= del.Header.Revision })
-	st.disarm()
-	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
-	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(st.mapState))
-	v.requireNone(t)
+	st.requireEndsEqualToEtcd(ctx, t, w, cli, prefix, "second")
 }
 
 // TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload: a worker
@@ -212,33 +198,34 @@ func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 // deleted and the history compacted, so the Source reloads. The parked
 // worker's next Run deletes them (isInit), and ends equal to etcd.
 func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) {
-	env := newFaultEnv(t)
+	t.Parallel()
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	const prefix = "/cu-parkreload"
 	for i := range 10 {
-		mustPutKV(ctx, t, env.direct, fmt.Sprintf("%s/k%d", prefix, i), "0")
+		mustPutKV(ctx, t, env.cli, fmt.Sprintf("%s/k%d", prefix, i), "0")
 	}
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(faultRequestTimeout), WithSourceMetrics(env.reg))
-	otherOnSource(t, env.direct, prefix, src)
+	otherOnSource(ctx, t, env.cli, prefix, src)
 
 	var v violationRecorder
 	st := &failingStrictState{mapState: newMapState(prefix), v: &v}
-	w := mustNewEtcdWorker(t, env.direct, prefix, finishReactor(), st, WithSource(src))
+	w := mustNewEtcdWorker(t, env.cli, prefix, finishReactor(), st, WithSource(src))
 	require.NoError(t, runWithin(t, w, 10*time.Second, "first"))
 	require.Len(t, st.values, 10)
-	reloadByCompaction(ctx, t, env.proxy, env.direct, func() {
+	reloadByCompaction(ctx, t, env, func() {
 		for i := range 6 {
-			_, err := env.direct.Delete(ctx, fmt.Sprintf("%s/k%d", prefix, i))
+			_, err := env.cli.Delete(ctx, fmt.Sprintf("%s/k%d", prefix, i))
 			require.NoError(t, err)
 		}
-		mustPutKV(ctx, t, env.direct, prefix+"/k9", "changed")
-		mustPutKV(ctx, t, env.direct, prefix+"/new", "1")
+		mustPutKV(ctx, t, env.cli, prefix+"/k9", "changed")
+		mustPutKV(ctx, t, env.cli, prefix+"/new", "1")
 	})
 	waitWithin(t, 20*time.Second, "the Source reloads", nil, func() bool {
-		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= storeRevision(t, env.direct)
+		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= storeRevision(t, env.cli)
 	})
 	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
-	require.Equal(t, etcdSnapshot(ctx, t, env.direct, prefix), stateSnapshotMap(st.mapState))
+	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stateSnapshotMap(st.mapState))
 	v.requireNone(t)
 }
 
@@ -248,14 +235,14 @@ func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) 
 // revision it loads": 4, as many as its first snapshot passes.
 func TestSourceCatchUpSizedStateHintOfALateJoinCountsItsKeys(t *testing.T) {
 	t.Parallel()
-	cli := sharedClient(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-hint"
 	for i := range 10 {
 		mustPutKV(ctx, t, cli, fmt.Sprintf("%s/k%d", prefix, i), "0")
 	}
 	src := mustNewSource(t, cli, prefix)
-	other := otherOnSource(t, cli, prefix, src)
+	other := otherOnSource(ctx, t, cli, prefix, src)
 	var rev int64
 	for i := range 6 {
 		del, err := cli.Delete(ctx, fmt.Sprintf("%s/k%d", prefix, i))
@@ -327,7 +314,7 @@ type watchGate struct {
 	release  chan struct{} // lets one held response through
 	open     chan struct{} // closed: lets every response through
 	openOnce sync.Once
-	progress atomic.Int64
+	sent     watchRequests
 }
 
 func newWatchGate() *watchGate {
@@ -337,19 +324,16 @@ func newWatchGate() *watchGate {
 func (g *watchGate) openAll() { g.openOnce.Do(func() { close(g.open) }) }
 
 func (g *watchGate) dialOptions() []grpc.DialOption {
-	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream { return &gatedWatchStream{ClientStream: cs, g: g} })
+	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream {
+		return &gatedWatchStream{countingWatchStream: countingWatchStream{ClientStream: cs, w: &g.sent}, g: g}
+	})
 }
 
+// gatedWatchStream counts what it sends in g.sent and holds what it
+// receives while g is armed.
 type gatedWatchStream struct {
-	grpc.ClientStream
+	countingWatchStream
 	g *watchGate
-}
-
-func (s *gatedWatchStream) SendMsg(m any) error {
-	if req, ok := m.(*pb.WatchRequest); ok && req.GetProgressRequest() != nil {
-		s.g.progress.Add(1)
-	}
-	return s.ClientStream.SendMsg(m)
 }
 
 func (s *gatedWatchStream) RecvMsg(m any) error {
@@ -381,15 +365,15 @@ func (s *gatedWatchStream) RecvMsg(m any) error {
 // see /w.
 func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	cli := sharedClient(t)
+	env := lateJoinEnv(t)
+	cli := env.cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-latelag"
 	gate := newWatchGate()
-	srcCli := etcdtest.NewClientFromConfig(t, faultClientConfig(gate.dialOptions(), srv.Endpoints()[0]))
+	srcCli := env.client(t, gate.dialOptions()...)
 	t.Cleanup(gate.openAll) // before the client closes (cleanups run last first)
 	src := mustNewSource(t, srcCli, prefix)
-	otherOnSource(t, cli, prefix, src)
+	otherOnSource(ctx, t, cli, prefix, src)
 
 	gate.armed.Store(true)
 	put, err := cli.Put(ctx, prefix+"/v", "1")
@@ -425,9 +409,9 @@ func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T
 		_, in := src.attached[late.cur]
 		return in
 	})
-	sent := gate.progress.Load()
+	sent := gate.sent.progress.Load()
 	// The late worker asks for a progress notification once Run began.
-	waitUntil(ctx, t, "the late worker's progress request", func() bool { return gate.progress.Load() > sent })
+	waitUntil(ctx, t, "the late worker's progress request", func() bool { return gate.sent.progress.Load() > sent })
 	select {
 	case gate.release <- struct{}{}: // one older response arrives after Run began
 	case <-ctx.Done():
@@ -449,7 +433,7 @@ func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T
 		case <-ticker.C:
 		}
 	}
-	t.Logf("first Tick before the gate opened: %v (copy at %d, /v at %d, store at %d)", firstTick(), src.copyRev(), put.Header.Revision, srv.Revision())
+	t.Logf("first Tick before the gate opened: %v (copy at %d, /v at %d, store at %d)", firstTick(), src.copyRev(), put.Header.Revision, env.srv.Revision())
 	gate.openAll()
 	waitUntil(ctx, t, "the first Tick", func() bool { return firstTick() != nil })
 	require.Contains(t, firstTick(), "/w", "the first Tick lacks a write that completed before Run was called")
@@ -478,14 +462,14 @@ func (p keysPatch) Patch(values map[util.EtcdKey][]byte, _ map[util.EtcdKey]stru
 // keys of /p/b and /p/ab, gets a value map of /p/a's keys only.
 func TestSourceCatchUpSubPrefixGeneralPatchSeesOnlyItsKeys(t *testing.T) {
 	t.Parallel()
-	cli := sharedClient(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-subgeneral"
 	for _, k := range []string{"/a/1", "/a/2", "/ab/1", "/b/1", "/z"} {
 		mustPutKV(ctx, t, cli, prefix+k, "v")
 	}
 	src := mustNewSource(t, cli, prefix)
-	otherOnSource(t, cli, prefix, src)
+	otherOnSource(ctx, t, cli, prefix, src)
 	var mu sync.Mutex
 	var keys []string
 	patched := false

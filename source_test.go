@@ -26,6 +26,50 @@ func mustNewSource(t testing.TB, cli *clientv3.Client, prefix string, opts ...So
 	return src
 }
 
+// lateJoinEnv is newTestEnv(t, ownServer(), opts...): the etcd of a test
+// in which a worker joins a Source that already runs. Such a worker's first
+// Tick waits until the Source proves its copy current, and while other tests
+// write to the shared server (outside the Source's prefix) that can take
+// longer than the tests wait.
+func lateJoinEnv(t testing.TB, opts ...envOption) *testEnv {
+	t.Helper()
+	return newTestEnv(t, append([]envOption{ownServer()}, opts...)...)
+}
+
+// startSynced runs ws in a worker group (for at most a minute; worker i
+// named "<name>-<i>") and waits until every one of them is synced.
+func startSynced(ctx context.Context, t testing.TB, name string, ws ...*EtcdWorker) *workerGroup {
+	t.Helper()
+	g := startWorkerGroup(t, time.Minute, name, ws)
+	for _, w := range ws {
+		require.NoError(t, w.WaitSynced(ctx))
+	}
+	return g
+}
+
+// otherOnSource runs an idle worker on src for the rest of the test, so that
+// the Source keeps following etcd between the Runs of another worker; ctx
+// bounds the wait until it is synced.
+func otherOnSource(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, src *Source) *EtcdWorker {
+	t.Helper()
+	other := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
+	g := startSynced(ctx, t, "other", other)
+	t.Cleanup(func() { g.stop(t) })
+	return other
+}
+
+// followedSource puts keys (relative to prefix) with value "0", and starts a
+// Source on prefix that otherOnSource keeps following etcd; it returns the
+// Source and that idle worker.
+func followedSource(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, keys ...string) (*Source, *EtcdWorker) {
+	t.Helper()
+	for _, k := range keys {
+		mustPutKV(ctx, t, cli, prefix+k, "0")
+	}
+	src := mustNewSource(t, cli, prefix)
+	return src, otherOnSource(ctx, t, cli, prefix, src)
+}
+
 // sourceFollowing reports whether src has a follower (a watch) running.
 func sourceFollowing(src *Source) bool {
 	src.lifeMu.Lock()
@@ -35,8 +79,7 @@ func sourceFollowing(src *Source) bool {
 
 func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	src := mustNewSource(t, cli, "/sp")
 	noop := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 	cases := []struct {
@@ -72,7 +115,7 @@ func TestSourceRejectsPrefixesOutsideIt(t *testing.T) {
 // etcd ends with the exact totals; the Source reloads once per compaction.
 func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 	t.Parallel()
-	env := newFaultEnv(t)
+	env := newTestEnv(t, ownServer(), withProxy())
 	ctx := testContext(t)
 	b := newBankWorld("/source/bank", 6, 8)
 	src := mustNewSource(t, env.client(t), b.prefix, WithSourceMetrics(env.reg),
@@ -85,15 +128,15 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 	b.waitProgress(t, g, 20, "before the outage")
 
 	env.proxy.Pause()
-	externalBankWrites(ctx, t, env.direct, b, 0)
-	_, err := etcdtest.Compact(ctx, env.direct)
+	externalBankWrites(ctx, t, env.cli, b, 0)
+	_, err := etcdtest.Compact(ctx, env.cli)
 	require.NoError(t, err)
 	env.proxy.Resume()
 	waitWithin(t, faultProgressTimeout, "the source reloads", g.failed, func() bool {
 		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1
 	})
 	b.waitProgress(t, g, 20, "after the outage")
-	b.finish(t, g, env.direct)
+	b.finish(t, g, env.cli)
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_source_reloads_total"), "one reload for all workers")
 	require.False(t, sourceFollowing(src), "the last worker stopped the Source")
 }
@@ -103,8 +146,7 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 // reach the worker on the Source's whole prefix.
 func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, "/sub/a", "1")
 	mustPutKV(ctx, t, cli, "/sub/in/b", "2")
@@ -152,8 +194,7 @@ func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 	resp, err := cli.Get(ctx, "/sub/a")
 	require.NoError(t, err)
 	require.Equal(t, "1", string(resp.Kvs[0].Value))
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceStuckWorkerDoesNotDelayTheOthers: one worker is stuck in Tick
@@ -163,13 +204,13 @@ func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 // sees the newest write.
 func TestSourceStuckWorkerDoesNotDelayTheOthers(t *testing.T) {
 	t.Parallel()
-	stuckWorkerOnSource(t, etcdtest.NewServer(t))
+	stuckWorkerOnSource(t, newTestEnv(t, ownServer()))
 }
 
 // stuckWorkerOnSource is TestSourceStuckWorkerDoesNotDelayTheOthers against
 // srv (also run by the server matrix).
-func stuckWorkerOnSource(t *testing.T, srv etcdtest.Target) {
-	cli := srv.Client(t)
+func stuckWorkerOnSource(t *testing.T, env *testEnv) {
+	cli := env.cli
 	ctx := testContext(t)
 	const prefix, keys, writes = "/stuck", 30, 3000
 	src := mustNewSource(t, cli, prefix)
@@ -216,8 +257,7 @@ func stuckWorkerOnSource(t *testing.T, srv etcdtest.Target) {
 
 	close(release)
 	waitUntil(ctx, t, "the stuck worker's newest Tick", func() bool { return lastStuck.Load() == newest })
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 	told := stuckState.updates + stuckState.inits - updatesBefore
 	require.LessOrEqual(t, told, 2*keys, "the stuck worker is told each key once or twice, not every event (%d)", told)
 }
@@ -227,26 +267,25 @@ func stuckWorkerOnSource(t *testing.T, srv etcdtest.Target) {
 // isInit, without reading the prefix from etcd again.
 func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
+	env := lateJoinEnv(t)
 	ctx := testContext(t)
-	const prefix = "/late"
-	admin := srv.Client(t)
+	const prefix = "/src-late"
+	admin := env.cli
 	for i := range 50 {
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/k%02d", prefix, i), fmt.Sprint(i))
 	}
 	counter := &rpcCounter{}
-	srcCli := etcdtest.NewClientFromConfig(t, faultClientConfig(counter.dialOptions(), srv.Endpoints()[0]))
+	srcCli := env.client(t, counter.dialOptions()...)
 	src := mustNewSource(t, srcCli, prefix)
 	first := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		return s, nil
 	}), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "late", []*EtcdWorker{first})
-	require.NoError(t, first.WaitSynced(ctx))
+	g := startSynced(ctx, t, "late", first)
 	mustPutKV(ctx, t, admin, prefix+"/k00", "changed")
-	_, err := admin.Delete(ctx, prefix+"/k01")
+	del, err := admin.Delete(ctx, prefix+"/k01")
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the first worker's state", func() bool {
-		return first.Status().AppliedRevision >= srv.Revision()
+		return first.Status().AppliedRevision >= del.Header.Revision
 	})
 	reads := counter.reads()
 
@@ -266,23 +305,20 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	require.Equal(t, 49, lateState.inits)
 	require.Zero(t, lateState.updates, "a late join is a load: isInit = true")
 	require.Equal(t, reads, counter.reads(), "no read of the prefix for a late join")
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceErrorOfOneWorkerEndsOnlyItsRun: an error, a panic or a lost
 // fencing key of one worker ends only its Run.
 func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := lateJoinEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/srcerr"
 	src := mustNewSource(t, cli, prefix)
 	var ticks atomic.Int64
 	survivor := mustNewEtcdWorker(t, cli, prefix, counterReactor(&ticks), newMapState(prefix), WithSource(src))
-	g := startWorkerGroup(t, time.Minute, "survivor", []*EtcdWorker{survivor})
-	require.NoError(t, survivor.WaitSynced(ctx))
+	g := startSynced(ctx, t, "survivor", survivor)
 
 	boom := errors.New("boom")
 	fencing, err := cli.Put(ctx, "/srcerr-fence", "x")
@@ -310,8 +346,7 @@ func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 			require.NoError(t, g.failed())
 		})
 	}
-	g.cancel()
-	g.wait(t, 10*time.Second)
+	g.stop(t)
 }
 
 // TestSourceLastWorkerLeavesAndTheSourceServesAgain: when the last worker
@@ -319,8 +354,7 @@ func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 // it again and is told what changed in between.
 func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	cli := srv.Client(t)
+	cli := sharedClient(t)
 	ctx := testContext(t)
 	const prefix = "/srcagain"
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
@@ -351,22 +385,20 @@ func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 // TestSourceOutageCountsForEveryWorker: a Source cut off from etcd is an
 // outage of its workers: each one's WithMaxOutage applies.
 func TestSourceOutageCountsForEveryWorker(t *testing.T) {
-	env := newFaultEnv(t)
+	t.Parallel()
+	env := lateJoinEnv(t, withProxy())
 	const prefix = "/srcout"
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(time.Second))
 	ws := []*EtcdWorker{
-		mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		mustNewEtcdWorker(t, env.cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 			return s, nil
 		}), newMapState(prefix), WithSource(src), WithMaxOutage(2*time.Second)),
-		mustNewEtcdWorker(t, env.direct, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		mustNewEtcdWorker(t, env.cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 			return s, nil
 		}), newMapState(prefix), WithSource(src), WithMaxOutage(3*time.Second)),
 	}
 	ctx := testContext(t)
-	g := startWorkerGroup(t, time.Minute, "out", ws)
-	for _, w := range ws {
-		require.NoError(t, w.WaitSynced(ctx))
-	}
+	g := startSynced(ctx, t, "out", ws...)
 	env.proxy.Blackhole()
 	start := time.Now()
 	errs := g.wait(t, 20*time.Second)
@@ -378,10 +410,11 @@ func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 	env.proxy.Resume()
 }
 
-// watchCreates counts the watches a client asks etcd to create.
-type watchCreates struct{ n atomic.Int64 }
+// watchRequests counts the watch requests a client sends: the watches it
+// asks etcd to create, and its progress requests.
+type watchRequests struct{ creates, progress atomic.Int64 }
 
-func (w *watchCreates) dialOptions() []grpc.DialOption {
+func (w *watchRequests) dialOptions() []grpc.DialOption {
 	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream { return &countingWatchStream{ClientStream: cs, w: w} })
 }
 
@@ -401,12 +434,17 @@ func wrapWatchStreams(wrap func(grpc.ClientStream) grpc.ClientStream) []grpc.Dia
 
 type countingWatchStream struct {
 	grpc.ClientStream
-	w *watchCreates
+	w *watchRequests
 }
 
 func (s *countingWatchStream) SendMsg(m any) error {
-	if req, ok := m.(*pb.WatchRequest); ok && req.GetCreateRequest() != nil {
-		s.w.n.Add(1)
+	if req, ok := m.(*pb.WatchRequest); ok {
+		switch {
+		case req.GetCreateRequest() != nil:
+			s.w.creates.Add(1)
+		case req.GetProgressRequest() != nil:
+			s.w.progress.Add(1)
+		}
 	}
 	return s.ClientStream.SendMsg(m)
 }
@@ -415,13 +453,13 @@ func (s *countingWatchStream) SendMsg(m any) error {
 // for one watch; eight lone workers for eight.
 func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.NewServer(t)
+	env := lateJoinEnv(t)
 	ctx := testContext(t)
 	for _, shared := range []bool{true, false} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
 			prefix := fmt.Sprintf("/srcwatch-%v", shared)
-			creates := &watchCreates{}
-			cli := etcdtest.NewClientFromConfig(t, faultClientConfig(creates.dialOptions(), srv.Endpoints()[0]))
+			creates := &watchRequests{}
+			cli := env.client(t, creates.dialOptions()...)
 			src := mustNewSource(t, cli, prefix)
 			ws := make([]*EtcdWorker, 8)
 			for i := range ws {
@@ -433,27 +471,24 @@ func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 					return s, nil
 				}), newMapState(prefix), opts...)
 			}
-			g := startWorkerGroup(t, time.Minute, "watch", ws)
-			for _, w := range ws {
-				require.NoError(t, w.WaitSynced(ctx))
-			}
+			g := startSynced(ctx, t, "watch", ws...)
 			want := int64(8)
 			if shared {
 				want = 1
 			}
-			waitUntil(ctx, t, "the watches", func() bool { return creates.n.Load() >= want })
-			mustPutKV(ctx, t, cli, prefix+"/k", "v")
+			waitUntil(ctx, t, "the watches", func() bool { return creates.creates.Load() >= want })
+			put, err := cli.Put(ctx, prefix+"/k", "v")
+			require.NoError(t, err)
 			waitUntil(ctx, t, "every worker sees the put", func() bool {
 				for _, w := range ws {
-					if w.Status().AppliedRevision < srv.Revision() {
+					if w.Status().AppliedRevision < put.Header.Revision {
 						return false
 					}
 				}
 				return true
 			})
-			require.Equal(t, want, creates.n.Load(), "watches asked of etcd")
-			g.cancel()
-			g.wait(t, 10*time.Second)
+			require.Equal(t, want, creates.creates.Load(), "watches asked of etcd")
+			g.stop(t)
 		})
 	}
 }
@@ -509,9 +544,9 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 func TestSourcePermissionDeniedEndsEveryWorker(t *testing.T) {
 	t.Parallel()
 	const prefix = "/srcauth"
-	env := newAuthEnv(t, prefix)
-	src := mustNewSource(t, userClient(t, env.srv, "nobody", "pw"), prefix)
-	cli := userClient(t, env.srv, "reader-writer", "pw")
+	env := newTestEnv(t, ownServer(), withAuth(prefix))
+	src := mustNewSource(t, env.userClient(t, "nobody", "pw"), prefix)
+	cli := env.userClient(t, "reader-writer", "pw")
 	ws := make([]*EtcdWorker, 3)
 	for i := range ws {
 		ws[i] = mustNewEtcdWorker(t, cli, prefix, &incrWriter{}, newMapState(prefix), WithSource(src))

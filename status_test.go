@@ -12,7 +12,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -23,8 +22,8 @@ import (
 func TestStatusReportsReadinessAndProgress(t *testing.T) {
 	t.Parallel()
 	const prefix, role = "/test/status", "status"
-	srv := etcdtest.NewServer(t) // Lag() is 0 only on an idle etcd
-	cli := srv.Client(t)
+	env := newTestEnv(t, ownServer()) // Lag() is 0 only on an idle etcd
+	cli := env.cli
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, prefix+"/a", "1")
 	reg := prometheus.NewRegistry()
@@ -77,10 +76,9 @@ func TestStatusReportsReadinessAndProgress(t *testing.T) {
 func TestReadyReportsAnOutage(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/status-outage"
-	srv := etcdtest.Shared(t)
-	proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+	env := newTestEnv(t, withProxy())
 	ctx := testContext(t)
-	w, err := NewEtcdWorker(etcdtest.NewClient(t, proxy.Endpoint()), prefix,
+	w, err := NewEtcdWorker(env.client(t), prefix,
 		idleReactor(),
 		newMapState(prefix), WithMaxStaleness(400*time.Millisecond), WithRequestTimeout(300*time.Millisecond))
 	require.NoError(t, err)
@@ -91,10 +89,10 @@ func TestReadyReportsAnOutage(t *testing.T) {
 	require.NoError(t, w.WaitSynced(ctx))
 	waitUntil(ctx, t, "ready", func() bool { return w.Ready() == nil })
 
-	proxy.Blackhole()
+	env.proxy.Blackhole()
 	waitUntil(ctx, t, "the outage noticed", func() bool { return errors.Is(w.Ready(), ErrNotReady) && w.Status().Unreachable })
 	require.False(t, w.Status().OutageSince.IsZero())
-	proxy.Resume()
+	env.proxy.Resume()
 	waitUntil(ctx, t, "ready again", func() bool { return w.Ready() == nil })
 	cancel()
 	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
@@ -197,13 +195,12 @@ func TestTickOwnDeadlineIsNotACleanStop(t *testing.T) {
 func TestCleanStopOnEveryCancelPoint(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/cancel"
-	srv := etcdtest.Shared(t)
 	ctx := testContext(t)
 	points := []string{"before Run", "during load", "in Tick", "in patch"}
 	for _, point := range points {
 		t.Run(point, func(t *testing.T) {
-			proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
-			cli := etcdtest.NewClient(t, proxy.Endpoint())
+			env := newTestEnv(t, withProxy()) //nolint:contextcheck // the proxy lives as long as the subtest
+			cli := env.client(t)
 			runCtx, cancel := context.WithCancel(ctx)
 			defer cancel()
 			entered := make(chan struct{})
@@ -230,7 +227,7 @@ func TestCleanStopOnEveryCancelPoint(t *testing.T) {
 			case "before Run":
 				cancel()
 			case "during load":
-				proxy.Blackhole()
+				env.proxy.Blackhole()
 			}
 			done := runAsync(runCtx, w, nil, behaviourTick, "status")
 			switch point {
@@ -244,7 +241,7 @@ func TestCleanStopOnEveryCancelPoint(t *testing.T) {
 			err := recvErr(ctx, t, done)
 			require.True(t, IsCleanStop(err), "%s: %v", point, err)
 			require.True(t, errors.Is(err, context.Canceled) || err == nil, "%s: %v", point, err)
-			proxy.Resume()
+			env.proxy.Resume()
 		})
 	}
 }

@@ -15,8 +15,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // commitTokens returns the commit token keys under prefix, with their leases.
@@ -59,8 +57,7 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		runs   = 20
 		ttl    = 5 * time.Second
 	)
-	srv := etcdtest.Shared(t)
-	direct := srv.Client(t)
+	direct := sharedClient(t)
 	ctx := contextWithin(t, 30*time.Second)
 
 	t.Run("clean stop", func(t *testing.T) {
@@ -76,14 +73,14 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 	})
 
 	t.Run("killed runs", func(t *testing.T) {
-		proxy := etcdtest.NewProxy(t, srv.Endpoints()[0])
+		killable := newTestEnv(t, withProxy()) //nolint:contextcheck // the proxy lives as long as the subtest
 		runCtx, stop := context.WithCancel(ctx)
 		defer stop()
 		var wg sync.WaitGroup
 		done := make(chan struct{}, runs)
 		errs := make(chan error, runs)
 		for i := range runs {
-			cli := etcdtest.NewClient(t, proxy.Endpoint())
+			cli := killable.client(t)
 			w := mustNewEtcdWorker(t, cli, prefix, ownCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
 				WithCommitTokenTTL(ttl))
 			wg.Add(1)
@@ -101,8 +98,8 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		}
 		require.Len(t, commitTokens(ctx, t, direct, prefix), runs)
 		// Kill: the link goes first, so no cleanup reaches etcd.
-		proxy.Blackhole()
-		proxy.Close()
+		killable.proxy.Blackhole()
+		killable.proxy.Close()
 		killed := time.Now()
 		stop()
 		wg.Wait()
@@ -129,16 +126,16 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 // new lease.
 func TestCommitTokenLeaseLoss(t *testing.T) {
 	t.Parallel()
-	srv := etcdtest.Shared(t)
-	direct := srv.Client(t)
+	env := newTestEnv(t)
 	for _, inFlight := range []bool{true, false} {
 		t.Run(fmt.Sprintf("in flight=%v", inFlight), func(t *testing.T) {
-			leaseLossCase(t, srv, direct, inFlight)
+			leaseLossCase(t, env, inFlight)
 		})
 	}
 }
 
-func leaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, inFlight bool) {
+func leaseLossCase(t *testing.T, env *testEnv, inFlight bool) {
+	direct := env.cli
 	prefix := fmt.Sprintf("/test/lease-loss-%v", inFlight)
 	ctx := contextWithin(t, 20*time.Second)
 	revokeOwn := func() error { // revoke the worker's token lease
@@ -150,8 +147,7 @@ func leaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, 
 		return nil
 	}
 	var armed atomic.Bool
-	cfg := etcdtest.ClientConfig(srv.Endpoints()...)
-	cfg.DialOptions = []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+	cli := env.client(t, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
 		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
 		tr, ok := req.(*etcdserverpb.TxnRequest)
@@ -167,8 +163,7 @@ func leaseLossCase(t *testing.T, srv *etcdtest.Server, direct *clientv3.Client, 
 			return err
 		}
 		return status.Error(codes.Unavailable, "injected: answer lost")
-	})}
-	cli := etcdtest.NewClientFromConfig(t, cfg)
+	}))
 
 	var runs, ticks atomic.Int64
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {

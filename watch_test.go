@@ -20,8 +20,6 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // watchRun is a run with its Source's follower driven by hand: every step
@@ -183,17 +181,17 @@ func TestProgressNotifyNeverSkipsEvents(t *testing.T) {
 // the value go back.
 func TestProgressNotifyWorkerSeesEveryPut(t *testing.T) {
 	t.Parallel()
-	everyPutSeen(t, etcdtest.Shared(t))
+	everyPutSeen(t, newTestEnv(t))
 }
 
-// everyPutSeen runs TestProgressNotifyWorkerSeesEveryPut against srv.
-func everyPutSeen(t *testing.T, srv etcdtest.Target) {
+// everyPutSeen runs TestProgressNotifyWorkerSeesEveryPut against env's server.
+func everyPutSeen(t *testing.T, env *testEnv) {
 	const (
 		prefix = "/test/notify/e2e"
 		puts   = 150
 	)
 	ctx := testContext(t)
-	writer := srv.Client(t)
+	writer := env.cli
 	mustPutKV(ctx, t, writer, prefix+"/k", "0")
 
 	st := newRecordingState(prefix)
@@ -221,7 +219,7 @@ func everyPutSeen(t *testing.T, srv etcdtest.Target) {
 		}
 		return rs, nil
 	})
-	w, err := NewEtcdWorker(srv.Client(t), prefix, reactor, st, WithMaxStaleness(200*time.Millisecond))
+	w, err := NewEtcdWorker(env.client(t), prefix, reactor, st, WithMaxStaleness(200*time.Millisecond))
 	require.NoError(t, err)
 	// The premise: the worker asks for a progress notification every 50ms.
 	require.Equal(t, 50*time.Millisecond, progressInterval(&w.opts))
@@ -385,9 +383,9 @@ func receiveUntil(t testing.TB, r *watchRun, what string, done func(clientv3.Wat
 func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	t.Parallel()
 	const prefix = "/test/resume"
-	srv := etcdtest.NewServer(t) // counts revisions: no other writer
+	env := newTestEnv(t, ownServer()) // counts revisions: no other writer
 	ctx := testContext(t)
-	writer := srv.Client(t)
+	writer := env.cli
 	put := func(rel, value string) int64 {
 		t.Helper()
 		resp, err := writer.Put(ctx, prefix+rel, value)
@@ -397,7 +395,7 @@ func TestWatchResumesAfterLastAppliedRevision(t *testing.T) {
 	put("/k", "loaded")
 
 	st := newRecordingState(prefix)
-	r := newWatchRun(ctx, t, srv.Client(t), prefix, st)
+	r := newWatchRun(ctx, t, env.client(t), prefix, st)
 	require.NoError(t, r.load())
 	require.Equal(t, []updateRecord{{rel: "/k", value: []byte("loaded"), isInit: true}}, st.log)
 

@@ -18,11 +18,7 @@ import (
 func ExampleRun() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	etcd, err := orchestratortest.Start(ctx)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
+	etcd := orchestratortest.MustStart(ctx)
 	defer etcd.Close()
 
 	newWorker := func(_ context.Context, term leader.Term) (leader.Worker, error) {
@@ -38,7 +34,7 @@ func ExampleRun() {
 		})
 		return leader.Worker{Prefix: "/app", Reactor: reactor, State: count, TimerInterval: 10 * time.Millisecond}, nil
 	}
-	err = leader.Run(ctx, etcd.Client(), "/election/app", "controller-1", newWorker,
+	err := leader.Run(ctx, etcd.Client(), "/election/app", "controller-1", newWorker,
 		leader.WithOnElected(func(term leader.Term) { fmt.Println("elected:", term.Candidate) }))
 	fmt.Println("Run:", err)
 

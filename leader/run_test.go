@@ -14,6 +14,43 @@ import (
 	"github.com/etcdworker/orchestrator/orchestratortest"
 )
 
+// revocations maps each term (its Rev) whose session lease a test revoked
+// to the revision of the revocation.
+type revocations map[int64]int64
+
+// revoke revokes term's session lease through cli: the leader crashes.
+func (r revocations) revoke(ctx context.Context, t *testing.T, cli *clientv3.Client, term leader.Term) {
+	t.Helper()
+	resp, err := cli.Revoke(ctx, term.Lease)
+	require.NoError(t, err)
+	r[term.Rev] = resp.Header.Revision
+}
+
+// requireFencedLedger reads the ledger and requires that every group
+// landed whole and once (the counter equals the entries) and that no term
+// wrote after its lease was revoked; it returns the entries.
+func (r revocations) requireFencedLedger(ctx context.Context, t *testing.T, cli *clientv3.Client) []logEntry {
+	t.Helper()
+	counter, entries := readLedger(ctx, t, cli)
+	require.Equal(t, counter, len(entries), "every group landed whole, none twice")
+	for _, e := range entries {
+		if revoked, ok := r[e.term]; ok {
+			require.Less(t, e.createRev, revoked, "term %d wrote after its lease was revoked", e.term)
+		}
+	}
+	return entries
+}
+
+// stopCandidates cancels the candidates' context (stop) and requires that
+// each Run (wait) ended with it.
+func stopCandidates(t *testing.T, stop func(), wait func() []error) {
+	t.Helper()
+	stop()
+	for _, err := range wait() {
+		require.ErrorIs(t, err, context.Canceled)
+	}
+}
+
 func TestFailoverFencesOffTheDeposedLeader(t *testing.T) {
 	etcd := orchestratortest.StartEtcdServer(t)
 	failoverFencesOff(t, etcd.Client(), etcd)
@@ -29,33 +66,23 @@ func failoverFencesOff(t *testing.T, cli *clientv3.Client, etcd clientMaker) {
 	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a", "b", "c"},
 		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
 
-	revokedAt := map[int64]int64{} // term -> revision of its lease revocation
+	revoked := revocations{}
 	var prev leader.Term
 	for range 3 {
 		term := nextTerm(ctx, t, elected)
 		require.NotEqual(t, prev.Candidate, term.Candidate, "a follower takes over")
 		require.Greater(t, term.Rev, prev.Rev, "terms grow")
 		waitWrites(ctx, t, cli, term.Rev, 3)
-		resp, err := cli.Revoke(ctx, term.Lease) // the leader crashes
-		require.NoError(t, err)
-		revokedAt[term.Rev] = resp.Header.Revision
+		revoked.revoke(ctx, t, cli, term)
 		prev = term
 	}
 	last := nextTerm(ctx, t, elected)
 	waitWrites(ctx, t, cli, last.Rev, 3)
-	stop()
-	for _, err := range wait() {
-		require.ErrorIs(t, err, context.Canceled)
-	}
+	stopCandidates(t, stop, wait)
 
-	counter, entries := readLedger(ctx, t, cli)
-	require.Equal(t, counter, len(entries), "every group landed whole, none twice")
 	writesPerTerm := map[int64]int{}
-	for _, e := range entries {
+	for _, e := range revoked.requireFencedLedger(ctx, t, cli) {
 		writesPerTerm[e.term]++
-		if revoked, ok := revokedAt[e.term]; ok {
-			require.Less(t, e.createRev, revoked, "term %d wrote after its lease was revoked", e.term)
-		}
 	}
 	require.Len(t, writesPerTerm, 4, "one entry set per term: %v", writesPerTerm)
 }
@@ -246,26 +273,14 @@ func TestRapidRevokesFenceEveryTerm(t *testing.T) {
 	elected := make(chan leader.Term, 32)
 	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a", "b"},
 		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
-	revokedAt := map[int64]int64{}
+	revoked := revocations{}
 	for range 8 {
-		term := nextTerm(ctx, t, elected)
-		resp, err := cli.Revoke(ctx, term.Lease)
-		require.NoError(t, err)
-		revokedAt[term.Rev] = resp.Header.Revision
+		revoked.revoke(ctx, t, cli, nextTerm(ctx, t, elected))
 	}
 	last := nextTerm(ctx, t, elected)
 	waitWrites(ctx, t, cli, last.Rev, 2)
-	stop()
-	for _, err := range wait() {
-		require.ErrorIs(t, err, context.Canceled)
-	}
-	counter, entries := readLedger(ctx, t, cli)
-	require.Equal(t, counter, len(entries))
-	for _, e := range entries {
-		if revoked, ok := revokedAt[e.term]; ok {
-			require.Less(t, e.createRev, revoked, "term %d wrote after its lease was revoked", e.term)
-		}
-	}
+	stopCandidates(t, stop, wait)
+	revoked.requireFencedLedger(ctx, t, cli)
 }
 
 // TestOverlappingPrefixesAreRejected: an election prefix inside the

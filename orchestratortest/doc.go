@@ -20,5 +20,6 @@
 //
 // StartEtcdServer gives access to the server (endpoints, more clients,
 // compaction, lease revocation), StartCluster starts several members, and
-// Start is the variant without a testing.TB for examples and programs.
+// Start is the variant without a testing.TB for examples and programs
+// (MustStart panics instead of returning an error).
 package orchestratortest

@@ -46,6 +46,16 @@ func Start(ctx context.Context, opts ...Option) (*Etcd, error) {
 	return start(ctx, 1, opts)
 }
 
+// MustStart is Start for examples: it panics if etcd does not start, as
+// net/http/httptest.NewServer does. The caller must Close it.
+func MustStart(ctx context.Context, opts ...Option) *Etcd {
+	e, err := Start(ctx, opts...)
+	if err != nil {
+		panic(fmt.Sprintf("orchestratortest: %v", err))
+	}
+	return e
+}
+
 // StartCluster starts a size-member etcd cluster on free 127.0.0.1 ports and
 // returns it once every member serves clients. Endpoints lists every member
 // and the kit's clients use all of them. ctx bounds the start only. The

@@ -66,11 +66,7 @@ func (c *counter) GetPatches() [][]orchestrator.DataPatch {
 func ExampleStart_worker() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	etcd, err := orchestratortest.Start(ctx)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
+	etcd := orchestratortest.MustStart(ctx)
 	defer etcd.Close()
 
 	state := &counter{key: "/app/counter"}

@@ -2,37 +2,33 @@ package main
 
 import (
 	"context"
+	"io"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"go.uber.org/goleak"
 
 	"github.com/etcdworker/orchestrator/examples/internal/demotest"
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	demotest.Main(m)
 }
 
 // TestRun runs the demo briefly on an embedded etcd: the invariant must
 // hold and everything must be torn down (goleak).
 func TestRun(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	var out demotest.Buffer
-	ok, err := run(ctx, config{
-		prefix:      "/bank-test",
-		workers:     3,
-		accounts:    5,
-		perTick:     3,
-		duration:    time.Second,
-		interval:    2 * time.Millisecond,
-		metricsAddr: "127.0.0.1:0",
-	}, &out)
-	require.NoError(t, err)
-	require.True(t, ok)
-	require.Contains(t, out.String(), "final sum: 0 (OK)\n")
+	demotest.RequireRun(t, "final sum: 0 (OK)\n", func(ctx context.Context, out io.Writer) (bool, error) {
+		return run(ctx, config{
+			prefix:      "/bank-test",
+			workers:     3,
+			accounts:    5,
+			perTick:     3,
+			duration:    time.Second,
+			interval:    2 * time.Millisecond,
+			metricsAddr: "127.0.0.1:0",
+		}, out)
+	})
 }
 
 // TestBadInputIsOneLineNamingTheFlag: no bad flag or unreachable endpoint
@@ -69,21 +65,11 @@ func TestHelpFirstLineSaysWhatItShows(t *testing.T) {
 // client certificates and a password, as a user that may only read and write
 // under the demo's prefix.
 func TestRunWithTLSAndAuth(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	certs := demotest.NewCerts(t)
-	srv := demotest.NewTLSServer(t, certs)
 	const prefix = "/bank-auth"
-	demotest.EnableAuth(ctx, t, demotest.Admin(t, srv, certs), "rootpw", "bank", "bankpw", prefix+"/")
-
-	var stdout, stderr demotest.Buffer
-	code := runMain([]string{
-		"--endpoints", srv.Endpoints()[0], "--cacert", certs.CA, "--cert", certs.ClientCert, "--key", certs.ClientKey,
+	conn := demotest.NewAuthServer(t, "bank", "bankpw", prefix)
+	stdout := demotest.RequireMain(t, runMain, append(conn,
 		"--user", "bank", "--password", "bankpw", "--prefix", prefix,
 		"--duration", "1s", "--workers", "2", "--accounts", "5",
-	}, &stdout, &stderr)
-	require.Equal(t, 0, code, "stderr: %s\nstdout: %s", stderr.String(), stdout.String())
-	require.Contains(t, stdout.String(), "final sum: 0 (OK)\n")
-	require.NotContains(t, stdout.String(), " 0 transfers")
-	require.Empty(t, stderr.String())
+	), "final sum: 0 (OK)\n")
+	require.NotContains(t, stdout, " 0 transfers")
 }

@@ -2,38 +2,34 @@ package main
 
 import (
 	"context"
+	"io"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"go.uber.org/goleak"
 
 	"github.com/etcdworker/orchestrator/examples/internal/demotest"
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	demotest.Main(m)
 }
 
 // TestRun runs the demo briefly on an embedded etcd with two forced leader
 // changes: the log must match the counter and everything must be torn down
 // (goleak).
 func TestRun(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	var out demotest.Buffer
-	ok, err := run(ctx, config{
-		prefix:      "/leader-test",
-		controllers: 3,
-		duration:    2 * time.Second,
-		killAfter:   700 * time.Millisecond,
-		interval:    20 * time.Millisecond,
-		ttl:         5,
-		metricsAddr: "127.0.0.1:0",
-	}, &out)
-	require.NoError(t, err, out.String())
-	require.True(t, ok, out.String())
-	require.Contains(t, out.String(), "terms in order (OK)\n")
+	demotest.RequireRun(t, "terms in order (OK)\n", func(ctx context.Context, out io.Writer) (bool, error) {
+		return run(ctx, config{
+			prefix:      "/leader-test",
+			controllers: 3,
+			duration:    2 * time.Second,
+			killAfter:   700 * time.Millisecond,
+			interval:    20 * time.Millisecond,
+			ttl:         5,
+			metricsAddr: "127.0.0.1:0",
+		}, out)
+	})
 }
 
 // TestBadInputIsOneLineNamingTheFlag: no bad flag or unreachable endpoint
@@ -66,21 +62,11 @@ func TestHelpFirstLineSaysWhatItShows(t *testing.T) {
 // authentication, as a user that may only read and write under the demo's
 // prefix: elections, sessions, fencing and writes all work with that.
 func TestRunWithAuth(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	certs := demotest.NewCerts(t)
-	srv := demotest.NewTLSServer(t, certs)
 	const prefix = "/leader-auth"
-	demotest.EnableAuth(ctx, t, demotest.Admin(t, srv, certs), "rootpw", "leader", "leaderpw", prefix+"/")
-
-	var stdout, stderr demotest.Buffer
-	code := runMain([]string{
-		"--endpoints", srv.Endpoints()[0], "--cacert", certs.CA, "--cert", certs.ClientCert, "--key", certs.ClientKey,
+	conn := demotest.NewAuthServer(t, "leader", "leaderpw", prefix)
+	stdout := demotest.RequireMain(t, runMain, append(conn,
 		"--user", "leader:leaderpw", "--prefix", prefix,
 		"--duration", "1500ms", "--kill-after", "600ms", "--interval", "20ms", "--controllers", "2",
-	}, &stdout, &stderr)
-	require.Equal(t, 0, code, "stderr: %s\nstdout: %s", stderr.String(), stdout.String())
-	require.Contains(t, stdout.String(), "terms in order (OK)\n")
-	require.Contains(t, stdout.String(), "c2 leads")
-	require.Empty(t, stderr.String())
+	), "terms in order (OK)\n")
+	require.Contains(t, stdout, "c2 leads")
 }

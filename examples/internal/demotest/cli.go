@@ -1,12 +1,51 @@
 package demotest
 
 import (
+	"context"
 	"io"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 )
+
+// Main runs a demo's tests (m.Run), then fails the run if a goroutine was
+// left behind (goleak). Use it as TestMain's only call.
+func Main(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// RunTimeout bounds a demo's run in its tests.
+const RunTimeout = 60 * time.Second
+
+// RequireRun runs a demo's run function (bounded by RunTimeout), requires
+// it to return no error and report that its invariants held, with wantLine
+// among what it printed, and returns the output.
+func RequireRun(t *testing.T, wantLine string, run func(ctx context.Context, out io.Writer) (bool, error)) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), RunTimeout)
+	defer cancel()
+	var out Buffer
+	ok, err := run(ctx, &out)
+	require.NoError(t, err, out.String())
+	require.True(t, ok, out.String())
+	require.Contains(t, out.String(), wantLine)
+	return out.String()
+}
+
+// RequireMain runs runMain with args, requires exit code 0, nothing on
+// stderr and wantLine on stdout, and returns stdout.
+func RequireMain(t *testing.T, runMain RunMain, args []string, wantLine string) string {
+	t.Helper()
+	var stdout, stderr Buffer
+	code := runMain(args, &stdout, &stderr)
+	require.Equal(t, 0, code, "stderr: %s\nstdout: %s", stderr.String(), stdout.String())
+	require.Contains(t, stdout.String(), wantLine)
+	require.Empty(t, stderr.String())
+	return stdout.String()
+}
 
 // RunMain is a demo program's whole command line: it runs args and returns
 // the exit code.

@@ -171,6 +171,20 @@ func EnableAuth(ctx context.Context, t testing.TB, cli *clientv3.Client, rootPas
 	require.NoError(t, err)
 }
 
+// NewAuthServer starts a TLS server (NewTLSServer) with authentication
+// enabled (EnableAuth, root password "rootpw"): user, with password, may
+// read and write under prefix + "/". It returns the flags that reach it:
+// --endpoints and the certificates.
+func NewAuthServer(t testing.TB, user, password, prefix string) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	certs := NewCerts(t)
+	srv := NewTLSServer(t, certs)
+	EnableAuth(ctx, t, Admin(t, srv, certs), "rootpw", user, password, prefix+"/")
+	return []string{"--endpoints", srv.Endpoints()[0], "--cacert", certs.CA, "--cert", certs.ClientCert, "--key", certs.ClientKey}
+}
+
 // Buffer is a bytes.Buffer that goroutines may write to concurrently, to
 // capture a program's output.
 type Buffer = etcdtest.Buffer
