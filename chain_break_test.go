@@ -274,7 +274,7 @@ func TestChainBreakTokenWipedTwice(t *testing.T) {
 		waitUnlessFailed(ctx, t, fmt.Sprintf("%d commit Txns held", to), func() error {
 			select {
 			case err := <-done:
-				return fmt.Errorf("Run returned: %v", err)
+				return fmt.Errorf("Run returned: %w", err)
 			default:
 				return nil
 			}
