@@ -1082,27 +1082,8 @@ func TestChainBreakDepthOneAndEight(t *testing.T) {
 		t.Run(fmt.Sprintf("depth %d", depth), func(t *testing.T) {
 			ctx := contextWithin(t, chainBreakTimeout)
 			prefix := fmt.Sprintf("/test/chainbreak/depth-%d", depth)
-			var (
-				mu                  sync.Mutex
-				inFlight, maxFlight int
-			)
-			count := grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
-				cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
-			) error {
-				if tr, ok := req.(*etcdserverpb.TxnRequest); !ok || len(tr.Compare) < 2 {
-					return invoker(ctx, method, req, reply, cc, opts...)
-				}
-				mu.Lock()
-				inFlight++
-				maxFlight = max(maxFlight, inFlight)
-				mu.Unlock()
-				defer func() {
-					mu.Lock()
-					inFlight--
-					mu.Unlock()
-				}()
-				return invoker(ctx, method, req, reply, cc, opts...)
-			})
+			flight := &txnFlight{}
+			count := flight.dialOption()
 			dial := []grpc.DialOption{count}
 			var gate *chainGate
 			if depth > 1 {
@@ -1129,14 +1110,12 @@ func TestChainBreakDepthOneAndEight(t *testing.T) {
 			}
 			requireLinksLanded(ctx, t, direct, prefix, want)
 			require.Equal(t, want, loadRuns(runs))
-			mu.Lock()
 			if depth == 1 {
-				require.Equal(t, 1, maxFlight)
+				require.Equal(t, 1, flight.max())
 			} else {
-				require.GreaterOrEqual(t, maxFlight, depth)
-				require.LessOrEqual(t, maxFlight, depth, "more links in flight than the depth")
+				require.GreaterOrEqual(t, flight.max(), depth)
+				require.LessOrEqual(t, flight.max(), depth, "more links in flight than the depth")
 			}
-			mu.Unlock()
 			watch.waitFor(ctx, t, chainKey(groups-1, "b"), strconv.Itoa(groups-1))
 			seen := map[int]int64{}
 			for _, e := range watch.snapshot() {
@@ -1170,27 +1149,8 @@ func TestChainBreakSameKeyInEveryLink(t *testing.T) {
 	const prefix = "/test/chainbreak/same-key"
 	const groups = 8
 	var runs atomic.Int64
-	var (
-		mu                  sync.Mutex
-		inFlight, maxFlight int
-	)
-	count := grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
-		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
-	) error {
-		if tr, ok := req.(*etcdserverpb.TxnRequest); !ok || len(tr.Compare) < 2 {
-			return invoker(ctx, method, req, reply, cc, opts...)
-		}
-		mu.Lock()
-		inFlight++
-		maxFlight = max(maxFlight, inFlight)
-		mu.Unlock()
-		defer func() {
-			mu.Lock()
-			inFlight--
-			mu.Unlock()
-		}()
-		return invoker(ctx, method, req, reply, cc, opts...)
-	})
+	flight := &txnFlight{}
+	count := flight.dialOption()
 	build := func(st *mapState) [][]DataPatch {
 		var out [][]DataPatch
 		for i := range groups {
@@ -1228,9 +1188,7 @@ func TestChainBreakSameKeyInEveryLink(t *testing.T) {
 
 	n, _ := getValue(ctx, t, direct, prefix+"/n")
 	require.Equal(t, strconv.FormatInt(groups+foreign.Load(), 10), n, "/n lost or doubled an increment")
-	mu.Lock()
-	require.Equal(t, 1, maxFlight, "two links that write /n were in flight at once")
-	mu.Unlock()
+	require.Equal(t, 1, flight.max(), "two links that write /n were in flight at once")
 	watch.waitFor(ctx, t, fmt.Sprintf("/s/%d", groups-1), "x")
 	// Each /s/<i> lands with an /n put of the same revision.
 	nAt := map[int64]int64{}

@@ -377,35 +377,14 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 	env := newTestEnv(t)
 	ctx := testContext(t)
 	const prefix = "/test/pipeline/depth-one"
-	var (
-		mu                  sync.Mutex
-		inFlight, maxFlight int
-	)
-	count := grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
-		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
-	) error {
-		if tr, ok := req.(*etcdserverpb.TxnRequest); !ok || len(tr.Compare) < 2 {
-			return invoker(ctx, method, req, reply, cc, opts...)
-		}
-		mu.Lock()
-		inFlight++
-		maxFlight = max(maxFlight, inFlight)
-		mu.Unlock()
-		defer func() {
-			mu.Lock()
-			inFlight--
-			mu.Unlock()
-		}()
-		return invoker(ctx, method, req, reply, cc, opts...)
-	})
+	flight := &txnFlight{}
+	count := flight.dialOption()
 	var runs [chainGroups]int
 	w := chainWorker(t, env.client(t, count), prefix, &runs,
 		WithPipelineDepth(1))
 	require.NoError(t, w.Run(ctx, nil, behaviourTick, "depth-one"))
 	requireChainLanded(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
-	mu.Lock()
-	defer mu.Unlock()
-	require.Equal(t, 1, maxFlight)
+	require.Equal(t, 1, flight.max())
 }
 
 // stalledConflict is a conflict test: a worker on prefix whose Source
@@ -596,4 +575,39 @@ func TestChainPositionReadsWhereTheTokenStood(t *testing.T) {
 			require.Equal(t, tt.want, c.position(w, readToken(tt.kvs)))
 		})
 	}
+}
+
+// txnFlight counts the commit Txns (Txns with a compare besides the
+// token's) a client has in flight, and the most it had at once.
+type txnFlight struct {
+	mu            sync.Mutex
+	now, maxSoFar int
+}
+
+// dialOption is the interceptor that counts; give it to the client.
+func (f *txnFlight) dialOption() grpc.DialOption {
+	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		if tr, ok := req.(*etcdserverpb.TxnRequest); !ok || len(tr.Compare) < 2 {
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}
+		f.mu.Lock()
+		f.now++
+		f.maxSoFar = max(f.maxSoFar, f.now)
+		f.mu.Unlock()
+		defer func() {
+			f.mu.Lock()
+			f.now--
+			f.mu.Unlock()
+		}()
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+}
+
+// max is the most commit Txns that were in flight at once.
+func (f *txnFlight) max() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.maxSoFar
 }
