@@ -27,6 +27,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
@@ -177,22 +178,63 @@ func awaitChain(ctx context.Context, t testing.TB, g *chainGate, done <-chan err
 	return g.awaitFull(ctx, t)
 }
 
-// gatedChainWorker returns a worker on prefix whose Txns hold two keys,
-// committing through a client with gate (armed with n before the chain when
-// warmup, else before Run by the caller).
-func gatedChainWorker(t testing.TB, env *testEnv, gate *chainGate, prefix string, warmup bool, n int,
-	runs []atomic.Int64, opts ...Option,
-) *EtcdWorker {
+// chainSetup says how holdChain builds the worker of a chain-break test.
+// The zero value: chainGroups increment groups (linkGroups), checked by
+// stateHolds on the Tick after them, as the Run's first commit.
+type chainSetup struct {
+	// warmup: the chain is the second commit (the first commits one group),
+	// so the commit token has a commit of the worker's behind it.
+	warmup bool
+	// build returns the groups of the chain, counting runs in runs; nil:
+	// linkGroups. check runs on the Tick after the chain; nil: stateHolds,
+	// or no check with build.
+	build func(runs []atomic.Int64) func(st *mapState) [][]DataPatch
+	check func(st *mapState) error
+	// dial adds interceptors to the worker's client (after the gate), opts
+	// options to the worker (after the defaults: 4 ops a Txn and an
+	// observed logger; the default request timeout, so that a link held at
+	// the gate does not time out on a busy machine).
+	dial []grpc.DialOption
+	opts []Option
+}
+
+// heldChain is a chain-break test under way: a worker on its own prefix
+// runs, and the chainGroups links of its chain are held at its gate, in
+// chain order.
+type heldChain struct {
+	gate  *chainGate
+	runs  []atomic.Int64 // how often each group's increment ran
+	logs  *observer.ObservedLogs
+	done  <-chan error // Run's result
+	links []*gatedTxn
+}
+
+// holdChain starts the worker s describes on prefix and waits until its
+// chain is held at the gate.
+func holdChain(ctx context.Context, t testing.TB, env *testEnv, prefix string, s chainSetup) *heldChain {
 	t.Helper()
-	var before func()
-	if warmup {
-		before = func() { gate.arm(n) }
+	h := &heldChain{gate: newChainGate(t), runs: make([]atomic.Int64, chainGroups)}
+	build, check := linkGroups(chainGroups, h.runs), s.check
+	if s.build != nil {
+		build = s.build(h.runs)
+	} else if check == nil {
+		check = stateHolds(chainGroups)
 	}
-	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
-	opts = append([]Option{WithTxnLimits(4, DefaultTxnMaxBytes), WithRequestTimeout(faultRequestTimeout),
-		WithLogger(faultLogger(t))}, opts...)
-	return mustNewEtcdWorker(t, cli, prefix, chainReactor(warmup, before, linkGroups(n, runs), stateHolds(n)),
-		newMapState(prefix), opts...)
+	var before func()
+	if s.warmup {
+		before = func() { h.gate.arm(chainGroups) }
+	}
+	lg, logs := observedLogger(t)
+	h.logs = logs
+	cli := env.client(t, append([]grpc.DialOption{h.gate.dialOption()}, s.dial...)...)
+	opts := append([]Option{WithTxnLimits(4, DefaultTxnMaxBytes), WithLogger(lg)}, s.opts...)
+	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(s.warmup, before, build, check), newMapState(prefix), opts...)
+	if !s.warmup {
+		h.gate.arm(chainGroups)
+	}
+	h.done = runAsync(ctx, w, nil, behaviourTick, prefix)
+	h.links = awaitChain(ctx, t, h.gate, h.done)
+	return h
 }
 
 // ---------------------------------------------------------------------------
@@ -205,10 +247,12 @@ func gatedChainWorker(t testing.TB, env *testEnv, gate *chainGate, prefix string
 // the first link landed, or Run returns ErrCommitUnresolved ("Commit token
 // fence"). What it must never do is re-run the landed increment.
 //
-// "first commit": the chain is the Run's first commit, so its first link
-// compared the token as absent (mod revision 0). "later commit": a warm-up
-// commit came first, so the token had a mod revision of its own.
+// "first commit": the chain is the Run's first commit, so the token its
+// first link compared is the one the worker put before it (ensureToken).
+// "later commit": a warm-up commit came first, so a commit of the worker's
+// moved the token before the chain.
 func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	direct := env.cli
 	for i, warmup := range []bool{false, true} {
@@ -216,31 +260,22 @@ func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx := contextWithin(t, chainBreakTimeout)
 			prefix := fmt.Sprintf("/test/chainbreak/wiped-lost-%d", i)
-			gate := newChainGate(t)
-			runs := make([]atomic.Int64, chainGroups)
-			lg, logs := observedLogger(t)
-			w := gatedChainWorker(t, env, gate, prefix, warmup, chainGroups, runs, WithLogger(lg))
-			if !warmup {
-				gate.arm(chainGroups)
-			}
-			done := runAsync(ctx, w, nil, behaviourTick, "wiped-lost")
-
-			held := awaitChain(ctx, t, gate, done)
-			first := held[0].release(ctx, t, txnLoseAnswer)
+			c := holdChain(ctx, t, env, prefix, chainSetup{warmup: warmup})
+			first := c.links[0].release(ctx, t, txnLoseAnswer)
 			require.True(t, first.succeeded, "the first link must land (its answer is then lost)")
 			require.Error(t, first.err)
 			wipeTokens(ctx, t, direct, prefix)
-			for j, h := range held[1:] {
+			for j, h := range c.links[1:] {
 				res := h.release(ctx, t, txnPass)
 				require.NoError(t, res.err)
 				require.False(t, res.succeeded, "link %d landed on a wiped token", j+1)
 			}
-			err := recvErr(ctx, t, done)
-			landed, notLanded := resolutionLogs(logs)
+			err := recvErr(ctx, t, c.done)
+			landed, notLanded := resolutionLogs(c.logs)
 			a, _ := getValue(ctx, t, direct, prefix+chainKey(0, "a"))
 			require.Equal(t, "1", a,
 				"group 0's increment landed %s times (Run: %v; runs of the increments %v; resolutions landed=%d not landed=%d)",
-				a, err, loadRuns(runs), landed, notLanded)
+				a, err, loadRuns(c.runs), landed, notLanded)
 			if err != nil {
 				require.ErrorIs(t, err, ErrCommitUnresolved)
 				return
@@ -257,6 +292,7 @@ func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
 // and its answer is lost, and the token is wiped again before the worker
 // resolves it. The landed increment must not be re-run.
 func TestChainBreakTokenWipedTwice(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
@@ -325,31 +361,27 @@ func TestChainBreakTokenWipedTwice(t *testing.T) {
 // behind it must fail, and the worker, taking the token as it is, re-runs
 // them once: every group lands exactly once, in order.
 func TestChainBreakTokenRewrittenMidChain(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/token-rewritten"
-	gate := newChainGate(t)
-	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs)
-	done := runAsync(ctx, w, nil, behaviourTick, "token-rewritten")
-
-	held := awaitChain(ctx, t, gate, done)
-	res := held[0].release(ctx, t, txnPass)
+	c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true})
+	res := c.links[0].release(ctx, t, txnPass)
 	require.NoError(t, res.err)
 	require.True(t, res.succeeded)
 	tokens, err := direct.Get(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
 	require.NoError(t, err)
 	require.Len(t, tokens.Kvs, 1)
 	mustPutKV(ctx, t, direct, string(tokens.Kvs[0].Key), "rewritten")
-	for j, h := range held[1:] {
+	for j, h := range c.links[1:] {
 		res := h.release(ctx, t, txnPass)
 		require.NoError(t, res.err)
 		require.False(t, res.succeeded, "link %d landed on a rewritten token", j+1)
 	}
-	require.NoError(t, recvErr(ctx, t, done))
+	require.NoError(t, recvErr(ctx, t, c.done))
 	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 1, 1})
-	require.Equal(t, []int64{1, 2, 2, 2}, loadRuns(runs))
+	require.Equal(t, []int64{1, 2, 2, 2}, loadRuns(c.runs))
 }
 
 // ---------------------------------------------------------------------------
@@ -361,26 +393,21 @@ func TestChainBreakTokenRewrittenMidChain(t *testing.T) {
 // conflicts, the fourth must fail behind it. The third and fourth re-run
 // (the third on the other client's value) and land once each, in order.
 func TestChainBreakForeignWriteOnALaterLink(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/foreign-later"
-	gate := newChainGate(t)
-	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, env, gate, prefix, false, chainGroups, runs)
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "foreign-later")
-
-	held := awaitChain(ctx, t, gate, done)
-	require.True(t, held[0].release(ctx, t, txnPass).succeeded)
+	c := holdChain(ctx, t, env, prefix, chainSetup{})
+	require.True(t, c.links[0].release(ctx, t, txnPass).succeeded)
 	mustPutKV(ctx, t, direct, prefix+chainKey(2, "a"), "10")
-	require.True(t, held[1].release(ctx, t, txnPass).succeeded, "link 1 touches nothing the other client changed")
-	require.False(t, held[2].release(ctx, t, txnPass).succeeded, "link 2 landed over the other client's write")
-	require.False(t, held[3].release(ctx, t, txnPass).succeeded, "link 3 landed behind a failed link")
-	require.NoError(t, recvErr(ctx, t, done))
+	require.True(t, c.links[1].release(ctx, t, txnPass).succeeded, "link 1 touches nothing the other client changed")
+	require.False(t, c.links[2].release(ctx, t, txnPass).succeeded, "link 2 landed over the other client's write")
+	require.False(t, c.links[3].release(ctx, t, txnPass).succeeded, "link 3 landed behind a failed link")
+	require.NoError(t, recvErr(ctx, t, c.done))
 
 	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 11, 1})
-	require.Equal(t, []int64{1, 1, 2, 2}, loadRuns(runs))
+	require.Equal(t, []int64{1, 1, 2, 2}, loadRuns(c.runs))
 }
 
 // TestChainBreakConflictWhileLaterLinksOvertake: the first link lands;
@@ -389,49 +416,40 @@ func TestChainBreakForeignWriteOnALaterLink(t *testing.T) {
 // conflicts. Nothing behind the second may land; the groups from the second
 // on re-run once and land in order.
 func TestChainBreakConflictWhileLaterLinksOvertake(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/overtake-conflict"
-	gate := newChainGate(t)
-	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, env, gate, prefix, false, chainGroups, runs)
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "overtake-conflict")
-
-	held := awaitChain(ctx, t, gate, done)
-	require.True(t, held[0].release(ctx, t, txnPass).succeeded)
+	c := holdChain(ctx, t, env, prefix, chainSetup{})
+	require.True(t, c.links[0].release(ctx, t, txnPass).succeeded)
 	mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "20")
-	require.False(t, held[3].release(ctx, t, txnPass).succeeded, "link 3 overtook links 1 and 2 and landed")
-	require.False(t, held[2].release(ctx, t, txnPass).succeeded, "link 2 overtook link 1 and landed")
-	require.False(t, held[1].release(ctx, t, txnPass).succeeded, "link 1 landed over the other client's write")
-	require.NoError(t, recvErr(ctx, t, done))
+	require.False(t, c.links[3].release(ctx, t, txnPass).succeeded, "link 3 overtook links 1 and 2 and landed")
+	require.False(t, c.links[2].release(ctx, t, txnPass).succeeded, "link 2 overtook link 1 and landed")
+	require.False(t, c.links[1].release(ctx, t, txnPass).succeeded, "link 1 landed over the other client's write")
+	require.NoError(t, recvErr(ctx, t, c.done))
 
 	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 21, 1, 1})
-	require.Equal(t, []int64{1, 2, 2, 2}, loadRuns(runs))
+	require.Equal(t, []int64{1, 2, 2, 2}, loadRuns(c.runs))
 }
 
 // TestChainBreakFirstLinkConflictsBehindOvertakers: a key of the first link
 // changes; the later links reach etcd first, then the first (a conflict).
 // Nothing lands in that round; the groups re-run and land once each.
 func TestChainBreakFirstLinkConflictsBehindOvertakers(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/first-conflict"
-	gate := newChainGate(t)
-	runs := make([]atomic.Int64, chainGroups)
-	w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs)
-	done := runAsync(ctx, w, nil, behaviourTick, "first-conflict")
-
-	held := awaitChain(ctx, t, gate, done)
+	c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true})
 	mustPutKV(ctx, t, direct, prefix+chainKey(0, "a"), "5")
 	for _, j := range []int{2, 1, 3, 0} {
-		require.False(t, held[j].release(ctx, t, txnPass).succeeded, "link %d landed", j)
+		require.False(t, c.links[j].release(ctx, t, txnPass).succeeded, "link %d landed", j)
 	}
-	require.NoError(t, recvErr(ctx, t, done))
+	require.NoError(t, recvErr(ctx, t, c.done))
 	requireLinksLanded(ctx, t, direct, prefix, []int64{6, 1, 1, 1})
-	require.Equal(t, []int64{2, 2, 2, 2}, loadRuns(runs))
+	require.Equal(t, []int64{2, 2, 2, 2}, loadRuns(c.runs))
 }
 
 // ---------------------------------------------------------------------------
@@ -441,6 +459,7 @@ func TestChainBreakFirstLinkConflictsBehindOvertakers(t *testing.T) {
 // chain (released in chain order) and for the fences that resolve them.
 // Every group must land exactly once, in order, and Run must go on.
 func TestChainBreakSeveralAnswersLost(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	direct := env.cli
 	P, D, L := txnPass, txnDrop, txnLoseAnswer
@@ -464,35 +483,19 @@ func TestChainBreakSeveralAnswersLost(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := contextWithin(t, chainBreakTimeout)
 			prefix := fmt.Sprintf("/test/chainbreak/lost-%d", i)
-			gate := newChainGate(t)
 			inj := &txnFaultInjector{}
 			inj.arm(nil, tc.fences)
-			runs := make([]atomic.Int64, chainGroups)
-			var before func()
-			if tc.warmup {
-				before = func() { gate.arm(chainGroups) }
-			}
-			cli := env.client(t, []grpc.DialOption{gate.dialOption(), inj.dialOption()}...)
-			lg, logs := observedLogger(t)
-			w := mustNewEtcdWorker(t, cli, prefix,
-				chainReactor(tc.warmup, before, linkGroups(chainGroups, runs), stateHolds(chainGroups)),
-				newMapState(prefix), WithTxnLimits(4, DefaultTxnMaxBytes), WithRequestTimeout(faultRequestTimeout),
-				WithLogger(lg))
-			if !tc.warmup {
-				gate.arm(chainGroups)
-			}
-			done := runAsync(ctx, w, nil, behaviourTick, "lost")
-			held := awaitChain(ctx, t, gate, done)
-			for j, h := range held {
+			c := holdChain(ctx, t, env, prefix, chainSetup{warmup: tc.warmup, dial: []grpc.DialOption{inj.dialOption()}})
+			for j, h := range c.links {
 				res := h.release(ctx, t, tc.links[j])
 				if tc.links[j] == txnPass {
 					require.NoError(t, res.err, "link %d", j)
 				}
 			}
-			err := recvErr(ctx, t, done)
-			landed, notLanded := resolutionLogs(logs)
+			err := recvErr(ctx, t, c.done)
+			landed, notLanded := resolutionLogs(c.logs)
 			require.NoError(t, err, "runs %v, resolutions landed=%d not landed=%d, Txns %v",
-				loadRuns(runs), landed, notLanded, inj.seen)
+				loadRuns(c.runs), landed, notLanded, inj.seen)
 			requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 1, 1})
 		})
 	}
@@ -505,33 +508,29 @@ func TestChainBreakSeveralAnswersLost(t *testing.T) {
 // wrote (and so compare them). They must re-run on a state that has those
 // writes and land once: /g0/a and /g1/a end at 2.
 func TestChainBreakUnknownRevisionsThenDependentGroups(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/unknown-revs"
-	gate := newChainGate(t)
-	runs := make([]atomic.Int64, chainGroups)
 	var again [2]atomic.Int64
-	build := func(st *mapState) [][]DataPatch {
-		groups := linkGroups(chainGroups, runs)(st)
-		for i := range 2 {
-			groups = append(groups, []DataPatch{
-				countedIncr(st.key(chainKey(i, "a")), &again[i]),
-				setPatch(st.key(chainKey(4+i, "b")), []byte(strconv.Itoa(4+i))),
-			})
+	build := func(runs []atomic.Int64) func(st *mapState) [][]DataPatch {
+		return func(st *mapState) [][]DataPatch {
+			groups := linkGroups(chainGroups, runs)(st)
+			for i := range 2 {
+				groups = append(groups, []DataPatch{
+					countedIncr(st.key(chainKey(i, "a")), &again[i]),
+					setPatch(st.key(chainKey(4+i, "b")), []byte(strconv.Itoa(4+i))),
+				})
+			}
+			return groups
 		}
-		return groups
 	}
-	lg, logs := observedLogger(t)
-	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
-	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, nil),
-		newMapState(prefix), WithTxnLimits(4, DefaultTxnMaxBytes), WithRequestTimeout(faultRequestTimeout), WithLogger(lg))
-	done := runAsync(ctx, w, nil, behaviourTick, "unknown-revs")
-	held := awaitChain(ctx, t, gate, done)
+	c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true, build: build})
 	for j, a := range []txnAction{txnLoseAnswer, txnLoseAnswer, txnPass, txnPass} {
-		require.True(t, held[j].release(ctx, t, a).succeeded, "link %d", j)
+		require.True(t, c.links[j].release(ctx, t, a).succeeded, "link %d", j)
 	}
-	require.NoError(t, recvErr(ctx, t, done))
+	require.NoError(t, recvErr(ctx, t, c.done))
 	kvs, _ := userKVs(ctx, t, direct, prefix, 0)
 	require.Equal(t, "2", kvs[prefix+chainKey(0, "a")].value)
 	require.Equal(t, "2", kvs[prefix+chainKey(1, "a")].value)
@@ -544,8 +543,8 @@ func TestChainBreakUnknownRevisionsThenDependentGroups(t *testing.T) {
 		require.Greater(t, b.modRev, prev, "group %d landed before group %d", i, i-1)
 		prev = b.modRev
 	}
-	require.Equal(t, []int64{1, 1, 1, 1}, loadRuns(runs), "a landed group re-ran")
-	landed, notLanded := resolutionLogs(logs)
+	require.Equal(t, []int64{1, 1, 1, 1}, loadRuns(c.runs), "a landed group re-ran")
+	landed, notLanded := resolutionLogs(c.logs)
 	require.Equal(t, [2]int{2, 0}, [2]int{landed, notLanded})
 }
 
@@ -556,6 +555,7 @@ func TestChainBreakUnknownRevisionsThenDependentGroups(t *testing.T) {
 // The first group must count as landed (never re-run), the second re-runs
 // on the other client's value, and every group lands once, in order.
 func TestChainBreakAnswerLostThenConflict(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	direct := env.cli
 	for i, overtake := range []bool{false, true} {
@@ -563,27 +563,22 @@ func TestChainBreakAnswerLostThenConflict(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx := contextWithin(t, chainBreakTimeout)
 			prefix := fmt.Sprintf("/test/chainbreak/lost-conflict-%d", i)
-			gate := newChainGate(t)
-			runs := make([]atomic.Int64, chainGroups)
-			lg, logs := observedLogger(t)
-			w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs, WithLogger(lg))
-			done := runAsync(ctx, w, nil, behaviourTick, "lost-conflict")
-			held := awaitChain(ctx, t, gate, done)
+			c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true})
 			mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "30")
 			if overtake {
-				require.False(t, held[1].release(ctx, t, txnPass).succeeded)
-				require.True(t, held[0].release(ctx, t, txnLoseAnswer).succeeded)
+				require.False(t, c.links[1].release(ctx, t, txnPass).succeeded)
+				require.True(t, c.links[0].release(ctx, t, txnLoseAnswer).succeeded)
 			} else {
-				require.True(t, held[0].release(ctx, t, txnLoseAnswer).succeeded)
-				require.False(t, held[1].release(ctx, t, txnPass).succeeded)
+				require.True(t, c.links[0].release(ctx, t, txnLoseAnswer).succeeded)
+				require.False(t, c.links[1].release(ctx, t, txnPass).succeeded)
 			}
-			for j, h := range held[2:] {
+			for j, h := range c.links[2:] {
 				require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d landed behind a conflict", j+2)
 			}
-			require.NoError(t, recvErr(ctx, t, done))
+			require.NoError(t, recvErr(ctx, t, c.done))
 			requireLinksLanded(ctx, t, direct, prefix, []int64{1, 31, 1, 1})
-			require.Equal(t, int64(1), runs[0].Load(), "the landed group re-ran")
-			landed, notLanded := resolutionLogs(logs)
+			require.Equal(t, int64(1), c.runs[0].Load(), "the landed group re-ran")
+			landed, notLanded := resolutionLogs(c.logs)
 			require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
 		})
 	}
@@ -596,6 +591,7 @@ func TestChainBreakAnswerLostThenConflict(t *testing.T) {
 // nothing). The groups behind it still land once, in order; what the
 // ignored patch or the skipped group would have written never lands.
 func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	direct := env.cli
 	for i, skip := range []bool{false, true} {
@@ -603,23 +599,23 @@ func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx := contextWithin(t, chainBreakTimeout)
 			prefix := fmt.Sprintf("/test/chainbreak/ignore-skip-%d", i)
-			gate := newChainGate(t)
-			runs := make([]atomic.Int64, chainGroups)
 			stop := ErrEtcdIgnore
 			if skip {
 				stop = ErrEtcdSkipGroup
 			}
-			build := func(st *mapState) [][]DataPatch {
-				groups := linkGroups(chainGroups, runs)(st)
-				inner := groups[1][0].(SingleDataPatch)
-				groups[1][0] = SingleDataPatch{Key: inner.Key, Func: func(old []byte) ([]byte, bool, error) {
-					if string(old) == "100" { // the other client's value: decide otherwise
-						runs[1].Add(1)
-						return []byte("999"), true, stop // what it returns must be dropped
-					}
-					return inner.Func(old)
-				}}
-				return groups
+			build := func(runs []atomic.Int64) func(st *mapState) [][]DataPatch {
+				return func(st *mapState) [][]DataPatch {
+					groups := linkGroups(chainGroups, runs)(st)
+					inner := groups[1][0].(SingleDataPatch)
+					groups[1][0] = SingleDataPatch{Key: inner.Key, Func: func(old []byte) ([]byte, bool, error) {
+						if string(old) == "100" { // the other client's value: decide otherwise
+							runs[1].Add(1)
+							return []byte("999"), true, stop // what it returns must be dropped
+						}
+						return inner.Func(old)
+					}}
+					return groups
+				}
 			}
 			check := func(st *mapState) error {
 				for _, j := range []int{0, 2, 3} {
@@ -629,17 +625,13 @@ func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
 				}
 				return nil
 			}
-			cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
-			w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, check),
-				newMapState(prefix), WithTxnLimits(4, DefaultTxnMaxBytes), WithLogger(faultLogger(t)))
-			done := runAsync(ctx, w, nil, behaviourTick, "ignore-skip")
-			held := awaitChain(ctx, t, gate, done)
-			require.True(t, held[0].release(ctx, t, txnPass).succeeded)
+			c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true, build: build, check: check})
+			require.True(t, c.links[0].release(ctx, t, txnPass).succeeded)
 			mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "100")
-			for j, h := range held[1:] {
+			for j, h := range c.links[1:] {
 				require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d", j+1)
 			}
-			require.NoError(t, recvErr(ctx, t, done))
+			require.NoError(t, recvErr(ctx, t, c.done))
 
 			kvs, _ := userKVs(ctx, t, direct, prefix, 0)
 			require.Equal(t, "100", kvs[prefix+chainKey(1, "a")].value, "the ignored increment landed")
@@ -674,6 +666,7 @@ func TestChainBreakIgnoreAndSkipOnRerun(t *testing.T) {
 // key is deleted. The links behind it must fail, Run must return
 // ErrNotOwner, and exactly the first group is in etcd, once.
 func TestChainBreakFencingLostMidChain(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	direct := env.cli
 	for i, first := range []txnAction{txnPass, txnLoseAnswer} {
@@ -684,20 +677,16 @@ func TestChainBreakFencingLostMidChain(t *testing.T) {
 			fenceKey := prefix + "-leader"
 			put, err := direct.Put(ctx, fenceKey, "me")
 			require.NoError(t, err)
-			gate := newChainGate(t)
-			runs := make([]atomic.Int64, chainGroups)
-			w := gatedChainWorker(t, env, gate, prefix, true, chainGroups, runs,
-				WithFencingKey(fenceKey, put.Header.Revision), WithTxnLimits(5, DefaultTxnMaxBytes)) // one op more for fencing
-			done := runAsync(ctx, w, nil, behaviourTick, "fencing")
-
-			held := awaitChain(ctx, t, gate, done)
-			require.True(t, held[0].release(ctx, t, first).succeeded)
+			c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true, opts: []Option{
+				WithFencingKey(fenceKey, put.Header.Revision), WithTxnLimits(5, DefaultTxnMaxBytes), // one op more for fencing
+			}})
+			require.True(t, c.links[0].release(ctx, t, first).succeeded)
 			_, err = direct.Delete(ctx, fenceKey)
 			require.NoError(t, err)
-			for j, h := range held[1:] {
+			for j, h := range c.links[1:] {
 				require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d landed without the fencing key", j+1)
 			}
-			require.ErrorIs(t, recvErr(ctx, t, done), ErrNotOwner)
+			require.ErrorIs(t, recvErr(ctx, t, c.done), ErrNotOwner)
 
 			a, _ := getValue(ctx, t, direct, prefix+chainKey(0, "a"))
 			require.Equal(t, "1", a, "group 0 must be in etcd once")
@@ -705,7 +694,7 @@ func TestChainBreakFencingLostMidChain(t *testing.T) {
 				_, ok := getValue(ctx, t, direct, prefix+chainKey(j, "a"))
 				require.False(t, ok, "group %d landed after the fencing key was lost", j)
 			}
-			require.Equal(t, int64(1), runs[0].Load(), "group 0 re-ran")
+			require.Equal(t, int64(1), c.runs[0].Load(), "group 0 re-ran")
 		})
 	}
 }
@@ -719,49 +708,44 @@ func TestChainBreakFencingLostMidChain(t *testing.T) {
 // asks to try again, no Tick may run before the rest landed, and every group
 // lands once, in order.
 func TestChainBreakTryAgainOnRerun(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/try-again"
-	gate := newChainGate(t)
-	runs := make([]atomic.Int64, chainGroups)
 	var tries atomic.Int64
 	var sawLanded atomic.Bool // a try-again run saw group 3 in etcd already
-	build := func(st *mapState) [][]DataPatch {
-		groups := linkGroups(chainGroups, runs)(st)
-		inner := groups[2][0].(SingleDataPatch)
-		groups[2][0] = SingleDataPatch{Key: inner.Key, Func: func(old []byte) ([]byte, bool, error) {
-			n := tries.Add(1)
-			if n == 2 || n == 3 { // the re-run after the conflict, and the try after it
-				if resp, err := direct.Get(ctx, prefix+chainKey(3, "a")); err == nil && len(resp.Kvs) > 0 {
-					sawLanded.Store(true)
+	build := func(runs []atomic.Int64) func(st *mapState) [][]DataPatch {
+		return func(st *mapState) [][]DataPatch {
+			groups := linkGroups(chainGroups, runs)(st)
+			inner := groups[2][0].(SingleDataPatch)
+			groups[2][0] = SingleDataPatch{Key: inner.Key, Func: func(old []byte) ([]byte, bool, error) {
+				n := tries.Add(1)
+				if n == 2 || n == 3 { // the re-run after the conflict, and the try after it
+					if resp, err := direct.Get(ctx, prefix+chainKey(3, "a")); err == nil && len(resp.Kvs) > 0 {
+						sawLanded.Store(true)
+					}
+					return nil, false, ErrEtcdTryAgain
 				}
-				return nil, false, ErrEtcdTryAgain
-			}
-			return inner.Func(old)
-		}}
-		return groups
+				return inner.Func(old)
+			}}
+			return groups
+		}
 	}
-	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
-	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(false, nil, build, stateHolds(chainGroups)), newMapState(prefix),
-		WithTxnLimits(4, DefaultTxnMaxBytes), WithLogger(faultLogger(t)))
-	gate.arm(chainGroups)
-	done := runAsync(ctx, w, nil, behaviourTick, "try-again")
-
-	held := awaitChain(ctx, t, gate, done)
-	require.True(t, held[0].release(ctx, t, txnPass).succeeded)
+	c := holdChain(ctx, t, env, prefix, chainSetup{build: build, check: stateHolds(chainGroups)})
+	require.True(t, c.links[0].release(ctx, t, txnPass).succeeded)
 	mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "7")
-	for j, h := range held[1:] {
+	for j, h := range c.links[1:] {
 		require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d", j+1)
 	}
-	require.NoError(t, recvErr(ctx, t, done))
+	require.NoError(t, recvErr(ctx, t, c.done))
 	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 8, 1, 1})
 	require.EqualValues(t, 4, tries.Load(), "group 2's patch: first run, two tries again, the run that lands")
 	require.False(t, sawLanded.Load(), "group 3 landed while group 2 was trying again")
 	// Group 1 runs four times (the first run, the re-run, and the two tries
 	// after it); group 3 only twice: group 2's try again ends each flush
 	// before group 3 runs.
-	require.Equal(t, []int64{1, 4, 2, 2}, loadRuns(runs))
+	require.Equal(t, []int64{1, 4, 2, 2}, loadRuns(c.runs))
 }
 
 // ---------------------------------------------------------------------------
@@ -774,6 +758,7 @@ func TestChainBreakTryAgainOnRerun(t *testing.T) {
 // group of 9 ops among groups that fit fails with ErrEtcdTxnOpsExceed and
 // writes nothing at all.
 func TestChainBreakGroupsAtTheOpLimit(t *testing.T) {
+	t.Parallel()
 	const limit = 8
 	env := newTestEnv(t, ownServer(etcdtest.WithMaxTxnOps(limit)))
 	ctx := contextWithin(t, chainBreakTimeout)
@@ -860,6 +845,7 @@ func TestChainBreakGroupsAtTheOpLimit(t *testing.T) {
 // land in order; a flush with one group a byte over the limit fails with
 // ErrEtcdTxnSizeExceed and writes nothing.
 func TestChainBreakGroupsAtTheByteLimit(t *testing.T) {
+	t.Parallel()
 	const maxBytes = 4096
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
@@ -912,36 +898,34 @@ func TestChainBreakGroupsAtTheByteLimit(t *testing.T) {
 // group stays landed once, the other client's value stays, and the groups
 // behind never land.
 func TestChainBreakRerunOutgrowsTheByteLimit(t *testing.T) {
+	t.Parallel()
 	const maxBytes = 2048
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/outgrows"
-	gate := newChainGate(t)
 	key := func(i int) string { return fmt.Sprintf("%s/g%d", prefix, i) }
-	build := func(st *mapState) [][]DataPatch {
-		var groups [][]DataPatch
-		for i := range chainGroups {
-			k := util.NewEtcdKey(key(i))
-			groups = append(groups, []DataPatch{SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
-				return append(old, 'x'), true, nil
-			}}})
+	build := func([]atomic.Int64) func(st *mapState) [][]DataPatch {
+		return func(*mapState) [][]DataPatch {
+			var groups [][]DataPatch
+			for i := range chainGroups {
+				k := util.NewEtcdKey(key(i))
+				groups = append(groups, []DataPatch{SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
+					return append(old, 'x'), true, nil
+				}}})
+			}
+			return groups
 		}
-		return groups
 	}
-	cli := env.client(t, []grpc.DialOption{gate.dialOption()}...)
-	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(true, func() { gate.arm(chainGroups) }, build, nil),
-		newMapState(prefix), WithTxnLimits(3, maxBytes), WithLogger(faultLogger(t)))
-	done := runAsync(ctx, w, nil, behaviourTick, "outgrows")
-	held := awaitChain(ctx, t, gate, done)
-	require.True(t, held[0].release(ctx, t, txnPass).succeeded)
+	c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true, build: build, opts: []Option{WithTxnLimits(3, maxBytes)}})
+	require.True(t, c.links[0].release(ctx, t, txnPass).succeeded)
 	big := strings.Repeat("b", maxBytes)
 	mustPutKV(ctx, t, direct, key(1), big)
 	rev := headRevision(ctx, t, direct)
-	for j, h := range held[1:] {
+	for j, h := range c.links[1:] {
 		require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d", j+1)
 	}
-	require.ErrorIs(t, recvErr(ctx, t, done), ErrEtcdTxnSizeExceed)
+	require.ErrorIs(t, recvErr(ctx, t, c.done), ErrEtcdTxnSizeExceed)
 	v, _ := getValue(ctx, t, direct, key(0))
 	require.Equal(t, "x", v)
 	v, _ = getValue(ctx, t, direct, key(1))
@@ -965,6 +949,7 @@ func TestChainBreakRerunOutgrowsTheByteLimit(t *testing.T) {
 // TestChainBreakInvalidPipelineDepth: a depth below 1 is rejected by
 // NewEtcdWorker with ErrInvalidArgument; 1 and 8 are accepted.
 func TestChainBreakInvalidPipelineDepth(t *testing.T) {
+	t.Parallel()
 	cli := sharedClient(t)
 	for _, n := range []int{0, -1, -1 << 31} {
 		_, err := NewEtcdWorker(cli, "/test/chainbreak/depth", idleReactor(), newMapState("/test/chainbreak/depth"),
@@ -982,6 +967,7 @@ func TestChainBreakInvalidPipelineDepth(t *testing.T) {
 // least 1, so a huge one (a caller's "no limit") must either be rejected
 // with ErrInvalidArgument or work: Run must commit, not panic.
 func TestChainBreakHugePipelineDepth(t *testing.T) {
+	t.Parallel()
 	cli := sharedClient(t)
 	ctx := contextWithin(t, 20*time.Second)
 	const prefix = "/test/chainbreak/huge-depth"
@@ -1075,6 +1061,7 @@ func (pw *prefixWatch) snapshot() []watchedPut {
 // were in flight at once). Both land every group once; a watch on the
 // prefix sees group i's write only after group i-1's, in another revision.
 func TestChainBreakDepthOneAndEight(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	direct := env.cli
 	const groups = 12
@@ -1143,6 +1130,7 @@ func TestChainBreakDepthOneAndEight(t *testing.T) {
 // a watch sees /s/<i> land in order, in the same revision as an /n one
 // higher than the /n of /s/<i-1>.
 func TestChainBreakSameKeyInEveryLink(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
@@ -1230,6 +1218,7 @@ func TestChainBreakSameKeyInEveryLink(t *testing.T) {
 // Exactly one token must exist at the end, at the last slot, and /moves must
 // count each move once.
 func TestChainBreakDeletesAndDependenciesAcrossLinks(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t)
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
@@ -1340,6 +1329,7 @@ func TestChainBreakDeletesAndDependenciesAcrossLinks(t *testing.T) {
 // re-runs only once the watch brings the conflicting revision. Either way
 // the increment lands exactly once more.
 func TestChainBreakConflictWaitsForTheWatch(t *testing.T) {
+	t.Parallel()
 	type tc struct {
 		name    string
 		group   func(st *recordingState, incr DataPatch) []DataPatch
@@ -1459,6 +1449,7 @@ func TestChainBreakConflictWaitsForTheWatch(t *testing.T) {
 // exactly the groups this worker emitted before (exactly once, and the
 // barrier). At the end etcd agrees.
 func TestChainBreakBankOfChains(t *testing.T) {
+	t.Parallel()
 	env := newTestEnv(t, withProxy())
 	ctx := contextWithin(t, 90*time.Second)
 	const (

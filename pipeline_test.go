@@ -524,11 +524,12 @@ func TestConflictRerunAtOnceSeesWhatEarlierTxnsWrote(t *testing.T) {
 }
 
 // TestPipelineTokenWipedMidChain: the first Txn of the worker's first chain
-// creates its commit token and lands; then another client deletes the token
-// (a wipe of the reserved area), and the Txns behind it find it absent, as
-// it was before the chain began. They are sent again once, find the token
-// where the worker never put it, and the worker takes it as it is: every
-// group lands exactly once, in order, and Run goes on (no endless resends).
+// lands on the commit token the worker put before it; then another client
+// deletes the token (a wipe of the reserved area), and the Txns behind it
+// find it absent, where no Txn of the worker's left it. The worker takes the
+// token as it is (a conflict, not a resend: nothing of its own is in flight
+// any more), puts it again, and re-runs the rest: every group lands exactly
+// once, in order, and Run goes on (no endless resends).
 func TestPipelineTokenWipedMidChain(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t)
@@ -543,7 +544,7 @@ func TestPipelineTokenWipedMidChain(t *testing.T) {
 	c.releaseFrom(ctx, t, 1, false, "on a wiped token")
 	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
 	require.Equal(t, [chainGroups]int{1, 2, 2, 2}, c.runs, "the groups behind the first re-run once")
-	require.Positive(t, metricSum(t, env.reg, "orchestrator_commit_resends_total"))
+	require.Positive(t, metricSum(t, env.reg, "orchestrator_conflicts_total"), "the absent token is a conflict")
 }
 
 // TestChainPositionReadsWhereTheTokenStood: how a chain places a read of
