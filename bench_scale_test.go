@@ -1,4 +1,4 @@
-package orchestrator_test
+package orchestrator
 
 import (
 	"context"
@@ -27,7 +27,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -35,9 +34,9 @@ import (
 // BenchmarkScale measures the worker against raw etcd reads at scale: a
 // prefix of ORCHESTRATOR_SCALE_KEYS keys (default 1,000,000) with 100-byte
 // values, on one etcd (fsync off, 8 GiB backend quota; in its own process
-// unless ORCHESTRATOR_SCALE_ETCD=embedded, see bench_etcdproc_test.go). It uses
-// the public API only and prints one table. It runs only when selected
-// explicitly (-bench=BenchmarkScale, make bench-scale).
+// unless ORCHESTRATOR_SCALE_ETCD=embedded, see bench_etcdproc_test.go). Its
+// workers use the public API only. It prints one table and runs only when
+// selected explicitly (-bench=BenchmarkScale, make bench-scale).
 
 const (
 	scaleDefaultKeys = 1_000_000
@@ -65,44 +64,6 @@ func scaleKeys(b *testing.B) int {
 		b.Fatalf("ORCHESTRATOR_SCALE_KEYS=%q: want an integer >= %d", s, scaleCommitKeys)
 	}
 	return n
-}
-
-// scaleState is a plain map-based ReactorState, what a user would write;
-// made by newSizedScaleState, it also sizes its map when the worker tells it
-// how many keys to expect (orchestrator.SizedState).
-type scaleState struct {
-	values  map[string][]byte
-	patches [][]orchestrator.DataPatch
-	sized   bool
-}
-
-func newScaleState() *scaleState { return &scaleState{values: map[string][]byte{}} }
-
-func newSizedScaleState() *scaleState {
-	return &scaleState{values: map[string][]byte{}, sized: true}
-}
-
-// ExpectKeys implements orchestrator.SizedState for a sized state; a plain
-// one ignores it.
-func (s *scaleState) ExpectKeys(n int) {
-	if s.sized && len(s.values) == 0 {
-		s.values = make(map[string][]byte, n)
-	}
-}
-
-func (s *scaleState) Update(key util.EtcdKey, value []byte, _ bool) error {
-	if value == nil {
-		delete(s.values, key.String())
-		return nil
-	}
-	s.values[key.String()] = value
-	return nil
-}
-
-func (s *scaleState) GetPatches() [][]orchestrator.DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
 }
 
 func scaleKey(prefix string, i int) string { return fmt.Sprintf("%s/k%07d", prefix, i) }
@@ -162,7 +123,7 @@ func scaleClient(b *testing.B, endpoint string, legacy bool) *clientv3.Client {
 // readerInto reads prefix with the package's range reader into a map.
 func readerInto(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) map[string][]byte {
 	m := map[string][]byte{}
-	_, err := orchestrator.ReadPrefixForBench(ctx, cli, prefix+"/", func(kv *mvccpb.KeyValue) error {
+	_, err := readRange(ctx, cli, prefix+"/", clientv3.GetPrefixRangeEnd(prefix+"/"), readConfig{}, func(kv *mvccpb.KeyValue) error {
 		m[string(kv.Key)] = kv.Value
 		return nil
 	})
@@ -207,7 +168,7 @@ func rawSizedStream(ctx context.Context, b *testing.B, cli *clientv3.Client, pre
 	if err != nil {
 		b.Fatal(err)
 	}
-	return orchestrator.DrainStreamForBench(b, stream, make(map[string][]byte, resp.Count))
+	return drainStream(b, stream, make(map[string][]byte, resp.Count))
 }
 
 // timed wraps a read returning its key count into one returning its
@@ -267,13 +228,13 @@ type runningWorker struct {
 // startWorker runs a worker on prefix whose every Tick calls onTick with its
 // state (on the worker's goroutine).
 func startWorker(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, interval time.Duration,
-	state *scaleState, onTick func(s *scaleState), opts ...orchestrator.Option,
+	state *benchState, onTick func(s *benchState), opts ...Option,
 ) *runningWorker {
-	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
-		onTick(s.(*scaleState))
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		onTick(s.(*benchState))
 		return s, nil
 	})
-	w, err := orchestrator.NewEtcdWorker(cli, prefix, reactor, state, opts...)
+	w, err := NewEtcdWorker(cli, prefix, reactor, state, opts...)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -307,14 +268,14 @@ func (rw *runningWorker) wait(ctx context.Context, c <-chan struct{}, what strin
 
 // firstTick returns the time from Run to the first Tick of a worker on
 // prefix that holds n keys.
-func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, state *scaleState) time.Duration {
+func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, state *benchState) time.Duration {
 	runtime.GC()
 	ticked := make(chan struct{})
 	var once sync.Once
 	var at time.Time
 	var got int
 	start := time.Now()
-	rw := startWorker(ctx, b, cli, prefix, time.Second, state, func(s *scaleState) {
+	rw := startWorker(ctx, b, cli, prefix, time.Second, state, func(s *benchState) {
 		once.Do(func() {
 			at, got = time.Now(), len(s.values)
 			close(ticked)
@@ -403,14 +364,14 @@ func BenchmarkScale(b *testing.B) {
 func scaleLinearityRows(ctx context.Context, b *testing.B, settle func(), cli *clientv3.Client, big, small string, n int) []scaleRow {
 	ns := scaleSmallKeys
 	ds := timeReads(settle, 5,
-		func() time.Duration { return firstTick(ctx, b, cli, big, n, newSizedScaleState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newSizedScaleState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, big, n, newScaleState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newScaleState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, big, n, newSizedBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newSizedBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, big, n, newBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newBenchState()) },
 		timed(b, n, func() int { return len(rawSizedStream(ctx, b, cli, big)) }),
 		timed(b, ns, func() int { return len(rawSizedStream(ctx, b, cli, small)) }),
-		timed(b, n, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, big)) }),
-		timed(b, ns, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, small)) }),
+		timed(b, n, func() int { return len(rawStreamGet(ctx, b, cli, big)) }),
+		timed(b, ns, func() int { return len(rawStreamGet(ctx, b, cli, small)) }),
 	)
 	row := func(what string, a, b time.Duration) scaleRow {
 		return scaleRow{what: what, measured: dur(a), baseline: dur(b), ratio: ratioOf(a, b)}
@@ -451,12 +412,12 @@ func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *client
 		reps = 3
 	}
 	ds := timeReads(settle, reps,
-		timed(b, n, func() int { return len(orchestrator.RawStreamForBench(ctx, b, cli, prefix)) }),
+		timed(b, n, func() int { return len(rawStreamGet(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawSizedStream(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawPages(ctx, b, cli, prefix)) }),
-		timed(b, n, func() int { return len(orchestrator.RawUnpagedForBench(ctx, b, cli, prefix)) }),
-		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newScaleState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newSizedScaleState()) },
+		timed(b, n, func() int { return len(rawUnpagedGet(ctx, b, cli, prefix)) }),
+		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newSizedBenchState()) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, cli, prefix)) }),
 	)
 	stream, sizedStream, pages, unpaged, worker, sizedWorker, reader := ds[0], ds[1], ds[2], ds[3], ds[4], ds[5], ds[6]
@@ -479,9 +440,9 @@ func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *client
 func scaleFallbackRows(ctx context.Context, b *testing.B, settle func(), endpoint string, cli *clientv3.Client, prefix string, n int) []scaleRow {
 	legacy := scaleClient(b, endpoint, true)
 	ds := timeReads(settle, 3,
-		timed(b, n, func() int { return len(orchestrator.RawUnpagedForBench(ctx, b, cli, prefix)) }),
-		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newSizedScaleState()) },
-		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newScaleState()) },
+		timed(b, n, func() int { return len(rawUnpagedGet(ctx, b, cli, prefix)) }),
+		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newSizedBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newBenchState()) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, legacy, prefix)) }),
 	)
 	unpaged, sized, plain, reader := ds[0], ds[1], ds[2], ds[3]
@@ -508,12 +469,12 @@ func scaleReloadRows(ctx context.Context, b *testing.B, endpoint string, admin *
 	// The worker's own log says when it noticed the compaction and how long
 	// the reload took, apart from the reconnection.
 	core, logs := observer.New(zapcore.InfoLevel)
-	rw := startWorker(ctx, b, pcli, prefix, 100*time.Millisecond, newScaleState(), func(s *scaleState) {
+	rw := startWorker(ctx, b, pcli, prefix, 100*time.Millisecond, newBenchState(), func(s *benchState) {
 		readyOnce.Do(func() { close(ready) })
 		if _, ok := s.values[probe]; ok {
 			seenOnce.Do(func() { seenAt = time.Now(); close(seen) })
 		}
-	}, orchestrator.WithLogger(zap.New(core)))
+	}, WithLogger(zap.New(core)))
 	defer rw.stop()
 	rw.wait(ctx, ready, "the first Tick")
 
@@ -586,7 +547,7 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 		if err != nil {
 			b.Fatal(err)
 		}
-		state := newScaleState()
+		state := newBenchState()
 		for resp := range stream {
 			if err := resp.Err(); err != nil {
 				b.Fatal(err)
@@ -603,7 +564,7 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 	held = func() uint64 {
 		ready := make(chan struct{})
 		var once sync.Once
-		rw := startWorker(ctx, b, cli, prefix, time.Second, newScaleState(), func(*scaleState) { once.Do(func() { close(ready) }) })
+		rw := startWorker(ctx, b, cli, prefix, time.Second, newBenchState(), func(*benchState) { once.Do(func() { close(ready) }) })
 		defer rw.stop()
 		rw.wait(ctx, ready, "the first Tick")
 		return scaleHeap()
@@ -622,7 +583,7 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) time.Duration {
 	var ticks []time.Time
 	done := make(chan struct{})
-	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newScaleState(), func(s *scaleState) {
+	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
 		if len(ticks) > scaleCommits {
 			return
 		}
@@ -633,7 +594,7 @@ func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix
 		}
 		i := len(ticks)
 		key, value := util.NewEtcdKey(scaleKey(prefix, i%100)), []byte(scaleValue(i))
-		s.patches = append(s.patches, []orchestrator.DataPatch{orchestrator.SingleDataPatch{
+		s.patches = append(s.patches, []DataPatch{SingleDataPatch{
 			Key: key, Func: func([]byte) ([]byte, bool, error) { return value, true, nil },
 		}})
 	})
@@ -663,7 +624,7 @@ func scaleLagRow(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix
 	ready := make(chan struct{})
 	var once sync.Once
 	last := ""
-	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newScaleState(), func(s *scaleState) {
+	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
 		once.Do(func() { close(ready) })
 		if v := string(s.values[probe]); v != last {
 			last = v

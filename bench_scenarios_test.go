@@ -82,15 +82,27 @@ func benchSelected(name string) bool {
 	return only == "" || slices.Contains(strings.Split(only, ","), name)
 }
 
-// benchState is a minimal ReactorState that keeps every value it is told
-// (keyed by the key's string, which shares the worker's copy) and a patch
-// queue.
+// benchState is a plain map-based ReactorState, what a user would write:
+// it keeps every value it is told (keyed by the key's string, which shares
+// the worker's copy) and a patch queue. Made by newSizedBenchState, it also
+// sizes its map when the worker tells it how many keys to expect
+// (SizedState).
 type benchState struct {
 	values  map[string][]byte
 	patches [][]DataPatch
+	sized   bool
 }
 
 func newBenchState() *benchState { return &benchState{values: map[string][]byte{}} }
+
+func newSizedBenchState() *benchState { return &benchState{values: map[string][]byte{}, sized: true} }
+
+// ExpectKeys implements SizedState for a sized state; a plain one ignores it.
+func (s *benchState) ExpectKeys(n int) {
+	if s.sized && len(s.values) == 0 {
+		s.values = make(map[string][]byte, n)
+	}
+}
 
 func (s *benchState) Update(key util.EtcdKey, value []byte, _ bool) error {
 	if value == nil {
@@ -697,8 +709,7 @@ func firstTickWorker(tb testing.TB, cli *clientv3.Client, prefix string, state R
 
 // rawStreamGet reads every key under prefix + "/" into a map with one
 // streaming range (etcd 3.7's RangeStream, pinned at one revision, no count):
-// the fastest way to load a prefix by hand. BenchmarkScale uses it too
-// (RawStreamForBench).
+// the fastest way to load a prefix by hand. BenchmarkScale uses it too.
 func rawStreamGet(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) map[string][]byte {
 	tb.Helper()
 	key := prefix + "/"
@@ -726,7 +737,7 @@ func drainStream(tb testing.TB, stream clientv3.GetStreamChan, m map[string][]by
 
 // rawUnpagedGet reads every key under prefix + "/" into a map with one
 // unpaged range: the fastest way by hand on a server without RangeStream.
-// BenchmarkScale uses it too (RawUnpagedForBench).
+// BenchmarkScale uses it too.
 func rawUnpagedGet(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string) map[string][]byte {
 	tb.Helper()
 	resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())

@@ -1,4 +1,4 @@
-package orchestrator_test
+package orchestrator
 
 import (
 	"context"
@@ -20,7 +20,6 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -56,7 +55,7 @@ const (
 type nopState struct{}
 
 func (*nopState) Update(util.EtcdKey, []byte, bool) error { return nil }
-func (*nopState) GetPatches() [][]orchestrator.DataPatch  { return nil }
+func (*nopState) GetPatches() [][]DataPatch               { return nil }
 
 // srcRow is one line of the table.
 type srcRow struct{ what, measured, baseline, ratio, must string }
@@ -100,15 +99,6 @@ func printSourceTable(rows []srcRow, load string) {
 	fmt.Print(sb.String())
 }
 
-// loadAverage is the 1-minute load average ("?" where unknown).
-func loadAverage() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if f := strings.Fields(string(b)); err == nil && len(f) > 0 {
-		return f[0]
-	}
-	return "?"
-}
-
 // watcherTotal is the embedded server's count of watchers.
 func watcherTotal(b *testing.B) float64 {
 	mfs, err := prometheus.DefaultGatherer.Gather()
@@ -149,22 +139,22 @@ type fanOut struct {
 // one Source if shared, each on its own otherwise, and measures them until
 // each has ticked once.
 func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, shared bool) fanOut {
-	var opts []orchestrator.Option
+	var opts []Option
 	if shared {
-		src, err := orchestrator.NewSource(cli, prefix)
+		src, err := NewSource(cli, prefix)
 		if err != nil {
 			b.Fatal(err)
 		}
-		opts = append(opts, orchestrator.WithSource(src))
+		opts = append(opts, WithSource(src))
 	}
 	var ticked sync.WaitGroup
 	var first, last atomic.Int64
 	first.Store(math.MaxInt64)
-	workers := make([]*orchestrator.EtcdWorker, n)
+	workers := make([]*EtcdWorker, n)
 	for i := range workers {
 		var once sync.Once
 		ticked.Add(1)
-		reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 			once.Do(func() {
 				now := time.Now().UnixNano()
 				for old := last.Load(); old < now && !last.CompareAndSwap(old, now); old = last.Load() {
@@ -175,7 +165,7 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 			})
 			return s, nil
 		})
-		w, err := orchestrator.NewEtcdWorker(cli, prefix, reactor, &nopState{}, opts...)
+		w, err := NewEtcdWorker(cli, prefix, reactor, &nopState{}, opts...)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -348,7 +338,7 @@ func (s *valueState) Update(key util.EtcdKey, value []byte, _ bool) error {
 	return nil
 }
 
-func (s *valueState) GetPatches() [][]orchestrator.DataPatch { return nil }
+func (s *valueState) GetPatches() [][]DataPatch { return nil }
 
 // seer is a worker's reactor that notes its first Tick and when a Tick
 // first sees the value it expects at key; once stick is set its next Tick
@@ -384,7 +374,7 @@ func (s *seer) seenAt() time.Time {
 	return s.at
 }
 
-func (s *seer) Tick(ctx context.Context, st orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+func (s *seer) Tick(ctx context.Context, st ReactorState) (ReactorState, error) {
 	s.once.Do(func() { close(s.ticked) })
 	if s.stick.CompareAndSwap(true, false) {
 		close(s.entered)
@@ -418,7 +408,7 @@ type stuckTrial struct {
 // srcStuckTrial runs two workers on one Source on prefix, one of them stuck
 // in Tick if stuck, through srcWrite.
 func srcStuckTrial(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, stuck bool, trial int) stuckTrial {
-	src, err := orchestrator.NewSource(cli, prefix)
+	src, err := NewSource(cli, prefix)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -428,7 +418,7 @@ func srcStuckTrial(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 	defer stop()
 	g, gctx := errgroup.WithContext(rctx)
 	for _, s := range []*seer{free, other} {
-		w, err := orchestrator.NewEtcdWorker(cli, prefix, s, &valueState{values: map[string][]byte{}}, orchestrator.WithSource(src))
+		w, err := NewEtcdWorker(cli, prefix, s, &valueState{values: map[string][]byte{}}, WithSource(src))
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -270,17 +270,7 @@ func TestChainBreakTokenWipedWhileAnswerLost(t *testing.T) {
 				require.NoError(t, res.err)
 				require.False(t, res.succeeded, "link %d landed on a wiped token", j+1)
 			}
-			err := recvErr(ctx, t, c.done)
-			landed, notLanded := resolutionLogs(c.logs)
-			a, _ := getValue(ctx, t, direct, prefix+chainKey(0, "a"))
-			require.Equal(t, "1", a,
-				"group 0's increment landed %s times (Run: %v; runs of the increments %v; resolutions landed=%d not landed=%d)",
-				a, err, loadRuns(c.runs), landed, notLanded)
-			if err != nil {
-				require.ErrorIs(t, err, ErrCommitUnresolved)
-				return
-			}
-			requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 1, 1})
+			requireOnceOrUnresolved(ctx, t, direct, prefix, recvErr(ctx, t, c.done), c.runs, c.logs)
 		})
 	}
 }
@@ -343,17 +333,27 @@ func TestChainBreakTokenWipedTwice(t *testing.T) {
 	for j, h := range second[1:] {
 		require.False(t, h.release(ctx, t, txnPass).succeeded, "link %d landed on a wiped token", j+1)
 	}
-	err := recvErr(ctx, t, done)
+	requireOnceOrUnresolved(ctx, t, direct, prefix, recvErr(ctx, t, done), runs, logs)
+}
+
+// requireOnceOrUnresolved checks the end of a chain whose first link landed
+// with its answer lost before the token was wiped: group 0's increment is
+// in etcd once, and Run either returned runErr ErrCommitUnresolved or went
+// on, and then every group landed once.
+func requireOnceOrUnresolved(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, runErr error,
+	runs []atomic.Int64, logs *observer.ObservedLogs,
+) {
+	t.Helper()
 	landed, notLanded := resolutionLogs(logs)
-	a, _ := getValue(ctx, t, direct, prefix+chainKey(0, "a"))
+	a, _ := getValue(ctx, t, cli, prefix+chainKey(0, "a"))
 	require.Equal(t, "1", a,
 		"group 0's increment landed %s times (Run: %v; runs of the increments %v; resolutions landed=%d not landed=%d)",
-		a, err, loadRuns(runs), landed, notLanded)
-	if err != nil {
-		require.ErrorIs(t, err, ErrCommitUnresolved)
+		a, runErr, loadRuns(runs), landed, notLanded)
+	if runErr != nil {
+		require.ErrorIs(t, runErr, ErrCommitUnresolved)
 		return
 	}
-	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 1, 1})
+	requireLinksLanded(ctx, t, cli, prefix, []int64{1, 1, 1, 1})
 }
 
 // TestChainBreakTokenRewrittenMidChain: the first link lands; another client
@@ -387,69 +387,59 @@ func TestChainBreakTokenRewrittenMidChain(t *testing.T) {
 // ---------------------------------------------------------------------------
 // Foreign writers and conflicts in the middle of a chain.
 
-// TestChainBreakForeignWriteOnALaterLink: four links in flight; the first
-// lands; another client changes a key of the third link; then the second,
-// third and fourth reach etcd in order. The second lands, the third
-// conflicts, the fourth must fail behind it. The third and fourth re-run
-// (the third on the other client's value) and land once each, in order.
-func TestChainBreakForeignWriteOnALaterLink(t *testing.T) {
+// TestChainBreakForeignWrites: four links in flight; another client writes
+// a key of one of them while they are held, then they reach etcd in the
+// order of the case. No link may land over the other client's write or
+// behind a link that failed; the groups that did not land re-run once (the
+// one whose key was written, on the other client's value) and every group
+// lands once, in order.
+func TestChainBreakForeignWrites(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t)
-	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
-	const prefix = "/test/chainbreak/foreign-later"
-	c := holdChain(ctx, t, env, prefix, chainSetup{})
-	require.True(t, c.links[0].release(ctx, t, txnPass).succeeded)
-	mustPutKV(ctx, t, direct, prefix+chainKey(2, "a"), "10")
-	require.True(t, c.links[1].release(ctx, t, txnPass).succeeded, "link 1 touches nothing the other client changed")
-	require.False(t, c.links[2].release(ctx, t, txnPass).succeeded, "link 2 landed over the other client's write")
-	require.False(t, c.links[3].release(ctx, t, txnPass).succeeded, "link 3 landed behind a failed link")
-	require.NoError(t, recvErr(ctx, t, c.done))
-
-	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 1, 11, 1})
-	require.Equal(t, []int64{1, 1, 2, 2}, loadRuns(c.runs))
-}
-
-// TestChainBreakConflictWhileLaterLinksOvertake: the first link lands;
-// another client changes a key of the second link; the fourth and the third
-// reach etcd before the second (they overtake it), then the second
-// conflicts. Nothing behind the second may land; the groups from the second
-// on re-run once and land in order.
-func TestChainBreakConflictWhileLaterLinksOvertake(t *testing.T) {
-	t.Parallel()
-	env := newTestEnv(t)
-	ctx := contextWithin(t, chainBreakTimeout)
-	direct := env.cli
-	const prefix = "/test/chainbreak/overtake-conflict"
-	c := holdChain(ctx, t, env, prefix, chainSetup{})
-	require.True(t, c.links[0].release(ctx, t, txnPass).succeeded)
-	mustPutKV(ctx, t, direct, prefix+chainKey(1, "a"), "20")
-	require.False(t, c.links[3].release(ctx, t, txnPass).succeeded, "link 3 overtook links 1 and 2 and landed")
-	require.False(t, c.links[2].release(ctx, t, txnPass).succeeded, "link 2 overtook link 1 and landed")
-	require.False(t, c.links[1].release(ctx, t, txnPass).succeeded, "link 1 landed over the other client's write")
-	require.NoError(t, recvErr(ctx, t, c.done))
-
-	requireLinksLanded(ctx, t, direct, prefix, []int64{1, 21, 1, 1})
-	require.Equal(t, []int64{1, 2, 2, 2}, loadRuns(c.runs))
-}
-
-// TestChainBreakFirstLinkConflictsBehindOvertakers: a key of the first link
-// changes; the later links reach etcd first, then the first (a conflict).
-// Nothing lands in that round; the groups re-run and land once each.
-func TestChainBreakFirstLinkConflictsBehindOvertakers(t *testing.T) {
-	t.Parallel()
-	env := newTestEnv(t)
-	ctx := contextWithin(t, chainBreakTimeout)
-	direct := env.cli
-	const prefix = "/test/chainbreak/first-conflict"
-	c := holdChain(ctx, t, env, prefix, chainSetup{warmup: true})
-	mustPutKV(ctx, t, direct, prefix+chainKey(0, "a"), "5")
-	for _, j := range []int{2, 1, 3, 0} {
-		require.False(t, c.links[j].release(ctx, t, txnPass).succeeded, "link %d landed", j)
+	cases := []struct {
+		name   string
+		warmup bool
+		// After writeAfter links were released, the other client puts value
+		// at group write's /a; then the rest of order reach etcd.
+		writeAfter, write int
+		value             string
+		order             []int
+		lands             []bool // per released link, in order
+		landed, runs      []int64
+	}{{
+		// The second lands, the third conflicts, the fourth fails behind it.
+		name: "on a later link", writeAfter: 1, write: 2, value: "10",
+		order: []int{0, 1, 2, 3}, lands: []bool{true, true, false, false},
+		landed: []int64{1, 1, 11, 1}, runs: []int64{1, 1, 2, 2},
+	}, {
+		// The fourth and the third overtake the second, which then conflicts.
+		name: "while later links overtake", writeAfter: 1, write: 1, value: "20",
+		order: []int{0, 3, 2, 1}, lands: []bool{true, false, false, false},
+		landed: []int64{1, 21, 1, 1}, runs: []int64{1, 2, 2, 2},
+	}, {
+		// The later links reach etcd first, then the first conflicts: nothing
+		// lands in that round.
+		name: "on the first link behind overtakers", warmup: true, writeAfter: 0, write: 0, value: "5",
+		order: []int{2, 1, 3, 0}, lands: []bool{false, false, false, false},
+		landed: []int64{6, 1, 1, 1}, runs: []int64{2, 2, 2, 2},
+	}}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := contextWithin(t, chainBreakTimeout)
+			prefix := fmt.Sprintf("/test/chainbreak/foreign-%d", i)
+			c := holdChain(ctx, t, env, prefix, chainSetup{warmup: tc.warmup})
+			for k, j := range tc.order {
+				if k == tc.writeAfter {
+					mustPutKV(ctx, t, direct, prefix+chainKey(tc.write, "a"), tc.value)
+				}
+				require.Equal(t, tc.lands[k], c.links[j].release(ctx, t, txnPass).succeeded, "link %d", j)
+			}
+			require.NoError(t, recvErr(ctx, t, c.done))
+			requireLinksLanded(ctx, t, direct, prefix, tc.landed)
+			require.Equal(t, tc.runs, loadRuns(c.runs))
+		})
 	}
-	require.NoError(t, recvErr(ctx, t, c.done))
-	requireLinksLanded(ctx, t, direct, prefix, []int64{6, 1, 1, 1})
-	require.Equal(t, []int64{2, 2, 2, 2}, loadRuns(c.runs))
 }
 
 // ---------------------------------------------------------------------------

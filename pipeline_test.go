@@ -245,25 +245,7 @@ func (c *gatedChain) releaseFrom(ctx context.Context, t testing.TB, i int, lande
 func (c *gatedChain) finish(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
 	t.Helper()
 	require.NoError(t, recvErr(ctx, t, c.done))
-	requireChainLanded(ctx, t, cli, prefix, want)
-}
-
-// requireChainLanded checks that group i incremented /g<i>/a to want[i]
-// (each increment landed once) and that the groups landed in order: each
-// /g<i>/b, written once, has a higher mod revision than the one before.
-func requireChainLanded(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
-	t.Helper()
-	kvs, _ := userKVs(ctx, t, cli, prefix, 0)
-	prev := int64(0)
-	for i := range chainGroups {
-		a, ok := kvs[prefix+chainKey(i, "a")]
-		require.True(t, ok, "group %d did not land", i)
-		require.Equal(t, strconv.FormatInt(want[i], 10), a.value, "group %d: /g%d/a", i, i)
-		b := kvs[prefix+chainKey(i, "b")]
-		require.Equal(t, strconv.Itoa(i), b.value)
-		require.Greater(t, b.modRev, prev, "group %d landed before group %d", i, i-1)
-		prev = b.modRev
-	}
+	requireLinksLanded(ctx, t, cli, prefix, want[:])
 }
 
 // TestPipelineTxnBehindAFailedOneNeverLands: the worker sends the Txns of
@@ -383,7 +365,7 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 	w := chainWorker(t, env.client(t, count), prefix, &runs,
 		WithPipelineDepth(1))
 	require.NoError(t, w.Run(ctx, nil, behaviourTick, "depth-one"))
-	requireChainLanded(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
+	requireLinksLanded(ctx, t, env.cli, prefix, []int64{1, 1, 1, 1})
 	require.Equal(t, 1, flight.max())
 }
 
