@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+
+	"github.com/etcdworker/orchestrator/internal/userfn"
 )
 
 // Sentinel errors. Every error returned by this package that has one of these
@@ -64,7 +66,7 @@ var (
 	// ErrPanic is wrapped by the error Run returns when a user callback (Tick,
 	// Update, Patch) panicked. The panic value and stack are in the message
 	// and in the log.
-	ErrPanic = errors.New("orchestrator: panic in user callback")
+	ErrPanic = userfn.ErrPanic
 
 	// ErrEtcdUnavailable is returned by Run when etcd could not be reached for
 	// longer than the limit set with WithMaxOutage.

@@ -1,14 +1,12 @@
 package orchestrator
 
-import (
-	"fmt"
-	"runtime/debug"
-)
+import "github.com/etcdworker/orchestrator/internal/userfn"
 
 // guard runs fn, a call into user code, and turns a panic in it into an
 // error matching ErrPanic that names where it happened and carries the
-// stack. Every call the worker makes into a Reactor, a ReactorState or a
-// DataPatch goes through it, so user code never crashes the process.
+// stack (userfn.Call, which the leader package uses too). Every call the
+// worker makes into a Reactor, a ReactorState or a DataPatch goes through
+// it, so user code never crashes the process.
 //
 // guard is the one owner of "from user code": an error user code returns
 // goes on as it is (its caller wraps it with %w and says which call it was),
@@ -18,11 +16,4 @@ import (
 // readRange's callback (the follower's own code) rather than from etcd, and
 // runFailure that Run ended with a failure while its ctx was live, not with
 // a stop.
-func guard[T any](where string, fn func() (T, error)) (out T, err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			err = fmt.Errorf("%w: %s: %v\n%s", ErrPanic, where, p, debug.Stack())
-		}
-	}()
-	return fn()
-}
+func guard[T any](where string, fn func() (T, error)) (T, error) { return userfn.Call(where, fn) }

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/internal/userfn"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -290,11 +291,22 @@ func (c *campaigner) lead(ctx context.Context, session *concurrency.Session,
 		return false, fmt.Errorf("leader: term %d: %w", term.Rev, err)
 	}
 	if c.opts.onElected != nil {
-		c.opts.onElected(term)
+		if perr := userfn.Do("leader.WithOnElected callback", func() { c.opts.onElected(term) }); perr != nil {
+			log.Error("the elected callback panicked, resigning", zap.Error(perr))
+			c.resign(ctx, election, log)
+			return false, fmt.Errorf("leader: term %d: %w", term.Rev, perr)
+		}
 	}
 	err = w.Run(ctx, session, spec.TimerInterval, spec.Role)
 	if c.opts.onTermEnd != nil {
-		c.opts.onTermEnd(term, err)
+		if perr := userfn.Do("leader.WithOnTermEnd callback", func() { c.opts.onTermEnd(term, err) }); perr != nil {
+			log.Error("the term-end callback panicked, resigning", zap.Error(perr), zap.NamedError("worker", err))
+			c.resign(ctx, election, log)
+			if err != nil {
+				return false, fmt.Errorf("leader: term %d: %w (worker: %w)", term.Rev, perr, err)
+			}
+			return false, fmt.Errorf("leader: term %d: %w", term.Rev, perr)
+		}
 	}
 	switch {
 	case err == nil:
@@ -354,13 +366,8 @@ func checkOverlap(electionPrefix, workerPrefix string) error {
 }
 
 // callNewWorker calls newWorker, turning a panic into an error.
-func (c *campaigner) callNewWorker(ctx context.Context, term Term) (spec Worker, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("%w: NewWorkerFunc: %v", orchestrator.ErrPanic, r)
-		}
-	}()
-	return c.newWorker(ctx, term)
+func (c *campaigner) callNewWorker(ctx context.Context, term Term) (Worker, error) {
+	return userfn.Call("leader.NewWorkerFunc", func() (Worker, error) { return c.newWorker(ctx, term) })
 }
 
 // resign deletes the election key so that another candidate is elected at

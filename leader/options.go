@@ -53,7 +53,8 @@ func WithLogger(l *zap.Logger) Option {
 
 // WithOnElected registers fn to be called when the candidate has won an
 // election and its worker is about to run (default: none). It is called from
-// Run's goroutine and should return quickly.
+// Run's goroutine and should return quickly. If fn panics, the worker does
+// not run: Run resigns and returns an error matching orchestrator.ErrPanic.
 func WithOnElected(fn func(term Term)) Option {
 	return optionFunc(func(o *options) { o.onElected = fn })
 }
@@ -61,7 +62,8 @@ func WithOnElected(fn func(term Term)) Option {
 // WithOnTermEnd registers fn to be called when a term's worker has stopped,
 // with the error its Run returned (nil when the reactor finished), before Run
 // resigns or campaigns again (default: none). It is called from Run's
-// goroutine and should return quickly.
+// goroutine and should return quickly. If fn panics, Run resigns and returns
+// an error matching orchestrator.ErrPanic (and the worker's error, if any).
 func WithOnTermEnd(fn func(term Term, err error)) Option {
 	return optionFunc(func(o *options) { o.onTermEnd = fn })
 }

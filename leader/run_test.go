@@ -181,22 +181,45 @@ func TestTermErrorsEndRunAndResign(t *testing.T) {
 		})
 		return leader.Worker{Prefix: dataPrefix, Reactor: reactor, State: &patchesOnly{}}, nil
 	}
+	var ran bool // a Tick of running's worker ran
+	running := func(context.Context, leader.Term) (leader.Worker, error) {
+		ran = false
+		reactor := orchestrator.ReactorFunc(func(context.Context, orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+			ran = true
+			return nil, orchestrator.ErrReactorFinished
+		})
+		return leader.Worker{Prefix: dataPrefix, Reactor: reactor, State: &patchesOnly{}}, nil
+	}
 	tests := []struct {
 		name      string
 		newWorker leader.NewWorkerFunc
+		opts      []leader.Option
 		want      error
+		ran       bool // with opts: whether the worker ran a Tick
 	}{
-		{"NewWorkerFunc error", func(context.Context, leader.Term) (leader.Worker, error) { return leader.Worker{}, errBoom }, errBoom},
-		{"NewWorkerFunc panic", func(context.Context, leader.Term) (leader.Worker, error) { panic("oops") }, orchestrator.ErrPanic},
-		{"worker without reactor", func(context.Context, leader.Term) (leader.Worker, error) {
+		{name: "NewWorkerFunc error", newWorker: func(context.Context, leader.Term) (leader.Worker, error) {
+			return leader.Worker{}, errBoom
+		}, want: errBoom},
+		{name: "NewWorkerFunc panic", newWorker: func(context.Context, leader.Term) (leader.Worker, error) {
+			panic("oops")
+		}, want: orchestrator.ErrPanic},
+		{name: "worker without reactor", newWorker: func(context.Context, leader.Term) (leader.Worker, error) {
 			return leader.Worker{Prefix: dataPrefix, State: &patchesOnly{}}, nil
-		}, orchestrator.ErrInvalidArgument},
-		{"reactor error", failingReactor, errBoom},
+		}, want: orchestrator.ErrInvalidArgument},
+		{name: "reactor error", newWorker: failingReactor, want: errBoom},
+		{name: "WithOnElected callback panics: the worker never runs", newWorker: running,
+			opts: []leader.Option{leader.WithOnElected(func(leader.Term) { panic("elected") })}, want: orchestrator.ErrPanic},
+		{name: "WithOnTermEnd callback panics", newWorker: running, ran: true,
+			opts: []leader.Option{leader.WithOnTermEnd(func(leader.Term, error) { panic("ended") })}, want: orchestrator.ErrPanic},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := leader.Run(ctx, etcd.Client(), electionPrefix, "c", tt.newWorker, leader.WithSessionTTL(2))
+			err := leader.Run(ctx, etcd.Client(), electionPrefix, "c", tt.newWorker,
+				append([]leader.Option{leader.WithSessionTTL(2)}, tt.opts...)...)
 			require.ErrorIs(t, err, tt.want)
+			if tt.opts != nil {
+				require.Equal(t, tt.ran, ran, "the worker ran")
+			}
 			resp, err := etcd.Client().Get(ctx, electionPrefix, clientv3.WithPrefix())
 			require.NoError(t, err)
 			require.Empty(t, resp.Kvs, "resigned")
