@@ -2,7 +2,10 @@ GO ?= go
 GOLANGCI_LINT_VERSION ?= v2.15.0
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 DURATION ?= 10m
+# SOAK_TIMEOUT must exceed DURATION, FUZZ_TIMEOUT must exceed FUZZTIME.
+SOAK_TIMEOUT ?= 3h
 FUZZTIME ?= 30s
+FUZZ_TIMEOUT ?= 30m
 ORCHESTRATOR_SCALE_KEYS ?= 1000000
 SERVERS ?= all
 
@@ -52,14 +55,15 @@ cover:
 	$(GO) test -count=1 -timeout=10m -parallel=$(TEST_PARALLEL) -coverprofile=coverage.out ./...
 	$(GO) tool cover -func=coverage.out | tail -n 1
 
-## soak: the fault suite with random faults for DURATION (e.g. make soak DURATION=10m).
+## soak: the fault suite with random faults for DURATION (e.g. make soak
+## DURATION=10m), bounded by SOAK_TIMEOUT.
 soak:
-	ORCHESTRATOR_SOAK=$(DURATION) $(GO) test -race -count=1 -run='^TestSoak$$' -timeout=0 -v .
+	ORCHESTRATOR_SOAK=$(DURATION) $(GO) test -race -count=1 -run='^TestSoak$$' -timeout=$(SOAK_TIMEOUT) -v .
 
-## fuzz: each fuzz target for FUZZTIME.
+## fuzz: each fuzz target for FUZZTIME, bounded by FUZZ_TIMEOUT.
 fuzz:
-	$(GO) test -run='^$$' -fuzz='^FuzzKeys$$' -fuzztime=$(FUZZTIME) ./util
-	$(GO) test -run='^$$' -fuzz='^FuzzBatch$$' -fuzztime=$(FUZZTIME) .
+	$(GO) test -run='^$$' -fuzz='^FuzzKeys$$' -fuzztime=$(FUZZTIME) -timeout=$(FUZZ_TIMEOUT) ./util
+	$(GO) test -run='^$$' -fuzz='^FuzzBatch$$' -fuzztime=$(FUZZTIME) -timeout=$(FUZZ_TIMEOUT) .
 
 ## vuln: govulncheck (needs the online vulnerability database; not in CI).
 vuln:

@@ -22,7 +22,6 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
-	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -43,7 +42,6 @@ const (
 	scaleSmallKeys   = 100_000 // the linearity reference
 	scaleCommitKeys  = 1_000   // the small prefix of the commit row
 	scaleValueSize   = 100
-	scaleTxnPuts     = 128
 	scalePageKeys    = 10_000
 	scaleCommits     = 200
 	scaleLagSamples  = 200
@@ -74,25 +72,11 @@ func scaleValue(i int) string {
 	return string(v)
 }
 
-// scalePopulate writes n keys under prefix with 8 parallel Txns of
-// scaleTxnPuts puts.
+// scalePopulate writes n keys of scaleValue under prefix (populate) and
+// returns how long it took.
 func scalePopulate(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) time.Duration {
 	start := time.Now()
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(8)
-	for first := 0; first < n; first += scaleTxnPuts {
-		g.Go(func() error {
-			ops := make([]clientv3.Op, 0, scaleTxnPuts)
-			for i := first; i < min(first+scaleTxnPuts, n); i++ {
-				ops = append(ops, clientv3.OpPut(scaleKey(prefix, i), scaleValue(i)))
-			}
-			_, err := cli.Txn(gctx).Then(ops...).Commit()
-			return err
-		})
-	}
-	if err := g.Wait(); err != nil {
-		b.Fatalf("populate %s: %v", prefix, err)
-	}
+	populate(ctx, b, cli, n, func(i int) (string, string) { return scaleKey(prefix, i), scaleValue(i) })
 	return time.Since(start)
 }
 
@@ -199,16 +183,10 @@ func timeReads(settle func(), reps int, reads ...func() time.Duration) []time.Du
 	}
 	medians := make([]time.Duration, len(reads))
 	for i := range ds {
-		medians[i] = medianDuration(ds[i])
+		medians[i] = median(ds[i])
 	}
 	fmt.Fprintf(os.Stderr, "scale: samples %v\n", ds) // for a look at the spread
 	return medians
-}
-
-func medianDuration(ds []time.Duration) time.Duration {
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
 
 func percentile(ds []time.Duration, p float64) time.Duration {
@@ -604,7 +582,7 @@ func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix
 	for i := 1; i < len(ticks); i++ {
 		ds = append(ds, ticks[i].Sub(ticks[i-1]))
 	}
-	return medianDuration(ds)
+	return median(ds)
 }
 
 func scaleCommitRow(ctx context.Context, b *testing.B, cli *clientv3.Client, tiny, big string, n int) scaleRow {

@@ -137,26 +137,37 @@ func benchValue(i int) []byte {
 	return v
 }
 
-// benchPopulate writes n keys with benchValueSize-byte values under prefix,
-// with parallel Txns of benchTxnPuts puts.
+// benchPopulate writes n keys of benchValue under prefix (populate).
 func benchPopulate(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string, n int) {
+	tb.Helper()
+	populate(ctx, tb, cli, n, func(i int) (string, string) { return benchKey(prefix, i), string(benchValue(i)) })
+}
+
+// populate writes the n keys kv(0..n-1) names, with 8 parallel Txns of
+// populateTxnPuts puts.
+func populate(ctx context.Context, tb testing.TB, cli *clientv3.Client, n int, kv func(i int) (key, value string)) {
 	tb.Helper()
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for start := 0; start < n; start += benchTxnPuts {
+	for start := 0; start < n; start += populateTxnPuts {
 		g.Go(func() error {
-			var ops []clientv3.Op
-			for i := start; i < min(start+benchTxnPuts, n); i++ {
-				ops = append(ops, clientv3.OpPut(benchKey(prefix, i), string(benchValue(i))))
+			ops := make([]clientv3.Op, 0, populateTxnPuts)
+			for i := start; i < min(start+populateTxnPuts, n); i++ {
+				k, v := kv(i)
+				ops = append(ops, clientv3.OpPut(k, v))
 			}
 			_, err := cli.Txn(gctx).Then(ops...).Commit()
 			return err
 		})
 	}
 	if err := g.Wait(); err != nil {
-		tb.Fatalf("populate %s: %v", prefix, err)
+		tb.Fatalf("populate: %v", err)
 	}
 }
+
+// populateTxnPuts is how many puts a Txn of populate holds: as many as a
+// default server takes.
+const populateTxnPuts = 128
 
 // benchSum returns the sum of the decimal values of the user keys under
 // prefix.

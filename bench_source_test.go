@@ -215,7 +215,7 @@ func srcFanOutRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 		lones = append(lones, srcFanOut(ctx, b, cli, prefix, srcWorkers, false))
 	}
 	took := func(fs []fanOut) time.Duration {
-		return medianDuration(each(fs, func(f fanOut) time.Duration { return f.took }))
+		return median(each(fs, func(f fanOut) time.Duration { return f.took }))
 	}
 	perKey := func(fs []fanOut) float64 {
 		hs := each(fs, func(f fanOut) int64 { return f.heap })
@@ -223,11 +223,11 @@ func srcFanOutRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 		return float64(hs[len(hs)/2]) / srcKeys
 	}
 	cpu := func(fs []fanOut) time.Duration {
-		return medianDuration(each(fs, func(f fanOut) time.Duration { return f.cpu }))
+		return median(each(fs, func(f fanOut) time.Duration { return f.cpu }))
 	}
 	watchers := func(fs []fanOut) float64 { return slices.Max(each(fs, func(f fanOut) float64 { return f.watchers })) }
 	t1, tS, tL := took(lone), took(shared), took(lones)
-	spread := medianDuration(each(shared, func(f fanOut) time.Duration { return f.spread }))
+	spread := median(each(shared, func(f fanOut) time.Duration { return f.spread }))
 	h1, hS, hL := perKey(lone), perKey(shared), perKey(lones)
 	c1, cS, cL := cpu(lone), cpu(shared), cpu(lones)
 	k := fmt.Sprintf("%dk keys", srcKeys/1000)

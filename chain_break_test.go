@@ -25,7 +25,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
@@ -779,7 +778,7 @@ func TestChainBreakGroupsAtTheOpLimit(t *testing.T) {
 	count := grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
 		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
-		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 {
+		if _, ok := asCommitTxn(req); ok {
 			txns.Add(1)
 		}
 		return invoker(ctx, method, req, reply, cc, opts...)

@@ -10,7 +10,6 @@ import (
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/stretchr/testify/require"
-	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc"
 )
@@ -172,7 +171,7 @@ func closedDuringCommitCase(ctx context.Context, t *testing.T, env *testEnv, pre
 	cfg := env.clientConfig(grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
 		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
-		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 && holding.CompareAndSwap(false, true) {
+		if _, ok := asCommitTxn(req); ok && holding.CompareAndSwap(false, true) {
 			hold <- struct{}{} // the commit is in flight ...
 			<-hold             // ... until the client is closed
 		}

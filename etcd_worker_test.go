@@ -156,7 +156,7 @@ func runTwiceReactor(phase *atomic.Int64, ticked chan struct{}) Reactor {
 			return st, nil
 		default:
 			want := map[string]string{"/a": "10", "/c": "30", "/d": "4", "/e": "5"}
-			got := stateSnapshot(st)
+			got := stringValues(st.values)
 			if st.has("/a", "11") {
 				return st, ErrReactorFinished
 			}
@@ -221,12 +221,12 @@ func TestEtcdWorkerRunTwice(t *testing.T) {
 		"the reload did not report the key deleted while the worker was stopped")
 	want := map[string]string{"/a": "11", "/c": "30", "/d": "4", "/e": "5"}
 	require.Equal(t, want, etcdSnapshot(ctx, t, cli, prefix))
-	require.Equal(t, want, stateSnapshot(st))
+	require.Equal(t, want, stringValues(st.values))
 
 	// A fresh worker sees the same.
 	fresh := newRecordingState(prefix)
 	require.NoError(t, runWorker(ctx, t, cli, prefix, newStepReactor(when(always, nil)), fresh))
-	require.Equal(t, want, stateSnapshot(fresh))
+	require.Equal(t, want, stringValues(fresh.values))
 }
 
 // TestEtcdWorkerLongTimerInterval: with a timerInterval above one second

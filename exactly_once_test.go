@@ -479,7 +479,7 @@ func (f *txnFaultInjector) next(req *etcdserverpb.TxnRequest) (string, txnAction
 		return "", txnPass
 	}
 	kind, queue := "commit", &f.commits
-	if len(req.Compare) == 1 {
+	if _, ok := asCommitTxn(req); !ok {
 		kind, queue = "fence", &f.fences
 	}
 	a := txnPass

@@ -43,7 +43,7 @@ func startFollower(s *Source) *follower {
 	if cctx := s.client.Ctx(); cctx != nil {
 		f.clientDone = cctx.Done()
 	}
-	f.settings.Store(&followerSettings{progressInterval: time.Second})
+	f.settings.Store(&followerSettings{progressInterval: idleProgressInterval})
 	f.wg.Add(1)
 	go func() {
 		defer f.wg.Done()
@@ -52,10 +52,14 @@ func startFollower(s *Source) *follower {
 	return f
 }
 
+// idleProgressInterval is how often the follower probes the head while no
+// attached worker asked for an interval of its own (progressInterval).
+const idleProgressInterval = time.Second
+
 // configure takes the attached workers' settings.
 func (f *follower) configure(fs followerSettings) {
 	if fs.progressInterval <= 0 {
-		fs.progressInterval = time.Second
+		fs.progressInterval = idleProgressInterval
 	}
 	f.settings.Store(&fs)
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 
@@ -144,6 +145,14 @@ func runAsync(ctx context.Context, w *EtcdWorker, session *concurrency.Session, 
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx, session, interval, role) }()
 	return done
+}
+
+// asCommitTxn returns req as a worker's commit Txn: a Txn with more than one
+// compare (its own and the commit token's, or a chain link's), which the
+// worker's other Txns (the token's put, fences, resolutions) never have.
+func asCommitTxn(req any) (*etcdserverpb.TxnRequest, bool) {
+	tr, ok := req.(*etcdserverpb.TxnRequest)
+	return tr, ok && len(tr.Compare) > 1
 }
 
 // recvErr waits for the result of a Run started in a goroutine.

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"google.golang.org/grpc"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
@@ -92,7 +91,7 @@ func outageEndsRun(t *testing.T, fault func(*etcdtest.Proxy), inFlight bool, pre
 	cli := env.client(t, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
 		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
-		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) > 1 {
+		if _, ok := asCommitTxn(req); ok {
 			cutTxnAt() // the commit is sent into the outage
 		}
 		return invoker(ctx, method, req, reply, cc, opts...)

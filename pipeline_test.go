@@ -85,8 +85,8 @@ func (g *chainGate) dialOption() grpc.DialOption {
 	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
 		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
-		tr, ok := req.(*etcdserverpb.TxnRequest)
-		if !ok || len(tr.Compare) < 2 {
+		tr, ok := asCommitTxn(req)
+		if !ok {
 			return invoker(ctx, method, req, reply, cc, opts...)
 		}
 		h := g.hold(tr)
@@ -434,7 +434,7 @@ func TestConflictRerunsAtOnceWithoutTheWatch(t *testing.T) {
 			inc := incrPatch(st.key("/n"), 1).(SingleDataPatch)
 			st.group(SingleDataPatch{Key: inc.Key, Func: func(old []byte) ([]byte, bool, error) {
 				seen = append(seen, string(old))
-				stateSaw = append(stateSaw, stateSnapshot(st)["/n"])
+				stateSaw = append(stateSaw, stringValues(st.values)["/n"])
 				if len(seen) == 1 {
 					close(c.entered)
 					if err := blockUntil(ctx, c.release); err != nil {
@@ -572,7 +572,7 @@ func (f *txnFlight) dialOption() grpc.DialOption {
 	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
 		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
-		if tr, ok := req.(*etcdserverpb.TxnRequest); !ok || len(tr.Compare) < 2 {
+		if _, ok := asCommitTxn(req); !ok {
 			return invoker(ctx, method, req, reply, cc, opts...)
 		}
 		f.mu.Lock()

@@ -86,7 +86,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 			require.NoError(t, err)
 			w.reactor = finishReactor()
 			require.NoError(t, runWithin(t, w, 10*time.Second, "w-again"))
-			require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshot(st),
+			require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stringValues(st.values),
 				"the state ends equal to etcd: the delete of /a must reach it")
 		})
 	}
@@ -120,7 +120,7 @@ func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	require.NoError(t, err)
 	waitUntil(ctx, t, "the Source has the delete", func() bool { return other.Status().AppliedRevision >= del.Header.Revision })
 	require.NoError(t, runWithin(t, w, 10*time.Second, "third"))
-	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshot(st),
+	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stringValues(st.values),
 		"the state ends equal to etcd: the delete of /k7 must reach it")
 }
 
@@ -447,7 +447,7 @@ func TestSourceWorkersJoinAndLeaveWhileWritesFlow(t *testing.T) {
 	for i, w := range ws {
 		w.reactor = finishReactor()
 		require.NoError(t, runWithin(t, w, 10*time.Second, "final"))
-		require.Equal(t, want, stateSnapshotMap(states[i]), "worker %d's state equals etcd", i)
+		require.Equal(t, want, stringValues(states[i].values), "worker %d's state equals etcd", i)
 	}
 	require.False(t, sourceFollowing(src))
 	requireNoPackageGoroutines(t)
@@ -478,14 +478,6 @@ func requireNoPackageGoroutines(t testing.TB) {
 		time.Sleep(pollInterval)
 	}
 	require.Empty(t, left, "goroutines of the package left after the last Run returned")
-}
-
-func stateSnapshotMap(st *mapState) map[string]string {
-	out := map[string]string{}
-	for k, v := range st.values {
-		out[k] = string(v)
-	}
-	return out
 }
 
 // grantPatch is a general DataPatch that takes one slot of a quota: it
@@ -595,7 +587,7 @@ func TestSourceQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T
 	}
 	require.EqualValues(t, limit, total, "slots taken: %v", all)
 	for i, st := range states {
-		require.Equal(t, etcdSnapshot(ctx, t, admin, st.prefix), stateSnapshotMap(st), "worker %d's state", i)
+		require.Equal(t, etcdSnapshot(ctx, t, admin, st.prefix), stringValues(st.values), "worker %d's state", i)
 	}
 }
 
@@ -798,7 +790,7 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 		return stuck.Status().AppliedRevision >= last
 	})
 	g.stop(t)
-	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stateSnapshotMap(slow.mapState))
+	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(slow.mapState.values))
 }
 
 // storeRevision is etcd's current store revision, read through cli.

@@ -1,7 +1,9 @@
 package orchestrator
 
-// Second review of the shared Source's catching up: tests against a real
-// embedded etcd. Names say the behaviour the requirements promise.
+// How a worker on the shared Source catches up, against a real embedded
+// etcd: after failed first snapshots, while stuck, in a reload, as a late
+// joiner and on a sub-prefix. Names say the behaviour DESIGN "Catching up"
+// promises; the faults themselves are in source_catchup_faults_test.go.
 
 import (
 	"context"
@@ -129,7 +131,7 @@ func (s *failingStrictState) requireEndsEqualToEtcd(ctx context.Context, t *test
 	runCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	require.NoError(t, w.Run(runCtx, nil, behaviourTick, role))
-	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stateSnapshotMap(s.mapState))
+	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stringValues(s.mapState.values))
 	s.v.requireNone(t)
 }
 
@@ -225,7 +227,7 @@ func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) 
 		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= storeRevision(t, env.cli)
 	})
 	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
-	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stateSnapshotMap(st.mapState))
+	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(st.mapState.values))
 	v.requireNone(t)
 }
 
@@ -396,7 +398,7 @@ func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T
 		mu.Lock()
 		defer mu.Unlock()
 		if first == nil {
-			first = stateSnapshotMap(s.(*mapState))
+			first = stringValues(s.(*mapState).values)
 		}
 		return s, nil
 	}), newMapState(prefix), WithSource(src))

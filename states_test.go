@@ -159,11 +159,11 @@ func when(cond func(st *recordingState) bool, act func(ctx context.Context, st *
 
 func always(*recordingState) bool { return true }
 
-// stateSnapshot converts a recordingState's values for comparison with
+// stringValues converts a test state's values for comparison with
 // etcdSnapshot.
-func stateSnapshot(st *recordingState) map[string]string {
-	out := map[string]string{}
-	for k, v := range st.values {
+func stringValues(values map[string][]byte) map[string]string {
+	out := make(map[string]string, len(values))
+	for k, v := range values {
 		out[k] = string(v)
 	}
 	return out
@@ -251,7 +251,7 @@ type tickSnapshotter struct {
 }
 
 func (s *tickSnapshotter) Tick(_ context.Context, st ReactorState) (ReactorState, error) {
-	snap := stateSnapshot(st.(*recordingState))
+	snap := stringValues(st.(*recordingState).values)
 	s.mu.Lock()
 	s.last = snap
 	s.mu.Unlock()
@@ -282,7 +282,7 @@ type logReactor struct {
 func (r *logReactor) Tick(_ context.Context, s ReactorState) (ReactorState, error) {
 	st := s.(*recordingState)
 	r.mu.Lock()
-	r.values = stateSnapshot(st)
+	r.values = stringValues(st.values)
 	r.log = append([]updateRecord(nil), st.log...)
 	act := r.act
 	r.mu.Unlock()

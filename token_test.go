@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -150,8 +149,8 @@ func leaseLossCase(t *testing.T, env *testEnv, inFlight bool) {
 	cli := env.client(t, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
 		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 	) error {
-		tr, ok := req.(*etcdserverpb.TxnRequest)
-		if !ok || len(tr.Compare) < 2 || !armed.CompareAndSwap(true, false) {
+		_, ok := asCommitTxn(req)
+		if !ok || !armed.CompareAndSwap(true, false) {
 			return invoker(ctx, method, req, reply, cc, opts...)
 		}
 		if err := invoker(ctx, method, req, reply, cc, opts...); err != nil {
