@@ -790,7 +790,7 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 		return stuck.Status().AppliedRevision >= last
 	})
 	g.stop(t)
-	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(slow.mapState.values))
+	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(slow.values))
 }
 
 // storeRevision is etcd's current store revision, read through cli.

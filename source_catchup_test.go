@@ -131,7 +131,7 @@ func (s *failingStrictState) requireEndsEqualToEtcd(ctx context.Context, t *test
 	runCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	require.NoError(t, w.Run(runCtx, nil, behaviourTick, role))
-	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stringValues(s.mapState.values))
+	require.Equal(t, etcdSnapshot(ctx, t, cli, prefix), stringValues(s.values))
 	s.v.requireNone(t)
 }
 
@@ -227,7 +227,7 @@ func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) 
 		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= storeRevision(t, env.cli)
 	})
 	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
-	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(st.mapState.values))
+	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(st.values))
 	v.requireNone(t)
 }
 
