@@ -151,7 +151,7 @@ func (r *run) fenceToken(rev int64, value uint64) (*clientv3.TxnResponse, error)
 		if !deadline.IsZero() && r.now().After(deadline) {
 			return nil, fmt.Errorf("%w: %w", r.ctxErr(), ErrCommitUnresolved)
 		}
-		if err := r.sleep(bo.next(), true); err != nil {
+		if err := r.sleep(bo.Next(), true); err != nil {
 			return nil, fmt.Errorf("%w: while resolving a commit", err)
 		}
 	}

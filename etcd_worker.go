@@ -83,6 +83,7 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 			requestTimeout:    o.requestTimeout,
 			pageSize:          o.pageSize,
 			metricsRegisterer: o.metricsRegisterer,
+			clock:             o.clock,
 		})
 		if err != nil {
 			return nil, err

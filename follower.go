@@ -319,7 +319,7 @@ func (f *follower) loadWithRetry() error {
 		select {
 		case <-f.ctx.Done():
 			return nil
-		case <-f.clock.After(bo.next()):
+		case <-f.clock.After(bo.Next()):
 		}
 	}
 }

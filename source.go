@@ -108,6 +108,7 @@ type sourceOptions struct {
 	requestTimeout    time.Duration
 	pageSize          int
 	metricsRegisterer prometheus.Registerer
+	clock             clockwork.Clock // the real one; a lone worker's Source shares its worker's
 }
 
 func defaultSourceOptions() sourceOptions {
@@ -115,6 +116,7 @@ func defaultSourceOptions() sourceOptions {
 		logger:         zap.NewNop(),
 		requestTimeout: DefaultRequestTimeout,
 		pageSize:       DefaultPageSize,
+		clock:          clockwork.NewRealClock(),
 	}
 }
 
@@ -186,7 +188,7 @@ func newSource(client *clientv3.Client, p util.EtcdPrefix, o sourceOptions) (*So
 		log:      o.logger.With(zap.String("source", p.String())),
 		metrics:  m,
 		label:    prometheus.Labels{"source": p.String()},
-		clock:    clockwork.NewRealClock(),
+		clock:    o.clock,
 		copy:     newMirror(p),
 		changes:  newChangeLog(),
 		attached: make(map[*cursor]struct{}),

@@ -222,7 +222,7 @@ func (r *run) ensureToken() error {
 		if err := r.rejectionOrOutage("put commit token", sent, err); err != nil {
 			return err
 		}
-		if err := r.sleep(bo.next(), false); err != nil {
+		if err := r.sleep(bo.Next(), false); err != nil {
 			return err
 		}
 	}
@@ -251,7 +251,7 @@ func (r *run) ensureTokenLease() error {
 		if err := r.rejectionOrOutage("grant lease", sent, err); err != nil {
 			return err
 		}
-		if err := r.sleep(bo.next(), false); err != nil {
+		if err := r.sleep(bo.Next(), false); err != nil {
 			return err
 		}
 	}

@@ -8,6 +8,8 @@ import (
 
 	"github.com/jonboulle/clockwork"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/etcdworker/orchestrator/internal/backoff"
 )
 
 // watchConfig is what a watchStream needs to know.
@@ -41,7 +43,7 @@ type watchStream struct {
 	ch      clientv3.WatchChan      // nil while no watch is open
 	opened  chan clientv3.WatchChan // non-nil while a watch is being opened
 	retryAt time.Time
-	backoff backoff
+	backoff backoff.Backoff
 
 	kick chan struct{}
 	wg   sync.WaitGroup
@@ -230,7 +232,7 @@ func (s *watchStream) handle(resp clientv3.WatchResponse, ok bool) watchResult {
 		s.retryLater()
 		return watchResult{kind: watchFailed, err: err}
 	}
-	s.backoff.reset()
+	s.backoff.Reset()
 	if resp.IsProgressNotify() {
 		return watchResult{kind: watchProgress, rev: resp.Header.Revision}
 	}
@@ -240,7 +242,7 @@ func (s *watchStream) handle(resp clientv3.WatchResponse, ok bool) watchResult {
 // retryLater closes the current watch and schedules a new one.
 func (s *watchStream) retryLater() {
 	s.closeWatch()
-	s.retryAt = s.cfg.clock.Now().Add(s.backoff.next())
+	s.retryAt = s.cfg.clock.Now().Add(s.backoff.Next())
 }
 
 // storeMax stores v in a unless a holds more.

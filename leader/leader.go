@@ -12,10 +12,10 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator"
+	"github.com/etcdworker/orchestrator/internal/backoff"
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 	"github.com/etcdworker/orchestrator/internal/userfn"
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -30,7 +30,8 @@ const (
 	// resignTimeout bounds the resignation after a clean stop (ctx may be
 	// done by then, so it runs on a context of its own).
 	resignTimeout = 5 * time.Second
-	// Back-off between failed campaign attempts (etcd unreachable...).
+	// Back-off between failed campaign attempts (etcd unreachable...),
+	// doubling from minRetryDelay up to maxRetryDelay, with jitter.
 	minRetryDelay = 100 * time.Millisecond
 	maxRetryDelay = 5 * time.Second
 )
@@ -133,7 +134,7 @@ type campaigner struct {
 // loop campaigns and leads, term after term, until a term or a failed
 // campaign says to stop.
 func (c *campaigner) loop(ctx context.Context) error {
-	delay := minRetryDelay
+	bo := backoff.New(minRetryDelay, maxRetryDelay)
 	for {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("leader: %w", err)
@@ -146,14 +147,14 @@ func (c *campaigner) loop(ctx context.Context) error {
 			if c.permanent(err) {
 				return fmt.Errorf("leader: %w", err)
 			}
+			delay := bo.Next()
 			c.log.Warn("campaign failed, retrying", zap.Duration("delay", delay), zap.Error(err))
 			if err := sleep(ctx, delay); err != nil {
 				return fmt.Errorf("leader: %w", err)
 			}
-			delay = min(2*delay, maxRetryDelay)
 			continue
 		}
-		delay = minRetryDelay
+		bo.Reset()
 		again, err := c.lead(ctx, session, election)
 		if !again {
 			return err
@@ -395,20 +396,11 @@ func (c *campaigner) revoke(ctx context.Context, id clientv3.LeaseID) {
 	_, _ = c.client.Revoke(rctx, id) // best effort: the lease expires anyway
 }
 
-// permanent reports whether a campaign error will not heal by retrying.
+// permanent reports whether a campaign error will not heal by retrying: the
+// client was closed, or etcd refused the request as it would refuse it again
+// (the worker's rule, etcderr.Permanent).
 func (c *campaigner) permanent(err error) bool {
-	if c.client.Ctx().Err() != nil { // client closed
-		return true
-	}
-	switch {
-	case errors.Is(err, rpctypes.ErrPermissionDenied), errors.Is(err, rpctypes.ErrAuthFailed),
-		errors.Is(err, rpctypes.ErrUserEmpty), errors.Is(err, rpctypes.ErrUserNotFound):
-		return true
-	}
-	if s, ok := status.FromError(err); ok {
-		return s.Code() == codes.PermissionDenied || s.Code() == codes.Unauthenticated
-	}
-	return false
+	return c.client.Ctx().Err() != nil || etcderr.Permanent(err)
 }
 
 // cancelOnClose returns a context that is also cancelled when done closes.

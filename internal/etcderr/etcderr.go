@@ -1,0 +1,48 @@
+// Package etcderr classifies the errors etcd (or gRPC on its behalf)
+// answers, for every package of this module that retries requests: an
+// error that the same request will get again ends the retries.
+package etcderr
+
+import (
+	"errors"
+	"strings"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Permanent reports whether err is an answer of etcd (or of gRPC on
+// its behalf) that the same request will get again.
+func Permanent(err error) bool {
+	for _, p := range []error{
+		rpctypes.ErrPermissionDenied, rpctypes.ErrAuthFailed, rpctypes.ErrUserEmpty,
+		rpctypes.ErrUserNotFound, rpctypes.ErrRoleNotGranted, rpctypes.ErrPermissionNotGranted,
+		rpctypes.ErrDuplicateKey, rpctypes.ErrEmptyKey, rpctypes.ErrKeyNotFound,
+		rpctypes.ErrInvalidSortOption, rpctypes.ErrRequestTooLarge, rpctypes.ErrTooManyOps,
+	} {
+		if errors.Is(err, p) {
+			return true
+		}
+	}
+	// Errors etcd's server knows arrive as rpctypes.EtcdError (above); a raw
+	// gRPC status comes from gRPC itself, such as a request or a response
+	// over a receive limit.
+	if MessageTooLarge(err) {
+		return true
+	}
+	if s, ok := status.FromError(err); ok {
+		switch s.Code() {
+		case codes.PermissionDenied, codes.Unauthenticated, codes.InvalidArgument:
+			return true
+		}
+	}
+	return false
+}
+
+// MessageTooLarge reports whether gRPC refused a message over a size
+// limit (a request over the server's, or a response over the client's).
+func MessageTooLarge(err error) bool {
+	s, ok := status.FromError(err)
+	return ok && s.Code() == codes.ResourceExhausted && strings.Contains(s.Message(), "larger than max")
+}

@@ -1,0 +1,45 @@
+package etcderr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.uber.org/goleak"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func TestPermanent(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name      string
+		err       error
+		permanent bool
+		tooLarge  bool
+	}{
+		{name: "permission denied", err: rpctypes.ErrPermissionDenied, permanent: true},
+		{name: "wrapped too many ops", err: fmt.Errorf("commit: %w", rpctypes.ErrTooManyOps), permanent: true},
+		{name: "request too large", err: rpctypes.ErrRequestTooLarge, permanent: true},
+		{name: "gRPC unauthenticated", err: status.Error(codes.Unauthenticated, "no"), permanent: true},
+		{name: "gRPC receive limit", err: status.Error(codes.ResourceExhausted,
+			"grpc: received message larger than max (5000 vs. 4096)"), permanent: true, tooLarge: true},
+		{name: "too many requests", err: rpctypes.ErrTooManyRequests},
+		{name: "other resource exhausted", err: status.Error(codes.ResourceExhausted, "quota")},
+		{name: "unavailable", err: status.Error(codes.Unavailable, "connection refused")},
+		{name: "no leader", err: rpctypes.ErrNoLeader},
+		{name: "deadline", err: context.DeadlineExceeded},
+		{name: "not from etcd", err: errors.New("boom")},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			require.Equal(t, tc.permanent, Permanent(tc.err))
+			require.Equal(t, tc.tooLarge, MessageTooLarge(tc.err))
+		})
+	}
+}
