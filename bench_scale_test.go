@@ -16,15 +16,12 @@ import (
 	"text/tabwriter"
 	"time"
 
-	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
@@ -78,17 +75,6 @@ func scalePopulate(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 	start := time.Now()
 	populate(ctx, b, cli, n, func(i int) (string, string) { return scaleKey(prefix, i), scaleValue(i) })
 	return time.Since(start)
-}
-
-// noRangeStream is a gRPC stream interceptor that answers RangeStream like
-// an etcd server before 3.7.
-func noRangeStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
-	streamer grpc.Streamer, opts ...grpc.CallOption,
-) (grpc.ClientStream, error) {
-	if method == pb.KV_RangeStream_FullMethodName {
-		return nil, status.Error(codes.Unimplemented, "unknown method RangeStream")
-	}
-	return streamer(ctx, desc, cc, method, opts...)
 }
 
 // scaleClient returns a client with the receive limit at its maximum and,

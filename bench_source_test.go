@@ -51,12 +51,6 @@ const (
 	srcWatchers  = "etcd_debugging_mvcc_watcher_total"
 )
 
-// nopState keeps nothing.
-type nopState struct{}
-
-func (*nopState) Update(util.EtcdKey, []byte, bool) error { return nil }
-func (*nopState) GetPatches() [][]DataPatch               { return nil }
-
 // srcRow is one line of the table.
 type srcRow struct{ what, measured, baseline, ratio, must string }
 
@@ -165,7 +159,7 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 			})
 			return s, nil
 		})
-		w, err := NewEtcdWorker(cli, prefix, reactor, &nopState{}, opts...)
+		w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{}, opts...) // keeps no value
 		if err != nil {
 			b.Fatal(err)
 		}

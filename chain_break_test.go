@@ -14,7 +14,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -935,48 +934,28 @@ func TestChainBreakRerunOutgrowsTheByteLimit(t *testing.T) {
 // ---------------------------------------------------------------------------
 // Depth.
 
-// TestChainBreakInvalidPipelineDepth: a depth below 1 is rejected by
-// NewEtcdWorker with ErrInvalidArgument; 1 and 8 are accepted.
-func TestChainBreakInvalidPipelineDepth(t *testing.T) {
-	t.Parallel()
-	cli := sharedClient(t)
-	for _, n := range []int{0, -1, -1 << 31} {
-		_, err := NewEtcdWorker(cli, "/test/chainbreak/depth", idleReactor(), newMapState("/test/chainbreak/depth"),
-			WithPipelineDepth(n))
-		require.ErrorIs(t, err, ErrInvalidArgument, "depth %d", n)
-	}
-	for _, n := range []int{1, 8} {
-		_, err := NewEtcdWorker(cli, "/test/chainbreak/depth", idleReactor(), newMapState("/test/chainbreak/depth"),
-			WithPipelineDepth(n))
-		require.NoError(t, err, "depth %d", n)
-	}
-}
-
-// TestChainBreakHugePipelineDepth: NewEtcdWorker accepts any depth of at
-// least 1, so a huge one (a caller's "no limit") must either be rejected
-// with ErrInvalidArgument or work: Run must commit, not panic.
-func TestChainBreakHugePipelineDepth(t *testing.T) {
+// TestChainBreakMaxPipelineDepthCommits: the largest depth NewEtcdWorker
+// accepts (MaxPipelineDepth; above it is ErrInvalidArgument, see
+// TestOptionErrorsNameTheOption) commits a chain longer than one Txn
+// without a panic (the window is sized by the chain, not by the depth).
+func TestChainBreakMaxPipelineDepthCommits(t *testing.T) {
 	t.Parallel()
 	cli := sharedClient(t)
 	ctx := contextWithin(t, 20*time.Second)
-	const prefix = "/test/chainbreak/huge-depth"
+	const prefix = "/test/chainbreak/max-depth"
 	clearPrefix(ctx, t, cli, prefix)
 	build := func(st *mapState) [][]DataPatch {
 		return [][]DataPatch{{setPatch(st.key("/a"), []byte("a"))}, {setPatch(st.key("/b"), []byte("b"))}}
 	}
-	w, err := NewEtcdWorker(cli, prefix, chainReactor(false, nil, build, nil), newMapState(prefix),
-		WithPipelineDepth(math.MaxInt), WithTxnLimits(3, DefaultTxnMaxBytes))
-	if err != nil {
-		require.ErrorIs(t, err, ErrInvalidArgument)
-		return
-	}
+	w := mustNewEtcdWorker(t, cli, prefix, chainReactor(false, nil, build, nil), newMapState(prefix),
+		WithPipelineDepth(MaxPipelineDepth), WithTxnLimits(3, DefaultTxnMaxBytes))
 	var runErr error
 	panicked := func() (p any) {
 		defer func() { p = recover() }()
-		runErr = w.Run(ctx, nil, behaviourTick, "huge-depth")
+		runErr = w.Run(ctx, nil, behaviourTick, "max-depth")
 		return nil
 	}()
-	require.Nil(t, panicked, "Run panicked with WithPipelineDepth(math.MaxInt), which NewEtcdWorker accepted")
+	require.Nil(t, panicked, "Run panicked with WithPipelineDepth(MaxPipelineDepth)")
 	require.NoError(t, runErr)
 	require.Equal(t, map[string]string{"/a": "a", "/b": "b"}, etcdSnapshot(ctx, t, cli, prefix))
 }

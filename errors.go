@@ -63,6 +63,12 @@ var (
 	// "/__orchestrator/" area under it). Nothing of that commit is written.
 	ErrKeyOutsidePrefix = errors.New("orchestrator: patch writes a key outside the worker's prefix")
 
+	// ErrNotReady is returned by EtcdWorker.Ready when the worker cannot
+	// serve a consistent, fresh state: it is not running, its initial load
+	// is not done, its state is older than the staleness bound, or etcd is
+	// not answering.
+	ErrNotReady = errors.New("orchestrator: worker not ready")
+
 	// ErrPanic is wrapped by the error Run returns when a user callback (Tick,
 	// Update, Patch) panicked. The panic value and stack are in the message
 	// and in the log.

@@ -60,6 +60,7 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 		}
 	}
 	p := util.NormalizePrefix(prefix)
+	ks := newKeyspace(p)
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
@@ -68,7 +69,7 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 			return nil, fmt.Errorf("%w: %w", ErrInvalidArgument, err)
 		}
 	}
-	limits, err := newTxnLimits(&o, p.String())
+	limits, err := newTxnLimits(&o, ks)
 	if err != nil {
 		return nil, err
 	}
@@ -93,7 +94,6 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 	if err != nil {
 		return nil, fmt.Errorf("orchestrator: register metrics: %w", err)
 	}
-	ks := newKeyspace(p)
 	return &EtcdWorker{
 		client:  client,
 		prefix:  p,

@@ -26,6 +26,9 @@ import (
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
@@ -145,6 +148,20 @@ func runAsync(ctx context.Context, w *EtcdWorker, session *concurrency.Session, 
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx, session, interval, role) }()
 	return done
+}
+
+// errNoRangeStream is how an etcd server before 3.7 answers RangeStream.
+var errNoRangeStream = status.Error(codes.Unimplemented, "unknown method RangeStream for service etcdserverpb.KV")
+
+// noRangeStream is a gRPC stream interceptor that makes a client's server
+// look like one before 3.7: RangeStream is answered errNoRangeStream.
+func noRangeStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
+	streamer grpc.Streamer, opts ...grpc.CallOption,
+) (grpc.ClientStream, error) {
+	if method == etcdserverpb.KV_RangeStream_FullMethodName {
+		return nil, errNoRangeStream
+	}
+	return streamer(ctx, desc, cc, method, opts...)
 }
 
 // asCommitTxn returns req as a worker's commit Txn: a Txn with more than one

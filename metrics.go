@@ -83,7 +83,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			"Unix time when Reactor.Tick last started; absent while the worker is not running."),
 		revision: register(rg, &liveGaugeVec{
 			GaugeVec: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: metricsNamespace, Name: "applied_revision",
-				Help: "Revision the state is known complete up to; absent while the worker is not running."}, roleLabels),
+				Help: "Revision the state is known complete up to; absent while the worker is not running."}, []string{roleLabel}),
 			runs: map[string]int{},
 		}),
 		sourceLag: gauge(rg, "source_lag_revisions",
@@ -103,8 +103,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-// roleLabels are the labels of a worker's metrics.
-var roleLabels = []string{"role"}
+// roleLabel is the label of a worker's metrics.
+const roleLabel = "role"
 
 // gaugeVec and counterVec make a Source's collectors, labelled by its prefix.
 func gaugeVec(name, help string) *prometheus.GaugeVec {
@@ -123,17 +123,17 @@ func sourceVec[C prometheus.Collector](rg *registrar, mk func(name, help string)
 
 func counter(rg *registrar, name, help string) *prometheus.CounterVec {
 	return register(rg, prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: metricsNamespace, Name: name, Help: help}, roleLabels))
+		Namespace: metricsNamespace, Name: name, Help: help}, []string{roleLabel}))
 }
 
 func gauge(rg *registrar, name, help string) *prometheus.GaugeVec {
 	return register(rg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Namespace: metricsNamespace, Name: name, Help: help}, roleLabels))
+		Namespace: metricsNamespace, Name: name, Help: help}, []string{roleLabel}))
 }
 
 func histogram(rg *registrar, name, help string, buckets []float64) *prometheus.HistogramVec {
 	return register(rg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: metricsNamespace, Name: name, Help: help, Buckets: buckets}, roleLabels))
+		Namespace: metricsNamespace, Name: name, Help: help, Buckets: buckets}, []string{roleLabel}))
 }
 
 // registrar registers collectors with a registerer (nil: none), remembering
@@ -188,7 +188,7 @@ type roleMetrics struct {
 }
 
 func (m *metrics) forRole(role string) *roleMetrics {
-	l := prometheus.Labels{"role": role}
+	l := prometheus.Labels{roleLabel: role}
 	m.revision.join(role)
 	return &roleMetrics{
 		txnBytes:        m.txnBytes.With(l),

@@ -1,6 +1,7 @@
 package orchestrator
 
 import (
+	"math"
 	"testing"
 	"time"
 
@@ -27,6 +28,12 @@ func TestOptionErrorsNameTheOption(t *testing.T) {
 		{WithPageSize(-5), "WithPageSize"},
 		{WithPipelineDepth(0), "WithPipelineDepth"},
 		{WithPipelineDepth(-1), "WithPipelineDepth"},
+		{WithPipelineDepth(-1 << 31), "WithPipelineDepth"},
+		{WithPipelineDepth(MaxPipelineDepth + 1), "WithPipelineDepth"},
+		{WithPipelineDepth(math.MaxInt), "WithPipelineDepth"}, // a caller's "no limit"
+		{WithPipelineDepth(1), ""},
+		{WithPipelineDepth(8), ""},
+		{WithPipelineDepth(MaxPipelineDepth), ""},
 		{WithCommitTokenTTL(0), "WithCommitTokenTTL"},
 		{WithTxnLimits(1, 10), "WithTxnLimits"},
 		{WithTxnLimits(DefaultTxnMaxOps, 10), "WithTxnLimits"},

@@ -66,7 +66,7 @@ func (c *rpcCounter) stream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc
 	c.streams++
 	c.mu.Unlock()
 	if c.noStream {
-		return nil, status.Error(codes.Unimplemented, "unknown method RangeStream for service etcdserverpb.KV")
+		return nil, errNoRangeStream
 	}
 	cs, err := streamer(ctx, desc, cc, method, opts...)
 	if err != nil {

@@ -212,7 +212,7 @@ func (s *Source) checkWorkerPrefix(p util.EtcdPrefix) error {
 	switch {
 	case wp == s.ks.prefix:
 		return nil
-	case len(wp) <= len(s.ks.watchKey) || wp[:len(s.ks.watchKey)] != s.ks.watchKey:
+	case !s.ks.contains(wp):
 		return fmt.Errorf("%w: WithSource: worker prefix %q is not the Source's prefix %q nor under it",
 			ErrInvalidArgument, wp, s.ks.prefix)
 	case s.ks.isReserved([]byte(wp + "/")):

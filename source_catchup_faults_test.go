@@ -227,14 +227,7 @@ type pageFailer struct {
 
 func (p *pageFailer) dialOptions() []grpc.DialOption {
 	return []grpc.DialOption{
-		grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
-			method string, streamer grpc.Streamer, opts ...grpc.CallOption,
-		) (grpc.ClientStream, error) {
-			if method == pb.KV_RangeStream_FullMethodName {
-				return nil, status.Error(codes.Unimplemented, "unknown method RangeStream for service etcdserverpb.KV")
-			}
-			return streamer(ctx, desc, cc, method, opts...)
-		}),
+		grpc.WithChainStreamInterceptor(noRangeStream),
 		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn,
 			invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
 		) error {

@@ -232,7 +232,8 @@ func counterReactor(queued *atomic.Int64) Reactor {
 
 // rdState is a ReactorState that keeps nothing but a patch queue: the
 // read-dependency tests decide in their patches, on the values they are
-// given at commit time.
+// given at commit time, and BenchmarkSource measures the worker's own
+// memory with it.
 type rdState struct{ patches [][]DataPatch }
 
 func (s *rdState) Update(util.EtcdKey, []byte, bool) error { return nil }

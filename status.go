@@ -8,11 +8,6 @@ import (
 	"time"
 )
 
-// ErrNotReady is returned by EtcdWorker.Ready when the worker cannot serve
-// a consistent, fresh state: it is not running, its initial load is not done,
-// its state is older than the staleness bound, or etcd is not answering.
-var ErrNotReady = errors.New("orchestrator: worker not ready")
-
 // Status is where a worker stands, as seen by another goroutine. It is a
 // copy: reading it never blocks the worker for longer than a copy.
 type Status struct {

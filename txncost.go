@@ -36,8 +36,7 @@ type txnLimits struct {
 // get. The Else also reads every compared key (see commitTxn), one op per
 // compare, so max(compares, then, else) is keys + 2 (+1 with fencing). It
 // fails when the limits leave no room for one key.
-func newTxnLimits(o *options, prefix string) (txnLimits, error) {
-	ks := newKeyspace(util.NormalizePrefix(prefix))
+func newTxnLimits(o *options, ks keyspace) (txnLimits, error) {
 	counterKey := len(ks.counterKey)
 	l := txnLimits{maxOps: o.txnMaxOps, maxBytes: o.txnMaxBytes, overheadOps: 2}
 	// The token: a compare (with a value, for a chained Txn), a put and a
