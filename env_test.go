@@ -4,7 +4,7 @@ package orchestrator
 // the package's shared server (etcdtest.Shared), which tests that inject no
 // fault into the server use, each under its own prefix; ownServer starts one
 // for the test alone (compaction, server limits, auth, a global revision
-// nobody else moves, a worker joining a running Source: lateJoinEnv);
+// nobody else moves);
 // onServer takes one the test started (a process of the server matrix, a
 // cluster). withProxy puts a fault proxy in front of it for the workers'
 // clients, withAuth turns authentication on.

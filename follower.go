@@ -220,6 +220,9 @@ func (s *Source) applyWatch(res watchResult) {
 		s.applyEvents(res.events)
 	}
 	s.freshAt = s.clock.Now()
+	if s.proof.rev != 0 && s.proof.rev <= s.copy.completeRev {
+		s.proven(s.proof)
+	}
 	s.prune()
 	s.mu.Unlock()
 	s.signal()
@@ -260,17 +263,30 @@ func (f *follower) onProbe(p headProbe) error {
 	f.answered(p.rev)
 	f.s.mu.Lock()
 	fresh := p.rev <= f.s.copy.completeRev
-	if fresh && p.sent.After(f.s.freshAt) {
-		f.s.freshAt = p.sent
-	}
-	if fresh && p.sent.After(f.s.provenAt) {
-		f.s.provenAt = p.sent
+	if fresh {
+		f.s.proven(p)
+	} else if p.sent.After(f.s.proof.sent) {
+		f.s.proof = p // proven once the copy reaches p.rev (applyWatch)
 	}
 	f.s.mu.Unlock()
 	if fresh {
 		f.s.signal()
 	}
 	return nil
+}
+
+// proven records that the copy held every revision up to the head probe p
+// read, so it was current when p was sent; mu is held.
+func (s *Source) proven(p headProbe) {
+	if p.sent.After(s.freshAt) {
+		s.freshAt = p.sent
+	}
+	if p.sent.After(s.provenAt) {
+		s.provenAt = p.sent
+	}
+	if !s.proof.sent.After(p.sent) {
+		s.proof = headProbe{}
+	}
 }
 
 // watchConfig is the configuration of the Source's watch.

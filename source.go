@@ -63,6 +63,12 @@ type Source struct {
 	// current (a probe, a load): every write that ended before it is in the
 	// copy. A watch response proves freshness, not that.
 	freshAt, provenAt time.Time
+	// proof is the newest probe that found the copy behind the head it
+	// read: once the copy reaches proof.rev, it proves provenAt =
+	// proof.sent. On a busy server every probe reads a head the watch has
+	// not reached yet (the progress that covers it comes after the probe's
+	// answer), so this is how a probe proves anything there.
+	proof headProbe
 
 	// hmu guards what the follower publishes about its contact with etcd.
 	hmu    sync.Mutex

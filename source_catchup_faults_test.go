@@ -57,7 +57,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 	t.Parallel()
 	for _, shared := range []bool{false, true} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
-			cli := lateJoinEnv(t).cli
+			cli := newTestEnv(t).cli
 			ctx := testContext(t)
 			prefix := "/src-del"
 			mustPutKV(ctx, t, cli, prefix+"/x", "0")
@@ -98,7 +98,7 @@ func TestSourceDeleteOfAKeyCreatedInAFailedCatchUpReachesTheNextRun(t *testing.T
 // tell the state that /k7 is gone.
 func TestSourceDeleteAfterTwoFailedFirstSnapshotsReachesTheState(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/src-del2"
 	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k5", "/k9")
@@ -515,7 +515,7 @@ func grantPatch(rangePrefix string, own util.EtcdKey, limit int64, scribble bool
 // are taken, no Tick ever sees more, and every state ends equal to etcd.
 func TestSourceQuotaWithGeneralPatchesAndRangeDependencyOnOneSource(t *testing.T) {
 	t.Parallel()
-	env := lateJoinEnv(t)
+	env := newTestEnv(t)
 	admin := env.cli
 	ctx := testContext(t)
 	const prefix, limit, workers = "/src-quota", 60, 6
@@ -606,7 +606,7 @@ func (s *strictState) Update(key util.EtcdKey, value []byte, isInit bool) error 
 // hold. Another worker on the Source is stuck, so the change log keeps it.
 func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/src-spurious"
 	mustPutKV(ctx, t, cli, prefix+"/k", "1")
@@ -660,7 +660,7 @@ func TestSourceNoDeleteOfAKeyTheStateNeverHeld(t *testing.T) {
 // on it: every Run ends with ErrEtcdRejected, the Source stops.
 func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 	t.Parallel()
-	env := lateJoinEnv(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
 	const prefix = "/src-closed"
 	srcCli := env.client(t)
@@ -683,7 +683,7 @@ func TestSourceAClosedSourceClientEndsEveryWorker(t *testing.T) {
 // a write made just before it joined), and Ready.
 func TestSourceLateJoinerStatusAndWaitSynced(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/src-latestatus"
 	src := mustNewSource(t, cli, prefix)

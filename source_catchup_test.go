@@ -68,7 +68,7 @@ func (r *holdingReactor) Tick(ctx context.Context, s ReactorState) (ReactorState
 // all" (DESIGN "Catching up").
 func TestSourceCatchUpNoDeleteOfAKeyFirstCreatedAfterAStuckWorkersPosition(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-born"
 	mustPutKV(ctx, t, cli, prefix+"/other", "1")
@@ -142,7 +142,7 @@ func (s *failingStrictState) requireEndsEqualToEtcd(ctx context.Context, t *test
 // equal to etcd.
 func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-twofail"
 	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k5", "/k7", "/k9")
@@ -169,7 +169,7 @@ func TestSourceCatchUpNoDeleteOfAKeyTwoFailedFirstSnapshotsNeverTold(t *testing.
 // hold.
 func TestSourceCatchUpFailedFirstSnapshotRestartEndsEqualToEtcd(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-resume"
 	src, other := followedSource(ctx, t, cli, prefix, "/k1", "/k2", "/k3", "/k5", "/k6", "/k8")
@@ -237,7 +237,7 @@ func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) 
 // revision it loads": 4, as many as its first snapshot passes.
 func TestSourceCatchUpSizedStateHintOfALateJoinCountsItsKeys(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-hint"
 	for i := range 10 {
@@ -367,7 +367,7 @@ func (s *gatedWatchStream) RecvMsg(m any) error {
 // see /w.
 func TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun(t *testing.T) {
 	t.Parallel()
-	env := lateJoinEnv(t)
+	env := newTestEnv(t)
 	cli := env.cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-latelag"
@@ -464,7 +464,7 @@ func (p keysPatch) Patch(values map[util.EtcdKey][]byte, _ map[util.EtcdKey]stru
 // keys of /p/b and /p/ab, gets a value map of /p/a's keys only.
 func TestSourceCatchUpSubPrefixGeneralPatchSeesOnlyItsKeys(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/test/cu-subgeneral"
 	for _, k := range []string{"/a/1", "/a/2", "/ab/1", "/b/1", "/z"} {

@@ -26,16 +26,6 @@ func mustNewSource(t testing.TB, cli *clientv3.Client, prefix string, opts ...So
 	return src
 }
 
-// lateJoinEnv is newTestEnv(t, ownServer(), opts...): the etcd of a test
-// in which a worker joins a Source that already runs. Such a worker's first
-// Tick waits until the Source proves its copy current, and while other tests
-// write to the shared server (outside the Source's prefix) that can take
-// longer than the tests wait.
-func lateJoinEnv(t testing.TB, opts ...envOption) *testEnv {
-	t.Helper()
-	return newTestEnv(t, append([]envOption{ownServer()}, opts...)...)
-}
-
 // startSynced runs ws in a worker group (for at most a minute; worker i
 // named "<name>-<i>") and waits until every one of them is synced.
 func startSynced(ctx context.Context, t testing.TB, name string, ws ...*EtcdWorker) *workerGroup {
@@ -146,7 +136,7 @@ func TestSourceBankAllWorkersOnOneSource(t *testing.T) {
 // reach the worker on the Source's whole prefix.
 func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	mustPutKV(ctx, t, cli, "/sub/a", "1")
 	mustPutKV(ctx, t, cli, "/sub/in/b", "2")
@@ -267,7 +257,7 @@ func stuckWorkerOnSource(t *testing.T, env *testEnv) {
 // isInit, without reading the prefix from etcd again.
 func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	t.Parallel()
-	env := lateJoinEnv(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
 	const prefix = "/src-late"
 	admin := env.cli
@@ -308,11 +298,50 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	g.stop(t)
 }
 
+// TestSourceLateJoinOnABusyServer: while another client writes outside the
+// Source's prefix without a pause (a busy, shared etcd), every probe of the
+// head finds a revision the Source's watch has not reached yet: the progress
+// notification that proves it comes after the probe's answer. A worker that
+// joins the running Source must still get its first Tick, within about one
+// probe interval, not only once the other client stops writing.
+func TestSourceLateJoinOnABusyServer(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := testContext(t)
+	const prefix = "/src-busy"
+	admin := env.cli
+	mustPutKV(ctx, t, admin, prefix+"/a", "1")
+	src := mustNewSource(t, admin, prefix)
+	first := mustNewEtcdWorker(t, admin, prefix, idleReactor(), newMapState(prefix), WithSource(src))
+	g := startSynced(ctx, t, "busy", first)
+
+	wctx, stopWriting := context.WithCancel(ctx)
+	writer := make(chan error, 1)
+	go func() {
+		var err error
+		for i := 0; wctx.Err() == nil && err == nil; i++ {
+			_, err = admin.Put(wctx, fmt.Sprintf("/src-busy-elsewhere/k%d", i%100), "v")
+		}
+		writer <- err
+	}()
+	mustPutKV(ctx, t, admin, prefix+"/b", "2") // written before the late Run: its first Tick must see it
+	late := mustNewEtcdWorker(t, admin, prefix, finishReactor(), newMapState(prefix), WithSource(src))
+	start := time.Now()
+	err := runWithin(t, late, 8*time.Second, "late")
+	took := time.Since(start)
+	stopWriting()
+	if werr := <-writer; werr != nil && wctx.Err() == nil {
+		t.Fatalf("writer: %v", werr)
+	}
+	require.NoError(t, err, "the late worker's first Tick never came while the server was busy (%v)", took)
+	g.stop(t)
+}
+
 // TestSourceErrorOfOneWorkerEndsOnlyItsRun: an error, a panic or a lost
 // fencing key of one worker ends only its Run.
 func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {
 	t.Parallel()
-	cli := lateJoinEnv(t).cli
+	cli := newTestEnv(t).cli
 	ctx := testContext(t)
 	const prefix = "/srcerr"
 	src := mustNewSource(t, cli, prefix)
@@ -386,7 +415,7 @@ func TestSourceLastWorkerLeavesAndTheSourceServesAgain(t *testing.T) {
 // outage of its workers: each one's WithMaxOutage applies.
 func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 	t.Parallel()
-	env := lateJoinEnv(t, withProxy())
+	env := newTestEnv(t, withProxy())
 	const prefix = "/srcout"
 	src := mustNewSource(t, env.client(t), prefix, WithSourceRequestTimeout(time.Second))
 	ws := []*EtcdWorker{
@@ -453,7 +482,7 @@ func (s *countingWatchStream) SendMsg(m any) error {
 // for one watch; eight lone workers for eight.
 func TestSourceEightWorkersHoldOneWatch(t *testing.T) {
 	t.Parallel()
-	env := lateJoinEnv(t)
+	env := newTestEnv(t)
 	ctx := testContext(t)
 	for _, shared := range []bool{true, false} {
 		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
