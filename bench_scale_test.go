@@ -2,7 +2,6 @@ package orchestrator
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"math"
@@ -181,53 +180,16 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 	return s[min(len(s)-1, int(float64(len(s))*p))]
 }
 
-// runningWorker is a worker running in the background.
-type runningWorker struct {
-	b      *testing.B
-	cancel context.CancelFunc
-	done   chan struct{} // closed when Run returned, with err
-	err    error
-}
-
 // startWorker runs a worker on prefix whose every Tick calls onTick with its
 // state (on the worker's goroutine).
-func startWorker(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, interval time.Duration,
+func startWorker(b *testing.B, cli *clientv3.Client, prefix string, interval time.Duration,
 	state *benchState, onTick func(s *benchState), opts ...Option,
-) *runningWorker {
+) *workerGroup {
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		onTick(s.(*benchState))
 		return s, nil
 	})
-	w, err := NewEtcdWorker(cli, prefix, reactor, state, opts...)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	rw := &runningWorker{b: b, cancel: cancel, done: make(chan struct{})}
-	go func() {
-		defer close(rw.done)
-		rw.err = w.Run(ctx, nil, interval, "bench-scale")
-	}()
-	return rw
-}
-
-func (rw *runningWorker) stop() {
-	rw.cancel()
-	<-rw.done
-	if rw.err != nil && !errors.Is(rw.err, context.Canceled) {
-		rw.b.Fatalf("worker: %v", rw.err)
-	}
-}
-
-// wait waits for c, failing if the worker ends or ctx expires first.
-func (rw *runningWorker) wait(ctx context.Context, c <-chan struct{}, what string) {
-	select {
-	case <-c:
-	case <-rw.done:
-		rw.b.Fatalf("worker ended waiting for %s: %v", what, rw.err)
-	case <-ctx.Done():
-		rw.b.Fatalf("waiting for %s: %v", what, ctx.Err())
-	}
+	return startBenchWorkers(b, interval, mustNewEtcdWorker(b, cli, prefix, reactor, state, opts...))
 }
 
 // firstTick returns the time from Run to the first Tick of a worker on
@@ -239,14 +201,14 @@ func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 	var at time.Time
 	var got int
 	start := time.Now()
-	rw := startWorker(ctx, b, cli, prefix, time.Second, state, func(s *benchState) {
+	rw := startWorker(b, cli, prefix, time.Second, state, func(s *benchState) {
 		once.Do(func() {
 			at, got = time.Now(), len(s.values)
 			close(ticked)
 		})
 	})
-	defer rw.stop()
-	rw.wait(ctx, ticked, "the first Tick")
+	defer rw.stopClean(b)
+	rw.await(ctx, b, ticked, "the first Tick")
 	if got != n {
 		b.Fatalf("first Tick saw %d keys, want %d", got, n)
 	}
@@ -433,14 +395,14 @@ func scaleReloadRows(ctx context.Context, b *testing.B, endpoint string, admin *
 	// The worker's own log says when it noticed the compaction and how long
 	// the reload took, apart from the reconnection.
 	core, logs := observer.New(zapcore.InfoLevel)
-	rw := startWorker(ctx, b, pcli, prefix, 100*time.Millisecond, newBenchState(), func(s *benchState) {
+	rw := startWorker(b, pcli, prefix, 100*time.Millisecond, newBenchState(), func(s *benchState) {
 		readyOnce.Do(func() { close(ready) })
 		if _, ok := s.values[probe]; ok {
 			seenOnce.Do(func() { seenAt = time.Now(); close(seen) })
 		}
 	}, WithLogger(zap.New(core)))
-	defer rw.stop()
-	rw.wait(ctx, ready, "the first Tick")
+	defer rw.stopClean(b)
+	rw.await(ctx, b, ready, "the first Tick")
 
 	proxy.Pause()
 	for _, k := range []string{probe, "/scale/elsewhere"} { // compact beyond the probe
@@ -457,7 +419,7 @@ func scaleReloadRows(ctx context.Context, b *testing.B, endpoint string, admin *
 		b.Fatal(err)
 	}
 	reconnect := time.Since(resumeAt)
-	rw.wait(ctx, seen, "the Tick after the reload")
+	rw.await(ctx, b, seen, "the Tick after the reload")
 	reload := seenAt.Sub(resumeAt)
 	if _, err := admin.Delete(ctx, probe); err != nil {
 		b.Fatal(err)
@@ -528,9 +490,9 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 	held = func() uint64 {
 		ready := make(chan struct{})
 		var once sync.Once
-		rw := startWorker(ctx, b, cli, prefix, time.Second, newBenchState(), func(*benchState) { once.Do(func() { close(ready) }) })
-		defer rw.stop()
-		rw.wait(ctx, ready, "the first Tick")
+		rw := startWorker(b, cli, prefix, time.Second, newBenchState(), func(*benchState) { once.Do(func() { close(ready) }) })
+		defer rw.stopClean(b)
+		rw.await(ctx, b, ready, "the first Tick")
 		return scaleHeap()
 	}()
 	withWorker := float64(int64(held)-int64(scaleHeap())) / float64(n)
@@ -547,7 +509,7 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) time.Duration {
 	var ticks []time.Time
 	done := make(chan struct{})
-	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
+	rw := startWorker(b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
 		if len(ticks) > scaleCommits {
 			return
 		}
@@ -562,8 +524,8 @@ func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix
 			Key: key, Func: func([]byte) ([]byte, bool, error) { return value, true, nil },
 		}})
 	})
-	rw.wait(ctx, done, "the commits")
-	rw.stop()
+	rw.await(ctx, b, done, "the commits")
+	rw.stopClean(b)
 	var ds []time.Duration
 	for i := 1; i < len(ticks); i++ {
 		ds = append(ds, ticks[i].Sub(ticks[i-1]))
@@ -588,15 +550,15 @@ func scaleLagRow(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix
 	ready := make(chan struct{})
 	var once sync.Once
 	last := ""
-	rw := startWorker(ctx, b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
+	rw := startWorker(b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
 		once.Do(func() { close(ready) })
 		if v := string(s.values[probe]); v != last {
 			last = v
 			seen <- v
 		}
 	})
-	defer rw.stop()
-	rw.wait(ctx, ready, "the first Tick")
+	defer rw.stopClean(b)
+	rw.await(ctx, b, ready, "the first Tick")
 	var lags, puts []time.Duration
 	for i := range scaleLagSamples {
 		v := strconv.Itoa(i + 1)

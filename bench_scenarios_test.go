@@ -2,7 +2,6 @@ package orchestrator
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -229,40 +228,25 @@ func walFsyncs(tb testing.TB) float64 {
 	return 0
 }
 
-// benchWorkers runs the given workers until stop is called and checks that
-// they ended only because of it.
-type benchWorkers struct {
-	tb     testing.TB
-	cancel context.CancelFunc
-	g      *errgroup.Group
-}
-
-func startBenchWorkers(ctx context.Context, tb testing.TB, interval time.Duration, workers ...*EtcdWorker) *benchWorkers {
-	ctx, cancel := context.WithCancel(ctx)
-	g := &errgroup.Group{}
+// startBenchWorkers runs workers (worker i as role "bench-<i>") with
+// timerInterval interval until the group is stopped.
+func startBenchWorkers(tb testing.TB, interval time.Duration, workers ...*EtcdWorker) *workerGroup {
+	g := newWorkerGroup(tb, benchGroupTimeout)
 	for i, w := range workers {
-		g.Go(func() error { return w.Run(ctx, nil, interval, "bench-"+strconv.Itoa(i)) })
+		g.runWorkerEvery("bench-"+strconv.Itoa(i), w, interval)
 	}
-	return &benchWorkers{tb: tb, cancel: cancel, g: g}
+	return g
 }
 
-func (bw *benchWorkers) stop() {
-	bw.tb.Helper()
-	bw.cancel()
-	if err := bw.g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		bw.tb.Fatalf("worker: %v", err)
-	}
-}
+// benchGroupTimeout bounds the workers of one benchmark measurement.
+const benchGroupTimeout = 30 * time.Minute
 
+// newBenchWorker is mustNewEtcdWorker at the benchmarks' pipeline depth.
 func newBenchWorker(tb testing.TB, cli *clientv3.Client, prefix string, reactor Reactor, state ReactorState,
 	opts ...Option,
 ) *EtcdWorker {
 	tb.Helper()
-	w, err := NewEtcdWorker(cli, prefix, reactor, state, append([]Option{WithPipelineDepth(benchDepth(tb))}, opts...)...)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return w
+	return mustNewEtcdWorker(tb, cli, prefix, reactor, state, append([]Option{WithPipelineDepth(benchDepth(tb))}, opts...)...)
 }
 
 // waitSumAbove waits until the sum under prefix exceeds v (the workers are
@@ -495,11 +479,11 @@ func benchIndepWorker(ctx context.Context, b *testing.B, srv *etcdtest.Server, c
 		return st, nil
 	})
 	reg := prometheus.NewRegistry()
-	bw := startBenchWorkers(ctx, b, benchTickInterval,
+	bw := startBenchWorkers(b, benchTickInterval,
 		newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState(), WithMetrics(reg)))
 	waitSumAbove(ctx, b, cli, prefix, 0)
 	rate := benchRate(ctx, b, cli, prefix, slice)
-	bw.stop()
+	bw.stopClean(b)
 	stats.landed += metricSum(b, reg, "orchestrator_commits_total")
 	stats.resent += metricSum(b, reg, "orchestrator_commit_resends_total")
 	return rate
@@ -716,8 +700,8 @@ func benchContendWorkers(ctx context.Context, b *testing.B, cli *clientv3.Client
 		})
 		workers[i] = newBenchWorker(b, clis[i], prefix, reactor, newBenchState())
 	}
-	bw := startBenchWorkers(ctx, b, benchTickInterval, workers...)
-	defer bw.stop()
+	bw := startBenchWorkers(b, benchTickInterval, workers...)
+	defer bw.stopClean(b)
 	waitSumAbove(ctx, b, cli, prefix, int64(benchContenders))
 	return benchRateFsyncs(ctx, b, cli, prefix, slice)
 }
@@ -936,7 +920,7 @@ func benchCommitCycle(ctx context.Context, b *testing.B, srv *etcdtest.Server, p
 		}}}}
 		return st, nil
 	})
-	bw := startBenchWorkers(ctx, b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+	bw := startBenchWorkers(b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
 	for ticks.Load() < 10 {
 		if ctx.Err() != nil {
 			b.Fatal(ctx.Err())
@@ -946,7 +930,7 @@ func benchCommitCycle(ctx context.Context, b *testing.B, srv *etcdtest.Server, p
 	t0, n0 := time.Now(), ticks.Load()
 	time.Sleep(window)
 	t1, n1 := time.Now(), ticks.Load()
-	bw.stop()
+	bw.stopClean(b)
 	return t1.Sub(t0) / time.Duration(n1-n0)
 }
 
@@ -971,7 +955,7 @@ func benchTickLag(ctx context.Context, b *testing.B, srv *etcdtest.Server, inter
 		}
 		return st, nil
 	})
-	bw := startBenchWorkers(ctx, b, interval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+	bw := startBenchWorkers(b, interval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
 	stopWatch := lt.watch(ctx, srv.Client(b), probe)
 
 	// Let the worker load and the watch start.
@@ -992,7 +976,7 @@ func benchTickLag(ctx context.Context, b *testing.B, srv *etcdtest.Server, inter
 	}
 	lt.waitSeen(b)
 	stopWatch()
-	bw.stop()
+	bw.stopClean(b)
 	return lt.row(interval)
 }
 

@@ -2,7 +2,6 @@ package orchestrator
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -159,27 +158,14 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 			})
 			return s, nil
 		})
-		w, err := NewEtcdWorker(cli, prefix, reactor, &rdState{}, opts...) // keeps no value
-		if err != nil {
-			b.Fatal(err)
-		}
-		workers[i] = w
+		workers[i] = mustNewEtcdWorker(b, cli, prefix, reactor, &rdState{}, opts...) // keeps no value
 	}
 	heap0, watch0 := scaleHeap(), watcherTotal(b)
-	rctx, stop := context.WithCancel(ctx)
-	g, gctx := errgroup.WithContext(rctx)
 	cpu0, start := processCPU(), time.Now()
-	for _, w := range workers {
-		g.Go(func() error { return w.Run(gctx, nil, time.Second, "bench-source") })
-	}
+	g := startBenchWorkers(b, time.Second, workers...)
 	all := make(chan struct{})
 	go func() { ticked.Wait(); close(all) }()
-	select {
-	case <-all:
-	case <-gctx.Done():
-		stop()
-		b.Fatalf("waiting for the first Ticks: %v (worker: %v)", ctx.Err(), g.Wait())
-	}
+	g.await(ctx, b, all, "the first Ticks")
 	res := fanOut{took: time.Duration(last.Load() - start.UnixNano()), spread: time.Duration(last.Load() - first.Load()), cpu: -1}
 	if cpu0 >= 0 {
 		res.cpu = processCPU() - cpu0
@@ -190,10 +176,7 @@ func srcFanOut(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix s
 		time.Sleep(20 * time.Millisecond)
 	}
 	res.heap = int64(scaleHeap()) - int64(heap0)
-	stop()
-	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		b.Fatalf("worker: %v", err)
-	}
+	g.stopClean(b)
 	runtime.KeepAlive(workers)
 	waitWatchers(ctx, b, watch0)
 	return res
@@ -408,23 +391,12 @@ func srcStuckTrial(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 	}
 	key := srcHotKey(prefix, 0)
 	free, other := newSeer(key), newSeer(key)
-	rctx, stop := context.WithCancel(ctx)
-	defer stop()
-	g, gctx := errgroup.WithContext(rctx)
+	var ws []*EtcdWorker
 	for _, s := range []*seer{free, other} {
-		w, err := NewEtcdWorker(cli, prefix, s, &valueState{values: map[string][]byte{}}, WithSource(src))
-		if err != nil {
-			b.Fatal(err)
-		}
-		g.Go(func() error { return w.Run(gctx, nil, srcInterval, "bench-source") })
+		ws = append(ws, mustNewEtcdWorker(b, cli, prefix, s, &valueState{values: map[string][]byte{}}, WithSource(src)))
 	}
-	wait := func(c <-chan struct{}, what string) {
-		select {
-		case <-c:
-		case <-gctx.Done():
-			b.Fatalf("waiting for %s: %v (worker: %v)", what, ctx.Err(), g.Wait())
-		}
-	}
+	g := startBenchWorkers(b, srcInterval, ws...)
+	wait := func(c <-chan struct{}, what string) { g.await(ctx, b, c, what) }
 	wait(free.ticked, "the free worker's first Tick")
 	wait(other.ticked, "the other worker's first Tick")
 	if stuck {
@@ -444,10 +416,7 @@ func srcStuckTrial(ctx context.Context, b *testing.B, cli *clientv3.Client, pref
 		wait(otherSaw, "the released worker to see the last write")
 		res.unstuck = other.seenAt().Sub(released)
 	}
-	stop()
-	if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
-		b.Fatalf("worker: %v", err)
-	}
+	g.stopClean(b)
 	return res
 }
 

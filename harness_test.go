@@ -9,6 +9,7 @@ package orchestrator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -197,12 +198,13 @@ type workerGroup struct {
 	mu      sync.Mutex
 	results map[string]error
 	first   error
+	failedc chan struct{} // closed when first is set
 }
 
 func newWorkerGroup(t testing.TB, timeout time.Duration) *workerGroup {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	g := &workerGroup{ctx: ctx, cancel: cancel, results: map[string]error{}}
+	g := &workerGroup{ctx: ctx, cancel: cancel, results: map[string]error{}, failedc: make(chan struct{})}
 	t.Cleanup(func() {
 		g.cancel()
 		g.wg.Wait()
@@ -232,13 +234,40 @@ func (g *workerGroup) run(name string, fn func(ctx context.Context) error) {
 		g.results[name] = err
 		if err != nil && g.first == nil {
 			g.first = fmt.Errorf("%s: %w", name, err)
+			close(g.failedc)
 		}
 	}()
 }
 
 // runWorker starts w.Run with faultInterval and role name.
-func (g *workerGroup) runWorker(name string, w *EtcdWorker) {
-	g.run(name, func(ctx context.Context) error { return w.Run(ctx, nil, faultInterval, name) })
+func (g *workerGroup) runWorker(name string, w *EtcdWorker) { g.runWorkerEvery(name, w, faultInterval) }
+
+// runWorkerEvery starts w.Run with timerInterval interval and role name.
+func (g *workerGroup) runWorkerEvery(name string, w *EtcdWorker, interval time.Duration) {
+	g.run(name, func(ctx context.Context) error { return w.Run(ctx, nil, interval, name) })
+}
+
+// await waits for c, failing if a goroutine of g fails or ctx ends first.
+func (g *workerGroup) await(ctx context.Context, t testing.TB, c <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-c:
+	case <-g.failedc:
+		t.Fatalf("waiting for %s: %v", what, g.failed())
+	case <-ctx.Done():
+		t.Fatalf("waiting for %s: %v", what, ctx.Err())
+	}
+}
+
+// stopClean stops g and requires that every goroutine ended only because
+// of it (nil, or the context's cancellation).
+func (g *workerGroup) stopClean(t testing.TB) {
+	t.Helper()
+	for name, err := range g.stop(t) {
+		if err != nil && !errors.Is(err, context.Canceled) {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
 }
 
 // stop cancels g's context and waits (at most stopTimeout) for every
