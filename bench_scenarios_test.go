@@ -253,12 +253,9 @@ func newBenchWorker(tb testing.TB, cli *clientv3.Client, prefix string, reactor 
 // loaded and committing).
 func waitSumAbove(ctx context.Context, tb testing.TB, cli *clientv3.Client, prefix string, v int64) {
 	tb.Helper()
-	for benchSum(ctx, tb, cli, prefix) <= v {
-		if ctx.Err() != nil {
-			tb.Fatal(ctx.Err())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitUntil(ctx, tb, fmt.Sprintf("the sum under %s above %d", prefix, v), func() bool {
+		return benchSum(ctx, tb, cli, prefix) > v
+	})
 }
 
 // loadAverage is the 1-minute load average of the machine, to tell a quiet

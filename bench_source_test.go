@@ -110,12 +110,7 @@ func watcherTotal(b *testing.B) float64 {
 // waitWatchers waits until the server counts want watchers (those of the
 // workers stopped last are removed asynchronously).
 func waitWatchers(ctx context.Context, b *testing.B, want float64) {
-	for watcherTotal(b) != want {
-		if ctx.Err() != nil {
-			b.Fatalf("watchers: %v != %v: %v", watcherTotal(b), want, ctx.Err())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitUntil(ctx, b, fmt.Sprintf("%v server watchers", want), func() bool { return watcherTotal(b) == want })
 }
 
 // fanOut is one start of workers: the time from starting their Runs until

@@ -8,9 +8,7 @@ import (
 	"sync"
 	"testing"
 
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/internal/embedetcd"
@@ -185,11 +183,7 @@ func (e *Etcd) NewClient() (*clientv3.Client, error) {
 	if e.isClosed() { // fail fast: dialling stopped members would take DialTimeout
 		return nil, fmt.Errorf("orchestratortest: new client: %w", ErrClosed)
 	}
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   e.Endpoints(),
-		DialTimeout: DefaultDialTimeout,
-		Logger:      zap.NewNop(),
-	})
+	cli, err := clientv3.New(etcdtest.ClientConfig(e.Endpoints()...))
 	if err != nil {
 		return nil, fmt.Errorf("orchestratortest: new client: %w", err)
 	}
@@ -211,14 +205,9 @@ func (e *Etcd) Compact(ctx context.Context) (int64, error) {
 	if e.isClosed() {
 		return 0, fmt.Errorf("orchestratortest: compact: %w", ErrClosed)
 	}
-	resp, err := e.client.Get(ctx, "\x00", clientv3.WithCountOnly())
+	rev, err := etcdtest.Compact(ctx, e.client)
 	if err != nil {
-		return 0, fmt.Errorf("orchestratortest: read revision: %w", err)
-	}
-	rev := resp.Header.Revision
-	_, err = e.client.Compact(ctx, rev, clientv3.WithCompactPhysical())
-	if err != nil && !errors.Is(err, rpctypes.ErrCompacted) {
-		return 0, fmt.Errorf("orchestratortest: compact at %d: %w", rev, err)
+		return 0, fmt.Errorf("orchestratortest: compact: %w", err)
 	}
 	return rev, nil
 }
@@ -231,8 +220,7 @@ func (e *Etcd) RevokeLease(ctx context.Context, id clientv3.LeaseID) error {
 	if e.isClosed() {
 		return fmt.Errorf("orchestratortest: revoke lease %x: %w", int64(id), ErrClosed)
 	}
-	_, err := e.client.Revoke(ctx, id)
-	if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+	if err := etcdtest.RevokeLease(ctx, e.client, id); err != nil {
 		return fmt.Errorf("orchestratortest: revoke lease %x: %w", int64(id), err)
 	}
 	return nil

@@ -1,13 +1,13 @@
 package orchestratortest
 
 import (
-	"time"
-
 	"go.uber.org/zap"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
-// DefaultDialTimeout is the DialTimeout of the clients the kit creates.
-const DefaultDialTimeout = 5 * time.Second
+// DefaultDialTimeout is the DialTimeout of the clients the kit creates (5s).
+const DefaultDialTimeout = etcdtest.ClientDialTimeout
 
 // Option configures an embedded etcd started by this package.
 type Option interface {
