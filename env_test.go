@@ -127,22 +127,16 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 // enables authentication.
 func enableAuth(t testing.TB, cli *clientv3.Client, prefixes []string) {
 	t.Helper()
-	ctx := contextWithin(t, 10*time.Second)
-	must := func(_ any, err error) { t.Helper(); require.NoError(t, err) }
-	must(cli.UserAdd(ctx, "root", "rootpw"))
-	must(cli.UserGrantRole(ctx, "root", "root"))
-	must(cli.RoleAdd(ctx, "r"))
-	must(cli.RoleAdd(ctx, "w"))
-	for _, p := range prefixes {
-		must(cli.RoleGrantPermission(ctx, "r", p+"/", clientv3.GetPrefixRangeEnd(p+"/"), clientv3.PermissionType(clientv3.PermRead)))
-		must(cli.RoleGrantPermission(ctx, "w", p+"/", clientv3.GetPrefixRangeEnd(p+"/"), clientv3.PermissionType(clientv3.PermWrite)))
+	dirs := make([]string, len(prefixes))
+	for i, p := range prefixes {
+		dirs[i] = p + "/"
 	}
-	for _, u := range []string{"reader-writer", "nobody"} {
-		must(cli.UserAdd(ctx, u, "pw"))
-	}
-	must(cli.UserGrantRole(ctx, "reader-writer", "r"))
-	must(cli.UserGrantRole(ctx, "reader-writer", "w"))
-	must(cli.AuthEnable(ctx))
+	require.NoError(t, etcdtest.EnableAuth(contextWithin(t, 10*time.Second), cli, "rootpw",
+		[]etcdtest.AuthRole{
+			{Name: "r", Perm: clientv3.PermissionType(clientv3.PermRead), Prefixes: dirs},
+			{Name: "w", Perm: clientv3.PermissionType(clientv3.PermWrite), Prefixes: dirs},
+		},
+		[]etcdtest.AuthUser{{Name: "reader-writer", Password: "pw", Roles: []string{"r", "w"}}, {Name: "nobody", Password: "pw"}}))
 }
 
 // clientConfig is the configuration of env's clients: through the proxy if

@@ -153,22 +153,10 @@ func Admin(t testing.TB, srv *etcdtest.Server, certs Certs) *clientv3.Client {
 // starts with prefix, then turns authentication on.
 func EnableAuth(ctx context.Context, t testing.TB, cli *clientv3.Client, rootPassword, user, password, prefix string) {
 	t.Helper()
-	_, err := cli.UserAdd(ctx, "root", rootPassword)
-	require.NoError(t, err)
-	_, err = cli.UserGrantRole(ctx, "root", "root")
-	require.NoError(t, err)
 	role := user + "-readwrite"
-	_, err = cli.RoleAdd(ctx, role)
-	require.NoError(t, err)
-	_, err = cli.RoleGrantPermission(ctx, role, prefix, clientv3.GetPrefixRangeEnd(prefix),
-		clientv3.PermissionType(clientv3.PermReadWrite))
-	require.NoError(t, err)
-	_, err = cli.UserAdd(ctx, user, password)
-	require.NoError(t, err)
-	_, err = cli.UserGrantRole(ctx, user, role)
-	require.NoError(t, err)
-	_, err = cli.AuthEnable(ctx)
-	require.NoError(t, err)
+	require.NoError(t, etcdtest.EnableAuth(ctx, cli, rootPassword,
+		[]etcdtest.AuthRole{{Name: role, Perm: clientv3.PermissionType(clientv3.PermReadWrite), Prefixes: []string{prefix}}},
+		[]etcdtest.AuthUser{{Name: user, Password: password, Roles: []string{role}}}))
 }
 
 // NewAuthServer starts a TLS server (NewTLSServer) with authentication
