@@ -176,6 +176,7 @@ func hasFinalDelete(ws []keyWrite) bool {
 var batchLimits = txnLimits{maxOps: 10, maxBytes: 1000, overheadOps: 2, overheadBytes: 100, deleteBytes: 10}
 
 func TestBatchCheckGroupFits(t *testing.T) {
+	t.Parallel()
 	l := batchLimits
 	keyCost := writeKeyCopies * batchKeyLen
 	// room is what the values of a one-key group may take.
@@ -318,6 +319,7 @@ func packTxnsCases() []packTxnsCase {
 }
 
 func TestPackTxns(t *testing.T) {
+	t.Parallel()
 	tests := packTxnsCases()
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -332,6 +334,7 @@ func TestPackTxns(t *testing.T) {
 }
 
 func TestPackTxnsManyTinyGroups(t *testing.T) {
+	t.Parallel()
 	const n = 5000
 	groups := make([]groupWrites, n)
 	for i := range groups {
@@ -359,6 +362,7 @@ func TestPackTxnsManyTinyGroups(t *testing.T) {
 }
 
 func TestPackTxnsMergedRewrites(t *testing.T) {
+	t.Parallel()
 	l := txnLimits{maxOps: 4, maxBytes: 1000, overheadOps: 2} // two keys per txn
 	groups := []groupWrites{
 		{batchPut(0, 1)},

@@ -18,6 +18,7 @@ import (
 // value as a non-nil empty slice, a delete as nil) and keeps every worker's
 // bookkeeping out, its own delete counter moving counterRev.
 func TestMirrorApplyFiltersBookkeeping(t *testing.T) {
+	t.Parallel()
 	m := newMirror(util.NormalizePrefix("/r/app"))
 	tests := []struct {
 		key     string
@@ -59,6 +60,7 @@ func TestMirrorApplyFiltersBookkeeping(t *testing.T) {
 // complete load reports exactly the held keys it did not find, a failed
 // load reports none and leaves nothing behind for the next one.
 func TestMirrorWalkFindsVanishedKeys(t *testing.T) {
+	t.Parallel()
 	m := newMirror(util.NormalizePrefix("/p"))
 	key := func(s string) util.EtcdKey { return util.NewEtcdKey("/p/" + s) }
 	load := func(complete bool, found ...string) []util.EtcdKey {
@@ -93,6 +95,7 @@ func TestMirrorWalkFindsVanishedKeys(t *testing.T) {
 // plain map holds: lookups, iteration, count, and the vanished keys of every
 // load.
 func TestMirrorMatchesAModel(t *testing.T) {
+	t.Parallel()
 	for seed := range int64(4) {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			t.Parallel()

@@ -181,6 +181,7 @@ func singleDataPatchCases() []singleDataPatchCase {
 }
 
 func TestSingleDataPatchSemantics(t *testing.T) {
+	t.Parallel()
 	tests := singleDataPatchCases()
 	for _, tt := range tests {
 		for _, pointer := range []bool{false, true} {
@@ -239,6 +240,7 @@ func TestSingleDataPatchSemantics(t *testing.T) {
 }
 
 func TestSingleDataPatchChangedSet(t *testing.T) {
+	t.Parallel()
 	values := map[util.EtcdKey][]byte{ptKey("k"): []byte("v")}
 	changed := map[util.EtcdKey]struct{}{}
 	p := SingleDataPatch{Key: ptKey("k"), Func: func(old []byte) ([]byte, bool, error) { return old, false, nil }}
@@ -256,6 +258,7 @@ func TestSingleDataPatchChangedSet(t *testing.T) {
 }
 
 func TestPatchViewSameKeyTwice(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name  string
 		group []DataPatch
@@ -318,6 +321,7 @@ func TestPatchViewSameKeyTwice(t *testing.T) {
 }
 
 func TestPatchViewIgnoreUndoesOnlyThatPatch(t *testing.T) {
+	t.Parallel()
 	f := newPTFixture(map[string]string{"a": "0", "b": "0", "d": "0"})
 	// Group 1 is accepted and must survive an ignored patch in group 2.
 	writes, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("e"), []byte("1"))})
@@ -362,6 +366,7 @@ func TestPatchViewIgnoreUndoesOnlyThatPatch(t *testing.T) {
 }
 
 func TestPatchViewGeneralDataPatch(t *testing.T) {
+	t.Parallel()
 	f := newPTFixture(map[string]string{"a": "old", "b": "old", "f": "old", "g": "same", "h": ""})
 	multi := patchFunc(func(m map[util.EtcdKey][]byte, changed map[util.EtcdKey]struct{}) error {
 		touch := func(k string) { changed[ptKey(k)] = struct{}{} }
@@ -412,6 +417,7 @@ func TestPatchViewGeneralDataPatch(t *testing.T) {
 }
 
 func TestPatchViewReset(t *testing.T) {
+	t.Parallel()
 	f := newPTFixture(map[string]string{"a": "0", "b": "0", "c": "0", "d": "0", "e": ""})
 	_, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("a"), []byte("1")), setPatch(ptKey("b"), nil), setPatch(ptKey("x"), []byte("1"))})
 	require.NoError(t, err)
@@ -456,6 +462,7 @@ func TestPatchViewReset(t *testing.T) {
 }
 
 func TestPatchViewErrors(t *testing.T) {
+	t.Parallel()
 	errBoom := errors.New("boom")
 	tests := []struct {
 		name    string
@@ -548,6 +555,7 @@ func BenchmarkPackTxns(b *testing.B) {
 // map; a general DataPatch later in the same flush still sees their accepted
 // writes, and reset leaves the live map equal to the committed one.
 func TestPatchViewMixedSingleAndGeneral(t *testing.T) {
+	t.Parallel()
 	f := newPTFixture(map[string]string{"a": "0", "b": "7"})
 	w1, err := f.view.applyGroup([]DataPatch{setPatch(ptKey("a"), []byte("5"))})
 	require.NoError(t, err)

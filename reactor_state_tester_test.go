@@ -112,6 +112,7 @@ func rstRunFailing(t *testing.T, fn func(tb testing.TB)) (failed bool, msgs stri
 }
 
 func TestReactorStateTesterInit(t *testing.T) {
+	t.Parallel()
 	s := newRSTState()
 	init := map[string]string{"/t/a": "1", "/t/b": "", "/t/c": "3"}
 	tester := NewReactorStateTester(t, s, init)
@@ -132,6 +133,7 @@ func TestReactorStateTesterInit(t *testing.T) {
 }
 
 func TestReactorStateTesterInitFailure(t *testing.T) {
+	t.Parallel()
 	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
 		s := newRSTState()
 		s.failKey = "/t/bad"
@@ -147,6 +149,7 @@ func TestReactorStateTesterInitFailure(t *testing.T) {
 }
 
 func TestReactorStateTesterUpdate(t *testing.T) {
+	t.Parallel()
 	s := newRSTState()
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	s.calls = nil
@@ -181,6 +184,7 @@ func TestReactorStateTesterUpdate(t *testing.T) {
 }
 
 func TestReactorStateTesterKVEntriesIsACopy(t *testing.T) {
+	t.Parallel()
 	tester := NewReactorStateTester(t, newRSTState(), map[string]string{"/t/a": "1"})
 	kv := tester.KVEntries()
 	kv["/t/a"] = "changed"
@@ -189,6 +193,7 @@ func TestReactorStateTesterKVEntriesIsACopy(t *testing.T) {
 }
 
 func TestReactorStateTesterApplyPatches(t *testing.T) {
+	t.Parallel()
 	s := newRSTState()
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1", "/t/b": "2", "/t/d": "4"})
 	s.calls = nil
@@ -240,6 +245,7 @@ func TestReactorStateTesterApplyPatches(t *testing.T) {
 // asking to try again aborts the whole flush: nothing of any group, before
 // or after it, is applied.
 func TestReactorStateTesterTryAgainAbortsWholeFlush(t *testing.T) {
+	t.Parallel()
 	s := newRSTState()
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	laterRan := false
@@ -273,6 +279,7 @@ func TestReactorStateTesterTryAgainAbortsWholeFlush(t *testing.T) {
 }
 
 func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
+	t.Parallel()
 	errBoom := errors.New("boom")
 	tests := []struct {
 		name    string
@@ -331,6 +338,7 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 // tester twice in a row: the second run sees the first run's results, as the
 // worker's next Tick would.
 func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
+	t.Parallel()
 	s := newRSTState()
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/n": "0"})
 	inc := rstFunc("/t/n", func(old []byte) ([]byte, bool, error) {
@@ -350,6 +358,7 @@ func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
 // flush aborted by ErrEtcdTryAgain leaves the values every patch sees as
 // they were, so the next flush starts from the applied state.
 func TestReactorStateTesterFlushSeesEarlierGroups(t *testing.T) {
+	t.Parallel()
 	s := newRSTState()
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	copyAToB := patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {

@@ -12,6 +12,7 @@ import (
 )
 
 func TestDecodeErrors(t *testing.T) {
+	t.Parallel()
 	var syntaxErr *json.SyntaxError
 	var typeErr *json.UnmarshalTypeError
 	tests := []struct {
@@ -68,6 +69,7 @@ func TestDecodeErrors(t *testing.T) {
 }
 
 func TestPatchOnBrokenDocument(t *testing.T) {
+	t.Parallel()
 	s := jsonstate.New[node]("/app/nodes", jsonstate.WithDecodePolicy(jsonstate.SkipInvalid))
 	tester := orchestrator.NewReactorStateTester(t, s, map[string]string{"/app/nodes/a": `garbage`})
 	require.Len(t, s.Errors(), 1)
@@ -91,6 +93,7 @@ func TestPatchOnBrokenDocument(t *testing.T) {
 }
 
 func TestDoc(t *testing.T) {
+	t.Parallel()
 	type config struct {
 		Replicas int    `json:"replicas"`
 		Mode     string `json:"mode,omitempty"`

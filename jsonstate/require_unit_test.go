@@ -18,6 +18,7 @@ import (
 // undecodable condition stops the flush, and RequireAll sees only the
 // documents of its own state that decode (or fails under FailOnInvalid).
 func TestRequireConditionsWithoutEtcd(t *testing.T) {
+	t.Parallel()
 	errCond := errors.New("cond failed")
 	type tc struct {
 		name    string
@@ -75,6 +76,7 @@ func TestRequireConditionsWithoutEtcd(t *testing.T) {
 // TestMultiUpdateStopsAtTheFirstError: a part that rejects a change stops
 // Multi.Update with that part's error.
 func TestMultiUpdateStopsAtTheFirstError(t *testing.T) {
+	t.Parallel()
 	m := jsonstate.Multi{jsonstate.New[int]("/a"), jsonstate.NewDoc[int]("/a/doc")}
 	require.NoError(t, m.Update(util.NewEtcdKey("/a/doc"), []byte("7"), true))
 	require.ErrorIs(t, m.Update(util.NewEtcdKey("/a/doc"), []byte("{"), false), jsonstate.ErrDecode)
@@ -83,6 +85,7 @@ func TestMultiUpdateStopsAtTheFirstError(t *testing.T) {
 // TestMultiWithNilPartDoesNotPanic: a Multi holding a typed nil
 // State is bad input; NewEtcdWorker must return an error, not panic.
 func TestMultiWithNilPartDoesNotPanic(t *testing.T) {
+	t.Parallel()
 	cli := &clientv3.Client{}
 	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 		return s, nil

@@ -36,6 +36,7 @@ func names[T any](s *jsonstate.State[T]) []string {
 }
 
 func TestStateLoadIgnoresForeignKeys(t *testing.T) {
+	t.Parallel()
 	s := jsonstate.New[node]("app/nodes/") // normalized to /app/nodes
 	require.Equal(t, "/app/nodes", s.Prefix())
 	require.Equal(t, "/app/nodes/x", s.Key("x").String())
@@ -69,6 +70,7 @@ func TestStateLoadIgnoresForeignKeys(t *testing.T) {
 }
 
 func TestStateFollowsUpdates(t *testing.T) {
+	t.Parallel()
 	s := jsonstate.New[node]("/app/nodes")
 	tester := orchestrator.NewReactorStateTester(t, s, nil)
 	tester.MustUpdate("/app/nodes/a", []byte(`{"addr":"a","load":1}`))
@@ -130,6 +132,7 @@ func runStateWrites(t *testing.T, tests []stateWrite) {
 }
 
 func TestStateWritesPatch(t *testing.T) {
+	t.Parallel()
 	runStateWrites(t, []stateWrite{{
 		name:  "patch existing",
 		queue: func(s *jsonstate.State[node]) { s.Patch("a", addLoad(5)) },
@@ -154,6 +157,7 @@ func TestStateWritesPatch(t *testing.T) {
 }
 
 func TestStateWritesPutAndDelete(t *testing.T) {
+	t.Parallel()
 	runStateWrites(t, []stateWrite{{
 		name:  "put replaces",
 		queue: func(s *jsonstate.State[node]) { s.Put("a", node{Addr: "a2", Drain: true}) },
@@ -182,6 +186,7 @@ func TestStateWritesPutAndDelete(t *testing.T) {
 }
 
 func TestStateWritesGroup(t *testing.T) {
+	t.Parallel()
 	runStateWrites(t, []stateWrite{{
 		name: "ignore skips one patch",
 		queue: func(s *jsonstate.State[node]) {
@@ -210,6 +215,7 @@ func TestStateWritesGroup(t *testing.T) {
 }
 
 func TestStateGroupIsAtomic(t *testing.T) {
+	t.Parallel()
 	boom := errors.New("boom")
 	s := jsonstate.New[node]("/app/nodes")
 	initial := map[string]string{"/app/nodes/a": `{"addr":"a","load":1}`}
@@ -235,6 +241,7 @@ func TestStateGroupIsAtomic(t *testing.T) {
 }
 
 func TestGroupAcrossStates(t *testing.T) {
+	t.Parallel()
 	type config struct {
 		Version int `json:"version"`
 	}
@@ -273,6 +280,7 @@ func TestGroupAcrossStates(t *testing.T) {
 }
 
 func TestNameFilter(t *testing.T) {
+	t.Parallel()
 	s := jsonstate.New[node]("/app/nodes", jsonstate.WithNameFilter(func(name string) bool {
 		return name != "skip" && len(name) == 1
 	}))
@@ -286,6 +294,7 @@ func TestNameFilter(t *testing.T) {
 }
 
 func TestEncodeErrorIsReported(t *testing.T) {
+	t.Parallel()
 	s := jsonstate.New[any]("/app/x")
 	tester := orchestrator.NewReactorStateTester(t, s, nil)
 	s.Put("ch", make(chan int))
@@ -301,6 +310,7 @@ func TestEncodeErrorIsReported(t *testing.T) {
 }
 
 func TestNilPatchFunc(t *testing.T) {
+	t.Parallel()
 	s := jsonstate.New[node]("/app/nodes")
 	tester := orchestrator.NewReactorStateTester(t, s, nil)
 	s.Patch("a", nil)
@@ -311,6 +321,7 @@ func TestNilPatchFunc(t *testing.T) {
 // TestOutOfScopeStateIsAnError: a State or Doc whose keys lie outside the
 // worker's prefix would load nothing; NewEtcdWorker says so instead.
 func TestOutOfScopeStateIsAnError(t *testing.T) {
+	t.Parallel()
 	cli := &clientv3.Client{}
 	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 		return s, nil
@@ -347,6 +358,7 @@ func TestOutOfScopeStateIsAnError(t *testing.T) {
 // TestScopeEdgesOfPrefixes: root, empty and slash-terminated worker
 // prefixes, siblings sharing a name prefix, and the reserved area.
 func TestScopeEdgesOfPrefixes(t *testing.T) {
+	t.Parallel()
 	cli := &clientv3.Client{}
 	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 		return s, nil

@@ -20,6 +20,7 @@ import (
 // (a few seconds plus the TTL) although etcd does not answer, and leaves no
 // goroutine behind (goleak, TestMain).
 func TestCancelWhileCampaigningDuringOutage(t *testing.T) {
+	t.Parallel()
 	const ttl = 2
 	bound := ttl*time.Second + 3*time.Second
 	for _, tc := range []struct {

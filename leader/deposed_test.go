@@ -46,6 +46,7 @@ func (l *tickLog) idleWorker() leader.NewWorkerFunc {
 // 2s), it ticks no more, the new leader alone ticks, and the old leader
 // campaigns again.
 func TestDeletedElectionKeyDeposesTheIdleLeader(t *testing.T) {
+	t.Parallel()
 	const bound = 4 * time.Second // the progress interval (2s) plus slack
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()

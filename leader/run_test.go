@@ -52,6 +52,7 @@ func stopCandidates(t *testing.T, stop func(), wait func() []error) {
 }
 
 func TestFailoverFencesOffTheDeposedLeader(t *testing.T) {
+	t.Parallel()
 	etcd := orchestratortest.StartEtcdServer(t)
 	failoverFencesOff(t, etcd.Client(), etcd)
 }
@@ -88,6 +89,7 @@ func failoverFencesOff(t *testing.T, cli *clientv3.Client, etcd clientMaker) {
 }
 
 func TestCancelResignsAndRevokesTheSession(t *testing.T) {
+	t.Parallel()
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 1)
@@ -112,6 +114,7 @@ func TestCancelResignsAndRevokesTheSession(t *testing.T) {
 }
 
 func TestReactorFinishedResignsAndHandsOver(t *testing.T) {
+	t.Parallel()
 	ctx, _ := testContext(t)
 	etcd := orchestratortest.StartEtcdServer(t)
 	elected := make(chan leader.Term, 4)
@@ -129,6 +132,7 @@ func TestReactorFinishedResignsAndHandsOver(t *testing.T) {
 }
 
 func TestLostSessionWhileWaitingCampaignsAgain(t *testing.T) {
+	t.Parallel()
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 4)
@@ -172,6 +176,7 @@ func TestLostSessionWhileWaitingCampaignsAgain(t *testing.T) {
 }
 
 func TestTermErrorsEndRunAndResign(t *testing.T) {
+	t.Parallel()
 	ctx, _ := testContext(t)
 	etcd := orchestratortest.StartEtcdServer(t)
 	errBoom := errors.New("boom")
@@ -228,6 +233,7 @@ func TestTermErrorsEndRunAndResign(t *testing.T) {
 }
 
 func TestInvalidArguments(t *testing.T) {
+	t.Parallel()
 	ctx, _ := testContext(t)
 	cli := orchestratortest.StartEtcd(t)
 	worker := countingWorker(1)
@@ -257,6 +263,7 @@ func TestInvalidArguments(t *testing.T) {
 // a leader returns ctx's error promptly when ctx ends, and leaves neither an
 // election key nor a lease behind.
 func TestCancelWhileCampaigningLeavesNoLease(t *testing.T) {
+	t.Parallel()
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 4)
@@ -291,6 +298,7 @@ func TestCancelWhileCampaigningLeavesNoLease(t *testing.T) {
 // lands twice or in part (counter == log keys), and no term writes after its
 // revocation.
 func TestRapidRevokesFenceEveryTerm(t *testing.T) {
+	t.Parallel()
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 32)
@@ -312,6 +320,7 @@ func TestRapidRevokesFenceEveryTerm(t *testing.T) {
 // later campaign (a candidate waits for all older keys under the election
 // prefix to go). Both are invalid arguments, reported when the term starts.
 func TestOverlappingPrefixesAreRejected(t *testing.T) {
+	t.Parallel()
 	etcd := orchestratortest.StartEtcdServer(t)
 	for _, tt := range []struct{ name, election, worker string }{
 		{"election inside the worker prefix", "/test/data/election", "/test/data"},

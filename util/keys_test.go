@@ -40,6 +40,7 @@ var splitCases = []struct {
 // TestHeadTailOfEveryType: the four types split the same strings alike, and
 // a key's head and tail put together give back the key.
 func TestHeadTailOfEveryType(t *testing.T) {
+	t.Parallel()
 	for _, tc := range splitCases {
 		t.Run(tc.name, func(t *testing.T) {
 			key := util.NewEtcdKey(tc.in)
@@ -63,6 +64,7 @@ func requireHeadTail[H, T any, K interface {
 }
 
 func TestHeadTailWalk(t *testing.T) {
+	t.Parallel()
 	// Repeatedly taking the tail of a key visits each segment in turn.
 	key := util.NewEtcdKey("/a/b/c")
 	var segments []string
@@ -98,6 +100,7 @@ var removePrefixCases = []removePrefixCase{
 }
 
 func TestRemovePrefix(t *testing.T) {
+	t.Parallel()
 	for _, tc := range removePrefixCases {
 		t.Run(tc.name, func(t *testing.T) {
 			key := util.NewEtcdKey(tc.key)
@@ -108,11 +111,13 @@ func TestRemovePrefix(t *testing.T) {
 }
 
 func TestRemovePrefixNil(t *testing.T) {
+	t.Parallel()
 	key := util.NewEtcdKey("/p/a")
 	require.Equal(t, key.AsRelKey(), key.RemovePrefix(nil))
 }
 
 func TestRelKeyRemovePrefix(t *testing.T) {
+	t.Parallel()
 	cases := append(slices.Clone(removePrefixCases),
 		removePrefixCase{name: "invalid UTF-8", key: "/\xff/\xfe", prefix: "/\xff", want: "/\xfe"})
 	for _, tc := range cases {
@@ -128,11 +133,13 @@ func TestRelKeyRemovePrefix(t *testing.T) {
 }
 
 func TestRelKeyRemovePrefixNil(t *testing.T) {
+	t.Parallel()
 	key := util.NewEtcdRelKey("/a/b")
 	require.Equal(t, key, key.RemovePrefix(nil))
 }
 
 func TestRelKeyAsPrefixWalksSegments(t *testing.T) {
+	t.Parallel()
 	// A relative key used as a relative prefix strips itself from a longer
 	// relative key: "/a/b" off "/a/b/c" leaves "/c".
 	rel := util.NewEtcdRelKey("/a/b")
@@ -143,6 +150,7 @@ func TestRelKeyAsPrefixWalksSegments(t *testing.T) {
 }
 
 func TestFullKey(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name   string
 		prefix string
@@ -166,6 +174,7 @@ func TestFullKey(t *testing.T) {
 }
 
 func TestNormalizePrefix(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		in   string
 		want string
@@ -196,6 +205,7 @@ func TestNormalizePrefix(t *testing.T) {
 }
 
 func TestConversions(t *testing.T) {
+	t.Parallel()
 	const s = "/a/b"
 	require.Equal(t, util.NewEtcdRelKey(s), util.NewEtcdKey(s).AsRelKey())
 	require.Equal(t, util.NewEtcdRelPrefix(s), util.NewEtcdRelKey(s).AsPrefix())
@@ -211,6 +221,7 @@ func TestConversions(t *testing.T) {
 }
 
 func TestStringAndBytes(t *testing.T) {
+	t.Parallel()
 	inputs := []string{"", "/", "/a/b/c", "键", "\x00\xff"}
 	for _, in := range inputs {
 		t.Run(fmt.Sprintf("%q", in), func(t *testing.T) {
@@ -233,6 +244,7 @@ func TestStringAndBytes(t *testing.T) {
 }
 
 func TestFromBytesCopies(t *testing.T) {
+	t.Parallel()
 	b := []byte("/a/b")
 	key := util.NewEtcdKeyFromBytes(b)
 	relKey := util.NewEtcdRelKeyFromBytes(b)
@@ -246,6 +258,7 @@ func TestFromBytesCopies(t *testing.T) {
 }
 
 func TestBytesReturnsFreshSlice(t *testing.T) {
+	t.Parallel()
 	key := util.NewEtcdKey("/a/b")
 	b := key.Bytes()
 	b[1] = 'x'
@@ -266,6 +279,7 @@ func TestBytesReturnsFreshSlice(t *testing.T) {
 }
 
 func TestZeroValues(t *testing.T) {
+	t.Parallel()
 	var key util.EtcdKey
 	require.Equal(t, util.NewEtcdKey(""), key)
 	require.Equal(t, "", key.String())
@@ -291,6 +305,7 @@ func TestZeroValues(t *testing.T) {
 }
 
 func TestEtcdKeyAsMapKey(t *testing.T) {
+	t.Parallel()
 	m := map[util.EtcdKey][]byte{
 		util.NewEtcdKey("/a/b"): []byte("v1"),
 		util.NewEtcdKey("/a/c"): []byte("v2"),
@@ -305,6 +320,7 @@ func TestEtcdKeyAsMapKey(t *testing.T) {
 }
 
 func TestTypesAreOneStringHeader(t *testing.T) {
+	t.Parallel()
 	stringSize := unsafe.Sizeof("")
 	require.Equal(t, stringSize, unsafe.Sizeof(util.EtcdKey{}))
 	require.Equal(t, stringSize, unsafe.Sizeof(util.EtcdRelKey{}))
