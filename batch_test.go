@@ -233,7 +233,7 @@ func singleKeyGroups(n int) []groupWrites {
 	return gs
 }
 
-// packTxnsCase is one case of TestPackTxns.
+// packTxnsCase is one case of TestPackTxnsSplitsAtTheLimitsInOrder.
 type packTxnsCase struct {
 	name   string
 	groups []groupWrites
@@ -241,7 +241,7 @@ type packTxnsCase struct {
 	want   []batchSpan
 }
 
-// packTxnsCases returns the cases of TestPackTxns.
+// packTxnsCases returns the cases of TestPackTxnsSplitsAtTheLimitsInOrder.
 func packTxnsCases() []packTxnsCase {
 	l := batchLimits
 	perTxn := l.maxOps - l.overheadOps                                  // 8 keys
@@ -318,7 +318,7 @@ func packTxnsCases() []packTxnsCase {
 	}
 }
 
-func TestPackTxns(t *testing.T) {
+func TestPackTxnsSplitsAtTheLimitsInOrder(t *testing.T) {
 	t.Parallel()
 	tests := packTxnsCases()
 	for _, tt := range tests {

@@ -94,15 +94,15 @@ func (f *fenceFixture) lastWrite(ctx context.Context, t testing.TB, direct *clie
 	return last
 }
 
-// TestFencing: a leader elected with concurrency.Election runs a worker
-// fenced on its election key (WithFencingKey(Key(), Rev())) that writes in
-// every Tick. It loses leadership: its key is deleted, it resigns, its
+// TestFencedLeaderWritesNothingAfterItsKeyIsGone: a leader elected with
+// concurrency.Election runs a worker fenced on its election key
+// (WithFencingKey(Key(), Rev())) that writes in every Tick. It loses leadership: its key is deleted, it resigns, its
 // session is closed, or its session expires while it is cut off from etcd
 // (and a new leader is elected meanwhile). Fenced, no write of the old
 // leader lands after its key was deleted and Run returns ErrNotOwner. The
 // unfenced control shows the deposed leader can still write, so the check
 // has teeth.
-func TestFencing(t *testing.T) {
+func TestFencedLeaderWritesNothingAfterItsKeyIsGone(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t, ownServer())
 	direct := env.cli

@@ -7,11 +7,11 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// TestTickGate walks the tick gate through a script of (time, changed)
+// TestTickGateTicksChangesAtOnceAndNeverDropsATick walks the tick gate through a script of (time, changed)
 // steps and checks each decision: a change ticks at once within the rate, a
 // timer Tick waits for the interval and a full bucket, and a Tick over the
 // rate is delayed (with the time to ask again), never dropped.
-func TestTickGate(t *testing.T) {
+func TestTickGateTicksChangesAtOnceAndNeverDropsATick(t *testing.T) {
 	const interval = 100 * time.Millisecond
 	t0 := time.Unix(1_000_000, 0)
 	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }

@@ -92,7 +92,7 @@ func TestPatchOnBrokenDocument(t *testing.T) {
 	require.Equal(t, "a", a.Addr)
 }
 
-func TestDoc(t *testing.T) {
+func TestDocDecodesPatchesAndIgnoresOtherKeys(t *testing.T) {
 	t.Parallel()
 	type config struct {
 		Replicas int    `json:"replicas"`
