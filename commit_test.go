@@ -56,10 +56,11 @@ func TestEtcdWorkerFinished(t *testing.T) {
 	}
 }
 
-// TestPatchesOfAGroupComposeAndRerunOnAConcurrentWrite ports the original TestCover (several patches of one
-// group on the same key compose in order, a delete followed by a put in one
-// group is a put) and checks that a patch whose key another writer changed
-// concurrently is re-run on the new value: the final value reflects both.
+// TestPatchesOfAGroupComposeAndRerunOnAConcurrentWrite ports the original
+// TestCover (several patches of one group on the same key compose in order,
+// a delete followed by a put in one group is a put) and checks that a patch
+// whose key another writer changed concurrently is re-run on the new value:
+// the final value reflects both.
 func TestPatchesOfAGroupComposeAndRerunOnAConcurrentWrite(t *testing.T) {
 	t.Parallel()
 	cli := sharedClient(t)

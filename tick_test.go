@@ -7,10 +7,11 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// TestTickGateTicksChangesAtOnceAndNeverDropsATick walks the tick gate through a script of (time, changed)
-// steps and checks each decision: a change ticks at once within the rate, a
-// timer Tick waits for the interval and a full bucket, and a Tick over the
-// rate is delayed (with the time to ask again), never dropped.
+// TestTickGateTicksChangesAtOnceAndNeverDropsATick walks the tick gate
+// through a script of (time, changed) steps and checks each decision: a
+// change ticks at once within the rate, a timer Tick waits for the interval
+// and a full bucket, and a Tick over the rate is delayed (with the time to
+// ask again), never dropped.
 func TestTickGateTicksChangesAtOnceAndNeverDropsATick(t *testing.T) {
 	const interval = 100 * time.Millisecond
 	t0 := time.Unix(1_000_000, 0)
