@@ -81,15 +81,8 @@ type readConfig struct {
 // safe for concurrent use; the zero value assumes the stream is supported.
 type streamSupport struct {
 	unimplementedAt atomic.Int64 // unix nanoseconds; 0: never
-	path            atomic.Int32 // the last read's path: pathNone, pathStream or pathFallback
+	path            atomic.Value // ReadPath: the last read's path
 }
-
-// Values of streamSupport.path.
-const (
-	pathNone int32 = iota
-	pathStream
-	pathFallback
-)
 
 // readPath returns the path of the last read (ReadPathNone: none yet, or
 // a nil streamSupport).
@@ -97,13 +90,8 @@ func (s *streamSupport) readPath() ReadPath {
 	if s == nil {
 		return ReadPathNone
 	}
-	switch s.path.Load() {
-	case pathStream:
-		return ReadPathStream
-	case pathFallback:
-		return ReadPathFallback
-	}
-	return ReadPathNone
+	p, _ := s.path.Load().(ReadPath)
+	return p
 }
 
 // useStream reports whether the next read should try the stream.
@@ -118,7 +106,7 @@ func (s *streamSupport) useStream(now time.Time) bool {
 func (s *streamSupport) markUnimplemented(now time.Time) {
 	if s != nil {
 		s.unimplementedAt.Store(now.UnixNano())
-		s.path.Store(pathFallback)
+		s.path.Store(ReadPathFallback)
 	}
 }
 
@@ -159,7 +147,7 @@ func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 		var ce rangeCallbackError
 		if status.Code(err) != codes.Unimplemented || errors.As(err, &ce) {
 			if err == nil && cfg.support != nil {
-				cfg.support.path.Store(pathStream)
+				cfg.support.path.Store(ReadPathStream)
 			}
 			return rev, err // the callback's error is never the server's answer
 		}
