@@ -220,9 +220,7 @@ func (s *Source) applyWatch(res watchResult) {
 		s.applyEvents(res.events)
 	}
 	s.freshAt = s.clock.Now()
-	if s.proof.rev != 0 && s.proof.rev <= s.copy.completeRev {
-		s.proven(s.proof)
-	}
+	s.proveReached()
 	s.prune()
 	s.mu.Unlock()
 	s.signal()
@@ -265,14 +263,45 @@ func (f *follower) onProbe(p headProbe) error {
 	fresh := p.rev <= f.s.copy.completeRev
 	if fresh {
 		f.s.proven(p)
-	} else if p.sent.After(f.s.proof.sent) {
-		f.s.proof = p // proven once the copy reaches p.rev (applyWatch)
+	} else {
+		f.s.pendProof(p) // proven once the copy reaches p.rev (applyWatch)
 	}
 	f.s.mu.Unlock()
 	if fresh {
 		f.s.signal()
 	}
 	return nil
+}
+
+// maxProofs bounds Source.proofs. When it is full, a newer probe replaces
+// the newest pending one: the older ones are reached first.
+const maxProofs = 16
+
+// pendProof keeps probe p, which found the copy behind the head it read,
+// until the copy reaches p.rev; mu is held.
+func (s *Source) pendProof(p headProbe) {
+	if n := len(s.proofs); n > 0 && !p.sent.After(s.proofs[n-1].sent) {
+		return // an answer that overtook a newer probe's: it proves less
+	}
+	if len(s.proofs) == maxProofs {
+		s.proofs[maxProofs-1] = p
+		return
+	}
+	s.proofs = append(s.proofs, p)
+}
+
+// proveReached proves the newest pending probe whose revision the copy has
+// reached, and drops it and the older ones; mu is held.
+func (s *Source) proveReached() {
+	i := len(s.proofs) - 1
+	for i >= 0 && s.proofs[i].rev > s.copy.completeRev {
+		i--
+	}
+	if i < 0 {
+		return
+	}
+	s.proven(s.proofs[i])
+	s.proofs = append(s.proofs[:0], s.proofs[i+1:]...)
 }
 
 // proven records that the copy held every revision up to the head probe p
@@ -283,9 +312,6 @@ func (s *Source) proven(p headProbe) {
 	}
 	if p.sent.After(s.provenAt) {
 		s.provenAt = p.sent
-	}
-	if !s.proof.sent.After(p.sent) {
-		s.proof = headProbe{}
 	}
 }
 

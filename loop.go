@@ -151,13 +151,15 @@ func (r *run) close() {
 // loop is the body of Run: join the Source, take a first snapshot, then
 // follow, tick and commit until it must return.
 func (r *run) loop() error {
+	// The first snapshot must be proven current after Run began, as a load
+	// would be: a Source that already runs has its copy, which may not hold
+	// a write that ended just before; a probe asked for now proves it. start
+	// is taken before attach, so that the load attach may start (in the
+	// follower's goroutine, which may run first) proves it too.
+	start := r.now()
 	r.publishStatus()
 	r.fence = r.startFenceCheck()
 	r.src.attach(r.cur)
-	// The first snapshot must be proven current after Run began, as a load
-	// would be: a Source that already runs has its copy, which may not hold
-	// a write that ended just before; a probe asked for now proves it.
-	start := r.now()
 	r.src.requestProgress()
 	for !r.synced {
 		if err := r.checkStop(); err != nil {

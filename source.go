@@ -63,12 +63,13 @@ type Source struct {
 	// current (a probe, a load): every write that ended before it is in the
 	// copy. A watch response proves freshness, not that.
 	freshAt, provenAt time.Time
-	// proof is the newest probe that found the copy behind the head it
-	// read: once the copy reaches proof.rev, it proves provenAt =
-	// proof.sent. On a busy server every probe reads a head the watch has
-	// not reached yet (the progress that covers it comes after the probe's
-	// answer), so this is how a probe proves anything there.
-	proof headProbe
+	// proofs are the probes that found the copy behind the head they read,
+	// oldest first (at most maxProofs): once the copy reaches a proof's
+	// rev, it proves provenAt = its sent. On a busy server every probe
+	// reads a head the watch has not reached yet (the progress that covers
+	// it comes after the probe's answer, and on a slow watch after newer
+	// probes), so this is how a probe proves anything there.
+	proofs []headProbe
 
 	// hmu guards what the follower publishes about its contact with etcd.
 	hmu    sync.Mutex
