@@ -1,0 +1,169 @@
+package orchestrator
+
+// A worker joining a running Source on a busy server whose Source watch is
+// slow (its responses arrive a fixed delay after etcd sent them, longer
+// than the progress interval): DESIGN "Progress probe" promises the first
+// Tick of a late joiner on a busy server, and "Catching up" that it holds
+// every write that completed before Run was called.
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+)
+
+// watchDelay makes the watch responses of a client arrive delay after they
+// reached it (a slow watch: latency, not a lower rate). Zero: at once.
+type watchDelay struct{ delay atomic.Int64 }
+
+func (d *watchDelay) set(v time.Duration) { d.delay.Store(int64(v)) }
+
+func (d *watchDelay) dialOptions() []grpc.DialOption {
+	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream {
+		s := &delayedWatchStream{ClientStream: cs, d: d, in: make(chan delayedMsg, 4096)}
+		go s.pump()
+		return s
+	})
+}
+
+// delayedMsg is one response the pump received, and when.
+type delayedMsg struct {
+	resp *pb.WatchResponse
+	at   time.Time
+	err  error
+}
+
+// delayedWatchStream receives the stream's responses in a goroutine of its
+// own (pump) and hands each to the client delay after it arrived.
+type delayedWatchStream struct {
+	grpc.ClientStream
+	d  *watchDelay
+	in chan delayedMsg
+}
+
+func (s *delayedWatchStream) pump() {
+	for {
+		resp := &pb.WatchResponse{}
+		err := s.ClientStream.RecvMsg(resp)
+		select {
+		case s.in <- delayedMsg{resp: resp, at: time.Now(), err: err}:
+		case <-s.Context().Done():
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (s *delayedWatchStream) RecvMsg(m any) error {
+	var msg delayedMsg
+	select {
+	case msg = <-s.in:
+	case <-s.Context().Done():
+		return s.Context().Err()
+	}
+	if msg.err != nil {
+		return msg.err
+	}
+	if wait := time.Until(msg.at.Add(time.Duration(s.d.delay.Load()))); wait > 0 {
+		timer := time.NewTimer(wait)
+		select {
+		case <-timer.C:
+		case <-s.Context().Done():
+		}
+		timer.Stop()
+	}
+	dst := m.(*pb.WatchResponse)
+	proto.Reset(dst)
+	proto.Merge(dst, msg.resp)
+	return nil
+}
+
+// busyElsewhere writes outside any test prefix without a pause until the
+// test ends (a busy, shared etcd); the returned function stops it and
+// returns its error.
+func busyElsewhere(ctx context.Context, t *testing.T, name string) func() error {
+	t.Helper()
+	cli := newTestEnv(t).cli
+	wctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		var err error
+		for i := 0; wctx.Err() == nil && err == nil; i++ {
+			_, err = cli.Put(wctx, fmt.Sprintf("/%s-elsewhere/k%d", name, i%100), "v")
+		}
+		if wctx.Err() != nil {
+			err = nil
+		}
+		done <- err
+	}()
+	var once sync.Once
+	var werr error
+	stopAndWait := func() error {
+		once.Do(func() { stop(); werr = <-done })
+		return werr
+	}
+	t.Cleanup(func() { _ = stopAndWait() })
+	return stopAndWait
+}
+
+// TestSourceLateJoinOnABusyServerWithASlowWatch: the Source's watch
+// responses arrive 1.5s after etcd sent them (a progress interval is
+// 500ms), while another client writes outside the prefix without a pause.
+// Every probe reads a head above the copy, and each one replaces the kept
+// proof before the progress notification that covers the previous one
+// arrives (it was asked for right after that probe, and is 1.5s on its
+// way). A worker that joins must still get its first Tick, holding /b,
+// written before its Run began: within a few watch delays, not never.
+func TestSourceLateJoinOnABusyServerWithASlowWatch(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := testContext(t)
+	const prefix = "/src-busy-slow"
+	const delay = 1500 * time.Millisecond
+	staleness := WithMaxStaleness(2 * time.Second) // progress interval 500ms
+	admin := env.cli
+	mustPutKV(ctx, t, admin, prefix+"/a", "1")
+	slow := &watchDelay{}
+	src := mustNewSource(t, env.client(t, slow.dialOptions()...), prefix)
+	var firstTicks atomic.Int64
+	first := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		firstTicks.Add(1)
+		return s, nil
+	}), newMapState(prefix), WithSource(src), staleness)
+	g := startSynced(ctx, t, "busy-slow", first)
+
+	slow.set(delay)
+	stopWriting := busyElsewhere(ctx, t, "src-busy-slow")
+	mustPutKV(ctx, t, admin, prefix+"/b", "2") // written before the late Run: its first Tick must see it
+	// The first worker keeps ticking: its Source is slow, not stale.
+	before := firstTicks.Load()
+	waitUntil(ctx, t, "the first worker ticks on the slow watch", func() bool { return firstTicks.Load() > before+3 })
+
+	var saw atomic.Pointer[map[string]string]
+	late := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		snap := stringValues(s.(*mapState).values)
+		saw.Store(&snap)
+		return s, ErrReactorFinished
+	}), newMapState(prefix), WithSource(src), staleness)
+	start := time.Now()
+	err := runWithin(t, late, 8*delay, "late")
+	took := time.Since(start)
+	require.NoError(t, stopWriting(), "writer")
+	require.NoError(t, err, "the late worker's first Tick never came on a busy server with a slow watch (%v; copy at %d, probed head %d)",
+		took, src.copyRev(), src.headSeen.Load())
+	require.Contains(t, *saw.Load(), "/b", "the first Tick lacks a write that completed before Run was called")
+	t.Logf("first Tick after %v", took)
+	slow.set(0)
+	require.NoError(t, g.failed())
+	g.stop(t)
+}
