@@ -9,6 +9,7 @@ package orchestrator
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -166,4 +167,112 @@ func TestSourceLateJoinOnABusyServerWithASlowWatch(t *testing.T) {
 	slow.set(0)
 	require.NoError(t, g.failed())
 	g.stop(t)
+}
+
+// TestLoneWorkerOnABusyServerWithASlowWatch: a worker without WithSource
+// has a Source of its own, started by its Run's attach; the Source's load
+// takes its start (the provenAt it sets) in the follower's goroutine, and
+// Run takes the start its first snapshot must be proven after only once
+// attach returned. When the follower's goroutine runs first (measured: 12
+// of 300 Runs under -race on an idle 2-core machine; none here, where the
+// writer keeps the cores busy), the load does not prove the first snapshot
+// and Run waits for a probe's proof, which on a busy server with a slow
+// watch never comes (see TestSourceLateJoinOnABusyServerWithASlowWatch).
+// Every one of many Runs of a lone worker must get its first Tick.
+func TestLoneWorkerOnABusyServerWithASlowWatch(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := testContext(t)
+	const prefix = "/lone-busy-slow"
+	const delay = 1500 * time.Millisecond
+	mustPutKV(ctx, t, env.cli, prefix+"/a", "1")
+	slow := &watchDelay{}
+	slow.set(delay)
+	cli := env.client(t, slow.dialOptions()...)
+	stopWriting := busyElsewhere(ctx, t, "lone-busy-slow")
+	const runs = 100
+	for i := range runs {
+		w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), newMapState(prefix), WithMaxStaleness(2*time.Second))
+		start := time.Now()
+		err := runWithin(t, w, 4*delay, "lone")
+		require.NoError(t, err, "Run %d of %d of a lone worker got no first Tick in %v on a busy server with a slow watch",
+			i+1, runs, time.Since(start))
+	}
+	require.NoError(t, stopWriting(), "writer")
+}
+
+// TestSourceLateJoinersSeeEveryWriteDoneBeforeTheirRun: a writer bumps
+// /seq under the Source's prefix without a pause (and another client writes
+// outside it), while the Source's watch lags 300ms. Workers join the running
+// Source one after another, several at once; each one's first Tick must
+// hold a /seq at least as new as the last write that completed before its
+// Run was called (DESIGN "Catching up": the first snapshot of a Run is
+// proven current by a read sent after Run began).
+func TestSourceLateJoinersSeeEveryWriteDoneBeforeTheirRun(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := testContext(t)
+	const prefix = "/src-late-seq"
+	staleness := WithMaxStaleness(2 * time.Second)
+	slow := &watchDelay{}
+	src := mustNewSource(t, env.client(t, slow.dialOptions()...), prefix)
+	mustPutKV(ctx, t, env.cli, prefix+"/seq", "0")
+	otherOnSource(ctx, t, env.cli, prefix, src)
+	slow.set(300 * time.Millisecond)
+	stopElsewhere := busyElsewhere(ctx, t, "src-late-seq")
+
+	var done atomic.Int64 // the newest /seq whose Put returned
+	wctx, stopSeq := context.WithCancel(ctx)
+	seqErr := make(chan error, 1)
+	go func() {
+		var err error
+		for i := int64(1); wctx.Err() == nil && err == nil; i++ {
+			if _, err = env.cli.Put(wctx, prefix+"/seq", fmt.Sprint(i)); err == nil {
+				done.Store(i)
+			}
+		}
+		if wctx.Err() != nil {
+			err = nil
+		}
+		seqErr <- err
+	}()
+	defer func() { stopSeq(); require.NoError(t, <-seqErr, "seq writer") }()
+
+	const joiners = 12
+	g := newWorkerGroup(t, time.Minute)
+	results := make(chan string, joiners)
+	for i := range joiners {
+		name := fmt.Sprintf("late-%d", i)
+		st := newMapState(prefix)
+		w := mustNewEtcdWorker(t, env.cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			return s, ErrReactorFinished
+		}), st, WithSource(src), staleness)
+		g.run(name, func(ctx context.Context) error {
+			before := done.Load()
+			if err := w.Run(ctx, nil, behaviourTick, name); err != nil {
+				return err
+			}
+			got, err := strconv.ParseInt(string(st.values["/seq"]), 10, 64)
+			if err != nil {
+				return err
+			}
+			if got < before {
+				results <- fmt.Sprintf("%s: first Tick saw /seq=%d, but /seq=%d completed before its Run", name, got, before)
+			} else {
+				results <- ""
+			}
+			return nil
+		})
+		if i%3 == 2 { // joiners come in threes
+			waitUntil(ctx, t, "a few more writes", func() bool { return done.Load() > int64(10*(i+1)) })
+		}
+	}
+	for name, err := range g.wait(t, 30*time.Second) {
+		require.NoError(t, err, name)
+	}
+	close(results)
+	for r := range results {
+		require.Empty(t, r)
+	}
+	require.NoError(t, stopElsewhere(), "writer elsewhere")
 }
