@@ -17,6 +17,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 )
@@ -89,12 +90,11 @@ func (s *delayedWatchStream) RecvMsg(m any) error {
 	return nil
 }
 
-// busyElsewhere writes outside any test prefix without a pause until the
-// test ends (a busy, shared etcd); the returned function stops it and
-// returns its error.
-func busyElsewhere(ctx context.Context, t *testing.T, name string) func() error {
+// busyElsewhere writes through cli outside any test prefix without a pause
+// until the test ends (a busy, shared etcd); the returned function stops it
+// and returns its error.
+func busyElsewhere(ctx context.Context, t *testing.T, cli *clientv3.Client, name string) func() error {
 	t.Helper()
-	cli := newTestEnv(t).cli
 	wctx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() {
@@ -144,7 +144,7 @@ func TestSourceLateJoinOnABusyServerWithASlowWatch(t *testing.T) {
 	g := startSynced(ctx, t, "busy-slow", first)
 
 	slow.set(delay)
-	stopWriting := busyElsewhere(ctx, t, "src-busy-slow")
+	stopWriting := busyElsewhere(ctx, t, newTestEnv(t).cli, "src-busy-slow")
 	mustPutKV(ctx, t, admin, prefix+"/b", "2") // written before the late Run: its first Tick must see it
 	// The first worker keeps ticking: its Source is slow, not stale.
 	before := firstTicks.Load()
@@ -189,7 +189,7 @@ func TestLoneWorkerOnABusyServerWithASlowWatch(t *testing.T) {
 	slow := &watchDelay{}
 	slow.set(delay)
 	cli := env.client(t, slow.dialOptions()...)
-	stopWriting := busyElsewhere(ctx, t, "lone-busy-slow")
+	stopWriting := busyElsewhere(ctx, t, newTestEnv(t).cli, "lone-busy-slow")
 	const runs = 100
 	for i := range runs {
 		w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), newMapState(prefix), WithMaxStaleness(2*time.Second))
@@ -219,7 +219,7 @@ func TestSourceLateJoinersSeeEveryWriteDoneBeforeTheirRun(t *testing.T) {
 	mustPutKV(ctx, t, env.cli, prefix+"/seq", "0")
 	otherOnSource(ctx, t, env.cli, prefix, src)
 	slow.set(300 * time.Millisecond)
-	stopElsewhere := busyElsewhere(ctx, t, "src-late-seq")
+	stopElsewhere := busyElsewhere(ctx, t, newTestEnv(t).cli, "src-late-seq")
 
 	var done atomic.Int64 // the newest /seq whose Put returned
 	wctx, stopSeq := context.WithCancel(ctx)

@@ -315,24 +315,13 @@ func TestSourceLateJoinOnABusyServer(t *testing.T) {
 	first := mustNewEtcdWorker(t, admin, prefix, idleReactor(), newMapState(prefix), WithSource(src))
 	g := startSynced(ctx, t, "busy", first)
 
-	wctx, stopWriting := context.WithCancel(ctx)
-	writer := make(chan error, 1)
-	go func() {
-		var err error
-		for i := 0; wctx.Err() == nil && err == nil; i++ {
-			_, err = admin.Put(wctx, fmt.Sprintf("/src-busy-elsewhere/k%d", i%100), "v")
-		}
-		writer <- err
-	}()
+	stopWriting := busyElsewhere(ctx, t, admin, "src-busy")
 	mustPutKV(ctx, t, admin, prefix+"/b", "2") // written before the late Run: its first Tick must see it
 	late := mustNewEtcdWorker(t, admin, prefix, finishReactor(), newMapState(prefix), WithSource(src))
 	start := time.Now()
 	err := runWithin(t, late, 8*time.Second, "late")
 	took := time.Since(start)
-	stopWriting()
-	if werr := <-writer; werr != nil && wctx.Err() == nil {
-		t.Fatalf("writer: %v", werr)
-	}
+	require.NoError(t, stopWriting(), "writer")
 	require.NoError(t, err, "the late worker's first Tick never came while the server was busy (%v)", took)
 	g.stop(t)
 }

@@ -43,6 +43,7 @@ func requireNothingLeft(ctx context.Context, t *testing.T, cli *clientv3.Client,
 // error matching both ErrPanic and ctx's error, promptly, and leaves
 // neither the election key nor the session lease.
 func TestOnTermEndPanicAfterCancelResignsAndRevokes(t *testing.T) {
+	t.Parallel()
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 1)
@@ -72,6 +73,7 @@ func TestOnTermEndPanicAfterCancelResignsAndRevokes(t *testing.T) {
 // revoked, and the waiting candidate is elected long before the panicking
 // one's session TTL (it resigned).
 func TestOnElectedPanicHandsOverAtOnce(t *testing.T) {
+	t.Parallel()
 	etcd, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	const ttl = 30
@@ -130,6 +132,7 @@ func (f *failFirst) intercept(ctx context.Context, method string, req, reply any
 // broken connection, or the lease is gone. Run must campaign again, be
 // elected and run its term to the end (nil), not end with the error.
 func TestCampaignRetriesTransientErrors(t *testing.T) {
+	t.Parallel()
 	etcd := orchestratortest.StartEtcdServer(t)
 	errs := map[string]error{
 		"no leader":           rpctypes.ErrGRPCNoLeader,
@@ -167,6 +170,7 @@ func TestCampaignRetriesTransientErrors(t *testing.T) {
 // cut (connections reset) when Run begins and for the first campaign
 // attempts, then heals. Run is elected and runs its term to the end.
 func TestCampaignThroughACutConnection(t *testing.T) {
+	t.Parallel()
 	etcd := orchestratortest.StartEtcdServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
