@@ -51,13 +51,17 @@ type optionFunc func(*options)
 func (f optionFunc) apply(o *options) { f(o) }
 
 type options struct {
-	logger            *zap.Logger
-	txnMaxOps         int
-	txnMaxBytes       int
-	fencingKey        string
-	fencingRev        int64
-	hasFencing        bool
-	clock             clockwork.Clock // the real clock; a field so that unit tests may set it
+	logger      *zap.Logger
+	txnMaxOps   int
+	txnMaxBytes int
+	fencingKey  string
+	fencingRev  int64
+	hasFencing  bool
+	// clock is the real clock; a field so that unit tests may set it (the
+	// Source model test sets a Source's). It drives the loop's timers,
+	// back-offs and outage arithmetic; request deadlines and the range
+	// reader's idle watchdog run on real time, as gRPC's deadlines do.
+	clock             clockwork.Clock
 	maxOutage         time.Duration
 	maxStaleness      time.Duration
 	requestTimeout    time.Duration
