@@ -23,14 +23,13 @@ import (
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/leader"
-	"github.com/etcdworker/orchestrator/orchestratortest"
 )
 
 // requireNothingLeft requires that no election key is left and that lease
 // is revoked.
-func requireNothingLeft(ctx context.Context, t *testing.T, cli *clientv3.Client, lease clientv3.LeaseID) {
+func (n names) requireNothingLeft(ctx context.Context, t *testing.T, cli *clientv3.Client, lease clientv3.LeaseID) {
 	t.Helper()
-	resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+	resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix())
 	require.NoError(t, err)
 	require.Empty(t, resp.Kvs, "the election key is gone")
 	ttl, err := cli.TimeToLive(ctx, lease)
@@ -44,11 +43,11 @@ func requireNothingLeft(ctx context.Context, t *testing.T, cli *clientv3.Client,
 // neither the election key nor the session lease.
 func TestOnTermEndPanicAfterCancelResignsAndRevokes(t *testing.T) {
 	t.Parallel()
-	etcd, ctx, runCtx, stop := startRunTest(t)
+	etcd, n, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 1)
 	var ended atomic.Pointer[error]
-	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"solo"},
+	wait := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"solo"},
 		leader.WithSessionTTL(30), // an expiry would take longer than the test
 		leader.WithOnElected(func(term leader.Term) { elected <- term }),
 		leader.WithOnTermEnd(func(_ leader.Term, err error) {
@@ -56,7 +55,7 @@ func TestOnTermEndPanicAfterCancelResignsAndRevokes(t *testing.T) {
 			panic("term end")
 		}))
 	term := nextTerm(ctx, t, elected)
-	waitWrites(ctx, t, cli, term.Rev, 2)
+	n.waitWrites(ctx, t, cli, term.Rev, 2)
 	start := time.Now()
 	stop()
 	err := wait()[0]
@@ -65,7 +64,7 @@ func TestOnTermEndPanicAfterCancelResignsAndRevokes(t *testing.T) {
 	require.ErrorIs(t, err, context.Canceled, "ctx ended: errors.Is(err, ctx.Err()) holds (Run's contract)")
 	require.NotNil(t, ended.Load(), "OnTermEnd ran")
 	require.ErrorIs(t, *ended.Load(), context.Canceled)
-	requireNothingLeft(ctx, t, cli, term.Lease)
+	n.requireNothingLeft(ctx, t, cli, term.Lease)
 }
 
 // TestOnElectedPanicHandsOverAtOnce: the leader's WithOnElected callback
@@ -74,12 +73,12 @@ func TestOnTermEndPanicAfterCancelResignsAndRevokes(t *testing.T) {
 // one's session TTL (it resigned).
 func TestOnElectedPanicHandsOverAtOnce(t *testing.T) {
 	t.Parallel()
-	etcd, ctx, runCtx, stop := startRunTest(t)
+	etcd, n, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	const ttl = 30
 	waiting := make(chan struct{})
 	elected := make(chan leader.Term, 2)
-	waitA := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a"}, leader.WithSessionTTL(ttl),
+	waitA := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"a"}, leader.WithSessionTTL(ttl),
 		leader.WithOnElected(func(term leader.Term) {
 			elected <- term
 			select { // panic once b campaigns behind a
@@ -89,10 +88,10 @@ func TestOnElectedPanicHandsOverAtOnce(t *testing.T) {
 			panic("elected")
 		}))
 	first := nextTerm(ctx, t, elected)
-	waitB := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"b"}, leader.WithSessionTTL(ttl),
+	waitB := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"b"}, leader.WithSessionTTL(ttl),
 		leader.WithOnElected(func(term leader.Term) { elected <- term }))
 	require.Eventually(t, func() bool {
-		resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix(), clientv3.WithCountOnly())
 		return err == nil && resp.Count == 2
 	}, 10*time.Second, 10*time.Millisecond, "b campaigns")
 	start := time.Now()
@@ -106,7 +105,7 @@ func TestOnElectedPanicHandsOverAtOnce(t *testing.T) {
 	require.EqualValues(t, -1, ttlResp.TTL, "a's session lease is revoked")
 	stop()
 	require.ErrorIs(t, waitB()[0], context.Canceled)
-	requireNothingLeft(ctx, t, cli, second.Lease)
+	n.requireNothingLeft(ctx, t, cli, second.Lease)
 }
 
 // failFirst is a unary interceptor that fails the first call of method
@@ -133,7 +132,7 @@ func (f *failFirst) intercept(ctx context.Context, method string, req, reply any
 // elected and run its term to the end (nil), not end with the error.
 func TestCampaignRetriesTransientErrors(t *testing.T) {
 	t.Parallel()
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd := startShared(t)
 	errs := map[string]error{
 		"no leader":           rpctypes.ErrGRPCNoLeader,
 		"leader changed":      rpctypes.ErrGRPCLeaderChanged,
@@ -154,11 +153,12 @@ func TestCampaignRetriesTransientErrors(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%s", name, method), func(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 				defer cancel()
+				n := testNames(t)
 				f := &failFirst{method: method, err: injected}
 				cfg := etcdtest.ClientConfig(etcd.Endpoints()...)
 				cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(f.intercept))
 				cli := etcdtest.NewClientFromConfig(t, cfg)
-				err := leader.Run(ctx, cli, electionPrefix, "c", countingWorker(1), leader.WithSessionTTL(2))
+				err := leader.Run(ctx, cli, n.election, "c", n.countingWorker(1), leader.WithSessionTTL(2))
 				require.True(t, f.failed.Load(), "precondition: the error was injected")
 				require.NoError(t, err, "a transient %v ended Run", injected)
 			})
@@ -171,14 +171,14 @@ func TestCampaignRetriesTransientErrors(t *testing.T) {
 // attempts, then heals. Run is elected and runs its term to the end.
 func TestCampaignThroughACutConnection(t *testing.T) {
 	t.Parallel()
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd, n := startShared(t), testNames(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	proxy := etcdtest.NewProxy(t, etcd.Endpoints()[0])
 	cli := etcdtest.NewClient(t, proxy.Endpoint())
 	proxy.CutFor(3 * time.Second)
 	start := time.Now()
-	err := leader.Run(ctx, cli, electionPrefix, "c", countingWorker(1), leader.WithSessionTTL(2))
+	err := leader.Run(ctx, cli, n.election, "c", n.countingWorker(1), leader.WithSessionTTL(2))
 	require.NoError(t, err, "a cut connection ended Run")
 	require.Greater(t, time.Since(start), 2*time.Second, "precondition: the campaign ran into the cut")
 }

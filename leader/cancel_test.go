@@ -31,10 +31,10 @@ func TestCancelWhileCampaigningDuringOutage(t *testing.T) {
 		{name: "cancelled after the session expired", sessionExpiry: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			etcd, ctx, runCtx, stop := startRunTest(t)
+			etcd, n, ctx, runCtx, stop := startRunTest(t)
 			cli := etcd.Client()
 			elected := make(chan leader.Term, 1)
-			waitLeader := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"leader"},
+			waitLeader := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"leader"},
 				leader.WithSessionTTL(ttl), leader.WithOnElected(func(term leader.Term) { elected <- term }))
 			nextTerm(ctx, t, elected)
 
@@ -45,12 +45,12 @@ func TestCancelWhileCampaigningDuringOutage(t *testing.T) {
 			defer cancelFollower()
 			done := make(chan error, 1)
 			go func() {
-				done <- leader.Run(followerCtx, followerCli, electionPrefix, "follower", countingWorker(0),
+				done <- leader.Run(followerCtx, followerCli, n.election, "follower", n.countingWorker(0),
 					leader.WithSessionTTL(ttl), leader.WithLogger(zap.New(core)))
 			}()
 			defer func() { proxy.Resume(); <-done }() // joins Run even when the test fails
 			require.Eventually(t, func() bool {
-				resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+				resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix(), clientv3.WithCountOnly())
 				return err == nil && resp.Count == 2
 			}, 10*time.Second, 10*time.Millisecond, "the follower campaigns")
 

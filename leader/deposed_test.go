@@ -25,9 +25,9 @@ func (l *tickLog) count(term int64) int {
 	return l.ticks[term]
 }
 
-// idleWorker returns a NewWorkerFunc whose reactor only counts its Ticks: it
-// never commits.
-func (l *tickLog) idleWorker() leader.NewWorkerFunc {
+// idleWorker returns a NewWorkerFunc on n.data whose reactor only counts
+// its Ticks: it never commits.
+func (l *tickLog) idleWorker(n names) leader.NewWorkerFunc {
 	return func(_ context.Context, term leader.Term) (leader.Worker, error) {
 		reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 			l.mu.Lock()
@@ -35,7 +35,7 @@ func (l *tickLog) idleWorker() leader.NewWorkerFunc {
 			l.mu.Unlock()
 			return s, nil
 		})
-		return leader.Worker{Prefix: dataPrefix, Reactor: reactor, State: &patchesOnly{}, TimerInterval: tickInterval}, nil
+		return leader.Worker{Prefix: n.data, Reactor: reactor, State: &patchesOnly{}, TimerInterval: tickInterval}, nil
 	}
 }
 
@@ -48,7 +48,7 @@ func (l *tickLog) idleWorker() leader.NewWorkerFunc {
 func TestDeletedElectionKeyDeposesTheIdleLeader(t *testing.T) {
 	t.Parallel()
 	const bound = 4 * time.Second // the progress interval (2s) plus slack
-	etcd, ctx, runCtx, stop := startRunTest(t)
+	etcd, n, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	log := &tickLog{ticks: map[int64]int{}}
 	elected := make(chan leader.Term, 4)
@@ -57,7 +57,7 @@ func TestDeletedElectionKeyDeposesTheIdleLeader(t *testing.T) {
 		err  error
 	}
 	ended := make(chan termEnd, 4)
-	wait := runCandidates(runCtx, t, etcd, log.idleWorker(), []string{"a", "b"},
+	wait := n.runCandidates(runCtx, t, etcd, log.idleWorker(n), []string{"a", "b"},
 		leader.WithSessionTTL(10),
 		leader.WithOnElected(func(term leader.Term) { elected <- term }),
 		leader.WithOnTermEnd(func(term leader.Term, err error) { ended <- termEnd{term, err} }))
@@ -89,7 +89,7 @@ func TestDeletedElectionKeyDeposesTheIdleLeader(t *testing.T) {
 		"the new leader ticks")
 	require.Equal(t, stopped, log.count(first.Rev), "the deposed leader ticked after its term ended")
 	require.Eventually(t, func() bool {
-		resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+		resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix())
 		if err != nil || len(resp.Kvs) != 2 {
 			return false
 		}

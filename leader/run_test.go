@@ -29,9 +29,9 @@ func (r revocations) revoke(ctx context.Context, t *testing.T, cli *clientv3.Cli
 // requireFencedLedger reads the ledger and requires that every group
 // landed whole and once (the counter equals the entries) and that no term
 // wrote after its lease was revoked; it returns the entries.
-func (r revocations) requireFencedLedger(ctx context.Context, t *testing.T, cli *clientv3.Client) []logEntry {
+func (r revocations) requireFencedLedger(ctx context.Context, t *testing.T, cli *clientv3.Client, n names) []logEntry {
 	t.Helper()
-	counter, entries := readLedger(ctx, t, cli)
+	counter, entries := n.readLedger(ctx, t, cli)
 	require.Equal(t, counter, len(entries), "every group landed whole, none twice")
 	for _, e := range entries {
 		if revoked, ok := r[e.term]; ok {
@@ -53,18 +53,18 @@ func stopCandidates(t *testing.T, stop func(), wait func() []error) {
 
 func TestFailoverFencesOffTheDeposedLeader(t *testing.T) {
 	t.Parallel()
-	etcd := orchestratortest.StartEtcdServer(t)
-	failoverFencesOff(t, etcd.Client(), etcd)
+	etcd := startShared(t)
+	failoverFencesOff(t, testNames(t), etcd.Client(), etcd)
 }
 
 // failoverFencesOff runs three candidates on clients from etcd and makes
 // three leaders in a row crash (their session lease revoked through cli): a
 // follower takes over each time, terms grow, every group lands whole and
 // once, and no term writes after its lease was revoked.
-func failoverFencesOff(t *testing.T, cli *clientv3.Client, etcd clientMaker) {
+func failoverFencesOff(t *testing.T, n names, cli *clientv3.Client, etcd clientMaker) {
 	ctx, runCtx, stop := runContexts(t)
 	elected := make(chan leader.Term, 16)
-	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a", "b", "c"},
+	wait := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"a", "b", "c"},
 		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
 
 	revoked := revocations{}
@@ -73,16 +73,16 @@ func failoverFencesOff(t *testing.T, cli *clientv3.Client, etcd clientMaker) {
 		term := nextTerm(ctx, t, elected)
 		require.NotEqual(t, prev.Candidate, term.Candidate, "a follower takes over")
 		require.Greater(t, term.Rev, prev.Rev, "terms grow")
-		waitWrites(ctx, t, cli, term.Rev, 3)
+		n.waitWrites(ctx, t, cli, term.Rev, 3)
 		revoked.revoke(ctx, t, cli, term)
 		prev = term
 	}
 	last := nextTerm(ctx, t, elected)
-	waitWrites(ctx, t, cli, last.Rev, 3)
+	n.waitWrites(ctx, t, cli, last.Rev, 3)
 	stopCandidates(t, stop, wait)
 
 	writesPerTerm := map[int64]int{}
-	for _, e := range revoked.requireFencedLedger(ctx, t, cli) {
+	for _, e := range revoked.requireFencedLedger(ctx, t, cli, n) {
 		writesPerTerm[e.term]++
 	}
 	require.Len(t, writesPerTerm, 4, "one entry set per term: %v", writesPerTerm)
@@ -90,22 +90,22 @@ func failoverFencesOff(t *testing.T, cli *clientv3.Client, etcd clientMaker) {
 
 func TestCancelResignsAndRevokesTheSession(t *testing.T) {
 	t.Parallel()
-	etcd, ctx, runCtx, stop := startRunTest(t)
+	etcd, n, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 1)
 	ended := make(chan error, 1)
-	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"solo"},
+	wait := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"solo"},
 		leader.WithSessionTTL(2),
 		leader.WithOnElected(func(term leader.Term) { elected <- term }),
 		leader.WithOnTermEnd(func(_ leader.Term, err error) { ended <- err }))
 
 	term := nextTerm(ctx, t, elected)
-	waitWrites(ctx, t, cli, term.Rev, 2)
+	n.waitWrites(ctx, t, cli, term.Rev, 2)
 	stop()
 	require.ErrorIs(t, wait()[0], context.Canceled)
 	require.ErrorIs(t, <-ended, context.Canceled, "OnTermEnd gets the worker's error")
 
-	resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+	resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix())
 	require.NoError(t, err)
 	require.Empty(t, resp.Kvs, "the election key is gone")
 	ttl, err := cli.TimeToLive(ctx, term.Lease)
@@ -116,9 +116,9 @@ func TestCancelResignsAndRevokesTheSession(t *testing.T) {
 func TestReactorFinishedResignsAndHandsOver(t *testing.T) {
 	t.Parallel()
 	ctx, _ := testContext(t)
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd, n := startShared(t), testNames(t)
 	elected := make(chan leader.Term, 4)
-	wait := runCandidates(ctx, t, etcd, countingWorker(3), []string{"a", "b"},
+	wait := n.runCandidates(ctx, t, etcd, n.countingWorker(3), []string{"a", "b"},
 		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
 
 	for _, err := range wait() {
@@ -126,24 +126,24 @@ func TestReactorFinishedResignsAndHandsOver(t *testing.T) {
 	}
 	first, second := nextTerm(ctx, t, elected), nextTerm(ctx, t, elected)
 	require.NotEqual(t, first.Candidate, second.Candidate)
-	counter, entries := readLedger(ctx, t, etcd.Client())
+	counter, entries := n.readLedger(ctx, t, etcd.Client())
 	require.Equal(t, 6, counter, "three groups per term, final ones included")
 	require.Len(t, entries, 6)
 }
 
 func TestLostSessionWhileWaitingCampaignsAgain(t *testing.T) {
 	t.Parallel()
-	etcd, ctx, runCtx, stop := startRunTest(t)
+	etcd, n, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 4)
 	onElected := leader.WithOnElected(func(term leader.Term) { elected <- term })
-	waitA := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a"}, leader.WithSessionTTL(2), onElected)
+	waitA := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"a"}, leader.WithSessionTTL(2), onElected)
 	first := nextTerm(ctx, t, elected)
-	waitB := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"b"}, leader.WithSessionTTL(2), onElected)
+	waitB := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"b"}, leader.WithSessionTTL(2), onElected)
 
 	var waiting clientv3.LeaseID // b's session lease, attached to its election key
 	require.Eventually(t, func() bool {
-		resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+		resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix())
 		if err != nil || len(resp.Kvs) != 2 {
 			return false
 		}
@@ -157,9 +157,9 @@ func TestLostSessionWhileWaitingCampaignsAgain(t *testing.T) {
 	// alive (it was not "elected" with the revoked key) and writes.
 	second := nextTerm(ctx, t, elected)
 	require.NotContains(t, []clientv3.LeaseID{waiting, first.Lease}, second.Lease)
-	waitWrites(ctx, t, cli, second.Rev, 2)
+	n.waitWrites(ctx, t, cli, second.Rev, 2)
 	require.Eventually(t, func() bool {
-		resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+		resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix())
 		if err != nil || len(resp.Kvs) != 2 {
 			return false
 		}
@@ -178,13 +178,13 @@ func TestLostSessionWhileWaitingCampaignsAgain(t *testing.T) {
 func TestTermErrorsEndRunAndResign(t *testing.T) {
 	t.Parallel()
 	ctx, _ := testContext(t)
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd, n := startShared(t), testNames(t)
 	errBoom := errors.New("boom")
 	failingReactor := func(_ context.Context, _ leader.Term) (leader.Worker, error) {
 		reactor := orchestrator.ReactorFunc(func(context.Context, orchestrator.ReactorState) (orchestrator.ReactorState, error) {
 			return nil, errBoom
 		})
-		return leader.Worker{Prefix: dataPrefix, Reactor: reactor, State: &patchesOnly{}}, nil
+		return leader.Worker{Prefix: n.data, Reactor: reactor, State: &patchesOnly{}}, nil
 	}
 	var ran bool // a Tick of running's worker ran
 	running := func(context.Context, leader.Term) (leader.Worker, error) {
@@ -193,7 +193,7 @@ func TestTermErrorsEndRunAndResign(t *testing.T) {
 			ran = true
 			return nil, orchestrator.ErrReactorFinished
 		})
-		return leader.Worker{Prefix: dataPrefix, Reactor: reactor, State: &patchesOnly{}}, nil
+		return leader.Worker{Prefix: n.data, Reactor: reactor, State: &patchesOnly{}}, nil
 	}
 	tests := []struct {
 		name      string
@@ -209,7 +209,7 @@ func TestTermErrorsEndRunAndResign(t *testing.T) {
 			panic("oops")
 		}, want: orchestrator.ErrPanic},
 		{name: "worker without reactor", newWorker: func(context.Context, leader.Term) (leader.Worker, error) {
-			return leader.Worker{Prefix: dataPrefix, State: &patchesOnly{}}, nil
+			return leader.Worker{Prefix: n.data, State: &patchesOnly{}}, nil
 		}, want: orchestrator.ErrInvalidArgument},
 		{name: "reactor error", newWorker: failingReactor, want: errBoom},
 		{name: "WithOnElected callback panics: the worker never runs", newWorker: running,
@@ -219,13 +219,13 @@ func TestTermErrorsEndRunAndResign(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := leader.Run(ctx, etcd.Client(), electionPrefix, "c", tt.newWorker,
+			err := leader.Run(ctx, etcd.Client(), n.election, "c", tt.newWorker,
 				append([]leader.Option{leader.WithSessionTTL(2)}, tt.opts...)...)
 			require.ErrorIs(t, err, tt.want)
 			if tt.opts != nil {
 				require.Equal(t, tt.ran, ran, "the worker ran")
 			}
-			resp, err := etcd.Client().Get(ctx, electionPrefix, clientv3.WithPrefix())
+			resp, err := etcd.Client().Get(ctx, n.election, clientv3.WithPrefix())
 			require.NoError(t, err)
 			require.Empty(t, resp.Kvs, "resigned")
 		})
@@ -235,8 +235,8 @@ func TestTermErrorsEndRunAndResign(t *testing.T) {
 func TestInvalidArguments(t *testing.T) {
 	t.Parallel()
 	ctx, _ := testContext(t)
-	cli := orchestratortest.StartEtcd(t)
-	worker := countingWorker(1)
+	cli, n := startShared(t).Client(), testNames(t)
+	worker := n.countingWorker(1)
 	tests := []struct {
 		name      string
 		client    *clientv3.Client
@@ -245,11 +245,11 @@ func TestInvalidArguments(t *testing.T) {
 		newWorker leader.NewWorkerFunc
 		opts      []leader.Option
 	}{
-		{"nil client", nil, electionPrefix, "c", worker, nil},
+		{"nil client", nil, n.election, "c", worker, nil},
 		{"empty election prefix", cli, "", "c", worker, nil},
-		{"empty candidate", cli, electionPrefix, "", worker, nil},
-		{"nil NewWorkerFunc", cli, electionPrefix, "c", nil, nil},
-		{"zero session TTL", cli, electionPrefix, "c", worker, []leader.Option{leader.WithSessionTTL(0)}},
+		{"empty candidate", cli, n.election, "", worker, nil},
+		{"nil NewWorkerFunc", cli, n.election, "c", nil, nil},
+		{"zero session TTL", cli, n.election, "c", worker, []leader.Option{leader.WithSessionTTL(0)}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -264,17 +264,18 @@ func TestInvalidArguments(t *testing.T) {
 // election key nor a lease behind.
 func TestCancelWhileCampaigningLeavesNoLease(t *testing.T) {
 	t.Parallel()
-	etcd, ctx, runCtx, stop := startRunTest(t)
+	etcd, n := orchestratortest.StartEtcdServer(t), testNames(t) // it counts every lease: a server of its own
+	ctx, runCtx, stop := runContexts(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 4)
-	waitLeader := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"leader"},
+	waitLeader := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"leader"},
 		leader.WithSessionTTL(5), leader.WithOnElected(func(term leader.Term) { elected <- term }))
 	first := nextTerm(ctx, t, elected)
 
 	waiterCtx, cancelWaiter := context.WithCancel(ctx)
-	waitWaiter := runCandidates(waiterCtx, t, etcd, countingWorker(0), []string{"waiter"}, leader.WithSessionTTL(5))
+	waitWaiter := n.runCandidates(waiterCtx, t, etcd, n.countingWorker(0), []string{"waiter"}, leader.WithSessionTTL(5))
 	require.Eventually(t, func() bool {
-		resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix(), clientv3.WithCountOnly())
 		return err == nil && resp.Count == 2
 	}, 5*time.Second, 10*time.Millisecond, "the waiter campaigns")
 	start := time.Now()
@@ -282,7 +283,7 @@ func TestCancelWhileCampaigningLeavesNoLease(t *testing.T) {
 	require.ErrorIs(t, waitWaiter()[0], context.Canceled)
 	require.Less(t, time.Since(start), 3*time.Second, "a waiting candidate stops promptly")
 
-	resp, err := cli.Get(ctx, electionPrefix, clientv3.WithPrefix())
+	resp, err := cli.Get(ctx, n.election, clientv3.WithPrefix())
 	require.NoError(t, err)
 	require.Len(t, resp.Kvs, 1, "only the leader's key is left")
 	leases, err := cli.Leases(ctx)
@@ -299,19 +300,19 @@ func TestCancelWhileCampaigningLeavesNoLease(t *testing.T) {
 // revocation.
 func TestRapidRevokesFenceEveryTerm(t *testing.T) {
 	t.Parallel()
-	etcd, ctx, runCtx, stop := startRunTest(t)
+	etcd, n, ctx, runCtx, stop := startRunTest(t)
 	cli := etcd.Client()
 	elected := make(chan leader.Term, 32)
-	wait := runCandidates(runCtx, t, etcd, countingWorker(0), []string{"a", "b"},
+	wait := n.runCandidates(runCtx, t, etcd, n.countingWorker(0), []string{"a", "b"},
 		leader.WithSessionTTL(2), leader.WithOnElected(func(term leader.Term) { elected <- term }))
 	revoked := revocations{}
 	for range 8 {
 		revoked.revoke(ctx, t, cli, nextTerm(ctx, t, elected))
 	}
 	last := nextTerm(ctx, t, elected)
-	waitWrites(ctx, t, cli, last.Rev, 2)
+	n.waitWrites(ctx, t, cli, last.Rev, 2)
 	stopCandidates(t, stop, wait)
-	revoked.requireFencedLedger(ctx, t, cli)
+	revoked.requireFencedLedger(ctx, t, cli, n)
 }
 
 // TestOverlappingPrefixesAreRejected: an election prefix inside the
@@ -321,12 +322,12 @@ func TestRapidRevokesFenceEveryTerm(t *testing.T) {
 // prefix to go). Both are invalid arguments, reported when the term starts.
 func TestOverlappingPrefixesAreRejected(t *testing.T) {
 	t.Parallel()
-	etcd := orchestratortest.StartEtcdServer(t)
+	etcd, n := startShared(t), testNames(t)
 	for _, tt := range []struct{ name, election, worker string }{
-		{"election inside the worker prefix", "/test/data/election", "/test/data"},
-		{"worker inside the election prefix", "/test/election", "/test/election/data"},
-		{"same prefix", "/test/same", "/test/same/"},
-		{"root worker prefix", "/test/e", "/"},
+		{"election inside the worker prefix", n.base + "/data/election", n.base + "/data"},
+		{"worker inside the election prefix", n.base + "/election", n.base + "/election/data"},
+		{"same prefix", n.base + "/same", n.base + "/same/"},
+		{"root worker prefix", n.base + "/e", "/"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

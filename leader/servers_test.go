@@ -15,7 +15,7 @@ func TestServerMatrix(t *testing.T) {
 	for _, release := range etcdtest.MatrixVersions(t) {
 		t.Run("etcd"+release, func(t *testing.T) {
 			srv := etcdtest.StartProcess(t, etcdtest.ServerBinary(t, release))
-			failoverFencesOff(t, srv.Client(t), processClients{t: t, srv: srv})
+			failoverFencesOff(t, testNames(t), srv.Client(t), processClients{t: t, srv: srv})
 		})
 	}
 }
