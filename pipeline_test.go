@@ -241,7 +241,7 @@ func (c *gatedChain) releaseFrom(ctx context.Context, t testing.TB, i int, lande
 }
 
 // finish waits until Run returns nil, and requires the chain to have landed
-// in order, with group i's increment at want[i] (requireChainLanded).
+// in order, with group i's increment at want[i] (requireLinksLanded).
 func (c *gatedChain) finish(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
 	t.Helper()
 	require.NoError(t, recvErr(ctx, t, c.done))
