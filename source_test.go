@@ -298,34 +298,6 @@ func TestSourceLateJoinTakesTheSharedCopy(t *testing.T) {
 	g.stop(t)
 }
 
-// TestSourceLateJoinOnABusyServer: while another client writes outside the
-// Source's prefix without a pause (a busy, shared etcd), every probe of the
-// head finds a revision the Source's watch has not reached yet: the progress
-// notification that proves it comes after the probe's answer. A worker that
-// joins the running Source must still get its first Tick, within about one
-// probe interval, not only once the other client stops writing.
-func TestSourceLateJoinOnABusyServer(t *testing.T) {
-	t.Parallel()
-	env := newTestEnv(t)
-	ctx := testContext(t)
-	const prefix = "/src-busy"
-	admin := env.cli
-	mustPutKV(ctx, t, admin, prefix+"/a", "1")
-	src := mustNewSource(t, admin, prefix)
-	first := mustNewEtcdWorker(t, admin, prefix, idleReactor(), newMapState(prefix), WithSource(src))
-	g := startSynced(ctx, t, "busy", first)
-
-	stopWriting := busyElsewhere(ctx, t, admin, "src-busy")
-	mustPutKV(ctx, t, admin, prefix+"/b", "2") // written before the late Run: its first Tick must see it
-	late := mustNewEtcdWorker(t, admin, prefix, finishReactor(), newMapState(prefix), WithSource(src))
-	start := time.Now()
-	err := runWithin(t, late, 8*time.Second, "late")
-	took := time.Since(start)
-	require.NoError(t, stopWriting(), "writer")
-	require.NoError(t, err, "the late worker's first Tick never came while the server was busy (%v)", took)
-	g.stop(t)
-}
-
 // TestSourceErrorOfOneWorkerEndsOnlyItsRun: an error, a panic or a lost
 // fencing key of one worker ends only its Run.
 func TestSourceErrorOfOneWorkerEndsOnlyItsRun(t *testing.T) {

@@ -1,10 +1,11 @@
 package orchestrator
 
-// A worker joining a running Source on a busy server whose Source watch is
-// slow (its responses arrive a fixed delay after etcd sent them, longer
-// than the progress interval): DESIGN "Progress probe" promises the first
-// Tick of a late joiner on a busy server, and "Catching up" that it holds
-// every write that completed before Run was called.
+// Workers on a busy server (another client writes outside their prefix
+// without a pause), with a watch that may be slow (its responses arrive a
+// fixed delay after etcd sent them, longer than the progress interval):
+// DESIGN "Progress probe" promises the first Tick of a late joiner and of a
+// lone worker there, and "Catching up" that it holds every write that
+// completed before Run was called.
 
 import (
 	"context"
@@ -115,6 +116,34 @@ func busyElsewhere(ctx context.Context, t *testing.T, cli *clientv3.Client, name
 	}
 	t.Cleanup(func() { _ = stopAndWait() })
 	return stopAndWait
+}
+
+// TestSourceLateJoinOnABusyServer: while another client writes outside the
+// Source's prefix without a pause (a busy, shared etcd), every probe of the
+// head finds a revision the Source's watch has not reached yet: the progress
+// notification that proves it comes after the probe's answer. A worker that
+// joins the running Source must still get its first Tick, within about one
+// probe interval, not only once the other client stops writing.
+func TestSourceLateJoinOnABusyServer(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := testContext(t)
+	const prefix = "/src-busy"
+	admin := env.cli
+	mustPutKV(ctx, t, admin, prefix+"/a", "1")
+	src := mustNewSource(t, admin, prefix)
+	first := mustNewEtcdWorker(t, admin, prefix, idleReactor(), newMapState(prefix), WithSource(src))
+	g := startSynced(ctx, t, "busy", first)
+
+	stopWriting := busyElsewhere(ctx, t, admin, "src-busy")
+	mustPutKV(ctx, t, admin, prefix+"/b", "2") // written before the late Run: its first Tick must see it
+	late := mustNewEtcdWorker(t, admin, prefix, finishReactor(), newMapState(prefix), WithSource(src))
+	start := time.Now()
+	err := runWithin(t, late, 8*time.Second, "late")
+	took := time.Since(start)
+	require.NoError(t, stopWriting(), "writer")
+	require.NoError(t, err, "the late worker's first Tick never came while the server was busy (%v)", took)
+	g.stop(t)
 }
 
 // TestSourceLateJoinOnABusyServerWithASlowWatch: the Source's watch
