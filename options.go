@@ -100,9 +100,12 @@ func (o *options) validate() error {
 		{"WithCommitTokenTTL", o.tokenTTL},
 	}
 	for _, p := range positive {
-		if p.d <= 0 {
-			return fmt.Errorf("%w: %s: duration %v must be positive", ErrInvalidArgument, p.name, p.d)
+		if err := checkPositiveDuration(p.name, p.d); err != nil {
+			return err
 		}
+	}
+	if err := checkPageSize("WithPageSize", o.pageSize); err != nil {
+		return err
 	}
 	switch {
 	case o.shutdownTimeout < 0:
@@ -111,8 +114,6 @@ func (o *options) validate() error {
 		return fmt.Errorf("%w: WithMaxOutage: duration %v must not be negative", ErrInvalidArgument, o.maxOutage)
 	case o.pipelineDepth <= 0 || o.pipelineDepth > MaxPipelineDepth:
 		return fmt.Errorf("%w: WithPipelineDepth: depth %d must be from 1 to %d", ErrInvalidArgument, o.pipelineDepth, MaxPipelineDepth)
-	case o.pageSize <= 0:
-		return fmt.Errorf("%w: WithPageSize: page size %d must be positive", ErrInvalidArgument, o.pageSize)
 	case o.hasFencing && (o.fencingKey == "" || o.fencingRev <= 0):
 		return fmt.Errorf("%w: WithFencingKey: key %q with create revision %d", ErrInvalidArgument, o.fencingKey, o.fencingRev)
 	}
@@ -229,4 +230,20 @@ func WithCommitTokenTTL(d time.Duration) Option {
 // measured alike (see "Pipelined commits" in docs/DESIGN.md).
 func WithPipelineDepth(n int) Option {
 	return optionFunc(func(o *options) { o.pipelineDepth = n })
+}
+
+// checkPositiveDuration and checkPageSize are the rules a worker's options
+// and a Source's share; name is the option's.
+func checkPositiveDuration(name string, d time.Duration) error {
+	if d <= 0 {
+		return fmt.Errorf("%w: %s: duration %v must be positive", ErrInvalidArgument, name, d)
+	}
+	return nil
+}
+
+func checkPageSize(name string, n int) error {
+	if n <= 0 {
+		return fmt.Errorf("%w: %s: page size %d must be positive", ErrInvalidArgument, name, n)
+	}
+	return nil
 }

@@ -174,11 +174,11 @@ func NewSource(client *clientv3.Client, prefix string, opts ...SourceOption) (*S
 			opt.applySource(&o)
 		}
 	}
-	switch {
-	case o.requestTimeout <= 0:
-		return nil, fmt.Errorf("%w: WithSourceRequestTimeout: duration %v must be positive", ErrInvalidArgument, o.requestTimeout)
-	case o.pageSize <= 0:
-		return nil, fmt.Errorf("%w: WithSourcePageSize: page size %d must be positive", ErrInvalidArgument, o.pageSize)
+	if err := checkPositiveDuration("WithSourceRequestTimeout", o.requestTimeout); err != nil {
+		return nil, err
+	}
+	if err := checkPageSize("WithSourcePageSize", o.pageSize); err != nil {
+		return nil, err
 	}
 	return newSource(client, util.NormalizePrefix(prefix), o)
 }
