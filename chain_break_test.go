@@ -176,7 +176,8 @@ func awaitChain(ctx context.Context, t testing.TB, g *chainGate, done <-chan err
 	return g.awaitFull(ctx, t)
 }
 
-// chainSetup says how holdChain builds the worker of a chain-break test.
+// chainSetup says how holdChain builds the worker of a chain test (here and
+// in pipeline_test.go).
 // The zero value: chainGroups increment groups (linkGroups), checked by
 // stateHolds on the Tick after them, as the Run's first commit.
 type chainSetup struct {
@@ -196,7 +197,7 @@ type chainSetup struct {
 	opts []Option
 }
 
-// heldChain is a chain-break test under way: a worker on its own prefix
+// heldChain is a chain test under way: a worker on its own prefix
 // runs, and the chainGroups links of its chain are held at its gate, in
 // chain order.
 type heldChain struct {

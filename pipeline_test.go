@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -169,71 +170,18 @@ func (h *gatedTxn) result(ctx context.Context, t testing.TB) gateResult {
 	}
 }
 
-// chainGroups is how many groups (one Txn each: see chainWorker) the chain
+// chainGroups is how many groups (one Txn each: see holdChain) the chain
 // tests commit in one flush: as many as the default pipeline depth.
 const chainGroups = DefaultPipelineDepth
 
 func chainKey(i int, part string) string { return fmt.Sprintf("/g%d/%s", i, part) }
 
-// chainWorker returns a worker on prefix whose first Tick emits
-// chainGroups groups {increment /g<i>/a, put /g<i>/b = i}; its Txns
-// hold two keys (WithTxnLimits), so each group is a Txn of its own and the
-// flush a chain of chainGroups Txns (its first commit: a gate armed before
-// Run holds them). Its second Tick, which runs only once
-// every group landed and is visible, finishes. runs counts the runs of the
-// increments.
-func chainWorker(t testing.TB, cli *clientv3.Client, prefix string, runs *[chainGroups]int, opts ...Option) *EtcdWorker {
-	t.Helper()
-	ticks := 0
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*mapState)
-		ticks++
-		if ticks > 1 {
-			return st, ErrReactorFinished
-		}
-		for i := range chainGroups {
-			incr := incrPatch(st.key(chainKey(i, "a")), 1).(SingleDataPatch)
-			st.patches = append(st.patches, []DataPatch{
-				SingleDataPatch{Key: incr.Key, Func: func(old []byte) ([]byte, bool, error) {
-					runs[i]++
-					return incr.Func(old)
-				}},
-				setPatch(st.key(chainKey(i, "b")), []byte(strconv.Itoa(i))),
-			})
-		}
-		return st, nil
-	})
-	opts = append([]Option{WithTxnLimits(4, DefaultTxnMaxBytes)}, opts...)
-	return mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), opts...)
-}
-
-// gatedChain is a chain worker (chainWorker) running in the background,
-// whose first flush a chainGate holds.
-type gatedChain struct {
-	runs [chainGroups]int // the runs of each group's increment
-	held []*gatedTxn      // the flush's commit Txns, in chain order
-	done <-chan error     // Run's result
-}
-
-// startGatedChain runs a chain worker on prefix, on a client of env whose
-// commit Txns a gate holds, and waits until the gate holds the chain.
-func startGatedChain(ctx context.Context, t testing.TB, env *testEnv, prefix string, opts ...Option) *gatedChain {
-	t.Helper()
-	gate := newChainGate(t)
-	c := &gatedChain{}
-	w := chainWorker(t, env.client(t, gate.dialOption()), prefix, &c.runs, opts...)
-	gate.arm(chainGroups)
-	c.done = runAsync(ctx, w, nil, behaviourTick, "pipeline")
-	c.held = gate.awaitFull(ctx, t)
-	return c
-}
-
 // releaseFrom lets the held Txns from the i-th on go, one by one, and
 // requires that each is answered, and lands if and only if landed (why
 // says what the Txns are).
-func (c *gatedChain) releaseFrom(ctx context.Context, t testing.TB, i int, landed bool, why string) {
+func (c *heldChain) releaseFrom(ctx context.Context, t testing.TB, i int, landed bool, why string) {
 	t.Helper()
-	for j, h := range c.held[i:] {
+	for j, h := range c.links[i:] {
 		res := h.release(ctx, t, txnPass)
 		require.NoError(t, res.err, "Txn %d", i+j)
 		require.Equal(t, landed, res.succeeded, "Txn %d %s: landed", i+j, why)
@@ -242,7 +190,7 @@ func (c *gatedChain) releaseFrom(ctx context.Context, t testing.TB, i int, lande
 
 // finish waits until Run returns nil, and requires the chain to have landed
 // in order, with group i's increment at want[i] (requireLinksLanded).
-func (c *gatedChain) finish(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
+func (c *heldChain) finish(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, want [chainGroups]int64) {
 	t.Helper()
 	require.NoError(t, recvErr(ctx, t, c.done))
 	requireLinksLanded(ctx, t, cli, prefix, want[:])
@@ -260,11 +208,11 @@ func TestPipelineTxnBehindAFailedOneNeverLands(t *testing.T) {
 	env := newTestEnv(t)
 	ctx := testContext(t)
 	const prefix = "/test/pipeline/behind-failed"
-	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg))
+	c := holdChain(ctx, t, env, prefix, chainSetup{opts: []Option{WithMetrics(env.reg)}})
 	mustPutKV(ctx, t, env.cli, prefix+chainKey(0, "a"), "10")
 	c.releaseFrom(ctx, t, 0, false, "of a chain whose Txn 0 conflicted")
 	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{11, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{2, 2, 2, 2}, c.runs, "each group runs once, then once more after the conflict")
+	require.Equal(t, []int64{2, 2, 2, 2}, loadRuns(c.runs), "each group runs once, then once more after the conflict")
 	require.GreaterOrEqual(t, metricSum(t, env.reg, "orchestrator_conflicts_total"), 1.0)
 }
 
@@ -289,21 +237,21 @@ func TestPipelineUnknownOutcomeMidChain(t *testing.T) {
 			prefix := fmt.Sprintf("/test/pipeline/unknown-%d", i)
 			reg := prometheus.NewRegistry()
 			lg, logs := observedLogger(t)
-			c := startGatedChain(ctx, t, env, prefix, WithMetrics(reg), WithLogger(lg))
-			first := c.held[0].release(ctx, t, txnPass)
+			c := holdChain(ctx, t, env, prefix, chainSetup{opts: []Option{WithMetrics(reg), WithLogger(lg)}})
+			first := c.links[0].release(ctx, t, txnPass)
 			require.NoError(t, first.err)
 			require.True(t, first.succeeded)
-			require.Error(t, c.held[1].release(ctx, t, tc.second).err)
+			require.Error(t, c.links[1].release(ctx, t, tc.second).err)
 			c.releaseFrom(ctx, t, 2, tc.landed, "behind the unknown one")
 			c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
 			require.Equal(t, 1.0, metricSum(t, reg, "orchestrator_unknown_commit_outcomes_total"))
 			landed, notLanded := resolutionLogs(logs)
 			if tc.landed {
 				require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
-				require.Equal(t, [chainGroups]int{1, 1, 1, 1}, c.runs, "a landed group was re-run")
+				require.Equal(t, []int64{1, 1, 1, 1}, loadRuns(c.runs), "a landed group was re-run")
 			} else {
 				require.Equal(t, [2]int{0, 1}, [2]int{landed, notLanded})
-				require.Equal(t, [chainGroups]int{1, 2, 2, 2}, c.runs, "the groups from the lost Txn on re-run once")
+				require.Equal(t, []int64{1, 2, 2, 2}, loadRuns(c.runs), "the groups from the lost Txn on re-run once")
 			}
 		})
 	}
@@ -322,8 +270,8 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 	ctx := testContext(t)
 	const prefix = "/test/pipeline/proxy-drop"
 	lg, logs := observedLogger(t)
-	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg), WithLogger(lg))
-	held := c.held
+	c := holdChain(ctx, t, env, prefix, chainSetup{opts: []Option{WithMetrics(env.reg), WithLogger(lg)}})
+	held := c.links
 	first := held[0].release(ctx, t, txnPass)
 	require.NoError(t, first.err)
 	require.True(t, first.succeeded)
@@ -346,7 +294,7 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 	env.proxy.Resume()
 	c.releaseFrom(ctx, t, 2, true, "behind the landed one")
 	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{1, 1, 1, 1}, c.runs, "a landed group was re-run")
+	require.Equal(t, []int64{1, 1, 1, 1}, loadRuns(c.runs), "a landed group was re-run")
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))
 	landed, notLanded := resolutionLogs(logs)
 	require.Equal(t, [2]int{1, 0}, [2]int{landed, notLanded})
@@ -361,9 +309,10 @@ func TestPipelineDepthOneSendsOneTxnAtATime(t *testing.T) {
 	const prefix = "/test/pipeline/depth-one"
 	flight := &txnFlight{}
 	count := flight.dialOption()
-	var runs [chainGroups]int
-	w := chainWorker(t, env.client(t, count), prefix, &runs,
-		WithPipelineDepth(1))
+	runs := make([]atomic.Int64, chainGroups)
+	w := mustNewEtcdWorker(t, env.client(t, count), prefix,
+		chainReactor(false, nil, linkGroups(chainGroups, runs), stateHolds(chainGroups)), newMapState(prefix),
+		WithTxnLimits(4, DefaultTxnMaxBytes), WithPipelineDepth(1))
 	require.NoError(t, w.Run(ctx, nil, behaviourTick, "depth-one"))
 	requireLinksLanded(ctx, t, env.cli, prefix, []int64{1, 1, 1, 1})
 	require.Equal(t, 1, flight.max())
@@ -517,15 +466,15 @@ func TestPipelineTokenWipedMidChain(t *testing.T) {
 	env := newTestEnv(t)
 	ctx := testContext(t)
 	const prefix = "/test/pipeline/token-wiped"
-	c := startGatedChain(ctx, t, env, prefix, WithMetrics(env.reg))
-	first := c.held[0].release(ctx, t, txnPass)
+	c := holdChain(ctx, t, env, prefix, chainSetup{opts: []Option{WithMetrics(env.reg)}})
+	first := c.links[0].release(ctx, t, txnPass)
 	require.NoError(t, first.err)
 	require.True(t, first.succeeded)
 	_, err := env.cli.Delete(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
 	require.NoError(t, err)
 	c.releaseFrom(ctx, t, 1, false, "on a wiped token")
 	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})
-	require.Equal(t, [chainGroups]int{1, 2, 2, 2}, c.runs, "the groups behind the first re-run once")
+	require.Equal(t, []int64{1, 2, 2, 2}, loadRuns(c.runs), "the groups behind the first re-run once")
 	require.Positive(t, metricSum(t, env.reg, "orchestrator_conflicts_total"), "the absent token is a conflict")
 }
 
