@@ -319,45 +319,10 @@ func TestNilPatchFunc(t *testing.T) {
 }
 
 // TestOutOfScopeStateIsAnError: a State or Doc whose keys lie outside the
-// worker's prefix would load nothing; NewEtcdWorker says so instead.
+// worker's prefix would load nothing; NewEtcdWorker says so instead. Also
+// at the edges: root, empty and slash-terminated worker prefixes, siblings
+// sharing a name prefix, and the reserved area.
 func TestOutOfScopeStateIsAnError(t *testing.T) {
-	t.Parallel()
-	cli := &clientv3.Client{}
-	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
-		return s, nil
-	})
-	tests := []struct {
-		name  string
-		state orchestrator.ReactorState
-		ok    bool
-	}{
-		{"state under the prefix", jsonstate.New[int]("/app/nodes"), true},
-		{"state at the prefix", jsonstate.New[int]("/app"), true},
-		{"state above the prefix", jsonstate.New[int]("/"), true},
-		{"state beside the prefix", jsonstate.New[int]("/apple"), false},
-		{"state elsewhere", jsonstate.New[int]("/other/nodes"), false},
-		{"doc under the prefix", jsonstate.NewDoc[int]("/app/config"), true},
-		{"doc at the prefix key", jsonstate.NewDoc[int]("/app"), false},
-		{"doc elsewhere", jsonstate.NewDoc[int]("/other/config"), false},
-		{"multi with one part elsewhere", jsonstate.Multi{jsonstate.New[int]("/app/a"), jsonstate.NewDoc[int]("/x/config")}, false},
-		{"multi all inside", jsonstate.Multi{jsonstate.New[int]("/app/a"), jsonstate.NewDoc[int]("/app/config")}, true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			_, err := orchestrator.NewEtcdWorker(cli, "/app", reactor, tt.state)
-			if tt.ok {
-				require.NoError(t, err)
-				return
-			}
-			require.ErrorIs(t, err, jsonstate.ErrOutOfScope)
-			require.ErrorIs(t, err, orchestrator.ErrInvalidArgument)
-		})
-	}
-}
-
-// TestScopeEdgesOfPrefixes: root, empty and slash-terminated worker
-// prefixes, siblings sharing a name prefix, and the reserved area.
-func TestScopeEdgesOfPrefixes(t *testing.T) {
 	t.Parallel()
 	cli := &clientv3.Client{}
 	reactor := orchestrator.ReactorFunc(func(_ context.Context, s orchestrator.ReactorState) (orchestrator.ReactorState, error) {
@@ -369,6 +334,17 @@ func TestScopeEdgesOfPrefixes(t *testing.T) {
 		state  orchestrator.ReactorState
 		ok     bool
 	}{
+		{"state under the prefix", "/app", jsonstate.New[int]("/app/nodes"), true},
+		{"state at the prefix", "/app", jsonstate.New[int]("/app"), true},
+		{"state above the prefix", "/app", jsonstate.New[int]("/"), true},
+		{"state beside the prefix", "/app", jsonstate.New[int]("/apple"), false},
+		{"state elsewhere", "/app", jsonstate.New[int]("/other/nodes"), false},
+		{"doc under the prefix", "/app", jsonstate.NewDoc[int]("/app/config"), true},
+		{"doc at the prefix key", "/app", jsonstate.NewDoc[int]("/app"), false},
+		{"doc elsewhere", "/app", jsonstate.NewDoc[int]("/other/config"), false},
+		{"multi with one part elsewhere", "/app",
+			jsonstate.Multi{jsonstate.New[int]("/app/a"), jsonstate.NewDoc[int]("/x/config")}, false},
+		{"multi all inside", "/app", jsonstate.Multi{jsonstate.New[int]("/app/a"), jsonstate.NewDoc[int]("/app/config")}, true},
 		{"root worker, any state", "/", jsonstate.New[int]("/app/nodes"), true},
 		{"empty worker prefix, any doc", "", jsonstate.NewDoc[int]("/x"), true},
 		{"root worker, root state", "/", jsonstate.New[int]("/"), true},
