@@ -11,6 +11,8 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/etcdworker/orchestrator/internal/backoff"
 )
 
 // tokenValueMaxLen bounds the decimal commit sequence written to the token.
@@ -216,13 +218,7 @@ func (r *run) ensureToken() error {
 		if rej := commitRejected(r.w.client, err); rej != nil {
 			return rej
 		}
-		if stop := r.checkStop(); stop != nil {
-			return stop
-		}
-		if err := r.rejectionOrOutage("put commit token", sent, err); err != nil {
-			return err
-		}
-		if err := r.sleep(bo.Next(), false); err != nil {
+		if err := r.retryAfter("put commit token", sent, err, &bo); err != nil {
 			return err
 		}
 	}
@@ -245,14 +241,22 @@ func (r *run) ensureTokenLease() error {
 			r.token.lease = id
 			return nil
 		}
-		if stop := r.checkStop(); stop != nil {
-			return stop
-		}
-		if err := r.rejectionOrOutage("grant lease", sent, err); err != nil {
-			return err
-		}
-		if err := r.sleep(bo.Next(), false); err != nil {
+		if err := r.retryAfter("grant lease", sent, err, &bo); err != nil {
 			return err
 		}
 	}
+}
+
+// retryAfter handles the failed request of a set-up step of the run (sent
+// at sent, failed with err): it returns the error Run must end with (a
+// stop, a rejection that retrying cannot heal), or nil once it has waited
+// bo's next back-off, for the caller to try again.
+func (r *run) retryAfter(request string, sent time.Time, err error, bo *backoff.Backoff) error {
+	if stop := r.checkStop(); stop != nil {
+		return stop
+	}
+	if err := r.rejectionOrOutage(request, sent, err); err != nil {
+		return err
+	}
+	return r.sleep(bo.Next(), false)
 }
