@@ -38,7 +38,7 @@ type follower struct {
 
 func startFollower(s *Source) *follower {
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &follower{s: s, ctx: ctx, cancel: cancel, clock: s.clock, log: s.log,
+	f := &follower{s: s, ctx: ctx, cancel: cancel, clock: s.opts.clock, log: s.log,
 		kick: make(chan struct{}, 1)}
 	if cctx := s.client.Ctx(); cctx != nil {
 		f.clientDone = cctx.Done()
@@ -219,7 +219,7 @@ func (s *Source) applyWatch(res watchResult) {
 	} else {
 		s.applyEvents(res.events)
 	}
-	s.freshAt = s.clock.Now()
+	s.freshAt = s.opts.clock.Now()
 	s.proveReached()
 	s.prune()
 	s.mu.Unlock()
@@ -450,7 +450,7 @@ func (s *Source) loadCopy(start time.Time, read prefixReader) (rev int64, keys i
 	s.loadedOnce = true
 	s.rev.Store(m.completeRev)
 	s.loaded = true
-	s.freshAt = s.clock.Now()
+	s.freshAt = s.opts.clock.Now()
 	s.provenAt = start // the read was sent after this
 	s.prune()
 	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))

@@ -46,7 +46,6 @@ type Source struct {
 	log     *zap.Logger
 	metrics *metrics
 	label   prometheus.Labels
-	clock   clockwork.Clock // the real clock; unit tests of the copy set a fake one
 
 	// mu guards the copy and its change log: the follower writes them, the
 	// workers read them to catch up. No user code ever runs under it.
@@ -115,7 +114,7 @@ type sourceOptions struct {
 	requestTimeout    time.Duration
 	pageSize          int
 	metricsRegisterer prometheus.Registerer
-	clock             clockwork.Clock // the real one; a lone worker's Source shares its worker's
+	clock             clockwork.Clock // the real one (unit tests of the copy set a fake one); a lone worker's Source shares its worker's
 }
 
 func defaultSourceOptions() sourceOptions {
@@ -195,7 +194,6 @@ func newSource(client *clientv3.Client, p util.EtcdPrefix, o sourceOptions) (*So
 		log:      o.logger.With(zap.String("source", p.String())),
 		metrics:  m,
 		label:    prometheus.Labels{"source": p.String()},
-		clock:    o.clock,
 		copy:     newMirror(p),
 		changes:  newChangeLog(),
 		attached: make(map[*cursor]struct{}),

@@ -185,7 +185,7 @@ func TestSourceCatchUpMatchesAModel(t *testing.T) {
 			src, err := NewSource(&clientv3.Client{}, "/m")
 			require.NoError(t, err)
 			clock := clockwork.NewFakeClock()
-			src.clock = clock
+			src.opts.clock = clock
 			for range rng.IntN(5) {
 				store.put(keys[rng.IntN(len(keys))], "v0")
 			}
