@@ -173,7 +173,7 @@ func TestSourceLateJoinOnABusyServerWithASlowWatch(t *testing.T) {
 	g := startSynced(ctx, t, "busy-slow", first)
 
 	slow.set(delay)
-	stopWriting := busyElsewhere(ctx, t, newTestEnv(t).cli, "src-busy-slow")
+	stopWriting := busyElsewhere(ctx, t, env.client(t), "src-busy-slow")
 	mustPutKV(ctx, t, admin, prefix+"/b", "2") // written before the late Run: its first Tick must see it
 	// The first worker keeps ticking: its Source is slow, not stale.
 	before := firstTicks.Load()
@@ -200,14 +200,15 @@ func TestSourceLateJoinOnABusyServerWithASlowWatch(t *testing.T) {
 
 // TestLoneWorkerOnABusyServerWithASlowWatch: a worker without WithSource
 // has a Source of its own, started by its Run's attach; the Source's load
-// takes its start (the provenAt it sets) in the follower's goroutine, and
-// Run takes the start its first snapshot must be proven after only once
-// attach returned. When the follower's goroutine runs first (measured: 12
-// of 300 Runs under -race on an idle 2-core machine; none here, where the
-// writer keeps the cores busy), the load does not prove the first snapshot
-// and Run waits for a probe's proof, which on a busy server with a slow
-// watch never comes (see TestSourceLateJoinOnABusyServerWithASlowWatch).
-// Every one of many Runs of a lone worker must get its first Tick.
+// takes its start (the provenAt it sets) in the follower's goroutine. Run
+// must take the start its first snapshot is proven after before attach:
+// when it took it after (as it did), and the follower's goroutine ran first
+// (measured: 12 of 300 Runs under -race on an idle 2-core machine; none
+// here, where the writer keeps the cores busy), the load did not prove the
+// first snapshot and Run waited for a probe's proof, which on a busy server
+// with a slow watch is slow to come (see
+// TestSourceLateJoinOnABusyServerWithASlowWatch). Every one of many Runs of
+// a lone worker must get its first Tick.
 func TestLoneWorkerOnABusyServerWithASlowWatch(t *testing.T) {
 	t.Parallel()
 	env := newTestEnv(t)
@@ -218,7 +219,7 @@ func TestLoneWorkerOnABusyServerWithASlowWatch(t *testing.T) {
 	slow := &watchDelay{}
 	slow.set(delay)
 	cli := env.client(t, slow.dialOptions()...)
-	stopWriting := busyElsewhere(ctx, t, newTestEnv(t).cli, "lone-busy-slow")
+	stopWriting := busyElsewhere(ctx, t, env.client(t), "lone-busy-slow")
 	const runs = 100
 	for i := range runs {
 		w := mustNewEtcdWorker(t, cli, prefix, finishReactor(), newMapState(prefix), WithMaxStaleness(2*time.Second))
@@ -248,7 +249,7 @@ func TestSourceLateJoinersSeeEveryWriteDoneBeforeTheirRun(t *testing.T) {
 	mustPutKV(ctx, t, env.cli, prefix+"/seq", "0")
 	otherOnSource(ctx, t, env.cli, prefix, src)
 	slow.set(300 * time.Millisecond)
-	stopElsewhere := busyElsewhere(ctx, t, newTestEnv(t).cli, "src-late-seq")
+	stopElsewhere := busyElsewhere(ctx, t, env.client(t), "src-late-seq")
 
 	var done atomic.Int64 // the newest /seq whose Put returned
 	wctx, stopSeq := context.WithCancel(ctx)
