@@ -15,13 +15,20 @@ import (
 // to a target address and can inject faults: cutting all connections
 // (Pause), stalling all traffic (Blackhole) and adding latency (SetDelay).
 //
-// go.etcd.io/etcd/pkg/v3/proxy covers stalling and latency, but not what
-// most tests here need: it keeps no registry of its connections, so it cannot
-// cut them (Pause, CutFor: a crashed server's reset, which makes watches fail
-// and reconnect at once); its Close waits until the clients close their idle
-// connections; and its target is fixed, while Cluster re-targets a member's
-// proxy at every restart. Its blackhole drops bytes, which breaks the HTTP/2
-// stream, where Blackhole here holds them like a partition.
+// go.etcd.io/etcd/pkg/v3/proxy (v3.7.3, proxy/server.go) has latency
+// (DelayTx/DelayRx) and held traffic (PauseTx/PauseRx, which could serve
+// Blackhole; its own Blackhole drops bytes, which breaks the HTTP/2 stream),
+// but not what the fault tests here need most, and it breaks a rule of the
+// repository:
+//   - it listens on every interface: NewServer binds ":port" whatever
+//     host From names, where the tests listen on 127.0.0.1 only;
+//   - it keeps no registry of its connections, so nothing can cut them
+//     (Pause, CutFor: a crashed server's reset, which makes a watch fail and
+//     reconnect at once). Close closes the listener, and each connection only
+//     once its next bytes arrive: an idle watch stream is never reset, and
+//     Close waits for it;
+//   - its target is fixed, while Cluster re-targets a member's proxy at every
+//     restart (SetTarget).
 //
 // Each accepted connection is served by a handler goroutine plus a reader and
 // a writer goroutine per direction; Close joins all of them. Half-closes are
