@@ -25,7 +25,7 @@ test:
 ## internal/servers (SERVERS=3.5,3.7 picks releases), then the load figures of
 ## each release (BenchmarkServerLoad, without the race detector).
 test-servers:
-	ORCHESTRATOR_SERVERS=$(SERVERS) $(GO) test -race -count=1 -timeout=20m -run='^(TestServerMatrix|TestProcessServers)$$' . ./leader ./internal/etcdtest
+	ORCHESTRATOR_SERVERS=$(SERVERS) $(GO) test -race -count=1 -timeout=20m -run='^(TestServerMatrix|TestProcessServers|TestProcessCollectGarbage)$$' . ./leader ./internal/etcdtest
 	ORCHESTRATOR_SERVERS=$(SERVERS) $(GO) test -count=1 -run='^$$' -bench='^BenchmarkServerLoad$$' -benchtime=1x -timeout=10m .
 
 ## lint: golangci-lint with the repo's .golangci.yml.

@@ -35,6 +35,9 @@ const (
 	// ProcessReadyTimeout bounds how long StartProcess waits for the
 	// server's ready line.
 	ProcessReadyTimeout = 30 * time.Second
+	// ProcessGCTimeout bounds how long CollectGarbage waits for the server
+	// to say that it collected its garbage.
+	ProcessGCTimeout = time.Minute
 	// MatrixEnv selects the releases the server matrix runs against:
 	// "all", or a comma-separated list such as "3.5,3.7". Unset, the
 	// matrix tests skip (make test-servers sets it).
@@ -42,8 +45,16 @@ const (
 	// serverBinEnv overrides where ServerBinary puts the programs.
 	serverBinEnv = "ORCHESTRATOR_SERVER_BIN"
 	// readyPrefix starts the server program's ready line (serverkit's
-	// ReadyPrefix): "etcd-server-ready <version> <client URL>".
+	// ReadyPrefix): "etcd-server-ready <version> <client URL>". This and the
+	// two constants below are copies of serverkit's, which is a module of
+	// its own that this module does not require.
 	readyPrefix = "etcd-server-ready "
+	// gcCommand, written to the server's standard input, makes it collect
+	// its garbage (serverkit's GCCommand).
+	gcCommand = "gc"
+	// gcDoneLine is the line the server prints once it did (serverkit's
+	// GCDoneLine).
+	gcDoneLine = "etcd-server-gc-done"
 )
 
 // ProcessVersions returns the etcd releases internal/servers has a program
@@ -144,10 +155,12 @@ type Process struct {
 	endpoint string
 	cmd      *exec.Cmd
 	stdin    io.WriteCloser // held open: the server stops when it closes
+	out      *serverOutput  // the server's standard output
 	logs     *Buffer        // the server's standard error
 	exited   chan struct{}  // closed once the process was waited for
 	waitErr  error          // set before exited is closed
 	stopOnce sync.Once
+	gcMu     sync.Mutex // one CollectGarbage at a time
 }
 
 // StartProcess starts the server program binary (see ServerBinary) as a
@@ -191,9 +204,8 @@ func startProcess(binary, dir string, flags []string) (*Process, error) {
 	args := append([]string{"-data-dir", filepath.Join(dir, "data"),
 		"-listen-client-url", curl, "-listen-peer-url", purl}, flags...)
 	cmd := exec.Command(binary, args...)
-	ready := &readyWriter{line: make(chan string, 1)}
-	p := &Process{cmd: cmd, logs: &Buffer{}, exited: make(chan struct{}), endpoint: curl}
-	cmd.Stdout, cmd.Stderr = ready, p.logs
+	p := &Process{cmd: cmd, out: newServerOutput(), logs: &Buffer{}, exited: make(chan struct{}), endpoint: curl}
+	cmd.Stdout, cmd.Stderr = p.out, p.logs
 	setProcessGroup(cmd)
 	// The server stops when its standard input closes: it does not outlive
 	// this process, however this process ends.
@@ -210,7 +222,7 @@ func startProcess(binary, dir string, flags []string) (*Process, error) {
 	timer := time.NewTimer(ProcessReadyTimeout)
 	defer timer.Stop()
 	select {
-	case line := <-ready.line:
+	case line := <-p.out.ready:
 		p.version, _, _ = strings.Cut(line, " ")
 		return p, nil
 	case <-p.exited:
@@ -238,6 +250,48 @@ func (p *Process) Client(t testing.TB) *clientv3.Client {
 // warnings and errors, as JSON lines).
 func (p *Process) Logs() string { return p.logs.String() }
 
+// CollectGarbage makes the server collect its garbage (runtime.GC in its
+// process) and waits until it says it did, at most ProcessGCTimeout. The
+// test fails if the process ended or did not answer in time.
+func (p *Process) CollectGarbage(t testing.TB) {
+	t.Helper()
+	if err := p.collectGarbage(ProcessGCTimeout); err != nil {
+		t.Fatalf("etcdtest: %v", err)
+	}
+}
+
+func (p *Process) collectGarbage(timeout time.Duration) error {
+	p.gcMu.Lock()
+	defer p.gcMu.Unlock()
+	select {
+	case <-p.exited:
+		return fmt.Errorf("collect garbage: %w", p.endedError())
+	case <-p.out.gcDone: // the late answer to an earlier request that timed out
+	default:
+	}
+	if _, err := io.WriteString(p.stdin, gcCommand+"\n"); err != nil {
+		return fmt.Errorf("collect garbage: %w", err)
+	}
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case <-p.out.gcDone:
+		return nil
+	case <-p.exited:
+		return fmt.Errorf("collect garbage: %w: %s", p.endedError(), p.logs.String())
+	case <-timer.C:
+		return fmt.Errorf("collect garbage: no answer after %v", timeout)
+	}
+}
+
+// endedError says how the process ended; call it once exited is closed.
+func (p *Process) endedError() error {
+	if p.waitErr == nil {
+		return errors.New("the server process ended")
+	}
+	return fmt.Errorf("the server process ended: %w", p.waitErr)
+}
+
 // Stop kills the server's process group and waits until the process is
 // gone. It is idempotent and also run by t.Cleanup.
 func (p *Process) Stop() {
@@ -248,21 +302,25 @@ func (p *Process) Stop() {
 	})
 }
 
-// readyWriter receives the server's standard output and delivers the rest
-// of its ready line once.
-type readyWriter struct {
-	mu   sync.Mutex
-	buf  []byte
-	done bool
-	line chan string
+// serverOutput receives the server's standard output, a line at a time: it
+// delivers the rest of the ready line once (on ready) and signals each
+// gc-done line (on gcDone, which holds one signal; more are dropped). Other
+// lines are ignored.
+type serverOutput struct {
+	mu     sync.Mutex
+	buf    []byte
+	done   bool // the ready line was delivered
+	ready  chan string
+	gcDone chan struct{}
 }
 
-func (w *readyWriter) Write(b []byte) (int, error) {
+func newServerOutput() *serverOutput {
+	return &serverOutput{ready: make(chan string, 1), gcDone: make(chan struct{}, 1)}
+}
+
+func (w *serverOutput) Write(b []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.done {
-		return len(b), nil
-	}
 	w.buf = append(w.buf, b...)
 	for {
 		i := bytes.IndexByte(w.buf, '\n')
@@ -271,10 +329,14 @@ func (w *readyWriter) Write(b []byte) (int, error) {
 		}
 		line := string(w.buf[:i])
 		w.buf = w.buf[i+1:]
-		if rest, ok := strings.CutPrefix(line, readyPrefix); ok {
+		if rest, ok := strings.CutPrefix(line, readyPrefix); ok && !w.done {
 			w.done = true
-			w.line <- rest
-			return len(b), nil
+			w.ready <- rest
+		} else if line == gcDoneLine {
+			select {
+			case w.gcDone <- struct{}{}:
+			default:
+			}
 		}
 	}
 }

@@ -40,3 +40,28 @@ func TestProcessServers(t *testing.T) {
 		})
 	}
 }
+
+// TestProcessCollectGarbage: a server started with -quota-backend-bytes
+// takes that quota, collects its garbage each time it is asked and says so,
+// and once it stopped, a request to collect fails at once instead of
+// waiting for an answer.
+func TestProcessCollectGarbage(t *testing.T) {
+	for _, v := range MatrixVersions(t) {
+		t.Run("etcd"+v, func(t *testing.T) {
+			const quota = 3 << 30
+			p := StartProcess(t, ServerBinary(t, v), fmt.Sprintf("-quota-backend-bytes=%d", quota), "-log-level=info")
+			logged := fmt.Sprintf(`"quota-size-bytes":%d`, quota) // its standard error may still be on its way
+			require.Eventually(t, func() bool { return strings.Contains(p.Logs(), logged) }, 10*time.Second, 10*time.Millisecond,
+				"the quota is not in the logs:\n%s", p.Logs())
+			for range 3 {
+				start := time.Now()
+				p.CollectGarbage(t)
+				require.Less(t, time.Since(start), ProcessGCTimeout)
+			}
+			p.Stop()
+			start := time.Now()
+			require.ErrorContains(t, p.collectGarbage(ProcessGCTimeout), "ended")
+			require.Less(t, time.Since(start), time.Second)
+		})
+	}
+}

@@ -16,6 +16,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"syscall"
 )
 
@@ -23,6 +25,14 @@ import (
 // the server serves clients, followed by the server's version and its client
 // URL: "etcd-server-ready 3.5.35 http://127.0.0.1:23790".
 const ReadyPrefix = "etcd-server-ready"
+
+// GCCommand is the line that, written to a program's standard input, makes
+// it collect its garbage (runtime.GC) and then print GCDoneLine.
+const GCCommand = "gc"
+
+// GCDoneLine is the line a program prints on its standard output once the
+// collection a GCCommand asked for is done.
+const GCDoneLine = "etcd-server-gc-done"
 
 // Server is a started etcd server, as a program's start function returns it.
 type Server struct {
@@ -62,7 +72,9 @@ func Start[C, E any](load func(path string) (C, error), adjust func(C), start fu
 // writes the configuration file, starts the server with start, prints the
 // ready line with version, and serves until its standard input closes (so a
 // server never outlives the process that started it), SIGINT or SIGTERM
-// arrives, or the server fails. It returns the exit code.
+// arrives, or the server fails. While it serves, it runs the commands it
+// reads on its standard input, one a line: GCCommand (other lines are
+// ignored). It returns the exit code.
 func Main(version string, args []string, start StartFunc) int {
 	if err := run(version, args, start); err != nil {
 		fmt.Fprintf(os.Stderr, "etcd-server %s: %v\n", version, err)
@@ -94,7 +106,7 @@ func run(version string, args []string, start StartFunc) error {
 
 	stdinClosed := make(chan struct{})
 	go func() {
-		_, _ = io.Copy(io.Discard, bufio.NewReader(os.Stdin))
+		serveCommands(os.Stdin, os.Stdout)
 		close(stdinClosed)
 	}()
 	signals := make(chan os.Signal, 1)
@@ -106,6 +118,19 @@ func run(version string, args []string, start StartFunc) error {
 		return fmt.Errorf("stopped: %w", err)
 	}
 	return nil
+}
+
+// serveCommands runs the commands of in, one a line, until in ends (or
+// fails), writing their answers to out: GCCommand collects the garbage and
+// then writes GCDoneLine. Other lines are ignored.
+func serveCommands(in io.Reader, out io.Writer) {
+	sc := bufio.NewScanner(in)
+	for sc.Scan() {
+		if strings.TrimSpace(sc.Text()) == GCCommand {
+			runtime.GC()
+			_, _ = fmt.Fprintln(out, GCDoneLine)
+		}
+	}
 }
 
 // parseFlags turns the flags into etcd configuration keys and returns them
@@ -122,9 +147,10 @@ func parseFlags(args []string) (map[string]any, string, error) {
 	token := fs.String("initial-cluster-token", "etcd-server", "initial cluster token")
 	compaction := fs.String("auto-compaction-retention", "0", "revisions to keep when compacting automatically (0: never)")
 	fsync := fs.Bool("fsync", false, "fsync the WAL and backend (off: unsafe-no-fsync)")
-	maxTxnOps := fs.Uint("max-txn-ops", 0, "maximum operations per Txn (0: etcd's default)")
-	maxRequestBytes := fs.Uint("max-request-bytes", 0, "maximum client request size (0: etcd's default)")
-	bcryptCost := fs.Uint("bcrypt-cost", 0, "bcrypt cost of passwords (0: etcd's default)")
+	maxTxnOps := fs.Uint64("max-txn-ops", 0, "maximum operations per Txn (0: etcd's default)")
+	maxRequestBytes := fs.Uint64("max-request-bytes", 0, "maximum client request size (0: etcd's default)")
+	quotaBackendBytes := fs.Uint64("quota-backend-bytes", 0, "backend size at which etcd raises the NOSPACE alarm (0: etcd's default)")
+	bcryptCost := fs.Uint64("bcrypt-cost", 0, "bcrypt cost of passwords (0: etcd's default)")
 	heartbeat := fs.Uint("heartbeat-interval", 50, "raft heartbeat interval in milliseconds")
 	election := fs.Uint("election-timeout", 500, "raft election timeout in milliseconds")
 	logLevel := fs.String("log-level", "warn", "log level of the server's logs on standard error")
@@ -160,7 +186,10 @@ func parseFlags(args []string) (map[string]any, string, error) {
 		"log-outputs":                 []string{"stderr"},
 		"log-level":                   *logLevel,
 	}
-	for key, v := range map[string]uint{"max-txn-ops": *maxTxnOps, "max-request-bytes": *maxRequestBytes, "bcrypt-cost": *bcryptCost} {
+	for key, v := range map[string]uint64{
+		"max-txn-ops": *maxTxnOps, "max-request-bytes": *maxRequestBytes,
+		"quota-backend-bytes": *quotaBackendBytes, "bcrypt-cost": *bcryptCost,
+	} {
 		if v > 0 {
 			cfg[key] = v
 		}
