@@ -38,14 +38,16 @@ tools:
 
 ## bench: micro-benchmarks, then the scenario table against etcd STM and raw Txns
 ## (one embedded etcd with fsync on; ORCHESTRATOR_BENCH_WINDOW=3s sets each window),
-## then the shared Source table (workers on one Source against lone workers).
+## then the shared Source table (workers on one Source against lone workers; its
+## etcd in a process of its own is internal/servers/etcd37, a first build takes minutes).
 bench:
 	$(GO) test -run='^$$' -bench=. -skip='^Benchmark(Scenarios|Source)$$' -benchmem -count=1 -timeout=30m ./...
 	$(GO) test -run='^$$' -bench='^BenchmarkScenarios$$' -benchtime=1x -count=1 -timeout=30m .
 	$(GO) test -run='^$$' -bench='^BenchmarkSource$$' -benchtime=1x -count=1 -timeout=30m .
 
 ## bench-scale: BenchmarkScale, the worker against raw etcd reads at
-## ORCHESTRATOR_SCALE_KEYS keys (default 1M; one etcd in its own process, fsync off).
+## ORCHESTRATOR_SCALE_KEYS keys (default 1M; one etcd in its own process, the server
+## program of internal/servers/etcd37, fsync off).
 bench-scale:
 	ORCHESTRATOR_SCALE_KEYS=$(ORCHESTRATOR_SCALE_KEYS) $(GO) test -run='^$$' -bench='^BenchmarkScale$$' -benchtime=1x -count=1 -timeout=60m .
 	ORCHESTRATOR_SCALE_KEYS=$(ORCHESTRATOR_SCALE_KEYS) $(GO) test -run='^$$' -bench='^BenchmarkWatchApplyEvents$$' -benchmem -count=1 -timeout=30m .

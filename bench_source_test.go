@@ -66,8 +66,7 @@ func BenchmarkSource(b *testing.B) {
 	big, hot := "/source/big", "/source/hot"
 	scalePopulate(ctx, b, cli, big, srcKeys)
 	srcPopulateHot(ctx, b, cli, hot)
-	procEndpoint, _ := startScaleEtcdProcess(b)
-	procCli := scaleClient(b, procEndpoint, false)
+	procCli := scaleClient(b, scaleEtcdProcess(b).Endpoints()[0], false)
 	srcPopulateHot(ctx, b, procCli, hot)
 
 	for b.Loop() {
