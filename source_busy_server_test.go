@@ -20,7 +20,6 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/proto"
 )
 
 // watchDelay makes the watch responses of a client arrive delay after they
@@ -29,66 +28,21 @@ type watchDelay struct{ delay atomic.Int64 }
 
 func (d *watchDelay) set(v time.Duration) { d.delay.Store(int64(v)) }
 
-func (d *watchDelay) dialOptions() []grpc.DialOption {
-	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream {
-		s := &delayedWatchStream{ClientStream: cs, d: d, in: make(chan delayedMsg, 4096)}
-		go s.pump()
-		return s
-	})
-}
+func (d *watchDelay) dialOptions() []grpc.DialOption { return watchTap{hold: d.hold}.dialOptions() }
 
-// delayedMsg is one response the pump received, and when.
-type delayedMsg struct {
-	resp *pb.WatchResponse
-	at   time.Time
-	err  error
-}
-
-// delayedWatchStream receives the stream's responses in a goroutine of its
-// own (pump) and hands each to the client delay after it arrived.
-type delayedWatchStream struct {
-	grpc.ClientStream
-	d  *watchDelay
-	in chan delayedMsg
-}
-
-func (s *delayedWatchStream) pump() {
-	for {
-		resp := &pb.WatchResponse{}
-		err := s.ClientStream.RecvMsg(resp)
-		select {
-		case s.in <- delayedMsg{resp: resp, at: time.Now(), err: err}:
-		case <-s.Context().Done():
-			return
-		}
-		if err != nil {
-			return
-		}
+// hold returns once the delay has passed since the response arrived (or ctx
+// ended).
+func (d *watchDelay) hold(ctx context.Context, _ *pb.WatchResponse, arrived time.Time) {
+	wait := time.Until(arrived.Add(time.Duration(d.delay.Load())))
+	if wait <= 0 {
+		return
 	}
-}
-
-func (s *delayedWatchStream) RecvMsg(m any) error {
-	var msg delayedMsg
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
 	select {
-	case msg = <-s.in:
-	case <-s.Context().Done():
-		return s.Context().Err()
+	case <-timer.C:
+	case <-ctx.Done():
 	}
-	if msg.err != nil {
-		return msg.err
-	}
-	if wait := time.Until(msg.at.Add(time.Duration(s.d.delay.Load()))); wait > 0 {
-		timer := time.NewTimer(wait)
-		select {
-		case <-timer.C:
-		case <-s.Context().Done():
-		}
-		timer.Stop()
-	}
-	dst := m.(*pb.WatchResponse)
-	proto.Reset(dst)
-	proto.Merge(dst, msg.resp)
-	return nil
 }
 
 // busyElsewhere writes through cli outside any test prefix without a pause

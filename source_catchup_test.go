@@ -326,36 +326,30 @@ func newWatchGate() *watchGate {
 func (g *watchGate) openAll() { g.openOnce.Do(func() { close(g.open) }) }
 
 func (g *watchGate) dialOptions() []grpc.DialOption {
-	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream {
-		return &gatedWatchStream{countingWatchStream: countingWatchStream{ClientStream: cs, w: &g.sent}, g: g}
-	})
+	return watchTap{sent: &g.sent, hold: g.hold}.dialOptions()
 }
 
-// gatedWatchStream counts what it sends in g.sent and holds what it
-// receives while g is armed.
-type gatedWatchStream struct {
-	countingWatchStream
-	g *watchGate
-}
-
-func (s *gatedWatchStream) RecvMsg(m any) error {
-	err := s.ClientStream.RecvMsg(m)
-	if err != nil || !s.g.armed.Load() {
-		return err
+// hold lets resp through at once unless g is armed: then it tells held the
+// newest mod revision of its events and waits until it is released (one
+// response at a time) or g is opened.
+func (g *watchGate) hold(ctx context.Context, resp *pb.WatchResponse, _ time.Time) {
+	if !g.armed.Load() {
+		return
 	}
 	var rev int64
-	if resp, ok := m.(*pb.WatchResponse); ok {
-		for _, ev := range resp.Events {
-			rev = max(rev, ev.Kv.ModRevision)
-		}
+	for _, ev := range resp.Events {
+		rev = max(rev, ev.Kv.ModRevision)
 	}
-	s.g.held <- rev
 	select {
-	case <-s.g.release:
-	case <-s.g.open:
-	case <-s.Context().Done():
+	case g.held <- rev:
+	case <-ctx.Done():
+		return
 	}
-	return err
+	select {
+	case <-g.release:
+	case <-g.open:
+	case <-ctx.Done():
+	}
 }
 
 // TestSourceCatchUpLateJoinFirstSnapshotHoldsAWriteDoneBeforeRun: the

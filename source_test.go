@@ -13,6 +13,7 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
@@ -404,13 +405,23 @@ func TestSourceOutageCountsForEveryWorker(t *testing.T) {
 // asks etcd to create, and its progress requests.
 type watchRequests struct{ creates, progress atomic.Int64 }
 
-func (w *watchRequests) dialOptions() []grpc.DialOption {
-	return wrapWatchStreams(func(cs grpc.ClientStream) grpc.ClientStream { return &countingWatchStream{ClientStream: cs, w: w} })
+func (w *watchRequests) dialOptions() []grpc.DialOption { return watchTap{sent: w}.dialOptions() }
+
+// watchTap intercepts the Watch streams of a client. It counts the
+// requests they send in sent (nil: no count). With a hold, each stream
+// receives its responses in a goroutine of its own (pump, which ends with
+// the stream) and hands one to the client only once hold returns: hold is
+// given the stream's context, the response and when the pump received it,
+// and returns when the response may go on, or once the context ended.
+// Without a hold, responses go through as they come.
+type watchTap struct {
+	sent *watchRequests
+	hold func(ctx context.Context, resp *pb.WatchResponse, arrived time.Time)
 }
 
-// wrapWatchStreams returns dial options that hand every Watch stream the
-// client opens to wrap, and other streams through as they are.
-func wrapWatchStreams(wrap func(grpc.ClientStream) grpc.ClientStream) []grpc.DialOption {
+// dialOptions returns dial options that hand every Watch stream the client
+// opens to the tap, and other streams through as they are.
+func (tap watchTap) dialOptions() []grpc.DialOption {
 	return []grpc.DialOption{grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc,
 		cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption,
 	) (grpc.ClientStream, error) {
@@ -418,25 +429,82 @@ func wrapWatchStreams(wrap func(grpc.ClientStream) grpc.ClientStream) []grpc.Dia
 		if err != nil || method != pb.Watch_Watch_FullMethodName {
 			return cs, err
 		}
-		return wrap(cs), nil
+		s := &tappedWatchStream{ClientStream: cs, tap: tap}
+		if tap.hold != nil {
+			s.in, s.end = make(chan pumpedResponse, 4096), make(chan struct{})
+			go s.pump()
+		}
+		return s, nil
 	})}
 }
 
-type countingWatchStream struct {
-	grpc.ClientStream
-	w *watchRequests
+// pumpedResponse is one response the pump received, and when.
+type pumpedResponse struct {
+	resp    *pb.WatchResponse
+	arrived time.Time
 }
 
-func (s *countingWatchStream) SendMsg(m any) error {
-	if req, ok := m.(*pb.WatchRequest); ok {
+// tappedWatchStream is a Watch stream of a watchTap.
+type tappedWatchStream struct {
+	grpc.ClientStream
+	tap watchTap
+	in  chan pumpedResponse // with a hold: what the pump received, in order
+	end chan struct{}       // with a hold: closed once the pump ended, after its last send on in
+	err error               // why the stream ended; set before end is closed
+}
+
+func (s *tappedWatchStream) SendMsg(m any) error {
+	if req, ok := m.(*pb.WatchRequest); ok && s.tap.sent != nil {
 		switch {
 		case req.GetCreateRequest() != nil:
-			s.w.creates.Add(1)
+			s.tap.sent.creates.Add(1)
 		case req.GetProgressRequest() != nil:
-			s.w.progress.Add(1)
+			s.tap.sent.progress.Add(1)
 		}
 	}
 	return s.ClientStream.SendMsg(m)
+}
+
+// pump receives the stream's responses until the stream fails, which it
+// does once its context ends. A response that arrives after the context
+// ended while the client does not read is dropped.
+func (s *tappedWatchStream) pump() {
+	defer close(s.end)
+	for {
+		resp := &pb.WatchResponse{}
+		if err := s.ClientStream.RecvMsg(resp); err != nil {
+			s.err = err
+			return
+		}
+		select {
+		case s.in <- pumpedResponse{resp: resp, arrived: time.Now()}:
+		case <-s.Context().Done():
+		}
+	}
+}
+
+func (s *tappedWatchStream) RecvMsg(m any) error {
+	if s.tap.hold == nil {
+		return s.ClientStream.RecvMsg(m)
+	}
+	var r pumpedResponse
+	select {
+	case r = <-s.in:
+	case <-s.end:
+		select {
+		case r = <-s.in: // received before the stream ended: it goes first
+		default:
+			return s.err
+		}
+	}
+	s.tap.hold(s.Context(), r.resp, r.arrived)
+	dst, ok := m.(*pb.WatchResponse)
+	if !ok {
+		return fmt.Errorf("test: a Watch response into a %T", m)
+	}
+	proto.Reset(dst)
+	proto.Merge(dst, r.resp)
+	return nil
 }
 
 // TestSourceEightWorkersHoldOneWatch: eight workers on one Source ask etcd
