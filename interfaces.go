@@ -121,10 +121,10 @@ type SizedState interface {
 	ExpectKeys(n int)
 }
 
-// InScope reports whether key lies under workerPrefix + "/", where a worker
-// on workerPrefix sees it: not in a worker's reserved area (a path segment
-// "__orchestrator" below the prefix), whose keys never reach a state. It
-// helps implement ScopedState.
+// InScope reports whether key lies under workerPrefix + "/" (that key
+// itself included), where a worker on workerPrefix sees it: not in a
+// worker's reserved area (a path segment "__orchestrator" below the
+// prefix), whose keys never reach a state. It helps implement ScopedState.
 func InScope(workerPrefix util.EtcdPrefix, key string) bool {
 	return newKeyspace(workerPrefix).visible(key)
 }

@@ -38,10 +38,11 @@ func (k keyspace) tokenKey(id string) string { return k.prefix + reservedDir + "
 // tokenKeyLen is the length of a commit token key.
 func (k keyspace) tokenKeyLen() int { return len(k.tokenKey("")) + tokenIDLen }
 
-// contains reports whether key lies under watchKey.
-func (k keyspace) contains(key string) bool {
-	return len(key) > len(k.watchKey) && key[:len(k.watchKey)] == k.watchKey
-}
+// contains reports whether key lies under watchKey: it starts with it, as
+// every key of the watched and loaded range does. watchKey itself is a key
+// of the prefix too (its relative key is empty): a patch may write it, and
+// the load, the watch and a Source's catch-up all pass it on.
+func (k keyspace) contains(key string) bool { return strings.HasPrefix(key, k.watchKey) }
 
 // isReserved reports whether key, which lies under the prefix, is
 // bookkeeping of a worker on the prefix or on a nested one.
@@ -64,7 +65,7 @@ func (k keyspace) visible(key string) bool {
 // writable returns an error when a patch may not write key.
 func (k keyspace) writable(key util.EtcdKey) error {
 	s := key.String()
-	if !strings.HasPrefix(s, k.watchKey) {
+	if !k.contains(s) {
 		return errKeyOutside(s, "is not under "+k.watchKey)
 	}
 	if k.isReserved([]byte(s)) {
@@ -81,7 +82,7 @@ func (k keyspace) dependable(d groupDeps) error {
 		}
 	}
 	for _, p := range d.prefixes {
-		if !strings.HasPrefix(p, k.watchKey) {
+		if !k.contains(p) {
 			return errKeyOutside(p, "(range dependency) is not under "+k.watchKey)
 		}
 		if k.isReserved([]byte(p)) {

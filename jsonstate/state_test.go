@@ -355,7 +355,7 @@ func TestOutOfScopeStateIsAnError(t *testing.T) {
 		{"sibling doc /apple of /app", "/app", jsonstate.NewDoc[int]("/apple"), false},
 		{"sibling doc /app-x of /app/", "/app/", jsonstate.NewDoc[int]("/app-x/c"), false},
 		{"worker /apple, state /app", "/apple", jsonstate.New[int]("/app"), false},
-		{"doc at the worker dir itself", "/app", jsonstate.NewDoc[int]("/app/"), false},
+		{"doc at the worker dir itself (a key of the prefix)", "/app", jsonstate.NewDoc[int]("/app/"), true},
 		{"state in the reserved area", "/app", jsonstate.New[int]("/app/__orchestrator/token"), false},
 		{"doc in the reserved area", "/app", jsonstate.NewDoc[int]("/app/__orchestrator/deletes"), false},
 		{"nested multi, one part outside", "/app",
