@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -328,4 +329,37 @@ func TestSlowReactorStillSeesNewState(t *testing.T) {
 func TestLagShowsASlowReactorsBacklog(t *testing.T) {
 	t.Parallel()
 	require.Positive(t, runSlowReactor(t, "/test/lag-backlog", WithMaxStaleness(400*time.Millisecond)))
+}
+
+// TestReadyReportsAStaleState: while etcd's answers stop but no request
+// has failed yet (a blackhole, request timeout far above the staleness
+// bound), the worker is reachable as far as it knows, but its state is no
+// longer proven current: Status.Fresh is false and Ready says so (without
+// this test, a Fresh that is always true passed the suite).
+func TestReadyReportsAStaleState(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/ready-stale"
+	env := newTestEnv(t, withProxy())
+	ctx := testContext(t)
+	w := mustNewEtcdWorker(t, env.client(t), prefix, idleReactor(), newMapState(prefix),
+		WithMaxStaleness(400*time.Millisecond), WithRequestTimeout(20*time.Second))
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "stale")
+	require.NoError(t, w.WaitSynced(ctx))
+	waitUntil(ctx, t, "ready", func() bool { return w.Ready() == nil })
+
+	env.proxy.Blackhole()
+	stale := contextWithin(t, 10*time.Second)
+	waitUntil(stale, t, "stale and reported so", func() bool {
+		err := w.Ready()
+		return errors.Is(err, ErrNotReady) && strings.Contains(err.Error(), "not proven current")
+	})
+	s := w.Status()
+	require.False(t, s.Fresh)
+	require.False(t, s.Unreachable, "no request has failed yet")
+	env.proxy.Resume()
+	waitUntil(ctx, t, "ready again", func() bool { return w.Ready() == nil })
+	cancel()
+	require.True(t, IsCleanStop(recvErr(ctx, t, done)))
 }

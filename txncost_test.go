@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -83,5 +84,73 @@ func TestTxnCostBuiltEqualsPacked(t *testing.T) {
 			require.Equal(t, b.cost, txn.cost, msg)
 			require.Len(t, txn.compares, b.cost.ops(l), msg)
 		}
+	}
+}
+
+// cmpBytes and opBytes are the key, range end and value bytes of a built
+// compare or op, read from clientv3's own types: an oracle that does not go
+// through txnCost or txnLimits.
+func cmpBytes(c clientv3.Cmp) int {
+	pc := c.GetCompare()
+	return len(pc.Key) + len(pc.RangeEnd) + len(pc.GetValue())
+}
+
+func opBytes(op clientv3.Op) int {
+	return len(op.KeyBytes()) + len(op.RangeBytes()) + len(op.ValueBytes())
+}
+
+// TestTxnSizeCoversTheBuiltTxn: the size the limits are checked with
+// (txnCost.size) is never below the key and value bytes of the Txn buildTxn
+// actually builds, the worker's own compares and ops (token, delete counter,
+// fencing key) included. The other byte-limit tests derive their
+// expectations from the worker's own l.overheadBytes, so they cannot catch
+// a wrong overhead (newTxnLimits with overheadBytes = 0 passed all of
+// them).
+func TestTxnSizeCoversTheBuiltTxn(t *testing.T) {
+	t.Parallel()
+	for _, fencing := range []bool{false, true} {
+		t.Run(fmt.Sprint("fencing=", fencing), func(t *testing.T) {
+			var opts []Option
+			if fencing {
+				opts = append(opts, WithFencingKey("/some/election/key/0123456789abcdef", 7))
+			}
+			st := newMapState(microPrefix)
+			r := newMicroRun(t, st, 0, benchValue)
+			if fencing {
+				w, err := NewEtcdWorker(&clientv3.Client{}, microPrefix, idleReactor(), newMapState(microPrefix), opts...)
+				require.NoError(t, err)
+				r.w.opts, r.w.limits = w.opts, w.limits
+			}
+			cv, ok, err := r.commitView(nil, nil)
+			require.NoError(t, err)
+			require.True(t, ok)
+			rng := rand.New(rand.NewPCG(3, 5))
+			l := r.w.limits
+			for round := range 100 {
+				all, allDeps := randomCostGroups(rng, 1+rng.IntN(10))
+				var groups []groupWrites
+				var deps []groupDeps
+				for i, g := range all {
+					if checkGroupFits(g, allDeps[i], l) == nil {
+						groups, deps = append(groups, g), append(deps, allDeps[i])
+					}
+				}
+				for i, b := range packTxns(groups, deps, l) {
+					// A chained link: its token compare holds the largest value.
+					txn := r.buildTxn(&b, revisions{}, cv, r.token.compareValue(^uint64(0)), ^uint64(0))
+					inTxn := 0
+					for _, c := range txn.compares {
+						inTxn += cmpBytes(c)
+					}
+					for _, op := range txn.writes {
+						inTxn += opBytes(op)
+					}
+					for _, op := range txn.reads.ops {
+						inTxn += opBytes(op)
+					}
+					require.GreaterOrEqual(t, txn.cost.size(l), inTxn, "round %d, txn %d: the limits count fewer bytes than the Txn holds", round, i)
+				}
+			}
+		})
 	}
 }
