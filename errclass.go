@@ -16,21 +16,13 @@ import (
 // the request is to be retried. The load, the watch and the commit all
 // classify with it; see "Error classes" in docs/DESIGN.md.
 func rejected(client *clientv3.Client, request string, err error) error {
-	if err == nil {
+	if err == nil || !etcderr.EndsRetries(client, err) {
 		return nil
 	}
-	if clientClosed(client) {
+	if etcderr.ClientClosed(client) {
 		return fmt.Errorf("%w: %s: the etcd client is closed: %w", ErrEtcdRejected, request, err)
 	}
-	if etcderr.Permanent(err) {
-		return fmt.Errorf("%w: %s: %w", ErrEtcdRejected, request, err)
-	}
-	return nil
-}
-
-// clientClosed reports whether client was closed (nil: not known).
-func clientClosed(client *clientv3.Client) bool {
-	return client != nil && client.Ctx() != nil && client.Ctx().Err() != nil
+	return fmt.Errorf("%w: %s: %w", ErrEtcdRejected, request, err)
 }
 
 // commitRejected is rejected for a commit Txn, with the rejections the

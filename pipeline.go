@@ -10,6 +10,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -279,7 +280,7 @@ func (c *chain) receive() {
 	default:
 		if rej := commitRejected(r.w.client, res.err); rej != nil {
 			l.state, l.err = linkRejected, rej
-			if clientClosed(r.w.client) {
+			if etcderr.ClientClosed(r.w.client) {
 				// The Txn may have been sent: nothing can tell now.
 				l.state, l.err, l.unresolvable = linkUnknown, fmt.Errorf("%w: %w", rej, ErrCommitUnresolved), true
 			}

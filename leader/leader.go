@@ -144,7 +144,7 @@ func (c *campaigner) loop(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return fmt.Errorf("leader: %w", ctx.Err())
 			}
-			if c.permanent(err) {
+			if etcderr.EndsRetries(c.client, err) { // the worker's rule
 				return fmt.Errorf("leader: %w", err)
 			}
 			delay := bo.Next()
@@ -394,13 +394,6 @@ func (c *campaigner) revoke(ctx context.Context, id clientv3.LeaseID) {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Duration(c.opts.sessionTTL)*time.Second)
 	defer cancel()
 	_, _ = c.client.Revoke(rctx, id) // best effort: the lease expires anyway
-}
-
-// permanent reports whether a campaign error will not heal by retrying: the
-// client was closed, or etcd refused the request as it would refuse it again
-// (the worker's rule, etcderr.Permanent).
-func (c *campaigner) permanent(err error) bool {
-	return c.client.Ctx().Err() != nil || etcderr.Permanent(err)
 }
 
 // cancelOnClose returns a context that is also cancelled when done closes.

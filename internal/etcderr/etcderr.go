@@ -8,9 +8,21 @@ import (
 	"strings"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
+
+// EndsRetries reports whether a request of client that failed with err
+// fails the same way again: the client was closed, or err is Permanent.
+func EndsRetries(client *clientv3.Client, err error) bool {
+	return ClientClosed(client) || Permanent(err)
+}
+
+// ClientClosed reports whether client was closed (nil: not known).
+func ClientClosed(client *clientv3.Client) bool {
+	return client != nil && client.Ctx() != nil && client.Ctx().Err() != nil
+}
 
 // Permanent reports whether err is an answer of etcd (or of gRPC on
 // its behalf) that the same request will get again.

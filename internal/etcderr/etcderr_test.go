@@ -8,7 +8,9 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -42,4 +44,22 @@ func TestPermanent(t *testing.T) {
 			require.Equal(t, tc.tooLarge, MessageTooLarge(tc.err))
 		})
 	}
+}
+
+// TestEndsRetries: a closed client ends the retries whatever the error; an
+// open one (or none) only on a Permanent error.
+func TestEndsRetries(t *testing.T) {
+	t.Parallel()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"127.0.0.1:1"}, Logger: zap.NewNop()})
+	require.NoError(t, err)
+	transient := status.Error(codes.Unavailable, "connection refused")
+	require.False(t, ClientClosed(nil))
+	require.False(t, ClientClosed(cli))
+	require.False(t, EndsRetries(nil, transient))
+	require.False(t, EndsRetries(cli, transient))
+	require.True(t, EndsRetries(nil, rpctypes.ErrPermissionDenied))
+	require.True(t, EndsRetries(cli, rpctypes.ErrPermissionDenied))
+	require.NoError(t, cli.Close())
+	require.True(t, ClientClosed(cli))
+	require.True(t, EndsRetries(cli, transient))
 }
