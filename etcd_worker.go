@@ -78,6 +78,9 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 		if err := src.checkWorkerPrefix(p); err != nil {
 			return nil, err
 		}
+		// One clock for the Source and its workers: the worker measures
+		// the Source's proofs of freshness against its own now.
+		o.clock = src.opts.clock
 	} else {
 		src, err = newSource(client, p, sourceOptions{
 			logger:            o.logger,

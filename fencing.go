@@ -76,7 +76,7 @@ func (f *fenceCheck) loop(ctx context.Context) {
 
 // check reads the key once and returns the error that ends the run, if any.
 func (f *fenceCheck) check(ctx context.Context) error {
-	rctx, cancel := context.WithTimeout(ctx, f.timeout)
+	rctx, cancel := requestContext(ctx, f.timeout, f.client)
 	resp, err := f.client.Get(rctx, f.key, clientv3.WithKeysOnly())
 	cancel()
 	switch {

@@ -471,6 +471,7 @@ func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int6
 		minPageKeys: f.s.opts.pageSize,
 		idleTimeout: f.requestTimeout(f.now()),
 		support:     &f.s.streamSupport,
+		clock:       f.clock,
 	}
 	if sizeCopy {
 		cfg.sizeHint = func(keys int64) error {
@@ -519,7 +520,7 @@ func (f *follower) logReadPath(ctx context.Context, was, now ReadPath) {
 // endpoint, bounded by one request timeout in all; "unknown" when none
 // answers.
 func (f *follower) serverVersion(ctx context.Context) string {
-	ctx, cancel := context.WithTimeout(ctx, f.requestTimeout(f.now()))
+	ctx, cancel := requestContext(ctx, f.requestTimeout(f.now()), f.s.client)
 	defer cancel()
 	for _, ep := range f.s.client.Endpoints() {
 		if resp, err := f.s.client.Status(ctx, ep); err == nil {

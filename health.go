@@ -146,8 +146,16 @@ func (r *run) requestCtx(ignoreCtx bool) (context.Context, context.CancelFunc) {
 	if ignoreCtx {
 		parent = context.WithoutCancel(r.ctx)
 	}
-	ctx, cancel := context.WithTimeout(parent, r.health.requestTimeout(r.now(), r.w.opts.requestTimeout))
-	return boundToClient(ctx, cancel, r.w.client)
+	return requestContext(parent, r.health.requestTimeout(r.now(), r.w.opts.requestTimeout), r.w.client)
+}
+
+// requestContext returns the context of one etcd request of client: parent,
+// bounded by timeout and ended when client is closed (boundToClient). Every
+// request the worker and its Source send has one, but the load, which has
+// an idle timeout instead (boundToClient alone).
+func requestContext(parent context.Context, timeout time.Duration, client *clientv3.Client) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(parent, timeout)
+	return boundToClient(ctx, cancel, client)
 }
 
 // boundToClient makes ctx (with its cancel) end when client is closed, too:

@@ -121,8 +121,7 @@ func (r *run) close() {
 	r.src.detach(r.cur)
 	r.fence.close()
 	r.cancel()
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout))
-	ctx, cancel = boundToClient(ctx, cancel, r.w.client)
+	ctx, cancel := requestContext(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout), r.w.client)
 	defer cancel()
 	if !r.health.since().IsZero() {
 		// etcd is not answering: waiting for it would delay Run's return

@@ -58,9 +58,11 @@ type options struct {
 	fencingRev  int64
 	hasFencing  bool
 	// clock is the real clock; a field so that unit tests may set it (the
-	// Source model test sets a Source's). It drives the loop's timers,
-	// back-offs and outage arithmetic; request deadlines and the range
-	// reader's idle watchdog run on real time, as gRPC's deadlines do.
+	// Source model test sets a Source's; a worker on a shared Source takes
+	// the Source's). It drives the loop's timers, back-offs, outage
+	// arithmetic and the range reader's stream retry window; request
+	// deadlines and the range reader's idle watchdog run on real time, as
+	// gRPC's deadlines do.
 	clock             clockwork.Clock
 	maxOutage         time.Duration
 	maxStaleness      time.Duration

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
@@ -64,6 +65,9 @@ type readConfig struct {
 	// support remembers a codes.Unimplemented answer across reads; nil:
 	// every read tries the stream first.
 	support *streamSupport
+	// clock times support's retry window (nil: the real clock). The idle
+	// timeout runs on real time, as the request's gRPC deadline would.
+	clock clockwork.Clock
 	// sizeHint, when set, gets the number of keys in the range before fn
 	// sees the first key: from the unary fallback's first response, or,
 	// with streamCount, once the server has answered a stream, from one
@@ -142,7 +146,11 @@ var errRangeStreamTruncated = errors.New("orchestrator: range stream ended witho
 func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readConfig,
 	fn func(kv *mvccpb.KeyValue) error,
 ) (int64, error) {
-	if cfg.support.useStream(time.Now()) {
+	now := time.Now
+	if cfg.clock != nil {
+		now = cfg.clock.Now
+	}
+	if cfg.support.useStream(now()) {
 		rev, delivered, err := readStream(ctx, kv, key, end, cfg, fn)
 		var ce rangeCallbackError
 		if status.Code(err) != codes.Unimplemented || errors.As(err, &ce) {
@@ -151,7 +159,7 @@ func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 			}
 			return rev, err // the callback's error is never the server's answer
 		}
-		cfg.support.markUnimplemented(time.Now())
+		cfg.support.markUnimplemented(now())
 		if delivered {
 			return 0, err // fn has seen keys: the caller must start over
 		}

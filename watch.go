@@ -117,7 +117,7 @@ func (s *watchStream) requestProgressLoop(ctx context.Context) {
 			timer.Stop()
 		}
 		s.probeHead(ctx)
-		rctx, cancel := context.WithTimeout(ctx, interval/2)
+		rctx, cancel := requestContext(ctx, interval/2, s.cfg.client)
 		_ = s.watcher.RequestProgress(rctx)
 		cancel()
 	}
@@ -134,7 +134,7 @@ func (s *watchStream) requestProgressLoop(ctx context.Context) {
 // probe" in docs/DESIGN.md.
 func (s *watchStream) probeHead(ctx context.Context) {
 	p := headProbe{sent: s.cfg.clock.Now()}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.requestTimeout())
+	rctx, cancel := requestContext(ctx, s.cfg.requestTimeout(), s.cfg.client)
 	resp, err := s.cfg.client.Get(rctx, s.cfg.probeKey, clientv3.WithCountOnly())
 	cancel()
 	if ctx.Err() != nil {
