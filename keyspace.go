@@ -29,7 +29,7 @@ type keyspace struct {
 
 func newKeyspace(p util.EtcdPrefix) keyspace {
 	s := p.String()
-	return keyspace{prefix: s, watchKey: s + "/", counterKey: s + reservedDir + counterName}
+	return keyspace{prefix: s, watchKey: p.Dir(), counterKey: s + reservedDir + counterName}
 }
 
 // tokenKey is the key of the commit token with the given random id.

@@ -37,10 +37,10 @@ var _ orchestrator.ReactorState = (*State[struct{}])(nil)
 // util.NormalizePrefix). It must lie under the worker's prefix for the
 // worker to see and write the documents.
 func New[T any](prefix string, opts ...Option) *State[T] {
-	p := util.NormalizePrefix(prefix).String()
+	p := util.NormalizePrefix(prefix)
 	return &State[T]{
-		prefix: p,
-		dir:    p + "/",
+		prefix: p.String(),
+		dir:    p.Dir(),
 		opts:   resolveOptions(opts),
 		docs:   make(map[string]T),
 		errs:   make(map[string]*DecodeError),
@@ -57,7 +57,7 @@ func (s *State[T]) CheckScope(workerPrefix util.EtcdPrefix) error {
 	if s == nil {
 		return fmt.Errorf("jsonstate: nil State: %w", orchestrator.ErrInvalidArgument)
 	}
-	workerDir := workerPrefix.String() + "/"
+	workerDir := workerPrefix.Dir()
 	// s.dir ends with "/": InScope also rules out a reserved area.
 	if !orchestrator.InScope(workerPrefix, s.dir) && !strings.HasPrefix(workerDir, s.dir) {
 		return fmt.Errorf("%w: state prefix %q is not under worker prefix %q", ErrOutOfScope, s.prefix, workerPrefix.String())

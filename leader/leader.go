@@ -196,7 +196,7 @@ func (c *campaigner) campaign(ctx context.Context) (*concurrency.Session, *concu
 // answer. Every request here ends with ctx; on error the caller closes the
 // session, whose lease revocation (bounded by the TTL) deletes the key.
 func (c *campaigner) elect(ctx context.Context, session *concurrency.Session) (*concurrency.Election, error) {
-	dir := c.prefix + "/" // as concurrency.NewElection
+	dir := electionDir(c.prefix)
 	key := fmt.Sprintf("%s%x", dir, session.Lease())
 	resp, err := c.client.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
@@ -357,14 +357,18 @@ func (c *campaigner) buildWorker(ctx context.Context, term Term) (*orchestrator.
 // the election keys, or the worker's keys, older than any later candidate's
 // key, would keep every later campaign waiting for them to be deleted.
 func checkOverlap(electionPrefix, workerPrefix string) error {
-	electionDir := electionPrefix + "/"
-	workerDir := util.NormalizePrefix(workerPrefix).String() + "/"
+	electionDir := electionDir(electionPrefix)
+	workerDir := util.NormalizePrefix(workerPrefix).Dir()
 	if strings.HasPrefix(electionDir, workerDir) || strings.HasPrefix(workerDir, electionDir) {
 		return fmt.Errorf("leader: election prefix %q and worker prefix %q overlap: %w",
 			electionPrefix, workerPrefix, orchestrator.ErrInvalidArgument)
 	}
 	return nil
 }
+
+// electionDir returns where the candidates' keys of the election on prefix
+// lie: prefix + "/", with prefix used as is, as concurrency.NewElection does.
+func electionDir(prefix string) string { return prefix + "/" }
 
 // callNewWorker calls newWorker, turning a panic into an error.
 func (c *campaigner) callNewWorker(ctx context.Context, term Term) (Worker, error) {

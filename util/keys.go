@@ -174,6 +174,13 @@ func (p EtcdPrefix) Bytes() []byte {
 	return []byte(p.prefixStr)
 }
 
+// Dir returns the prefix followed by "/": the keys under a normalized
+// prefix p are those that start with p.Dir(), p.Dir() itself included (a
+// worker on p sees exactly those).
+func (p EtcdPrefix) Dir() string {
+	return p.prefixStr + "/"
+}
+
 // Head returns the first segment of the prefix: for "/a/b" it is "/a". When
 // there is no second segment (the prefix is empty, "/" or such as "/a"), Head
 // returns the empty prefix. See EtcdKey.Head.

@@ -384,3 +384,13 @@ func ExampleEtcdKey_RemovePrefix() {
 	// /owner/1
 	// true
 }
+
+// TestPrefixDir: Dir is the prefix and one "/": what every key under the
+// normalized prefix starts with.
+func TestPrefixDir(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{"/a": "/a/", "/a/b": "/a/b/", "": "/", "/": "/"} {
+		require.Equal(t, want, util.NormalizePrefix(in).Dir(), "NormalizePrefix(%q).Dir()", in)
+	}
+	require.Equal(t, "/a//", util.NewEtcdPrefix("/a/").Dir(), "used as is, no normalizing")
+}
