@@ -21,7 +21,8 @@ import (
 // but not what the fault tests here need most, and it breaks a rule of the
 // repository:
 //   - it listens on every interface: NewServer binds ":port" whatever
-//     host From names, where the tests listen on 127.0.0.1 only;
+//     host From names (only From's port 0 binds its host, and then nothing
+//     tells which port it got), where the tests listen on 127.0.0.1 only;
 //   - it keeps no registry of its connections, so nothing can cut them
 //     (Pause, CutFor: a crashed server's reset, which makes a watch fail and
 //     reconnect at once). Close closes the listener, and each connection only
