@@ -3,10 +3,10 @@ package etcdtest
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,8 +14,6 @@ import (
 
 	"github.com/etcdworker/orchestrator/internal/embedetcd"
 )
-
-var clusterSeq atomic.Int64
 
 // Cluster is a multi-member etcd cluster embedded in the test process.
 //
@@ -120,7 +118,7 @@ func StartCluster(ctx context.Context, dir string, size int, opts ...ServerOptio
 // launchAll starts every member with fresh ports and data directories. On
 // error all launched members are closed.
 func (c *Cluster) launchAll(attempt int) error {
-	token := fmt.Sprintf("etcdtest-%d-%d", time.Now().UnixNano(), clusterSeq.Add(1))
+	token := fmt.Sprintf("etcdtest-%d-%x", time.Now().UnixNano(), rand.Uint64()) // unique to this launch
 	base := filepath.Join(c.dir, fmt.Sprintf("try%d", attempt))
 	var initial []string
 	for _, m := range c.members {
