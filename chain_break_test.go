@@ -28,7 +28,6 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -749,7 +748,7 @@ func TestChainBreakTryAgainOnRerun(t *testing.T) {
 func TestChainBreakGroupsAtTheOpLimit(t *testing.T) {
 	t.Parallel()
 	const limit = 8
-	env := newTestEnv(t, ownServer(etcdtest.WithMaxTxnOps(limit)))
+	env := newTestEnv(t, withMaxTxnOps(limit))
 	ctx := contextWithin(t, chainBreakTimeout)
 	direct := env.cli
 	const prefix = "/test/chainbreak/op-limit"

@@ -2,14 +2,16 @@ package orchestrator
 
 // The one way a test gets an etcd and its clients: newTestEnv. By default
 // the package's shared server (etcdtest.Shared), which tests that inject no
-// fault into the server use, each under its own prefix; ownServer starts one
-// for the test alone (compaction, server limits, auth, a global revision
-// nobody else moves);
+// fault into the server use, each under its own prefix; sharedWith names a
+// shared server with options (a request size limit) that the tests naming it
+// share alike; ownServer starts one for the test alone (compaction, auth, a
+// global revision nobody else moves);
 // onServer takes one the test started (a process of the server matrix, a
 // cluster). withProxy puts a fault proxy in front of it for the workers'
 // clients, withAuth turns authentication on.
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -44,6 +46,7 @@ type testEnv struct {
 // envConfig is what the envOptions of newTestEnv chose.
 type envConfig struct {
 	own          bool
+	sharedName   string
 	serverOpts   []etcdtest.ServerOption
 	target       etcdtest.Target
 	proxy        bool
@@ -58,6 +61,24 @@ type envOption func(*envConfig)
 // shared server).
 func ownServer(opts ...etcdtest.ServerOption) envOption {
 	return func(c *envConfig) { c.own, c.serverOpts = true, append(c.serverOpts, opts...) }
+}
+
+// sharedWith runs the test on the shared server named name, which the
+// first test naming it starts with opts (etcdtest.SharedWith): every test
+// naming it must pass the same opts.
+func sharedWith(name string, opts ...etcdtest.ServerOption) envOption {
+	return func(c *envConfig) { c.sharedName, c.serverOpts = name, append(c.serverOpts, opts...) }
+}
+
+// withMaxTxnOps runs the test on the shared server whose --max-txn-ops is n.
+func withMaxTxnOps(n uint) envOption {
+	return sharedWith(fmt.Sprintf("max-txn-ops=%d", n), etcdtest.WithMaxTxnOps(n))
+}
+
+// withMaxRequestBytes runs the test on the shared server whose
+// --max-request-bytes is n.
+func withMaxRequestBytes(n uint) envOption {
+	return sharedWith(fmt.Sprintf("max-request-bytes=%d", n), etcdtest.WithMaxRequestBytes(n))
 }
 
 // onServer runs the test against srv, a server or cluster the test started
@@ -106,7 +127,7 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 		if c.auth {
 			t.Fatal("withAuth on the shared server: use ownServer")
 		}
-		env.srv = etcdtest.Shared(t)
+		env.srv = etcdtest.SharedWith(t, c.sharedName, c.serverOpts...)
 		env.target = env.srv
 	}
 	if c.proxy {

@@ -169,8 +169,8 @@ func TestRunEndingMidLoadThenSecondRunTellsOnlyTheDifference(t *testing.T) {
 	t.Parallel()
 	for _, refuse := range []bool{false, true} {
 		t.Run(fmt.Sprintf("refuse=%v", refuse), func(t *testing.T) {
-			const prefix = "/test/midload"
-			env := newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(8<<10)))
+			prefix := fmt.Sprintf("/test/midload-%v", refuse)
+			env := newTestEnv(t, withMaxRequestBytes(8<<10))
 			cli := env.cli
 			ctx := testContext(t)
 			big := string(make([]byte, 1000))

@@ -23,8 +23,9 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
-// rangeTestPrefix is the prefix the range reader tests populate.
-const rangeTestPrefix = "/rangeread/"
+// rangeTestDir is where the range reader tests populate their keys, each
+// test under a directory of its own (rangeTestEnv.prefix).
+const rangeTestDir = "/test/rangeread/"
 
 // rpcCounter is a gRPC client interceptor pair that counts KV Range calls
 // and RangeStream messages (with their encoded sizes) and, when
@@ -125,41 +126,60 @@ func (c *rpcCounter) counts() (streams, chunks, ranges int) {
 	return c.streams, len(c.chunks), c.ranges
 }
 
-// rangeTestEnv is a server of the test's own with a prefix of keys, and a
+// rangeTestEnv is a server (shared by the tests with the same request size
+// limit, or the test's own) with a prefix of keys of the test's own, and a
 // client that counts (and may refuse) range RPCs.
 type rangeTestEnv struct {
 	*testEnv
-	counted *clientv3.Client
-	counter *rpcCounter
-	want    map[string]string
+	prefix   string // the test's keys are under it; it ends with "/"
+	counted  *clientv3.Client
+	counter  *rpcCounter
+	want     map[string]string
+	setupRev int64 // the revision of the last write of the setup
 }
 
-// newRangeTestEnv starts etcd with the given request size limit (which sets
-// the stream's chunk size) and writes n keys of valueSize bytes.
-func newRangeTestEnv(t *testing.T, maxRequestBytes uint, n, valueSize int, noStream bool, recvLimit int) *rangeTestEnv {
+// rangeSetup is what newRangeTestEnv starts and writes.
+type rangeSetup struct {
+	limit     uint // the server's request size limit, which sets the stream's chunk size
+	keys      int  // keys written under the test's prefix
+	valueSize int  // bytes per value
+	noStream  bool // the counting client refuses RangeStream (a server before 3.7)
+	recvLimit int  // the counting client's receive limit (0: the client default)
+	own       bool // a server of the test's own (it compacts), not the shared one of the limit
+}
+
+// newRangeTestEnv writes s.keys keys of s.valueSize bytes under a prefix of
+// the test's own, on the shared server with s.limit (or its own server).
+func newRangeTestEnv(t *testing.T, s rangeSetup) *rangeTestEnv {
 	t.Helper()
+	server := withMaxRequestBytes(s.limit)
+	if s.own {
+		server = ownServer(etcdtest.WithMaxRequestBytes(s.limit))
+	}
 	env := &rangeTestEnv{
-		testEnv: newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(maxRequestBytes))),
-		counter: &rpcCounter{noStream: noStream}, want: map[string]string{},
+		testEnv: newTestEnv(t, server),
+		prefix:  rangeTestDir + t.Name() + "/",
+		counter: &rpcCounter{noStream: s.noStream}, want: map[string]string{},
 	}
 	cfg := env.clientConfig(env.counter.dialOptions()...)
-	cfg.MaxCallRecvMsgSize = recvLimit
+	cfg.MaxCallRecvMsgSize = s.recvLimit
 	env.counted = etcdtest.NewClientFromConfig(t, cfg)
 	ctx := contextWithin(t, 30*time.Second)
 	var ops []clientv3.Op
 	batchBytes := 0
 	flush := func() {
-		_, err := env.cli.Txn(ctx).Then(ops...).Commit()
+		resp, err := env.cli.Txn(ctx).Then(ops...).Commit()
 		require.NoError(t, err)
+		env.setupRev = resp.Header.Revision
 		ops, batchBytes = ops[:0], 0
 	}
-	for i := range n {
-		k := fmt.Sprintf("%sk%06d", rangeTestPrefix, i)
-		v := fmt.Sprintf("%d:%s", i, strings.Repeat("v", max(0, valueSize-8)))
+	for i := range s.keys {
+		k := env.key(i)
+		v := fmt.Sprintf("%d:%s", i, strings.Repeat("v", max(0, s.valueSize-8)))
 		env.want[k] = v
 		ops = append(ops, clientv3.OpPut(k, v))
 		batchBytes += len(k) + len(v)
-		if len(ops) == 100 || batchBytes > int(maxRequestBytes)/2 {
+		if len(ops) == 100 || batchBytes > int(s.limit)/2 {
 			flush()
 		}
 	}
@@ -169,12 +189,30 @@ func newRangeTestEnv(t *testing.T, maxRequestBytes uint, n, valueSize int, noStr
 	return env
 }
 
+// key returns the key of the i-th key of the setup.
+func (env *rangeTestEnv) key(i int) string { return fmt.Sprintf("%sk%06d", env.prefix, i) }
+
+// requireReadAt checks the revision rev that a read returned: not before
+// from (the newest write the read must hold), not after the store's
+// revision now, and one at which the test's prefix holds exactly got.
+func (env *rangeTestEnv) requireReadAt(ctx context.Context, t *testing.T, got map[string]string, rev, from int64) {
+	t.Helper()
+	require.GreaterOrEqual(t, rev, from, "the read is older than a write done before it")
+	require.LessOrEqual(t, rev, headRevision(ctx, t, env.cli), "the read's revision is in the future")
+	kvs, _ := userKVs(ctx, t, env.cli, strings.TrimSuffix(env.prefix, "/"), rev)
+	atRev := make(map[string]string, len(kvs))
+	for k, kv := range kvs {
+		atRev[k] = kv.value
+	}
+	require.Equal(t, got, atRev, "the prefix at the read's revision")
+}
+
 // read reads the test prefix with cfg, collecting values; every key must
 // come in order and only once. hook, if set, runs before each key is stored.
 func (env *rangeTestEnv) read(ctx context.Context, cfg readConfig, hook func(i int) error) (map[string]string, int64, error) {
 	got := map[string]string{}
 	last := ""
-	rev, err := readRange(ctx, env.counted, rangeTestPrefix, clientv3.GetPrefixRangeEnd(rangeTestPrefix), cfg,
+	rev, err := readRange(ctx, env.counted, env.prefix, clientv3.GetPrefixRangeEnd(env.prefix), cfg,
 		func(kv *mvccpb.KeyValue) error {
 			if hook != nil {
 				if err := hook(len(got)); err != nil {
@@ -197,14 +235,13 @@ func (env *rangeTestEnv) read(ctx context.Context, cfg readConfig, hook func(i i
 func TestReadRangeStreamsKeysInChunksOfTheServerRequestLimit(t *testing.T) {
 	t.Parallel()
 	const limit = 64 << 10
-	env := newRangeTestEnv(t, limit, 2000, 1000, false, 0)
+	env := newRangeTestEnv(t, rangeSetup{limit: limit, keys: 2000, valueSize: 1000})
 	ctx := contextWithin(t, 30*time.Second)
-	wantRev := env.srv.Revision()
 
 	got, rev, err := env.read(ctx, readConfig{}, nil)
 	require.NoError(t, err)
 	require.Equal(t, env.want, got)
-	require.Equal(t, wantRev, rev)
+	env.requireReadAt(ctx, t, got, rev, env.setupRev)
 
 	streams, chunks, ranges := env.counter.counts()
 	require.Equal(t, 1, streams)
@@ -221,27 +258,30 @@ func TestReadRangeSeesOneRevisionWhileKeysChangeDuringTheRead(t *testing.T) {
 	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
-			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
+			env := newRangeTestEnv(t, rangeSetup{limit: 64 << 10, keys: 2000, valueSize: 1000, noStream: noStream})
 			ctx := contextWithin(t, 30*time.Second)
-			wantRev := env.srv.Revision()
-			last := fmt.Sprintf("%sk%06d", rangeTestPrefix, 1999)
 			cfg := readConfig{minPageKeys: 100}
+			var changedAt int64
 			got, rev, err := env.read(ctx, cfg, func(i int) error {
 				if i != 0 {
 					return nil
 				}
 				// After the first key: change, delete and add keys the
 				// read has not reached yet.
-				_, err := env.cli.Txn(ctx).Then(
-					clientv3.OpPut(fmt.Sprintf("%sk%06d", rangeTestPrefix, 1500), "changed"),
-					clientv3.OpDelete(last),
-					clientv3.OpPut(rangeTestPrefix+"zz-new", "new"),
+				resp, err := env.cli.Txn(ctx).Then(
+					clientv3.OpPut(env.key(1500), "changed"),
+					clientv3.OpDelete(env.key(1999)),
+					clientv3.OpPut(env.prefix+"zz-new", "new"),
 				).Commit()
+				if err == nil {
+					changedAt = resp.Header.Revision
+				}
 				return err
 			})
 			require.NoError(t, err)
-			require.Equal(t, wantRev, rev)
 			require.Equal(t, env.want, got)
+			require.Less(t, rev, changedAt, "the read is at a revision before the change")
+			env.requireReadAt(ctx, t, got, rev, env.setupRev)
 		})
 	}
 }
@@ -250,7 +290,7 @@ func TestReadRangeReturnsErrCompactedWhenTheRevisionIsCompactedDuringTheRead(t *
 	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
-			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
+			env := newRangeTestEnv(t, rangeSetup{limit: 64 << 10, keys: 2000, valueSize: 1000, noStream: noStream, own: true})
 			ctx := contextWithin(t, 30*time.Second)
 			// A known receive limit makes the fallback page instead of
 			// reading everything in one response.
@@ -276,14 +316,14 @@ func TestReadRangeOfAnEmptyPrefixReturnsTheCurrentRevision(t *testing.T) {
 	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
-			env := newRangeTestEnv(t, 64<<10, 0, 0, noStream, 0)
+			env := newRangeTestEnv(t, rangeSetup{limit: 64 << 10, noStream: noStream})
 			ctx := contextWithin(t, 30*time.Second)
-			_, err := env.cli.Put(ctx, "/elsewhere", "x")
+			put, err := env.cli.Put(ctx, "/elsewhere", "x")
 			require.NoError(t, err)
 			got, rev, err := env.read(ctx, readConfig{}, nil)
 			require.NoError(t, err)
 			require.Empty(t, got)
-			require.Equal(t, env.srv.Revision(), rev)
+			env.requireReadAt(ctx, t, got, rev, put.Header.Revision)
 		})
 	}
 }
@@ -292,11 +332,11 @@ func TestReadRangePassesAnEmptyValueAsANonNilSlice(t *testing.T) {
 	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
-			env := newRangeTestEnv(t, 64<<10, 3, 10, noStream, 0)
+			env := newRangeTestEnv(t, rangeSetup{limit: 64 << 10, keys: 3, valueSize: 10, noStream: noStream})
 			ctx := contextWithin(t, 30*time.Second)
-			_, err := env.cli.Put(ctx, rangeTestPrefix+"empty", "")
+			_, err := env.cli.Put(ctx, env.prefix+"empty", "")
 			require.NoError(t, err)
-			env.want[rangeTestPrefix+"empty"] = ""
+			env.want[env.prefix+"empty"] = ""
 			got, _, err := env.read(ctx, readConfig{}, nil) // read fails on a nil value
 			require.NoError(t, err)
 			require.Equal(t, env.want, got)
@@ -308,10 +348,10 @@ func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
 	t.Parallel()
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
-			env := newRangeTestEnv(t, 64<<10, 50, 10, noStream, 0)
+			env := newRangeTestEnv(t, rangeSetup{limit: 64 << 10, keys: 50, valueSize: 10, noStream: noStream})
 			ctx := contextWithin(t, 30*time.Second)
-			at := env.srv.Revision()
-			_, err := env.cli.Delete(ctx, rangeTestPrefix, clientv3.WithPrefix())
+			at := env.setupRev
+			_, err := env.cli.Delete(ctx, env.prefix, clientv3.WithPrefix())
 			require.NoError(t, err)
 			got, rev, err := env.read(ctx, readConfig{rev: at, minPageKeys: 10}, nil)
 			require.NoError(t, err)
@@ -323,7 +363,7 @@ func TestReadRangeReadsAtTheGivenRevision(t *testing.T) {
 
 func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
 	t.Parallel()
-	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, 0)
+	env := newRangeTestEnv(t, rangeSetup{limit: 1 << 20, keys: 1000, valueSize: 100, noStream: true})
 	ctx := contextWithin(t, 30*time.Second)
 	support := &streamSupport{}
 	cfg := readConfig{minPageKeys: 100, support: support}
@@ -331,7 +371,7 @@ func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
 		got, rev, err := env.read(ctx, cfg, nil)
 		require.NoError(t, err)
 		require.Equal(t, env.want, got)
-		require.Equal(t, env.srv.Revision(), rev)
+		env.requireReadAt(ctx, t, got, rev, env.setupRev)
 	}
 	streams, _, ranges := env.counter.counts()
 	require.Equal(t, 1, streams, "the second read skips the stream")
@@ -343,7 +383,7 @@ func TestReadRangeFallsBackWhenStreamUnimplementedAndRemembersIt(t *testing.T) {
 func TestReadRangePagesWhenTheRangeExceedsTheReceiveLimit(t *testing.T) {
 	t.Parallel()
 	const recvLimit = 32 << 10
-	env := newRangeTestEnv(t, 1<<20, 1000, 100, true, recvLimit) // ~120 KB in all
+	env := newRangeTestEnv(t, rangeSetup{limit: 1 << 20, keys: 1000, valueSize: 100, noStream: true, recvLimit: recvLimit}) // ~120 KB in all
 	ctx := contextWithin(t, 30*time.Second)
 	got, _, err := env.read(ctx, readConfig{minPageKeys: 10, maxRecvBytes: recvLimit}, nil)
 	require.NoError(t, err)
@@ -359,10 +399,10 @@ func TestReadRangeShrinksPagesThatExceedTheReceiveLimit(t *testing.T) {
 	t.Parallel()
 	// Underestimated: the first page's keys are small, the rest large.
 	const recvLimit = 64 << 10
-	env := newRangeTestEnv(t, 1<<20, 20, 10, true, recvLimit)
+	env := newRangeTestEnv(t, rangeSetup{limit: 1 << 20, keys: 20, valueSize: 10, noStream: true, recvLimit: recvLimit})
 	ctx := contextWithin(t, 30*time.Second)
 	for i := range 200 {
-		k, v := fmt.Sprintf("%sz%04d", rangeTestPrefix, i), strings.Repeat("x", 1000)
+		k, v := fmt.Sprintf("%sz%04d", env.prefix, i), strings.Repeat("x", 1000)
 		_, err := env.cli.Put(ctx, k, v)
 		require.NoError(t, err)
 		env.want[k] = v
@@ -379,7 +419,7 @@ func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
 	errUser := errors.New("user says no")
 	for _, noStream := range []bool{false, true} {
 		t.Run(fmt.Sprintf("noStream=%v", noStream), func(t *testing.T) {
-			env := newRangeTestEnv(t, 64<<10, 2000, 1000, noStream, 0)
+			env := newRangeTestEnv(t, rangeSetup{limit: 64 << 10, keys: 2000, valueSize: 1000, noStream: noStream})
 			ctx := contextWithin(t, 30*time.Second)
 			got, _, err := env.read(ctx, readConfig{minPageKeys: 100}, func(i int) error {
 				if i == 500 {
@@ -402,7 +442,7 @@ func TestReadRangeReturnsTheCallbackErrorAsACallbackError(t *testing.T) {
 func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
 	t.Parallel()
 	errUser := status.Error(codes.Unimplemented, "the user's own Unimplemented")
-	env := newRangeTestEnv(t, 64<<10, 200, 100, false, 0)
+	env := newRangeTestEnv(t, rangeSetup{limit: 64 << 10, keys: 200, valueSize: 100})
 	ctx := contextWithin(t, 30*time.Second)
 	support := &streamSupport{}
 	_, _, err := env.read(ctx, readConfig{support: support}, func(int) error { return errUser })
@@ -416,15 +456,16 @@ func TestReadRangeNeverTakesACallbackErrorForTheServers(t *testing.T) {
 
 func TestReadRangeFailsWithDeadlineExceededWhenEtcdGoesSilent(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer(), withProxy())
+	env := newTestEnv(t, withProxy()) // faults the proxy, not the server
+	prefix := rangeTestDir + t.Name() + "/"
 	cli := env.client(t)
 	ctx := contextWithin(t, 30*time.Second)
-	_, err := cli.Put(ctx, rangeTestPrefix+"a", "1")
+	_, err := cli.Put(ctx, prefix+"a", "1")
 	require.NoError(t, err)
 	env.proxy.Blackhole()
 	t.Cleanup(env.proxy.Resume)
 	start := time.Now()
-	_, err = readRange(ctx, cli, rangeTestPrefix, clientv3.GetPrefixRangeEnd(rangeTestPrefix),
+	_, err = readRange(ctx, cli, prefix, clientv3.GetPrefixRangeEnd(prefix),
 		readConfig{idleTimeout: 300 * time.Millisecond}, func(*mvccpb.KeyValue) error { return nil })
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	require.Less(t, time.Since(start), 5*time.Second)

@@ -16,7 +16,6 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -596,7 +595,7 @@ func TestRangeOverTheWholePrefixLands(t *testing.T) {
 func TestOpEstimateMatchesTheServer(t *testing.T) {
 	t.Parallel()
 	const prefix, limit = "/test/rd-ops", 8
-	env := newTestEnv(t, ownServer(etcdtest.WithMaxTxnOps(limit)))
+	env := newTestEnv(t, withMaxTxnOps(limit))
 	ctx := testContext(t)
 	cli := env.cli
 	fence, err := cli.Put(ctx, "/test/rd-ops-fence", "x")

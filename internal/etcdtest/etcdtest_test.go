@@ -290,4 +290,18 @@ func TestSharedServerIsOneAndRefusesCompaction(t *testing.T) {
 	if _, err := srv.CompactAll(ctx); err == nil {
 		t.Fatal("CompactAll on the shared server succeeded")
 	}
+
+	// A named shared server: one per name, not the default one, and just as
+	// shielded from compaction.
+	limited := SharedWith(t, "small-requests", WithMaxRequestBytes(4<<10))
+	if SharedWith(t, "small-requests", WithMaxRequestBytes(4<<10)) != limited || limited == srv {
+		t.Fatal("SharedWith: want one server per name, apart from Shared's")
+	}
+	lcli := limited.Client(t)
+	if _, err := lcli.Put(ctx, "/shared-test/big", string(make([]byte, 8<<10))); err == nil {
+		t.Fatal("a put over the named server's request limit succeeded")
+	}
+	if _, err := Compact(ctx, lcli); err == nil {
+		t.Fatal("Compact through a client of a named shared server succeeded")
+	}
 }

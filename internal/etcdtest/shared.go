@@ -6,7 +6,6 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -15,26 +14,30 @@ import (
 	"github.com/etcdworker/orchestrator/internal/embedetcd"
 )
 
-// The shared server: one embedded etcd per test binary, started at the first
-// Shared call and stopped by Main after every test ran. Tests that inject no
-// fault into the server use it, each under its own key prefix, and may run
-// in parallel; a test that needs server options, compaction, an alarm or
-// auth starts its own with NewServer.
+// The shared servers: one embedded etcd per test binary, started at the
+// first Shared call and stopped by Main after every test ran. Tests that
+// inject no fault into the server use it, each under its own key prefix, and
+// may run in parallel; a test that needs compaction, an alarm or auth starts
+// its own with NewServer. Tests that need the same server options (a request
+// size limit) share one such server as well: SharedWith, by name.
 //
-// With -count=N each repetition of the tests gets a fresh server (a test
+// With -count=N each repetition of the tests gets fresh servers (a test
 // name seen again with a new testing.T starts the next repetition; the
-// testing package finishes one before it begins the next), so that no test finds keys
-// its previous run left.
+// testing package finishes one before it begins the next), so that no test
+// finds keys its previous run left.
 var shared struct {
 	mu      sync.Mutex
-	srv     *Server
+	servers map[string]*sharedServer // by name ("" is Shared's)
 	retired []*Server
-	seen    map[string]testing.TB // test name -> its T in the current repetition
 	dir     string
 }
 
-// sharedSrv is shared.srv for readers that do not hold shared.mu.
-var sharedSrv atomic.Pointer[Server]
+// sharedServer is one shared server and the tests of the current
+// repetition that use it.
+type sharedServer struct {
+	srv  *Server
+	seen map[string]testing.TB // test name -> its T in the current repetition
+}
 
 // Shared returns the test binary's shared server, starting it on first use.
 // It must not be compacted, reconfigured or stopped: Compact and Close on it
@@ -43,28 +46,43 @@ var sharedSrv atomic.Pointer[Server]
 // TestMain calls Main.
 func Shared(t testing.TB) *Server {
 	t.Helper()
-	shared.mu.Lock()
-	defer shared.mu.Unlock()
-	if shared.seen == nil {
-		shared.seen = map[string]testing.TB{}
-	}
-	if prev, ok := shared.seen[t.Name()]; ok && prev != t && shared.srv != nil {
-		shared.retired = append(shared.retired, shared.srv)
-		shared.srv, shared.seen = nil, map[string]testing.TB{}
-	}
-	shared.seen[t.Name()] = t
-	if shared.srv == nil {
-		srv, err := startShared()
-		if err != nil {
-			t.Fatalf("etcdtest: start the shared server: %v", err)
-		}
-		shared.srv = srv
-		sharedSrv.Store(srv)
-	}
-	return shared.srv
+	return SharedWith(t, "")
 }
 
-func startShared() (*Server, error) {
+// SharedWith is Shared for the tests that need a server with opts: the
+// server named name, started with opts on first use. Every caller with the
+// same name must pass the same options; a name is not Shared's ("").
+func SharedWith(t testing.TB, name string, opts ...ServerOption) *Server {
+	t.Helper()
+	shared.mu.Lock()
+	defer shared.mu.Unlock()
+	if shared.servers == nil {
+		shared.servers = map[string]*sharedServer{}
+	}
+	ss := shared.servers[name]
+	if ss == nil {
+		ss = &sharedServer{}
+		shared.servers[name] = ss
+	}
+	if ss.seen == nil {
+		ss.seen = map[string]testing.TB{}
+	}
+	if prev, ok := ss.seen[t.Name()]; ok && prev != t && ss.srv != nil {
+		shared.retired = append(shared.retired, ss.srv)
+		ss.srv, ss.seen = nil, map[string]testing.TB{}
+	}
+	ss.seen[t.Name()] = t
+	if ss.srv == nil {
+		srv, err := startShared(opts)
+		if err != nil {
+			t.Fatalf("etcdtest: start the shared server %q: %v", name, err)
+		}
+		ss.srv = srv
+	}
+	return ss.srv
+}
+
+func startShared(opts []ServerOption) (*Server, error) {
 	if shared.dir == "" {
 		dir, err := os.MkdirTemp("", "etcdtest-shared-")
 		if err != nil {
@@ -72,13 +90,13 @@ func startShared() (*Server, error) {
 		}
 		shared.dir = dir
 	}
-	dir, err := os.MkdirTemp(shared.dir, "count-")
+	dir, err := os.MkdirTemp(shared.dir, "server-")
 	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), embedetcd.DefaultReadyTimeout)
 	defer cancel()
-	srv, err := embedetcd.Start(ctx, dir)
+	srv, err := embedetcd.Start(ctx, dir, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -98,10 +116,13 @@ func SharedClient(t testing.TB) *clientv3.Client {
 func Main(m *testing.M, opts ...goleak.Option) {
 	code := m.Run()
 	shared.mu.Lock()
-	for _, s := range append(shared.retired, shared.srv) {
-		if s != nil {
-			s.srv.Close()
+	for _, ss := range shared.servers {
+		if ss.srv != nil {
+			shared.retired = append(shared.retired, ss.srv)
 		}
+	}
+	for _, s := range shared.retired {
+		s.srv.Close()
 	}
 	if shared.dir != "" {
 		_ = os.RemoveAll(shared.dir)
@@ -116,15 +137,18 @@ func Main(m *testing.M, opts ...goleak.Option) {
 	os.Exit(code)
 }
 
-// isShared reports whether any of endpoints is the shared server's.
+// isShared reports whether any of endpoints is a shared server's.
 func isShared(endpoints []string) bool {
-	srv := sharedSrv.Load()
-	if srv == nil {
-		return false
-	}
-	for _, e := range endpoints {
-		if slices.Contains(srv.Endpoints(), e) {
-			return true
+	shared.mu.Lock()
+	defer shared.mu.Unlock()
+	for _, ss := range shared.servers {
+		if ss.srv == nil {
+			continue
+		}
+		for _, e := range endpoints {
+			if slices.Contains(ss.srv.Endpoints(), e) {
+				return true
+			}
 		}
 	}
 	return false
