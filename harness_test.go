@@ -561,7 +561,10 @@ func reloadByCompaction(ctx context.Context, t testing.TB, env *testEnv, fn func
 	env.proxy.Resume()
 }
 
-// headRevision returns etcd's current revision.
+// headRevision returns the store's current revision, read through cli: the
+// one way a test asks a server it reaches by a client. An embedded server's
+// own view, read in process without a request (what no client fault or
+// proxy can delay), is etcdtest.Server.Revision.
 func headRevision(ctx context.Context, t testing.TB, cli *clientv3.Client) int64 {
 	t.Helper()
 	resp, err := cli.Get(ctx, "\x00", clientv3.WithCountOnly())

@@ -278,7 +278,7 @@ func TestPipelineProxyDropsTheSecondAnswer(t *testing.T) {
 
 	wctx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	second := env.cli.Watch(wctx, prefix+chainKey(1, "b"), clientv3.WithRev(storeRevision(t, env.cli)+1))
+	second := env.cli.Watch(wctx, prefix+chainKey(1, "b"), clientv3.WithRev(headRevision(ctx, t, env.cli)+1))
 	env.proxy.SetDelay(300 * time.Millisecond)
 	held[1].act <- txnPass
 	select {

@@ -304,7 +304,7 @@ func TestSourceAReloadThatFailsMidWayIsNeverSeenTorn(t *testing.T) {
 	})
 	pf.armed.Store(false)
 	waitWithin(t, 20*time.Second, "the reload completes", g.failed, func() bool {
-		return w.Status().AppliedRevision >= storeRevision(t, env.cli)
+		return w.Status().AppliedRevision >= headRevision(ctx, t, env.cli)
 	})
 	g.stop(t)
 	if snap := tornSaw.Load(); snap != nil {
@@ -778,20 +778,10 @@ func TestSourceCompactionWhileAWorkerIsStuckInUpdate(t *testing.T) {
 	// stuck worker catches up.
 	stopBusy.Store(true)
 	waitWithin(t, 20*time.Second, "the busy worker stops writing", g.failed, func() bool { return idleTick.Load() > 0 })
-	last := storeRevision(t, env.cli)
+	last := headRevision(ctx, t, env.cli)
 	waitWithin(t, 20*time.Second, "the stuck worker catches up", g.failed, func() bool {
 		return stuck.Status().AppliedRevision >= last
 	})
 	g.stop(t)
 	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(slow.values))
-}
-
-// storeRevision is etcd's current store revision, read through cli.
-func storeRevision(t testing.TB, cli *clientv3.Client) int64 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	resp, err := cli.Get(ctx, "/", clientv3.WithCountOnly())
-	require.NoError(t, err)
-	return resp.Header.Revision
 }

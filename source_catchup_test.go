@@ -224,7 +224,7 @@ func TestSourceCatchUpParkedWorkerIsToldKeysThatVanishedInAReload(t *testing.T) 
 		mustPutKV(ctx, t, env.cli, prefix+"/new", "1")
 	})
 	waitWithin(t, 20*time.Second, "the Source reloads", nil, func() bool {
-		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= storeRevision(t, env.cli)
+		return metricSum(t, env.reg, "orchestrator_source_reloads_total") >= 1 && src.copyRev() >= headRevision(ctx, t, env.cli)
 	})
 	require.NoError(t, runWithin(t, w, 10*time.Second, "second"))
 	require.Equal(t, etcdSnapshot(ctx, t, env.cli, prefix), stringValues(st.values))
