@@ -25,11 +25,27 @@ type committer struct {
 	want    atomic.Int64 // cycles asked for
 	seen    atomic.Int64 // cycles seen committed
 	foreign atomic.Value // string: a key to write next, "" none
-	errc    chan error
+	// cancel and done belong to the Run started last; done is nil once its
+	// result was taken (stopped), or before the first start.
+	cancel context.CancelFunc
+	done   <-chan error
 }
 
+// newCommitter returns a committer on prefix, not yet started. Its cleanup
+// stops and joins a Run whose result the test did not take (a test that
+// failed half-way), so that no worker outlives the test.
 func newCommitter(t *testing.T, cli *clientv3.Client, prefix string) *committer {
-	c := &committer{prefix: prefix, errc: make(chan error, 1)}
+	t.Helper()
+	c := &committer{prefix: prefix}
+	t.Cleanup(func() {
+		if c.done == nil {
+			return
+		}
+		c.cancel()
+		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+		defer cancel()
+		_ = recvErr(ctx, t, c.done)
+	})
 	c.state = &keyLog{mapState: newMapState(prefix), keys: map[string]struct{}{}}
 	c.foreign.Store("")
 	emitted := int64(0)
@@ -58,12 +74,23 @@ func newCommitter(t *testing.T, cli *clientv3.Client, prefix string) *committer 
 	return c
 }
 
-// start runs the worker until ctx is done; cycles asks for n more cycles and
-// waits until they are committed.
+// start runs the worker in a goroutine until ctx is done or Run fails; its
+// result is stopped's.
 func (c *committer) start(ctx context.Context) {
-	go func() { c.errc <- c.w.Run(ctx, nil, 20*time.Millisecond, c.prefix) }()
+	runCtx, cancel := context.WithCancel(ctx)
+	c.cancel, c.done = cancel, runAsync(runCtx, c.w, nil, 20*time.Millisecond, c.prefix)
 }
 
+// stopped waits (at most within) for the result of the Run started last.
+func (c *committer) stopped(t *testing.T, within time.Duration) error {
+	t.Helper()
+	err := recvErr(contextWithin(t, within), t, c.done)
+	c.cancel()
+	c.done = nil
+	return err
+}
+
+// cycles asks for n more cycles and waits until they are committed.
 func (c *committer) cycles(t *testing.T, n int64) {
 	t.Helper()
 	target := c.want.Add(n)
@@ -132,12 +159,8 @@ func nestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix str
 		require.NoError(t, err)
 		require.Len(t, before.Kvs, 1)
 		c.foreign.Store(counter)
-		select {
-		case err := <-c.errc:
-			require.ErrorIs(t, err, ErrKeyOutsidePrefix)
-		case <-time.After(10 * time.Second):
-			t.Fatalf("worker on %s did not stop after writing %s", c.prefix, counter)
-		}
+		require.ErrorIs(t, c.stopped(t, 10*time.Second), ErrKeyOutsidePrefix,
+			"the worker on %s writing %s", c.prefix, counter)
 		after, err := cli.Get(ctx, counter)
 		require.NoError(t, err)
 		require.Equal(t, before.Kvs[0].ModRevision, after.Kvs[0].ModRevision, "%s was written", counter)
@@ -149,5 +172,5 @@ func nestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix str
 		}
 	}
 	stop()
-	require.ErrorIs(t, <-outer.errc, context.Canceled)
+	require.ErrorIs(t, outer.stopped(t, stopTimeout), context.Canceled)
 }

@@ -35,8 +35,7 @@ func TestStatusReportsReadinessAndProgress(t *testing.T) {
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- w.Run(runCtx, nil, 10*time.Millisecond, role) }()
+	done := runAsync(runCtx, w, nil, 10*time.Millisecond, role)
 	require.NoError(t, w.WaitSynced(ctx))
 	s := w.Status()
 	require.True(t, s.Running)
@@ -85,8 +84,7 @@ func TestReadyReportsAnOutage(t *testing.T) {
 	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- w.Run(runCtx, nil, 10*time.Millisecond, "outage") }()
+	done := runAsync(runCtx, w, nil, 10*time.Millisecond, "outage")
 	require.NoError(t, w.WaitSynced(ctx))
 	waitUntil(ctx, t, "ready", func() bool { return w.Ready() == nil })
 

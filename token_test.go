@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -64,29 +63,25 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		w := mustNewEtcdWorker(t, direct, prefix+"-clean", ownCommit("/k", done), newMapState(prefix+"-clean"))
 		runCtx, stop := context.WithCancel(ctx)
 		errc := runAsync(runCtx, w, nil, 20*time.Millisecond, "run")
-		<-done
+		awaitSignal(ctx, t, done, "the worker sees its commit")
 		require.Len(t, commitTokens(ctx, t, direct, prefix+"-clean"), 1)
 		stop()
-		require.ErrorIs(t, <-errc, context.Canceled)
+		require.ErrorIs(t, recvErr(ctx, t, errc), context.Canceled)
 		require.Empty(t, commitTokens(ctx, t, direct, prefix+"-clean"), "a clean stop must delete the token")
 	})
 
 	t.Run("killed runs", func(t *testing.T) {
 		killable := newTestEnv(t, withProxy()) //nolint:contextcheck // the proxy lives as long as the subtest
-		runCtx, stop := context.WithCancel(ctx)
-		defer stop()
-		var wg sync.WaitGroup
 		done := make(chan struct{}, runs)
-		errs := make(chan error, runs)
-		for i := range runs {
+		workers := make([]*EtcdWorker, runs)
+		for i := range workers {
 			cli := killable.client(t)
-			w := mustNewEtcdWorker(t, cli, prefix, ownCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
+			workers[i] = mustNewEtcdWorker(t, cli, prefix, ownCommit("/k-"+strconv.Itoa(i), done), newMapState(prefix),
 				WithCommitTokenTTL(ttl))
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs <- w.Run(runCtx, nil, 50*time.Millisecond, "killed")
-			}()
+		}
+		g := newWorkerGroup(t, 30*time.Second) // after the clients: its cleanup joins the runs before they close
+		for i, w := range workers {
+			g.runWorkerEvery(fmt.Sprintf("killed-%d", i), w, 50*time.Millisecond)
 		}
 		for range runs {
 			select {
@@ -100,10 +95,10 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		killable.proxy.Blackhole()
 		killable.proxy.Close()
 		killed := time.Now()
-		stop()
-		wg.Wait()
-		for range runs {
-			require.ErrorIs(t, <-errs, context.Canceled)
+		results := g.stop(t)
+		require.Len(t, results, runs)
+		for name, err := range results {
+			require.ErrorIs(t, err, context.Canceled, "run %s", name)
 		}
 		// The runs stopped well within the lease TTL, so a token missing now
 		// was deleted by a cleanup that should not have reached etcd.
