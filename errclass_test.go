@@ -44,18 +44,15 @@ func TestClassifyTxnError(t *testing.T) {
 // rejection.
 const rejectPrompt = 5 * time.Second
 
-// returnsPromptly waits for Run's result, failing if it takes longer than
-// rejectPrompt after since.
-func returnsPromptly(t *testing.T, errc <-chan error, since time.Time) error {
+// returnsPromptly is recvErr bounded by rejectPrompt after since (and by
+// ctx): it fails the test if Run takes longer than that to return.
+func returnsPromptly(ctx context.Context, t *testing.T, errc <-chan error, since time.Time) error {
 	t.Helper()
-	select {
-	case err := <-errc:
-		t.Logf("Run returned after %v: %v", time.Since(since), err)
-		return err
-	case <-time.After(time.Until(since.Add(rejectPrompt))):
-		t.Fatalf("Run did not return within %v", rejectPrompt)
-		return nil
-	}
+	ctx, cancel := context.WithDeadline(ctx, since.Add(rejectPrompt))
+	defer cancel()
+	err := recvErr(ctx, t, errc)
+	t.Logf("Run returned after %v: %v", time.Since(since), err)
+	return err
 }
 
 // TestPermanentErrorsEndRun: rejections that retrying cannot heal end Run
@@ -81,7 +78,7 @@ func permissionDenied(ctx context.Context, t *testing.T, env *testEnv, prefix st
 	opts := []Option{WithMaxStaleness(time.Second), WithRequestTimeout(2 * time.Second)}
 	t.Run("no rights: the load", func(t *testing.T) {
 		w := mustNewEtcdWorker(t, env.userClient(t, "nobody", "pw"), prefix, &incrWriter{}, newMapState(prefix), opts...)
-		err := returnsPromptly(t, runAsync(ctx, w, nil, 20*time.Millisecond, "run"), time.Now())
+		err := returnsPromptly(ctx, t, runAsync(ctx, w, nil, 20*time.Millisecond, "run"), time.Now())
 		require.ErrorIs(t, err, ErrEtcdRejected)
 		require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
 		require.Contains(t, err.Error(), "load")
@@ -134,7 +131,7 @@ func revokedCase(ctx context.Context, t *testing.T, env *testEnv, prefix, role, 
 	if role == "w" {
 		r.writes.Store(1)
 	}
-	err = returnsPromptly(t, errc, start)
+	err = returnsPromptly(ctx, t, errc, start)
 	require.ErrorIs(t, err, ErrEtcdRejected)
 	require.ErrorIs(t, err, rpctypes.ErrPermissionDenied)
 	require.Regexp(t, path, err.Error())
@@ -157,7 +154,7 @@ func closedClientCase(ctx context.Context, t *testing.T, env *testEnv, prefix st
 		if !whileRunning {
 			errc = runAsync(ctx, w, nil, 20*time.Millisecond, "run")
 		}
-		err := returnsPromptly(t, errc, start)
+		err := returnsPromptly(ctx, t, errc, start)
 		require.ErrorIs(t, err, ErrEtcdRejected, "while running: %v", whileRunning)
 		require.Less(t, time.Since(start), time.Second, "while running: %v", whileRunning)
 	}
@@ -191,7 +188,7 @@ func closedDuringCommitCase(ctx context.Context, t *testing.T, env *testEnv, pre
 	start := time.Now()
 	require.NoError(t, cli.Close())
 	hold <- struct{}{}
-	err := returnsPromptly(t, errc, start)
+	err := returnsPromptly(ctx, t, errc, start)
 	require.ErrorIs(t, err, ErrEtcdRejected)
 	require.ErrorIs(t, err, ErrCommitUnresolved, "a commit cut by Close may or may not have landed")
 	require.Less(t, time.Since(start), time.Second)

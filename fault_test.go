@@ -772,12 +772,7 @@ func TestFaultShutdownDuringCommit(t *testing.T) {
 				env.proxy.SetDelay(0)
 				env.proxy.Resume()
 			}
-			var runErr error
-			select {
-			case runErr = <-done:
-			case <-time.After(2*faultRequestTimeout + shutdownTimeout + 5*time.Second):
-				t.Fatal("Run did not return")
-			}
+			runErr := recvErr(contextWithin(t, 2*faultRequestTimeout+shutdownTimeout+5*time.Second), t, done)
 			took := time.Since(cancelAt)
 			t.Logf("Run returned after %v: %v", took, runErr)
 			require.ErrorIs(t, runErr, context.Canceled)
@@ -865,11 +860,7 @@ func TestFaultPatchPanicAfterUnknownOutcome(t *testing.T) {
 	env.proxy.SetDelay(0)
 	time.Sleep(300 * time.Millisecond) // fault timing: the cut
 	env.proxy.Resume()
-	select {
-	case err = <-done:
-	case <-time.After(20 * time.Second):
-		t.Fatal("Run did not return")
-	}
+	err = recvErr(contextWithin(t, 20*time.Second), t, done)
 	require.ErrorIs(t, err, ErrPanic)
 	require.EqualValues(t, 2, runs.Load())
 	require.Equal(t, 1.0, metricSum(t, env.reg, "orchestrator_unknown_commit_outcomes_total"))

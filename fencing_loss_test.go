@@ -72,19 +72,13 @@ func TestFencingLossEndsIdleRun(t *testing.T) {
 				start = time.Now()
 				tc.depose(ctx, t, tc.key)
 			}
-			select {
-			case err := <-done:
-				took := time.Since(start)
-				for _, want := range tc.want {
-					require.ErrorIs(t, err, want)
-				}
-				require.Less(t, took, bound)
-				t.Logf("Run returned after %v (%d ticks): %v", took, ticks.Load(), err)
-			case <-time.After(bound + 5*time.Second):
-				cancel()
-				<-done
-				t.Fatalf("Run did not return within %v (%d ticks)", bound, ticks.Load())
+			err = recvErr(contextWithin(t, bound+5*time.Second), t, done)
+			took := time.Since(start)
+			for _, want := range tc.want {
+				require.ErrorIs(t, err, want)
 			}
+			require.Less(t, took, bound)
+			t.Logf("Run returned after %v (%d ticks): %v", took, ticks.Load(), err)
 			resp, err := env.cli.Get(ctx, prefix+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
 			require.NoError(t, err)
 			require.Zero(t, resp.Count, "the idle worker wrote nothing")
