@@ -211,30 +211,43 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 	return s[min(len(s)-1, int(float64(len(s))*p))]
 }
 
-// startWorker runs a worker on prefix whose every Tick calls onTick with its
-// state (on the worker's goroutine).
+// startWorker runs a worker on prefix with state whose every Tick calls
+// onTick (on the worker's goroutine, where onTick may read and patch the
+// state it was given).
 func startWorker(b *testing.B, cli *clientv3.Client, prefix string, interval time.Duration,
-	state *benchState, onTick func(s *benchState), opts ...Option,
+	state ReactorState, onTick func(), opts ...Option,
 ) *workerGroup {
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		onTick(s.(*benchState))
+		onTick()
 		return s, nil
 	})
 	return startBenchWorkers(b, interval, mustNewEtcdWorker(b, cli, prefix, reactor, state, opts...))
 }
 
+// The states firstTick may give its worker.
+const (
+	plainState = false // a mapState
+	sizedState = true  // a sizedMapState: a SizedState
+)
+
 // firstTick returns the time from Run to the first Tick of a worker on
-// prefix that holds n keys.
-func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, state *benchState) time.Duration {
+// prefix that holds n keys, whose state is a fresh mapState, sized
+// (sizedState) or plain (plainState).
+func firstTick(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int, sized bool) time.Duration {
+	st := newMapState(prefix)
+	var state ReactorState = st
+	if sized {
+		state = sizedMapState{st}
+	}
 	runtime.GC()
 	ticked := make(chan struct{})
 	var once sync.Once
 	var at time.Time
 	var got int
 	start := time.Now()
-	rw := startWorker(b, cli, prefix, time.Second, state, func(s *benchState) {
+	rw := startWorker(b, cli, prefix, time.Second, state, func() {
 		once.Do(func() {
-			at, got = time.Now(), len(s.values)
+			at, got = time.Now(), len(st.values)
 			close(ticked)
 		})
 	})
@@ -321,10 +334,10 @@ func BenchmarkScale(b *testing.B) {
 func scaleLinearityRows(ctx context.Context, b *testing.B, settle func(), cli *clientv3.Client, big, small string, n int) []scaleRow {
 	ns := scaleSmallKeys
 	ds := timeReads(settle, 5,
-		func() time.Duration { return firstTick(ctx, b, cli, big, n, newSizedBenchState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newSizedBenchState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, big, n, newBenchState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, small, ns, newBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, big, n, sizedState) },
+		func() time.Duration { return firstTick(ctx, b, cli, small, ns, sizedState) },
+		func() time.Duration { return firstTick(ctx, b, cli, big, n, plainState) },
+		func() time.Duration { return firstTick(ctx, b, cli, small, ns, plainState) },
 		timed(b, n, func() int { return len(rawSizedStream(ctx, b, cli, big)) }),
 		timed(b, ns, func() int { return len(rawSizedStream(ctx, b, cli, small)) }),
 		timed(b, n, func() int { return len(rawStreamGet(ctx, b, cli, big)) }),
@@ -373,8 +386,8 @@ func scaleLoadRows(ctx context.Context, b *testing.B, settle func(), cli *client
 		timed(b, n, func() int { return len(rawSizedStream(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawPages(ctx, b, cli, prefix)) }),
 		timed(b, n, func() int { return len(rawUnpagedGet(ctx, b, cli, prefix)) }),
-		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newBenchState()) },
-		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, newSizedBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, plainState) },
+		func() time.Duration { return firstTick(ctx, b, cli, prefix, n, sizedState) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, cli, prefix)) }),
 	)
 	stream, sizedStream, pages, unpaged, worker, sizedWorker, reader := ds[0], ds[1], ds[2], ds[3], ds[4], ds[5], ds[6]
@@ -398,8 +411,8 @@ func scaleFallbackRows(ctx context.Context, b *testing.B, settle func(), endpoin
 	legacy := scaleClient(b, endpoint, true)
 	ds := timeReads(settle, 3,
 		timed(b, n, func() int { return len(rawUnpagedGet(ctx, b, cli, prefix)) }),
-		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newSizedBenchState()) },
-		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, newBenchState()) },
+		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, sizedState) },
+		func() time.Duration { return firstTick(ctx, b, legacy, prefix, n, plainState) },
 		timed(b, n, func() int { return len(readerInto(ctx, b, legacy, prefix)) }),
 	)
 	unpaged, sized, plain, reader := ds[0], ds[1], ds[2], ds[3]
@@ -419,16 +432,18 @@ func scaleFallbackRows(ctx context.Context, b *testing.B, settle func(), endpoin
 func scaleReloadRows(ctx context.Context, b *testing.B, endpoint string, admin *clientv3.Client, prefix string, n int, stream time.Duration) []scaleRow {
 	proxy := etcdtest.NewProxy(b, endpoint)
 	pcli := scaleClient(b, proxy.Endpoint(), false)
-	probe := prefix + "/zz-reload"
+	const probeRel = "/zz-reload" // the probe's key in the worker's state
+	probe := prefix + probeRel
 	ready, seen := make(chan struct{}), make(chan struct{})
 	var readyOnce, seenOnce sync.Once
 	var seenAt time.Time
 	// The worker's own log says when it noticed the compaction and how long
 	// the reload took, apart from the reconnection.
 	core, logs := observer.New(zapcore.InfoLevel)
-	rw := startWorker(b, pcli, prefix, 100*time.Millisecond, newBenchState(), func(s *benchState) {
+	st := newMapState(prefix)
+	rw := startWorker(b, pcli, prefix, 100*time.Millisecond, st, func() {
 		readyOnce.Do(func() { close(ready) })
-		if _, ok := s.values[probe]; ok {
+		if _, ok := st.values[probeRel]; ok {
 			seenOnce.Do(func() { seenAt = time.Now(); close(seen) })
 		}
 	}, WithLogger(zap.New(core)))
@@ -504,7 +519,7 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 		if err != nil {
 			b.Fatal(err)
 		}
-		state := newBenchState()
+		state := newMapState(prefix)
 		for resp := range stream {
 			if err := resp.Err(); err != nil {
 				b.Fatal(err)
@@ -521,7 +536,7 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 	held = func() uint64 {
 		ready := make(chan struct{})
 		var once sync.Once
-		rw := startWorker(b, cli, prefix, time.Second, newBenchState(), func(*benchState) { once.Do(func() { close(ready) }) })
+		rw := startWorker(b, cli, prefix, time.Second, newMapState(prefix), func() { once.Do(func() { close(ready) }) })
 		defer rw.stopClean(b)
 		rw.await(ctx, b, ready, "the first Tick")
 		return scaleHeap()
@@ -540,7 +555,8 @@ func scaleMemoryRows(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string) time.Duration {
 	var ticks []time.Time
 	done := make(chan struct{})
-	rw := startWorker(b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
+	st := newMapState(prefix)
+	rw := startWorker(b, cli, prefix, time.Millisecond, st, func() {
 		if len(ticks) > scaleCommits {
 			return
 		}
@@ -551,7 +567,7 @@ func commitCycle(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix
 		}
 		i := len(ticks)
 		key, value := util.NewEtcdKey(scaleKey(prefix, i%100)), []byte(scaleValue(i))
-		s.patches = append(s.patches, []DataPatch{SingleDataPatch{
+		st.patches = append(st.patches, []DataPatch{SingleDataPatch{
 			Key: key, Func: func([]byte) ([]byte, bool, error) { return value, true, nil },
 		}})
 	})
@@ -576,14 +592,16 @@ func scaleCommitRow(ctx context.Context, b *testing.B, cli *clientv3.Client, tin
 // scaleLagRow: the time from the start of a raw Put of a key to the Tick
 // that sees it, with an n-key state (timerInterval 1ms).
 func scaleLagRow(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix string, n int) scaleRow {
-	probe := prefix + "/zz-lag"
+	const probeRel = "/zz-lag" // the probe's key in the worker's state
+	probe := prefix + probeRel
 	seen := make(chan string, 1)
 	ready := make(chan struct{})
 	var once sync.Once
 	last := ""
-	rw := startWorker(b, cli, prefix, time.Millisecond, newBenchState(), func(s *benchState) {
+	st := newMapState(prefix)
+	rw := startWorker(b, cli, prefix, time.Millisecond, st, func() {
 		once.Do(func() { close(ready) })
-		if v := string(s.values[probe]); v != last {
+		if v := string(st.values[probeRel]); v != last {
 			last = v
 			seen <- v
 		}

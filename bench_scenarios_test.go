@@ -81,43 +81,6 @@ func benchSelected(name string) bool {
 	return only == "" || slices.Contains(strings.Split(only, ","), name)
 }
 
-// benchState is a plain map-based ReactorState, what a user would write:
-// it keeps every value it is told (keyed by the key's string, which shares
-// the worker's copy) and a patch queue. Made by newSizedBenchState, it also
-// sizes its map when the worker tells it how many keys to expect
-// (SizedState).
-type benchState struct {
-	values  map[string][]byte
-	patches [][]DataPatch
-	sized   bool
-}
-
-func newBenchState() *benchState { return &benchState{values: map[string][]byte{}} }
-
-func newSizedBenchState() *benchState { return &benchState{values: map[string][]byte{}, sized: true} }
-
-// ExpectKeys implements SizedState for a sized state; a plain one ignores it.
-func (s *benchState) ExpectKeys(n int) {
-	if s.sized && len(s.values) == 0 {
-		s.values = make(map[string][]byte, n)
-	}
-}
-
-func (s *benchState) Update(key util.EtcdKey, value []byte, _ bool) error {
-	if value == nil {
-		delete(s.values, key.String())
-		return nil
-	}
-	s.values[key.String()] = value
-	return nil
-}
-
-func (s *benchState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
-}
-
 // benchIncr adds one to a decimal value (absent or unparsable = 0).
 func benchIncr(old []byte) ([]byte, bool, error) {
 	n, _ := strconv.ParseInt(string(old), 10, 64)
@@ -466,7 +429,7 @@ func benchIndepWorker(ctx context.Context, b *testing.B, srv *etcdtest.Server, c
 	}
 	next := 0
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*benchState)
+		st := s.(*mapState)
 		groups := make([][]DataPatch, benchGroupsPerTick)
 		for i := range groups {
 			groups[i] = []DataPatch{SingleDataPatch{Key: keys[next%len(keys)], Func: benchIncr}}
@@ -477,7 +440,7 @@ func benchIndepWorker(ctx context.Context, b *testing.B, srv *etcdtest.Server, c
 	})
 	reg := prometheus.NewRegistry()
 	bw := startBenchWorkers(b, benchTickInterval,
-		newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState(), WithMetrics(reg)))
+		newBenchWorker(b, srv.Client(b), prefix, reactor, newMapState(prefix), WithMetrics(reg)))
 	waitSumAbove(ctx, b, cli, prefix, 0)
 	rate := benchRate(ctx, b, cli, prefix, slice)
 	bw.stopClean(b)
@@ -688,14 +651,14 @@ func benchContendWorkers(ctx context.Context, b *testing.B, cli *clientv3.Client
 	workers := make([]*EtcdWorker, len(clis))
 	for i := range workers {
 		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-			st := s.(*benchState)
+			st := s.(*mapState)
 			st.patches = make([][]DataPatch, perTick)
 			for j := range st.patches {
 				st.patches[j] = []DataPatch{SingleDataPatch{Key: counter, Func: benchIncr}}
 			}
 			return st, nil
 		})
-		workers[i] = newBenchWorker(b, clis[i], prefix, reactor, newBenchState())
+		workers[i] = newBenchWorker(b, clis[i], prefix, reactor, newMapState(prefix))
 	}
 	bw := startBenchWorkers(b, benchTickInterval, workers...)
 	defer bw.stopClean(b)
@@ -813,7 +776,7 @@ func benchLoadScenarios(ctx context.Context, b *testing.B, srv *etcdtest.Server,
 
 		runtime.GC()
 		var first time.Time
-		w := firstTickWorker(b, cli, big, newBenchState(), &first)
+		w := firstTickWorker(b, cli, big, newMapState(big), &first)
 		start = time.Now()
 		if err := w.Run(ctx, nil, time.Second, "bench-load"); err != nil {
 			b.Fatal(err)
@@ -864,7 +827,7 @@ func benchLoadScenarios(ctx context.Context, b *testing.B, srv *etcdtest.Server,
 	}
 }
 
-// benchHeldMemory loads prefix into a fresh worker with a benchState and
+// benchHeldMemory loads prefix into a fresh worker with a mapState and
 // returns the heap it and the state hold per key (heap while held minus heap
 // after both are dropped, each after a full GC) and the raw key+value bytes
 // per key.
@@ -879,13 +842,13 @@ func benchHeldMemory(ctx context.Context, b *testing.B, cli *clientv3.Client, pr
 	// The worker and the state are reachable only inside this function.
 	loaded := func() (holding uint64, n, rawTotal int) {
 		var first time.Time
-		state := newBenchState()
+		state := newMapState(prefix)
 		w := firstTickWorker(b, cli, prefix, state, &first)
 		if err := w.Run(ctx, nil, time.Second, "bench-mem"); err != nil {
 			b.Fatal(err)
 		}
-		for k, v := range state.values {
-			rawTotal += len(k) + len(v)
+		for k, v := range state.values { // k is relative: the raw key is prefix + k
+			rawTotal += len(state.prefix) + len(k) + len(v)
 		}
 		holding = heap()
 		runtime.KeepAlive(w)
@@ -909,7 +872,7 @@ func benchCommitCycle(ctx context.Context, b *testing.B, srv *etcdtest.Server, p
 		keys[i] = util.NewEtcdKey(benchKey(prefix, i))
 	}
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*benchState)
+		st := s.(*mapState)
 		n := int(ticks.Add(1))
 		value := benchValue(n)
 		st.patches = [][]DataPatch{{SingleDataPatch{Key: keys[n%len(keys)], Func: func([]byte) ([]byte, bool, error) {
@@ -917,7 +880,7 @@ func benchCommitCycle(ctx context.Context, b *testing.B, srv *etcdtest.Server, p
 		}}}}
 		return st, nil
 	})
-	bw := startBenchWorkers(b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+	bw := startBenchWorkers(b, benchTickInterval, newBenchWorker(b, srv.Client(b), prefix, reactor, newMapState(prefix)))
 	for ticks.Load() < 10 {
 		if ctx.Err() != nil {
 			b.Fatal(ctx.Err())
@@ -940,19 +903,20 @@ func benchCommitCycle(ctx context.Context, b *testing.B, srv *etcdtest.Server, p
 // watch delivery plus half an interval.
 func benchTickLag(ctx context.Context, b *testing.B, srv *etcdtest.Server, interval, spacing time.Duration) benchRow {
 	prefix := benchPrefix("lag")
-	probe := prefix + "/probe"
+	const probeRel = "/probe" // the probe's key in the worker's state
+	probe := prefix + probeRel
 	lt := &lagTimes{putAt: map[int64]time.Time{}, tickAt: map[int64]time.Time{}, wAt: map[int64]time.Time{}}
 	var seen int64
 	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		st := s.(*benchState)
-		n, _ := strconv.ParseInt(string(st.values[probe]), 10, 64)
+		st := s.(*mapState)
+		n, _ := strconv.ParseInt(string(st.values[probeRel]), 10, 64)
 		if n > seen {
 			lt.record(lt.tickAt, seen+1, n, time.Now())
 			seen = n
 		}
 		return st, nil
 	})
-	bw := startBenchWorkers(b, interval, newBenchWorker(b, srv.Client(b), prefix, reactor, newBenchState()))
+	bw := startBenchWorkers(b, interval, newBenchWorker(b, srv.Client(b), prefix, reactor, newMapState(prefix)))
 	stopWatch := lt.watch(ctx, srv.Client(b), probe)
 
 	// Let the worker load and the watch start.

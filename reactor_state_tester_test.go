@@ -12,54 +12,6 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// rstCall is one Update call seen by rstState.
-type rstCall struct {
-	key    string
-	value  []byte
-	isInit bool
-}
-
-// rstState is a ReactorState that records every Update, can be told to
-// reject updates of one key, and hands out the patches queued in it.
-type rstState struct {
-	values  map[string][]byte
-	calls   []rstCall
-	patches [][]DataPatch
-	failKey string
-}
-
-var errRSTUpdate = errors.New("rst: update rejected")
-
-func newRSTState() *rstState { return &rstState{values: map[string][]byte{}} }
-
-func (s *rstState) Update(key util.EtcdKey, value []byte, isInit bool) error {
-	s.calls = append(s.calls, rstCall{key: key.String(), value: value, isInit: isInit})
-	if key.String() == s.failKey {
-		return fmt.Errorf("%w: %s", errRSTUpdate, key.String())
-	}
-	if value == nil {
-		delete(s.values, key.String())
-	} else {
-		s.values[key.String()] = value
-	}
-	return nil
-}
-
-func (s *rstState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
-}
-
-// stringValues returns the state's values as strings.
-func (s *rstState) stringValues() map[string]string {
-	out := make(map[string]string, len(s.values))
-	for k, v := range s.values {
-		out[k] = string(v)
-	}
-	return out
-}
-
 // rstFunc is a SingleDataPatch on key running fn.
 func rstFunc(key string, fn func(old []byte) ([]byte, bool, error)) DataPatch {
 	return SingleDataPatch{Key: util.NewEtcdKey(key), Func: fn}
@@ -113,29 +65,29 @@ func rstRunFailing(t *testing.T, fn func(tb testing.TB)) (failed bool, msgs stri
 
 func TestReactorStateTesterInit(t *testing.T) {
 	t.Parallel()
-	s := newRSTState()
+	s := newRecordingState("")
 	init := map[string]string{"/t/a": "1", "/t/b": "", "/t/c": "3"}
 	tester := NewReactorStateTester(t, s, init)
-	require.Len(t, s.calls, 3)
-	for _, c := range s.calls {
-		require.True(t, c.isInit, "init entries must be loaded with isInit = true: %q", c.key)
-		require.NotNil(t, c.value, "an empty init value must arrive non-nil: %q", c.key)
-		require.Equal(t, init[c.key], string(c.value))
+	require.Len(t, s.log, 3)
+	for _, c := range s.log {
+		require.True(t, c.isInit, "init entries must be loaded with isInit = true: %q", c.rel)
+		require.NotNil(t, c.value, "an empty init value must arrive non-nil: %q", c.rel)
+		require.Equal(t, init[c.rel], string(c.value))
 	}
 	require.Equal(t, init, tester.KVEntries())
-	require.Equal(t, init, s.stringValues())
+	require.Equal(t, init, stringValues(s.values))
 
 	// No init entries: nothing loaded.
-	empty := newRSTState()
+	empty := newRecordingState("")
 	tester = NewReactorStateTester(t, empty, nil)
-	require.Empty(t, empty.calls)
+	require.Empty(t, empty.log)
 	require.Empty(t, tester.KVEntries())
 }
 
 func TestReactorStateTesterInitFailure(t *testing.T) {
 	t.Parallel()
 	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
-		s := newRSTState()
+		s := newRecordingState("")
 		s.failKey = "/t/bad"
 		NewReactorStateTester(tb, s, map[string]string{"/t/bad": "x"})
 	})
@@ -150,32 +102,32 @@ func TestReactorStateTesterInitFailure(t *testing.T) {
 
 func TestReactorStateTesterUpdate(t *testing.T) {
 	t.Parallel()
-	s := newRSTState()
+	s := newRecordingState("")
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
-	s.calls = nil
+	s.log = nil
 
 	require.NoError(t, tester.Update("/t/b", []byte("2")))
 	tester.MustUpdate("/t/c", []byte{})
 	tester.MustUpdate("/t/a", nil) // delete
-	require.Equal(t, []rstCall{
-		{key: "/t/b", value: []byte("2")},
-		{key: "/t/c", value: []byte{}},
-		{key: "/t/a", value: nil},
-	}, s.calls, "updates must arrive with isInit = false, nil meaning delete")
+	require.Equal(t, []updateRecord{
+		{rel: "/t/b", value: []byte("2")},
+		{rel: "/t/c", value: []byte{}},
+		{rel: "/t/a", value: nil},
+	}, s.log, "updates must arrive with isInit = false, nil meaning delete")
 	require.Equal(t, map[string]string{"/t/b": "2", "/t/c": ""}, tester.KVEntries())
-	require.Equal(t, tester.KVEntries(), s.stringValues())
+	require.Equal(t, tester.KVEntries(), stringValues(s.values))
 
 	// A rejected update is returned and not recorded.
 	s.failKey = "/t/b"
 	err := tester.Update("/t/b", []byte("new"))
-	require.ErrorIs(t, err, errRSTUpdate)
+	require.ErrorIs(t, err, errUpdateRejected)
 	require.Equal(t, map[string]string{"/t/b": "2", "/t/c": ""}, tester.KVEntries())
 	err = tester.Update("/t/b", nil)
-	require.ErrorIs(t, err, errRSTUpdate)
+	require.ErrorIs(t, err, errUpdateRejected)
 	require.Contains(t, tester.KVEntries(), "/t/b")
 
 	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
-		s := newRSTState()
+		s := newRecordingState("")
 		s.failKey = "/t/x"
 		NewReactorStateTester(tb, s, nil).MustUpdate("/t/x", []byte("1"))
 	})
@@ -185,7 +137,7 @@ func TestReactorStateTesterUpdate(t *testing.T) {
 
 func TestReactorStateTesterKVEntriesIsACopy(t *testing.T) {
 	t.Parallel()
-	tester := NewReactorStateTester(t, newRSTState(), map[string]string{"/t/a": "1"})
+	tester := NewReactorStateTester(t, newRecordingState(""), map[string]string{"/t/a": "1"})
 	kv := tester.KVEntries()
 	kv["/t/a"] = "changed"
 	kv["/t/z"] = "added"
@@ -194,9 +146,9 @@ func TestReactorStateTesterKVEntriesIsACopy(t *testing.T) {
 
 func TestReactorStateTesterApplyPatches(t *testing.T) {
 	t.Parallel()
-	s := newRSTState()
+	s := newRecordingState("")
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1", "/t/b": "2", "/t/d": "4"})
-	s.calls = nil
+	s.log = nil
 	s.patches = [][]DataPatch{
 		{setKey("/t/a", []byte("10")), setKey("/t/c", []byte("3"))},
 		{
@@ -219,25 +171,25 @@ func TestReactorStateTesterApplyPatches(t *testing.T) {
 	tryAgain, err := tester.ApplyPatches()
 	require.NoError(t, err)
 	require.False(t, tryAgain)
-	require.Equal(t, []rstCall{
-		{key: "/t/a", value: []byte("10")},
-		{key: "/t/c", value: []byte("3")},
-		{key: "/t/a", value: []byte("11")},
-		{key: "/t/b", value: nil},
-		{key: "/t/e", value: []byte{}},
-		{key: "/t/f", value: []byte("6")},
-	}, s.calls)
+	require.Equal(t, []updateRecord{
+		{rel: "/t/a", value: []byte("10")},
+		{rel: "/t/c", value: []byte("3")},
+		{rel: "/t/a", value: []byte("11")},
+		{rel: "/t/b", value: nil},
+		{rel: "/t/e", value: []byte{}},
+		{rel: "/t/f", value: []byte("6")},
+	}, s.log)
 	want := map[string]string{"/t/a": "11", "/t/c": "3", "/t/d": "4", "/t/e": "", "/t/f": "6"}
 	require.Equal(t, want, tester.KVEntries())
-	require.Equal(t, want, s.stringValues())
+	require.Equal(t, want, stringValues(s.values))
 	require.Empty(t, s.patches, "ApplyPatches must take the patches")
 
 	// Nothing pending: nothing happens.
-	s.calls = nil
+	s.log = nil
 	tryAgain, err = tester.ApplyPatches()
 	require.NoError(t, err)
 	require.False(t, tryAgain)
-	require.Empty(t, s.calls)
+	require.Empty(t, s.log)
 	tester.MustApplyPatches()
 }
 
@@ -246,7 +198,7 @@ func TestReactorStateTesterApplyPatches(t *testing.T) {
 // or after it, is applied.
 func TestReactorStateTesterTryAgainAbortsWholeFlush(t *testing.T) {
 	t.Parallel()
-	s := newRSTState()
+	s := newRecordingState("")
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	laterRan := false
 	s.patches = [][]DataPatch{
@@ -266,11 +218,11 @@ func TestReactorStateTesterTryAgainAbortsWholeFlush(t *testing.T) {
 	require.False(t, laterRan, "groups after the one asking to try again must not run")
 	require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries(),
 		"nothing of any group applies when one asks to try again")
-	require.Equal(t, map[string]string{"/t/a": "1"}, s.stringValues())
-	require.Len(t, s.calls, 1, "only the initial load reached the state")
+	require.Equal(t, map[string]string{"/t/a": "1"}, stringValues(s.values))
+	require.Len(t, s.log, 1, "only the initial load reached the state")
 
 	failed, msgs := rstRunFailing(t, func(tb testing.TB) {
-		s := newRSTState()
+		s := newRecordingState("")
 		s.patches = [][]DataPatch{{rstFunc("/t/a", func([]byte) ([]byte, bool, error) { return nil, false, ErrEtcdTryAgain })}}
 		NewReactorStateTester(tb, s, nil).MustApplyPatches()
 	})
@@ -300,12 +252,12 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 			false, map[string]string{"/t/a": "1"}},
 		{"nil Func", "", []DataPatch{setKey("/t/b", []byte("partial")), SingleDataPatch{Key: util.NewEtcdKey("/t/a")}}, ErrInvalidArgument,
 			false, map[string]string{"/t/a": "1"}},
-		{"rejected Update", "/t/b", []DataPatch{setKey("/t/b", []byte("x"))}, errRSTUpdate,
+		{"rejected Update", "/t/b", []DataPatch{setKey("/t/b", []byte("x"))}, errUpdateRejected,
 			true, map[string]string{"/t/a": "2"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := newRSTState()
+			s := newRecordingState("")
 			tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 			s.failKey = tt.failKey
 			laterRan := false
@@ -324,7 +276,7 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 			require.Equal(t, tt.wantKV, tester.KVEntries())
 
 			failed, _ := rstRunFailing(t, func(tb testing.TB) {
-				s := newRSTState()
+				s := newRecordingState("")
 				s.failKey = tt.failKey
 				s.patches = [][]DataPatch{tt.bad}
 				NewReactorStateTester(tb, s, map[string]string{"/t/a": "1"}).MustApplyPatches()
@@ -339,7 +291,7 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 // worker's next Tick would.
 func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
 	t.Parallel()
-	s := newRSTState()
+	s := newRecordingState("")
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/n": "0"})
 	inc := rstFunc("/t/n", func(old []byte) ([]byte, bool, error) {
 		return []byte(fmt.Sprint(len(old) + 1)), true, nil // "0" -> "2", "2" -> "2"
@@ -347,10 +299,10 @@ func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
 	s.patches = [][]DataPatch{{inc}}
 	tester.MustApplyPatches()
 	require.Equal(t, map[string]string{"/t/n": "2"}, tester.KVEntries())
-	s.calls = nil
+	s.log = nil
 	s.patches = [][]DataPatch{{inc}}
 	tester.MustApplyPatches()
-	require.Empty(t, s.calls, "a patch writing the current value is a no-op")
+	require.Empty(t, s.log, "a patch writing the current value is a no-op")
 }
 
 // TestReactorStateTesterFlushSeesEarlierGroups: the groups of one flush run
@@ -359,7 +311,7 @@ func TestReactorStateTesterMatchesWorkerRules(t *testing.T) {
 // they were, so the next flush starts from the applied state.
 func TestReactorStateTesterFlushSeesEarlierGroups(t *testing.T) {
 	t.Parallel()
-	s := newRSTState()
+	s := newRecordingState("")
 	tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
 	copyAToB := patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
 		b := util.NewEtcdKey("/t/b")
@@ -383,5 +335,5 @@ func TestReactorStateTesterFlushSeesEarlierGroups(t *testing.T) {
 	s.patches = [][]DataPatch{{setKey("/t/a", []byte("3"))}, {copyAToB}}
 	tester.MustApplyPatches()
 	require.Equal(t, map[string]string{"/t/a": "3", "/t/b": "3"}, tester.KVEntries())
-	require.Equal(t, tester.KVEntries(), s.stringValues())
+	require.Equal(t, tester.KVEntries(), stringValues(s.values))
 }

@@ -157,7 +157,7 @@ func serverLoad(ctx context.Context, b *testing.B, cli *clientv3.Client, prefix 
 		got   ReadPath
 		w     *EtcdWorker
 	)
-	state := newBenchState()
+	state := newMapState(prefix)
 	w = newBenchWorker(b, cli, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
 		first, got = time.Now(), w.Status().ReadPath
 		return s, ErrReactorFinished

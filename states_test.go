@@ -1,9 +1,12 @@
 package orchestrator
 
 // The ReactorStates and the Reactor the tests drive: recordingState (every
-// Update recorded, keys outside the prefix or reserved rejected), mapState
-// (raw values and update counts) and stepReactor (a scripted sequence of
-// stages). The shared harness is in harness_test.go.
+// Update recorded, keys outside the prefix or reserved rejected, and one
+// key on demand; on the empty prefix its relative keys are the full keys,
+// as the ReactorStateTester tests use it), mapState (raw values and update
+// counts; also the plain map state the benchmarks measure) and
+// sizedMapState (a mapState that is a SizedState), and stepReactor (a
+// scripted sequence of stages). The shared harness is in harness_test.go.
 
 import (
 	"context"
@@ -39,8 +42,16 @@ type recordingState struct {
 	// onUpdate, if set, runs after the update was recorded; its error is
 	// Update's error.
 	onUpdate func(rel string, value []byte, isInit bool) error
+	// failKey, if set, is a relative key whose Updates are recorded in log,
+	// then rejected with errUpdateRejected, leaving values as they were.
+	failKey string
 }
 
+// errUpdateRejected is the error of a recordingState's Update of failKey.
+var errUpdateRejected = errors.New("test state: update rejected")
+
+// newRecordingState returns an empty recordingState over prefix ("" for
+// full keys as relative keys).
 func newRecordingState(prefix string) *recordingState {
 	return &recordingState{prefix: util.NormalizePrefix(prefix).String(), values: map[string][]byte{}}
 }
@@ -55,6 +66,9 @@ func (s *recordingState) Update(key util.EtcdKey, value []byte, isInit bool) err
 	}
 	rel := k[len(s.prefix):]
 	s.log = append(s.log, updateRecord{rel: rel, value: value, isInit: isInit})
+	if s.failKey != "" && rel == s.failKey {
+		return fmt.Errorf("%w: %s", errUpdateRejected, k)
+	}
 	if value == nil {
 		delete(s.values, rel)
 	} else {
@@ -170,8 +184,10 @@ func stringValues(values map[string][]byte) map[string]string {
 }
 
 // mapState is a ReactorState holding raw values by key relative to a prefix,
-// with a patch queue. It counts updates and checks that deletions only hit
-// present keys.
+// with a patch queue, and counting its initial and later updates. It is
+// also the plain map state a user would write that the benchmarks measure:
+// its relative key is a substring of the key the worker gives, so it holds
+// no copy of it, and the counts cost next to nothing.
 type mapState struct {
 	prefix  string
 	values  map[string][]byte
@@ -180,8 +196,22 @@ type mapState struct {
 	updates int
 }
 
+// newMapState returns an empty mapState over prefix.
 func newMapState(prefix string) *mapState {
 	return &mapState{prefix: util.NormalizePrefix(prefix).String(), values: map[string][]byte{}}
+}
+
+// sizedMapState is a mapState that is also a SizedState: told how many keys
+// a load brings, its empty map is made with room for them. The benchmarks
+// compare it with a plain mapState. It is a type of its own, not an option
+// of mapState, so that the other tests' states are not SizedStates.
+type sizedMapState struct{ *mapState }
+
+// ExpectKeys makes the state's map with room for n keys if it is empty.
+func (s sizedMapState) ExpectKeys(n int) {
+	if len(s.values) == 0 {
+		s.values = make(map[string][]byte, n)
+	}
 }
 
 func (s *mapState) Update(key util.EtcdKey, value []byte, isInit bool) error {
