@@ -154,7 +154,7 @@ func getValue(ctx context.Context, t testing.TB, cli *clientv3.Client, key strin
 // reserved area would.
 func wipeTokens(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string) {
 	t.Helper()
-	resp, err := cli.Delete(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
+	resp, err := cli.Delete(ctx, keysOf(prefix).tokenKey(""), clientv3.WithPrefix())
 	require.NoError(t, err)
 	require.EqualValues(t, 1, resp.Deleted, "the worker's commit token was not there to wipe")
 }
@@ -368,7 +368,7 @@ func TestChainBreakTokenRewrittenMidChain(t *testing.T) {
 	res := c.links[0].release(ctx, t, txnPass)
 	require.NoError(t, res.err)
 	require.True(t, res.succeeded)
-	tokens, err := direct.Get(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
+	tokens, err := direct.Get(ctx, keysOf(prefix).tokenKey(""), clientv3.WithPrefix())
 	require.NoError(t, err)
 	require.Len(t, tokens.Kvs, 1)
 	mustPutKV(ctx, t, direct, string(tokens.Kvs[0].Key), "rewritten")

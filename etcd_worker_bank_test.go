@@ -32,7 +32,7 @@ func newBankState(accounts int) *bankState {
 
 func (s *bankState) Update(key util.EtcdKey, value []byte, _ bool) error {
 	k := key.String()
-	if strings.Contains(k, reservedMarker) {
+	if strings.Contains(k, reservedDir) {
 		return fmt.Errorf("reserved key %q reached the ReactorState", k)
 	}
 	rel, ok := strings.CutPrefix(k, bankPrefix+"/")

@@ -287,7 +287,7 @@ func TestEtcdWorkerReservedKeysInvisible(t *testing.T) {
 	done1 := runAsync(ctx, w1, nil, behaviourTick, "w1")
 
 	waitUntil(ctx, t, "worker 1's commit", func() bool {
-		resp, err := cli.Get(ctx, prefix+reservedMarker, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		resp, err := cli.Get(ctx, prefix+reservedDir, clientv3.WithPrefix(), clientv3.WithCountOnly())
 		return err == nil && resp.Count >= 2 // token and delete counter
 	})
 

@@ -528,7 +528,7 @@ func userKVs(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix str
 	out := make(map[string]*mvccKV, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		k := string(kv.Key)
-		if strings.HasPrefix(k, prefix+reservedMarker) {
+		if strings.HasPrefix(k, prefix+reservedDir) {
 			continue
 		}
 		out[k] = &mvccKV{value: string(kv.Value), modRev: kv.ModRevision}
@@ -560,6 +560,12 @@ func reloadByCompaction(ctx context.Context, t testing.TB, env *testEnv, fn func
 	require.NoError(t, err)
 	env.proxy.Resume()
 }
+
+// keysOf is the production keyspace of a worker on prefix, for the names
+// of its bookkeeping keys: counterKey, tokenKey(id), and tokenKey("") (the
+// commit tokens' directory). The tests use it, reservedDir and counterName
+// rather than spelling the names again.
+func keysOf(prefix string) keyspace { return newKeyspace(util.NormalizePrefix(prefix)) }
 
 // headRevision returns the store's current revision, read through cli: the
 // one way a test asks a server it reaches by a client. An embedded server's
@@ -618,7 +624,7 @@ func visibleSnapshot(ctx context.Context, t *testing.T, cli *clientv3.Client, pr
 	t.Helper()
 	out := etcdSnapshot(ctx, t, cli, prefix)
 	for k := range out {
-		if strings.Contains(k, reservedMarker) {
+		if strings.Contains(k, reservedDir) {
 			delete(out, k)
 		}
 	}

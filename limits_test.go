@@ -256,7 +256,7 @@ func TestLimitsOpsDefaultServer(t *testing.T) {
 				require.Equal(t, limFirstCommit(rev), got[k].modRev, "the whole group must land in one Txn")
 			}
 			if tt.deletes > 0 {
-				resp, err := cli.Get(testContext(t), prefix+reservedDir+"delete-counter")
+				resp, err := cli.Get(testContext(t), keysOf(prefix).counterKey)
 				require.NoError(t, err)
 				require.Len(t, resp.Kvs, 1)
 				require.Equal(t, limFirstCommit(rev), resp.Kvs[0].ModRevision, "the delete counter moves in the same Txn")

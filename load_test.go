@@ -272,8 +272,8 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 		}
 		mustPutKV(ctx, t, admin, prefix+"/c", fmt.Sprint(cycle))
 		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/n%d", prefix, cycle), "")
-		mustPutKV(ctx, t, admin, fmt.Sprintf("%s/sub%s/token/%d", prefix, reservedDir, cycle), "t")
-		mustPutKV(ctx, t, admin, prefix+reservedDir+"delete-counter", "")
+		mustPutKV(ctx, t, admin, keysOf(prefix+"/sub").tokenKey(fmt.Sprint(cycle)), "t")
+		mustPutKV(ctx, t, admin, keysOf(prefix).counterKey, "")
 		_, err := etcdtest.Compact(ctx, admin)
 		require.NoError(t, err)
 		env.proxy.Resume()

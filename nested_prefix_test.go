@@ -138,7 +138,7 @@ func nestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix str
 
 	// Both workers' bookkeeping exists in etcd...
 	for _, c := range []*committer{outer, inner} {
-		resp, err := cli.Get(ctx, c.prefix+"/__orchestrator/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		resp, err := cli.Get(ctx, c.prefix+reservedDir, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 		require.NoError(t, err)
 		var keys []string
 		for _, kv := range resp.Kvs {
@@ -154,7 +154,7 @@ func nestedCase(t *testing.T, cli *clientv3.Client, outerPrefix, innerPrefix str
 	// writes nothing.
 	for _, pair := range [][2]*committer{{outer, inner}, {inner, outer}} {
 		c, other := pair[0], pair[1]
-		counter := other.prefix + "/__orchestrator/delete-counter"
+		counter := keysOf(other.prefix).counterKey
 		before, err := cli.Get(ctx, counter)
 		require.NoError(t, err)
 		require.Len(t, before.Kvs, 1)

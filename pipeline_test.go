@@ -119,10 +119,13 @@ func (g *chainGate) dialOption() grpc.DialOption {
 	})
 }
 
-// tokenValueOf returns the commit token value a commit Txn writes.
+// tokenValueOf returns the commit token value a commit Txn writes: the
+// value of its put under a commit tokens' directory (keysOf("").tokenKey("")
+// is that directory's name below any prefix).
 func tokenValueOf(req *etcdserverpb.TxnRequest) uint64 {
+	tokenDir := keysOf("").tokenKey("")
 	for _, op := range req.Success {
-		if put := op.GetRequestPut(); put != nil && strings.Contains(string(put.Key), reservedDir+"token/") {
+		if put := op.GetRequestPut(); put != nil && strings.Contains(string(put.Key), tokenDir) {
 			v, _ := strconv.ParseUint(string(put.Value), 10, 64)
 			return v
 		}
@@ -470,7 +473,7 @@ func TestPipelineTokenWipedMidChain(t *testing.T) {
 	first := c.links[0].release(ctx, t, txnPass)
 	require.NoError(t, first.err)
 	require.True(t, first.succeeded)
-	_, err := env.cli.Delete(ctx, prefix+reservedDir+"token/", clientv3.WithPrefix())
+	_, err := env.cli.Delete(ctx, keysOf(prefix).tokenKey(""), clientv3.WithPrefix())
 	require.NoError(t, err)
 	c.releaseFrom(ctx, t, 1, false, "on a wiped token")
 	c.finish(ctx, t, env.cli, prefix, [chainGroups]int64{1, 1, 1, 1})

@@ -273,9 +273,9 @@ func TestDependencyOutsidePrefixIsRejected(t *testing.T) {
 		Func: func([]byte) ([]byte, bool, error) { return []byte("v"), true, nil }}
 	for _, d := range []DataPatch{
 		ReadDependency{Key: util.NewEtcdKey("/elsewhere/a")},
-		ReadDependency{Key: util.NewEtcdKey(prefix + "/__orchestrator/delete-counter")},
+		ReadDependency{Key: util.NewEtcdKey(keysOf(prefix).counterKey)},
 		ReadRangeDependency{Prefix: prefix},
-		ReadRangeDependency{Prefix: prefix + "/__orchestrator/"},
+		ReadRangeDependency{Prefix: prefix + reservedDir},
 		&ReadRangeDependency{Prefix: "/elsewhere/"},
 	} {
 		ctx := testContext(t)

@@ -237,7 +237,7 @@ func TestSizedStateHintOncePerLoad(t *testing.T) {
 	big := string(make([]byte, 1000))
 	var ops []clientv3.Op
 	for i := range 400 { // about six 64 KiB chunks of another worker's bookkeeping
-		ops = append(ops, clientv3.OpPut(fmt.Sprintf("%s/A/__orchestrator/token/%04d", prefix, i), big))
+		ops = append(ops, clientv3.OpPut(keysOf(prefix+"/A").tokenKey(fmt.Sprintf("%04d", i)), big))
 		if len(ops) == 20 {
 			_, err := admin.Txn(ctx).Then(ops...).Commit()
 			require.NoError(t, err)

@@ -20,9 +20,6 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
-// reservedMarker is the reserved area under every prefix (API contract).
-const reservedMarker = "/__orchestrator/"
-
 // updateRecord is one ReactorState.Update call seen by a recordingState.
 type updateRecord struct {
 	rel    string
@@ -58,7 +55,7 @@ func newRecordingState(prefix string) *recordingState {
 
 func (s *recordingState) Update(key util.EtcdKey, value []byte, isInit bool) error {
 	k := key.String()
-	if strings.Contains(k, reservedMarker) {
+	if strings.Contains(k, reservedDir) {
 		return fmt.Errorf("reserved key %q reached the ReactorState", k)
 	}
 	if !strings.HasPrefix(k, s.prefix+"/") {

@@ -18,7 +18,7 @@ import (
 // commitTokens returns the commit token keys under prefix, with their leases.
 func commitTokens(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]clientv3.LeaseID {
 	t.Helper()
-	resp, err := cli.Get(ctx, prefix+"/__orchestrator/token/", clientv3.WithPrefix())
+	resp, err := cli.Get(ctx, keysOf(prefix).tokenKey(""), clientv3.WithPrefix())
 	require.NoError(t, err)
 	out := map[string]clientv3.LeaseID{}
 	for _, kv := range resp.Kvs {
