@@ -520,7 +520,7 @@ func (f *txnFaultInjector) dialOption() grpc.DialOption {
 // group lands exactly once and Run goes on.
 func TestExactlyOnceScriptedUnknownOutcomes(t *testing.T) {
 	t.Parallel()
-	scriptedUnknownOutcomes(t, newTestEnv(t, ownServer()))
+	scriptedUnknownOutcomes(t, newTestEnv(t))
 }
 
 // scriptedUnknownOutcomes runs TestExactlyOnceScriptedUnknownOutcomes

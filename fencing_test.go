@@ -176,7 +176,7 @@ func TestFencedLeaderWritesNothingAfterItsKeyIsGone(t *testing.T) {
 // revocation.
 func TestSessionRevoked(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t, ownServer())
+	env := newTestEnv(t)
 	direct := env.cli
 	const bound = 5 * time.Second
 	for _, tc := range []struct {

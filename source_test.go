@@ -195,7 +195,7 @@ func TestSourceSubPrefixWorkerIsALoneWorkerOnItsPrefix(t *testing.T) {
 // sees the newest write.
 func TestSourceStuckWorkerDoesNotDelayTheOthers(t *testing.T) {
 	t.Parallel()
-	stuckWorkerOnSource(t, newTestEnv(t, ownServer()))
+	stuckWorkerOnSource(t, newTestEnv(t))
 }
 
 // stuckWorkerOnSource is TestSourceStuckWorkerDoesNotDelayTheOthers against
