@@ -77,7 +77,7 @@ type linState struct {
 	markerRel string
 	counter   int64
 	marker    string
-	patches   [][]DataPatch
+	patchQueue
 }
 
 func (s *linState) Update(key util.EtcdKey, value []byte, _ bool) error {
@@ -103,12 +103,6 @@ func (s *linState) Update(key util.EtcdKey, value []byte, _ bool) error {
 		s.marker = string(value)
 	}
 	return nil
-}
-
-func (s *linState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
 }
 
 // linRun is one run of an increment's patch.

@@ -20,6 +20,18 @@ import (
 	"github.com/etcdworker/orchestrator/util"
 )
 
+// patchQueue is the patch queue of the test states that embed it: the
+// groups a Tick queues in patches, handed to the worker (and cleared) by
+// GetPatches.
+type patchQueue struct{ patches [][]DataPatch }
+
+// GetPatches returns the queued groups and empties the queue.
+func (q *patchQueue) GetPatches() [][]DataPatch {
+	p := q.patches
+	q.patches = nil
+	return p
+}
+
 // updateRecord is one ReactorState.Update call seen by a recordingState.
 type updateRecord struct {
 	rel    string
@@ -32,10 +44,10 @@ type updateRecord struct {
 // outside the prefix or in the reserved area (so a worker leaking them fails
 // the test through Run's error), and queues patch groups.
 type recordingState struct {
-	prefix  string // normalized, no trailing "/"
-	values  map[string][]byte
-	log     []updateRecord
-	patches [][]DataPatch
+	patchQueue
+	prefix string // normalized, no trailing "/"
+	values map[string][]byte
+	log    []updateRecord
 	// onUpdate, if set, runs after the update was recorded; its error is
 	// Update's error.
 	onUpdate func(rel string, value []byte, isInit bool) error
@@ -75,12 +87,6 @@ func (s *recordingState) Update(key util.EtcdKey, value []byte, isInit bool) err
 		return s.onUpdate(rel, value, isInit)
 	}
 	return nil
-}
-
-func (s *recordingState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
 }
 
 func (s *recordingState) key(rel string) util.EtcdKey { return util.NewEtcdKey(s.prefix + rel) }
@@ -186,9 +192,9 @@ func stringValues(values map[string][]byte) map[string]string {
 // its relative key is a substring of the key the worker gives, so it holds
 // no copy of it, and the counts cost next to nothing.
 type mapState struct {
+	patchQueue
 	prefix  string
 	values  map[string][]byte
-	patches [][]DataPatch
 	inits   int
 	updates int
 }
@@ -226,12 +232,6 @@ func (s *mapState) Update(key util.EtcdKey, value []byte, isInit bool) error {
 	return nil
 }
 
-func (s *mapState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
-}
-
 func (s *mapState) key(rel string) util.EtcdKey { return util.NewEtcdKey(s.prefix + rel) }
 
 func (s *mapState) int(rel string) int64 {
@@ -261,15 +261,9 @@ func counterReactor(queued *atomic.Int64) Reactor {
 // read-dependency tests decide in their patches, on the values they are
 // given at commit time, and BenchmarkSource measures the worker's own
 // memory with it.
-type rdState struct{ patches [][]DataPatch }
+type rdState struct{ patchQueue }
 
 func (s *rdState) Update(util.EtcdKey, []byte, bool) error { return nil }
-
-func (s *rdState) GetPatches() [][]DataPatch {
-	p := s.patches
-	s.patches = nil
-	return p
-}
 
 // tickSnapshotter is a reactor that publishes a copy of the state each Tick
 // sees, for another goroutine to compare with etcd.
