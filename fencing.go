@@ -9,6 +9,8 @@ import (
 	"github.com/jonboulle/clockwork"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/etcdworker/orchestrator/internal/etcdreq"
 )
 
 // fenceCheck reads the worker's fencing key (WithFencingKey) at once and then
@@ -76,7 +78,7 @@ func (f *fenceCheck) loop(ctx context.Context) {
 
 // check reads the key once and returns the error that ends the run, if any.
 func (f *fenceCheck) check(ctx context.Context) error {
-	rctx, cancel := requestContext(ctx, f.timeout, f.client)
+	rctx, cancel := etcdreq.Context(ctx, f.timeout, f.client)
 	resp, err := f.client.Get(rctx, f.key, clientv3.WithKeysOnly())
 	cancel()
 	switch {

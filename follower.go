@@ -12,6 +12,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/etcdworker/orchestrator/internal/etcdreq"
 )
 
 // follower is the part of a Source that talks to etcd while workers run on
@@ -480,7 +482,7 @@ func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int6
 		}
 	}
 	ctx, cancel := context.WithCancel(f.ctx)
-	ctx, cancel = boundToClient(ctx, cancel, f.s.client)
+	ctx, cancel = etcdreq.Bound(ctx, cancel, f.s.client)
 	defer cancel()
 	n := 0
 	path := f.s.streamSupport.readPath()
@@ -520,7 +522,7 @@ func (f *follower) logReadPath(ctx context.Context, was, now ReadPath) {
 // endpoint, bounded by one request timeout in all; "unknown" when none
 // answers.
 func (f *follower) serverVersion(ctx context.Context) string {
-	ctx, cancel := requestContext(ctx, f.requestTimeout(f.now()), f.s.client)
+	ctx, cancel := etcdreq.Context(ctx, f.requestTimeout(f.now()), f.s.client)
 	defer cancel()
 	for _, ep := range f.s.client.Endpoints() {
 		if resp, err := f.s.client.Status(ctx, ep); err == nil {

@@ -6,6 +6,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/etcdworker/orchestrator/internal/etcdreq"
 )
 
 // health tracks how current the state is known to be and whether etcd
@@ -146,30 +148,5 @@ func (r *run) requestCtx(ignoreCtx bool) (context.Context, context.CancelFunc) {
 	if ignoreCtx {
 		parent = context.WithoutCancel(r.ctx)
 	}
-	return requestContext(parent, r.health.requestTimeout(r.now(), r.w.opts.requestTimeout), r.w.client)
-}
-
-// requestContext returns the context of one etcd request of client: parent,
-// bounded by timeout and ended when client is closed (boundToClient). Every
-// request the worker and its Source send has one, but the load, which has
-// an idle timeout instead (boundToClient alone).
-func requestContext(parent context.Context, timeout time.Duration, client *clientv3.Client) (context.Context, context.CancelFunc) {
-	ctx, cancel := context.WithTimeout(parent, timeout)
-	return boundToClient(ctx, cancel, client)
-}
-
-// boundToClient makes ctx (with its cancel) end when client is closed, too:
-// clientv3 retries a request on a closed client until its context ends, so
-// without this every request after Close would last a whole timeout.
-func boundToClient(ctx context.Context, cancel context.CancelFunc, client *clientv3.Client,
-) (context.Context, context.CancelFunc) {
-	cctx := client.Ctx()
-	if cctx == nil {
-		return ctx, cancel
-	}
-	stop := context.AfterFunc(cctx, cancel)
-	return ctx, func() {
-		stop()
-		cancel()
-	}
+	return etcdreq.Context(parent, r.health.requestTimeout(r.now(), r.w.opts.requestTimeout), r.w.client)
 }

@@ -11,6 +11,8 @@ import (
 
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
+
+	"github.com/etcdworker/orchestrator/internal/etcdreq"
 )
 
 // slowTickThreshold is how long a Tick may take before it is logged as slow.
@@ -121,7 +123,7 @@ func (r *run) close() {
 	r.src.detach(r.cur)
 	r.fence.close()
 	r.cancel()
-	ctx, cancel := requestContext(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout), r.w.client)
+	ctx, cancel := etcdreq.Context(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout), r.w.client)
 	defer cancel()
 	if !r.health.since().IsZero() {
 		// etcd is not answering: waiting for it would delay Run's return

@@ -10,6 +10,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator/internal/backoff"
+	"github.com/etcdworker/orchestrator/internal/etcdreq"
 )
 
 // watchConfig is what a watchStream needs to know.
@@ -117,7 +118,7 @@ func (s *watchStream) requestProgressLoop(ctx context.Context) {
 			timer.Stop()
 		}
 		s.probeHead(ctx)
-		rctx, cancel := requestContext(ctx, interval/2, s.cfg.client)
+		rctx, cancel := etcdreq.Context(ctx, interval/2, s.cfg.client)
 		_ = s.watcher.RequestProgress(rctx)
 		cancel()
 	}
@@ -134,7 +135,7 @@ func (s *watchStream) requestProgressLoop(ctx context.Context) {
 // probe" in docs/DESIGN.md.
 func (s *watchStream) probeHead(ctx context.Context) {
 	p := headProbe{sent: s.cfg.clock.Now()}
-	rctx, cancel := requestContext(ctx, s.cfg.requestTimeout(), s.cfg.client)
+	rctx, cancel := etcdreq.Context(ctx, s.cfg.requestTimeout(), s.cfg.client)
 	resp, err := s.cfg.client.Get(rctx, s.cfg.probeKey, clientv3.WithCountOnly())
 	cancel()
 	if ctx.Err() != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/etcdworker/orchestrator"
 	"github.com/etcdworker/orchestrator/internal/backoff"
 	"github.com/etcdworker/orchestrator/internal/etcderr"
+	"github.com/etcdworker/orchestrator/internal/etcdreq"
 	"github.com/etcdworker/orchestrator/internal/userfn"
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -89,7 +90,8 @@ type NewWorkerFunc func(ctx context.Context, term Term) (Worker, error)
 //     error than the three below: Run resigns and returns it, wrapped;
 //   - invalid arguments: an error matching orchestrator.ErrInvalidArgument;
 //   - client was closed, or etcd denied a request (authentication,
-//     permission): that error, wrapped.
+//     permission): an error matching orchestrator.ErrEtcdRejected that wraps
+//     it, as the worker's Run returns.
 //
 // A worker stopping with orchestrator.ErrNotOwner, ErrEtcdSessionDone or
 // ErrEtcdUnavailable means leadership was (or may have been) lost: Run closes
@@ -145,7 +147,7 @@ func (c *campaigner) loop(ctx context.Context) error {
 				return fmt.Errorf("leader: %w", ctx.Err())
 			}
 			if etcderr.EndsRetries(c.client, err) { // the worker's rule
-				return fmt.Errorf("leader: %w", err)
+				return fmt.Errorf("leader: %w: campaign: %w", orchestrator.ErrEtcdRejected, err)
 			}
 			delay := bo.Next()
 			c.log.Warn("campaign failed, retrying", zap.Duration("delay", delay), zap.Error(err))
@@ -165,6 +167,11 @@ func (c *campaigner) loop(ctx context.Context) error {
 // campaign creates a session and blocks until it wins the election, the
 // session is lost or ctx is done. On error nothing is left behind.
 func (c *campaigner) campaign(ctx context.Context) (*concurrency.Session, *concurrency.Election, error) {
+	// No request of a campaign waits on a closed client (clientv3 would
+	// retry it until ctx ends).
+	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel = etcdreq.Bound(ctx, cancel, c.client)
+	defer cancel()
 	// Granting the lease ourselves lets ctx bound it; the session itself
 	// lives on the client's context so that Close can still revoke the
 	// lease after ctx is done.
@@ -378,7 +385,7 @@ func (c *campaigner) callNewWorker(ctx context.Context, term Term) (Worker, erro
 // resign deletes the election key so that another candidate is elected at
 // once, instead of after the session's TTL.
 func (c *campaigner) resign(ctx context.Context, election *concurrency.Election, log *zap.Logger) {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), resignTimeout)
+	rctx, cancel := etcdreq.Context(context.WithoutCancel(ctx), resignTimeout, c.client)
 	defer cancel()
 	if err := election.Resign(rctx); err != nil {
 		log.Warn("resign failed; the session's lease revocation or expiry ends the term", zap.Error(err))
@@ -395,7 +402,7 @@ func (c *campaigner) closeSession(session *concurrency.Session) {
 
 // revoke revokes a lease that has no session, bounded by the TTL.
 func (c *campaigner) revoke(ctx context.Context, id clientv3.LeaseID) {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Duration(c.opts.sessionTTL)*time.Second)
+	rctx, cancel := etcdreq.Context(context.WithoutCancel(ctx), time.Duration(c.opts.sessionTTL)*time.Second, c.client)
 	defer cancel()
 	_, _ = c.client.Revoke(rctx, id) // best effort: the lease expires anyway
 }
