@@ -193,3 +193,35 @@ func closedDuringCommitCase(ctx context.Context, t *testing.T, env *testEnv, pre
 	require.ErrorIs(t, err, ErrCommitUnresolved, "a commit cut by Close may or may not have landed")
 	require.Less(t, time.Since(start), time.Second)
 }
+
+// TestClosingTheWorkersClientEndsRunOnASharedSource: a worker whose own
+// client is closed ends Run with ErrEtcdRejected within a second (as in
+// TestPermanentErrorsEndRun's closed client case) also when it follows a
+// Source built on another client. Only the follower watched a client for
+// Close, the Source's, and an idle worker sends no request of its own: it
+// went on ticking on its closed client for as long as it ran.
+func TestClosingTheWorkersClientEndsRunOnASharedSource(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	const prefix = "/test/closed-worker-client"
+	src := mustNewSource(t, env.client(t), prefix)
+	cli := env.client(t)
+	var ticks atomic.Int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { ticks.Add(1); return s, nil })
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), WithSource(src))
+	g := newWorkerGroup(t, time.Minute)
+	g.runWorkerEvery("worker", w, 20*time.Millisecond)
+	waitWithin(t, 10*time.Second, "ticks", g.failed, func() bool { return ticks.Load() >= 3 })
+
+	start := time.Now()
+	require.NoError(t, cli.Close())
+	returned := make(chan struct{})
+	go func() { g.wg.Wait(); close(returned) }()
+	select {
+	case <-returned:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("Run still running %v after its client closed (%d ticks in all)", time.Since(start), ticks.Load())
+	}
+	require.ErrorIs(t, g.failed(), ErrEtcdRejected)
+	require.Less(t, time.Since(start), time.Second)
+}

@@ -26,15 +26,20 @@ const slowTickThreshold = time.Second
 // the commit token, the tick gate and the health record; the run connects
 // them and acts on what they report.
 type run struct {
-	w        *EtcdWorker
-	ctx      context.Context
-	cancel   context.CancelFunc
-	session  *concurrency.Session
-	interval time.Duration
-	log      *zap.Logger
-	m        *roleMetrics
-	state    ReactorState
-	ks       keyspace
+	w       *EtcdWorker
+	ctx     context.Context
+	cancel  context.CancelFunc
+	session *concurrency.Session
+	// clientDone is closed when the worker's client is closed (nil: never).
+	// The Source's follower watches its own client; a worker on a shared
+	// Source may run on another, which it must watch itself, since an idle
+	// worker sends no request that would fail.
+	clientDone <-chan struct{}
+	interval   time.Duration
+	log        *zap.Logger
+	m          *roleMetrics
+	state      ReactorState
+	ks         keyspace
 
 	src    *Source
 	cur    *cursor
@@ -87,6 +92,9 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 		health:   health{maxOutage: w.opts.maxOutage},
 		token:    &commitToken{key: w.ks.tokenKey(randomID())},
 		spacing:  initialSpacing,
+	}
+	if cctx := w.client.Ctx(); cctx != nil {
+		r.clientDone = cctx.Done()
 	}
 	r.log = w.opts.logger.With(zap.String("role", role), zap.String("prefix", w.prefix.String()))
 	if session != nil {
@@ -264,9 +272,9 @@ func (r *run) checkStop() error {
 }
 
 // stopped returns the error Run must end with when its ctx is done, its
-// session is gone or its fencing key was lost (see fenceCheck), nil while
-// none of them happened; with ignoreCtx it looks at the session alone (see
-// sleep). It never blocks: each of them is a channel that stays closed once
+// client was closed, its session is gone or its fencing key was lost (see
+// fenceCheck), nil while none of them happened; with ignoreCtx it looks at
+// the session alone (see sleep). It never blocks: each of them is a channel that stays closed once
 // closed, so a wait that selected one of them learns with stopped which it
 // was.
 func (r *run) stopped(ignoreCtx bool) error {
@@ -280,6 +288,12 @@ func (r *run) stopped(ignoreCtx bool) error {
 	}
 	if ignoreCtx {
 		return nil
+	}
+	select {
+	case <-r.clientDone:
+		// A closed client never heals.
+		return rejected(r.w.client, "run", context.Canceled)
+	default:
 	}
 	return r.fence.result()
 }
@@ -302,20 +316,21 @@ func (r *run) ctxErr() error {
 	return fmt.Errorf("orchestrator: worker stopped: %w", err)
 }
 
-// sleep waits for d. With ignoreCtx it waits through a done ctx and a lost
-// fencing key (a commit must be resolved first), never through a lost
-// session.
+// sleep waits for d. With ignoreCtx it waits through a done ctx, a closed
+// client and a lost fencing key (a commit must be resolved first), never
+// through a lost session.
 func (r *run) sleep(d time.Duration, ignoreCtx bool) error {
 	timer := r.w.opts.clock.NewTimer(d)
 	defer timer.Stop()
-	done, fence := r.ctx.Done(), r.fence.done()
+	done, fence, closed := r.ctx.Done(), r.fence.done(), r.clientDone
 	if ignoreCtx {
-		done, fence = nil, nil
+		done, fence, closed = nil, nil, nil
 	}
 	select {
 	case <-done:
 	case <-r.sessionDone():
 	case <-fence:
+	case <-closed:
 	case <-timer.Chan():
 		return nil
 	}
@@ -333,6 +348,7 @@ func (r *run) wait(wake time.Time) error {
 	case <-r.ctx.Done():
 	case <-r.sessionDone():
 	case <-r.fence.done():
+	case <-r.clientDone:
 	case <-r.cur.notify:
 		if !r.synced {
 			return nil // the first snapshot is taken by loop
