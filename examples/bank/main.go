@@ -75,6 +75,7 @@ type account struct {
 // run runs the demo, printing to out, and reports whether the invariant held
 // throughout.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
+	cfg.prefix = util.NormalizePrefix(cfg.prefix).String() // the keys it reads by hand are the library's
 	env, err := demo.Setup(ctx, cfg.conn, cfg.metricsAddr, out, fmt.Sprintf("bank: %d workers, %d accounts under %s, %v",
 		cfg.workers, cfg.accounts, cfg.prefix, cfg.duration))
 	if err != nil {

@@ -163,6 +163,7 @@ func processor(ctx context.Context) orchestrator.ReactorFunc {
 // run runs the demo, printing to out, and reports whether every task was
 // done exactly once by its capture.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
+	cfg.prefix = util.NormalizePrefix(cfg.prefix).String() // the keys it writes by hand are the library's
 	env, err := demo.Setup(ctx, cfg.conn, "", out, fmt.Sprintf("roles: %d tasks, %d captures under %s",
 		cfg.tasks, cfg.captures, cfg.prefix))
 	if err != nil {

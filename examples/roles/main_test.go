@@ -29,3 +29,14 @@ func TestBadFlagIsOneLineNamingIt(t *testing.T) {
 		{Args: []string{"--captures", "0"}, WantCode: 2, WantErr: "--captures"},
 	})
 }
+
+// TestRunWithATrailingSlashPrefix: --prefix "/roles-slash/" names the keys
+// of "/roles-slash", as it does for the library (util.NormalizePrefix). run
+// built the keys it writes by hand from the flag as given, so the tasks went
+// under "/roles-slash//task/", no worker saw one, and the demo timed out.
+func TestRunWithATrailingSlashPrefix(t *testing.T) {
+	demotest.RequireRun(t, "tasks done: 30 of 30, left to do: 0 (OK)\n", func(ctx context.Context, out io.Writer) (bool, error) {
+		return run(ctx, config{prefix: "/roles-slash/", tasks: 30, captures: 3, timeout: 10 * time.Second,
+			interval: 2 * time.Millisecond}, out)
+	})
+}
