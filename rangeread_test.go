@@ -7,6 +7,7 @@ import (
 	"math"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -43,6 +44,9 @@ type rpcCounter struct {
 	ranges        int   // unary Range calls
 	rangeReads    int   // of them, reads of a range (not of one key, not a count)
 	rangeResponse []int // encoded size of each Range response
+	// firstRangeRev is the header revision of the first unary Range
+	// response (0: none yet): the revision an unpinned paged read is at.
+	firstRangeRev int64
 }
 
 func (c *rpcCounter) dialOptions() []grpc.DialOption {
@@ -85,6 +89,9 @@ func (c *rpcCounter) unary(ctx context.Context, method string, req, reply any, c
 		c.ranges++
 		if err == nil {
 			c.rangeResponse = append(c.rangeResponse, proto.Size(reply.(*pb.RangeResponse)))
+			if h := reply.(*pb.RangeResponse).Header; c.firstRangeRev == 0 && h != nil {
+				c.firstRangeRev = h.Revision
+			}
 		}
 		if rr := req.(*pb.RangeRequest); len(rr.RangeEnd) > 0 && !rr.CountOnly {
 			c.rangeReads++
@@ -470,4 +477,48 @@ func TestReadRangeFailsWithDeadlineExceededWhenEtcdGoesSilent(t *testing.T) {
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	require.Less(t, time.Since(start), 5*time.Second)
 	require.NoError(t, ctx.Err())
+}
+
+// TestReadRangePagedReadIsAtItsFirstPagesRevision: the unary fallback,
+// paging (a known receive limit), reads every page at the revision of its
+// first page and returns exactly that revision, while keys of later pages
+// change between two pages. The other fallback tests either read the range
+// in one response (no receive limit: TestReadRangeSeesOneRevision...'s
+// noStream case) or check no revision (the paging tests), so readPaged
+// returning p.rev+1 after more than one page passed all of them. The
+// revision is compared with the first Range response's header, which holds
+// on a shared server that others write to.
+func TestReadRangePagedReadIsAtItsFirstPagesRevision(t *testing.T) {
+	t.Parallel()
+	env := newRangeTestEnv(t, rangeSetup{limit: 1 << 20, keys: 300, valueSize: 100, noStream: true})
+	ctx := contextWithin(t, 30*time.Second)
+	var changedAt atomic.Int64
+	var changeErr atomic.Value
+	env.counter.afterRange = func(n int) {
+		if n != 1 {
+			return
+		}
+		resp, err := env.cli.Txn(ctx).Then(
+			clientv3.OpPut(env.key(200), "changed"),
+			clientv3.OpDelete(env.key(299)),
+			clientv3.OpPut(env.prefix+"zz-new", "new"),
+		).Commit()
+		if err != nil {
+			changeErr.Store(err)
+			return
+		}
+		changedAt.Store(resp.Header.Revision)
+	}
+	got, rev, err := env.read(ctx, readConfig{minPageKeys: 50, maxRecvBytes: 8 << 10}, nil)
+	require.NoError(t, err)
+	require.Nil(t, changeErr.Load(), "the change between pages")
+	_, _, ranges := env.counter.counts()
+	require.Greater(t, ranges, 2, "the read pages")
+	require.Equal(t, env.want, got, "every page at the first page's revision")
+	env.counter.mu.Lock()
+	first := env.counter.firstRangeRev
+	env.counter.mu.Unlock()
+	require.Equal(t, first, rev, "the read returns the revision its pages were read at")
+	require.Less(t, rev, changedAt.Load())
+	env.requireReadAt(ctx, t, got, rev, env.setupRev)
 }
