@@ -47,6 +47,27 @@ type rpcCounter struct {
 	// firstRangeRev is the header revision of the first unary Range
 	// response (0: none yet): the revision an unpinned paged read is at.
 	firstRangeRev int64
+	// served is the header revision of every response of a range read that
+	// has one, in order: each unary Range of a range, each stream's final
+	// chunk.
+	served []int64
+}
+
+// servedCount returns how many responses served has.
+func (c *rpcCounter) servedCount() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.served)
+}
+
+// servedAt returns the header revision of the i-th response with one, or 0.
+func (c *rpcCounter) servedAt(i int) int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if i < len(c.served) {
+		return c.served[i]
+	}
+	return 0
 }
 
 func (c *rpcCounter) dialOptions() []grpc.DialOption {
@@ -89,8 +110,12 @@ func (c *rpcCounter) unary(ctx context.Context, method string, req, reply any, c
 		c.ranges++
 		if err == nil {
 			c.rangeResponse = append(c.rangeResponse, proto.Size(reply.(*pb.RangeResponse)))
-			if h := reply.(*pb.RangeResponse).Header; c.firstRangeRev == 0 && h != nil {
+			h := reply.(*pb.RangeResponse).Header
+			if h != nil && c.firstRangeRev == 0 {
 				c.firstRangeRev = h.Revision
+			}
+			if rr := req.(*pb.RangeRequest); h != nil && len(rr.RangeEnd) > 0 && !rr.CountOnly {
+				c.served = append(c.served, h.Revision)
 			}
 		}
 		if rr := req.(*pb.RangeRequest); len(rr.RangeEnd) > 0 && !rr.CountOnly {
@@ -113,8 +138,12 @@ type countingStream struct {
 func (s *countingStream) RecvMsg(m any) error {
 	err := s.ClientStream.RecvMsg(m)
 	if err == nil {
+		resp := m.(*pb.RangeStreamResponse)
 		s.c.mu.Lock()
-		s.c.chunks = append(s.c.chunks, proto.Size(m.(*pb.RangeStreamResponse)))
+		s.c.chunks = append(s.c.chunks, proto.Size(resp))
+		if h := resp.GetRangeResponse().GetHeader(); h != nil { // the final chunk
+			s.c.served = append(s.c.served, h.Revision)
+		}
 		s.c.mu.Unlock()
 	}
 	return err
@@ -143,6 +172,9 @@ type rangeTestEnv struct {
 	counter  *rpcCounter
 	want     map[string]string
 	setupRev int64 // the revision of the last write of the setup
+	// servedRev is the header revision of the first response of the last
+	// read (0: none): for a read at the latest revision, the one it is at.
+	servedRev int64
 }
 
 // rangeSetup is what newRangeTestEnv starts and writes.
@@ -199,11 +231,15 @@ func newRangeTestEnv(t *testing.T, s rangeSetup) *rangeTestEnv {
 // key returns the key of the i-th key of the setup.
 func (env *rangeTestEnv) key(i int) string { return fmt.Sprintf("%sk%06d", env.prefix, i) }
 
-// requireReadAt checks the revision rev that a read returned: not before
+// requireReadAt checks the revision rev that a read (of the latest
+// revision) returned: the one etcd served its first response at, not before
 // from (the newest write the read must hold), not after the store's
 // revision now, and one at which the test's prefix holds exactly got.
 func (env *rangeTestEnv) requireReadAt(ctx context.Context, t *testing.T, got map[string]string, rev, from int64) {
 	t.Helper()
+	if env.servedRev != 0 {
+		require.Equal(t, env.servedRev, rev, "the read's revision is the one etcd served it at")
+	}
 	require.GreaterOrEqual(t, rev, from, "the read is older than a write done before it")
 	require.LessOrEqual(t, rev, headRevision(ctx, t, env.cli), "the read's revision is in the future")
 	kvs, _ := userKVs(ctx, t, env.cli, strings.TrimSuffix(env.prefix, "/"), rev)
@@ -219,6 +255,8 @@ func (env *rangeTestEnv) requireReadAt(ctx context.Context, t *testing.T, got ma
 func (env *rangeTestEnv) read(ctx context.Context, cfg readConfig, hook func(i int) error) (map[string]string, int64, error) {
 	got := map[string]string{}
 	last := ""
+	first := env.counter.servedCount()
+	defer func() { env.servedRev = env.counter.servedAt(first) }()
 	rev, err := readRange(ctx, env.counted, env.prefix, clientv3.GetPrefixRangeEnd(env.prefix), cfg,
 		func(kv *mvccpb.KeyValue) error {
 			if hook != nil {
