@@ -9,6 +9,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 	"github.com/etcdworker/orchestrator/util"
 )
 
@@ -171,7 +172,7 @@ func (r *run) tokenLost() error {
 
 // fenceFailed handles an error of a fence: nil to try again.
 func (r *run) fenceFailed(sent time.Time, err error) error {
-	if isLeaseNotFound(err) {
+	if etcderr.LeaseNotFound(err) {
 		if r.lease != nil {
 			// The token vanished with the worker's lease during the outage:
 			// whether the commit landed before cannot be told any more.

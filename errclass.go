@@ -33,7 +33,7 @@ func commitRejected(client *clientv3.Client, err error) error {
 		return fmt.Errorf("%w: the server's --max-txn-ops is lower than the worker's limit: %w", ErrEtcdTxnOpsExceed, err)
 	case errors.Is(err, rpctypes.ErrRequestTooLarge), etcderr.MessageTooLarge(err):
 		return fmt.Errorf("%w: the server's --max-request-bytes is lower than the worker's limit: %w", ErrEtcdTxnSizeExceed, err)
-	case isLeaseNotFound(err):
+	case etcderr.LeaseNotFound(err):
 		return fmt.Errorf("%w: %w", ErrEtcdSessionDone, err)
 	}
 	return rejected(client, "commit", err)

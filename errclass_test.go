@@ -180,11 +180,9 @@ func closedDuringCommitCase(ctx context.Context, t *testing.T, env *testEnv, pre
 	r.writes.Store(1000)
 	w := mustNewEtcdWorker(t, cli, prefix, r, newMapState(prefix))
 	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
-	select {
-	case <-hold:
-	case <-time.After(5 * time.Second):
-		t.Fatal("no commit started")
-	}
+	started, cancelStarted := context.WithTimeout(ctx, 5*time.Second)
+	awaitSignal(started, t, hold, "no commit started")
+	cancelStarted()
 	start := time.Now()
 	require.NoError(t, cli.Close())
 	hold <- struct{}{}

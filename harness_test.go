@@ -515,8 +515,9 @@ func etcdSnapshot(ctx context.Context, t testing.TB, cli *clientv3.Client, prefi
 	return out
 }
 
-// userKVs reads every key under prefix + "/" outside the worker's reserved
-// area at rev (0: current) and returns them with the read's revision.
+// userKVs reads every key under prefix + "/" that a worker on prefix sees
+// (none of a reserved area, at any depth: keyspace.visible) at rev (0:
+// current) and returns them with the read's revision.
 func userKVs(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, rev int64) (map[string]*mvccKV, int64) {
 	t.Helper()
 	opts := []clientv3.OpOption{clientv3.WithPrefix()}
@@ -525,10 +526,11 @@ func userKVs(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix str
 	}
 	resp, err := cli.Get(ctx, prefix+"/", opts...)
 	require.NoError(t, err)
+	ks := keysOf(prefix)
 	out := make(map[string]*mvccKV, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		k := string(kv.Key)
-		if strings.HasPrefix(k, prefix+reservedDir) {
+		if !ks.visible(k) {
 			continue
 		}
 		out[k] = &mvccKV{value: string(kv.Value), modRev: kv.ModRevision}
@@ -616,19 +618,6 @@ func clearPrefix(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix
 	t.Helper()
 	_, err := cli.Delete(ctx, util.NormalizePrefix(prefix).String()+"/", clientv3.WithPrefix())
 	require.NoError(t, err)
-}
-
-// visibleSnapshot is etcdSnapshot without the reserved keys of nested
-// prefixes either.
-func visibleSnapshot(ctx context.Context, t *testing.T, cli *clientv3.Client, prefix string) map[string]string {
-	t.Helper()
-	out := etcdSnapshot(ctx, t, cli, prefix)
-	for k := range out {
-		if strings.Contains(k, reservedDir) {
-			delete(out, k)
-		}
-	}
-	return out
 }
 
 // updatedKeys returns the sorted relative keys of updates, requiring each

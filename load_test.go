@@ -255,7 +255,7 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 	st := newRecordingState(prefix)
 	reactor := &logReactor{}
 	done := proxiedWorker(runCtx, t, env, &rpcCounter{}, 0, prefix, reactor, st)
-	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
+	waitUntil(ctx, t, "the loaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 	_, log := reactor.snapshot()
 	seen := len(log)
 	for cycle := 1; cycle <= 3; cycle++ {
@@ -277,7 +277,7 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 		_, err := etcdtest.Compact(ctx, admin)
 		require.NoError(t, err)
 		env.proxy.Resume()
-		waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(visibleSnapshot(ctx, t, admin, prefix)) })
+		waitUntil(ctx, t, "the reloaded state", func() bool { return reactor.equals(etcdSnapshot(ctx, t, admin, prefix)) })
 		_, log = reactor.snapshot()
 		require.Equal(t, []string{"/c", fmt.Sprintf("/n%d", cycle), "/x"}, updatedKeys(t, log[seen:]), "cycle %d", cycle)
 		seen = len(log)
@@ -290,7 +290,7 @@ func TestRepeatedReloadsTellOnlyTheDifferenceAndCommitsStillSucceed(t *testing.T
 	}
 	reactor.mu.Unlock()
 	waitUntil(ctx, t, "the commit", func() bool {
-		snap := visibleSnapshot(ctx, t, admin, prefix)
+		snap := etcdSnapshot(ctx, t, admin, prefix)
 		_, has := snap["/k1"]
 		return snap["/stable"] == "sx" && !has && reactor.equals(snap)
 	})

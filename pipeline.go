@@ -273,7 +273,7 @@ func (c *chain) receive() {
 		} else {
 			l.state = linkFailed
 		}
-	case isLeaseNotFound(res.err) && r.lease != nil:
+	case etcderr.LeaseNotFound(res.err) && r.lease != nil:
 		// The worker's token lease expired (an outage longer than its TTL)
 		// and took the token with it; the Txn was rejected whole.
 		l.state, l.err, l.leaseGone = linkRejected, res.err, true

@@ -220,7 +220,7 @@ func (s *Source) checkWorkerPrefix(p util.EtcdPrefix) error {
 	case !s.ks.contains(wp):
 		return fmt.Errorf("%w: WithSource: worker prefix %q is not the Source's prefix %q nor under it",
 			ErrInvalidArgument, wp, s.ks.prefix)
-	case s.ks.isReserved([]byte(wp + "/")):
+	case s.ks.isReserved([]byte(p.Dir())):
 		return fmt.Errorf("%w: WithSource: worker prefix %q lies in a reserved area %q of the Source's prefix %q",
 			ErrInvalidArgument, wp, reservedDir, s.ks.prefix)
 	}

@@ -9,10 +9,10 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/etcdworker/orchestrator/internal/backoff"
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 )
 
 // tokenValueMaxLen bounds the decimal commit sequence written to the token.
@@ -176,9 +176,6 @@ func (l *tokenLease) close(ctx context.Context) error {
 	return err
 }
 
-// isLeaseNotFound reports whether err says a lease is gone.
-func isLeaseNotFound(err error) bool { return errors.Is(err, rpctypes.ErrLeaseNotFound) }
-
 // ensureToken puts the commit token when the worker knows it as absent: on
 // the Run's first commit, after the token vanished (a wipe of the prefix)
 // and after its lease expired. A chain never starts from an absent token,
@@ -211,7 +208,7 @@ func (r *run) ensureToken() error {
 				t.rev = readToken(resp.Responses[0].GetResponseRange().GetKvs()).modRev
 			}
 			continue
-		case isLeaseNotFound(err) && r.lease != nil:
+		case etcderr.LeaseNotFound(err) && r.lease != nil:
 			r.lease.expired() // granted again by ensureTokenLease
 			continue
 		}

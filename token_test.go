@@ -83,13 +83,11 @@ func TestCommitTokensDoNotAccumulate(t *testing.T) {
 		for i, w := range workers {
 			g.runWorkerEvery(fmt.Sprintf("killed-%d", i), w, 50*time.Millisecond)
 		}
+		committed, cancelCommitted := context.WithTimeout(ctx, 10*time.Second)
 		for range runs {
-			select {
-			case <-done:
-			case <-time.After(10 * time.Second):
-				t.Fatal("not every run committed")
-			}
+			awaitSignal(committed, t, done, "not every run committed")
 		}
+		cancelCommitted()
 		require.Len(t, commitTokens(ctx, t, direct, prefix), runs)
 		// Kill: the link goes first, so no cleanup reaches etcd.
 		killable.proxy.Blackhole()

@@ -69,14 +69,7 @@ func TestTxnCostBuiltEqualsPacked(t *testing.T) {
 		l := r.w.limits
 		l.maxOps = l.overheadOps + 1 + rng.IntN(12)
 		l.maxBytes = l.overheadBytes + l.deleteBytes + 100 + rng.IntN(1500)
-		all, allDeps := randomCostGroups(rng, 1+rng.IntN(30))
-		var groups []groupWrites
-		var deps []groupDeps
-		for i, g := range all {
-			if checkGroupFits(g, allDeps[i], l) == nil {
-				groups, deps = append(groups, g), append(deps, allDeps[i])
-			}
-		}
+		groups, deps := randomFittingGroups(rng, 1+rng.IntN(30), l)
 		for i, b := range packTxns(groups, deps, l) {
 			msg := fmt.Sprintf("round %d, txn %d", round, i)
 			require.NoError(t, b.cost.check(l), msg)
@@ -85,6 +78,20 @@ func TestTxnCostBuiltEqualsPacked(t *testing.T) {
 			require.Len(t, txn.compares, b.cost.ops(l), msg)
 		}
 	}
+}
+
+// randomFittingGroups is randomCostGroups(rng, n) without the groups that
+// alone do not fit l (the worker refuses those before packing).
+func randomFittingGroups(rng *rand.Rand, n int, l txnLimits) ([]groupWrites, []groupDeps) {
+	all, allDeps := randomCostGroups(rng, n)
+	var groups []groupWrites
+	var deps []groupDeps
+	for i, g := range all {
+		if checkGroupFits(g, allDeps[i], l) == nil {
+			groups, deps = append(groups, g), append(deps, allDeps[i])
+		}
+	}
+	return groups, deps
 }
 
 // cmpBytes and opBytes are the key, range end and value bytes of a built
@@ -127,14 +134,7 @@ func TestTxnSizeCoversTheBuiltTxn(t *testing.T) {
 			rng := rand.New(rand.NewPCG(3, 5))
 			l := r.w.limits
 			for round := range 100 {
-				all, allDeps := randomCostGroups(rng, 1+rng.IntN(10))
-				var groups []groupWrites
-				var deps []groupDeps
-				for i, g := range all {
-					if checkGroupFits(g, allDeps[i], l) == nil {
-						groups, deps = append(groups, g), append(deps, allDeps[i])
-					}
-				}
+				groups, deps := randomFittingGroups(rng, 1+rng.IntN(10), l)
 				for i, b := range packTxns(groups, deps, l) {
 					// A chained link: its token compare holds the largest value.
 					txn := r.buildTxn(&b, revisions{}, cv, r.token.compareValue(^uint64(0)), ^uint64(0))

@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
@@ -395,7 +394,7 @@ func (c *campaigner) resign(ctx context.Context, election *concurrency.Election,
 // closeSession stops renewing the session's lease and revokes it (bounded by
 // the TTL), which also deletes the election key if it is still there.
 func (c *campaigner) closeSession(session *concurrency.Session) {
-	if err := session.Close(); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+	if err := session.Close(); err != nil && !etcderr.LeaseNotFound(err) {
 		c.log.Debug("revoking the session lease failed; it expires on its own", zap.Error(err))
 	}
 }

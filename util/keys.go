@@ -176,7 +176,7 @@ func (p EtcdPrefix) Bytes() []byte {
 
 // Dir returns the prefix followed by "/": the keys under a normalized
 // prefix p are those that start with p.Dir(), p.Dir() itself included (a
-// worker on p sees exactly those).
+// worker on p sees those of them outside the workers' reserved areas).
 func (p EtcdPrefix) Dir() string {
 	return p.prefixStr + "/"
 }

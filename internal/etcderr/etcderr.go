@@ -52,6 +52,10 @@ func Permanent(err error) bool {
 	return false
 }
 
+// LeaseNotFound reports whether err says the request's lease is gone
+// (revoked, or expired).
+func LeaseNotFound(err error) bool { return errors.Is(err, rpctypes.ErrLeaseNotFound) }
+
 // MessageTooLarge reports whether gRPC refused a message over a size
 // limit (a request over the server's, or a response over the client's).
 func MessageTooLarge(err error) bool {

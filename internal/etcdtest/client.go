@@ -9,6 +9,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 )
 
 // ClientDialTimeout is the DialTimeout of clients made by NewClient.
@@ -70,7 +72,7 @@ func Compact(ctx context.Context, cli *clientv3.Client) (int64, error) {
 // error.
 func RevokeLease(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) error {
 	_, err := cli.Revoke(ctx, id)
-	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+	if etcderr.LeaseNotFound(err) {
 		return nil
 	}
 	return err
