@@ -180,11 +180,12 @@ func (r *run) fenceFailed(sent time.Time, err error) error {
 		}
 		return fmt.Errorf("%w: while resolving a commit: %w", ErrEtcdSessionDone, err)
 	}
+	// A rejection ends the resolution: the commit's outcome stays unknown.
 	if rej := commitRejected(r.w.client, err); rej != nil {
-		return rej
+		return fmt.Errorf("%w: %w", rej, ErrCommitUnresolved)
 	}
 	if err := r.rejectionOrOutage("resolve commit", sent, err); err != nil {
-		return err
+		return fmt.Errorf("%w: %w", err, ErrCommitUnresolved)
 	}
 	if r.ctx.Err() == nil && r.health.tooLong(r.now()) {
 		return fmt.Errorf("%w: %w", ErrEtcdUnavailable, ErrCommitUnresolved)

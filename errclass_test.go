@@ -8,10 +8,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/etcdworker/orchestrator/internal/etcdtest"
 	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 // TestClassifyTxnError: clientv3 turns etcd server errors into
@@ -222,4 +227,74 @@ func TestClosingTheWorkersClientEndsRunOnASharedSource(t *testing.T) {
 	}
 	require.ErrorIs(t, g.failed(), ErrEtcdRejected)
 	require.Less(t, time.Since(start), time.Second)
+}
+
+// TestClosingTheClientWhileResolvingACommitLeavesItUnresolved: a commit whose outcome
+// is unknown (its Txn failed with a transient error) is being resolved
+// through fences that keep failing (etcd unreachable); then the worker's
+// client is closed. Run cannot know whether the commit landed, so its error
+// must match ErrCommitUnresolved (Run's contract: "a commit cut by closing
+// the client also matches ErrCommitUnresolved"), as it does when the client
+// closes while the commit Txn itself is in flight (closedDuringCommitCase).
+// The fences' rejection used to drop it.
+func TestClosingTheClientWhileResolvingACommitLeavesItUnresolved(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	const prefix = "/test/closed-while-resolving"
+	var failing atomic.Bool
+	var fences atomic.Int64
+	var closed atomic.Bool // after Close the fences reach clientv3's closed connection
+	cli := env.client(t, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		if _, ok := asCommitTxn(req); ok && failing.CompareAndSwap(false, true) {
+			return status.Error(codes.Unavailable, "injected: commit outcome lost")
+		}
+		if _, ok := req.(*etcdserverpb.TxnRequest); ok && failing.Load() && !closed.Load() {
+			fences.Add(1)
+			return status.Error(codes.Unavailable, "injected: etcd unreachable")
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}))
+	r := &incrWriter{}
+	r.writes.Store(1000)
+	w := mustNewEtcdWorker(t, cli, prefix, r, newMapState(prefix))
+	ctx := testContext(t)
+	errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
+	waitWithin(t, 10*time.Second, "fences", func() error { return nil }, func() bool { return fences.Load() >= 2 })
+	start := time.Now()
+	closed.Store(true)
+	require.NoError(t, cli.Close())
+	err := returnsPromptly(ctx, t, errc, start)
+	require.ErrorIs(t, err, ErrEtcdRejected)
+	require.ErrorIs(t, err, ErrCommitUnresolved, "the commit's outcome was never learnt")
+}
+
+// TestClosingTheClientOfASessionWorkerIsARejection: a worker run with a
+// concurrency.Session on its own client, whose client is closed, must end
+// as a worker without a session does (closedClientCase): with an error
+// matching ErrEtcdRejected (Run's contract: "a closed client"). The lease is
+// not gone, the client is: ErrEtcdSessionDone tells a caller to make a new
+// session and run again, which can never work on a closed client. The
+// session's keep-alive ends with the client, and about one run in five
+// reported the session first.
+func TestClosingTheClientOfASessionWorkerIsARejection(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	const prefix = "/test/closed-session-worker"
+	ctx := testContext(t)
+	for i := range 15 { // the outcome is a race: ~1 run in 5 ends with ErrEtcdSessionDone
+		cli := env.client(t)
+		session, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
+		require.NoError(t, err)
+		var ticks atomic.Int64
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { ticks.Add(1); return s, nil })
+		w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix))
+		errc := runAsync(ctx, w, session, 20*time.Millisecond, "run")
+		waitWithin(t, 10*time.Second, "ticks", func() error { return nil }, func() bool { return ticks.Load() >= 3 })
+		start := time.Now()
+		require.NoError(t, cli.Close())
+		err = returnsPromptly(ctx, t, errc, start)
+		require.ErrorIs(t, err, ErrEtcdRejected, "run %d: the client was closed, not the session's lease lost", i)
+	}
 }

@@ -281,6 +281,16 @@ func (r *run) stopped(ignoreCtx bool) error {
 	if !ignoreCtx && r.ctx.Err() != nil {
 		return r.ctxErr()
 	}
+	if !ignoreCtx {
+		select {
+		case <-r.clientDone:
+			// A closed client never heals. It also ends the keep-alive
+			// of a session on it, so it goes before the session: a new
+			// session on that client would not help.
+			return rejected(r.w.client, "run", context.Canceled)
+		default:
+		}
+	}
 	select {
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
@@ -288,12 +298,6 @@ func (r *run) stopped(ignoreCtx bool) error {
 	}
 	if ignoreCtx {
 		return nil
-	}
-	select {
-	case <-r.clientDone:
-		// A closed client never heals.
-		return rejected(r.w.client, "run", context.Canceled)
-	default:
 	}
 	return r.fence.result()
 }

@@ -30,3 +30,10 @@ func (e *DecodeError) Unwrap() []error { return []error{ErrDecode, e.Err} }
 // a State or Doc whose keys lie outside the worker's prefix: the worker would
 // never show it a key.
 var ErrOutOfScope = errors.New("jsonstate: keys outside the worker's prefix")
+
+// ErrEmptyName is matched (errors.Is) by the error of a State's write to
+// the document named "" (Put, Patch, Delete and their Ops): a State ignores
+// the key prefix + "/" itself, so it could never read that document back.
+// The error also matches orchestrator.ErrInvalidArgument; the commit writes
+// nothing.
+var ErrEmptyName = errors.New("jsonstate: empty document name")

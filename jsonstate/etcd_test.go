@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -158,4 +159,45 @@ func TestDecodeErrorWithEtcdWorker(t *testing.T) {
 		require.Equal(t, []string{prefix + "/nodes/bad"}, seen)
 		require.Equal(t, []string{"bad", "good"}, s.Names())
 	})
+}
+
+// TestWritingTheEmptyNameIsAnError: the document named "" would be the key
+// prefix + "/" itself, which a State ignores when it loads (a directory
+// marker some tools write). Put, Patch and Delete of "" fail with
+// ErrEmptyName, a bad argument, and write nothing. Put("") used to write a
+// document the State could never read back.
+func TestWritingTheEmptyNameIsAnError(t *testing.T) {
+	t.Parallel()
+	cli := etcdtest.Shared(t).Client(t)
+	ops := map[string]func(st *jsonstate.State[account]){
+		"put": func(st *jsonstate.State[account]) { st.Put("", account{Balance: 7}) },
+		"patch": func(st *jsonstate.State[account]) {
+			st.Patch("", func(*account, bool) (bool, error) { return true, nil })
+		},
+		"delete": func(st *jsonstate.State[account]) { st.Delete("") },
+		"in a group": func(st *jsonstate.State[account]) {
+			st.Group(func(g *jsonstate.Group[account]) { g.Put("a", account{Balance: 1}); g.Put("", account{}) })
+		},
+	}
+	for name, op := range ops {
+		t.Run(name, func(t *testing.T) {
+			ctx := testContext(t)
+			prefix := "/jsonstate-test/empty-name-" + strings.ReplaceAll(name, " ", "-")
+			st := jsonstate.New[account](prefix)
+			reactor := orchestrator.ReactorFunc(func(context.Context, orchestrator.ReactorState) (orchestrator.ReactorState, error) {
+				op(st)
+				return st, nil
+			})
+			w, err := orchestrator.NewEtcdWorker(cli, prefix, reactor, st)
+			require.NoError(t, err)
+			err = w.Run(ctx, nil, 10*time.Millisecond, "empty-name")
+			require.ErrorIs(t, err, jsonstate.ErrEmptyName)
+			require.ErrorIs(t, err, orchestrator.ErrInvalidArgument)
+			resp, err := cli.Get(ctx, prefix+"/", clientv3.WithPrefix())
+			require.NoError(t, err)
+			for _, kv := range resp.Kvs {
+				require.Contains(t, string(kv.Key), "/__orchestrator/", "a bad group wrote %s", kv.Key)
+			}
+		})
+	}
 }

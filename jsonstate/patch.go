@@ -113,3 +113,15 @@ func (p deleteOp[T]) Patch(valueMap map[util.EtcdKey][]byte, changedSet map[util
 	changedSet[p.key] = struct{}{}
 	return nil
 }
+
+// emptyNameOp is the patch of a State's write to the document named "":
+// its key, the prefix + "/" itself, is not one of the State's documents
+// (it ignores that key when loading, as a directory marker some tools
+// write), so the write would land where the State never reads it. It fails
+// with ErrEmptyName, and the commit writes nothing.
+type emptyNameOp struct{ key util.EtcdKey }
+
+// Patch implements orchestrator.DataPatch: it fails, touching nothing.
+func (p emptyNameOp) Patch(map[util.EtcdKey][]byte, map[util.EtcdKey]struct{}) error {
+	return fmt.Errorf("%w (key %q): %w", ErrEmptyName, p.key.String(), orchestrator.ErrInvalidArgument)
+}

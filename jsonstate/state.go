@@ -198,22 +198,31 @@ func (s *State[T]) DeleteIf(name string, cond func(v T) (bool, error)) {
 // PatchOp returns the DataPatch that Patch would queue, for building groups
 // across several states (see QueueGroup).
 func (s *State[T]) PatchOp(name string, fn PatchFunc[T]) orchestrator.DataPatch {
+	if name == "" {
+		return emptyNameOp{key: s.Key(name)}
+	}
 	return patchOp[T]{key: s.Key(name), fn: fn}
 }
 
 // PutOp returns the DataPatch that Put would queue.
 func (s *State[T]) PutOp(name string, v T) orchestrator.DataPatch {
+	if name == "" {
+		return emptyNameOp{key: s.Key(name)}
+	}
 	return newPutOp(s.Key(name), v)
 }
 
 // DeleteOp returns the DataPatch that Delete would queue.
 func (s *State[T]) DeleteOp(name string) orchestrator.DataPatch {
-	return deleteOp[T]{key: s.Key(name)}
+	return s.DeleteIfOp(name, nil)
 }
 
 // DeleteIfOp returns the DataPatch that DeleteIf would queue. A nil cond
 // deletes unconditionally.
 func (s *State[T]) DeleteIfOp(name string, cond func(v T) (bool, error)) orchestrator.DataPatch {
+	if name == "" {
+		return emptyNameOp{key: s.Key(name)}
+	}
 	return deleteOp[T]{key: s.Key(name), cond: cond}
 }
 
