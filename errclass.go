@@ -10,6 +10,12 @@ import (
 	"github.com/etcdworker/orchestrator/internal/etcderr"
 )
 
+// errClientClosed is the cause of the rejection a closed client makes when
+// no request failed yet (a wait saw the client's context end). It is no
+// context error: Run's own ctx is alive, and a caller that takes
+// context.Canceled for a requested stop must not take this for one.
+var errClientClosed = errors.New("no request can be sent")
+
 // rejected returns the error Run must end with when etcd answered request
 // (a load, a watch, a commit) with a rejection that retrying cannot heal, or
 // nil when err is transient (unavailability, a timeout, a lost leader) and

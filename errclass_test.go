@@ -226,6 +226,7 @@ func TestClosingTheWorkersClientEndsRunOnASharedSource(t *testing.T) {
 		t.Fatalf("Run still running %v after its client closed (%d ticks in all)", time.Since(start), ticks.Load())
 	}
 	require.ErrorIs(t, g.failed(), ErrEtcdRejected)
+	require.NotErrorIs(t, g.failed(), context.Canceled, "a closed client is no requested stop")
 	require.Less(t, time.Since(start), time.Second)
 }
 

@@ -118,7 +118,7 @@ func (f *follower) wait(wake time.Time) error {
 		return nil
 	case <-f.clientDone:
 		// A closed client never heals; its watch may take a while to say so.
-		return rejected(f.s.client, "watch", context.Canceled)
+		return rejected(f.s.client, "watch", errClientClosed)
 	case resp, ok := <-f.watch.ch:
 		return f.onWatch(f.watch.handle(resp, ok))
 	case ch := <-f.watch.opened:

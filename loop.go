@@ -287,7 +287,7 @@ func (r *run) stopped(ignoreCtx bool) error {
 			// A closed client never heals. It also ends the keep-alive
 			// of a session on it, so it goes before the session: a new
 			// session on that client would not help.
-			return rejected(r.w.client, "run", context.Canceled)
+			return rejected(r.w.client, "run", errClientClosed)
 		default:
 		}
 	}
