@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
 )
 
 // TestClassifyTxnError: clientv3 turns etcd server errors into
@@ -297,5 +299,85 @@ func TestClosingTheClientOfASessionWorkerIsARejection(t *testing.T) {
 		require.NoError(t, cli.Close())
 		err = returnsPromptly(ctx, t, errc, start)
 		require.ErrorIs(t, err, ErrEtcdRejected, "run %d: the client was closed, not the session's lease lost", i)
+	}
+}
+
+// TestClosingTheClientMidTickOrPatch: the worker's client is closed while a
+// Tick (that then returns an increment) or a patch (that then increments)
+// runs. Run returns within a second with ErrEtcdRejected, and the counter
+// in etcd holds every increment that landed once: none is applied twice,
+// and one whose commit may have been cut on its way makes the error match
+// ErrCommitUnresolved as well.
+func TestClosingTheClientMidTickOrPatch(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	tests := []struct {
+		name string
+		// reactor blocks once, signalling blocked, until release is
+		// closed; want is the most increments it can have emitted, and
+		// least the fewest that must have landed before it blocked.
+		reactor     func(counter util.EtcdKey, blocked, release chan struct{}) Reactor
+		least, want int64
+	}{
+		{name: "during a Tick", least: 3, want: 4, reactor: func(counter util.EtcdKey, blocked, release chan struct{}) Reactor {
+			var emitted int64
+			return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*mapState)
+				if st.int("/n") != emitted || emitted > 3 {
+					return st, nil // the earlier increment is not seen yet, or all are out
+				}
+				if emitted == 3 {
+					close(blocked)
+					<-release
+				}
+				emitted++
+				st.patches = append(st.patches, []DataPatch{incrPatch(counter, 1)})
+				return st, nil
+			})
+		}},
+		{name: "during a patch", least: 0, want: 1, reactor: func(counter util.EtcdKey, blocked, release chan struct{}) Reactor {
+			var emitted, calls int
+			return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*mapState)
+				if emitted == 0 {
+					emitted++
+					incr := incrPatch(counter, 1)
+					st.patches = append(st.patches, []DataPatch{patchFunc(func(vm map[util.EtcdKey][]byte, cs map[util.EtcdKey]struct{}) error {
+						calls++
+						if calls == 1 {
+							close(blocked)
+							<-release
+						}
+						return incr.Patch(vm, cs)
+					})})
+				}
+				return st, nil
+			})
+		}},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := testContext(t)
+			prefix := fmt.Sprintf("/test/closed-mid-%d", i)
+			counter := util.NewEtcdKey(prefix + "/n")
+			blocked, release := make(chan struct{}), make(chan struct{})
+			cli := env.client(t)
+			w := mustNewEtcdWorker(t, cli, prefix, tt.reactor(counter, blocked, release), newMapState(prefix))
+			errc := runAsync(ctx, w, nil, 20*time.Millisecond, "run")
+			awaitSignal(ctx, t, blocked, "the reactor blocked")
+			start := time.Now()
+			require.NoError(t, cli.Close())
+			close(release)
+			err := returnsPromptly(ctx, t, errc, start)
+			require.ErrorIs(t, err, ErrEtcdRejected)
+			require.Less(t, time.Since(start), time.Second)
+			v, _ := getValue(ctx, t, env.cli, counter.String())
+			got, _ := strconv.ParseInt(v, 10, 64) // "": 0
+			require.GreaterOrEqual(t, got, tt.least)
+			require.LessOrEqual(t, got, tt.want, "an increment was applied twice")
+			if got == tt.want {
+				require.ErrorIs(t, err, ErrCommitUnresolved, "the last increment landed: it was sent as the client closed")
+			}
+		})
 	}
 }
