@@ -212,8 +212,7 @@ func TestClosingTheWorkersClientEndsRunOnASharedSource(t *testing.T) {
 	src := mustNewSource(t, env.client(t), prefix)
 	cli := env.client(t)
 	var ticks atomic.Int64
-	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { ticks.Add(1); return s, nil })
-	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), WithSource(src))
+	w := mustNewEtcdWorker(t, cli, prefix, countingReactor(&ticks), newMapState(prefix), WithSource(src))
 	g := newWorkerGroup(t, time.Minute)
 	g.runWorkerEvery("worker", w, 20*time.Millisecond)
 	waitWithin(t, 10*time.Second, "ticks", g.failed, func() bool { return ticks.Load() >= 3 })
@@ -291,8 +290,7 @@ func TestClosingTheClientOfASessionWorkerIsARejection(t *testing.T) {
 		session, err := concurrency.NewSession(cli, concurrency.WithTTL(5))
 		require.NoError(t, err)
 		var ticks atomic.Int64
-		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { ticks.Add(1); return s, nil })
-		w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix))
+		w := mustNewEtcdWorker(t, cli, prefix, countingReactor(&ticks), newMapState(prefix))
 		errc := runAsync(ctx, w, session, 20*time.Millisecond, "run")
 		waitWithin(t, 10*time.Second, "ticks", func() error { return nil }, func() bool { return ticks.Load() >= 3 })
 		start := time.Now()

@@ -55,10 +55,7 @@ func TestFencingLossEndsIdleRun(t *testing.T) {
 				cli = env.userClient(t, tc.user, "pw")
 			}
 			var ticks atomic.Int64
-			idle := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-				ticks.Add(1)
-				return s, nil
-			})
+			idle := countingReactor(&ticks)
 			w, err := NewEtcdWorker(cli, prefix, idle, newMapState(prefix),
 				WithFencingKey(tc.key, put.Header.Revision), WithMaxStaleness(staleness))
 			require.NoError(t, err)

@@ -120,10 +120,7 @@ func TestSourceLateJoinOnABusyServerWithASlowWatch(t *testing.T) {
 	slow := &watchDelay{}
 	src := mustNewSource(t, env.client(t, slow.dialOptions()...), prefix)
 	var firstTicks atomic.Int64
-	first := mustNewEtcdWorker(t, admin, prefix, ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
-		firstTicks.Add(1)
-		return s, nil
-	}), newMapState(prefix), WithSource(src), staleness)
+	first := mustNewEtcdWorker(t, admin, prefix, countingReactor(&firstTicks), newMapState(prefix), WithSource(src), staleness)
 	g := startSynced(ctx, t, "busy-slow", first)
 
 	slow.set(delay)

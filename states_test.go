@@ -514,3 +514,11 @@ func (r *limReactor) Tick(_ context.Context, s ReactorState) (ReactorState, erro
 func idleReactor() Reactor {
 	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) { return s, nil })
 }
+
+// countingReactor is idleReactor counting its Ticks in ticks.
+func countingReactor(ticks *atomic.Int64) Reactor {
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		ticks.Add(1)
+		return s, nil
+	})
+}
