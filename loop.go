@@ -278,28 +278,35 @@ func (r *run) checkStop() error {
 // closed, so a wait that selected one of them learns with stopped which it
 // was.
 func (r *run) stopped(ignoreCtx bool) error {
-	if !ignoreCtx && r.ctx.Err() != nil {
+	if ignoreCtx {
+		return r.sessionLost()
+	}
+	if r.ctx.Err() != nil {
 		return r.ctxErr()
 	}
-	if !ignoreCtx {
-		select {
-		case <-r.clientDone:
-			// A closed client never heals. It also ends the keep-alive
-			// of a session on it, so it goes before the session: a new
-			// session on that client would not help.
-			return rejected(r.w.client, "run", errClientClosed)
-		default:
-		}
+	select {
+	case <-r.clientDone:
+		// A closed client never heals. It also ends the keep-alive of a
+		// session on it, so it goes before the session: a new session on
+		// that client would not help.
+		return rejected(r.w.client, "run", errClientClosed)
+	default:
 	}
+	if err := r.sessionLost(); err != nil {
+		return err
+	}
+	return r.fence.result()
+}
+
+// sessionLost returns ErrEtcdSessionDone once the session is gone, nil
+// before (and without a session).
+func (r *run) sessionLost() error {
 	select {
 	case <-r.sessionDone():
 		return ErrEtcdSessionDone
 	default:
-	}
-	if ignoreCtx {
 		return nil
 	}
-	return r.fence.result()
 }
 
 // sessionDone returns the session's done channel, or nil without a session.
