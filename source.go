@@ -82,9 +82,12 @@ type Source struct {
 	lifeMu   sync.Mutex
 	attached map[*cursor]struct{}
 	fol      *follower                 // non-nil while a worker runs
-	running  atomic.Pointer[[]*cursor] // the attached cursors, for signals and the floor
-	// parkMu guards parked: the cursors of workers that stopped, held
-	// weakly. It is never held while waiting for anything.
+	running  atomic.Pointer[[]*cursor] // the attached cursors, for signals (lock free) and the floor
+	// parkMu guards parked, the cursors of workers that stopped (held
+	// weakly), and every move of a cursor between running and parked:
+	// positions reads both under it, so it sees each positioned cursor in
+	// one of them, whichever way the cursor moves. It is never held while
+	// waiting for anything.
 	parkMu sync.Mutex
 	parked map[uint64]weak.Pointer[cursor] // by cursor id: the map holds no cursor
 	ids    atomic.Uint64
@@ -261,11 +264,7 @@ func (s *Source) newCursor(ks keyspace) *cursor {
 func (s *Source) attach(c *cursor) {
 	s.lifeMu.Lock()
 	defer s.lifeMu.Unlock()
-	s.attached[c] = struct{}{}
-	s.publishCursors() // before it leaves parked: the floor always sees it
-	s.parkMu.Lock()
-	delete(s.parked, c.id)
-	s.parkMu.Unlock()
+	s.moveCursor(c, true)
 	if s.fol == nil {
 		s.hmu.Lock()
 		s.health = sourceHealth{}
@@ -284,13 +283,7 @@ func (s *Source) attach(c *cursor) {
 func (s *Source) detach(c *cursor) {
 	s.lifeMu.Lock()
 	defer s.lifeMu.Unlock()
-	if c.positioned.Load() {
-		s.parkMu.Lock()
-		s.parked[c.id] = weak.Make(c)
-		s.parkMu.Unlock()
-	}
-	delete(s.attached, c)
-	s.publishCursors()
+	s.moveCursor(c, false)
 	if len(s.attached) == 0 && s.fol != nil {
 		s.fol.stop()
 		s.fol = nil
@@ -300,6 +293,27 @@ func (s *Source) detach(c *cursor) {
 	if s.fol != nil {
 		s.fol.configure(s.settings())
 	}
+}
+
+// moveCursor makes c a running cursor, or a parked one if it is
+// positioned (else it is forgotten: its next Run starts from a snapshot);
+// lifeMu is held. The move is one step under parkMu: were running
+// published and parked changed apart, positions could read running before
+// the cursor joined it and parked after it left, miss the cursor, and
+// prune the changes it has not seen (a delete it would never be told).
+func (s *Source) moveCursor(c *cursor, run bool) {
+	s.parkMu.Lock()
+	defer s.parkMu.Unlock()
+	if run {
+		s.attached[c] = struct{}{}
+		delete(s.parked, c.id)
+	} else {
+		delete(s.attached, c)
+		if c.positioned.Load() {
+			s.parked[c.id] = weak.Make(c)
+		}
+	}
+	s.publishCursors()
 }
 
 // publishCursors makes the attached cursors the ones signalled.
@@ -338,11 +352,11 @@ func (s *Source) positions() (floor uint64, cursors []cursorPos) {
 			cursors = append(cursors, cursorPos{pos: pos, told: c.told.Load()})
 		}
 	}
+	s.parkMu.Lock()
+	defer s.parkMu.Unlock()
 	for _, c := range *s.running.Load() {
 		see(c)
 	}
-	s.parkMu.Lock()
-	defer s.parkMu.Unlock()
 	for id, wp := range s.parked {
 		if c := wp.Value(); c != nil {
 			see(c)

@@ -151,8 +151,7 @@ func newModelWorker(t *testing.T, src *Source, store *modelStore, prefix string)
 	mw.w = mustNewEtcdWorker(t, &clientv3.Client{}, prefix, idleReactor(), mw.state, WithSource(src))
 	mw.start()
 	src.lifeMu.Lock()
-	src.attached[mw.r.cur] = struct{}{}
-	src.publishCursors()
+	src.moveCursor(mw.r.cur, true)
 	src.lifeMu.Unlock()
 	return mw
 }

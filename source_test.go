@@ -595,6 +595,43 @@ func TestChangeLogFoldsChangesAndPrunes(t *testing.T) {
 	require.True(t, changeRecord{flips: []uint64{2, 3, 7, 9}, foldedBefore: 2}.mayHold(1, 1), "lives folded away: the safe answer")
 }
 
+// TestPositionsSeeACursorThatStartsAndStops: a positioned cursor moving
+// between running and parked (a worker's Runs starting and returning, over
+// and over) is in every floor the follower takes meanwhile. A floor that
+// missed it would let the change log drop changes the worker has not seen,
+// and the worker would keep a deleted key.
+func TestPositionsSeeACursorThatStartsAndStops(t *testing.T) {
+	ctx := testContext(t)
+	src := mustNewSource(t, &clientv3.Client{}, "/moves")
+	c := src.newCursor(src.ks)
+	c.seq.Store(7)
+	c.positioned.Store(true)
+	src.lifeMu.Lock()
+	src.moveCursor(c, false) // a Run of the worker returned
+	src.lifeMu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 200_000 && ctx.Err() == nil; i++ {
+			src.lifeMu.Lock()
+			src.moveCursor(c, i%2 == 0)
+			src.lifeMu.Unlock()
+		}
+	}()
+	floors, missed := 0, 0
+	for moving := true; moving; floors++ {
+		select {
+		case <-done:
+			moving = false
+		default:
+		}
+		if floor, cursors := src.positions(); floor != 7 || len(cursors) == 0 {
+			missed++
+		}
+	}
+	require.Zero(t, missed, "floors that missed the cursor, of %d", floors)
+}
+
 // TestSourcePermissionDeniedEndsEveryWorker: a Source whose reads etcd
 // rejects for good (its user has no rights on the prefix) ends the Run of
 // every worker on it with that error, though the workers' own clients may

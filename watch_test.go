@@ -44,8 +44,7 @@ func newWatchRun(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix
 	f.configure(followerSettings{progressInterval: progressInterval(&w.opts)})
 	f.watch = newWatchStream(r.ctx, f.watchConfig()) //nolint:contextcheck // the run's ctx bounds the watch
 	r.src.lifeMu.Lock()
-	r.src.attached[r.cur] = struct{}{} // as attach does, without a follower of its own
-	r.src.publishCursors()
+	r.src.moveCursor(r.cur, true) // as attach does, without a follower of its own
 	r.src.lifeMu.Unlock()
 	t.Cleanup(func() { //nolint:contextcheck // cleanup after the test's ctx
 		f.watch.close()
