@@ -61,9 +61,9 @@ type flushRequest struct {
 
 // collect takes what c needs to catch up, at the copy's newest revision. It
 // reports false while the copy holds no load of the current activation, and
-// while the follower holds the lock: a (re)load can take seconds, and a
-// worker must not wait for it (it would not see its ctx end); the follower
-// signals the workers once it has released the lock.
+// while the follower holds or waits for the write lock: a (re)load can take
+// seconds, and a worker must not wait for it (it would not see its ctx end);
+// every release of the write lock signals the workers (unlockCopy).
 func (s *Source) collect(c *cursor, req *flushRequest) (catchUp, bool) {
 	if !s.mu.TryRLock() {
 		return catchUp{}, false

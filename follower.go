@@ -224,8 +224,7 @@ func (s *Source) applyWatch(res watchResult) {
 	s.freshAt = s.opts.clock.Now()
 	s.proveReached()
 	s.prune()
-	s.mu.Unlock()
-	s.signal()
+	s.unlockCopy()
 }
 
 // applyEvents applies the events of one watch response to the copy, in
@@ -262,16 +261,12 @@ func (f *follower) onProbe(p headProbe) error {
 	}
 	f.answered(p.rev)
 	f.s.mu.Lock()
-	fresh := p.rev <= f.s.copy.completeRev
-	if fresh {
+	if p.rev <= f.s.copy.completeRev {
 		f.s.proven(p)
 	} else {
 		f.s.pendProof(p) // proven once the copy reaches p.rev (applyWatch)
 	}
-	f.s.mu.Unlock()
-	if fresh {
-		f.s.signal()
-	}
+	f.s.unlockCopy()
 	return nil
 }
 
@@ -398,13 +393,7 @@ type prefixReader func(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int64, erro
 // fails half way leaves it torn.
 func (s *Source) loadCopy(start time.Time, read prefixReader) (rev int64, keys int, err error) {
 	s.mu.Lock()
-	loaded := false
-	defer func() {
-		s.mu.Unlock()
-		if loaded {
-			s.signal() // after the unlock: a worker that found the lock taken tries again
-		}
-	}()
+	defer s.unlockCopy()
 	s.loaded = false
 	m := s.copy
 	counters := make(map[string]int64)
@@ -456,7 +445,6 @@ func (s *Source) loadCopy(start time.Time, read prefixReader) (rev int64, keys i
 	s.provenAt = start // the read was sent after this
 	s.prune()
 	s.metrics.sourceKeys.With(s.label).Set(float64(m.len()))
-	loaded = true
 	return rev, keys, nil
 }
 

@@ -271,7 +271,7 @@ func (s *Source) attach(c *cursor) {
 		s.hmu.Unlock()
 		s.mu.Lock()
 		s.loaded, s.loadedOnce = false, false
-		s.mu.Unlock()
+		s.unlockCopy()
 		s.fol = startFollower(s)
 	}
 	s.fol.configure(s.settings())
@@ -409,6 +409,16 @@ func (s *Source) requestProgress() {
 		default:
 		}
 	}
+}
+
+// unlockCopy releases the write lock of the copy and signals every attached
+// worker. Each holder of the write lock releases it so, whatever it did: a
+// worker whose catch-up found the lock taken, or a writer waiting for it
+// (collect only tries the lock), may have used up its signal, and this is
+// the one that wakes it again.
+func (s *Source) unlockCopy() {
+	s.mu.Unlock()
+	s.signal()
 }
 
 // copyRev is the revision the copy is complete up to.

@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 
 	"github.com/etcdworker/orchestrator/util"
 )
@@ -263,4 +264,73 @@ func (mw *modelWorker) catchUp(t *testing.T, store *modelStore) {
 	}
 	rev := mw.r.view.completeRev
 	require.Equal(t, store.visibleAt(mw.r.ks, rev), mw.state.values, "state after catching up to revision %d", rev)
+}
+
+// TestAWorkerWhoseCatchUpMetTheWriteLockIsWokenAgain: a catch-up only tries
+// the Source's read lock, which fails while the follower holds the write
+// lock or waits for it (behind another worker's catch-up). A worker woken
+// for a watch response whose catch-up so failed has used up its signal; the
+// release of the write lock must signal it again, whatever the holder did.
+// Here the holder is a head probe that found the copy behind the head (a
+// busy server), which once released the lock without a signal: the state
+// stayed behind the copy with no signal pending, and Ticks ran on the old
+// snapshot until the follower next signalled. No etcd: the Source is fed
+// through its own loadCopy, applyWatch and onProbe.
+func TestAWorkerWhoseCatchUpMetTheWriteLockIsWokenAgain(t *testing.T) {
+	ctx := testContext(t)
+	const prefix = "/woken"
+	store := newModelStore()
+	store.put(prefix+"/a", "0")
+	src, err := NewSource(&clientv3.Client{}, prefix)
+	require.NoError(t, err)
+	clock := clockwork.NewFakeClock()
+	src.opts.clock = clock
+	_, _, err = src.loadCopy(clock.Now(), store.read)
+	require.NoError(t, err)
+
+	state := newRecordingState(prefix)
+	w := mustNewEtcdWorker(t, &clientv3.Client{}, prefix, idleReactor(), state, WithSource(src))
+	r := w.newRun(ctx, nil, time.Second, "wake")
+	src.lifeMu.Lock()
+	src.moveCursor(r.cur, true) // attach without a follower: the test is the follower
+	src.lifeMu.Unlock()
+	_, ok, err := r.catchUp(nil)
+	require.NoError(t, err)
+	require.True(t, ok)
+	r.synced = true
+	require.Equal(t, "0", string(state.values["/a"]))
+
+	// The watch delivers a put: the copy has it, the worker is signalled.
+	store.put(prefix+"/a", "1")
+	evs := store.take(len(store.pending))
+	src.applyWatch(watchResult{kind: watchEvents, rev: evs[len(evs)-1].Kv.ModRevision, events: evs})
+	require.Len(t, r.cur.notify, 1, "the worker has a signal")
+
+	// Another worker is taking its catch-up (read lock), and a head probe
+	// that read a newer head (writes elsewhere moved it) waits for the write
+	// lock.
+	src.mu.RLock()
+	f := &follower{s: src, clock: clock, log: zap.NewNop()}
+	probed := make(chan struct{})
+	go func() {
+		defer close(probed)
+		_ = f.onProbe(headProbe{sent: clock.Now(), rev: store.rev + 10})
+	}()
+	waitUntil(ctx, t, "the probe waits for the write lock", func() bool {
+		if src.mu.TryRLock() {
+			src.mu.RUnlock()
+			return false
+		}
+		return true
+	})
+	// The worker wakes for its signal meanwhile.
+	require.NoError(t, r.wait(clock.Now().Add(time.Hour)))
+	src.mu.RUnlock()
+	awaitSignal(ctx, t, probed, "the probe is recorded")
+
+	caughtUp := string(state.values["/a"]) == "1"
+	signalled := len(r.cur.notify) == 1
+	require.True(t, caughtUp || signalled,
+		"the copy holds /a=1 (revision %d) but the worker's state has /a=%q (revision %d) and no signal is pending: "+
+			"the wake-up was lost", src.copy.completeRev, state.values["/a"], r.view.completeRev)
 }
