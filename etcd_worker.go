@@ -60,6 +60,9 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 		}
 	}
 	p := util.NormalizePrefix(prefix)
+	if err := checkPrefix(p); err != nil {
+		return nil, err
+	}
 	ks := newKeyspace(p)
 	if err := o.validate(); err != nil {
 		return nil, err

@@ -2,6 +2,7 @@ package orchestrator
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 
 	"github.com/etcdworker/orchestrator/util"
@@ -30,6 +31,18 @@ type keyspace struct {
 func newKeyspace(p util.EtcdPrefix) keyspace {
 	s := p.String()
 	return keyspace{prefix: s, watchKey: p.Dir(), counterKey: s + reservedDir + counterName}
+}
+
+// checkPrefix returns an error wrapping ErrInvalidArgument when no worker or
+// Source may have prefix p: it lies in a reserved area (one of its segments
+// is __orchestrator), so its keys are the bookkeeping of a worker on a
+// prefix above it, which it would see and might write.
+func checkPrefix(p util.EtcdPrefix) error {
+	if strings.Contains(p.Dir(), reservedDir) {
+		return fmt.Errorf("%w: prefix %q lies in a worker's reserved area %q",
+			ErrInvalidArgument, p.String(), reservedDir)
+	}
+	return nil
 }
 
 // tokenKey is the key of the commit token with the given random id.
@@ -68,8 +81,14 @@ func (k keyspace) writable(key util.EtcdKey) error {
 	if !k.contains(s) {
 		return errKeyOutside(s, "is not under "+k.watchKey)
 	}
-	if k.isReserved([]byte(s)) {
-		return errKeyOutside(s, "is in a worker's reserved area "+reservedDir)
+	return k.notReserved(s)
+}
+
+// notReserved returns an error when key, which lies under the prefix, is in
+// a reserved area.
+func (k keyspace) notReserved(key string) error {
+	if k.isReserved([]byte(key)) {
+		return errKeyOutside(key, "is in a worker's reserved area "+reservedDir)
 	}
 	return nil
 }

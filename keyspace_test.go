@@ -52,6 +52,44 @@ func TestKeyspaceRules(t *testing.T) {
 	require.Len(t, ks.tokenKey("0123456789abcdef"[:tokenIDLen]), ks.tokenKeyLen())
 }
 
+// TestAPrefixInAReservedAreaIsRefused: a worker or a Source on a prefix with
+// a segment __orchestrator would see the bookkeeping of a worker on a prefix
+// above it, and its patches could delete that worker's delete counter, so
+// NewEtcdWorker and NewSource refuse it with ErrInvalidArgument. (Before, a
+// worker on parent + "/__orchestrator" got the parent's counter in its state
+// and deleted it.)
+func TestAPrefixInAReservedAreaIsRefused(t *testing.T) {
+	t.Parallel()
+	cli := sharedClient(t)
+	for _, tt := range []struct {
+		prefix  string
+		refused bool
+	}{
+		{"/app/__orchestrator", true},
+		{"/app/__orchestrator/", true},
+		{"/app/__orchestrator/token", true},
+		{"/__orchestrator", true},
+		{"/a/__orchestrator/b/c", true},
+		{"/app/__orchestratorx", false},
+		{"/app/x__orchestrator", false},
+		{"/app/orchestrator", false},
+	} {
+		t.Run(tt.prefix, func(t *testing.T) {
+			_, werr := NewEtcdWorker(cli, tt.prefix, idleReactor(), newMapState(tt.prefix))
+			_, serr := NewSource(cli, tt.prefix)
+			if !tt.refused {
+				require.NoError(t, werr)
+				require.NoError(t, serr)
+				return
+			}
+			for _, err := range []error{werr, serr} {
+				require.ErrorIs(t, err, ErrInvalidArgument)
+				require.Contains(t, err.Error(), util.NormalizePrefix(tt.prefix).String(), "the error names the prefix")
+			}
+		})
+	}
+}
+
 // TestTheBarePrefixKeyIsFollowedLikeAnyOther: the key prefix + "/" is loaded,
 // and its later delete reaches the state, for a lone worker and for a worker
 // on a nested prefix of a shared Source (the Source's catch-up). Before, the

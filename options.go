@@ -7,6 +7,8 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 )
 
 const (
@@ -105,6 +107,10 @@ func (o *options) validate() error {
 		if err := checkPositiveDuration(p.name, p.d); err != nil {
 			return err
 		}
+	}
+	if o.tokenTTL > etcderr.MaxLeaseTTL*time.Second {
+		return fmt.Errorf("%w: WithCommitTokenTTL(%v): over etcd's longest lease TTL, %ds",
+			ErrInvalidArgument, o.tokenTTL, etcderr.MaxLeaseTTL)
 	}
 	if err := checkPageSize("WithPageSize", o.pageSize); err != nil {
 		return err
@@ -213,7 +219,8 @@ func WithPageSize(n int) Option {
 // the TTL. An outage longer than the TTL while a commit's outcome is unknown
 // makes Run return ErrCommitUnresolved: the token that would tell is gone.
 // Default: DefaultCommitTokenTTL (60s); etcd rounds it up to whole seconds
-// and to its minimum TTL.
+// and to its minimum TTL. It must be positive and at most etcd's longest
+// lease TTL (9,000,000,000 s).
 func WithCommitTokenTTL(d time.Duration) Option {
 	return optionFunc(func(o *options) { o.tokenTTL = d })
 }

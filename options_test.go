@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 )
 
 // TestOptionErrorsNameTheOption: NewEtcdWorker rejects an out-of-range
@@ -35,6 +37,10 @@ func TestOptionErrorsNameTheOption(t *testing.T) {
 		{WithPipelineDepth(8), ""},
 		{WithPipelineDepth(MaxPipelineDepth), ""},
 		{WithCommitTokenTTL(0), "WithCommitTokenTTL"},
+		// Over etcd's longest lease TTL: a grant fails every time.
+		{WithCommitTokenTTL(etcderr.MaxLeaseTTL*time.Second + time.Second), "WithCommitTokenTTL"},
+		{WithCommitTokenTTL(time.Duration(math.MaxInt64)), "WithCommitTokenTTL"},
+		{WithCommitTokenTTL(etcderr.MaxLeaseTTL * time.Second), ""},
 		{WithTxnLimits(1, 10), "WithTxnLimits"},
 		{WithTxnLimits(DefaultTxnMaxOps, 10), "WithTxnLimits"},
 		{WithTxnLimits(2, DefaultTxnMaxBytes), "WithTxnLimits"},

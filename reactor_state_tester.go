@@ -13,13 +13,17 @@ import (
 // rules as the worker: each group atomically, ErrEtcdIgnore skips one patch,
 // no-op writes are dropped, patches get copies of the values (an edit a
 // patch does not report is seen by nothing), the state gets values of its
-// own, never a slice a patch returned or put, and a patch returning
-// ErrEtcdTryAgain aborts the whole flush (no group of it is applied). It
-// reports failures through testing.TB alone.
+// own, never a slice a patch returned or put, a patch returning
+// ErrEtcdTryAgain aborts the whole flush (no group of it is applied), and a
+// write to a key in a reserved area ("/__orchestrator/" at any depth) fails
+// the flush with ErrKeyOutsidePrefix. It knows no prefix, so it cannot
+// refuse a key outside one as the worker does. It reports failures through
+// testing.TB alone.
 type ReactorStateTester struct {
 	t      testing.TB
 	state  ReactorState
 	mirror *mirror
+	ks     keyspace // the whole keyspace: the tester knows no prefix
 }
 
 // NewReactorStateTester returns a tester for state, first loading
@@ -31,7 +35,8 @@ func NewReactorStateTester(t testing.TB, state ReactorState, initKVEntries map[s
 		t.FailNow()
 		return nil
 	}
-	r := &ReactorStateTester{t: t, state: state, mirror: newMirror(util.NormalizePrefix(""))}
+	root := util.NormalizePrefix("")
+	r := &ReactorStateTester{t: t, state: state, mirror: newMirror(root), ks: newKeyspace(root)}
 	for k, v := range initKVEntries {
 		key := util.NewEtcdKey(k)
 		value := []byte(v)
@@ -86,6 +91,12 @@ func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
 		writes, err := view.applyGroup(group)
 		if errors.Is(err, ErrEtcdTryAgain) {
 			return true, nil // view.reset undoes what the patches changed
+		}
+		for _, w := range writes {
+			if err == nil {
+				// A worker on any prefix refuses a key in a reserved area.
+				err = r.ks.notReserved(w.key.String())
+			}
 		}
 		if err != nil {
 			return false, err

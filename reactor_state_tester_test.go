@@ -286,6 +286,27 @@ func TestReactorStateTesterApplyPatchesErrors(t *testing.T) {
 	}
 }
 
+// TestReactorStateTesterRefusesReservedKeys: as the worker does, the tester
+// refuses a write to a key in a reserved area (/__orchestrator/ at any
+// depth) with ErrKeyOutsidePrefix, and applies nothing of the flush. (Before,
+// it applied the write and told the state the reserved key, which a worker
+// never does: a state could pass its unit tests and fail in production.)
+func TestReactorStateTesterRefusesReservedKeys(t *testing.T) {
+	t.Parallel()
+	for _, key := range []string{"/app/__orchestrator/delete-counter", "/__orchestrator/token/x", "/a/b/__orchestrator/"} {
+		t.Run(key, func(t *testing.T) {
+			s := newRecordingState("")
+			tester := NewReactorStateTester(t, s, map[string]string{"/t/a": "1"})
+			s.log = nil // the initial load
+			s.patches = [][]DataPatch{{setKey("/t/a", []byte("2"))}, {setKey(key, []byte("x"))}}
+			_, err := tester.ApplyPatches()
+			require.ErrorIs(t, err, ErrKeyOutsidePrefix)
+			require.Equal(t, map[string]string{"/t/a": "1"}, tester.KVEntries(), "nothing of the flush is applied")
+			require.Empty(t, s.log, "the state is told nothing")
+		})
+	}
+}
+
 // TestReactorStateTesterMatchesWorkerRules runs the same patches through the
 // tester twice in a row: the second run sees the first run's results, as the
 // worker's next Tick would.

@@ -182,7 +182,11 @@ func NewSource(client *clientv3.Client, prefix string, opts ...SourceOption) (*S
 	if err := checkPageSize("WithSourcePageSize", o.pageSize); err != nil {
 		return nil, err
 	}
-	return newSource(client, util.NormalizePrefix(prefix), o)
+	p := util.NormalizePrefix(prefix)
+	if err := checkPrefix(p); err != nil {
+		return nil, err
+	}
+	return newSource(client, p, o)
 }
 
 func newSource(client *clientv3.Client, p util.EtcdPrefix, o sourceOptions) (*Source, error) {
@@ -214,18 +218,12 @@ func WithSource(src *Source) Option {
 	return optionFunc(func(o *options) { o.source = src })
 }
 
-// checkWorkerPrefix returns an error unless a worker on p may follow s.
+// checkWorkerPrefix returns an error unless a worker on p may follow s. (A
+// p in a reserved area is refused before, by checkPrefix.)
 func (s *Source) checkWorkerPrefix(p util.EtcdPrefix) error {
-	wp := p.String()
-	switch {
-	case wp == s.ks.prefix:
-		return nil
-	case !s.ks.contains(wp):
+	if wp := p.String(); wp != s.ks.prefix && !s.ks.contains(wp) {
 		return fmt.Errorf("%w: WithSource: worker prefix %q is not the Source's prefix %q nor under it",
 			ErrInvalidArgument, wp, s.ks.prefix)
-	case s.ks.isReserved([]byte(p.Dir())):
-		return fmt.Errorf("%w: WithSource: worker prefix %q lies in a reserved area %q of the Source's prefix %q",
-			ErrInvalidArgument, wp, reservedDir, s.ks.prefix)
 	}
 	return nil
 }

@@ -112,8 +112,8 @@ func Run(ctx context.Context, client *clientv3.Client, electionPrefix, candidate
 		return fmt.Errorf("leader: empty election prefix or candidate: %w", orchestrator.ErrInvalidArgument)
 	case newWorker == nil:
 		return fmt.Errorf("leader: nil NewWorkerFunc: %w", orchestrator.ErrInvalidArgument)
-	case o.sessionTTL < 1:
-		return fmt.Errorf("leader: session TTL %ds: %w", o.sessionTTL, orchestrator.ErrInvalidArgument)
+	case o.sessionTTL < 1, o.sessionTTL > etcderr.MaxLeaseTTL:
+		return fmt.Errorf("leader: session TTL %ds (1 to %d): %w", o.sessionTTL, etcderr.MaxLeaseTTL, orchestrator.ErrInvalidArgument)
 	}
 	c := &campaigner{
 		client: client, prefix: electionPrefix, candidate: candidate, newWorker: newWorker, opts: o,

@@ -39,7 +39,9 @@ func newOptions(opts []Option) options {
 
 // WithSessionTTL sets the TTL in seconds of the session lease each campaign
 // creates (default DefaultSessionTTL). When the leader's process dies or
-// loses etcd, another candidate takes over after at most this long.
+// loses etcd, another candidate takes over after at most this long. It must
+// lie between 1 and etcd's longest lease TTL (9,000,000,000 s); Run reports
+// another value as an error matching orchestrator.ErrInvalidArgument.
 func WithSessionTTL(seconds int) Option {
 	return optionFunc(func(o *options) { o.sessionTTL = seconds })
 }

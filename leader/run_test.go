@@ -250,6 +250,8 @@ func TestInvalidArguments(t *testing.T) {
 		{"empty candidate", cli, n.election, "", worker, nil},
 		{"nil NewWorkerFunc", cli, n.election, "c", nil, nil},
 		{"zero session TTL", cli, n.election, "c", worker, []leader.Option{leader.WithSessionTTL(0)}},
+		// etcd never grants it: the campaign would retry the grant forever.
+		{"session TTL over etcd's longest lease", cli, n.election, "c", worker, []leader.Option{leader.WithSessionTTL(9_000_000_001)}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

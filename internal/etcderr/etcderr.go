@@ -13,6 +13,11 @@ import (
 	"google.golang.org/grpc/status"
 )
 
+// MaxLeaseTTL is the longest lease TTL etcd grants, in seconds (the
+// server's lease.MaxLeaseTTL): a Grant over it fails with
+// rpctypes.ErrLeaseTTLTooLarge, every time.
+const MaxLeaseTTL = 9_000_000_000
+
 // EndsRetries reports whether a request of client that failed with err
 // fails the same way again: the client was closed, or err is Permanent.
 func EndsRetries(client *clientv3.Client, err error) bool {
@@ -32,6 +37,7 @@ func Permanent(err error) bool {
 		rpctypes.ErrUserNotFound, rpctypes.ErrRoleNotGranted, rpctypes.ErrPermissionNotGranted,
 		rpctypes.ErrDuplicateKey, rpctypes.ErrEmptyKey, rpctypes.ErrKeyNotFound,
 		rpctypes.ErrInvalidSortOption, rpctypes.ErrRequestTooLarge, rpctypes.ErrTooManyOps,
+		rpctypes.ErrLeaseTTLTooLarge,
 	} {
 		if errors.Is(err, p) {
 			return true

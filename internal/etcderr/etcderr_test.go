@@ -28,6 +28,7 @@ func TestPermanent(t *testing.T) {
 		{name: "permission denied", err: rpctypes.ErrPermissionDenied, permanent: true},
 		{name: "wrapped too many ops", err: fmt.Errorf("commit: %w", rpctypes.ErrTooManyOps), permanent: true},
 		{name: "request too large", err: rpctypes.ErrRequestTooLarge, permanent: true},
+		{name: "lease TTL over etcd's longest", err: rpctypes.ErrLeaseTTLTooLarge, permanent: true},
 		{name: "gRPC unauthenticated", err: status.Error(codes.Unauthenticated, "no"), permanent: true},
 		{name: "gRPC receive limit", err: status.Error(codes.ResourceExhausted,
 			"grpc: received message larger than max (5000 vs. 4096)"), permanent: true, tooLarge: true},
