@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"sync"
@@ -196,14 +197,20 @@ func (s *Server) WaitReady(ctx context.Context) error {
 
 // Start launches a single-member cluster with its data in dir, on freshly
 // picked 127.0.0.1 ports, and waits until it is ready (bounded by ctx and by
-// the ReadyTimeout option). A start that loses a port race is retried with
-// new ports. The caller must Close the returned Server.
+// the ReadyTimeout option). A dir that holds a member's data already is
+// restarted with it. A start that loses a port race is retried with new
+// ports. The caller must Close the returned Server.
 func Start(ctx context.Context, dir string, opts ...Option) (*Server, error) {
 	o := ResolveOptions(opts...)
+	fresh, err := isEmptyDir(dir)
+	if err != nil {
+		return nil, err
+	}
 	var lastErr error
 	for attempt := range 8 {
-		if attempt > 0 {
-			// A failed start may have written into dir; begin afresh.
+		if attempt > 0 && fresh {
+			// A failed start may have written into dir; begin afresh. A dir
+			// that held data before is never emptied: it is the caller's.
 			if err := os.RemoveAll(dir); err != nil {
 				return nil, err
 			}
@@ -234,6 +241,18 @@ func Start(ctx context.Context, dir string, opts ...Option) (*Server, error) {
 		return s, nil
 	}
 	return nil, fmt.Errorf("embedetcd: giving up after repeated port conflicts: %w", lastErr)
+}
+
+// isEmptyDir reports whether dir is missing or empty.
+func isEmptyDir(dir string) (bool, error) {
+	entries, err := os.ReadDir(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return true, nil
+	case err != nil:
+		return false, fmt.Errorf("embedetcd: data dir: %w", err)
+	}
+	return len(entries) == 0, nil
 }
 
 // Endpoints returns the client URLs the member listens on.
