@@ -144,10 +144,11 @@ func WithLogger(l *zap.Logger) Option {
 // ops. Default: DefaultTxnMaxOps (128) and DefaultTxnMaxBytes (1.25 MiB),
 // which fit an etcd server with default flags. Set them no higher than the
 // server's --max-txn-ops and --max-request-bytes less framing: the byte
-// estimate counts keys and values only, and protobuf adds about 20 bytes per
-// op, so leave maxOps*20 bytes plus some KiB of margin (the defaults leave
-// 256 KiB). Values that
-// leave no room for one key make NewEtcdWorker fail with ErrInvalidArgument.
+// estimate counts keys and values only (every copy of them: a written key is
+// in its compare, its put or delete and its get), and protobuf adds about 30
+// bytes per written key for those three messages, so leave maxOps*32 bytes
+// plus a KiB of margin (the defaults leave 256 KiB). Values that leave no
+// room for one key make NewEtcdWorker fail with ErrInvalidArgument.
 func WithTxnLimits(maxOps, maxBytes int) Option {
 	return optionFunc(func(o *options) {
 		o.txnMaxOps = maxOps

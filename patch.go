@@ -18,7 +18,9 @@ import (
 // An edit Func does not report (changed == false, or an error) is seen by
 // nothing: not by the patches after it, a retry or a later flush, wherever
 // the patch runs (with or without a general DataPatch before it, or called
-// directly by a wrapping DataPatch).
+// directly by a wrapping DataPatch). The worker copies the slice Func
+// returns (unless it is old), so Func may reuse a buffer of its own for what
+// it returns: a later call that overwrites it changes no earlier write.
 type SingleDataPatch struct {
 	Key  util.EtcdKey
 	Func func(old []byte) (newValue []byte, changed bool, err error)
@@ -233,7 +235,7 @@ func (v *patchView) applyPatch(p DataPatch) error {
 		old := v.current(sp.Key).clone().value
 		newValue, changed, err := callSingle(sp, old)
 		if err == nil && changed {
-			after := optValue{value: newValue, present: newValue != nil}
+			after := optValue{value: own(newValue, old), present: newValue != nil}
 			v.accept(sp.Key, after)
 			if v.values != nil {
 				v.setLive(sp.Key, after)
@@ -260,6 +262,17 @@ func (v *patchView) applyPatch(p DataPatch) error {
 		v.setLive(key, after)
 	}
 	return nil
+}
+
+// own returns value as a slice the worker owns: value itself when it starts
+// where given (the copy the patch was handed, perhaps edited in place)
+// starts, a copy otherwise. A patch may reuse the slice it returned, for
+// the next key it writes, say; what it returned must not change with it.
+func own(value, given []byte) []byte {
+	if value == nil || cap(value) > 0 && cap(given) > 0 && &value[:1][0] == &given[:1][0] {
+		return value
+	}
+	return bytes.Clone(value)
 }
 
 // groupWrites returns the keys the current group left with a value other

@@ -13,6 +13,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -401,6 +402,59 @@ func TestPatchPutValueIsNotShared(t *testing.T) {
 			require.Len(t, in["edit /k"], 2, "the flush ran again")
 		})
 	}
+}
+
+// reusedBufferGroups returns one group per key, each a SingleDataPatch
+// whose Func writes its value into one buffer they share and returns it:
+// each call overwrites what the call before returned.
+func reusedBufferGroups(prefix string, values map[string]string) [][]DataPatch {
+	var buf []byte
+	var groups [][]DataPatch
+	for _, rel := range slices.Sorted(maps.Keys(values)) {
+		v := values[rel]
+		groups = append(groups, []DataPatch{SingleDataPatch{Key: util.NewEtcdKey(prefix + rel),
+			Func: func([]byte) ([]byte, bool, error) {
+				buf = append(buf[:0], v...)
+				return buf, true, nil
+			}}})
+	}
+	return groups
+}
+
+// TestAReturnedValueIsTheWorkersOwn: the slice a SingleDataPatch returns
+// becomes the worker's: patches that reuse one buffer for what they return
+// (each call overwriting the last one's bytes) still write each its own
+// value, on the worker and on the ReactorStateTester. Before, every key of
+// the flush got the last patch's bytes.
+func TestAReturnedValueIsTheWorkersOwn(t *testing.T) {
+	t.Parallel()
+	want := map[string]string{"/a": "1", "/b": "22", "/c": "333"}
+	t.Run("worker", func(t *testing.T) {
+		t.Parallel()
+		cli := sharedClient(t)
+		ctx := testContext(t)
+		const prefix = "/test/iso/reused-buffer"
+		sent := false
+		reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+			st := s.(*mapState)
+			if sent {
+				return st, ErrReactorFinished
+			}
+			st.patches, sent = reusedBufferGroups(prefix, want), true
+			return st, nil
+		})
+		w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix))
+		require.NoError(t, w.Run(ctx, nil, behaviourTick, t.Name()))
+		require.Equal(t, want, etcdSnapshot(ctx, t, cli, prefix))
+	})
+	t.Run("tester", func(t *testing.T) {
+		t.Parallel()
+		st := newMapState("/iso")
+		tester := NewReactorStateTester(t, st, nil)
+		st.patches = reusedBufferGroups("/iso", want)
+		tester.MustApplyPatches()
+		require.Equal(t, isoFull("/iso", want), tester.KVEntries())
+	})
 }
 
 // isoApply applies groups with tester like the worker: a flush aborted by
