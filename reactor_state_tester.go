@@ -92,11 +92,9 @@ func (r *ReactorStateTester) ApplyPatches() (tryAgain bool, err error) {
 		if errors.Is(err, ErrEtcdTryAgain) {
 			return true, nil // view.reset undoes what the patches changed
 		}
-		for _, w := range writes {
-			if err == nil {
-				// A worker on any prefix refuses a key in a reserved area.
-				err = r.ks.notReserved(w.key.String())
-			}
+		// A worker on any prefix refuses a key in a reserved area.
+		for i := 0; err == nil && i < len(writes); i++ {
+			err = r.ks.notReserved(writes[i].key.String())
 		}
 		if err != nil {
 			return false, err

@@ -281,11 +281,10 @@ func TestAWorkerWhoseCatchUpMetTheWriteLockIsWokenAgain(t *testing.T) {
 	const prefix = "/woken"
 	store := newModelStore()
 	store.put(prefix+"/a", "0")
-	src, err := NewSource(&clientv3.Client{}, prefix)
-	require.NoError(t, err)
+	src := mustNewSource(t, &clientv3.Client{}, prefix)
 	clock := clockwork.NewFakeClock()
 	src.opts.clock = clock
-	_, _, err = src.loadCopy(clock.Now(), store.read)
+	_, _, err := src.loadCopy(clock.Now(), store.read)
 	require.NoError(t, err)
 
 	state := newRecordingState(prefix)
