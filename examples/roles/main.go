@@ -10,7 +10,8 @@
 // Keys under --prefix: /task/<n> (a task, "" until assigned, then the
 // capture's name), /capture/<c>/todo/<n> (handed to capture c) and
 // /capture/<c>/done/<n> (done by it). At the end every task must be done
-// exactly once, by the capture it was assigned to. Without --endpoints it
+// exactly once, by the capture it was assigned to. It empties the prefix at
+// the start, so it refuses a prefix that holds any other key. Without --endpoints it
 // runs an embedded etcd in a temporary directory. It exits 1 if a task was
 // lost or done twice, 2 for a bad flag.
 package main
@@ -173,6 +174,11 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	cli := env.Client
 	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
 	defer cancel()
+	if key, err := foreignKey(ctx, cli, cfg.prefix); err != nil {
+		return false, err
+	} else if key != "" {
+		return false, fmt.Errorf("--prefix %s holds %s, which is not one of this demo's keys: the demo empties its prefix at the start, so give it a prefix of its own", cfg.prefix, key)
+	}
 	if _, err := cli.Delete(ctx, cfg.prefix+"/", clientv3.WithPrefix()); err != nil {
 		return false, err
 	}
@@ -220,6 +226,36 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	}
 	fmt.Fprintf(out, "the owner saw every task done after %v\n", time.Since(start).Round(time.Millisecond))
 	return verify(ctx, cli, cfg, out)
+}
+
+// demoDirs are the folders of the keys the demo writes under its prefix, in
+// key order: the workers' bookkeeping, the captures' prefixes and the tasks.
+var demoDirs = []string{"/__orchestrator/", "/capture/", "/task/"}
+
+// foreignKey returns a key under prefix that lies outside demoDirs ("" when
+// there is none), so that the demo never empties a prefix holding someone
+// else's data (--prefix / would otherwise delete every key under "/"). It
+// reads the gaps between the folders, one key at most from each.
+func foreignKey(ctx context.Context, cli *clientv3.Client, prefix string) (string, error) {
+	from := prefix + "/"
+	end := clientv3.GetPrefixRangeEnd(from)
+	for i := 0; i <= len(demoDirs); i++ {
+		to := end
+		if i < len(demoDirs) {
+			to = prefix + demoDirs[i]
+		}
+		resp, err := cli.Get(ctx, from, clientv3.WithRange(to), clientv3.WithKeysOnly(), clientv3.WithLimit(1))
+		if err != nil {
+			return "", err
+		}
+		if len(resp.Kvs) > 0 {
+			return string(resp.Kvs[0].Key), nil
+		}
+		if i < len(demoDirs) {
+			from = clientv3.GetPrefixRangeEnd(to)
+		}
+	}
+	return "", nil
 }
 
 // verify reads etcd back: every task assigned to one capture and done by it,

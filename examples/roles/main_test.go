@@ -3,10 +3,15 @@ package main
 import (
 	"context"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
+
+	"github.com/etcdworker/orchestrator/examples/internal/demo"
 	"github.com/etcdworker/orchestrator/examples/internal/demotest"
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
 
 func TestMain(m *testing.M) {
@@ -39,4 +44,38 @@ func TestRunWithATrailingSlashPrefix(t *testing.T) {
 		return run(ctx, config{prefix: "/roles-slash/", tasks: 30, captures: 3, timeout: 10 * time.Second,
 			interval: 2 * time.Millisecond}, out)
 	})
+}
+
+// TestRunRefusesAPrefixHoldingOtherKeys: the demo empties its prefix at the
+// start, so a prefix holding a key outside the demo's folders (between,
+// before or after them) is refused with an error naming the key, and nothing
+// is deleted; keys of the demo's own folders (a previous run) are not in the
+// way. --prefix / would otherwise have deleted every key under "/".
+func TestRunRefusesAPrefixHoldingOtherKeys(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	cli := srv.Client(t)
+	conn := demo.ConnConfig{Endpoints: strings.Join(srv.Endpoints(), ","), DialTimeout: 5 * time.Second}
+	ctx, cancel := context.WithTimeout(context.Background(), demotest.RunTimeout)
+	defer cancel()
+	for _, key := range []string{"/r/a", "/r/capture", "/r/d", "/r/tasks", "/r/zz", "/r/"} {
+		_, err := cli.Put(ctx, key, "theirs")
+		require.NoError(t, err)
+		cfg := config{conn: conn, prefix: "/r", tasks: 3, captures: 1, timeout: 10 * time.Second, interval: 2 * time.Millisecond}
+		var out demotest.Buffer
+		_, err = run(ctx, cfg, &out)
+		require.ErrorContains(t, err, "holds "+key+",", key)
+		resp, err := cli.Get(ctx, key)
+		require.NoError(t, err)
+		require.Len(t, resp.Kvs, 1, "%s was deleted", key)
+		_, err = cli.Delete(ctx, key)
+		require.NoError(t, err)
+	}
+	for _, key := range []string{"/r/task/7", "/r/capture/c9/todo/7", "/r/__orchestrator/token"} {
+		_, err := cli.Put(ctx, key, "")
+		require.NoError(t, err)
+	}
+	ok, err := run(ctx, config{conn: conn, prefix: "/r", tasks: 3, captures: 1, timeout: 20 * time.Second,
+		interval: 2 * time.Millisecond}, io.Discard)
+	require.NoError(t, err)
+	require.True(t, ok)
 }
