@@ -252,8 +252,9 @@ func (r *run) catchUp(req *flushRequest) (catchUp, bool, error) {
 }
 
 // applyCatchUp tells the state what b holds. The worker's position moves
-// only once all of it was taken: after an error, the next Run passes it
-// again.
+// only once all of it was taken: after an error, or when Run's ctx ends
+// part-way (each Update may be slow, and a catch-up may bring every key),
+// the next Run passes it again.
 func (r *run) applyCatchUp(b catchUp) error {
 	v := r.view
 	if n := b.fills(v.keys); n > 0 {
@@ -262,13 +263,22 @@ func (r *run) applyCatchUp(b catchUp) error {
 		}
 	}
 	for _, ch := range b.changes {
+		if r.ctxDone() {
+			return r.ctxErr()
+		}
 		if err := r.update(ch.keyChange, ch.init || b.full); err != nil {
 			return err
 		}
 	}
 	if b.full {
 		err := b.fullEntries(func(key util.EtcdKey, e kvEntry) error {
-			if err := r.update(keyChange{key: key, value: e.value, modRev: e.modRev}, true); err != nil {
+			var err error
+			if r.ctxDone() {
+				err = r.ctxErr()
+			} else {
+				err = r.update(keyChange{key: key, value: e.value, modRev: e.modRev}, true)
+			}
+			if err != nil {
 				// The keys before this one are the snapshot at b.seq: the next
 				// Run catches them up from there and goes on from this key.
 				r.cur.resume = key.String()

@@ -73,6 +73,9 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 	writes := make([]groupWrites, len(groups))
 	deps := make([]groupDeps, len(groups))
 	for i, group := range groups {
+		if r.ctxDone() { // nothing is sent yet: a cancel need not wait for every patch
+			return flushResult{}, r.ctxErr()
+		}
 		gw, gd, err := view.applyGroupDeps(group)
 		if errors.Is(err, ErrEtcdTryAgain) {
 			// What the patches changed is undone (view.reset): the value

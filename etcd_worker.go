@@ -2,6 +2,7 @@ package orchestrator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -161,7 +162,10 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 //     returned with it were committed;
 //   - an error matching ctx.Err() when ctx is done (an in-flight commit is
 //     resolved first; if etcd cannot tell within WithShutdownTimeout the
-//     error also matches ErrCommitUnresolved);
+//     error also matches ErrCommitUnresolved), also when user code then
+//     failed with an error of its own, which it matches too; a cancel
+//     stops a catch-up between two Updates and a flush between two
+//     groups' patches (nothing of that flush is sent);
 //   - ErrEtcdSessionDone when session is non-nil and its lease is gone;
 //   - ErrNotOwner when the fencing key (WithFencingKey) is gone, learnt
 //     from a failed commit compare or from the fencing check, which reads
@@ -211,8 +215,15 @@ func (w *EtcdWorker) Run(ctx context.Context, session *concurrency.Session,
 	r := w.newRun(ctx, session, timerInterval, role)
 	defer r.close() //nolint:contextcheck // the run carries Run's ctx
 	err := r.loop() //nolint:contextcheck // the run carries Run's ctx
-	if err != nil && ctx.Err() == nil {
+	switch {
+	case err == nil:
+	case ctx.Err() == nil:
 		err = &runFailure{err: err} // not a stop, even if err matches a ctx error
+	case !errors.Is(err, ctx.Err()):
+		// The ctx ended and something failed on the way out, often because
+		// of it (a Tick whose gRPC call returned codes.Canceled): Run's
+		// error matches both.
+		err = fmt.Errorf("%w (Run's ctx ended: %w)", err, ctx.Err())
 	}
 	if err != nil {
 		r.log.Info("etcd worker stopped", zap.Error(err))

@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"go.etcd.io/etcd/client/v3/concurrency"
@@ -87,7 +86,7 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 		src:      w.src,
 		cur:      w.cur,
 		view:     &w.view,
-		m:        w.metrics.forRole(strings.ToValidUTF8(role, "\uFFFD")), // label values must be UTF-8
+		m:        w.metrics.forRole(labelValue(role)),
 		gate:     newTickGate(interval),
 		health:   health{maxOutage: w.opts.maxOutage},
 		token:    &commitToken{key: w.ks.tokenKey(randomID())},
@@ -325,6 +324,18 @@ func (r *run) ctxErr() error {
 		return fmt.Errorf("orchestrator: worker stopped: %w: %w", err, cause)
 	}
 	return fmt.Errorf("orchestrator: worker stopped: %w", err)
+}
+
+// ctxDone reports whether Run's ctx is done. It is cheap enough to ask
+// before every call of user code in a loop (a catch-up's Updates, a flush's
+// patches), so that a cancel is not held up by many slow callbacks.
+func (r *run) ctxDone() bool {
+	select {
+	case <-r.ctx.Done():
+		return true
+	default:
+		return false
+	}
 }
 
 // sleep waits for d. With ignoreCtx it waits through a done ctx, a closed

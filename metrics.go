@@ -2,7 +2,10 @@ package orchestrator
 
 import (
 	"errors"
+	"fmt"
+	"strings"
 	"sync"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -101,6 +104,28 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return nil, rg.err
 	}
 	return m, nil
+}
+
+// labelValue returns s as the value of a metric label. Prometheus takes
+// only UTF-8 and panics on anything else, while a role is any string and a
+// prefix any bytes (etcd keys are). Valid UTF-8 is kept as it is; each byte
+// that is not becomes \xNN, so two prefixes that differ only there keep
+// series of their own.
+func labelValue(s string) string {
+	if utf8.ValidString(s) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && n == 1 {
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		} else {
+			b.WriteString(s[i : i+n])
+		}
+		i += n
+	}
+	return b.String()
 }
 
 // roleLabel is the label of a worker's metrics.

@@ -2,10 +2,12 @@ package orchestrator
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -243,4 +245,58 @@ func TestMetricsRegistrationConflict(t *testing.T) {
 	for range 2 {
 		mustNewEtcdWorker(t, cli, "/p", reactor, newMapState("/p"), WithMetrics(ok))
 	}
+}
+
+// TestLabelValue: a metric label value is UTF-8 (prometheus panics on
+// anything else); invalid bytes are spelled \xNN, so that values that differ
+// only there stay apart.
+func TestLabelValue(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ in, want string }{
+		{"", ""},
+		{"/app/näme", "/app/näme"},
+		{"/a/\xff", `/a/\xff`},
+		{"/a/\xfe", `/a/\xfe`},
+		{"\xe2\x82", `\xe2\x82`}, // a rune cut short
+		{"x\xffé\xc0", `x\xffé\xc0`},
+	} {
+		got := labelValue(tc.in)
+		require.Equal(t, tc.want, got, "%q", tc.in)
+		require.True(t, utf8.ValidString(got), "%q", tc.in)
+	}
+}
+
+// TestAPrefixThatIsNotUTF8 runs workers on prefixes that are not valid UTF-8
+// (etcd keys are bytes): the Source's metrics are labelled by the prefix,
+// and prometheus panics on such a label value, which crashed the process
+// from the Source's follower goroutine. Two prefixes that differ only in
+// their invalid bytes keep series of their own.
+func TestAPrefixThatIsNotUTF8(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(testContext(t), 20*time.Second)
+	defer cancel()
+	cli := sharedClient(t)
+	reg := prometheus.NewRegistry()
+	for _, prefix := range []string{"/test/utf8/\xff", "/test/utf8/\xfe"} {
+		src := mustNewSource(t, cli, prefix, WithSourceMetrics(reg))
+		for i, opts := range [][]Option{{WithSource(src)}, {WithMetrics(reg)}} {
+			key := fmt.Sprintf("/k%d", i)
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				st := s.(*mapState)
+				st.patches = [][]DataPatch{{setPatch(st.key(key), []byte("1"))}}
+				return st, ErrReactorFinished
+			})
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), opts...)
+			require.NoError(t, w.Run(ctx, nil, behaviourTick, "utf8\xff"))
+			resp, err := cli.Get(ctx, prefix+key)
+			require.NoError(t, err)
+			require.Len(t, resp.Kvs, 1, "%q", prefix+key)
+		}
+	}
+	n, err := testutil.GatherAndCount(reg, "orchestrator_source_keys")
+	require.NoError(t, err)
+	require.Equal(t, 2, n, "one series per Source")
+	problems, err := testutil.GatherAndLint(reg)
+	require.NoError(t, err)
+	require.Empty(t, problems)
 }

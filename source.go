@@ -200,7 +200,7 @@ func newSource(client *clientv3.Client, p util.EtcdPrefix, o sourceOptions) (*So
 		opts:     o,
 		log:      o.logger.With(zap.String("source", p.String())),
 		metrics:  m,
-		label:    prometheus.Labels{"source": p.String()},
+		label:    prometheus.Labels{"source": labelValue(p.String())},
 		copy:     newMirror(p),
 		changes:  newChangeLog(),
 		attached: make(map[*cursor]struct{}),

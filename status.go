@@ -141,15 +141,17 @@ func (w *EtcdWorker) Ready() error {
 
 // IsCleanStop reports whether an error returned by Run means that Run ended
 // the way its caller asked: nil (the reactor finished), or ctx cancelled or
-// past its deadline with no commit left unresolved. Any other error,
-// including ErrCommitUnresolved after ctx ended and a context error of the
-// reactor's own returned while Run's ctx was alive, is a failure to look at.
+// past its deadline with no commit left unresolved, even when user code
+// failed on the way out (a Tick whose call returned codes.Canceled). Any
+// other error, including ErrCommitUnresolved after ctx ended, a panic in
+// user code, and a context error of the reactor's own returned while Run's
+// ctx was alive, is a failure to look at.
 func IsCleanStop(err error) bool {
 	if err == nil {
 		return true
 	}
 	var failed *runFailure
-	if errors.Is(err, ErrCommitUnresolved) || errors.As(err, &failed) {
+	if errors.Is(err, ErrCommitUnresolved) || errors.Is(err, ErrPanic) || errors.As(err, &failed) {
 		return false
 	}
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)

@@ -111,6 +111,8 @@ func TestIsCleanStop(t *testing.T) {
 		{ErrEtcdSessionDone, false},
 		{ErrNotOwner, false},
 		{errors.New("boom"), false},
+		{fmt.Errorf("%w (Run's ctx ended: %w)", errors.New("tick: rpc canceled"), context.Canceled), true},
+		{fmt.Errorf("%w (Run's ctx ended: %w)", fmt.Errorf("tick: %w", ErrPanic), context.Canceled), false},
 	}
 	for _, tt := range tests {
 		require.Equal(t, tt.want, IsCleanStop(tt.err), "%v", tt.err)

@@ -1,0 +1,181 @@
+package orchestrator
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator/util"
+)
+
+// cancelPrompt bounds how long Run may take to return after its ctx was
+// cancelled while nothing is in flight at etcd. The slow callbacks below
+// would hold Run for 8 s if it ran them all.
+const cancelPrompt = 2 * time.Second
+
+// slowUpdateState is a mapState whose Updates take a while until fast is set.
+type slowUpdateState struct {
+	*mapState
+	updates atomic.Int64
+	fast    atomic.Bool
+	first   chan struct{}
+}
+
+func (s *slowUpdateState) Update(key util.EtcdKey, value []byte, isInit bool) error {
+	if s.updates.Add(1) == 1 {
+		close(s.first)
+	}
+	if !s.fast.Load() {
+		time.Sleep(20 * time.Millisecond)
+	}
+	return s.mapState.Update(key, value, isInit)
+}
+
+// putKeys puts n keys prefix + "/k<i>", 100 in a Txn.
+func putKeys(ctx context.Context, t testing.TB, cli *clientv3.Client, prefix string, n int) {
+	t.Helper()
+	for i := 0; i < n; i += 100 {
+		var ops []clientv3.Op
+		for j := i; j < min(i+100, n); j++ {
+			ops = append(ops, clientv3.OpPut(fmt.Sprintf("%s/k%04d", prefix, j), "v"))
+		}
+		_, err := cli.Txn(ctx).Then(ops...).Commit()
+		require.NoError(t, err)
+	}
+}
+
+// TestACancelStopsTheFirstSnapshotBetweenTwoUpdates: the first snapshot
+// brings 400 keys whose Updates take 20 ms each. A cancel after the first
+// Update ends Run at once with ctx's error, not after the other 399; the
+// next Run of the same worker tells the state the rest, and the state ends
+// equal to etcd.
+func TestACancelStopsTheFirstSnapshotBetweenTwoUpdates(t *testing.T) {
+	t.Parallel()
+	const prefix, keys = "/test/cancel-catchup", 400
+	cli := sharedClient(t)
+	ctx := contextWithin(t, 30*time.Second)
+	putKeys(ctx, t, cli, prefix, keys)
+
+	st := &slowUpdateState{mapState: newMapState(prefix), first: make(chan struct{})}
+	w := mustNewEtcdWorker(t, cli, prefix, idleReactor(), st)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := runAsync(runCtx, w, nil, behaviourTick, "cancel-catchup")
+	awaitSignal(ctx, t, st.first, "the first Update")
+	start := time.Now()
+	cancel()
+	err := recvErr(ctx, t, done)
+	took := time.Since(start)
+	require.ErrorIs(t, err, context.Canceled)
+	require.True(t, IsCleanStop(err), "%v", err)
+	require.Less(t, took, cancelPrompt, "Run went on telling the state its snapshot (%d Updates)", st.updates.Load())
+	require.Less(t, st.updates.Load(), int64(keys/2))
+
+	st.fast.Store(true)
+	runCtx, cancel = context.WithCancel(ctx)
+	defer cancel()
+	done = runAsync(runCtx, w, nil, behaviourTick, "cancel-catchup-again")
+	require.NoError(t, w.WaitSynced(ctx))
+	cancel()
+	require.ErrorIs(t, recvErr(ctx, t, done), context.Canceled)
+	require.Len(t, st.values, keys, "the second Run told the state the keys the first one left")
+}
+
+// TestACancelStopsAFlushBetweenTwoGroups: a Tick leaves 400 groups whose
+// patches take 20 ms each. A cancel while the first runs ends Run at once
+// with ctx's error, and nothing of the flush is written.
+func TestACancelStopsAFlushBetweenTwoGroups(t *testing.T) {
+	t.Parallel()
+	const prefix = "/test/cancel-flush"
+	cli := sharedClient(t)
+	ctx := contextWithin(t, 30*time.Second)
+	var calls atomic.Int64
+	first := make(chan struct{})
+	ticked := false
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		if ticked {
+			return st, nil
+		}
+		ticked = true
+		for i := range 400 {
+			st.patches = append(st.patches, []DataPatch{SingleDataPatch{Key: st.key(fmt.Sprintf("/p%04d", i)),
+				Func: func([]byte) ([]byte, bool, error) {
+					if calls.Add(1) == 1 {
+						close(first)
+					}
+					time.Sleep(20 * time.Millisecond)
+					return []byte("x"), true, nil
+				}}})
+		}
+		return st, nil
+	})
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix))
+	before := headRevision(ctx, t, cli)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := runAsync(runCtx, w, nil, behaviourTick, "cancel-flush")
+	awaitSignal(ctx, t, first, "the first patch")
+	start := time.Now()
+	cancel()
+	err := recvErr(ctx, t, done)
+	took := time.Since(start)
+	require.ErrorIs(t, err, context.Canceled)
+	require.Less(t, took, cancelPrompt, "Run went on running patches (%d)", calls.Load())
+	require.Empty(t, writesSince(ctx, t, cli, before, prefix), "a commit went out after ctx was cancelled")
+}
+
+// TestATickErrorAfterACancelMatchesCtx: Tick waits on a call that honours
+// its ctx; on the cancel the call fails as a gRPC call does (a status error
+// of code Canceled, which does not match context.Canceled), and Tick returns
+// that. Run's error matches both ctx's error and Tick's, and is a clean
+// stop; a panic on the way out is not.
+func TestATickErrorAfterACancelMatchesCtx(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		fail  func() error
+		clean bool
+	}{
+		{"a gRPC status error", func() error { return fmt.Errorf("backend: %w", status.Error(codes.Canceled, "context canceled")) }, true},
+		{"a panic", func() error { panic("on the way out") }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cli := sharedClient(t)
+			ctx := contextWithin(t, 20*time.Second)
+			entered := make(chan struct{})
+			var once sync.Once
+			reactor := ReactorFunc(func(c context.Context, s ReactorState) (ReactorState, error) {
+				once.Do(func() { close(entered) })
+				<-c.Done()
+				return s, tc.fail()
+			})
+			prefix := "/test/tick-error-after-cancel/" + strings.ReplaceAll(tc.name, " ", "-")
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix))
+			runCtx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			done := runAsync(runCtx, w, nil, behaviourTick, "tick-error-after-cancel")
+			awaitSignal(ctx, t, entered, "Tick")
+			cancel()
+			err := recvErr(ctx, t, done)
+			require.ErrorIs(t, err, context.Canceled)
+			require.Equal(t, tc.clean, IsCleanStop(err), "%v", err)
+			if tc.clean {
+				require.Equal(t, codes.Canceled, status.Code(err), "%v", err)
+				require.ErrorContains(t, err, "backend")
+			} else {
+				require.ErrorIs(t, err, ErrPanic)
+			}
+		})
+	}
+}
