@@ -462,6 +462,14 @@ func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int6
 		idleTimeout: f.requestTimeout(f.now()),
 		support:     &f.s.streamSupport,
 		clock:       f.clock,
+		// Every chunk is an answer of etcd, published to the workers at
+		// once: a long read that follows a failed one ends the outage
+		// with its first chunk, not when it is complete (the workers'
+		// outage limit counts on it).
+		answered: func() {
+			f.answered(0)
+			f.lastData = f.now()
+		},
 	}
 	if sizeCopy {
 		cfg.sizeHint = func(keys int64) error {
@@ -472,14 +480,8 @@ func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int6
 	ctx, cancel := context.WithCancel(f.ctx)
 	ctx, cancel = etcdreq.Bound(ctx, cancel, f.s.client)
 	defer cancel()
-	n := 0
 	path := f.s.streamSupport.readPath()
 	rev, err := readRange(ctx, f.s.client, key, clientv3.GetPrefixRangeEnd(key), cfg, func(kv *mvccpb.KeyValue) error {
-		if n&1023 == 0 { // data arrived: etcd answers (checked now and then, it is per key)
-			f.health.answered(0)
-			f.lastData = f.now()
-		}
-		n++
 		fn(kv)
 		return nil
 	})

@@ -3,12 +3,17 @@ package orchestrator
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
@@ -128,4 +133,73 @@ func outageEndsRun(t *testing.T, fault func(*etcdtest.Proxy), inFlight bool, pre
 	require.ErrorIs(t, err, ErrEtcdUnavailable)
 	require.Greater(t, took, maxOutage-500*time.Millisecond, "gave up before the limit")
 	require.Less(t, took, maxOutage+1500*time.Millisecond, "gave up too late")
+}
+
+// slowStream delays every message of a client stream, as a slow link does,
+// and counts them.
+type slowStream struct {
+	grpc.ClientStream
+	delay    time.Duration
+	messages *atomic.Int64
+}
+
+func (s *slowStream) RecvMsg(m any) error {
+	time.Sleep(s.delay) // the message is on its way
+	err := s.ClientStream.RecvMsg(m)
+	if err == nil {
+		s.messages.Add(1)
+	}
+	return err
+}
+
+// TestALoadThatStreamsSlowlyAfterAFailureIsNoOutage: the first load fails
+// (an outage starts); the next one streams its chunks one every 150 ms,
+// each well within the request timeout, for longer than WithMaxOutage. Every
+// chunk is an answer of etcd, so the outage ended with the first one: Run
+// ticks and finishes. The follower recorded the chunks in a health of its
+// own and published it to the workers only once the load was complete, so
+// the worker ended Run with ErrEtcdUnavailable while data was arriving.
+func TestALoadThatStreamsSlowlyAfterAFailureIsNoOutage(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t, ownServer(etcdtest.WithMaxRequestBytes(64<<10))) // chunks of about 64 KiB
+	ctx := contextWithin(t, 30*time.Second)
+	const prefix = "/test/slow-stream-after-failure"
+	value := strings.Repeat("v", 1000)
+	for i := 0; i < 600; i += 50 {
+		var ops []clientv3.Op
+		for j := i; j < i+50; j++ {
+			ops = append(ops, clientv3.OpPut(fmt.Sprintf("%s/k%04d", prefix, j), value))
+		}
+		_, err := env.cli.Txn(ctx).Then(ops...).Commit()
+		require.NoError(t, err)
+	}
+	var streams, chunks atomic.Int64
+	slow := grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+		method string, streamer grpc.Streamer, opts ...grpc.CallOption,
+	) (grpc.ClientStream, error) {
+		if method != etcdserverpb.KV_RangeStream_FullMethodName {
+			return streamer(ctx, desc, cc, method, opts...)
+		}
+		if streams.Add(1) == 1 {
+			return nil, status.Error(codes.Unavailable, "the first load fails")
+		}
+		cs, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return cs, err
+		}
+		return &slowStream{ClientStream: cs, delay: 150 * time.Millisecond, messages: &chunks}, nil
+	})
+	var ticks atomic.Int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		ticks.Add(1)
+		return s, ErrReactorFinished
+	})
+	w := mustNewEtcdWorker(t, env.client(t, slow), prefix, reactor, newMapState(prefix),
+		WithMaxOutage(time.Second), WithRequestTimeout(500*time.Millisecond))
+	start := time.Now()
+	err := w.Run(ctx, nil, behaviourTick, "slow-stream")
+	took := time.Since(start)
+	require.NoError(t, err, "after %v, %d streams, %d chunks", took, streams.Load(), chunks.Load())
+	require.EqualValues(t, 1, ticks.Load())
+	require.Greater(t, took, 1500*time.Millisecond, "the load outlasted the outage limit")
 }

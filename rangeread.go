@@ -77,6 +77,10 @@ type readConfig struct {
 	// streamCount spends a count-only read on the streaming path for
 	// sizeHint (about a tenth of the read's time at a million keys).
 	streamCount bool
+	// answered, when set, is called for every stream chunk and every page
+	// that arrives without an error, before fn sees its keys: etcd
+	// answers, however long the whole read takes.
+	answered func()
 }
 
 // streamSupport remembers that the server answered RangeStream with
@@ -195,6 +199,9 @@ func readStream(ctx context.Context, kv clientv3.KV, key, end string, cfg readCo
 		if err := resp.Err(); err != nil {
 			return 0, delivered, wd.err(err)
 		}
+		if cfg.answered != nil {
+			cfg.answered()
+		}
 		if err := hint.give(cfg.sizeHint); err != nil { // the server streams
 			return 0, false, err
 		}
@@ -296,7 +303,7 @@ func readPaged(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 		first = 0 // everything at once, unless it is over the limit
 	}
 	p := rangePager{kv: kv, end: end, rev: cfg.rev, idle: cfg.idleTimeout, next: key,
-		limit: first, pageLimit: minPage, sizeHint: cfg.sizeHint}
+		limit: first, pageLimit: minPage, sizeHint: cfg.sizeHint, answered: cfg.answered}
 	sizing, err := p.page(ctx, fn)
 	if err != nil {
 		return 0, err
@@ -335,6 +342,7 @@ type rangePager struct {
 	sized     bool  // the first page was read
 	count     int64 // keys in the range at the revision, from the first page
 	sizeHint  func(keys int64) error
+	answered  func() // readConfig.answered
 }
 
 // pageStats describes one page.
@@ -362,6 +370,9 @@ func (p *rangePager) page(ctx context.Context, fn func(kv *mvccpb.KeyValue) erro
 		}
 		if err != nil {
 			return pageStats{}, err
+		}
+		if p.answered != nil {
+			p.answered()
 		}
 		if !p.sized {
 			p.sized, p.count = true, resp.Count
