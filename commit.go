@@ -132,15 +132,12 @@ func (r *run) checkGroup(gw groupWrites, gd groupDeps) error {
 
 // fenceToken sends the fence that settles a chain last seen at token
 // revision rev, writing value (see commitToken.fence). It retries with
-// back-off until etcd answers; after ctx is done it keeps trying for the
-// shutdown timeout. See "Commit token fence" in docs/DESIGN.md.
+// back-off until etcd answers; after ctx is done it keeps trying until the
+// shutdown timeout after it (r.shutdown, which also ends a fence in
+// flight). See "Commit token fence" in docs/DESIGN.md.
 func (r *run) fenceToken(rev int64, value uint64) (*clientv3.TxnResponse, error) {
 	bo := newBackoff()
-	var deadline time.Time
 	for {
-		if r.ctx.Err() != nil && deadline.IsZero() {
-			deadline = r.now().Add(r.w.opts.shutdownTimeout)
-		}
 		sent := r.now()
 		ctx, cancel := r.requestCtx(true)
 		resp, err := r.token.fence(r.w.client.Txn(ctx), rev, value).Commit()
@@ -149,11 +146,11 @@ func (r *run) fenceToken(rev int64, value uint64) (*clientv3.TxnResponse, error)
 			r.answered(resp.Header.Revision)
 			return resp, nil
 		}
+		if r.shutdown.Err() != nil {
+			return nil, fmt.Errorf("%w: %w", r.ctxErr(), ErrCommitUnresolved)
+		}
 		if err := r.fenceFailed(sent, err); err != nil {
 			return nil, err
-		}
-		if !deadline.IsZero() && r.now().After(deadline) {
-			return nil, fmt.Errorf("%w: %w", r.ctxErr(), ErrCommitUnresolved)
 		}
 		if err := r.sleep(bo.Next(), true); err != nil {
 			return nil, fmt.Errorf("%w: while resolving a commit", err)

@@ -141,12 +141,13 @@ func (r *run) rejectionOrOutage(request string, sent time.Time, err error) error
 }
 
 // requestCtx returns the context of one etcd request sent now (see
-// health.requestTimeout). Commits pass ignoreCtx: once sent, a Txn runs to
-// its outcome.
+// health.requestTimeout). Commits and their resolution pass ignoreCtx: once
+// sent, a Txn runs to its outcome, through a cancel of Run's ctx, until
+// the shutdown timeout after it (r.shutdown).
 func (r *run) requestCtx(ignoreCtx bool) (context.Context, context.CancelFunc) {
 	parent := r.ctx
 	if ignoreCtx {
-		parent = context.WithoutCancel(r.ctx)
+		parent = r.shutdown
 	}
 	return etcdreq.Context(parent, r.health.requestTimeout(r.now(), r.w.opts.requestTimeout), r.w.client)
 }

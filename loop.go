@@ -25,10 +25,15 @@ const slowTickThreshold = time.Second
 // the commit token, the tick gate and the health record; the run connects
 // them and acts on what they report.
 type run struct {
-	w       *EtcdWorker
-	ctx     context.Context
-	cancel  context.CancelFunc
-	session *concurrency.Session
+	w      *EtcdWorker
+	ctx    context.Context
+	cancel context.CancelFunc
+	// shutdown ends WithShutdownTimeout after ctx: the requests that run to
+	// their outcome through a cancel (commits, their resolution) end with
+	// it at the latest. releaseShutdown releases it.
+	shutdown        context.Context
+	releaseShutdown func()
+	session         *concurrency.Session
 	// clientDone is closed when the worker's client is closed (nil: never).
 	// The Source's follower watches its own client; a worker on a shared
 	// Source may run on another, which it must watch itself, since an idle
@@ -75,22 +80,25 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 	interval time.Duration, role string,
 ) *run {
 	rctx, cancel := context.WithCancel(ctx)
+	shutdown, releaseShutdown := etcdreq.Outlive(rctx, w.opts.shutdownTimeout)
 	r := &run{
-		w:        w,
-		ctx:      rctx,
-		cancel:   cancel,
-		session:  session,
-		interval: interval,
-		state:    w.state,
-		ks:       w.ks,
-		src:      w.src,
-		cur:      w.cur,
-		view:     &w.view,
-		m:        w.metrics.forRole(labelValue(role)),
-		gate:     newTickGate(interval),
-		health:   health{maxOutage: w.opts.maxOutage},
-		token:    &commitToken{key: w.ks.tokenKey(randomID())},
-		spacing:  initialSpacing,
+		w:               w,
+		ctx:             rctx,
+		cancel:          cancel,
+		shutdown:        shutdown,
+		releaseShutdown: releaseShutdown,
+		session:         session,
+		interval:        interval,
+		state:           w.state,
+		ks:              w.ks,
+		src:             w.src,
+		cur:             w.cur,
+		view:            &w.view,
+		m:               w.metrics.forRole(labelValue(role)),
+		gate:            newTickGate(interval),
+		health:          health{maxOutage: w.opts.maxOutage},
+		token:           &commitToken{key: w.ks.tokenKey(randomID())},
+		spacing:         initialSpacing,
 	}
 	if cctx := w.client.Ctx(); cctx != nil {
 		r.clientDone = cctx.Done()
@@ -130,6 +138,7 @@ func (r *run) close() {
 	r.src.detach(r.cur)
 	r.fence.close()
 	r.cancel()
+	r.releaseShutdown()
 	ctx, cancel := etcdreq.Context(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout), r.w.client)
 	defer cancel()
 	if !r.health.since().IsZero() {
@@ -346,7 +355,7 @@ func (r *run) sleep(d time.Duration, ignoreCtx bool) error {
 	defer timer.Stop()
 	done, fence, closed := r.ctx.Done(), r.fence.done(), r.clientDone
 	if ignoreCtx {
-		done, fence, closed = nil, nil, nil
+		done, fence, closed = r.shutdown.Done(), nil, nil // its requests would fail at once
 	}
 	select {
 	case <-done:

@@ -197,7 +197,10 @@ func WithRequestTimeout(d time.Duration) Option {
 }
 
 // WithShutdownTimeout sets how long Run keeps trying, after ctx is done, to
-// find out whether its in-flight commit landed. Default:
+// find out whether its in-flight commit landed. It counts from the moment
+// ctx ends and bounds the requests already in flight then, so Run returns
+// within about this long of the cancel (matching ErrCommitUnresolved if
+// the outcome is still unknown); 0 gives up at once. Default:
 // DefaultShutdownTimeout (5s).
 func WithShutdownTimeout(d time.Duration) Option {
 	return optionFunc(func(o *options) { o.shutdownTimeout = d })

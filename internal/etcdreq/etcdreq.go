@@ -7,6 +7,7 @@ package etcdreq
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -30,6 +31,36 @@ func Bound(ctx context.Context, cancel context.CancelFunc, client *clientv3.Clie
 	stop := context.AfterFunc(cctx, cancel)
 	return ctx, func() {
 		stop()
+		cancel()
+	}
+}
+
+// Outlive returns a context that ends d after ctx ends (on real time, as a
+// request's deadline runs), for requests that must run to their outcome
+// after a cancel but not for ever. release ends it at once and releases
+// what it set up; call it when the context is no longer needed.
+func Outlive(ctx context.Context, d time.Duration) (outliving context.Context, release func()) {
+	octx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	var (
+		mu       sync.Mutex
+		timer    *time.Timer
+		released bool
+	)
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !released {
+			timer = time.AfterFunc(d, cancel)
+		}
+	})
+	return octx, func() {
+		stop()
+		mu.Lock()
+		released = true
+		if timer != nil {
+			timer.Stop()
+		}
+		mu.Unlock()
 		cancel()
 	}
 }

@@ -55,3 +55,35 @@ func TestBoundWithoutAClientContext(t *testing.T) {
 	bcancel()
 	require.ErrorIs(t, ctx.Err(), context.Canceled)
 }
+
+// TestOutliveEndsItsDurationAfterItsParent: the context lives on after its
+// parent ends, for d, and no longer; release ends it at once, before or
+// after the parent ended.
+func TestOutliveEndsItsDurationAfterItsParent(t *testing.T) {
+	t.Parallel()
+	const d = 100 * time.Millisecond
+	parent, cancel := context.WithCancel(context.Background())
+	ctx, release := Outlive(parent, d)
+	defer release()
+	cancel()
+	ended := time.Now()
+	require.NoError(t, ctx.Err(), "ended with its parent")
+	select {
+	case <-ctx.Done():
+		require.GreaterOrEqual(t, time.Since(ended), d)
+	case <-time.After(10 * time.Second):
+		t.Fatal("outlived its parent by far more than d")
+	}
+	require.ErrorIs(t, ctx.Err(), context.Canceled)
+
+	for _, parentEnds := range []bool{false, true} {
+		parent, cancel := context.WithCancel(context.Background())
+		ctx, release := Outlive(parent, time.Hour)
+		if parentEnds {
+			cancel()
+		}
+		release()
+		<-ctx.Done() // at once
+		cancel()
+	}
+}
