@@ -381,6 +381,76 @@ func TestFaultBankLeaderRestart(t *testing.T) {
 	b.finish(t, g, env.cli)
 }
 
+// chainedBankOptions makes every flush of a bank worker (two groups of 3
+// and 2 writes) a chain of two Txns.
+func chainedBankOptions(env *testEnv, t testing.TB) []Option {
+	return faultOptions(env.reg, faultLogger(t), WithTxnLimits(6, DefaultTxnMaxBytes))
+}
+
+// TestFaultBankQuorumLoss: bank workers whose flushes are chains of two
+// Txns, on a 3-node cluster. Both followers stop, so the leader keeps
+// proposals it cannot commit, which may land once the quorum is back, long
+// after their requests timed out; then both restart at once; then the
+// leader stops and restarts.
+func TestFaultBankQuorumLoss(t *testing.T) {
+	t.Parallel()
+	c := etcdtest.NewCluster(t, 3)
+	env := newTestEnv(t, onServer(c))
+	b := newBankWorld("/fault/bank-quorum", 4, 6)
+	ws := make([]*EtcdWorker, b.workers)
+	for i := range ws {
+		ws[i] = b.newWorker(t, env.client(t), i, chainedBankOptions(env, t)...)
+	}
+	g := startWorkerGroup(t, 2*time.Minute, "bank", ws)
+	b.waitProgress(t, g, 20, "before the quorum is lost")
+
+	lead := c.Leader(t)
+	var followers []int
+	for i := range c.Size() {
+		if i != lead {
+			followers = append(followers, i)
+		}
+	}
+	for _, i := range followers {
+		c.StopMember(t, i)
+	}
+	time.Sleep(2 * time.Second) // fault timing: the quorum stays lost
+	c.RestartMembers(t, followers...)
+	b.waitProgress(t, g, 20, "after the quorum is back")
+	lead = c.Leader(t)
+	c.StopMember(t, lead)
+	b.waitProgress(t, g, 20, "after the leader stopped")
+	c.RestartMember(t, lead)
+	b.waitProgress(t, g, 20, "after the leader restarted")
+	b.finish(t, g, env.cli)
+}
+
+// TestFaultBankLeaderMovesUnderChains: bank workers whose flushes are chains
+// of two Txns, on a 3-node cluster whose leadership moves six times while
+// they commit (proposals in flight at a move may be dropped).
+func TestFaultBankLeaderMovesUnderChains(t *testing.T) {
+	t.Parallel()
+	c := etcdtest.NewCluster(t, 3)
+	env := newTestEnv(t, onServer(c))
+	b := newBankWorld("/fault/bank-move-leader", 3, 6)
+	ws := make([]*EtcdWorker, b.workers)
+	for i := range ws {
+		ws[i] = b.newWorker(t, env.client(t), i, chainedBankOptions(env, t)...)
+	}
+	g := startWorkerGroup(t, 2*time.Minute, "bank", ws)
+	b.waitProgress(t, g, 20, "before the moves")
+	ctx := contextWithin(t, time.Minute)
+	for n := range 6 {
+		lead := c.Leader(t)
+		lc := etcdtest.NewClient(t, c.Member(lead).Endpoint())
+		_, err := lc.MoveLeader(ctx, c.Member((lead+1)%c.Size()).ID())
+		require.NoError(t, err, "move %d", n+1)
+		require.NoError(t, lc.Close())
+		b.waitProgress(t, g, 10, fmt.Sprintf("after move %d", n+1))
+	}
+	b.finish(t, g, env.cli)
+}
+
 // ---------------------------------------------------------------------------
 // Single-worker fault tests.
 
