@@ -116,12 +116,22 @@ func (s *Source) collect(c *cursor, req *flushRequest) (catchUp, bool) {
 		if req.values {
 			b.values, b.committed = make(map[util.EtcdKey][]byte), make(map[util.EtcdKey]kvEntry)
 			s.eachIn(c.ks, func(k util.EtcdKey, e kvEntry) {
-				b.values[k] = bytes.Clone(e.value)
+				b.values[k] = e.value // shared: copied once the lock is released (ownValues)
 				b.committed[k] = e
 			})
 		}
 	}
 	return b, true
+}
+
+// ownValues gives the value map the catch-up collected copies of its own:
+// the patches may edit them. collect only shares the copy's values (which
+// the copy never edits), so that the copying of a whole prefix does not
+// hold the Source's lock, which the follower and the other workers wait for.
+func (b *catchUp) ownValues() {
+	for k, v := range b.values {
+		b.values[k] = bytes.Clone(v)
+	}
 }
 
 // changesSince lists the newest change of every key of c's range changed
@@ -245,6 +255,7 @@ func (r *run) catchUp(req *flushRequest) (catchUp, bool, error) {
 	if !ok {
 		return catchUp{}, false, nil
 	}
+	b.ownValues()
 	if err := r.applyCatchUp(b); err != nil {
 		return catchUp{}, false, err
 	}

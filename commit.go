@@ -68,6 +68,18 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 	if !ok { // the Source is (re)loading: try again on its next snapshot
 		return flushResult{tryAgain: true}, nil
 	}
+	if r.token.rev == 0 && rangeHolds(groups, r.token.key) {
+		// A range compare holding the token would fail on the token that
+		// the first commit puts, after the revision the range is compared
+		// at (cv.rev): put it first, and run the groups once the state
+		// holds it.
+		if err := r.ensureToken(); err != nil {
+			return flushResult{}, err
+		}
+		if r.token.rev > cv.rev {
+			return flushResult{retryAtRev: r.token.rev}, nil
+		}
+	}
 	view := newPatchView(cv)
 	defer view.reset()
 	writes := make([]groupWrites, len(groups))

@@ -88,9 +88,17 @@ type mirror struct {
 	counters    map[string]int64
 }
 
-// compactMinOver is the size over may reach, whatever the size of base,
-// before compact merges it.
+// compactMinOver is the number of garbage records the change log may keep,
+// whatever the number of keys, before it sweeps them.
 const compactMinOver = 1024
+
+// overMinCompact is the size over may reach, whatever the size of base,
+// before compact merges it. It is small: a key of base that over hides
+// (changed or deleted) keeps its old value alive until the merge, so with
+// large values on a small prefix a bound of a thousand entries kept up to
+// a thousand dead values (gigabytes at etcd's 1.5 MiB). A merge costs the
+// size of base, so merging once over reaches half of it stays linear.
+const overMinCompact = 16
 
 func newMirror(prefix util.EtcdPrefix) *mirror {
 	return &mirror{
@@ -263,7 +271,7 @@ func (m *mirror) overKeys() []util.EtcdKey {
 // settle compacts the mirror when over has grown to half of base. It is
 // called between loads and watch responses, never during a walk.
 func (m *mirror) settle() {
-	if !m.walking && len(m.over) > compactMinOver && len(m.over) > len(m.base)/2 {
+	if !m.walking && len(m.over) > overMinCompact && len(m.over) > len(m.base)/2 {
 		m.compact()
 	}
 }

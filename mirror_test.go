@@ -268,7 +268,7 @@ func (h *mirrorModel) check() {
 	require.True(h.t, slices.IsSortedFunc(h.m.base, func(a, b baseEntry) int {
 		return strings.Compare(a.key.String(), b.key.String())
 	}), "base stays sorted")
-	require.LessOrEqual(h.t, len(h.m.over), max(compactMinOver, len(h.m.base)/2)+300, "over stays bounded")
+	require.LessOrEqual(h.t, len(h.m.over), max(overMinCompact, len(h.m.base)/2)+300, "over stays bounded")
 }
 
 func entriesEqual(a, b kvEntry) bool {

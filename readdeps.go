@@ -86,6 +86,20 @@ func (d *groupDeps) addDependency(p DataPatch) bool {
 	return true
 }
 
+// rangeHolds reports whether a group of groups depends on a range that
+// holds key.
+func rangeHolds(groups [][]DataPatch, key string) bool {
+	for _, group := range groups {
+		for _, p := range group {
+			var d groupDeps
+			if !isNil(p) && d.addDependency(p) && len(d.prefixes) > 0 && strings.HasPrefix(key, d.prefixes[0]) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 func (d *groupDeps) addKey(k util.EtcdKey) {
 	for _, have := range d.keys {
 		if have == k {

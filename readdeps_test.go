@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -704,4 +705,30 @@ func TestTesterHonoursSkipAndDependencies(t *testing.T) {
 	_, err := tester.ApplyPatches()
 	require.NoError(t, err)
 	require.Equal(t, map[string]string{prefix + "/cap": "1", prefix + "/a": "v"}, tester.KVEntries())
+}
+
+// TestARangeOverTheTokenOnTheFirstCommit: a lone worker's first commit
+// depends on a range holding its own reserved area. The commit token is put
+// just before that first Txn, after the revision the range is compared at,
+// so the Txn failed on the worker's own token (a conflict and a second run
+// of the group with nobody else writing). The groups now wait for the state
+// to hold the token first: no conflict, and the group runs once.
+func TestARangeOverTheTokenOnTheFirstCommit(t *testing.T) {
+	t.Parallel()
+	cli := sharedClient(t)
+	ctx := contextWithin(t, 20*time.Second)
+	const prefix = "/test/range-over-token"
+	var runs atomic.Int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		st.patches = append(st.patches, []DataPatch{ReadRangeDependency{Prefix: prefix + "/"}, SingleDataPatch{
+			Key: st.key("/a"), Func: func([]byte) ([]byte, bool, error) { runs.Add(1); return []byte("a"), true, nil }}})
+		return st, ErrReactorFinished
+	})
+	reg := prometheus.NewRegistry()
+	w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), WithMetrics(reg))
+	require.NoError(t, w.Run(ctx, nil, behaviourTick, "range-over-token"))
+	require.Equal(t, map[string]string{"/a": "a"}, etcdSnapshot(ctx, t, cli, prefix))
+	require.Zero(t, metricValue(t, reg, "orchestrator_conflicts_total", "range-over-token"))
+	require.EqualValues(t, 1, runs.Load())
 }

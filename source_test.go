@@ -658,3 +658,65 @@ func TestSourcePermissionDeniedEndsEveryWorker(t *testing.T) {
 	}
 	require.False(t, sourceFollowing(src))
 }
+
+// copyValueBytes returns the bytes of the values the Source's copy holds
+// for its keys (live) and in base entries its overlay hides (dead: values
+// etcd no longer has).
+func copyValueBytes(src *Source) (live, dead int) {
+	src.mu.RLock()
+	defer src.mu.RUnlock()
+	m := src.copy
+	for _, e := range m.base {
+		if _, hidden := m.over[e.key]; hidden {
+			dead += len(e.value)
+		} else {
+			live += len(e.value)
+		}
+	}
+	for _, e := range m.over {
+		live += len(e.value)
+	}
+	return live, dead
+}
+
+// TestTheCopyLetsGoOfDeadValues: the copy's sorted base keeps the old value
+// of a key its overlay changed or deleted until the two are merged, which
+// waited for a thousand overlay entries: 40 deleted values of 256 KiB, on a
+// prefix with no key left, stayed in memory for good. The merge now comes
+// once the overlay holds half as many keys as the base (and more than a
+// few), so dead values stay below half the live ones.
+func TestTheCopyLetsGoOfDeadValues(t *testing.T) {
+	t.Parallel()
+	cli := sharedClient(t)
+	ctx := contextWithin(t, 30*time.Second)
+	const prefix, n, size = "/test/copy-dead-values", 40, 256 << 10
+	put := func(tag string) int64 {
+		var rev int64
+		for i := range n {
+			resp, err := cli.Put(ctx, fmt.Sprintf("%s/k%02d", prefix, i), tag+strings.Repeat("x", size-len(tag)))
+			require.NoError(t, err)
+			rev = resp.Header.Revision
+		}
+		return rev
+	}
+	put("old")
+	src := mustNewSource(t, cli, prefix)
+	w := mustNewEtcdWorker(t, cli, prefix, idleReactor(), newMapState(prefix), WithSource(src))
+	g := startSynced(ctx, t, "dead-values", w)
+	defer g.stop(t)
+	seen := func(rev int64) {
+		waitUntil(ctx, t, "the worker sees the writes", func() bool { return w.Status().AppliedRevision >= rev })
+	}
+
+	seen(put("new"))
+	live, dead := copyValueBytes(src)
+	require.Equal(t, n*size, live)
+	require.LessOrEqual(t, dead, live/2, "overwritten values held beside the new ones")
+
+	del, err := cli.Delete(ctx, prefix+"/", clientv3.WithPrefix())
+	require.NoError(t, err)
+	seen(del.Header.Revision)
+	live, dead = copyValueBytes(src)
+	require.Zero(t, live)
+	require.LessOrEqual(t, dead, overMinCompact*size, "values of deleted keys held with no key left")
+}
