@@ -237,6 +237,25 @@ func (r *run) checkFencing(txn *commitTxn, resp *clientv3.TxnResponse) error {
 // conflicts that are rare among many keys; its groups wait for the watch.
 const elseReadMaxKeys = 16
 
+// elseReadMaxBytes bounds the values (as the worker last saw them) of the
+// keys a commit Txn reads back in its Else. The answer of a failed Txn
+// carries them, and a client whose receive limit (MaxCallRecvMsgSize) it
+// exceeds cannot take it: the conflict, or the link that merely overtook
+// the one before it, would end Run with a size error. Keys of large values
+// are not read back; their conflicts wait for the watch.
+const elseReadMaxBytes = 256 << 10
+
+// readBackBytes returns the bytes of the values keys had when the flush
+// ran, which is what reading them back usually returns.
+func readBackBytes(cv *commitView, keys []util.EtcdKey) int {
+	n := 0
+	for _, k := range keys {
+		e, _ := cv.entry(k)
+		n += len(k.String()) + len(e.value)
+	}
+	return n
+}
+
 // elseReads are the Else operations of a commit Txn, by name: what the
 // worker reads back when a compare failed, to tell its own failures (token,
 // fencing key) from a conflict, and the current value of every key the Txn
@@ -334,7 +353,7 @@ func (r *run) buildTxn(b *txnBatch, written revisions, cv *commitView, token cli
 		t.reads.fencingAt = len(t.reads.ops)
 		t.reads.ops = append(t.reads.ops, clientv3.OpGet(o.fencingKey))
 	}
-	if len(keys) > elseReadMaxKeys {
+	if len(keys) > elseReadMaxKeys || readBackBytes(cv, keys) > elseReadMaxBytes {
 		return t // its conflicts wait for the watch (see chain.freshAfter)
 	}
 	t.reads.keysAt, t.reads.keys, t.reads.revs = len(t.reads.ops), keys, revs

@@ -501,7 +501,7 @@ func (f *follower) readPrefix(sizeCopy bool, fn func(kv *mvccpb.KeyValue)) (int6
 func (f *follower) logReadPath(ctx context.Context, was, now ReadPath) {
 	switch {
 	case now == ReadPathFallback:
-		f.log.Info("etcd has no streaming range (RangeStream): reading the prefix with unary ranges pinned at one revision",
+		f.log.Info("reading the prefix with unary ranges pinned at one revision: etcd has no streaming range (RangeStream), or its chunks are over the client's receive limit",
 			zap.String("serverVersion", f.serverVersion(ctx)))
 	case was == ReadPathFallback:
 		f.log.Info("etcd streams ranges (RangeStream) again: reading the prefix with it")

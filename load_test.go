@@ -412,3 +412,28 @@ func TestRetainedKeysNeverChange(t *testing.T) {
 		})
 	}
 }
+
+// TestALoadUnderASmallClientReceiveLimit: a worker whose client takes
+// messages of at most 256 KiB (MaxCallRecvMsgSize) loads 16 keys of 40 KiB.
+// The server streams them in chunks over that limit, and the load ended
+// Run with the client's size error; it now reads the prefix in unary pages,
+// which shrink to fit, and ticks on every key.
+func TestALoadUnderASmallClientReceiveLimit(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 20*time.Second)
+	const prefix = "/test/load-small-recv-limit"
+	for i := range 16 {
+		mustPutKV(ctx, t, env.cli, fmt.Sprintf("%s/k%02d", prefix, i), strings.Repeat("b", 40<<10))
+	}
+	var keys atomic.Int64
+	reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		keys.Store(int64(len(s.(*mapState).values)))
+		return s, ErrReactorFinished
+	})
+	cfg := env.clientConfig()
+	cfg.MaxCallRecvMsgSize = 256 << 10
+	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, newMapState(prefix))
+	require.NoError(t, w.Run(ctx, nil, behaviourTick, "small-recv-limit"))
+	require.EqualValues(t, 16, keys.Load())
+}

@@ -24,6 +24,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator/internal/etcdtest"
+	"github.com/etcdworker/orchestrator/util"
 )
 
 // chainGate is a gRPC interceptor that, once armed with n, holds the
@@ -545,4 +548,126 @@ func (f *txnFlight) max() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.maxSoFar
+}
+
+// finishWith is a reactor that leaves the groups build makes on the first
+// Tick's state and finishes: Run commits them and returns nil, or the
+// commit's error.
+func finishWith(build func(st *mapState) [][]DataPatch) Reactor {
+	return ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+		st := s.(*mapState)
+		st.patches = append(st.patches, build(st)...)
+		return st, ErrReactorFinished
+	})
+}
+
+// TestAConflictOfLargeValuesUnderAClientReceiveLimit: a worker whose client
+// has a receive limit of 2 MiB (above the load's stream chunks, about the
+// server's 1.5 MiB request limit) rewrites 16 keys that hold 200 KiB each
+// with small values, in one group. The request is small. Another client
+// changes one of the keys before the Txn lands: a conflict, which the
+// contract says is no reason to return. The failed Txn's Else read the 16
+// compared keys back, 3 MiB, over the client's receive limit, and Run ended
+// with a size error for a group of a few hundred bytes. Keys whose values
+// are large are no longer read back (elseReadMaxBytes): the group re-runs
+// once the watch brings the change, and lands.
+func TestAConflictOfLargeValuesUnderAClientReceiveLimit(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 20*time.Second)
+	direct := env.cli
+	const prefix = "/test/readback-recv"
+	clearPrefix(ctx, t, direct, prefix)
+	const keys = elseReadMaxKeys
+	big := strings.Repeat("b", 200*1024)
+	key := func(i int) string { return fmt.Sprintf("%s/k%02d", prefix, i) }
+	for i := range keys {
+		mustPutKV(ctx, t, direct, key(i), big)
+	}
+	var runs atomic.Int64
+	build := func(*mapState) [][]DataPatch {
+		var g []DataPatch
+		for i := range keys {
+			k := util.NewEtcdKey(key(i))
+			g = append(g, SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
+				if i == 0 && runs.Add(1) == 1 {
+					// Another writer changes the key after the group ran on
+					// it: the Txn's compare on it fails.
+					if _, err := direct.Put(ctx, key(0), "foreign"); err != nil {
+						return nil, false, err
+					}
+				}
+				return []byte("small-" + strconv.Itoa(i)), true, nil
+			}})
+		}
+		return [][]DataPatch{g}
+	}
+	cfg := env.clientConfig()
+	cfg.MaxCallRecvMsgSize = 2 * 1024 * 1024 // the load fits, the 16 values read back do not
+	cli := etcdtest.NewClientFromConfig(t, cfg)
+	w := mustNewEtcdWorker(t, cli, prefix, finishWith(build), newMapState(prefix), WithLogger(faultLogger(t)))
+	err := w.Run(ctx, nil, behaviourTick, "readback-recv")
+	require.NoError(t, err, "a conflict ended Run")
+	require.EqualValues(t, 2, runs.Load(), "the group must re-run exactly once after the one conflict")
+	got := etcdSnapshot(ctx, t, direct, prefix)
+	for i := range keys {
+		require.Equal(t, "small-"+strconv.Itoa(i), got[fmt.Sprintf("/k%02d", i)])
+	}
+}
+
+// TestAnOvertakingLinkOfLargeValuesUnderAClientReceiveLimit: no other
+// writer at all. A chain of two Txns, each rewriting 16 keys of 200 KiB
+// with small values; the worker's client has a 2 MiB receive limit (above
+// the load's chunks). The second link reaches etcd before the first (a gate
+// holds both and lets the second go first), as the design says happens to
+// about one link in twelve: it fails its token compare and its Else reads
+// its 16 keys back, 3 MiB, and Run ended with a size error. Keys whose
+// values are large are no longer read back (elseReadMaxBytes): the link is
+// sent again once the first landed, and both groups land.
+func TestAnOvertakingLinkOfLargeValuesUnderAClientReceiveLimit(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 20*time.Second)
+	direct := env.cli
+	const prefix = "/test/overtake-recv"
+	clearPrefix(ctx, t, direct, prefix)
+	const keys = elseReadMaxKeys
+	big := strings.Repeat("b", 200*1024)
+	key := func(g, i int) string { return fmt.Sprintf("%s/g%d/k%02d", prefix, g, i) }
+	for g := range 2 {
+		for i := range keys {
+			mustPutKV(ctx, t, direct, key(g, i), big)
+		}
+	}
+	build := func(*mapState) [][]DataPatch {
+		var groups [][]DataPatch
+		for g := range 2 {
+			var group []DataPatch
+			for i := range keys {
+				group = append(group, setKey(key(g, i), []byte("small")))
+			}
+			groups = append(groups, group)
+		}
+		return groups
+	}
+	gate := newChainGate(t)
+	gate.arm(2)
+	cfg := env.clientConfig(gate.dialOption())
+	cfg.MaxCallRecvMsgSize = 2 * 1024 * 1024
+	cli := etcdtest.NewClientFromConfig(t, cfg)
+	// 16 writes + token + counter: one group a Txn.
+	w := mustNewEtcdWorker(t, cli, prefix, finishWith(build), newMapState(prefix),
+		WithTxnLimits(keys+2, DefaultTxnMaxBytes), WithLogger(faultLogger(t)))
+	done := runAsync(ctx, w, nil, behaviourTick, "overtake-recv")
+	links := awaitChain(ctx, t, gate, done)
+	second := links[1].release(ctx, t, txnPass)
+	require.False(t, second.succeeded, "the second link cannot land before the first")
+	require.True(t, links[0].release(ctx, t, txnPass).succeeded)
+	require.NoError(t, recvErr(ctx, t, done), "a link that overtook the one before it ended Run")
+	got := etcdSnapshot(ctx, t, direct, prefix)
+	for g := range 2 {
+		for i := range keys {
+			require.Equal(t, "small", got[fmt.Sprintf("/g%d/k%02d", g, i)])
+		}
+	}
 }

@@ -13,6 +13,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/etcdworker/orchestrator/internal/etcderr"
 )
 
 // Reading a whole range at one revision without holding the whole response.
@@ -134,6 +136,12 @@ func (e rangeCallbackError) Unwrap() error { return e.err }
 // with the response header).
 var errRangeStreamTruncated = errors.New("orchestrator: range stream ended without its final chunk")
 
+// errStreamChunkTooLarge: a stream chunk was over the client's receive
+// limit (MaxCallRecvMsgSize) after fn had seen keys; the caller starts over,
+// and the read then takes unary pages, which shrink to fit the limit. It
+// does not wrap gRPC's error: that one ends retries, this one must not.
+var errStreamChunkTooLarge = errors.New("orchestrator: a range stream chunk is over the client's receive limit, reading in pages")
+
 // readRange calls fn for every key in [key, end) at one revision, in key
 // order, as the data arrives, and returns that revision: cfg.rev when set,
 // otherwise the latest revision when the read began. end is a range end as
@@ -157,15 +165,22 @@ func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 	if cfg.support.useStream(now()) {
 		rev, delivered, err := readStream(ctx, kv, key, end, cfg, fn)
 		var ce rangeCallbackError
-		if status.Code(err) != codes.Unimplemented || errors.As(err, &ce) {
+		callback := errors.As(err, &ce) // the callback's error is never the server's answer
+		// The server streams in chunks the client may not take: then
+		// page, as on a server without the stream.
+		tooLarge := !callback && etcderr.MessageTooLarge(err)
+		if (status.Code(err) != codes.Unimplemented && !tooLarge) || callback {
 			if err == nil && cfg.support != nil {
 				cfg.support.path.Store(ReadPathStream)
 			}
-			return rev, err // the callback's error is never the server's answer
+			return rev, err
 		}
 		cfg.support.markUnimplemented(now())
-		if delivered {
-			return 0, err // fn has seen keys: the caller must start over
+		if delivered { // fn has seen keys: the caller must start over
+			if tooLarge {
+				return 0, fmt.Errorf("%w: %v", errStreamChunkTooLarge, err)
+			}
+			return 0, err
 		}
 	}
 	return readPaged(ctx, kv, key, end, cfg, fn)

@@ -177,8 +177,12 @@ func (s *watchStream) start(rev int64) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		// WithFragment: the server splits a response over its request
+		// limit (many events at once) and the client puts it together
+		// again, so a client whose receive limit is below a whole response
+		// but above that limit can still watch.
 		opened <- s.watcher.Watch(ctx, s.cfg.key, clientv3.WithPrefix(), clientv3.WithRev(rev),
-			clientv3.WithProgressNotify())
+			clientv3.WithProgressNotify(), clientv3.WithFragment())
 	}()
 }
 
