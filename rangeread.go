@@ -178,7 +178,7 @@ func readRange(ctx context.Context, kv clientv3.KV, key, end string, cfg readCon
 		cfg.support.markUnimplemented(now())
 		if delivered { // fn has seen keys: the caller must start over
 			if tooLarge {
-				return 0, fmt.Errorf("%w: %v", errStreamChunkTooLarge, err)
+				return 0, fmt.Errorf("%w: %v", errStreamChunkTooLarge, err) //nolint:errorlint // gRPC's error would end the retries
 			}
 			return 0, err
 		}
