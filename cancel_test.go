@@ -10,7 +10,10 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -179,3 +182,151 @@ func TestATickErrorAfterACancelMatchesCtx(t *testing.T) {
 		})
 	}
 }
+
+// answerHook is a unary interceptor that calls fn for the first
+// commit Txn sent once armed; fn does the invoking itself.
+type answerHook struct {
+	armed atomic.Bool
+	fired atomic.Bool
+	fn    func(ctx context.Context, req *etcdserverpb.TxnRequest, invoke func() error) error
+	// ttlDelay delays LeaseTimeToLive requests once the hook fired (a slow
+	// etcd: the request is then sent with the context it had).
+	ttlDelay time.Duration
+}
+
+func (h *answerHook) dialOption() grpc.DialOption {
+	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption,
+	) error {
+		invoke := func() error { return invoker(ctx, method, req, reply, cc, opts...) }
+		if method == "/etcdserverpb.Lease/LeaseTimeToLive" && h.fired.Load() && h.ttlDelay > 0 {
+			time.Sleep(h.ttlDelay) // fault timing: etcd answers slowly
+			return invoke()
+		}
+		if tr, ok := asCommitTxn(req); ok && h.armed.Load() && h.fired.CompareAndSwap(false, true) {
+			return h.fn(ctx, tr, invoke)
+		}
+		return invoke()
+	})
+}
+
+// tokenKeyOf returns the commit token key a commit Txn puts.
+func tokenKeyOf(tr *etcdserverpb.TxnRequest) string {
+	for _, op := range tr.Success {
+		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), reservedDir+"token/") {
+			return string(p.Key)
+		}
+	}
+	return ""
+}
+
+// TestALostFencingKeyRacingACancelIsNoCleanStop: the fencing key is deleted
+// and the commit Txn in flight fails on it; Run's ctx is cancelled while
+// that Txn is in flight. Run returns ErrNotOwner (the worker lost its
+// ownership: a failure) matching ctx's error too, and IsCleanStop took it
+// for a clean stop; every failure the worker itself reports stays one.
+func TestALostFencingKeyRacingACancelIsNoCleanStop(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 25*time.Second)
+	const prefix = "/test/notowner-cancel"
+	clearPrefix(ctx, t, env.cli, prefix)
+	fenceKey := "/test-fence/notowner-cancel"
+	put, err := env.cli.Put(ctx, fenceKey, "leader")
+	require.NoError(t, err)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	hook := &answerHook{fn: func(c context.Context, _ *etcdserverpb.TxnRequest, invoke func() error) error {
+		if _, err := env.cli.Delete(ctx, fenceKey); err != nil {
+			return err
+		}
+		err := invoke()
+		cancel() // the stop arrives while the Txn is in flight
+		return err
+	}}
+	var emitted atomic.Int64
+	cli := env.client(t, hook.dialOption())
+	w := mustNewEtcdWorker(t, cli, prefix, counterReactor(&emitted), newMapState(prefix),
+		WithFencingKey(fenceKey, put.Header.Revision), WithLogger(faultLogger(t)))
+	done := runAsync(runCtx, w, nil, behaviourTick, "notowner-cancel")
+	waitWithin(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 3 })
+	hook.armed.Store(true)
+	runErr := recvErr(ctx, t, done)
+	t.Logf("Run: %v", runErr)
+	require.True(t, hook.fired.Load())
+	require.ErrorIs(t, runErr, ErrNotOwner)
+	require.False(t, IsCleanStop(runErr), "the fencing key was lost, yet IsCleanStop says the stop was clean: %v", runErr)
+}
+
+// TestAResolutionCutByTheShutdownTimeoutIsUnresolved: a commit lands
+// but its answer is lost, and someone wipes the commit token meanwhile; Run's
+// ctx was cancelled while the Txn was in flight (shutdown timeout 300 ms).
+// The fence finds the token gone, so the outcome cannot be told: before
+
+// today the worker asked etcd for the session lease's TTL and returned
+// ErrCommitUnresolved. Now the TTL request is cut by the shutdown deadline
+// (etcd answers after 500 ms), leaseGone takes the error for a gone lease,
+// and Run claims ErrEtcdSessionDone while the session is alive, without
+// ErrCommitUnresolved, and IsCleanStop says the stop was clean.
+func TestAResolutionCutByTheShutdownTimeoutIsUnresolved(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name     string
+		shutdown time.Duration
+	}{
+		{"shutdown timeout 300ms", 300 * time.Millisecond},
+		{"control: shutdown timeout 3s", 3 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			resolutionCutByShutdown(t, tc.shutdown)
+		})
+	}
+}
+
+func resolutionCutByShutdown(t *testing.T, shutdown time.Duration) {
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 25*time.Second)
+	prefix := fmt.Sprintf("/test/resolution-session-%d", shutdown.Milliseconds())
+	clearPrefix(ctx, t, env.cli, prefix)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	hook := &answerHook{ttlDelay: 500 * time.Millisecond}
+	hook.fn = func(c context.Context, tr *etcdserverpb.TxnRequest, invoke func() error) error {
+		if err := invoke(); err != nil { // it lands
+			return err
+		}
+		if _, err := env.cli.Delete(ctx, tokenKeyOf(tr)); err != nil { // a wipe
+			return err
+		}
+		cancel()
+		return status.Error(codes.Unavailable, "test: the answer was lost")
+	}
+	cli := env.client(t, hook.dialOption())
+	session, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
+	require.NoError(t, err)
+	defer session.Close()
+	var emitted atomic.Int64
+	w := mustNewEtcdWorker(t, cli, prefix, counterReactor(&emitted), newMapState(prefix),
+		WithShutdownTimeout(shutdown), WithLogger(faultLogger(t)))
+	done := runAsync(runCtx, w, session, behaviourTick, "resolution-session")
+	waitWithin(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 3 })
+	hook.armed.Store(true)
+	runErr := recvErr(ctx, t, done)
+	t.Logf("Run: %v", runErr)
+	require.True(t, hook.fired.Load())
+	select {
+	case <-session.Done():
+		t.Fatal("the session really ended")
+	default:
+	}
+	require.ErrorIs(t, runErr, context.Canceled)
+	require.NotErrorIs(t, runErr, ErrEtcdSessionDone, "the session is alive")
+	require.ErrorIs(t, runErr, ErrCommitUnresolved, "the commit landed and the worker cannot tell: %v", runErr)
+	require.False(t, IsCleanStop(runErr))
+}
+
+// TestAConflictThatGrewTheValuesUnderAClientReceiveLimit: the keys a
+// group rewrites are small in the worker's view, so readBackBytes lets the
+// Txn read them back; another writer makes them large (200 KiB each, each
+// well under the client's 2 MiB receive limit, so the watch takes them)

@@ -173,10 +173,17 @@ func (r *run) fenceToken(rev int64, value uint64) (*clientv3.TxnResponse, error)
 // tokenLost is the error of a resolution that found the commit token
 // neither where the worker left it nor moved by one of its own Txns.
 func (r *run) tokenLost() error {
-	if r.session != nil && r.leaseGone() {
+	gone, err := r.leaseGone()
+	if err != nil {
+		// Whether the lease is gone is not known either (after a cancel the
+		// request ends with the shutdown timeout): the outcome stays unknown.
+		return fmt.Errorf("%w: commit token %q vanished; its lease could not be checked: %w",
+			ErrCommitUnresolved, r.token.key, err)
+	}
+	if r.session != nil && gone {
 		return fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
 	}
-	if r.lease != nil && r.leaseGone() {
+	if r.lease != nil && gone {
 		return fmt.Errorf("%w: commit token %q vanished with its lease", ErrCommitUnresolved, r.token.key)
 	}
 	return fmt.Errorf("%w: commit token %q was changed or removed by someone else", ErrCommitUnresolved, r.token.key)
@@ -206,13 +213,22 @@ func (r *run) fenceFailed(sent time.Time, err error) error {
 }
 
 // leaseGone reports whether etcd no longer has the token's lease (the
-// session's or the worker's own; an error counts as gone: the caller is
-// about to give up either way).
-func (r *run) leaseGone() bool {
+// session's or the worker's own), or the error that kept it from asking.
+// Without a lease (a token written before any), nothing is asked.
+func (r *run) leaseGone() (bool, error) {
+	if r.session == nil && r.lease == nil {
+		return false, nil
+	}
 	ctx, cancel := r.requestCtx(true)
 	defer cancel()
 	resp, err := r.w.client.TimeToLive(ctx, r.token.lease)
-	return err != nil || resp.TTL <= 0
+	switch {
+	case etcderr.LeaseNotFound(err):
+		return true, nil
+	case err != nil:
+		return false, err
+	}
+	return resp.TTL <= 0, nil
 }
 
 // checkFencing returns ErrNotOwner when the Else of a failed commit Txn

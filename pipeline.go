@@ -278,6 +278,15 @@ func (c *chain) receive() {
 		// and took the token with it; the Txn was rejected whole.
 		l.state, l.err, l.leaseGone = linkRejected, res.err, true
 	default:
+		if answerTooLarge(res.err, l.txn.cost.bytes) {
+			// etcd took the Txn, and its answer was over the client's
+			// receive limit (MaxCallRecvMsgSize): what its Else read is
+			// lost. A landed Txn answers with little, so it failed, but
+			// the worker resolves it like any lost answer.
+			r.m.unknownCommit.Inc()
+			l.state, l.err = linkUnknown, res.err
+			return
+		}
 		if rej := commitRejected(r.w.client, res.err); rej != nil {
 			l.state, l.err = linkRejected, rej
 			if etcderr.ClientClosed(r.w.client) {
@@ -292,6 +301,15 @@ func (c *chain) receive() {
 			l.state, l.err = linkRejected, err
 		}
 	}
+}
+
+// answerTooLarge reports whether err is gRPC refusing, on the client, the
+// answer of a Txn whose request counted about bytes: the refused message
+// is far larger than the request (a request the server refused as too
+// large would be about its own size, and is a rejection).
+func answerTooLarge(err error, bytes int) bool {
+	size, ok := etcderr.ReceivedTooLarge(err)
+	return ok && size > 2*int64(bytes)+64<<10
 }
 
 // drain waits for the answer of every link in flight.

@@ -671,3 +671,49 @@ func TestAnOvertakingLinkOfLargeValuesUnderAClientReceiveLimit(t *testing.T) {
 		}
 	}
 }
+
+// the limit. README: "a failed commit reads back only keys whose values are
+// small (256 KiB in all), so a conflict never brings back more than that";
+// the contract: a conflict is no reason to return.
+func TestAConflictThatGrewTheValuesUnderAClientReceiveLimit(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 25*time.Second)
+	direct := env.cli
+	const prefix = "/test/readback-grown"
+	clearPrefix(ctx, t, direct, prefix)
+	const keys = elseReadMaxKeys
+	big := strings.Repeat("b", 200*1024)
+	key := func(i int) string { return fmt.Sprintf("%s/k%02d", prefix, i) }
+	for i := range keys {
+		mustPutKV(ctx, t, direct, key(i), "small")
+	}
+	var runs atomic.Int64
+	build := func(*mapState) [][]DataPatch {
+		var g []DataPatch
+		for i := range keys {
+			k := util.NewEtcdKey(key(i))
+			g = append(g, SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
+				if i == 0 && runs.Add(1) == 1 {
+					for j := range keys { // another writer, one put at a time
+						if _, err := direct.Put(ctx, key(j), big); err != nil {
+							return nil, false, err
+						}
+					}
+				}
+				return []byte("mine-" + strconv.Itoa(i)), true, nil
+			}})
+		}
+		return [][]DataPatch{g}
+	}
+	cfg := env.clientConfig()
+	cfg.MaxCallRecvMsgSize = 2 * 1024 * 1024
+	cli := etcdtest.NewClientFromConfig(t, cfg)
+	w := mustNewEtcdWorker(t, cli, prefix, finishWith(build), newMapState(prefix), WithLogger(faultLogger(t)))
+	err := w.Run(ctx, nil, behaviourTick, "readback-grown")
+	require.NoError(t, err, "a conflict ended Run")
+	got := etcdSnapshot(ctx, t, direct, prefix)
+	for i := range keys {
+		require.Equal(t, "mine-"+strconv.Itoa(i), got[fmt.Sprintf("/k%02d", i)])
+	}
+}

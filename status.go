@@ -142,19 +142,34 @@ func (w *EtcdWorker) Ready() error {
 // IsCleanStop reports whether an error returned by Run means that Run ended
 // the way its caller asked: nil (the reactor finished), or ctx cancelled or
 // past its deadline with no commit left unresolved, even when user code
-// failed on the way out (a Tick whose call returned codes.Canceled). Any
-// other error, including ErrCommitUnresolved after ctx ended, a panic in
-// user code, and a context error of the reactor's own returned while Run's
-// ctx was alive, is a failure to look at.
+// failed on the way out with an error of its own (a Tick whose call
+// returned codes.Canceled). Any other error is a failure to look at, also
+// when it matches ctx's error because ctx ended meanwhile: a panic in user
+// code, a context error of the reactor's own returned while Run's ctx was
+// alive, and every failure the worker itself reports (stopFailures:
+// ErrCommitUnresolved, a lost fencing key or session, a rejection, ...).
 func IsCleanStop(err error) bool {
 	if err == nil {
 		return true
 	}
 	var failed *runFailure
-	if errors.Is(err, ErrCommitUnresolved) || errors.Is(err, ErrPanic) || errors.As(err, &failed) {
+	if errors.As(err, &failed) {
 		return false
 	}
+	for _, f := range stopFailures {
+		if errors.Is(err, f) {
+			return false
+		}
+	}
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// stopFailures are the errors that keep a Run that ended after its ctx
+// from being a clean stop (see IsCleanStop).
+var stopFailures = []error{
+	ErrCommitUnresolved, ErrPanic, ErrNotOwner, ErrEtcdSessionDone, ErrEtcdRejected,
+	ErrEtcdTxnOpsExceed, ErrEtcdTxnSizeExceed, ErrEtcdUnavailable, ErrKeyOutsidePrefix,
+	ErrInvalidArgument,
 }
 
 // runFailure marks an error with which Run ended while its ctx was still

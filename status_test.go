@@ -114,6 +114,12 @@ func TestIsCleanStop(t *testing.T) {
 		{fmt.Errorf("%w (Run's ctx ended: %w)", errors.New("tick: rpc canceled"), context.Canceled), true},
 		{fmt.Errorf("%w (Run's ctx ended: %w)", fmt.Errorf("tick: %w", ErrPanic), context.Canceled), false},
 	}
+	for _, f := range stopFailures {
+		tests = append(tests, struct {
+			err  error
+			want bool
+		}{fmt.Errorf("%w (Run's ctx ended: %w)", f, context.Canceled), false})
+	}
 	for _, tt := range tests {
 		require.Equal(t, tt.want, IsCleanStop(tt.err), "%v", tt.err)
 	}

@@ -5,6 +5,7 @@ package etcderr
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -67,4 +68,25 @@ func LeaseNotFound(err error) bool { return errors.Is(err, rpctypes.ErrLeaseNotF
 func MessageTooLarge(err error) bool {
 	s, ok := status.FromError(err)
 	return ok && s.Code() == codes.ResourceExhausted && strings.Contains(s.Message(), "larger than max")
+}
+
+// ReceivedTooLarge returns the size of the message that a receiver of gRPC
+// refused as over its limit ("received message larger than max (X vs.
+// Y)"): the server's for a request, the client's for a response; false
+// when err is no such refusal or does not say the size.
+func ReceivedTooLarge(err error) (int64, bool) {
+	s, ok := status.FromError(err)
+	if !ok || s.Code() != codes.ResourceExhausted {
+		return 0, false
+	}
+	const marker = "received message larger than max ("
+	i := strings.Index(s.Message(), marker)
+	if i < 0 {
+		return 0, false
+	}
+	var size, limit int64
+	if _, err := fmt.Sscanf(s.Message()[i+len(marker):], "%d vs. %d)", &size, &limit); err != nil {
+		return 0, false
+	}
+	return size, true
 }

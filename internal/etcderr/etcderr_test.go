@@ -64,3 +64,26 @@ func TestEndsRetries(t *testing.T) {
 	require.True(t, ClientClosed(cli))
 	require.True(t, EndsRetries(cli, transient))
 }
+
+// TestReceivedTooLarge: the size of a message a gRPC receiver refused, as
+// gRPC words it; nothing for other errors.
+func TestReceivedTooLarge(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		err  error
+		size int64
+		ok   bool
+	}{
+		{status.Error(codes.ResourceExhausted, "grpc: received message larger than max (3277816 vs. 2097152)"), 3277816, true},
+		{fmt.Errorf("commit: %w", status.Error(codes.ResourceExhausted, "grpc: received message larger than max (10 vs. 4)")), 10, true},
+		{status.Error(codes.ResourceExhausted, "grpc: trying to send message larger than max (10 vs. 4)"), 0, false},
+		{status.Error(codes.ResourceExhausted, "etcdserver: too many requests"), 0, false},
+		{status.Error(codes.Unavailable, "grpc: received message larger than max (10 vs. 4)"), 0, false},
+		{errors.New("received message larger than max (10 vs. 4)"), 0, false},
+		{nil, 0, false},
+	} {
+		size, ok := ReceivedTooLarge(tc.err)
+		require.Equal(t, tc.ok, ok, "%v", tc.err)
+		require.Equal(t, tc.size, size, "%v", tc.err)
+	}
+}
