@@ -304,12 +304,12 @@ func (c *chain) receive() {
 }
 
 // answerTooLarge reports whether err is gRPC refusing, on the client, the
-// answer of a Txn whose request counted about bytes: the refused message
+// answer of a Txn whose request counted about sent bytes: the refused message
 // is far larger than the request (a request the server refused as too
 // large would be about its own size, and is a rejection).
-func answerTooLarge(err error, bytes int) bool {
+func answerTooLarge(err error, sent int) bool {
 	size, ok := etcderr.ReceivedTooLarge(err)
-	return ok && size > 2*int64(bytes)+64<<10
+	return ok && size > 2*int64(sent)+64<<10
 }
 
 // drain waits for the answer of every link in flight.
