@@ -330,3 +330,47 @@ func resolutionCutByShutdown(t *testing.T, shutdown time.Duration) {
 // group rewrites are small in the worker's view, so readBackBytes lets the
 // Txn read them back; another writer makes them large (200 KiB each, each
 // well under the client's 2 MiB receive limit, so the watch takes them)
+
+// TestACancelThenAClosedClientIsACleanStop: the caller's shutdown:
+// cancel Run's ctx, then close the client at once. Whether the worker was
+// idle or in a slow Tick (one that does not look at ctx) must not change
+// the verdict: the stop was requested and nothing is unresolved. After the
+// slow Tick, the catch-up returned the Source's rejection of the closed
+// client before looking at ctx, and Run reported a failure.
+func TestACancelThenAClosedClientIsACleanStop(t *testing.T) {
+	t.Parallel()
+	for _, slow := range []bool{false, true} {
+		t.Run(fmt.Sprintf("slowTick=%v", slow), func(t *testing.T) {
+			t.Parallel()
+			env := newTestEnv(t)
+			ctx := contextWithin(t, 20*time.Second)
+			prefix := fmt.Sprintf("/test/cancel-close-%v", slow)
+			clearPrefix(ctx, t, env.cli, prefix)
+			cli := env.client(t)
+			var ticks atomic.Int64
+			inTick := make(chan struct{})
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				if ticks.Add(1) == 3 && slow {
+					close(inTick)
+					time.Sleep(300 * time.Millisecond) // user code busy, not looking at ctx
+				}
+				return s, nil
+			})
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix), WithLogger(faultLogger(t)))
+			runCtx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			done := runAsync(runCtx, w, nil, behaviourTick, "cancel-close")
+			if slow {
+				awaitSignal(ctx, t, inTick, "the slow Tick")
+			} else {
+				waitWithin(t, 10*time.Second, "ticks", nil, func() bool { return ticks.Load() >= 3 })
+			}
+			cancel()
+			require.NoError(t, cli.Close())
+			runErr := recvErr(ctx, t, done)
+			t.Logf("Run: %v", runErr)
+			require.ErrorIs(t, runErr, context.Canceled)
+			require.True(t, IsCleanStop(runErr), "a requested stop (cancel, then close the client) reported as a failure: %v", runErr)
+		})
+	}
+}

@@ -246,6 +246,11 @@ func (s *Source) eachIn(ks keyspace, fn func(util.EtcdKey, kvEntry)) {
 // catchUp moves the state to the Source's newest revision. It reports
 // false while the Source has no snapshot to give yet.
 func (r *run) catchUp(req *flushRequest) (catchUp, bool, error) {
+	if r.ctxDone() {
+		// A caller that cancels and then closes the client stops Run; the
+		// Source's rejection of the closed client is not the cause.
+		return catchUp{}, false, r.ctxErr()
+	}
 	h := r.src.healthNow()
 	if h.fatal != nil {
 		return catchUp{}, false, h.fatal

@@ -351,6 +351,9 @@ func (f *follower) loadWithRetry() error {
 		if errors.Is(err, rpctypes.ErrCompacted) {
 			continue // the pinned revision was compacted during the read: start over
 		}
+		if errors.Is(err, errStreamChunkTooLarge) {
+			continue // etcd answered, the client could not take it: start over in pages
+		}
 		// The outage began when etcd last sent data, not when the read began.
 		if err := f.rejectionOrOutage("load", f.lastData, err); err != nil {
 			return err

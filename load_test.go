@@ -16,6 +16,10 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/etcdworker/orchestrator/internal/etcdtest"
 )
@@ -436,4 +440,96 @@ func TestALoadUnderASmallClientReceiveLimit(t *testing.T) {
 	w := mustNewEtcdWorker(t, etcdtest.NewClientFromConfig(t, cfg), prefix, reactor, newMapState(prefix))
 	require.NoError(t, w.Run(ctx, nil, behaviourTick, "small-recv-limit"))
 	require.EqualValues(t, 16, keys.Load())
+}
+
+// chunkCounter counts the range streams of a client, their chunks, and
+// the streams broken by a chunk over the receive limit after others.
+type chunkCounter struct {
+	chunks, brokenAfterData, streams atomic.Int64
+}
+
+type countedStream struct {
+	grpc.ClientStream
+	c    *chunkCounter
+	seen int
+}
+
+func (s *countedStream) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	switch {
+	case err == nil:
+		s.seen++
+		s.c.chunks.Add(1)
+	case s.seen > 0 && status.Code(err) == codes.ResourceExhausted:
+		s.c.brokenAfterData.Add(1)
+	}
+	return err
+}
+
+func (c *chunkCounter) dialOption() grpc.DialOption {
+	return grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+		method string, streamer grpc.Streamer, opts ...grpc.CallOption,
+	) (grpc.ClientStream, error) {
+		cs, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil || method != etcdserverpb.KV_RangeStream_FullMethodName {
+			return cs, err
+		}
+		c.streams.Add(1)
+		return &countedStream{ClientStream: cs, c: c}, nil
+	})
+}
+
+// TestAStreamChunkOverTheReceiveLimitIsNoOutage: a load whose stream breaks
+// on a chunk over the client's receive limit after its first chunk (10
+// small keys, then 20 of 100 KiB), under a worker with WithMaxOutage(150ms).
+// etcd answered every request (the client refused a chunk), yet the
+// follower took the broken stream for a failed request and Run ended with
+// ErrEtcdUnavailable; it now starts over in pages at once. The control's
+// first chunk is already over the limit (the stream delivered nothing).
+func TestAStreamChunkOverTheReceiveLimitIsNoOutage(t *testing.T) {
+	t.Parallel()
+	const maxOutage = 150 * time.Millisecond
+	for _, smallFirst := range []bool{true, false} {
+		t.Run(fmt.Sprintf("smallFirstChunk=%v", smallFirst), func(t *testing.T) {
+			t.Parallel()
+			env := newTestEnv(t)
+			admin := env.cli
+			ctx := contextWithin(t, 20*time.Second)
+			prefix := fmt.Sprintf("/test/stream-chunk-outage-%v", smallFirst)
+			clearPrefix(ctx, t, admin, prefix)
+			big := strings.Repeat("b", 100<<10)
+			for i := range 10 {
+				v := big + strings.Repeat("c", 20<<10) // 10 of them are over the limit
+				if smallFirst {
+					v = "s"
+				}
+				mustPutKV(ctx, t, admin, fmt.Sprintf("%s/a%02d", prefix, i), v)
+			}
+			for i := range 20 {
+				mustPutKV(ctx, t, admin, fmt.Sprintf("%s/b%02d", prefix, i), big)
+			}
+			counter := &chunkCounter{}
+			cfg := env.clientConfig(counter.dialOption())
+			cfg.MaxCallRecvMsgSize = 1 << 20
+			cli := etcdtest.NewClientFromConfig(t, cfg)
+			var keys atomic.Int64
+			reactor := ReactorFunc(func(_ context.Context, s ReactorState) (ReactorState, error) {
+				keys.Store(int64(len(s.(*mapState).values)))
+				return s, ErrReactorFinished
+			})
+			w := mustNewEtcdWorker(t, cli, prefix, reactor, newMapState(prefix),
+				WithMaxOutage(maxOutage), WithLogger(faultLogger(t)))
+			start := time.Now()
+			err := w.Run(ctx, nil, behaviourTick, "chunk-outage")
+			t.Logf("Run took %v; streams %d, chunks %d, broken after data %d", time.Since(start),
+				counter.streams.Load(), counter.chunks.Load(), counter.brokenAfterData.Load())
+			if smallFirst {
+				require.GreaterOrEqual(t, counter.brokenAfterData.Load(), int64(1), "the scenario: a stream broken after keys")
+			} else {
+				require.Zero(t, counter.chunks.Load(), "the control: the first chunk is over the limit")
+			}
+			require.NoError(t, err, "etcd answered every request")
+			require.EqualValues(t, 30, keys.Load())
+		})
+	}
 }

@@ -278,7 +278,7 @@ func (c *chain) receive() {
 		// and took the token with it; the Txn was rejected whole.
 		l.state, l.err, l.leaseGone = linkRejected, res.err, true
 	default:
-		if answerTooLarge(res.err, l.txn.cost.bytes) {
+		if answerTooLarge(res.err, &l.txn) {
 			// etcd took the Txn, and its answer was over the client's
 			// receive limit (MaxCallRecvMsgSize): what its Else read is
 			// lost. A landed Txn answers with little, so it failed, but
@@ -304,12 +304,21 @@ func (c *chain) receive() {
 }
 
 // answerTooLarge reports whether err is gRPC refusing, on the client, the
-// answer of a Txn whose request counted about sent bytes: the refused message
-// is far larger than the request (a request the server refused as too
-// large would be about its own size, and is a rejection).
-func answerTooLarge(err error, sent int) bool {
+// answer of txn: the refused message is larger than the request can be on
+// the wire (a request the server refused as too large is its own size, and
+// is a rejection).
+func answerTooLarge(err error, txn *commitTxn) bool {
 	size, ok := etcderr.ReceivedTooLarge(err)
-	return ok && size > 2*int64(sent)+64<<10
+	return ok && size > requestBound(txn)
+}
+
+// requestBound is at least the size of txn's request on the wire: its keys
+// and values as txnCost counts them (each written key three times, though
+// the request holds it twice when nothing is read back), plus a generous
+// protobuf framing of 64 bytes an op and 4 KiB for the rest.
+func requestBound(txn *commitTxn) int64 {
+	ops := len(txn.compares) + len(txn.writes) + len(txn.reads.ops)
+	return int64(txn.cost.bytes) + 64*int64(ops) + 4<<10
 }
 
 // drain waits for the answer of every link in flight.

@@ -717,3 +717,55 @@ func TestAConflictThatGrewTheValuesUnderAClientReceiveLimit(t *testing.T) {
 		require.Equal(t, "mine-"+strconv.Itoa(i), got[fmt.Sprintf("/k%02d", i)])
 	}
 }
+
+// TestAConflictAnswerOverTheReceiveLimitOfALargeRequest: like
+// TestAConflictThatGrewTheValuesUnderAClientReceiveLimit, but the group
+// writes large values (16 x 75 KiB, a 1.2 MiB request, within the default
+// limits). Another writer grows the 16 keys to 140 KiB each between the
+// flush and the Txn: the conflict's Else reads back 2.2 MiB, over the
+// client's 2 MiB receive limit but under twice the request, which the first
+// bound of answerTooLarge took for a request the server refused: Run ended
+// with a size error. The bound is now the request's own wire size.
+func TestAConflictAnswerOverTheReceiveLimitOfALargeRequest(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 25*time.Second)
+	direct := env.cli
+	const prefix = "/test/readback-large-request"
+	clearPrefix(ctx, t, direct, prefix)
+	const keys = elseReadMaxKeys
+	grown := strings.Repeat("g", 140*1024)
+	mine := func(i int) string { return fmt.Sprintf("mine-%02d-", i) + strings.Repeat("m", 75*1024) }
+	key := func(i int) string { return fmt.Sprintf("%s/k%02d", prefix, i) }
+	for i := range keys {
+		mustPutKV(ctx, t, direct, key(i), "small")
+	}
+	var runs atomic.Int64
+	build := func(*mapState) [][]DataPatch {
+		var g []DataPatch
+		for i := range keys {
+			k := util.NewEtcdKey(key(i))
+			g = append(g, SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
+				if i == 0 && runs.Add(1) == 1 {
+					for j := range keys { // another writer, one put at a time
+						if _, err := direct.Put(ctx, key(j), grown); err != nil {
+							return nil, false, err
+						}
+					}
+				}
+				return []byte(mine(i)), true, nil
+			}})
+		}
+		return [][]DataPatch{g}
+	}
+	cfg := env.clientConfig()
+	cfg.MaxCallRecvMsgSize = 2 * 1024 * 1024
+	cli := etcdtest.NewClientFromConfig(t, cfg)
+	w := mustNewEtcdWorker(t, cli, prefix, finishWith(build), newMapState(prefix), WithLogger(faultLogger(t)))
+	err := w.Run(ctx, nil, behaviourTick, "readback-large")
+	require.NoError(t, err, "a conflict ended Run")
+	got := etcdSnapshot(ctx, t, direct, prefix)
+	for i := range keys {
+		require.Equal(t, mine(i), got[fmt.Sprintf("/k%02d", i)])
+	}
+}
