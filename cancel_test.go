@@ -374,3 +374,40 @@ func TestACancelThenAClosedClientIsACleanStop(t *testing.T) {
 		})
 	}
 }
+
+// TestASessionLostWithACommitAnswerIsAlsoUnresolved: a commit lands, its
+// answer is lost, and the session's lease is revoked meanwhile, taking the
+// commit token with it. Run ends with ErrEtcdSessionDone, and, since
+// nothing can tell any more whether the commit landed, with
+// ErrCommitUnresolved too (it said only the first).
+func TestASessionLostWithACommitAnswerIsAlsoUnresolved(t *testing.T) {
+	t.Parallel()
+	env := newTestEnv(t)
+	ctx := contextWithin(t, 25*time.Second)
+	const prefix = "/test/session-lost-answer-lost"
+	cli := env.client(t)
+	session, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
+	require.NoError(t, err)
+	defer session.Close()
+	hook := &answerHook{}
+	hook.fn = func(_ context.Context, _ *etcdserverpb.TxnRequest, invoke func() error) error {
+		if err := invoke(); err != nil { // it lands
+			return err
+		}
+		if _, err := env.cli.Revoke(ctx, session.Lease()); err != nil {
+			return err
+		}
+		return status.Error(codes.Unavailable, "test: the answer was lost")
+	}
+	var emitted atomic.Int64
+	w := mustNewEtcdWorker(t, env.client(t, hook.dialOption()), prefix, counterReactor(&emitted), newMapState(prefix))
+	done := runAsync(ctx, w, session, behaviourTick, "session-lost-answer-lost")
+	waitWithin(t, 10*time.Second, "commits", nil, func() bool { return emitted.Load() >= 3 })
+	hook.armed.Store(true)
+	runErr := recvErr(ctx, t, done)
+	t.Logf("Run: %v", runErr)
+	require.True(t, hook.fired.Load())
+	require.ErrorIs(t, runErr, ErrEtcdSessionDone)
+	require.ErrorIs(t, runErr, ErrCommitUnresolved)
+	require.False(t, IsCleanStop(runErr))
+}

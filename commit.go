@@ -181,7 +181,7 @@ func (r *run) tokenLost() error {
 			ErrCommitUnresolved, r.token.key, err)
 	}
 	if r.session != nil && gone {
-		return fmt.Errorf("%w: commit token vanished with the session lease", ErrEtcdSessionDone)
+		return fmt.Errorf("%w: %w: commit token vanished with the session lease", ErrEtcdSessionDone, ErrCommitUnresolved)
 	}
 	if r.lease != nil && gone {
 		return fmt.Errorf("%w: commit token %q vanished with its lease", ErrCommitUnresolved, r.token.key)

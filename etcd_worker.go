@@ -166,7 +166,9 @@ func NewEtcdWorker(client *clientv3.Client, prefix string, reactor Reactor,
 //     failed with an error of its own, which it matches too; a cancel
 //     stops a catch-up between two Updates and a flush between two
 //     groups' patches (nothing of that flush is sent);
-//   - ErrEtcdSessionDone when session is non-nil and its lease is gone;
+//   - ErrEtcdSessionDone when session is non-nil and its lease is gone
+//     (also ErrCommitUnresolved when a commit's outcome was unknown then:
+//     the lease took the commit token, which would have told);
 //   - ErrNotOwner when the fencing key (WithFencingKey) is gone, learnt
 //     from a failed commit compare or from the fencing check, which reads
 //     the key every progress interval: within about that interval of the
