@@ -249,7 +249,7 @@ func (r *run) catchUp(req *flushRequest) (catchUp, bool, error) {
 	if r.ctxDone() {
 		// A caller that cancels and then closes the client stops Run; the
 		// Source's rejection of the closed client is not the cause.
-		return catchUp{}, false, r.ctxErr()
+		return catchUp{}, false, r.stopErr()
 	}
 	h := r.src.healthNow()
 	if h.fatal != nil {
@@ -280,7 +280,7 @@ func (r *run) applyCatchUp(b catchUp) error {
 	}
 	for _, ch := range b.changes {
 		if r.ctxDone() {
-			return r.ctxErr()
+			return r.stopErr()
 		}
 		if err := r.update(ch.keyChange, ch.init || b.full); err != nil {
 			return err
@@ -290,7 +290,7 @@ func (r *run) applyCatchUp(b catchUp) error {
 		err := b.fullEntries(func(key util.EtcdKey, e kvEntry) error {
 			var err error
 			if r.ctxDone() {
-				err = r.ctxErr()
+				err = r.stopErr()
 			} else {
 				err = r.update(keyChange{key: key, value: e.value, modRev: e.modRev}, true)
 			}
@@ -334,8 +334,9 @@ func (r *run) update(c keyChange, isInit bool) error {
 		return struct{}{}, r.state.Update(c.key, c.value, isInit)
 	})
 	if err != nil {
+		err = r.userFailure(fmt.Errorf("orchestrator: ReactorState.Update(%q): %w", c.key.String(), err))
 		r.log.Error("ReactorState.Update failed", zap.String("key", c.key.String()), zap.Error(err))
-		return fmt.Errorf("orchestrator: ReactorState.Update(%q): %w", c.key.String(), err)
+		return err
 	}
 	r.view.set(c)
 	r.gate.changedState()
@@ -377,7 +378,7 @@ func (r *run) expectKeys(keys int) error {
 		ss.ExpectKeys(keys)
 		return struct{}{}, nil
 	})
-	return err
+	return r.userFailure(err)
 }
 
 // followSource takes the Source's contact with etcd into the worker's

@@ -86,9 +86,10 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 	deps := make([]groupDeps, len(groups))
 	for i, group := range groups {
 		if r.ctxDone() { // nothing is sent yet: a cancel need not wait for every patch
-			return flushResult{}, r.ctxErr()
+			return flushResult{}, r.stopErr()
 		}
 		gw, gd, err := view.applyGroupDeps(group)
+		live := r.ctx.Err() == nil // as the patches returned (see userFailure)
 		if errors.Is(err, ErrEtcdTryAgain) {
 			// What the patches changed is undone (view.reset): the value
 			// map is kept, not rebuilt from the whole state.
@@ -98,7 +99,11 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 			err = r.checkGroup(gw, gd)
 		}
 		if err != nil {
-			return flushResult{}, fmt.Errorf("orchestrator: patch group %d: %w", i, err)
+			err = fmt.Errorf("orchestrator: patch group %d: %w", i, err)
+			if live {
+				err = &runFailure{err: err}
+			}
+			return flushResult{}, err
 		}
 		writes[i], deps[i] = gw, gd
 	}

@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/client/v3/concurrency"
@@ -33,6 +35,10 @@ type run struct {
 	// it at the latest. releaseShutdown releases it.
 	shutdown        context.Context
 	releaseShutdown func()
+	// sessionLostLive: the session ended while ctx was alive (watchSession),
+	// a loss that a later cancel does not make a stop.
+	sessionLostLive atomic.Bool
+	sessionWatch    sync.WaitGroup
 	session         *concurrency.Session
 	// clientDone is closed when the worker's client is closed (nil: never).
 	// The Source's follower watches its own client; a worker on a shared
@@ -138,6 +144,7 @@ func (r *run) close() {
 	r.src.detach(r.cur)
 	r.fence.close()
 	r.cancel()
+	r.sessionWatch.Wait()
 	r.releaseShutdown()
 	ctx, cancel := etcdreq.Context(context.WithoutCancel(r.ctx), min(time.Second, r.w.opts.requestTimeout), r.w.client)
 	defer cancel()
@@ -176,6 +183,7 @@ func (r *run) loop() error {
 	start := r.now()
 	r.publishStatus()
 	r.fence = r.startFenceCheck()
+	r.watchSession()
 	r.src.attach(r.cur)
 	r.src.requestProgress()
 	for !r.synced {
@@ -290,7 +298,7 @@ func (r *run) stopped(ignoreCtx bool) error {
 		return r.sessionLost()
 	}
 	if r.ctx.Err() != nil {
-		return r.ctxErr()
+		return r.stopErr()
 	}
 	select {
 	case <-r.clientDone:
@@ -304,6 +312,26 @@ func (r *run) stopped(ignoreCtx bool) error {
 		return err
 	}
 	return r.fence.result()
+}
+
+// watchSession records, in sessionLostLive, a session that ends while
+// Run's ctx is alive. Its goroutine ends with ctx (close joins it).
+func (r *run) watchSession() {
+	done := r.sessionDone()
+	if done == nil {
+		return
+	}
+	r.sessionWatch.Add(1)
+	go func() {
+		defer r.sessionWatch.Done()
+		select {
+		case <-done:
+			if r.ctx.Err() == nil {
+				r.sessionLostLive.Store(true)
+			}
+		case <-r.ctx.Done():
+		}
+	}()
 }
 
 // sessionLost returns ErrEtcdSessionDone once the session is gone, nil
@@ -333,6 +361,31 @@ func (r *run) ctxErr() error {
 		return fmt.Errorf("orchestrator: worker stopped: %w: %w", err, cause)
 	}
 	return fmt.Errorf("orchestrator: worker stopped: %w", err)
+}
+
+// userFailure marks err, returned by user code, as a failure (runFailure)
+// when Run's ctx was still alive as it returned: a cancel that comes
+// before Run returns must not make it a stop (IsCleanStop). An error
+// returned after the cancel may be caused by it, and is left as it is.
+func (r *run) userFailure(err error) error {
+	if err != nil && r.ctx.Err() == nil {
+		return &runFailure{err: err}
+	}
+	return err
+}
+
+// stopErr is the error Run ends with once its ctx is done: ctx's (see
+// ctxErr), unless a loss was seen while ctx was alive, which is a failure
+// whatever came after it (the fencing check records a loss only while ctx
+// is alive; watchSession marks a session that ended then).
+func (r *run) stopErr() error {
+	if err := r.fence.result(); err != nil {
+		return err
+	}
+	if r.sessionLostLive.Load() {
+		return ErrEtcdSessionDone
+	}
+	return r.ctxErr()
 }
 
 // ctxDone reports whether Run's ctx is done. It is cheap enough to ask
@@ -417,6 +470,7 @@ func (r *run) tick(start time.Time) error {
 	r.m.revisionLag.Set(float64(max(r.health.headRev-r.view.completeRev, 0)))
 	r.m.sourceLag.Set(float64(max(r.src.copyRev()-r.view.completeRev, 0)))
 	next, err := guard("Reactor.Tick", func() (ReactorState, error) { return r.w.reactor.Tick(r.ctx, r.state) })
+	live := r.ctx.Err() == nil // as Tick returned (see userFailure)
 	elapsed := r.now().Sub(start)
 	r.m.tickDuration.Observe(elapsed.Seconds())
 	if elapsed > slowTickThreshold {
@@ -424,7 +478,11 @@ func (r *run) tick(start time.Time) error {
 	}
 	finished := errors.Is(err, ErrReactorFinished)
 	if err != nil && !finished {
-		return fmt.Errorf("orchestrator: reactor Tick: %w", err)
+		err = fmt.Errorf("orchestrator: reactor Tick: %w", err)
+		if live {
+			return &runFailure{err: err}
+		}
+		return err
 	}
 	r.finishing = finished
 	if isNil(next) {
@@ -436,7 +494,7 @@ func (r *run) tick(start time.Time) error {
 	r.state = next
 	groups, err := guard("ReactorState.GetPatches", func() ([][]DataPatch, error) { return r.state.GetPatches(), nil })
 	if err != nil {
-		return err
+		return r.userFailure(err)
 	}
 	r.pending = pendingPatches{groups: groups}
 	return nil

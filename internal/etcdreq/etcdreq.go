@@ -7,7 +7,6 @@ package etcdreq
 
 import (
 	"context"
-	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -37,30 +36,27 @@ func Bound(ctx context.Context, cancel context.CancelFunc, client *clientv3.Clie
 
 // Outlive returns a context that ends d after ctx ends (on real time, as a
 // request's deadline runs), for requests that must run to their outcome
-// after a cancel but not for ever. release ends it at once and releases
-// what it set up; call it when the context is no longer needed.
+// after a cancel but not for ever. release ends it at once and waits for
+// what it set up (a goroutine runs from ctx's end until d later or the
+// release); call it once, when the context is no longer needed.
 func Outlive(ctx context.Context, d time.Duration) (outliving context.Context, release func()) {
 	octx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	var (
-		mu       sync.Mutex
-		timer    *time.Timer
-		released bool
-	)
+	released, ended := make(chan struct{}), make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if !released {
-			timer = time.AfterFunc(d, cancel)
+		defer close(ended)
+		timer := time.NewTimer(d)
+		defer timer.Stop()
+		select {
+		case <-timer.C:
+			cancel()
+		case <-released:
 		}
 	})
 	return octx, func() {
-		stop()
-		mu.Lock()
-		released = true
-		if timer != nil {
-			timer.Stop()
+		close(released)
+		if !stop() { // it started: wait for it to end
+			<-ended
 		}
-		mu.Unlock()
 		cancel()
 	}
 }
