@@ -672,100 +672,66 @@ func TestAnOvertakingLinkOfLargeValuesUnderAClientReceiveLimit(t *testing.T) {
 	}
 }
 
-// the limit. README: "a failed commit reads back only keys whose values are
-// small (256 KiB in all), so a conflict never brings back more than that";
-// the contract: a conflict is no reason to return.
+// TestAConflictThatGrewTheValuesUnderAClientReceiveLimit: the keys a group
+// rewrites are small in the worker's view, so the Txn reads them back in
+// its Else; another writer grows each of them (one put at a time, each well
+// under the client's 2 MiB receive limit, so the watch takes them) just
+// before the Txn: a conflict whose answer is over the limit. Run ended with
+// a size error. A refused answer larger than the request can be on the
+// wire is now a lost answer (answerTooLarge, requestBound): the worker
+// resolves the Txn, and the group re-runs on the new values and lands.
+// With a large request (16 values of 75 KiB, 1.2 MiB) the answer (2.2 MiB)
+// is under twice the request, which a first bound took for a refused
+// request.
 func TestAConflictThatGrewTheValuesUnderAClientReceiveLimit(t *testing.T) {
 	t.Parallel()
-	env := newTestEnv(t)
-	ctx := contextWithin(t, 25*time.Second)
-	direct := env.cli
-	const prefix = "/test/readback-grown"
-	clearPrefix(ctx, t, direct, prefix)
-	const keys = elseReadMaxKeys
-	big := strings.Repeat("b", 200*1024)
-	key := func(i int) string { return fmt.Sprintf("%s/k%02d", prefix, i) }
-	for i := range keys {
-		mustPutKV(ctx, t, direct, key(i), "small")
-	}
-	var runs atomic.Int64
-	build := func(*mapState) [][]DataPatch {
-		var g []DataPatch
-		for i := range keys {
-			k := util.NewEtcdKey(key(i))
-			g = append(g, SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
-				if i == 0 && runs.Add(1) == 1 {
-					for j := range keys { // another writer, one put at a time
-						if _, err := direct.Put(ctx, key(j), big); err != nil {
-							return nil, false, err
+	for _, tc := range []struct {
+		name  string
+		mine  int // bytes of each value the group writes
+		grown int // bytes of each value the other writer puts
+	}{
+		{"small request", 0, 200 << 10},
+		{"large request", 75 << 10, 140 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			env := newTestEnv(t)
+			ctx := contextWithin(t, 25*time.Second)
+			direct := env.cli
+			prefix := "/test/readback-grown/" + strings.ReplaceAll(tc.name, " ", "-")
+			const keys = elseReadMaxKeys
+			grown := strings.Repeat("g", tc.grown)
+			mine := func(i int) string { return fmt.Sprintf("mine-%02d-", i) + strings.Repeat("m", tc.mine) }
+			key := func(i int) string { return fmt.Sprintf("%s/k%02d", prefix, i) }
+			for i := range keys {
+				mustPutKV(ctx, t, direct, key(i), "small")
+			}
+			var runs atomic.Int64
+			build := func(*mapState) [][]DataPatch {
+				var g []DataPatch
+				for i := range keys {
+					g = append(g, SingleDataPatch{Key: util.NewEtcdKey(key(i)), Func: func([]byte) ([]byte, bool, error) {
+						if i == 0 && runs.Add(1) == 1 {
+							for j := range keys { // another writer, one put at a time
+								if _, err := direct.Put(ctx, key(j), grown); err != nil {
+									return nil, false, err
+								}
+							}
 						}
-					}
+						return []byte(mine(i)), true, nil
+					}})
 				}
-				return []byte("mine-" + strconv.Itoa(i)), true, nil
-			}})
-		}
-		return [][]DataPatch{g}
-	}
-	cfg := env.clientConfig()
-	cfg.MaxCallRecvMsgSize = 2 * 1024 * 1024
-	cli := etcdtest.NewClientFromConfig(t, cfg)
-	w := mustNewEtcdWorker(t, cli, prefix, finishWith(build), newMapState(prefix), WithLogger(faultLogger(t)))
-	err := w.Run(ctx, nil, behaviourTick, "readback-grown")
-	require.NoError(t, err, "a conflict ended Run")
-	got := etcdSnapshot(ctx, t, direct, prefix)
-	for i := range keys {
-		require.Equal(t, "mine-"+strconv.Itoa(i), got[fmt.Sprintf("/k%02d", i)])
-	}
-}
-
-// TestAConflictAnswerOverTheReceiveLimitOfALargeRequest: like
-// TestAConflictThatGrewTheValuesUnderAClientReceiveLimit, but the group
-// writes large values (16 x 75 KiB, a 1.2 MiB request, within the default
-// limits). Another writer grows the 16 keys to 140 KiB each between the
-// flush and the Txn: the conflict's Else reads back 2.2 MiB, over the
-// client's 2 MiB receive limit but under twice the request, which the first
-// bound of answerTooLarge took for a request the server refused: Run ended
-// with a size error. The bound is now the request's own wire size.
-func TestAConflictAnswerOverTheReceiveLimitOfALargeRequest(t *testing.T) {
-	t.Parallel()
-	env := newTestEnv(t)
-	ctx := contextWithin(t, 25*time.Second)
-	direct := env.cli
-	const prefix = "/test/readback-large-request"
-	clearPrefix(ctx, t, direct, prefix)
-	const keys = elseReadMaxKeys
-	grown := strings.Repeat("g", 140*1024)
-	mine := func(i int) string { return fmt.Sprintf("mine-%02d-", i) + strings.Repeat("m", 75*1024) }
-	key := func(i int) string { return fmt.Sprintf("%s/k%02d", prefix, i) }
-	for i := range keys {
-		mustPutKV(ctx, t, direct, key(i), "small")
-	}
-	var runs atomic.Int64
-	build := func(*mapState) [][]DataPatch {
-		var g []DataPatch
-		for i := range keys {
-			k := util.NewEtcdKey(key(i))
-			g = append(g, SingleDataPatch{Key: k, Func: func(old []byte) ([]byte, bool, error) {
-				if i == 0 && runs.Add(1) == 1 {
-					for j := range keys { // another writer, one put at a time
-						if _, err := direct.Put(ctx, key(j), grown); err != nil {
-							return nil, false, err
-						}
-					}
-				}
-				return []byte(mine(i)), true, nil
-			}})
-		}
-		return [][]DataPatch{g}
-	}
-	cfg := env.clientConfig()
-	cfg.MaxCallRecvMsgSize = 2 * 1024 * 1024
-	cli := etcdtest.NewClientFromConfig(t, cfg)
-	w := mustNewEtcdWorker(t, cli, prefix, finishWith(build), newMapState(prefix), WithLogger(faultLogger(t)))
-	err := w.Run(ctx, nil, behaviourTick, "readback-large")
-	require.NoError(t, err, "a conflict ended Run")
-	got := etcdSnapshot(ctx, t, direct, prefix)
-	for i := range keys {
-		require.Equal(t, mine(i), got[fmt.Sprintf("/k%02d", i)])
+				return [][]DataPatch{g}
+			}
+			cfg := env.clientConfig()
+			cfg.MaxCallRecvMsgSize = 2 << 20
+			cli := etcdtest.NewClientFromConfig(t, cfg)
+			w := mustNewEtcdWorker(t, cli, prefix, finishWith(build), newMapState(prefix), WithLogger(faultLogger(t)))
+			require.NoError(t, w.Run(ctx, nil, behaviourTick, "readback-grown"), "a conflict ended Run")
+			got := etcdSnapshot(ctx, t, direct, prefix)
+			for i := range keys {
+				require.Equal(t, mine(i), got[fmt.Sprintf("/k%02d", i)])
+			}
+		})
 	}
 }
