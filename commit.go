@@ -89,7 +89,7 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 			return flushResult{}, r.stopErr()
 		}
 		gw, gd, err := view.applyGroupDeps(group)
-		live := r.ctx.Err() == nil // as the patches returned (see userFailure)
+		live := !r.ended() // as the patches returned (see userFailure)
 		if errors.Is(err, ErrEtcdTryAgain) {
 			// What the patches changed is undone (view.reset): the value
 			// map is kept, not rebuilt from the whole state.
@@ -170,7 +170,7 @@ func (r *run) fenceToken(rev int64, value uint64) (*clientv3.TxnResponse, error)
 			return nil, err
 		}
 		if err := r.sleep(bo.Next(), true); err != nil {
-			return nil, fmt.Errorf("%w: while resolving a commit", err)
+			return nil, fmt.Errorf("%w: %w: while resolving a commit", err, ErrCommitUnresolved)
 		}
 	}
 }
@@ -202,7 +202,7 @@ func (r *run) fenceFailed(sent time.Time, err error) error {
 			// whether the commit landed before cannot be told any more.
 			return fmt.Errorf("%w: the commit token's lease expired: %w", ErrCommitUnresolved, err)
 		}
-		return fmt.Errorf("%w: while resolving a commit: %w", ErrEtcdSessionDone, err)
+		return fmt.Errorf("%w: %w: while resolving a commit: %w", ErrEtcdSessionDone, ErrCommitUnresolved, err)
 	}
 	// A rejection ends the resolution: the commit's outcome stays unknown.
 	if rej := commitRejected(r.w.client, err); rej != nil {

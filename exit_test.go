@@ -90,6 +90,35 @@ func exitDir() string {
 
 // workerGoroutines returns the stacks of goroutines running (or started by)
 // the package's non-test code, test servers and proxies left out.
+// goroutinesLeftBy waits up to a second for the worker goroutines that
+// were not there before (by goroutine id; other tests' Runs may still be
+// shutting down meanwhile) to end, and returns those still there.
+func goroutinesLeftBy(before []string) []string {
+	had := map[string]bool{}
+	for _, g := range before {
+		had[goroutineID(g)] = true
+	}
+	var left []string
+	for deadline := time.Now().Add(time.Second); ; {
+		left = left[:0]
+		for _, g := range workerGoroutines() {
+			if !had[goroutineID(g)] {
+				left = append(left, g)
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// goroutineID returns the "goroutine N" header of a goroutine's stack.
+func goroutineID(stack string) string {
+	id, _, _ := strings.Cut(stack, " [")
+	return id
+}
+
 func workerGoroutines() []string {
 	buf := make([]byte, 8<<20)
 	buf = buf[:runtime.Stack(buf, true)]
@@ -976,13 +1005,11 @@ func TestExitNoGoroutineAtReturn(t *testing.T) {
 		prefix := fmt.Sprintf("/test/exit/at-return/%d", i)
 		r := ReactorFunc(func(context.Context, ReactorState) (ReactorState, error) { return nil, errExitUser })
 		w := mustNewEtcdWorker(t, env.cli, prefix, r, newMapState(prefix))
+		before := workerGoroutines()
 		err := w.Run(ctx, nil, behaviourTick, "exit")
 		// Joined goroutines may still be on their way out at the instant
 		// Run returns (after their last signal); none may stay.
-		left := workerGoroutines()
-		for deadline := time.Now().Add(time.Second); len(left) > 0 && time.Now().Before(deadline); left = workerGoroutines() {
-			time.Sleep(time.Millisecond)
-		}
+		left := goroutinesLeftBy(before)
 		require.ErrorIs(t, err, errExitUser)
 		if len(left) > 0 {
 			seen = append(seen, left[0])

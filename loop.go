@@ -30,6 +30,9 @@ type run struct {
 	w      *EtcdWorker
 	ctx    context.Context
 	cancel context.CancelFunc
+	// caller is Run's own ctx, whose Err is set before any of its children
+	// (ctx, a session made with it) is cancelled: see ended.
+	caller context.Context
 	// shutdown ends WithShutdownTimeout after ctx: the requests that run to
 	// their outcome through a cancel (commits, their resolution) end with
 	// it at the latest. releaseShutdown releases it.
@@ -91,6 +94,7 @@ func (w *EtcdWorker) newRun(ctx context.Context, session *concurrency.Session,
 		w:               w,
 		ctx:             rctx,
 		cancel:          cancel,
+		caller:          ctx,
 		shutdown:        shutdown,
 		releaseShutdown: releaseShutdown,
 		session:         session,
@@ -295,9 +299,12 @@ func (r *run) checkStop() error {
 // was.
 func (r *run) stopped(ignoreCtx bool) error {
 	if ignoreCtx {
+		if r.ended() && !r.sessionLostLive.Load() {
+			return nil // see sleep
+		}
 		return r.sessionLost()
 	}
-	if r.ctx.Err() != nil {
+	if r.ended() {
 		return r.stopErr()
 	}
 	select {
@@ -326,7 +333,7 @@ func (r *run) watchSession() {
 		defer r.sessionWatch.Done()
 		select {
 		case <-done:
-			if r.ctx.Err() == nil {
+			if !r.ended() {
 				r.sessionLostLive.Store(true)
 			}
 		case <-r.ctx.Done():
@@ -357,7 +364,10 @@ func (r *run) ctxErr() error {
 	// Wrap ctx.Err() (Run's contract: errors.Is(err, ctx.Err())) and, when
 	// the caller gave one (context.WithCancelCause...), the cause as well.
 	err := r.ctx.Err()
-	if cause := context.Cause(r.ctx); cause != nil && !errors.Is(cause, err) {
+	if err == nil { // the caller's ctx ended, and the cancel is on its way to r.ctx
+		err = r.caller.Err()
+	}
+	if cause := context.Cause(r.caller); cause != nil && !errors.Is(cause, err) {
 		return fmt.Errorf("orchestrator: worker stopped: %w: %w", err, cause)
 	}
 	return fmt.Errorf("orchestrator: worker stopped: %w", err)
@@ -368,7 +378,7 @@ func (r *run) ctxErr() error {
 // before Run returns must not make it a stop (IsCleanStop). An error
 // returned after the cancel may be caused by it, and is left as it is.
 func (r *run) userFailure(err error) error {
-	if err != nil && r.ctx.Err() == nil {
+	if err != nil && !r.ended() {
 		return &runFailure{err: err}
 	}
 	return err
@@ -388,6 +398,12 @@ func (r *run) stopErr() error {
 	return r.ctxErr()
 }
 
+// ended reports whether Run's ctx has ended. It asks the caller's ctx too:
+// a cancel sets its error first, then cancels its children one by one,
+// so a session made with the same ctx may end before r.ctx does, and its
+// end must not pass for a loss.
+func (r *run) ended() bool { return r.caller.Err() != nil || r.ctx.Err() != nil }
+
 // ctxDone reports whether Run's ctx is done. It is cheap enough to ask
 // before every call of user code in a loop (a catch-up's Updates, a flush's
 // patches), so that a cancel is not held up by many slow callbacks.
@@ -406,13 +422,16 @@ func (r *run) ctxDone() bool {
 func (r *run) sleep(d time.Duration, ignoreCtx bool) error {
 	timer := r.w.opts.clock.NewTimer(d)
 	defer timer.Stop()
-	done, fence, closed := r.ctx.Done(), r.fence.done(), r.clientDone
+	done, fence, closed, session := r.ctx.Done(), r.fence.done(), r.clientDone, r.sessionDone()
 	if ignoreCtx {
 		done, fence, closed = r.shutdown.Done(), nil, nil // its requests would fail at once
+		if r.ended() && !r.sessionLostLive.Load() {
+			session = nil // a session made with Run's ctx ends with it: no loss
+		}
 	}
 	select {
 	case <-done:
-	case <-r.sessionDone():
+	case <-session:
 	case <-fence:
 	case <-closed:
 	case <-timer.Chan():
@@ -470,7 +489,7 @@ func (r *run) tick(start time.Time) error {
 	r.m.revisionLag.Set(float64(max(r.health.headRev-r.view.completeRev, 0)))
 	r.m.sourceLag.Set(float64(max(r.src.copyRev()-r.view.completeRev, 0)))
 	next, err := guard("Reactor.Tick", func() (ReactorState, error) { return r.w.reactor.Tick(r.ctx, r.state) })
-	live := r.ctx.Err() == nil // as Tick returned (see userFailure)
+	live := !r.ended() // as Tick returned (see userFailure)
 	elapsed := r.now().Sub(start)
 	r.m.tickDuration.Observe(elapsed.Seconds())
 	if elapsed > slowTickThreshold {

@@ -212,6 +212,11 @@ func (r *run) ensureToken() error {
 			r.lease.expired() // granted again by ensureTokenLease
 			continue
 		}
+		if r.ended() {
+			// A cancel (and perhaps a close of the client after it) cut the
+			// put: a stop, not a rejection. No commit was sent.
+			return r.stopErr()
+		}
 		if rej := commitRejected(r.w.client, err); rej != nil {
 			return rej
 		}
