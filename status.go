@@ -142,13 +142,13 @@ func (w *EtcdWorker) Ready() error {
 // IsCleanStop reports whether an error returned by Run means that Run ended
 // the way its caller asked: nil (the reactor finished), or ctx cancelled or
 // past its deadline with no commit left unresolved, even when user code
-// failed on the way out with an error of its own (a Tick whose call
-// returned codes.Canceled; an error user code returned while ctx was still
-// alive is a failure, whatever came after it). Any other error is a failure to look at, also
-// when it matches ctx's error because ctx ended meanwhile: a panic in user
-// code, a context error of the reactor's own returned while Run's ctx was
-// alive, and every failure the worker itself reports (stopFailures:
-// ErrCommitUnresolved, a lost fencing key or session, a rejection, ...).
+// failed after the cancel with an error of its own (a Tick whose call
+// returned codes.Canceled). Any other error is a failure to look at, also
+// when it matches ctx's error because ctx ended meanwhile: an error user
+// code returned while ctx was still alive (a context error of the
+// reactor's own included), a panic in user code, and every failure the
+// worker itself reports (stopFailures: ErrCommitUnresolved, a lost fencing
+// key or session, a rejection, ...).
 func IsCleanStop(err error) bool {
 	if err == nil {
 		return true
