@@ -279,22 +279,13 @@ func (r *run) applyCatchUp(b catchUp) error {
 		}
 	}
 	for _, ch := range b.changes {
-		if r.ctxDone() {
-			return r.stopErr()
-		}
 		if err := r.update(ch.keyChange, ch.init || b.full); err != nil {
 			return err
 		}
 	}
 	if b.full {
 		err := b.fullEntries(func(key util.EtcdKey, e kvEntry) error {
-			var err error
-			if r.ctxDone() {
-				err = r.stopErr()
-			} else {
-				err = r.update(keyChange{key: key, value: e.value, modRev: e.modRev}, true)
-			}
-			if err != nil {
+			if err := r.update(keyChange{key: key, value: e.value, modRev: e.modRev}, true); err != nil {
 				// The keys before this one are the snapshot at b.seq: the next
 				// Run catches them up from there and goes on from this key.
 				r.cur.resume = key.String()
@@ -328,8 +319,12 @@ func (r *run) applyCatchUp(b catchUp) error {
 }
 
 // update tells the state about one change and keeps the worker's value map
-// (if it has one) in step.
+// (if it has one) in step. Once Run's ctx has ended it tells nothing and
+// returns the stop: a cancel does not wait for the rest of a catch-up.
 func (r *run) update(c keyChange, isInit bool) error {
+	if r.ctxDone() {
+		return r.stopErr()
+	}
 	_, err := guard("ReactorState.Update", func() (struct{}, error) {
 		return struct{}{}, r.state.Update(c.key, c.value, isInit)
 	})

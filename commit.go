@@ -99,11 +99,7 @@ func (r *run) flush(groups [][]DataPatch, fresh *freshValues) (flushResult, erro
 			err = r.checkGroup(gw, gd)
 		}
 		if err != nil {
-			err = fmt.Errorf("orchestrator: patch group %d: %w", i, err)
-			if live {
-				err = &runFailure{err: err}
-			}
-			return flushResult{}, err
+			return flushResult{}, failureIf(live, fmt.Errorf("orchestrator: patch group %d: %w", i, err))
 		}
 		writes[i], deps[i] = gw, gd
 	}

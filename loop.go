@@ -377,8 +377,12 @@ func (r *run) ctxErr() error {
 // when Run's ctx was still alive as it returned: a cancel that comes
 // before Run returns must not make it a stop (IsCleanStop). An error
 // returned after the cancel may be caused by it, and is left as it is.
-func (r *run) userFailure(err error) error {
-	if err != nil && !r.ended() {
+func (r *run) userFailure(err error) error { return failureIf(!r.ended(), err) }
+
+// failureIf marks err a failure (runFailure) when live: Run's ctx was alive
+// as the user code that returned it did (see userFailure).
+func failureIf(live bool, err error) error {
+	if err != nil && live {
 		return &runFailure{err: err}
 	}
 	return err
@@ -497,11 +501,7 @@ func (r *run) tick(start time.Time) error {
 	}
 	finished := errors.Is(err, ErrReactorFinished)
 	if err != nil && !finished {
-		err = fmt.Errorf("orchestrator: reactor Tick: %w", err)
-		if live {
-			return &runFailure{err: err}
-		}
-		return err
+		return failureIf(live, fmt.Errorf("orchestrator: reactor Tick: %w", err))
 	}
 	r.finishing = finished
 	if isNil(next) {

@@ -76,14 +76,25 @@ func (d *groupDeps) addDependency(p DataPatch) bool {
 		d.addKey(dp.Key)
 	case *ReadDependency:
 		d.addKey(dp.Key)
-	case ReadRangeDependency:
-		d.addPrefix(dp.Prefix)
-	case *ReadRangeDependency:
-		d.addPrefix(dp.Prefix)
 	default:
-		return false
+		prefix, ok := rangeDependency(p)
+		if !ok {
+			return false
+		}
+		d.addPrefix(prefix)
 	}
 	return true
+}
+
+// rangeDependency returns the prefix of p when p is a ReadRangeDependency.
+func rangeDependency(p DataPatch) (string, bool) {
+	switch dp := p.(type) {
+	case ReadRangeDependency:
+		return dp.Prefix, true
+	case *ReadRangeDependency:
+		return dp.Prefix, true
+	}
+	return "", false
 }
 
 // rangeHolds reports whether a group of groups depends on a range that
@@ -91,8 +102,10 @@ func (d *groupDeps) addDependency(p DataPatch) bool {
 func rangeHolds(groups [][]DataPatch, key string) bool {
 	for _, group := range groups {
 		for _, p := range group {
-			var d groupDeps
-			if !isNil(p) && d.addDependency(p) && len(d.prefixes) > 0 && strings.HasPrefix(key, d.prefixes[0]) {
+			if isNil(p) {
+				continue
+			}
+			if prefix, ok := rangeDependency(p); ok && strings.HasPrefix(key, prefix) {
 				return true
 			}
 		}
